@@ -1,0 +1,31 @@
+# Two entry points a new user needs: `make demo` and `make test`.
+# Both set everything up themselves (system tools through apt-get, a virtualenv in .venv).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+DEMO    ?= captures/clean-multi-fragment.pcap
+
+.PHONY: setup system-tools demo test captures bench clean
+
+setup: system-tools $(STAMP)
+
+system-tools:
+	@bash .ci/install-system-tools
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/bits-analyze $(DEMO)
+
+test: setup
+	$(PY) -m pytest -q
+
+captures: setup
+	$(PY) captures/make_captures.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

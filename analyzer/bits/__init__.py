@@ -1,0 +1,1 @@
+"""The BITS layer: protocol facts, packets, the session state machine, anomalies, extraction."""

@@ -1,0 +1,1 @@
+"""bitstrace replay: a BITS upload client, the reference server, and the replayer."""
