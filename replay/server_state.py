@@ -1,0 +1,179 @@
+"""The reference server's session table and per-session state machine (bits-protocol.md 5.1).
+
+Every transition the server can make is one row of TRANSITIONS; anything else is a bug in the
+caller and raises. Sessions are keyed by id, never by connection, so they survive reconnects.
+Ended sessions (closed, cancelled, expired) leave the table: a later packet for them is
+answered like an unknown id (BG_E_SESSION_NOT_FOUND).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from analyzer.bits.protocol import is_guid
+
+from replay.paths import REPLY_FILE, REQUEST_FILE, state_paths
+
+
+class State(enum.Enum):
+    INIT = "INIT"
+    RECEIVE_FRAGMENTS = "RECEIVE_FRAGMENTS"
+    NOTIFY = "NOTIFY"
+    WAIT_FOR_CLOSE = "WAIT_FOR_CLOSE"
+    COMPLETE = "COMPLETE"
+    CANCELLED = "CANCEL"
+    EXPIRED = "EXPIRED"
+
+
+class Event(enum.Enum):
+    CREATE = "create"
+    FRAGMENT = "fragment"  # bytes appended (or an already-acknowledged range resent)
+    LAST_BYTE = "last-byte"  # the entity is complete: notify the application
+    NOTIFIED = "notified"
+    NOTIFY_FAILED = "notify-failed"
+    CLOSE = "close"
+    CANCEL = "cancel"
+    TIMEOUT = "timeout"
+
+
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.INIT, Event.CREATE): State.RECEIVE_FRAGMENTS,
+    (State.RECEIVE_FRAGMENTS, Event.FRAGMENT): State.RECEIVE_FRAGMENTS,
+    (State.RECEIVE_FRAGMENTS, Event.LAST_BYTE): State.NOTIFY,
+    (State.NOTIFY, Event.NOTIFIED): State.WAIT_FOR_CLOSE,
+    # a failed notification leaves the session open: a resent final fragment retries it
+    (State.NOTIFY, Event.NOTIFY_FAILED): State.RECEIVE_FRAGMENTS,
+    # a resent fragment after the last ack was lost: re-acked, never re-notified
+    (State.WAIT_FOR_CLOSE, Event.FRAGMENT): State.WAIT_FOR_CLOSE,
+    (State.WAIT_FOR_CLOSE, Event.CLOSE): State.COMPLETE,
+    # Close before the last byte: the partial upload is discarded, never published (Win32)
+    (State.RECEIVE_FRAGMENTS, Event.CLOSE): State.COMPLETE,
+    (State.RECEIVE_FRAGMENTS, Event.CANCEL): State.CANCELLED,
+    (State.WAIT_FOR_CLOSE, Event.CANCEL): State.CANCELLED,
+    (State.RECEIVE_FRAGMENTS, Event.TIMEOUT): State.EXPIRED,
+    (State.WAIT_FOR_CLOSE, Event.TIMEOUT): State.EXPIRED,
+}
+
+ENDED = frozenset({State.COMPLETE, State.CANCELLED, State.EXPIRED})
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def new_session_id() -> str:
+    """A fresh session id as IIS writes it: an uppercase brace GUID."""
+    return "{" + str(uuid.uuid4()).upper() + "}"
+
+
+def _key(session_id: str) -> str:
+    session_id = session_id.strip()
+    return session_id.upper() if is_guid(session_id) else session_id
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    destination: Path
+    url_path: str  # decoded URL path the session was created on
+    data_dir: Path
+    reply_dir: Path
+    protocol: str
+    last_activity: float
+    state: State = State.INIT
+    total: int | None = None
+    received: int = 0  # next byte wanted: the contiguous high-water mark
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    reply_url: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def data_file(self) -> Path:
+        return self.data_dir / REQUEST_FILE
+
+    @property
+    def reply_file(self) -> Path:
+        return self.reply_dir / REPLY_FILE
+
+    def fire(self, event: Event) -> State:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise IllegalTransition(f"{self.id}: {event.value} in {self.state.value}") from None
+        return self.state
+
+
+class SessionTable:
+    """Sessions by id; thread-safe. Each session's own lock serialises its packets."""
+
+    def __init__(self, root: Path, timeout: float, clock: Callable[[], float] = time.monotonic):
+        self.root = root
+        self.timeout = timeout
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def create(self, destination: Path, url_path: str, protocol: str) -> Session:
+        """A new session with an empty request file (OSError if it cannot be made)."""
+        session_id = new_session_id()
+        data_dir, reply_dir = state_paths(self.root, session_id)
+        session = Session(session_id, destination, url_path, data_dir, reply_dir, protocol,
+                          last_activity=self.clock())
+        data_dir.mkdir(parents=True)
+        try:
+            session.data_file.touch(exist_ok=False)
+        except OSError:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            raise
+        session.fire(Event.CREATE)
+        with self._lock:
+            self._sessions[_key(session_id)] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        with self._lock:
+            return self._sessions.get(_key(session_id))
+
+    def touch(self, session: Session) -> None:
+        session.last_activity = self.clock()
+
+    def end(self, session: Session, event: Event) -> None:
+        """Apply a terminal event: drop the session and delete its temporary data and reply."""
+        session.fire(event)
+        with self._lock:
+            self._sessions.pop(_key(session.id), None)
+        shutil.rmtree(session.data_dir, ignore_errors=True)
+        shutil.rmtree(session.reply_dir, ignore_errors=True)
+
+    def expire_idle(self) -> list[Session]:
+        """Purge sessions idle longer than the timeout (busy sessions are left for the next sweep)."""
+        limit = self.clock() - self.timeout
+        with self._lock:
+            candidates = [s for s in self._sessions.values() if s.last_activity < limit]
+        expired = []
+        for session in candidates:
+            if not session.lock.acquire(blocking=False):
+                continue
+            try:
+                if session.state not in ENDED and session.last_activity < limit:
+                    self.end(session, Event.TIMEOUT)
+                    expired.append(session)
+            finally:
+                session.lock.release()
+        return expired
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
