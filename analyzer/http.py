@@ -1,0 +1,534 @@
+"""Sans-I/O HTTP/1.1 parser: the bytes of one TCP direction in, message events out.
+
+One `HttpParser` per direction ("request" for client→server, "response" for server→client).
+It never performs I/O and never raises on bad input: problems become `ParseError` events and
+the parser resynchronises on the next message start.
+
+Why it is shaped this way:
+- Body bytes are the bulk of BITS traffic (fragments of MiBs), so they leave as `BodyChunk`
+  slices (memoryviews) of the buffer given to `feed` - no copy, no per-byte Python work. A
+  consumer that keeps a chunk beyond the call must copy it.
+- Only the message head is buffered, and only up to `MAX_HEAD` bytes.
+- Captures lose bytes: after `gap()` a message whose length is known keeps its framing (and
+  ends `partial`); otherwise it ends `partial` at once and the parser scans forward for the
+  next start line (`TOKEN SP target SP HTTP/1.x` or `HTTP/1.x NNN`), at the start of a line or
+  right after the gap.
+
+Framing follows RFC 9112 section 6.3: Transfer-Encoding (final coding chunked) wins over
+Content-Length; a response without either is read until the connection closes; requests
+without either have no body; responses to HEAD, 1xx, 204 and 304 have no body. 1xx responses
+are informational and do not consume the pending request method.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, NamedTuple
+
+MAX_HEAD = 64 * 1024  # a header (or trailer) block longer than this is an error
+MAX_START_LINE = 16 * 1024  # BITS URLs reach 2,200 chars; leave room for proxies' absolute form
+MAX_CHUNK_LINE = 4 * 1024  # chunk size plus extensions
+
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") +([^\r\n]+?) +(HTTP/1\.[0-9]) *\r?\n")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) +([0-9]{3})(?:[ \t]([^\r\n]*))?\r?\n")
+_START_LINE = {"request": _REQUEST_LINE, "response": _STATUS_LINE}
+_START_AFTER_LF = {role: re.compile(rb"\n" + p.pattern) for role, p in _START_LINE.items()}
+_LF = re.compile(rb"\n")
+_BLOCK_END = re.compile(rb"\n\r?\n")  # the empty line ending a header or trailer block
+_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r?\n")
+_DIGITS = re.compile(r"[0-9]+")
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class Headers:
+    """Header fields in wire order, names in their raw case, values decoded latin-1.
+
+    Iterating yields (name, value) pairs; lookups are case-insensitive.
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
+        self._fields = list(fields)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of `name` (any case), or `default`."""
+        name = name.lower()
+        for field, value in self._fields:
+            if field.lower() == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of `name` (any case), in wire order."""
+        name = name.lower()
+        return [value for field, value in self._fields if field.lower() == name]
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._fields)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._fields == other._fields
+
+    def __repr__(self) -> str:
+        return f"Headers({self._fields!r})"
+
+
+NO_HEADERS = Headers()
+
+
+class RequestHead(NamedTuple):
+    method: str
+    target: str
+    version: str  # "HTTP/1.1"
+    headers: Headers
+    frame: int  # the frame that carried the first byte of the message
+    ts_ns: int
+    offset: int  # stream offset of the first byte of the message
+
+
+class ResponseHead(NamedTuple):
+    version: str
+    status: int
+    reason: str
+    headers: Headers
+    frame: int
+    ts_ns: int
+    offset: int
+
+    @property
+    def informational(self) -> bool:
+        return 100 <= self.status < 200
+
+
+class BodyChunk(NamedTuple):
+    data: memoryview  # de-chunked body bytes, a slice of the buffer given to feed()
+    frame: int
+    ts_ns: int
+
+
+class MessageEnd(NamedTuple):
+    frame: int  # the frame that carried the last byte of the message
+    ts_ns: int
+    body_length: int  # body bytes delivered as BodyChunks (bytes lost in gaps not counted)
+    partial: bool  # bytes are missing: gap, truncation or broken framing
+    trailers: Headers = NO_HEADERS  # chunked trailer fields
+
+
+class ParseError(NamedTuple):
+    message: str
+    offset: int  # stream offset where the problem was found
+    frame: int
+
+
+Event = RequestHead | ResponseHead | BodyChunk | MessageEnd | ParseError
+_Handler = Callable[[memoryview, int, int, list], int]
+
+
+class HttpParser:
+    """Parses one direction of an HTTP/1.x connection. See the module docstring."""
+
+    def __init__(self, role: Literal["request", "response"], start_midstream: bool = False) -> None:
+        """`start_midstream`: the capture began inside the connection, so the first bytes may be
+        the middle of a message: look for a start line instead of reporting garbage."""
+        if role not in _START_LINE:
+            raise ValueError(f"role must be 'request' or 'response', not {role!r}")
+        self.role = role
+        self._start_re = _START_LINE[role]
+        self._start_after_lf = _START_AFTER_LF[role]
+        self._pending_methods: deque[str] = deque()
+        self._base = 0  # stream offset of the first byte of the buffer being fed
+        self._frame = 0
+        self._ts = 0
+        self._buf = bytearray()  # the head being read, or a line being scanned
+        self._state: _Handler = self._idle
+        self._reset_message()
+        if start_midstream:
+            self._start_resync(at_line_start=True)
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def in_message(self) -> bool:
+        """True when a message's head has been emitted and its end has not."""
+        return self._head_seen
+
+    def expect_response_to(self, method: str) -> None:
+        """(response role) The next final response answers a request with `method`."""
+        self._pending_methods.append(method)
+
+    def feed(self, data: bytes | bytearray | memoryview, frame: int, ts_ns: int) -> list[Event]:
+        """Parse the next bytes of the stream; returns the events they complete."""
+        mv = memoryview(data).cast("B")
+        self._frame = frame
+        self._ts = ts_ns
+        events: list[Event] = []
+        pos, end = 0, len(mv)
+        while pos < end:
+            pos = self._state(mv, pos, end, events)
+        self._base += end
+        return events
+
+    def gap(self, size: int, frame: int, ts_ns: int) -> list[Event]:
+        """`size` bytes of the stream are missing at the current position."""
+        events: list[Event] = []
+        self._frame = frame
+        self._ts = ts_ns
+        state = self._state
+        if state in (self._in_body, self._in_chunk_data) and size < self._remaining:
+            self._remaining -= size
+            self._partial = True
+        elif state == self._in_body and size == self._remaining:
+            self._partial = True
+            self._end_message(events)
+        elif state == self._until_close:
+            self._partial = True
+        else:
+            if self._head_seen:
+                self._partial = True
+                self._end_message(events)
+            elif self._buf and state != self._resync:
+                events.append(ParseError(f"message head cut by a {size}-byte gap",
+                                         self._base, frame))
+            self._start_resync(at_line_start=True)
+        self._base += size
+        return events
+
+    def eof(self, frame: int, ts_ns: int, clean: bool = True) -> list[Event]:
+        """The direction has ended (`clean=False`: by a reset). Idempotent."""
+        events: list[Event] = []
+        self._frame = frame
+        self._ts = ts_ns
+        if self._state == self._until_close:
+            self._partial |= not clean
+            self._end_message(events)
+        elif self._head_seen:
+            self._partial = True
+            self._end_message(events)
+        elif self._buf and self._state != self._resync:
+            events.append(ParseError("stream ended inside a message head", self._base, frame))
+        self._buf.clear()
+        self._state = self._idle
+        return events
+
+    # -- message bookkeeping --------------------------------------------------------------
+
+    def _reset_message(self) -> None:
+        self._head_seen = False
+        self._partial = False
+        self._body_length = 0
+        self._remaining = 0
+        self._first = (self._frame, self._ts, self._base)  # frame, ts, offset of first byte
+        self._last = (self._frame, self._ts)  # frame, ts of the last byte so far
+        self._request_line: tuple[str, str, str] | None = None
+        self._status_line: tuple[str, int, str] | None = None
+
+    def _end_message(self, events: list, trailers: Headers = NO_HEADERS) -> None:
+        frame, ts = self._last
+        events.append(MessageEnd(frame, ts, self._body_length, self._partial, trailers))
+        self._reset_message()
+        self._buf.clear()
+        self._state = self._idle
+
+    def _error(self, events: list, message: str, offset: int, at_line_start: bool) -> None:
+        """Report broken framing; end the message in progress and look for the next one."""
+        events.append(ParseError(message, offset, self._frame))
+        if self._head_seen:
+            self._partial = True
+            self._end_message(events)
+        self._start_resync(at_line_start)
+
+    def _start_resync(self, at_line_start: bool) -> None:
+        self._reset_message()
+        self._buf.clear()
+        self._at_line_start = at_line_start
+        self._state = self._resync
+
+    # -- states: each takes (view, pos, end, events) and returns the new pos ---------------
+
+    def _idle(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        # RFC 9112 2.2: ignore empty lines before a start line (clients add one after bodies).
+        while pos < end and mv[pos] in b"\r\n":
+            pos += 1
+        if pos < end:
+            self._first = (self._frame, self._ts, self._base + pos)
+            self._state = self._start_line
+        return pos
+
+    def _start_line(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        buf = self._buf
+        room = MAX_START_LINE + 1 - len(buf)
+        lf = _LF.search(mv, pos, min(end, pos + room))
+        if lf is None:
+            stop = min(end, pos + room)
+            buf += mv[pos:stop]
+            self._last = (self._frame, self._ts)
+            if len(buf) > MAX_START_LINE:
+                self._error(events, f"start line longer than {MAX_START_LINE} bytes",
+                            self._first[2], at_line_start=False)
+            return stop
+        stop = lf.end()
+        buf += mv[pos:stop]
+        self._last = (self._frame, self._ts)
+        self._start_line_complete(events)
+        return stop
+
+    def _start_line_complete(self, events: list) -> None:
+        line = bytes(self._buf)
+        match = self._start_re.fullmatch(line)
+        if match is None:
+            kind = "request line" if self.role == "request" else "status line"
+            self._error(events, f"not a {kind}: {line[:80]!r}", self._first[2],
+                        at_line_start=True)
+            return
+        if self.role == "request":
+            method, target, version = match.groups()
+            self._request_line = (method.decode("ascii"), target.decode("latin-1"),
+                                  version.decode("ascii"))
+        else:
+            version, status, reason = match.groups()
+            self._status_line = (version.decode("ascii"), int(status),
+                                 (reason or b"").decode("latin-1").strip())
+        self._state = self._head_fields
+
+    def _head_fields(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        stop = self._read_block(mv, pos, end, events)
+        if stop is None or self._state != self._head_fields:
+            return end if stop is None else stop
+        self._head_complete(events)
+        return stop
+
+    def _read_block(self, mv: memoryview, pos: int, end: int, events: list) -> int | None:
+        """Append to the buffer up to the empty line ending a header/trailer block.
+
+        Returns the position after it, or None when the block goes on in the next feed.
+        """
+        buf = self._buf
+        self._last = (self._frame, self._ts)
+        # The empty line may straddle the previous feed and this one.
+        tail = bytes(buf[-2:])
+        seam = _BLOCK_END.search(tail + bytes(mv[pos:pos + 2]))
+        if seam is not None and seam.end() > len(tail):
+            stop = pos + seam.end() - len(tail)
+        else:
+            room = MAX_HEAD + 1 - len(buf)
+            found = _BLOCK_END.search(mv, pos, min(end, pos + room))
+            if found is None:
+                stop = min(end, pos + room)
+                buf += mv[pos:stop]
+                if len(buf) > MAX_HEAD:
+                    self._error(events, f"header block longer than {MAX_HEAD} bytes",
+                                self._first[2], at_line_start=False)
+                    return stop
+                return None
+            stop = found.end()
+        buf += mv[pos:stop]
+        return stop
+
+    def _parse_fields(self, block: bytes, events: list) -> Headers:
+        fields: list[tuple[str, str]] = []
+        for raw in block.split(b"\n"):
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if not line:
+                continue
+            if line[0] in b" \t":  # obs-fold: a continuation of the previous value
+                if fields:
+                    name, value = fields[-1]
+                    fields[-1] = (name, f"{value} {line.strip().decode('latin-1')}".strip())
+                    continue
+                events.append(ParseError(f"continuation line without a field: {line[:80]!r}",
+                                         self._first[2], self._frame))
+                continue
+            colon = line.find(b":")
+            if colon <= 0:
+                events.append(ParseError(f"malformed header line: {line[:80]!r}",
+                                         self._first[2], self._frame))
+                continue
+            fields.append((line[:colon].rstrip().decode("latin-1"),
+                           line[colon + 1:].strip(b" \t").decode("latin-1")))
+        return Headers(fields)
+
+    def _head_complete(self, events: list) -> None:
+        block = bytes(self._buf)
+        headers = self._parse_fields(block[block.index(b"\n") + 1:], events)
+        frame, ts, offset = self._first
+        self._head_seen = True
+        self._buf.clear()
+        if self._request_line is not None:
+            method, target, version = self._request_line
+            events.append(RequestHead(method, target, version, headers, frame, ts, offset))
+            self._frame_body(headers, events, request=True, bodiless=False)
+            return
+        version, status, reason = self._status_line
+        head = ResponseHead(version, status, reason, headers, frame, ts, offset)
+        events.append(head)
+        if head.informational:
+            self._end_message(events)
+            return
+        method = self._pending_methods.popleft() if self._pending_methods else None
+        self._frame_body(headers, events, request=False,
+                         bodiless=method == "HEAD" or status in _NO_BODY_STATUS)
+
+    def _frame_body(self, headers: Headers, events: list, request: bool, bodiless: bool) -> None:
+        if bodiless:
+            self._end_message(events)
+            return
+        offset = self._first[2]
+        codings = [c.strip().lower() for v in headers.get_all("transfer-encoding")
+                   for c in v.split(",") if c.strip()]
+        if codings:
+            if codings[-1] == "chunked":
+                self._state = self._chunk_size
+            elif request:
+                self._error(events, f"request Transfer-Encoding not ending in chunked: "
+                            f"{', '.join(codings)}", offset, at_line_start=False)
+            else:
+                self._state = self._until_close
+            return
+        lengths = {v.strip() for h in headers.get_all("content-length") for v in h.split(",")}
+        if lengths:
+            value = lengths.pop()
+            if lengths or not _DIGITS.fullmatch(value):
+                self._error(events, f"invalid Content-Length: {headers.get_all('content-length')}",
+                            offset, at_line_start=False)
+                return
+            self._remaining = int(value)
+            if self._remaining:
+                self._state = self._in_body
+            else:
+                self._end_message(events)
+        elif request:
+            self._end_message(events)
+        else:
+            self._state = self._until_close
+
+    def _in_body(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        stop = min(end, pos + self._remaining)
+        events.append(BodyChunk(mv[pos:stop], self._frame, self._ts))
+        self._body_length += stop - pos
+        self._remaining -= stop - pos
+        self._last = (self._frame, self._ts)
+        if not self._remaining:
+            self._end_message(events)
+        return stop
+
+    def _until_close(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        events.append(BodyChunk(mv[pos:end], self._frame, self._ts))
+        self._body_length += end - pos
+        self._last = (self._frame, self._ts)
+        return end
+
+    def _chunk_size(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        buf = self._buf
+        self._last = (self._frame, self._ts)
+        room = MAX_CHUNK_LINE + 1 - len(buf)
+        lf = _LF.search(mv, pos, min(end, pos + room))
+        stop = min(end, pos + room) if lf is None else lf.end()
+        buf += mv[pos:stop]
+        if lf is None:
+            if len(buf) > MAX_CHUNK_LINE:
+                self._error(events, f"chunk size line longer than {MAX_CHUNK_LINE} bytes",
+                            self._base + pos, at_line_start=False)
+            return stop
+        match = _CHUNK_SIZE.fullmatch(buf)
+        if match is None:
+            self._error(events, f"invalid chunk size line: {bytes(buf[:80])!r}",
+                        self._base + pos, at_line_start=True)
+            return stop
+        self._remaining = int(match.group(1), 16)
+        if self._remaining:
+            buf.clear()
+            self._state = self._in_chunk_data
+        else:
+            buf[:] = b"\n"  # so an immediately empty trailer section ends at the next CRLF
+            self._state = self._trailers
+        return stop
+
+    def _in_chunk_data(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        stop = min(end, pos + self._remaining)
+        events.append(BodyChunk(mv[pos:stop], self._frame, self._ts))
+        self._body_length += stop - pos
+        self._remaining -= stop - pos
+        self._last = (self._frame, self._ts)
+        if not self._remaining:
+            self._state = self._chunk_data_end
+        return stop
+
+    def _chunk_data_end(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        byte = mv[pos]
+        if byte == 0x0A:
+            self._buf.clear()
+            self._state = self._chunk_size
+        elif byte == 0x0D and not self._buf:
+            self._buf.append(byte)
+        else:
+            self._error(events, "chunk data not followed by CRLF", self._base + pos,
+                        at_line_start=False)
+            return pos
+        self._last = (self._frame, self._ts)
+        return pos + 1
+
+    def _trailers(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        stop = self._read_block(mv, pos, end, events)
+        if stop is None or self._state != self._trailers:
+            return end if stop is None else stop
+        self._end_message(events, self._parse_fields(bytes(self._buf), events))
+        return stop
+
+    def _resync(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        buf = self._buf
+        if buf:  # a line carried over from the previous feed may be a start line
+            room = MAX_START_LINE + 1 - len(buf)
+            lf = _LF.search(mv, pos, min(end, pos + room))
+            stop = min(end, pos + room) if lf is None else lf.end()
+            buf += mv[pos:stop]
+            if lf is None:
+                if len(buf) > MAX_START_LINE:
+                    buf.clear()
+                    self._at_line_start = False
+                return stop
+            if self._start_re.fullmatch(buf):
+                self._last = (self._frame, self._ts)
+                self._start_line_complete(events)
+            else:
+                buf.clear()
+                self._at_line_start = True
+            return stop
+        start = None
+        if self._at_line_start and self._start_re.match(mv, pos):
+            start = pos
+        else:
+            found = self._start_after_lf.search(mv, pos)
+            if found is not None:
+                start = found.start() + 1
+        if start is not None:
+            self._first = (self._frame, self._ts, self._base + start)
+            self._state = self._start_line
+            return start
+        # No whole start line here: carry the last, unfinished line in case it is one.
+        window = max(pos, end - MAX_START_LINE)
+        last_lf = bytes(mv[window:end]).rfind(b"\n")
+        if last_lf >= 0:
+            line_start = window + last_lf + 1
+        elif self._at_line_start and end - pos <= MAX_START_LINE:
+            line_start = pos
+        else:
+            self._at_line_start = False
+            return end
+        self._at_line_start = line_start == end
+        if line_start < end:
+            buf += mv[line_start:end]
+            self._first = (self._frame, self._ts, self._base + line_start)
+        return end
