@@ -1,0 +1,631 @@
+"""A BITS upload client that looks like a Windows client on the wire (bits-protocol.md 5.2, 8).
+
+Built on raw sockets over persistent HTTP/1.1 connections so that callers control connection
+boundaries: the corpus and the tests need "cut the connection mid-fragment" and "two sessions on
+two connections". File bodies are streamed from disk in chunks, never held whole in memory.
+
+Layers, low to high:
+- `send_packet` sends one request exactly as told (any packet type, headers overridden or
+  removed, a body cut short) and returns the response as a `Response` record;
+- `ping`, `create_session`, `fragment`, `close`, `cancel`, `fetch_reply` send the well-formed
+  packets and keep the session state (id, Host-Id, acknowledged offset, reply URL);
+- `send_file` runs the fragment loop with Windows' recovery rules (follow the server's offset on
+  200/416, Ping and resend after a broken connection, shrink after 413, new session after
+  BG_E_SESSION_NOT_FOUND), and `upload` does a whole upload.
+Every request sent is also recorded in `BitsClient.log` (connection index, packet, response).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+from urllib.parse import quote, urljoin, urlsplit
+
+from analyzer.bits.protocol import (
+    BG_E_SESSION_NOT_FOUND,
+    METHOD,
+    MIN_FRAGMENT,
+    PROTOCOL_GUID,
+    USER_AGENT_PREFIX,
+    ContentRange,
+    Header,
+    PacketType,
+    parse_decimal,
+    parse_hresult,
+)
+
+#: BITS 10.x (Windows 10/11), qmgr.dll 7.8.
+DEFAULT_USER_AGENT = USER_AGENT_PREFIX + "7.8"
+DEFAULT_FRAGMENT_SIZE = 64 * 1024
+CHUNK_SIZE = 64 * 1024
+#: Attempts without the acknowledged offset moving before `send_file` gives up
+#: (the real client's BG_E_NO_PROGRESS, counted in attempts instead of days).
+MAX_ATTEMPTS_WITHOUT_PROGRESS = 8
+_MAX_HEAD = 64 * 1024
+
+
+class ConnectionLost(Exception):
+    """The connection broke before a complete response arrived."""
+
+
+class UploadError(Exception):
+    """The server refused the upload, or broke the protocol, in a way the client cannot recover."""
+
+    def __init__(self, message: str, response: "Response | None" = None) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """`length` bytes of a file from `offset`, read in chunks when sent."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left > 0:
+                data = f.read(min(CHUNK_SIZE, left))
+                if not data:
+                    raise ValueError(f"{self.path} is shorter than {self.offset + self.length} bytes")
+                left -= len(data)
+                yield data
+
+
+Body = bytes | FileSlice
+
+
+def _body_length(body: Body) -> int:
+    return len(body) if isinstance(body, bytes) else body.length
+
+
+def _body_chunks(body: Body) -> Iterator[bytes]:
+    if isinstance(body, bytes):
+        for start in range(0, len(body), CHUNK_SIZE):
+            yield body[start:start + CHUNK_SIZE]
+    else:
+        yield from body.chunks()
+
+
+@dataclass(frozen=True)
+class Response:
+    """One HTTP response, with the BITS ack fields parsed (None when absent or unparsable)."""
+
+    version: str
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        return next((value for key, value in self.headers if key.lower() == lower), None)
+
+    @property
+    def packet_type(self) -> PacketType | None:
+        return PacketType.parse(self.header(Header.PACKET_TYPE))
+
+    @property
+    def session_id(self) -> str | None:
+        return self.header(Header.SESSION_ID)
+
+    @property
+    def received_offset(self) -> int | None:
+        value = self.header(Header.RECEIVED_CONTENT_RANGE)
+        return None if value is None else parse_decimal(value)
+
+    @property
+    def error_code(self) -> int | None:
+        value = self.header(Header.ERROR_CODE) or self.header(Header.ERROR_CODE_MCBUP)
+        return None if value is None else parse_hresult(value)
+
+    @property
+    def error_context(self) -> int | None:
+        value = self.header(Header.ERROR_CONTEXT)
+        return None if value is None else parse_hresult(value)
+
+    @property
+    def reply_url(self) -> str | None:
+        return self.header(Header.REPLY_URL)
+
+    @property
+    def host_id(self) -> str | None:
+        return self.header(Header.HOST_ID)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (200, 201)
+
+    @property
+    def session_not_found(self) -> bool:
+        return self.error_code == BG_E_SESSION_NOT_FOUND.code
+
+
+@dataclass
+class Transaction:
+    """One request as sent, and its response (None when the connection broke or was cut)."""
+
+    connection: int  # index of the TCP connection, 0-based, in order of opening
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    body_sent: int  # body bytes actually sent (less than Content-Length when cut)
+    response: Response | None = None
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        return next((value for key, value in self.headers if key.lower() == lower), None)
+
+    @property
+    def packet_type(self) -> str | None:
+        return self.header(Header.PACKET_TYPE)
+
+
+@dataclass
+class UploadResult:
+    session_ids: list[str]  # every session created for the upload, the last one finished it
+    total: int
+    acknowledged: int
+    reply: bytes | None
+    close: Response | None
+
+    @property
+    def session_id(self) -> str:
+        return self.session_ids[-1]
+
+
+class _Connection:
+    """One TCP connection with a buffered reader for responses."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.endpoint = (host, port)
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.reader = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ConnectionLost(f"send failed: {exc}") from exc
+
+    def _line(self) -> bytes:
+        try:
+            line = self.reader.readline(_MAX_HEAD)
+        except OSError as exc:
+            raise ConnectionLost(f"receive failed: {exc}") from exc
+        if not line.endswith(b"\n"):
+            raise ConnectionLost("connection closed before a complete response head")
+        return line.rstrip(b"\r\n")
+
+    def _exactly(self, size: int) -> bytes:
+        try:
+            data = self.reader.read(size)
+        except OSError as exc:
+            raise ConnectionLost(f"receive failed: {exc}") from exc
+        if len(data) != size:
+            raise ConnectionLost(f"connection closed after {len(data)} of {size} body bytes")
+        return data
+
+    def read_response(self, method: str) -> Response:
+        while True:
+            status_line = self._line()
+            version, _, rest = status_line.decode("latin-1").partition(" ")
+            code, _, reason = rest.partition(" ")
+            if not version.startswith("HTTP/") or not code.isdigit():
+                raise ConnectionLost(f"not an HTTP response: {status_line[:80]!r}")
+            headers = []
+            while line := self._line():
+                name, _, value = line.decode("latin-1").partition(":")
+                headers.append((name.strip(), value.strip()))
+            response = Response(version, int(code), reason, tuple(headers))
+            if not 100 <= response.status < 200:
+                break
+        if method == "HEAD" or response.status in (204, 304):
+            return response
+        if (response.header("Transfer-Encoding") or "").lower() == "chunked":
+            body = self._chunked()
+        elif (length := response.header("Content-Length")) is not None:
+            body = self._exactly(int(length))
+        else:
+            try:
+                body = self.reader.read()
+            except OSError as exc:
+                raise ConnectionLost(f"receive failed: {exc}") from exc
+        return Response(response.version, response.status, response.reason, response.headers, body)
+
+    def _chunked(self) -> bytes:
+        parts = []
+        while size := int(self._line().split(b";")[0], 16):
+            parts.append(self._exactly(size))
+            self._line()
+        while self._line():
+            pass
+        return b"".join(parts)
+
+    def keeps_alive(self, response: Response) -> bool:
+        connection = (response.header("Connection") or "").lower()
+        if response.version == "HTTP/1.0":
+            return connection == "keep-alive"
+        return connection != "close"
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def resolve_reply_url(upload_url: str, reply_url: str) -> str:
+    """IIS hands out relative reply URLs with backslashes; resolve them like the client does."""
+    return urljoin(upload_url, quote(reply_url.replace("\\", "/"), safe="/:?=&%@+,;~"))
+
+
+def _find(headers: list[tuple[str, str]], name: str) -> int | None:
+    return next((i for i, (key, _) in enumerate(headers) if key.lower() == name.lower()), None)
+
+
+def _insertion_point(headers: list[tuple[str, str]]) -> int:
+    """New headers go before Content-Length (or Connection), where Windows keeps its extras."""
+    for name in (Header.CONTENT_LENGTH, "Connection"):
+        if (at := _find(headers, name)) is not None:
+            return at
+    return len(headers)
+
+
+def _authority(host: str, port: int, default_port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return host if port == default_port else f"{host}:{port}"
+
+
+class BitsClient:
+    """One BITS upload job's client side, talking to `url` (an http:// URL).
+
+    `credentials` (user, password) answer a Basic challenge: the challenged request is resent
+    with Authorization, and later requests carry it from the start. `content_name` is what
+    Fragment and Close packets carry in Content-Name (default: the uploaded file's name).
+    `resolve` maps host names to the addresses to connect to (like curl's --resolve), for a
+    BITS-Host-Id naming a farm node that is not in DNS. `log` lets several clients share one
+    request log, so that their requests appear in the order they were sent.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        user_agent: str = DEFAULT_USER_AGENT,
+        credentials: tuple[str, str] | None = None,
+        protocols: tuple[str, ...] = (PROTOCOL_GUID,),
+        content_name: str | None = None,
+        min_fragment: int = MIN_FRAGMENT,
+        timeout: float = 10.0,
+        resolve: Mapping[str, str] | None = None,
+        log: list[Transaction] | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"only http:// URLs are supported: {url!r}")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.user_agent = user_agent
+        self.credentials = credentials
+        self.protocols = protocols
+        self.content_name = content_name
+        self.min_fragment = min_fragment
+        self.timeout = timeout
+
+        self.session_id: str | None = None
+        self.host_id: str | None = None
+        self.reply_url: str | None = None
+        self.offset = 0  # the server's last acknowledged offset (BITS-Received-Content-Range)
+        self.session_ids: list[str] = []  # every session this client created, in order
+        self.resolve = dict(resolve or {})
+        self.log: list[Transaction] = [] if log is None else log
+        self.connections_opened = 0
+        self._authorization: str | None = None
+        self._connection: _Connection | None = None
+        self._connection_index = -1
+        self._resume_with_ping = False
+        self._file_name: str | None = None
+
+    # --- connections ----------------------------------------------------------------------
+    def _connect(self, host: str, port: int) -> _Connection:
+        host = self.resolve.get(host, host)
+        if self._connection is not None and self._connection.endpoint != (host, port):
+            self.disconnect()
+        if self._connection is None:
+            try:
+                self._connection = _Connection(host, port, self.timeout)
+            except OSError as exc:
+                raise ConnectionLost(f"cannot connect to {host} port {port}: {exc}") from exc
+            self._connection_index = self.connections_opened
+            self.connections_opened += 1
+        return self._connection
+
+    def disconnect(self) -> None:
+        """Close the current TCP connection (the next request opens a new one)."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _lost(self) -> None:
+        self.disconnect()
+        self._resume_with_ping = True
+
+    @property
+    def authority(self) -> str:
+        """What goes into Host: the origin, or the Host-Id once the server named one."""
+        return _authority(self.host_id or self.host, self.port, 80)
+
+    # --- one request ------------------------------------------------------------------------
+    def send_packet(
+        self,
+        packet_type: PacketType | str | None,
+        *,
+        session_id: str | None = None,
+        content_name: str | None = None,
+        content_range: ContentRange | str | None = None,
+        body: Body = b"",
+        headers: Mapping[str, str | None] | None = None,
+        cut_after: int | None = None,
+        method: str = METHOD,
+        target: str | None = None,
+    ) -> Response | None:
+        """Send one request exactly as told and return its response.
+
+        Headers go in Windows' order (bits-protocol.md 8). `headers` then replaces a header's
+        value in place, removes it (None), or adds new ones before Content-Length; so misbehaviour
+        is spelled here: a missing or garbled header, an unknown packet type, a wrong length.
+        `cut_after` sends only that many body bytes and closes the connection: no response is
+        read and None is returned. A 401 is answered once with Basic credentials when the
+        client has them. Raises ConnectionLost when the connection breaks.
+        """
+        ordered = self._headers(packet_type, session_id, content_name, content_range, body)
+        for name, value in (headers or {}).items():
+            at = _find(ordered, name)
+            if at is None and value is not None:
+                ordered.insert(_insertion_point(ordered), (name, value))
+            elif at is not None and value is None:
+                del ordered[at]
+            elif at is not None:
+                ordered[at] = (ordered[at][0], value)
+        response = self._exchange(method, target or self.target, ordered, body, cut_after)
+        if (
+            response is not None
+            and response.status == 401
+            and self.credentials is not None
+            and self._authorization is None
+        ):
+            user, password = self.credentials
+            self._authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            ordered.insert(_find(ordered, Header.USER_AGENT) or 0, ("Authorization", self._authorization))
+            response = self._exchange(method, target or self.target, ordered, body, cut_after)
+        return response
+
+    def _headers(self, packet_type, session_id, content_name, content_range, body) -> list[tuple[str, str]]:
+        ordered = [("Accept", "*/*")]
+        if isinstance(packet_type, PacketType):
+            packet_type = packet_type.value
+        if packet_type is not None:
+            ordered.append((Header.PACKET_TYPE, packet_type))
+        if PacketType.parse(packet_type) is PacketType.CREATE_SESSION:
+            ordered.append((Header.SUPPORTED_PROTOCOLS, " ".join(self.protocols)))
+        if session_id is not None:
+            ordered.append((Header.SESSION_ID, session_id))
+        if content_name is not None:
+            ordered.append((Header.CONTENT_NAME, content_name))
+        if content_range is not None:
+            ordered.append((Header.CONTENT_RANGE, str(content_range)))
+        if self._authorization is not None:
+            ordered.append(("Authorization", self._authorization))
+        ordered += [
+            (Header.USER_AGENT, self.user_agent),
+            (Header.HOST, self.authority),
+            (Header.CONTENT_LENGTH, str(_body_length(body))),
+            ("Connection", "Keep-Alive"),
+        ]
+        return ordered
+
+    def _exchange(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: Body, cut_after: int | None
+    ) -> Response | None:
+        connection = self._connect(self.host_id or self.host, self.port)
+        head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        record = Transaction(self._connection_index, method, target, tuple(headers), 0)
+        self.log.append(record)
+        pending = head.encode("latin-1")
+        limit = _body_length(body) if cut_after is None else cut_after
+        try:
+            for chunk in _body_chunks(body):
+                chunk = chunk[: limit - record.body_sent]
+                if not chunk:
+                    break
+                connection.send(pending + chunk)
+                pending = b""
+                record.body_sent += len(chunk)
+            if pending:
+                connection.send(pending)
+            if cut_after is not None:
+                self._lost()
+                return None
+            response = connection.read_response(method)
+        except ConnectionLost:
+            self._lost()
+            raise
+        record.response = response
+        if not connection.keeps_alive(response):
+            self.disconnect()
+        return response
+
+    # --- the packets ------------------------------------------------------------------------
+    def ping(self) -> Response:
+        response = self.send_packet(PacketType.PING)
+        assert response is not None
+        return response
+
+    def create_session(self) -> Response:
+        """Create-Session; on success store the id and Host-Id and reset the offset.
+
+        With a Host-Id the client moves to that host on a new connection and Pings it first,
+        as Windows does (bits-protocol.md 5.2).
+        """
+        response = self.send_packet(PacketType.CREATE_SESSION)
+        assert response is not None
+        if response.ok and response.session_id:
+            self.session_id = response.session_id
+            self.session_ids.append(response.session_id)
+            self.offset = 0
+            self.reply_url = None
+            if response.host_id and response.host_id != (self.host_id or self.host):
+                self.host_id = response.host_id
+                self.disconnect()
+                self.ping()
+        return response
+
+    def fragment(
+        self,
+        path: str | os.PathLike,
+        first: int,
+        last: int,
+        *,
+        total: int | None = None,
+        body: bytes | None = None,
+        session_id: str | None = None,
+        cut_after: int | None = None,
+        headers: Mapping[str, str | None] | None = None,
+    ) -> Response | None:
+        """Send bytes first..last of the file. `total` (default: the file's size), `body` (default:
+        the file's bytes) and `session_id` can be overridden to misbehave on purpose."""
+        path = Path(path)
+        self._file_name = path.name
+        total = path.stat().st_size if total is None else total
+        payload: Body = FileSlice(path, first, last - first + 1) if body is None else body
+        response = self.send_packet(
+            PacketType.FRAGMENT,
+            session_id=session_id or self._session(),
+            content_name=self.content_name or path.name,
+            content_range=ContentRange(first, last, total),
+            body=payload,
+            headers=headers,
+            cut_after=cut_after,
+        )
+        if response is not None and response.status in (200, 416) and response.received_offset is not None:
+            self.offset = response.received_offset
+            if response.reply_url:
+                self.reply_url = response.reply_url
+        if cut_after is None:
+            self._resume_with_ping = False
+        return response
+
+    def close(self, content_name: str | None = None) -> Response:
+        response = self.send_packet(
+            PacketType.CLOSE_SESSION,
+            session_id=self._session(),
+            content_name=content_name or self.content_name or self._file_name,
+        )
+        assert response is not None
+        return response
+
+    def cancel(self) -> Response:
+        response = self.send_packet(PacketType.CANCEL_SESSION, session_id=self._session())
+        assert response is not None
+        return response
+
+    def _session(self) -> str:
+        if self.session_id is None:
+            raise RuntimeError("no session: call create_session() first")
+        return self.session_id
+
+    def fetch_reply(self) -> bytes:
+        """The upload-reply's reply: HEAD, then GET with a Range, before Close (bits-protocol.md 6)."""
+        if self.reply_url is None:
+            raise RuntimeError("the server gave no BITS-Reply-URL")
+        url = urlsplit(resolve_reply_url(self.url, self.reply_url))
+        if url.hostname not in (self.host, self.host_id) or (url.port or 80) != self.port:
+            raise UploadError(f"reply URL points to another server: {self.reply_url!r}")
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        plain: dict[str, str | None] = {Header.CONTENT_LENGTH: None}
+        head = self.send_packet(None, method="HEAD", target=target, headers=plain)
+        if head is None or head.status != 200:
+            raise UploadError("the reply is not there", head)
+        length = int(head.header(Header.CONTENT_LENGTH) or 0)
+        ranged = dict(plain, Range=f"bytes=0-{length - 1}") if length else plain
+        ranged[Header.ACCEPT_ENCODING] = "identity"
+        response = self.send_packet(None, method="GET", target=target, headers=ranged)
+        if response is None or response.status not in (200, 206):
+            raise UploadError("fetching the reply failed", response)
+        return response.body
+
+    # --- whole uploads ----------------------------------------------------------------------
+    def send_file(
+        self,
+        path: str | os.PathLike,
+        fragment_size: int = DEFAULT_FRAGMENT_SIZE,
+        *,
+        until: int | None = None,
+    ) -> int:
+        """The fragment loop from the acknowledged offset until the server has the whole file
+        (or at least `until` bytes). Returns the acknowledged offset.
+
+        Recovery as Windows does it: follow BITS-Received-Content-Range on 200 and 416; after a
+        broken connection, Ping on a new connection and resend; after 413, halve the fragment
+        size (never below `min_fragment`); after BG_E_SESSION_NOT_FOUND, create a new session
+        and resend, which the server answers with 416 and offset 0.
+        """
+        path = Path(path)
+        total = path.stat().st_size
+        if total == 0:
+            raise UploadError("zero-byte uploads cannot be expressed in Content-Range")
+        stop = total if until is None else min(until, total)
+        size = fragment_size
+        stuck = 0
+        while self.offset < stop:
+            if stuck >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
+                raise UploadError(f"no progress after {stuck} attempts at offset {self.offset}")
+            before = self.offset
+            stuck += 1
+            try:
+                if self._resume_with_ping:
+                    self.ping()
+                response = self.fragment(path, self.offset, min(self.offset + size, total) - 1)
+            except ConnectionLost:
+                continue
+            assert response is not None
+            if response.status in (200, 416):
+                if response.received_offset is None or response.received_offset > total:
+                    raise UploadError("the ack's received offset is missing or beyond the total", response)
+            elif response.status == 413:
+                if size <= self.min_fragment:
+                    raise UploadError(f"413 even for {size}-byte fragments", response)
+                size = max(self.min_fragment, size // 2)
+            elif response.session_not_found:
+                created = self.create_session()
+                if not created.ok:
+                    raise UploadError("Create-Session failed after the session was lost", created)
+                self.offset = before
+            else:
+                raise UploadError(f"fragment refused: HTTP {response.status}", response)
+            if self.offset > before:
+                stuck = 0
+        return self.offset
+
+    def upload(self, path: str | os.PathLike, fragment_size: int = DEFAULT_FRAGMENT_SIZE) -> UploadResult:
+        """Create a session, send the file, fetch the reply if the server gave one, Close."""
+        created = self.create_session()
+        if not created.ok:
+            raise UploadError(f"Create-Session refused: HTTP {created.status}", created)
+        first_session = len(self.session_ids) - 1
+        total = self.send_file(path, fragment_size)
+        session_ids = self.session_ids[first_session:]
+        reply = self.fetch_reply() if self.reply_url else None
+        close = self.close()
+        if not close.ok:
+            raise UploadError(f"Close-Session refused: HTTP {close.status}", close)
+        return UploadResult(session_ids, total, self.offset, reply, close)
