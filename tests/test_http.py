@@ -1,0 +1,346 @@
+"""The sans-I/O HTTP/1.1 parser: framing, splitting, gaps and garbage."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analyzer.http import (
+    MAX_HEAD,
+    BodyChunk,
+    Headers,
+    HttpParser,
+    MessageEnd,
+    ParseError,
+    RequestHead,
+    ResponseHead,
+)
+
+
+def feed_pieces(parser: HttpParser, pieces: list[bytes]) -> list:
+    """Feed each piece as its own frame (numbered from 1) and collect the events."""
+    events = []
+    for number, piece in enumerate(pieces, start=1):
+        events += parser.feed(piece, number, number * 1000)
+    return events
+
+
+def normalise(events: list) -> list:
+    """Events with adjacent body chunks merged and frame data dropped, for comparing splits."""
+    out: list = []
+    for event in events:
+        if isinstance(event, BodyChunk):
+            if out and out[-1][0] == "body":
+                out[-1] = ("body", out[-1][1] + bytes(event.data))
+            else:
+                out.append(("body", bytes(event.data)))
+        elif isinstance(event, RequestHead):
+            out.append(("request", event.method, event.target, event.version,
+                        event.headers.items(), event.offset))
+        elif isinstance(event, ResponseHead):
+            out.append(("response", event.version, event.status, event.reason,
+                        event.headers.items(), event.offset))
+        elif isinstance(event, MessageEnd):
+            out.append(("end", event.body_length, event.partial, event.trailers.items()))
+        else:
+            out.append(("error", event.message, event.offset))
+    return out
+
+
+def bodies(events: list) -> list[bytes]:
+    """The body of every message, in order."""
+    result, current = [], bytearray()
+    for event in events:
+        if isinstance(event, BodyChunk):
+            current += event.data
+        elif isinstance(event, MessageEnd):
+            result.append(bytes(current))
+            current.clear()
+    return result
+
+
+def kinds(events: list) -> list[str]:
+    return [type(event).__name__ for event in events]
+
+
+CHUNKED_REQUEST = (
+    b"PUT /chunked HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n"
+    b"Content-Length: 999\r\n\r\n"
+    b"5;name=value;x=\"q\"\r\nhello\r\n"
+    b"1A\r\nabcdefghijklmnopqrstuvwxyz\r\n"
+    b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
+)
+MIXED_STREAM = (
+    b"BITS_POST /upload/file.bin HTTP/1.1\r\nBITS-Packet-Type: Fragment\r\n"
+    b"content-length: 11\r\nX-Folded: first\r\n\t second\r\n\r\nhello world"
+    + CHUNKED_REQUEST
+    + b"\r\nGET http://proxy.example/abs?q=1 HTTP/1.0\r\n\r\n"
+    + b"propPatch * HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+def test_headers_keep_order_and_case_and_look_up_case_insensitively() -> None:
+    headers = Headers([("Content-Length", "5"), ("X-A", "1"), ("x-a", "2")])
+    assert headers.get("CONTENT-LENGTH") == "5"
+    assert headers.get("x-A") == "1"
+    assert headers.get_all("X-a") == ["1", "2"]
+    assert headers.get("missing") is None
+    assert "content-length" in headers and "nope" not in headers
+    assert list(headers) == [("Content-Length", "5"), ("X-A", "1"), ("x-a", "2")]
+    assert len(headers) == 3
+
+
+def test_content_length_request_and_latin1_values() -> None:
+    events = HttpParser("request").feed(
+        b"BITS_POST /a%20b HTTP/1.1\r\nContent-Name: caf\xe9.txt\r\nContent-Length: 4\r\n\r\nbody",
+        7, 70)
+    assert kinds(events) == ["RequestHead", "BodyChunk", "MessageEnd"]
+    head = events[0]
+    assert (head.method, head.target, head.version) == ("BITS_POST", "/a%20b", "HTTP/1.1")
+    assert head.headers.get("content-name") == "café.txt"
+    assert (head.frame, head.ts_ns, head.offset) == (7, 70, 0)
+    assert bytes(events[1].data) == b"body"
+    assert events[2] == MessageEnd(7, 70, 4, False)
+
+
+def test_mixed_stream_methods_targets_versions_and_folding() -> None:
+    events = HttpParser("request").feed(MIXED_STREAM, 1, 0)
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [(h.method, h.target, h.version) for h in heads] == [
+        ("BITS_POST", "/upload/file.bin", "HTTP/1.1"),
+        ("PUT", "/chunked", "HTTP/1.1"),
+        ("GET", "http://proxy.example/abs?q=1", "HTTP/1.0"),
+        ("propPatch", "*", "HTTP/1.1"),
+    ]
+    assert heads[0].headers.get("X-Folded") == "first second"
+    assert heads[1].offset == MIXED_STREAM.index(b"PUT")
+    assert bodies(events) == [b"hello world", b"hello" + b"abcdefghijklmnopqrstuvwxyz", b"", b""]
+    assert not [e for e in events if isinstance(e, ParseError)]
+
+
+def test_chunked_wins_over_content_length_and_keeps_trailers() -> None:
+    events = HttpParser("request").feed(CHUNKED_REQUEST, 1, 0)
+    end = events[-1]
+    assert isinstance(end, MessageEnd) and not end.partial
+    assert end.body_length == 31
+    assert end.trailers.items() == [("X-Checksum", "abc"), ("X-Other", "1")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_split_gives_the_same_events(data: st.DataObject) -> None:
+    stream = MIXED_STREAM
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=40)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    whole = HttpParser("request").feed(stream, 1, 0)
+    assert normalise(feed_pieces(HttpParser("request"), pieces)) == normalise(whole)
+
+
+def test_chunked_split_at_every_byte_boundary() -> None:
+    expected = normalise(HttpParser("request").feed(CHUNKED_REQUEST, 1, 0))
+    for cut in range(1, len(CHUNKED_REQUEST)):
+        pieces = [CHUNKED_REQUEST[:cut], CHUNKED_REQUEST[cut:]]
+        assert normalise(feed_pieces(HttpParser("request"), pieces)) == expected, cut
+    one_byte_each = [CHUNKED_REQUEST[i:i + 1] for i in range(len(CHUNKED_REQUEST))]
+    assert normalise(feed_pieces(HttpParser("request"), one_byte_each)) == expected
+
+
+def test_first_and_last_frame_are_those_carrying_first_and_last_byte() -> None:
+    message = b"POST /x HTTP/1.1\r\nContent-Length: 6\r\n\r\nabcdef"
+    pieces = [b"\r\n", message[:5], message[5:30], message[30:-2], message[-2:]]
+    events = feed_pieces(HttpParser("request"), pieces)
+    head, end = events[0], events[-1]
+    assert (head.frame, head.offset) == (2, 2)
+    assert (end.frame, end.ts_ns) == (5, 5000)
+
+
+def test_response_read_until_close() -> None:
+    parser = HttpParser("response")
+    parser.expect_response_to("GET")
+    events = parser.feed(b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\npart one,", 1, 10)
+    events += parser.feed(b" part two", 2, 20)
+    assert kinds(events) == ["ResponseHead", "BodyChunk", "BodyChunk"]
+    closing = parser.eof(3, 30)
+    assert closing == [MessageEnd(2, 20, 18, False)]
+    assert bodies(events + closing) == [b"part one, part two"]
+    assert parser.eof(4, 40) == []
+
+
+def test_response_until_close_ended_by_reset_is_partial() -> None:
+    parser = HttpParser("response")
+    parser.feed(b"HTTP/1.1 200 OK\r\n\r\nabc", 1, 0)
+    assert parser.eof(2, 0, clean=False)[0].partial
+
+
+def test_bodiless_responses_head_204_304() -> None:
+    parser = HttpParser("response")
+    for method in ("HEAD", "GET", "GET", "GET"):
+        parser.expect_response_to(method)
+    stream = (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+              b"HTTP/1.1 204 No Content\r\n\r\n"
+              b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nxyz")
+    events = parser.feed(stream, 1, 0)
+    assert [e.status for e in events if isinstance(e, ResponseHead)] == [200, 204, 304, 200]
+    assert bodies(events) == [b"", b"", b"", b"xyz"]
+    assert not [e for e in events if isinstance(e, ParseError)]
+
+
+def test_100_continue_does_not_consume_the_pending_method() -> None:
+    parser = HttpParser("response")
+    parser.expect_response_to("HEAD")
+    parser.expect_response_to("POST")
+    events = parser.feed(b"HTTP/1.1 100 Continue\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+                         b"HTTP/1.1 100 Continue\r\n\r\n"
+                         b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", 1, 0)
+    heads = [e for e in events if isinstance(e, ResponseHead)]
+    assert [(h.status, h.informational) for h in heads] == [
+        (100, True), (200, False), (100, True), (201, False)]
+    assert bodies(events) == [b"", b"", b"", b"ok"]  # the HEAD answer's length is not a body
+
+
+def test_pipelined_requests_then_responses() -> None:
+    requests = b"".join(
+        b"BITS_POST /u HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        for body in (b"one", b"", b"three"))
+    request_parser = HttpParser("request")
+    events = request_parser.feed(requests, 1, 0)
+    methods = [e.method for e in events if isinstance(e, RequestHead)]
+    assert bodies(events) == [b"one", b"", b"three"]
+    response_parser = HttpParser("response")
+    for method in methods:
+        response_parser.expect_response_to(method)
+    responses = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % i for i in range(3))
+    assert bodies(response_parser.feed(responses, 2, 0)) == [b"0", b"1", b"2"]
+
+
+def test_bits_post_with_one_mebibyte_body_is_passed_through_unaccumulated() -> None:
+    body = os.urandom(1 << 20)
+    head = b"BITS_POST /big HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    stream = head + body
+    pieces = [stream[i:i + 65483] for i in range(0, len(stream), 65483)]
+    parser = HttpParser("request")
+    events = []
+    for number, piece in enumerate(pieces, start=1):
+        new = parser.feed(piece, number, 0)
+        chunks = [e for e in new if isinstance(e, BodyChunk)]
+        assert all(chunk.data.obj is piece for chunk in chunks)  # slices, not copies
+        assert len(parser._buf) <= len(head)
+        events += new
+    digest = hashlib.sha256()
+    for event in events:
+        if isinstance(event, BodyChunk):
+            digest.update(event.data)
+    assert digest.hexdigest() == hashlib.sha256(body).hexdigest()
+    assert events[-1] == MessageEnd(len(pieces), 0, len(body), False)
+
+
+def test_gap_in_body_keeps_framing_and_marks_partial() -> None:
+    head = b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n"
+    parser = HttpParser("request")
+    events = parser.feed(head + b"abc", 1, 0)
+    events += parser.gap(4, 2, 0)
+    events += parser.feed(b"hijPOST /b HTTP/1.1\r\nContent-Length: 1\r\n\r\nz", 3, 0)
+    ends = [e for e in events if isinstance(e, MessageEnd)]
+    assert [(e.body_length, e.partial, e.frame) for e in ends] == [(6, True, 3), (1, False, 3)]
+    assert [e.offset for e in events if isinstance(e, RequestHead)] == [0, len(head) + 10]
+
+
+def test_gap_past_body_end_resyncs_on_next_request() -> None:
+    first = b"BITS_POST /a HTTP/1.1\r\nContent-Length: 100\r\n\r\n"
+    parser = HttpParser("request")
+    events = parser.feed(first + b"x" * 40, 1, 0)
+    events += parser.gap(5000, 2, 0)
+    # The gap swallowed the rest of the body and part of something; then body junk, then a request.
+    events += parser.feed(b"\x00junk\nmore junk\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n", 3, 0)
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == ["/a", "/next"]
+    ends = [e for e in events if isinstance(e, MessageEnd)]
+    assert [(e.body_length, e.partial) for e in ends] == [(40, True), (0, False)]
+    assert heads[1].offset == len(first) + 40 + 5000 + len(b"\x00junk\nmore junk\r\n")
+
+
+def test_resync_finds_a_start_line_split_across_feeds() -> None:
+    parser = HttpParser("response")
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", 1, 0)
+    events += parser.gap(100, 2, 0)
+    events += parser.feed(b"junk\nHTTP/1.1 4", 3, 0)
+    events += parser.feed(b"04 Not Found\r\nContent-Length: 0\r\n\r\n", 4, 0)
+    heads = [e for e in events if isinstance(e, ResponseHead)]
+    assert [(h.status, h.frame) for h in heads] == [(200, 1), (404, 3)]
+    assert [e.partial for e in events if isinstance(e, MessageEnd)] == [True, False]
+
+
+def test_message_right_after_a_gap_is_found() -> None:
+    parser = HttpParser("request")
+    parser.feed(b"GET /a HTTP/1.1\r\n\r\n", 1, 0)
+    events = parser.gap(1460, 2, 0) + parser.feed(b"GET /c HTTP/1.1\r\n\r\n", 3, 0)
+    assert [e.target for e in events if isinstance(e, RequestHead)] == ["/c"]
+
+
+def test_midstream_start_skips_to_the_first_message_without_errors() -> None:
+    parser = HttpParser("request", start_midstream=True)
+    events = parser.feed(os.urandom(3000).replace(b"\n", b"") + b"\r\nGET / HTTP/1.1\r\n\r\n", 1, 0)
+    assert kinds(events) == ["RequestHead", "MessageEnd"]
+
+
+def test_oversized_header_block_is_an_error_and_resyncs() -> None:
+    parser = HttpParser("request")
+    huge = b"GET /h HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    events = parser.feed(huge, 1, 0)
+    for number in range(2, 2 + MAX_HEAD // 1000 + 2):
+        events += parser.feed(b"X-More: " + b"b" * 1000 + b"\r\n", number, 0)
+        assert len(parser._buf) <= MAX_HEAD + 1
+    events += parser.feed(b"\r\nGET /ok HTTP/1.1\r\n\r\n", 99, 0)
+    errors = [e for e in events if isinstance(e, ParseError)]
+    assert len(errors) == 1 and "header block longer" in errors[0].message
+    assert [e.target for e in events if isinstance(e, RequestHead)] == ["/ok"]
+
+
+def test_bad_framing_is_reported_not_raised() -> None:
+    parser = HttpParser("request")
+    events = parser.feed(b"POST /a HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello\n"
+                         b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+                         b"GET /c HTTP/1.1\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\n\r\n"
+                         b"GET /d HTTP/2.0\r\n\r\n"
+                         b"GET /e HTTP/1.1\r\n\r\n", 1, 0)
+    assert [e.target for e in events if isinstance(e, RequestHead)] == ["/a", "/b", "/c", "/e"]
+    messages = [e.message for e in events if isinstance(e, ParseError)]
+    assert "invalid Content-Length" in messages[0]
+    assert "invalid chunk size" in messages[1]
+    # After that error the parser is resynchronising: the HTTP/2.0 line is skipped silently.
+    assert len(messages) == 3 and "not a request line" in messages[2]
+    assert [e.partial for e in events if isinstance(e, MessageEnd)] == [True, True, False, False]
+
+
+def test_truncated_message_at_eof_is_partial() -> None:
+    parser = HttpParser("request")
+    parser.feed(b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc", 1, 0)
+    assert parser.eof(2, 0) == [MessageEnd(1, 0, 3, True)]
+    parser.feed(b"GET / HTT", 3, 0)
+    assert kinds(parser.eof(4, 0)) == ["ParseError"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from([b"\r\n", b"\n\n", b"0\r\n", b"HTTP/1.1 200 OK\r\n", b"GET / HTTP/1.1\r\n",
+                     b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n",
+                     b"Content-Length: -1\r\n", b"ffffffff\r\n", b" folded\r\n"])),
+    max_size=30), st.sampled_from(["request", "response"]), st.lists(st.integers(0, 50)))
+def test_garbage_never_raises(pieces: list[bytes], role: str, gaps: list[int]) -> None:
+    parser = HttpParser(role, start_midstream=bool(gaps and gaps[0] % 2))
+    for number, piece in enumerate(pieces, start=1):
+        parser.expect_response_to("GET")
+        for event in parser.feed(piece, number, 0):
+            assert isinstance(event, (RequestHead, ResponseHead, BodyChunk, MessageEnd,
+                                      ParseError))
+        if number < len(gaps):
+            parser.gap(gaps[number], number, 0)
+        assert len(parser._buf) <= MAX_HEAD + 1
+    parser.eof(len(pieces) + 1, 0)
