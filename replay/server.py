@@ -471,6 +471,9 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         ok = super().parse_request()
+        # http.server collapses a leading '//' in self.path; safety checks need the target as sent
+        words = self.requestline.split()
+        self.target = words[1] if len(words) == 3 else self.path
         self.server.bits._arm(self, time.monotonic() + self.server.bits.options.request_timeout)
         return ok
 
@@ -498,7 +501,7 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
                 ack = error_ack(400, E_INVALIDARG, f"body on {packet.value}", headers.get(Header.SESSION_ID))
             else:
                 try:
-                    ack = service.handle(packet, Request(self.path, headers, body))
+                    ack = service.handle(packet, Request(self.target, headers, body))
                 except ClientGone as exc:
                     self.close_connection = True
                     self._record(packet.value if packet else raw_type, headers.get(Header.SESSION_ID),
@@ -590,7 +593,7 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
         if denied is not None:
             self._send_ack(denied, Body(self.rfile, 0), None)
             return
-        path = self.server.bits.service.reply(self.path)
+        path = self.server.bits.service.reply(self.target)
         try:
             data = path.read_bytes() if path is not None else None
         except OSError:

@@ -1,0 +1,842 @@
+"""Conformance suite for bits-server (replay/server.py): one test per rule of bits-protocol.md.
+
+Requests go through http.client or raw sockets (so targets are sent exactly as written).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from analyzer.bits.protocol import (
+    BG_E_SESSION_NOT_FOUND,
+    BG_E_TOO_LARGE,
+    E_ACCESSDENIED,
+    E_INVALIDARG,
+    ERROR_DISK_FULL,
+    PROTOCOL_GUID,
+    Header,
+    format_hresult,
+    is_guid,
+)
+from replay.paths import STATE_DIR, UnsafePath, reply_target, upload_path
+from replay.server import BitsServer, ServerOptions
+from replay.server_state import TRANSITIONS, Event, IllegalTransition, Session, State
+
+OTHER_GUID = "{11111111-2222-3333-4444-555555555555}"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+class Reply:
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def get(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def has(self, name: str) -> bool:
+        return self.get(name) is not None
+
+
+class Client:
+    """A minimal BITS speaker over one keep-alive http.client connection."""
+
+    def __init__(self, server: BitsServer, path: str = "/up/file.bin"):
+        self.server = server
+        self.path = path
+        self.conn = http.client.HTTPConnection(*server.address, timeout=10)
+
+    def post(self, packet: str | None, body: bytes = b"", path: str | None = None, **headers: str) -> Reply:
+        sent = {"Content-Length": str(len(body))}
+        if packet is not None:
+            sent[Header.PACKET_TYPE] = packet
+        sent.update({name.replace("_", "-"): value for name, value in headers.items()})
+        self.conn.request("BITS_POST", path or self.path, body=body, headers=sent)
+        response = self.conn.getresponse()
+        return Reply(response.status, response.getheaders(), response.read())
+
+    def get(self, path: str, **headers: str) -> Reply:
+        self.conn.request("GET", path, headers={k.replace("_", "-"): v for k, v in headers.items()})
+        response = self.conn.getresponse()
+        return Reply(response.status, response.getheaders(), response.read())
+
+    def create(self, path: str | None = None, protocols: str = PROTOCOL_GUID, **headers: str) -> Reply:
+        return self.post("Create-Session", path=path, **{"BITS-Supported-Protocols": protocols}, **headers)
+
+    def session(self, path: str | None = None) -> str:
+        reply = self.create(path)
+        assert reply.status == 200, reply.headers
+        return reply.get(Header.SESSION_ID)
+
+    def fragment(self, session_id: str, data: bytes, first: int, total: int, **headers: str) -> Reply:
+        return self.post("Fragment", data, **{
+            "BITS-Session-Id": session_id,
+            "Content-Range": f"bytes {first}-{first + len(data) - 1}/{total}",
+            **headers,
+        })
+
+    def close(self, session_id: str) -> Reply:
+        return self.post("Close-Session", **{"BITS-Session-Id": session_id})
+
+    def cancel(self, session_id: str) -> Reply:
+        return self.post("Cancel-Session", **{"BITS-Session-Id": session_id})
+
+    def upload(self, data: bytes, fragment: int = 64 * 1024, path: str | None = None) -> str:
+        session_id = self.session(path)
+        for first in range(0, len(data), fragment):
+            reply = self.fragment(session_id, data[first:first + fragment], first, len(data))
+            assert reply.status == 200 and int(reply.get(Header.RECEIVED_CONTENT_RANGE)) == min(
+                first + fragment, len(data))
+        assert self.close(session_id).status == 200
+        return session_id
+
+
+def raw_exchange(server: BitsServer, request: bytes, timeout: float = 10) -> Reply:
+    """Send bytes exactly as given; parse one response (Content-Length framed)."""
+    with socket.create_connection(server.address, timeout=timeout) as sock:
+        sock.sendall(request)
+        return read_response(sock)
+
+
+def read_response(sock: socket.socket) -> Reply:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
+    reply = Reply(status, headers, b"")
+    length = int(reply.get("Content-Length") or 0)
+    while len(body) < length:
+        body += sock.recv(65536)
+    reply.body = body
+    return reply
+
+
+def bits_request(target: str, packet: str, extra: str = "", body: bytes = b"",
+                 content_length: bool = True) -> bytes:
+    lines = [f"BITS_POST {target} HTTP/1.1", "Host: 127.0.0.1", f"{Header.PACKET_TYPE}: {packet}"]
+    if extra:
+        lines.extend(extra.split("\n"))
+    if content_length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def assert_ack(reply: Reply, status: int, session_id: str | None = None) -> None:
+    """The rules every Ack follows (bits-protocol.md 1, 2.2)."""
+    assert reply.status == status, (reply.status, reply.headers)
+    assert reply.get(Header.PACKET_TYPE) == "Ack"
+    assert reply.get(Header.CONTENT_LENGTH) == "0" and reply.body == b""
+    if session_id is not None:
+        assert reply.get(Header.SESSION_ID) == session_id
+    if status in (200, 201):
+        assert not reply.has(Header.ERROR_CODE) and not reply.has(Header.ERROR_CONTEXT)
+
+
+def assert_error(reply: Reply, status: int, code: int | None, header: str = Header.ERROR_CODE) -> None:
+    assert_ack(reply, status)
+    if code is None:
+        assert not reply.has(header)
+        return
+    assert reply.get(header) == format_hresult(code)
+    assert reply.get(Header.ERROR_CONTEXT) == "0x5"
+    assert not reply.has(Header.PROTOCOL)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def make_server(root: Path):
+    started: list[BitsServer] = []
+
+    def make(**options) -> BitsServer:
+        server = BitsServer(root, log=None, **options).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server) -> BitsServer:
+    return make_server()
+
+
+@pytest.fixture
+def client(server: BitsServer) -> Client:
+    return Client(server)
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return hashlib.shake_256(f"{seed}".encode()).digest(size)
+
+
+# --- Ping and Create-Session -----------------------------------------------------------------
+@pytest.mark.parametrize("spelling", ["Ping", "PING", "pinG"])
+def test_ping_is_acked_whatever_the_case(client: Client, spelling: str) -> None:
+    reply = client.post(spelling)
+    assert_ack(reply, 200)
+    assert not reply.has(Header.SESSION_ID)
+
+
+def test_create_ack_carries_protocol_fresh_uppercase_guid_and_identity(client: Client) -> None:
+    first, second = client.create(), client.post("CREATE-SESSION", **{
+        "BITS-Supported-Protocols": PROTOCOL_GUID})
+    ids = []
+    for reply in (first, second):
+        assert_ack(reply, 200)
+        assert reply.get(Header.PROTOCOL) == PROTOCOL_GUID
+        assert reply.get(Header.ACCEPT_ENCODING) == "identity"
+        session_id = reply.get(Header.SESSION_ID)
+        assert is_guid(session_id) and session_id == session_id.upper()
+        assert not reply.has(Header.HOST_ID)
+        ids.append(session_id)
+    assert ids[0] != ids[1]
+
+
+@pytest.mark.parametrize("offered", [
+    PROTOCOL_GUID.upper(),
+    f"{OTHER_GUID} {PROTOCOL_GUID}",
+    f"{OTHER_GUID},{PROTOCOL_GUID}",
+    f"{OTHER_GUID}, {PROTOCOL_GUID.upper()}",
+])
+def test_create_negotiates_the_upload_protocol(client: Client, offered: str) -> None:
+    reply = client.create(protocols=offered)
+    assert_ack(reply, 200)
+    assert reply.get(Header.PROTOCOL) == PROTOCOL_GUID
+
+
+def test_create_without_a_common_protocol_is_invalidarg(client: Client) -> None:
+    assert_error(client.create(protocols=OTHER_GUID), 400, E_INVALIDARG.code)
+
+
+def test_create_without_supported_protocols_is_invalidarg(client: Client) -> None:
+    assert_error(client.post("Create-Session"), 400, E_INVALIDARG.code)
+
+
+def test_create_status_201_option(make_server) -> None:
+    reply = Client(make_server(create_status=201)).create()
+    assert_ack(reply, 201)
+    assert reply.get(Header.PROTOCOL) == PROTOCOL_GUID
+
+
+def test_create_ack_announces_host_id(make_server) -> None:
+    reply = Client(make_server(host_id="node-7.example", host_id_fallback_timeout=300)).create()
+    assert_ack(reply, 200)
+    assert reply.get(Header.HOST_ID) == "node-7.example"
+    assert reply.get(Header.HOST_ID_FALLBACK_TIMEOUT) == "300"
+
+
+def test_host_id_fallback_without_host_id_is_refused(root: Path) -> None:
+    with pytest.raises(ValueError):
+        BitsServer(root, log=None, host_id_fallback_timeout=5)
+
+
+# --- uploads ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,fragment", [(1, 1), (4892, 4892), (300_001, 65_536), (200_000, 7_000)])
+def test_round_trip_is_byte_exact_and_published_only_on_close(
+        server: BitsServer, client: Client, root: Path, size: int, fragment: int) -> None:
+    data = payload(size, size)
+    session_id = client.session()
+    for first in range(0, size, fragment):
+        chunk = data[first:first + fragment]
+        reply = client.post("FRAgmENT", chunk, **{"BITS-Session-Id": session_id,
+                                                  "Content-Range": f"bytes {first}-{first + len(chunk) - 1}/{size}",
+                                                  "Content-Name": "../../ignored.bin"})
+        assert_ack(reply, 200, session_id)
+        assert reply.get(Header.RECEIVED_CONTENT_RANGE) == str(first + len(chunk))
+        assert not reply.has(Header.REPLY_URL)
+    destination = root / "up" / "file.bin"
+    assert not destination.exists()
+    assert_ack(client.close(session_id), 200, session_id)
+    assert hashlib.sha256(destination.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert list((root / STATE_DIR / "Requests").iterdir()) == []
+    assert not (root.parent / "ignored.bin").exists() and not (root / "ignored.bin").exists()
+    assert server.sessions() == []
+
+
+def test_content_range_unit_is_case_insensitive(client: Client, root: Path) -> None:
+    session_id = client.session()
+    reply = client.post("Fragment", b"abc", **{"BITS-Session-Id": session_id, "Content-Range": "Bytes 0-2/3"})
+    assert_ack(reply, 200, session_id)
+    assert reply.get(Header.RECEIVED_CONTENT_RANGE) == "3"
+
+
+def test_session_ids_compare_case_insensitively(client: Client, root: Path) -> None:
+    session_id = client.session()
+    reply = client.fragment(session_id.lower(), b"xyz", 0, 3)
+    assert_ack(reply, 200, session_id.lower())
+    assert_ack(client.close(session_id.lower()), 200)
+    assert (root / "up" / "file.bin").read_bytes() == b"xyz"
+
+
+def test_gap_is_416_with_the_next_offset(client: Client) -> None:
+    session_id = client.session()
+    data = payload(300)
+    client.fragment(session_id, data[:100], 0, 300)
+    reply = client.fragment(session_id, data[200:], 200, 300)
+    assert_ack(reply, 416, session_id)
+    assert reply.get(Header.RECEIVED_CONTENT_RANGE) == "100"
+    assert reply.get(Header.ERROR_CODE) == format_hresult(0)
+    assert reply.get(Header.ERROR_CONTEXT) == "0x5"
+
+
+def test_overlap_keeps_only_new_bytes_by_default(client: Client, root: Path) -> None:
+    session_id = client.session()
+    data = payload(200, 7)
+    client.fragment(session_id, data[:101], 0, 200)
+    reply = client.fragment(session_id, data[50:151], 50, 200)
+    assert_ack(reply, 200, session_id)
+    assert reply.get(Header.RECEIVED_CONTENT_RANGE) == "151"
+    again = client.fragment(session_id, data[10:60], 10, 200)  # nothing new: acked at N
+    assert_ack(again, 200, session_id)
+    assert again.get(Header.RECEIVED_CONTENT_RANGE) == "151"
+    assert client.fragment(session_id, data[151:], 151, 200).get(Header.RECEIVED_CONTENT_RANGE) == "200"
+    client.close(session_id)
+    assert (root / "up" / "file.bin").read_bytes() == data
+
+
+def test_overlap_is_416_under_the_mcbup_policy(make_server, root: Path) -> None:
+    client = Client(make_server(overlap="reject"))
+    session_id = client.session()
+    data = payload(200, 8)
+    client.fragment(session_id, data[:101], 0, 200)
+    reply = client.fragment(session_id, data[50:151], 50, 200)
+    assert_ack(reply, 416, session_id)
+    assert reply.get(Header.RECEIVED_CONTENT_RANGE) == "101"
+    client.fragment(session_id, data[101:], 101, 200)
+    client.close(session_id)
+    assert (root / "up" / "file.bin").read_bytes() == data
+
+
+def test_resent_final_fragment_is_reacked_with_the_total(client: Client, root: Path) -> None:
+    session_id = client.session()
+    data = payload(50)
+    first = client.fragment(session_id, data, 0, 50)
+    assert first.get(Header.RECEIVED_CONTENT_RANGE) == "50"
+    for _ in range(2):
+        again = client.fragment(session_id, data, 0, 50)
+        assert_ack(again, 200, session_id)
+        assert again.get(Header.RECEIVED_CONTENT_RANGE) == "50"
+    assert_ack(client.close(session_id), 200, session_id)
+    assert (root / "up" / "file.bin").read_bytes() == data
+
+
+def test_session_survives_tcp_reconnects(server: BitsServer, root: Path) -> None:
+    data = payload(30_000, 3)
+    session_id = Client(server).session()
+    for first in range(0, len(data), 10_000):
+        reply = Client(server).fragment(session_id, data[first:first + 10_000], first, len(data))
+        assert_ack(reply, 200, session_id)
+    assert_ack(Client(server).close(session_id), 200, session_id)
+    assert (root / "up" / "file.bin").read_bytes() == data
+
+
+def test_close_before_the_last_byte_discards_the_upload(client: Client, root: Path) -> None:
+    session_id = client.session()
+    client.fragment(session_id, b"partial", 0, 100)
+    assert_ack(client.close(session_id), 200, session_id)
+    assert not (root / "up" / "file.bin").exists()
+    assert_error(client.fragment(session_id, b"more", 7, 100), 500, BG_E_SESSION_NOT_FOUND.code)
+
+
+def test_close_when_the_entity_is_gone_is_404(server: BitsServer, client: Client) -> None:
+    session_id = client.session()
+    client.fragment(session_id, b"done", 0, 4)
+    (session,) = server.sessions()
+    session.data_file.unlink()
+    reply = client.close(session_id)
+    assert_ack(reply, 404, session_id)
+    assert not reply.has(Header.ERROR_CODE)
+
+
+def test_cancel_deletes_temporary_data_and_ends_the_session(server: BitsServer, client: Client,
+                                                            root: Path) -> None:
+    session_id = client.session()
+    client.fragment(session_id, b"some bytes", 0, 100)
+    (session,) = server.sessions()
+    assert session.data_file.read_bytes() == b"some bytes"
+    assert_ack(client.cancel(session_id), 200, session_id)
+    assert not session.data_dir.exists()
+    assert not (root / "up" / "file.bin").exists()
+    for reply in (client.fragment(session_id, b"x", 10, 100), client.close(session_id), client.cancel(session_id)):
+        assert_error(reply, 500, BG_E_SESSION_NOT_FOUND.code)
+        assert reply.get(Header.SESSION_ID) == session_id
+
+
+def test_packets_after_close_draw_session_not_found(client: Client) -> None:
+    session_id = client.session()
+    client.fragment(session_id, b"abc", 0, 3)
+    client.close(session_id)
+    assert_error(client.close(session_id), 500, BG_E_SESSION_NOT_FOUND.code)
+    assert_error(client.fragment(session_id, b"abc", 0, 3), 500, BG_E_SESSION_NOT_FOUND.code)
+
+
+# --- the error table (bits-protocol.md 4) ----------------------------------------------------
+UNKNOWN_ID = "{00000000-1111-2222-3333-444444444444}"
+
+
+@pytest.mark.parametrize("packet", ["Fragment", "Close-Session", "Cancel-Session"])
+def test_unknown_session_is_500_session_not_found(client: Client, packet: str) -> None:
+    headers = {"BITS-Session-Id": UNKNOWN_ID}
+    body = b""
+    if packet == "Fragment":
+        headers["Content-Range"] = "bytes 0-2/3"
+        body = b"abc"
+    reply = client.post(packet, body, **headers)
+    assert_error(reply, 500, BG_E_SESSION_NOT_FOUND.code)
+    assert reply.get(Header.SESSION_ID) == UNKNOWN_ID
+
+
+@pytest.mark.parametrize("packet", ["Fragment", "Close-Session", "Cancel-Session"])
+def test_missing_session_id_is_invalidarg(client: Client, packet: str) -> None:
+    headers = {"Content-Range": "bytes 0-2/3"} if packet == "Fragment" else {}
+    assert_error(client.post(packet, b"abc" if headers else b"", **headers), 400, E_INVALIDARG.code)
+
+
+@pytest.mark.parametrize("content_range", [None, "bytes 5-2/10", "bytes 0-9", "items 0-2/3", "bytes 0-3/3",
+                                           "bytes=0-2/3", "bytes -1-2/3"])
+def test_bad_content_range_is_invalidarg(client: Client, content_range: str | None) -> None:
+    session_id = client.session()
+    headers = {"BITS-Session-Id": session_id}
+    if content_range is not None:
+        headers["Content-Range"] = content_range
+    assert_error(client.post("Fragment", b"abc", **headers), 400, E_INVALIDARG.code)
+
+
+def test_content_length_differing_from_the_range_is_invalidarg(client: Client) -> None:
+    session_id = client.session()
+    reply = client.post("Fragment", b"abcd", **{"BITS-Session-Id": session_id, "Content-Range": "bytes 0-2/10"})
+    assert_error(reply, 400, E_INVALIDARG.code)
+
+
+def test_changed_total_is_invalidarg(client: Client) -> None:
+    session_id = client.session()
+    client.fragment(session_id, b"abc", 0, 10)
+    assert_error(client.fragment(session_id, b"def", 3, 11), 400, E_INVALIDARG.code)
+    assert client.fragment(session_id, b"def", 3, 10).get(Header.RECEIVED_CONTENT_RANGE) == "6"
+
+
+@pytest.mark.parametrize("packet", ["Ping", "Create-Session", "Close-Session", "Cancel-Session"])
+def test_body_on_a_bodyless_packet_is_invalidarg(client: Client, packet: str) -> None:
+    session_id = client.session()
+    reply = client.post(packet, b"unexpected", **{"BITS-Session-Id": session_id,
+                                                  "BITS-Supported-Protocols": PROTOCOL_GUID})
+    assert_error(reply, 400, E_INVALIDARG.code)
+    assert_ack(client.post("Ping"), 200)  # the body was drained: the connection is still usable
+
+
+@pytest.mark.parametrize("packet", [None, "Ack", "Upload", "Fragment-Session"])
+def test_unknown_packet_type_is_invalidarg(client: Client, packet: str | None) -> None:
+    assert_error(client.post(packet), 400, E_INVALIDARG.code)
+
+
+def test_missing_content_length_is_invalidarg(server: BitsServer) -> None:
+    reply = raw_exchange(server, bits_request("/up/x.bin", "Ping", content_length=False))
+    assert_error(reply, 400, E_INVALIDARG.code)
+
+
+def test_chunked_body_is_invalidarg(server: BitsServer) -> None:
+    request = bits_request("/up/x.bin", "Ping", "Transfer-Encoding: chunked", content_length=False)
+    assert_error(raw_exchange(server, request + b"0\r\n\r\n"), 400, E_INVALIDARG.code)
+
+
+def test_header_over_4_kib_is_invalidarg(client: Client) -> None:
+    assert_error(client.post("Ping", **{"X-Padding": "a" * 4097}), 400, E_INVALIDARG.code)
+    assert_ack(Client(client.server).post("Ping", **{"X-Padding": "a" * 4000}), 200)
+
+
+def test_content_encoding_other_than_identity_is_invalidarg(client: Client) -> None:
+    session_id = client.session()
+    assert_error(client.fragment(session_id, b"abc", 0, 3, **{"Content-Encoding": "gzip"}), 400, E_INVALIDARG.code)
+    assert_ack(client.fragment(session_id, b"abc", 0, 3, **{"Content-Encoding": "identity"}), 200, session_id)
+
+
+def test_entity_over_the_maximum_upload_size_is_too_large(make_server) -> None:
+    client = Client(make_server(max_upload_size=1000))
+    session_id = client.session()
+    assert_error(client.fragment(session_id, b"abc", 0, 1001), 500, BG_E_TOO_LARGE.code)
+    assert_ack(client.fragment(session_id, b"abc", 0, 1000), 200, session_id)
+
+
+def test_fragment_over_the_maximum_fragment_size_is_413(make_server) -> None:
+    client = Client(make_server(max_fragment_size=10 * 1024))
+    session_id = client.session()
+    data = payload(20 * 1024)
+    reply = client.fragment(session_id, data, 0, len(data))
+    assert_error(reply, 413, None)
+    reply = client.fragment(session_id, data[:10 * 1024], 0, len(data))
+    assert reply.get(Header.RECEIVED_CONTENT_RANGE) == str(10 * 1024)
+
+
+def test_mcbup_error_header_name_option(make_server) -> None:
+    client = Client(make_server(error_header="mcbup"))
+    reply = client.post("Fragment", b"abc", **{"BITS-Session-Id": UNKNOWN_ID, "Content-Range": "bytes 0-2/3"})
+    assert_error(reply, 500, BG_E_SESSION_NOT_FOUND.code, header=Header.ERROR_CODE_MCBUP)
+    assert not reply.has(Header.ERROR_CODE)
+
+
+def test_default_error_header_name_is_bits_error_code(client: Client) -> None:
+    reply = client.post("Fragment", b"abc", **{"BITS-Session-Id": UNKNOWN_ID, "Content-Range": "bytes 0-2/3"})
+    assert reply.get(Header.ERROR_CODE) == format_hresult(BG_E_SESSION_NOT_FOUND.code)
+    assert not reply.has(Header.ERROR_CODE_MCBUP)
+
+
+# --- existing destination ----------------------------------------------------------------------
+def test_existing_destination_is_overwritten_by_default(client: Client, root: Path) -> None:
+    (root / "up").mkdir(parents=True)
+    (root / "up" / "file.bin").write_bytes(b"old contents")
+    client.upload(b"new")
+    assert (root / "up" / "file.bin").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("status", [409, 403])
+def test_existing_destination_is_refused_with_no_overwrite(make_server, root: Path, status: int) -> None:
+    (root / "up").mkdir(parents=True)
+    (root / "up" / "file.bin").write_bytes(b"old contents")
+    client = Client(make_server(overwrite=False, exists_status=status))
+    assert_error(client.create(), status, E_ACCESSDENIED.code)
+    assert (root / "up" / "file.bin").read_bytes() == b"old contents"
+    client.upload(b"elsewhere", path="/up/other.bin")
+    assert (root / "up" / "other.bin").read_bytes() == b"elsewhere"
+
+
+def test_destination_appearing_during_the_upload_is_refused_at_close(make_server, root: Path) -> None:
+    client = Client(make_server(overwrite=False))
+    session_id = client.session()
+    client.fragment(session_id, b"late", 0, 4)
+    (root / "up").mkdir(parents=True)
+    (root / "up" / "file.bin").write_bytes(b"first")
+    reply = client.close(session_id)
+    assert_error(reply, 409, E_ACCESSDENIED.code)
+    assert reply.get(Header.SESSION_ID) == session_id
+    assert (root / "up" / "file.bin").read_bytes() == b"first"
+    assert_ack(client.cancel(session_id), 200, session_id)
+
+
+# --- safety ------------------------------------------------------------------------------------
+TRAVERSALS = [
+    "/../escape.bin",
+    "/up/../../escape.bin",
+    "/%2e%2e/escape.bin",
+    "/up/%2E%2E/%2e%2e/escape.bin",
+    "/up/..%2fescape.bin",
+    "/up/..%2F..%2Fescape.bin",
+    "/up\\..\\..\\escape.bin",
+    "/up/%5c..%5c..%5cescape.bin",
+    "/up/escape.bin%00.txt",
+    "//tmp/escape.bin",
+    "/./escape.bin",
+    "/up/%zz.bin",
+    "/%c0%ae%c0%ae/escape.bin",
+    "http://127.0.0.1/../escape.bin",
+    "escape.bin",
+    "/BITS-Sessions/Requests/x.bin",
+    "/up/bits-sessions/Replies/x.bin",
+    "/up/",
+]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+def test_unsafe_upload_urls_are_refused(server: BitsServer, root: Path, tmp_path: Path, target: str) -> None:
+    request = bits_request(target, "Create-Session", f"{Header.SUPPORTED_PROTOCOLS}: {PROTOCOL_GUID}")
+    assert_error(raw_exchange(server, request), 400, E_INVALIDARG.code)
+    assert server.sessions() == []
+    assert not list(tmp_path.rglob("escape.bin*"))
+
+
+def test_symlink_on_the_way_is_refused(server: BitsServer, root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "file-link.bin").symlink_to(outside / "target.bin")
+    for target in ("/link/escape.bin", "/file-link.bin"):
+        request = bits_request(target, "Create-Session", f"{Header.SUPPORTED_PROTOCOLS}: {PROTOCOL_GUID}")
+        assert_error(raw_exchange(server, request), 400, E_INVALIDARG.code)
+    assert list(outside.iterdir()) == []
+
+
+def test_percent_encoded_names_are_decoded_inside_the_root(server: BitsServer, root: Path) -> None:
+    Client(server, "/up/a%20b%2Fc.bin").upload(b"nested")
+    assert (root / "up" / "a b" / "c.bin").read_bytes() == b"nested"
+
+
+def test_upload_path_unit(root: Path) -> None:
+    root.mkdir()
+    assert upload_path(root, "/a/b.bin?x=1") == (root / "a" / "b.bin", "/a/b.bin")
+    assert upload_path(root, "http://example/a/b.bin") == (root / "a" / "b.bin", "/a/b.bin")
+    with pytest.raises(UnsafePath):
+        upload_path(root, "/a/%2e%2e/%2e%2e/b")
+    assert reply_target(f"/a/{STATE_DIR}/Replies/%7B{UNKNOWN_ID[1:-1]}%7D/responsefile.bin") == ("/a/", UNKNOWN_ID)
+    assert reply_target("/a/b.bin") is None
+
+
+# --- timeouts ----------------------------------------------------------------------------------
+def test_stalled_client_is_dropped_and_the_session_rolled_back(make_server, root: Path) -> None:
+    server = make_server(idle_timeout=0.3)
+    session_id = Client(server).session()
+    with socket.create_connection(server.address, timeout=10) as sock:
+        head = bits_request("/up/file.bin", "Fragment",
+                            f"{Header.SESSION_ID}: {session_id}\nContent-Range: bytes 0-9999/10000")
+        sock.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 10000") + b"x" * 100)
+        assert sock.recv(1024) == b""  # the server closes without an answer
+    data = payload(10_000)
+    reply = Client(server).fragment(session_id, data, 0, 10_000)
+    assert_ack(reply, 200, session_id)
+    assert reply.get(Header.RECEIVED_CONTENT_RANGE) == "10000"
+    Client(server).close(session_id)
+    assert (root / "up" / "file.bin").read_bytes() == data
+
+
+def test_trickling_client_hits_the_request_timeout(make_server) -> None:
+    server = make_server(idle_timeout=1.0, request_timeout=0.5)
+    session_id = Client(server).session()
+    with socket.create_connection(server.address, timeout=10) as sock:
+        head = bits_request("/up/file.bin", "Fragment",
+                            f"{Header.SESSION_ID}: {session_id}\nContent-Range: bytes 0-99/100")
+        sock.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 100"))
+        closed = False
+        for _ in range(60):  # one byte every 0.1 s never trips the idle timeout
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            sock.setblocking(False)
+            try:
+                closed = sock.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+            sock.setblocking(True)
+            if closed:
+                break
+        assert closed
+    reply = Client(server).fragment(session_id, b"y" * 100, 0, 100)
+    assert reply.get(Header.RECEIVED_CONTENT_RANGE) == "100"
+
+
+def test_idle_session_expires(make_server) -> None:
+    server = make_server(session_timeout=0.2)
+    client = Client(server)
+    session_id = client.session()
+    client.fragment(session_id, b"abc", 0, 10)
+    (session,) = server.sessions()
+    deadline = time.monotonic() + 10
+    while server.sessions() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not session.data_dir.exists()
+    assert_error(client.fragment(session_id, b"def", 3, 10), 500, BG_E_SESSION_NOT_FOUND.code)
+
+
+# --- disk full ---------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_filesystem():
+    directory = tempfile.mkdtemp(prefix="bits-tiny-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", directory],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        os.rmdir(directory)
+        pytest.skip(f"cannot mount a 64 KiB tmpfs (needs root): {mounted.stderr.strip()}")
+    yield Path(directory)
+    subprocess.run(["umount", directory], check=False)
+    os.rmdir(directory)
+
+
+def test_full_disk_is_reported_and_rolled_back(tiny_filesystem: Path) -> None:
+    with BitsServer(tiny_filesystem, log=None) as server:
+        client = Client(server)
+        session_id = client.session()
+        data = payload(200_000)
+        reply = client.fragment(session_id, data, 0, len(data))
+        assert_error(reply, 500, ERROR_DISK_FULL.code)
+        assert reply.get(Header.SESSION_ID) == session_id
+        (session,) = server.sessions()
+        assert session.data_file.stat().st_size == 0
+        small = client.fragment(session_id, data[:8000], 0, len(data))
+        assert_ack(small, 200, session_id)
+        assert small.get(Header.RECEIVED_CONTENT_RANGE) == "8000"
+        assert_ack(client.cancel(session_id), 200, session_id)
+
+
+# --- upload-reply --------------------------------------------------------------------------------
+def test_reply_mode_end_to_end(make_server, root: Path) -> None:
+    server = make_server(reply=True)
+    client = Client(server, "/jobs/in/report.bin")
+    data = payload(150_000, 11)
+    session_id = client.session()
+    reply = client.fragment(session_id, data[:100_000], 0, len(data))
+    assert not reply.has(Header.REPLY_URL)
+    final = client.fragment(session_id, data[100_000:], 100_000, len(data))
+    assert_ack(final, 200, session_id)
+    url = final.get(Header.REPLY_URL)
+    assert url == f"BITS-Sessions\\Replies\\{session_id}\\responsefile.bin"
+    assert client.fragment(session_id, data[100_000:], 100_000, len(data)).get(Header.REPLY_URL) == url
+    fetch = "/jobs/in/" + url.replace("\\", "/").replace("{", "%7B").replace("}", "%7D")
+    got = client.get(fetch)
+    assert got.status == 200
+    receipt = json.loads(got.body)
+    assert receipt["size"] == len(data) and receipt["sha256"] == hashlib.sha256(data).hexdigest()
+    partial = client.get(fetch, Range="bytes=0-9")
+    assert partial.status == 206 and partial.body == got.body[:10]
+    assert partial.get("Content-Range") == f"bytes 0-9/{len(got.body)}"
+    assert client.get("/elsewhere/" + url.replace("\\", "/")).status == 404
+    assert_ack(client.close(session_id), 200, session_id)
+    assert client.get(fetch).status == 404
+    assert (root / "jobs" / "in" / "report.bin").read_bytes() == data
+
+
+def test_plain_upload_has_no_reply_url(client: Client) -> None:
+    session_id = client.session()
+    final = client.fragment(session_id, b"abc", 0, 3)
+    assert not final.has(Header.REPLY_URL)
+    assert client.get(f"/up/BITS-Sessions/Replies/{session_id}/responsefile.bin").status == 404
+
+
+# --- auth ------------------------------------------------------------------------------------------
+def test_basic_auth_challenge_then_success(make_server) -> None:
+    client = Client(make_server(auth=("alice", "s3cret")))
+    challenge = client.post("Ping")
+    assert challenge.status == 401
+    assert challenge.get("WWW-Authenticate").startswith("Basic ")
+    assert challenge.body == b""
+    wrong = base64.b64encode(b"alice:wrong").decode()
+    assert client.post("Ping", Authorization=f"Basic {wrong}").status == 401
+    right = base64.b64encode(b"alice:s3cret").decode()
+    assert_ack(client.post("Ping", Authorization=f"Basic {right}"), 200)
+    assert client.create(Authorization=f"Basic {right}").status == 200
+
+
+# --- concurrency and logging ----------------------------------------------------------------------
+def test_fifty_concurrent_uploads_are_kept_apart(make_server, root: Path) -> None:
+    server = make_server()
+    count = 50
+    datas = [payload(30_000 + i * 37, 100 + i) for i in range(count)]
+    barrier = threading.Barrier(count, action=lambda: in_flight.append(len(server.sessions())))
+    in_flight: list[int] = []
+    failures: list[BaseException] = []
+
+    def upload(i: int) -> None:
+        try:
+            client = Client(server, f"/many/{i}.bin")
+            session_id = client.session()
+            barrier.wait(timeout=30)
+            for first in range(0, len(datas[i]), 10_000):
+                reply = client.fragment(session_id, datas[i][first:first + 10_000], first, len(datas[i]))
+                assert reply.status == 200
+            assert client.close(session_id).status == 200
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == []
+    assert in_flight == [count]
+    for i, data in enumerate(datas):
+        assert hashlib.sha256((root / "many" / f"{i}.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+    sessions = {r.session_id for r in server.records if r.packet == "Create-Session"}
+    assert len(sessions) == count and server.sessions() == []
+
+
+def test_every_packet_is_recorded_in_order(make_server) -> None:
+    seen = []
+    server = make_server(on_packet=seen.append)
+    client = Client(server)
+    session_id = client.upload(b"hello", fragment=3)
+    assert [(r.packet, r.status, r.received) for r in seen] == [
+        ("Create-Session", 200, None), ("Fragment", 200, 3), ("Fragment", 200, 5), ("Close-Session", 200, None)]
+    assert {r.session_id for r in seen} == {session_id}
+    assert seen[1].content_range == "bytes 0-2/5"
+    assert all(r.started <= r.finished for r in seen) and list(server.records) == seen
+
+
+def test_log_lines_go_to_the_given_stream(root: Path) -> None:
+    class Lines(list):
+        def write(self, text: str) -> None:
+            self.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    lines = Lines()
+    with BitsServer(root, log=lines) as server:
+        Client(server).post("Ping")
+    assert len(lines) == 1 and re.search(r"BITS_POST /up/file\.bin Ping -> 200", lines[0])
+
+
+# --- the state table ------------------------------------------------------------------------------
+def test_state_table_refuses_undefined_transitions(tmp_path: Path) -> None:
+    session = Session("{X}", tmp_path / "d", "/d", tmp_path, tmp_path, PROTOCOL_GUID, last_activity=0.0)
+    with pytest.raises(IllegalTransition):
+        session.fire(Event.FRAGMENT)
+    session.fire(Event.CREATE)
+    session.fire(Event.LAST_BYTE)
+    with pytest.raises(IllegalTransition):
+        session.fire(Event.CLOSE)  # Close is answered only after the notification settled
+    assert session.fire(Event.NOTIFIED) is State.WAIT_FOR_CLOSE
+    assert all(source not in (State.COMPLETE, State.CANCELLED, State.EXPIRED) for source, _ in TRANSITIONS)
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError):
+        ServerOptions(overlap="keep")
+    with pytest.raises(ValueError):
+        ServerOptions(exists_status=404)
+
+
+# --- the command line -------------------------------------------------------------------------------
+def test_cli_prints_its_url_serves_and_stops_on_sigterm(root: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "replay.server", "--root", str(root), "--port", "0", "--create-status", "201"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        line = process.stdout.readline()
+        match = re.fullmatch(r"bits-server: listening on http://127\.0\.0\.1:(\d+)/\n", line)
+        assert match, line
+        conn = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=10)
+        conn.request("BITS_POST", "/cli.bin", headers={
+            Header.PACKET_TYPE: "Create-Session", Header.SUPPORTED_PROTOCOLS: PROTOCOL_GUID, "Content-Length": "0"})
+        assert conn.getresponse().status == 201
+        conn.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        errors = process.stderr.read()
+        assert "Create-Session" in errors and "stopped" in errors
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
