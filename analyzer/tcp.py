@@ -1,0 +1,520 @@
+"""TCP reassembly: segments in, per-direction ordered byte streams out (data, gap, conflict, fin, rst).
+
+Each connection has two directions (CLIENT: client→server, SERVER: server→client), each
+reassembled on its own. A direction's stream offset 0 is the byte after the ISN when the SYN
+(or the SYN-ACK that acknowledges it) was seen, else the first sequence number seen
+(mid-stream start). Sequence numbers are compared modulo 2^32 relative to the next expected
+byte, so streams cross the 32-bit wrap freely.
+
+Policies, all chosen to keep the stream going rather than stall it:
+- Overlaps keep the first copy seen; where a later copy differs, `on_conflict` names the span
+  from its first to its last differing byte. Overlaps with bytes already delivered are checked
+  against a bounded history of recently delivered payloads (older retransmissions go unchecked).
+- A 0/1-byte segment at next-1 is a keep-alive (or Linux zero-window probe): ignored, never a
+  conflict. A 1-byte zero-window probe at next is ordinary data; its retransmission is identical.
+- Holes become gaps (`on_gap` with their size, at the current position) when: the peer
+  acknowledges bytes the capture never showed (capture loss), the capture cut the payload
+  (`Segment.missing`), out-of-order data exceeds `max_buffer` for the direction, or at close.
+- FIN is delivered in order at its position; data past it is dropped and counted. The
+  connection closes when both FINs are through, or at a RST (buffered data is flushed first).
+- Connection ids follow tshark's tcp.stream: a new id on a 4-tuple's first packet, and when a
+  SYN (without ACK) carries an ISN other than that side's recorded base (port reuse). A SYN
+  retransmitted with the same ISN, even after a RST, stays in its connection, as in tshark.
+- Roles: the SYN sender is the client, the SYN-ACK sender the server; mid-stream, the side
+  with the lower port is the server (on equal ports, the first packet's receiver).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from analyzer.decode import Segment
+
+CLIENT = 0
+SERVER = 1
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+ACK = 0x10
+
+_SEQ_MASK = 0xFFFFFFFF
+_SEQ_SPAN = 1 << 32
+_SEQ_HALF = 1 << 31
+# RFC 7323 caps a scaled window at 2^30: no sender has more in flight, so an ACK further ahead
+# than that, or data starting further ahead, is not of this connection's sequence space.
+_MAX_WINDOW = 1 << 30
+_SLOW_FLAGS = FIN | SYN | RST
+
+
+class Connection:
+    """One TCP connection, both directions. Counters are per direction: index CLIENT / SERVER."""
+
+    __slots__ = (
+        "id", "client", "server", "first_frame", "first_ts_ns", "last_frame", "last_ts_ns",
+        "handshake_seen", "closed", "gaps", "gap_bytes", "conflicts", "conflict_bytes",
+        "keepalives", "after_fin_bytes", "out_of_window", "_halves",
+    )
+
+    def __init__(self, id: int, client: tuple[bytes, int], server: tuple[bytes, int],
+                 frame: int, ts_ns: int) -> None:
+        self.id = id
+        self.client = client
+        self.server = server
+        self.first_frame = self.last_frame = frame
+        self.first_ts_ns = self.last_ts_ns = ts_ns
+        self.handshake_seen = False  # a SYN or SYN-ACK of this connection was seen
+        self.closed = False
+        self.gaps = [0, 0]
+        self.gap_bytes = [0, 0]
+        self.conflicts = [0, 0]
+        self.conflict_bytes = [0, 0]
+        self.keepalives = [0, 0]  # 1-byte keep-alives ignored
+        self.after_fin_bytes = [0, 0]  # data bytes past the FIN, dropped
+        self.out_of_window = [0, 0]  # segments whose data starts beyond any possible window
+        self._halves: tuple[_Half, _Half] = ()  # type: ignore[assignment]  # set by the reassembler
+
+    def position(self, direction: int) -> int:
+        """Current stream offset of `direction`: bytes delivered plus bytes declared missing."""
+        return self._halves[direction].offset
+
+    @property
+    def data_bytes(self) -> tuple[int, int]:
+        """Bytes delivered through on_data, per direction."""
+        return (self._halves[0].offset - self.gap_bytes[0], self._halves[1].offset - self.gap_bytes[1])
+
+    def __repr__(self) -> str:
+        return f"Connection(id={self.id}, client={self.client!r}, server={self.server!r})"
+
+
+class StreamSink(Protocol):
+    def on_open(self, conn: Connection) -> None: ...
+
+    def on_data(self, conn: Connection, direction: int, data: bytes | memoryview,
+                frame: int, ts_ns: int) -> None: ...
+
+    def on_gap(self, conn: Connection, direction: int, size: int, frame: int, ts_ns: int) -> None: ...
+
+    def on_conflict(self, conn: Connection, direction: int, offset: int, size: int,
+                    frame: int) -> None: ...
+
+    def on_fin(self, conn: Connection, direction: int, frame: int, ts_ns: int) -> None: ...
+
+    def on_rst(self, conn: Connection, direction: int, frame: int, ts_ns: int) -> None: ...
+
+    def on_close(self, conn: Connection) -> None: ...
+
+
+class _Half:
+    """Reassembly state of one direction.
+
+    `expect` equals `next_seq` while an in-order segment may go straight to the sink (synced, no
+    buffered data, no FIN seen, open); otherwise -1, which no sequence number equals.
+    Buffered out-of-order data is kept in `starts`/`chunks`: sorted, non-overlapping, all at or
+    past `offset`. `history` holds the most recently delivered payloads, ending at `offset`.
+    """
+
+    __slots__ = (
+        "conn", "direction", "peer", "synced", "wire_base", "next_seq", "expect", "offset",
+        "starts", "chunks", "buffered", "fin_offset", "fin_done", "history", "history_bytes",
+    )
+
+    def __init__(self, conn: Connection, direction: int) -> None:
+        self.conn = conn
+        self.direction = direction
+        self.peer: _Half = self
+        self.synced = False
+        self.wire_base: int | None = None  # tshark's base_seq: decides port reuse
+        self.next_seq = 0
+        self.expect = -1
+        self.offset = 0
+        self.starts: list[int] = []
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.fin_offset: int | None = None
+        self.fin_done = False
+        self.history: deque[bytes | memoryview] = deque()
+        self.history_bytes = 0
+
+    def sync(self, seq: int) -> None:
+        self.synced = True
+        self.next_seq = self.expect = seq
+
+    def offset_of(self, seq: int) -> int:
+        delta = (seq - self.next_seq) & _SEQ_MASK
+        if delta >= _SEQ_HALF:
+            delta -= _SEQ_SPAN
+        return self.offset + delta
+
+    def refresh(self) -> None:
+        fast = self.synced and not self.starts and self.fin_offset is None
+        self.expect = self.next_seq if fast else -1
+
+
+class TcpReassembler:
+    """Feeds `sink` the in-order streams of every TCP connection in a capture."""
+
+    def __init__(self, sink: StreamSink, max_buffer: int = 8 << 20, history: int = 1 << 18) -> None:
+        self._sink = sink
+        self._on_data = sink.on_data
+        self._max_buffer = max_buffer
+        self._history_limit = history
+        self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
+        self._open: dict[int, Connection] = {}
+        self._closed_totals = dict.fromkeys(_TOTALS, 0)
+        self.connection_count = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Totals over all connections so far: connections, gaps, gap_bytes, conflicts, ..."""
+        totals = dict(self._closed_totals)
+        for conn in self._open.values():
+            _add_totals(totals, conn)
+        return {"connections": self.connection_count, **totals}
+
+    def feed(self, segment: Segment) -> None:
+        half = self._halves.get((segment.src, segment.sport, segment.dst, segment.dport))
+        if half is None or not half.synced or segment.flags & _SLOW_FLAGS or segment.missing:
+            self._feed_slow(segment, half)
+            return
+        payload = segment.payload
+        if payload and segment.seq != half.expect:
+            self._feed_slow(segment, half)
+            return
+        conn = half.conn
+        conn.last_frame = segment.frame
+        conn.last_ts_ns = segment.ts_ns
+        if segment.flags & ACK:
+            peer = half.peer
+            if peer.synced:
+                ahead = (segment.ack - peer.next_seq) & _SEQ_MASK
+                if ahead and ahead <= _MAX_WINDOW:
+                    self._acknowledged_unseen(peer, ahead, segment.frame, segment.ts_ns)
+            elif peer.wire_base is None:
+                peer.wire_base = (segment.ack - 1) & _SEQ_MASK
+        if payload:
+            size = len(payload)
+            half.offset += size
+            half.next_seq = half.expect = (half.expect + size) & _SEQ_MASK
+            half.history.append(payload)
+            half.history_bytes += size
+            if half.history_bytes > self._history_limit:
+                _trim_history(half, self._history_limit)
+            self._on_data(conn, half.direction, payload, segment.frame, segment.ts_ns)
+
+    def finish(self) -> None:
+        """Flush every open connection (holes before buffered data become gaps), then close it."""
+        for conn in list(self._open.values()):
+            self._close(conn, conn.last_frame, conn.last_ts_ns)
+
+    # -- the slow path: everything but an in-order data segment or a plain ACK --
+
+    def _feed_slow(self, segment: Segment, half: _Half | None) -> None:
+        flags = segment.flags
+        frame, ts_ns = segment.frame, segment.ts_ns
+        if half is None:
+            half = self._new_connection(segment)
+        elif (flags & (SYN | ACK) == SYN and half.wire_base is not None
+              and segment.seq != half.wire_base):
+            if not half.conn.closed:
+                self._close(half.conn, frame, ts_ns)
+            half = self._new_connection(segment)
+        conn = half.conn
+        conn.last_frame = frame
+        conn.last_ts_ns = ts_ns
+        if conn.closed:
+            return
+        peer = half.peer
+        if half.wire_base is None:
+            half.wire_base = segment.seq if flags & SYN else (segment.seq - 1) & _SEQ_MASK
+        seq = segment.seq
+        if flags & SYN:
+            conn.handshake_seen = True
+            seq = (seq + 1) & _SEQ_MASK
+            if not half.synced:
+                half.sync(seq)
+            if flags & ACK and not peer.synced:
+                peer.sync(segment.ack)  # the SYN-ACK tells where the client's stream starts
+                if peer.wire_base is None:
+                    peer.wire_base = (segment.ack - 1) & _SEQ_MASK
+        if flags & RST:
+            self._sink.on_rst(conn, half.direction, frame, ts_ns)
+            self._close(conn, frame, ts_ns)
+            return
+        if flags & ACK:
+            if peer.synced:
+                ahead = (segment.ack - peer.next_seq) & _SEQ_MASK
+                if ahead and ahead <= _MAX_WINDOW:
+                    self._acknowledged_unseen(peer, ahead, frame, ts_ns)
+            elif peer.wire_base is None:
+                peer.wire_base = (segment.ack - 1) & _SEQ_MASK
+            if conn.closed:
+                return
+        if not half.synced:
+            half.sync(seq)
+        payload = segment.payload
+        size = len(payload)
+        missing = segment.missing
+        start = half.offset_of(seq)
+        if start - half.offset > _MAX_WINDOW:
+            conn.out_of_window[half.direction] += 1
+            return
+        if size <= 1 and not missing and start == half.offset - 1 and not flags & (SYN | FIN):
+            if size:
+                conn.keepalives[half.direction] += 1
+        elif size or missing:
+            if size:
+                self._accept(half, start, payload, frame, ts_ns)
+            if missing and half.offset >= start + size:
+                self._advance_to(half, start + size + missing, frame, ts_ns)
+        if flags & FIN and half.fin_offset is None:
+            self._set_fin(half, start + size + missing)
+        self._settle(half, frame, ts_ns)
+
+    def _new_connection(self, segment: Segment) -> _Half:
+        flags = segment.flags & (SYN | ACK)
+        sender = (segment.src, segment.sport)
+        receiver = (segment.dst, segment.dport)
+        if flags == SYN:
+            sender_is_client = True
+        elif flags == SYN | ACK:
+            sender_is_client = False
+        else:
+            sender_is_client = segment.sport >= segment.dport
+        client, server = (sender, receiver) if sender_is_client else (receiver, sender)
+        conn = Connection(self.connection_count, client, server, segment.frame, segment.ts_ns)
+        self.connection_count += 1
+        to_server, to_client = _Half(conn, CLIENT), _Half(conn, SERVER)
+        to_server.peer, to_client.peer = to_client, to_server
+        conn._halves = (to_server, to_client)
+        self._halves[client + server] = to_server
+        self._halves[server + client] = to_client
+        self._open[conn.id] = conn
+        self._sink.on_open(conn)
+        return to_server if sender_is_client else to_client
+
+    def _accept(self, half: _Half, start: int, data: bytes | memoryview, frame: int, ts_ns: int) -> None:
+        """Take `data` found at stream offset `start`: deliver what is next, buffer what is ahead."""
+        end = start + len(data)
+        offset = half.offset
+        if start < offset:
+            _check_history(self._sink, half, start, data[:min(end, offset) - start], frame)
+            if end <= offset:
+                return
+            data = data[offset - start:]
+            start = offset
+        fin = half.fin_offset
+        if fin is not None and end > fin:
+            half.conn.after_fin_bytes[half.direction] += end - max(start, fin)
+            if start >= fin:
+                return
+            data = data[:fin - start]
+            end = fin
+        if start == offset:
+            direct_end = min(end, half.starts[0]) if half.starts else end
+            if direct_end > start:
+                if direct_end < end:
+                    self._deliver(half, data[:direct_end - start], frame, ts_ns)
+                    data = data[direct_end - start:]
+                    start = direct_end
+                else:
+                    self._deliver(half, data, frame, ts_ns)
+                    self._drain(half, frame, ts_ns)
+                    return
+        self._store(half, start, data, frame)
+        self._drain(half, frame, ts_ns)
+        while half.buffered > self._max_buffer:
+            self._gap(half, half.starts[0] - half.offset, frame, ts_ns)
+            self._drain(half, frame, ts_ns)
+
+    def _store(self, half: _Half, start: int, data: bytes | memoryview, frame: int) -> None:
+        """Buffer the parts of `data` not yet held; where held, keep the first copy and compare."""
+        starts, chunks = half.starts, half.chunks
+        end = start + len(data)
+        index = max(bisect_right(starts, start) - 1, 0)
+        new: list[tuple[int, bytes]] = []
+        position = start
+        while index < len(starts) and starts[index] < end:
+            chunk_start = starts[index]
+            chunk = chunks[index]
+            chunk_end = chunk_start + len(chunk)
+            index += 1
+            if chunk_end <= position:
+                continue
+            if chunk_start > position:
+                new.append((position, bytes(data[position - start:chunk_start - start])))
+                position = chunk_start
+            overlap_end = min(chunk_end, end)
+            _compare(self._sink, half, position,
+                     memoryview(chunk)[position - chunk_start:overlap_end - chunk_start],
+                     data[position - start:overlap_end - start], frame)
+            position = overlap_end
+        if position < end:
+            new.append((position, bytes(data[position - start:])))
+        for piece_start, piece in new:
+            at = bisect_left(starts, piece_start)
+            starts.insert(at, piece_start)
+            chunks.insert(at, piece)
+            half.buffered += len(piece)
+
+    def _deliver(self, half: _Half, data: bytes | memoryview, frame: int, ts_ns: int) -> None:
+        size = len(data)
+        half.offset += size
+        half.next_seq = (half.next_seq + size) & _SEQ_MASK
+        half.history.append(data)
+        half.history_bytes += size
+        if half.history_bytes > self._history_limit:
+            _trim_history(half, self._history_limit)
+        self._on_data(half.conn, half.direction, data, frame, ts_ns)
+
+    def _drain(self, half: _Half, frame: int, ts_ns: int) -> None:
+        starts, chunks = half.starts, half.chunks
+        while starts and starts[0] == half.offset:
+            del starts[0]
+            chunk = chunks.pop(0)
+            half.buffered -= len(chunk)
+            self._deliver(half, chunk, frame, ts_ns)
+
+    def _gap(self, half: _Half, size: int, frame: int, ts_ns: int) -> None:
+        conn = half.conn
+        conn.gaps[half.direction] += 1
+        conn.gap_bytes[half.direction] += size
+        half.offset += size
+        half.next_seq = (half.next_seq + size) & _SEQ_MASK
+        half.history.clear()  # history is contiguous up to offset by construction
+        half.history_bytes = 0
+        self._sink.on_gap(conn, half.direction, size, frame, ts_ns)
+
+    def _advance_to(self, half: _Half, target: int, frame: int, ts_ns: int) -> None:
+        """Move the stream to `target`: deliver buffered data, declare each hole a gap."""
+        starts = half.starts
+        while half.offset < target:
+            if starts and starts[0] == half.offset:
+                self._drain(half, frame, ts_ns)
+            else:
+                hole_end = min(starts[0], target) if starts else target
+                self._gap(half, hole_end - half.offset, frame, ts_ns)
+        self._drain(half, frame, ts_ns)
+
+    def _acknowledged_unseen(self, half: _Half, ahead: int, frame: int, ts_ns: int) -> None:
+        """The peer acknowledged `ahead` bytes past what we delivered: those we lack were lost."""
+        target = half.offset + ahead
+        if half.fin_offset is not None:
+            target = min(target, half.fin_offset)  # the FIN takes a sequence number, not a byte
+        if target <= half.offset:
+            return
+        self._advance_to(half, target, frame, ts_ns)
+        self._settle(half, frame, ts_ns)
+
+    def _set_fin(self, half: _Half, fin_offset: int) -> None:
+        if fin_offset < half.offset:
+            return  # a FIN inside data already delivered is not this stream's end
+        half.fin_offset = fin_offset
+        starts, chunks = half.starts, half.chunks
+        while starts and starts[-1] + len(chunks[-1]) > fin_offset:
+            chunk_start = starts[-1]
+            keep = max(fin_offset - chunk_start, 0)
+            chunk = chunks.pop()
+            starts.pop()
+            half.buffered -= len(chunk) - keep
+            half.conn.after_fin_bytes[half.direction] += len(chunk) - keep
+            if keep:
+                starts.append(chunk_start)
+                chunks.append(chunk[:keep])
+                break
+
+    def _settle(self, half: _Half, frame: int, ts_ns: int) -> None:
+        """After a change to `half`: pass its FIN if reached; close when both FINs are through."""
+        if half.fin_offset == half.offset and not half.fin_done:
+            half.fin_done = True
+            self._sink.on_fin(half.conn, half.direction, frame, ts_ns)
+            if half.peer.fin_done:
+                self._close(half.conn, frame, ts_ns)
+                return
+        half.refresh()
+
+    def _close(self, conn: Connection, frame: int, ts_ns: int) -> None:
+        conn.closed = True
+        for half in conn._halves:
+            if half.synced:
+                end = half.starts[-1] + len(half.chunks[-1]) if half.starts else half.offset
+                self._advance_to(half, max(end, half.fin_offset or 0), frame, ts_ns)
+                if half.fin_offset == half.offset and not half.fin_done:
+                    half.fin_done = True
+                    self._sink.on_fin(conn, half.direction, frame, ts_ns)
+            half.synced = False
+            half.expect = -1
+            half.history.clear()
+            half.history_bytes = 0
+        del self._open[conn.id]
+        _add_totals(self._closed_totals, conn)
+        self._sink.on_close(conn)
+
+
+_TOTALS = ("gaps", "gap_bytes", "conflicts", "conflict_bytes", "keepalives", "after_fin_bytes",
+           "out_of_window")
+
+
+def _add_totals(totals: dict[str, int], conn: Connection) -> None:
+    for name in _TOTALS:
+        counts = getattr(conn, name)
+        totals[name] += counts[0] + counts[1]
+
+
+def _trim_history(half: _Half, limit: int) -> None:
+    history = half.history
+    while len(history) > 1 and half.history_bytes - len(history[0]) >= limit:
+        half.history_bytes -= len(history.popleft())
+
+
+def _check_history(sink: StreamSink, half: _Half, start: int, data: bytes | memoryview, frame: int) -> None:
+    """Compare a retransmission of delivered bytes with the copies still in the history."""
+    end = start + len(data)
+    piece_end = half.offset
+    for piece in reversed(half.history):
+        piece_start = piece_end - len(piece)
+        low, high = max(start, piece_start), min(end, piece_end)
+        if low < high:
+            _compare(sink, half, low, memoryview(piece)[low - piece_start:high - piece_start],
+                     data[low - start:high - start], frame)
+        if piece_start <= start:
+            break
+        piece_end = piece_start
+
+
+def _compare(sink: StreamSink, half: _Half, offset: int, kept: memoryview,
+             other: bytes | memoryview, frame: int) -> None:
+    if kept == other:
+        return
+    first = _first_difference(kept, other)
+    last = _last_difference(kept, other)
+    size = last - first + 1
+    conn = half.conn
+    conn.conflicts[half.direction] += 1
+    conn.conflict_bytes[half.direction] += size
+    sink.on_conflict(conn, half.direction, offset + first, size, frame)
+
+
+def _first_difference(a: memoryview, b: bytes | memoryview) -> int:
+    low, high = 0, len(a)  # a[:low] == b[:low]; a difference lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _last_difference(a: memoryview, b: bytes | memoryview) -> int:
+    low, high = 0, len(a)  # a[high:] == b[high:]; a difference lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[middle:high] == b[middle:high]:
+            high = middle
+        else:
+            low = middle
+    return low

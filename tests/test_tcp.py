@@ -1,0 +1,514 @@
+"""TCP reassembly: unit cases for each rule, properties over reorderings, and tshark's stream ids."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from analyzer.tcp import ACK, CLIENT, FIN, RST, SERVER, SYN, Connection, TcpReassembler
+
+PSH = 0x08
+MASK = 0xFFFFFFFF
+
+
+class Segment(NamedTuple):  # the fields of analyzer.decode.Segment
+    frame: int
+    ts_ns: int
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    payload: memoryview
+    missing: int
+
+
+class RecordingSink:
+    """Keeps every event in order, and each direction's bytes with gaps marked."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.streams: dict[tuple[int, int], bytearray] = defaultdict(bytearray)
+        self.conns: dict[int, Connection] = {}
+
+    def on_open(self, conn: Connection) -> None:
+        self.conns[conn.id] = conn
+        self.events.append(("open", conn.id))
+
+    def on_data(self, conn, direction, data, frame, ts_ns) -> None:
+        self.streams[(conn.id, direction)] += data
+        self.events.append(("data", conn.id, direction, bytes(data), frame))
+
+    def on_gap(self, conn, direction, size, frame, ts_ns) -> None:
+        self.streams[(conn.id, direction)] += b"?" * size
+        self.events.append(("gap", conn.id, direction, size))
+
+    def on_conflict(self, conn, direction, offset, size, frame) -> None:
+        self.events.append(("conflict", conn.id, direction, offset, size))
+
+    def on_fin(self, conn, direction, frame, ts_ns) -> None:
+        self.events.append(("fin", conn.id, direction))
+
+    def on_rst(self, conn, direction, frame, ts_ns) -> None:
+        self.events.append(("rst", conn.id, direction))
+
+    def on_close(self, conn) -> None:
+        self.events.append(("close", conn.id))
+
+    def kinds(self, kind: str) -> list[tuple]:
+        return [e for e in self.events if e[0] == kind]
+
+
+CLIENT_IP = bytes([10, 0, 0, 1])
+SERVER_IP = bytes([10, 0, 0, 2])
+
+
+class Flow:
+    """Crafts segments of one connection by stream offset (offset 0 = byte after the ISN)."""
+
+    def __init__(self, client_isn: int = 1000, server_isn: int = 5000,
+                 cport: int = 50000, sport: int = 80) -> None:
+        self.cisn, self.sisn = client_isn, server_isn
+        self.cport, self.sport = cport, sport
+        self.frame = 0
+
+    def _segment(self, from_client: bool, seq: int, ack: int, flags: int,
+                 data: bytes, missing: int) -> Segment:
+        self.frame += 1
+        ends = ((CLIENT_IP, self.cport), (SERVER_IP, self.sport))
+        (src, sport), (dst, dport) = ends if from_client else ends[::-1]
+        return Segment(self.frame, self.frame * 1000, src, sport, dst, dport, seq & MASK, ack & MASK,
+                       flags, 65535, memoryview(data), missing)
+
+    def syn(self) -> Segment:
+        return self._segment(True, self.cisn, 0, SYN, b"", 0)
+
+    def synack(self) -> Segment:
+        return self._segment(False, self.sisn, self.cisn + 1, SYN | ACK, b"", 0)
+
+    def c(self, offset: int, data: bytes = b"", flags: int = ACK | PSH, ack: int = 0,
+          missing: int = 0) -> Segment:
+        return self._segment(True, self.cisn + 1 + offset, self.sisn + 1 + ack, flags, data, missing)
+
+    def s(self, offset: int, data: bytes = b"", flags: int = ACK | PSH, ack: int = 0,
+          missing: int = 0) -> Segment:
+        return self._segment(False, self.sisn + 1 + offset, self.cisn + 1 + ack, flags, data, missing)
+
+    def handshake(self) -> list[Segment]:
+        return [self.syn(), self.synack(), self.c(0, flags=ACK)]
+
+
+def run(segments, max_buffer: int = 8 << 20) -> tuple[RecordingSink, TcpReassembler]:
+    sink = RecordingSink()
+    reassembler = TcpReassembler(sink, max_buffer=max_buffer)
+    for segment in segments:
+        reassembler.feed(segment)
+    reassembler.finish()
+    return sink, reassembler
+
+
+# -- starting a connection --
+
+def test_handshake_start_sets_roles_offsets_and_both_directions():
+    f = Flow()
+    sink, r = run(f.handshake() + [f.c(0, b"GET / HTTP/1.1\r\n\r\n"), f.s(0, b"HTTP/1.1 200 OK\r\n", ack=18)])
+    conn = sink.conns[0]
+    assert (conn.client, conn.server) == ((CLIENT_IP, 50000), (SERVER_IP, 80))
+    assert conn.handshake_seen and conn.first_frame == 1 and conn.last_frame == 5
+    assert bytes(sink.streams[(0, CLIENT)]) == b"GET / HTTP/1.1\r\n\r\n"
+    assert bytes(sink.streams[(0, SERVER)]) == b"HTTP/1.1 200 OK\r\n"
+    assert conn.data_bytes == (18, 17)
+    assert sink.events[0] == ("open", 0) and sink.events[-1] == ("close", 0)
+    assert r.connection_count == 1
+
+
+def test_in_order_data_is_passed_through_without_copy():
+    f = Flow()
+    payload = bytearray(b"abc")
+    segment = f.c(0, bytes(payload))
+    seen = []
+
+    class Sink(RecordingSink):
+        def on_data(self, conn, direction, data, frame, ts_ns):
+            seen.append(data)
+
+    r = TcpReassembler(Sink())
+    for s in f.handshake() + [segment]:
+        r.feed(s)
+    assert seen[0] is segment.payload
+
+
+def test_mid_stream_start_takes_lower_port_as_server_and_first_seq_as_offset_zero():
+    f = Flow(cport=50123, sport=8080)
+    sink, _ = run([f.s(300, b"world", ack=700), f.c(700, b"hello", ack=305), f.c(705, b"!", ack=305)])
+    conn = sink.conns[0]
+    assert conn.server == (SERVER_IP, 8080) and conn.client == (CLIENT_IP, 50123)
+    assert not conn.handshake_seen
+    assert bytes(sink.streams[(0, CLIENT)]) == b"hello!"
+    assert bytes(sink.streams[(0, SERVER)]) == b"world"
+    assert not sink.kinds("gap")
+
+
+def test_syn_ack_first_starts_client_stream_at_its_ack():
+    f = Flow()
+    sink, _ = run([f.synack(), f.c(5, b"later", flags=ACK), f.c(0, b"first")])
+    assert sink.conns[0].client == (CLIENT_IP, 50000)
+    assert bytes(sink.streams[(0, CLIENT)]) == b"firstlater"
+
+
+# -- sequence numbers --
+
+def test_stream_crosses_the_32_bit_wrap():
+    f = Flow(client_isn=MASK - 5)
+    data = bytes(range(40))
+    sink, _ = run(f.handshake() + [f.c(i, data[i:i + 4]) for i in range(0, 40, 4)])
+    assert bytes(sink.streams[(0, CLIENT)]) == data
+    assert not sink.kinds("gap") and not sink.kinds("conflict")
+
+
+def test_out_of_order_segments_are_buffered_and_delivered_in_order():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(8, b"ijkl"), f.c(4, b"efgh"), f.c(0, b"abcd")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdefghijkl"
+    data = sink.kinds("data")
+    assert [e[3] for e in data] == [b"abcd", b"efgh", b"ijkl"]
+    assert {e[4] for e in data} == {6}  # delivered when the hole closed
+
+
+# -- retransmissions and overlaps --
+
+def test_exact_retransmission_is_silent():
+    f = Flow()
+    sink, r = run(f.handshake() + [f.c(0, b"abcd"), f.c(0, b"abcd"), f.c(4, b"ef")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdef"
+    assert not sink.kinds("conflict") and not sink.kinds("gap")
+
+
+def test_partial_overlap_with_same_bytes_is_silent():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(0, b"abcd"), f.c(2, b"cdefgh"), f.c(6, b"ghij")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdefghij"
+    assert not sink.kinds("conflict")
+
+
+def test_conflicting_overlap_with_delivered_data_keeps_first_copy():
+    f = Flow()
+    sink, r = run(f.handshake() + [f.c(0, b"abcdef"), f.c(2, b"cXYfgh")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdefgh"
+    assert sink.kinds("conflict") == [("conflict", 0, CLIENT, 3, 2)]
+    assert sink.conns[0].conflicts == [1, 0] and r.stats["conflict_bytes"] == 2
+
+
+def test_conflicting_overlap_with_buffered_data_keeps_first_copy():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(4, b"efgh"), f.c(0, b"abcdEFgh"), f.c(8, b"ij")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdefghij"
+    assert sink.kinds("conflict") == [("conflict", 0, CLIENT, 4, 2)]
+
+
+def test_in_order_segment_overlapping_buffered_data_keeps_the_buffered_copy():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(3, b"DEF"), f.c(0, b"abcdefg")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcDEFg"
+    assert sink.kinds("conflict") == [("conflict", 0, CLIENT, 3, 3)]
+
+
+# -- probes --
+
+def test_keepalives_are_neither_data_nor_conflict():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(0, b"abcd"), f.c(3, b"", flags=ACK), f.c(3, b"\x00", flags=ACK),
+                                   f.c(4, b"ef")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdef"
+    assert not sink.kinds("conflict") and not sink.kinds("gap")
+    assert sink.conns[0].keepalives == [1, 0]
+
+
+def test_zero_window_probe_byte_and_its_retransmission():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(0, b"abcd"), f.c(4, b"e"), f.c(4, b"e"), f.c(4, b"efgh")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdefgh"
+    assert not sink.kinds("conflict") and not sink.kinds("gap")
+
+
+# -- FIN, RST, close --
+
+def test_fin_is_delivered_in_order_and_later_data_is_dropped_and_counted():
+    f = Flow()
+    segments = f.handshake() + [f.c(4, b"ef", flags=ACK | FIN), f.c(0, b"abcd"), f.c(6, b"zz"),
+                                f.s(0, b"", flags=ACK | FIN, ack=7)]
+    sink, _ = run(segments)
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdef"
+    kinds = [e[0] for e in sink.events]
+    assert kinds == ["open", "data", "data", "fin", "fin", "close"]
+    assert sink.conns[0].after_fin_bytes == [2, 0]
+    assert not sink.kinds("gap")
+
+
+def test_both_fins_close_before_finish_and_late_packets_stay_in_the_connection():
+    f = Flow()
+    segments = f.handshake() + [f.c(0, b"x", flags=ACK | FIN), f.s(0, flags=ACK | FIN, ack=2),
+                                f.c(2, flags=ACK, ack=1), f.c(0, b"x", flags=ACK | FIN)]
+    sink = RecordingSink()
+    r = TcpReassembler(sink)
+    for s in segments:
+        r.feed(s)
+    assert sink.events[-1] == ("close", 0)
+    r.finish()
+    assert len(sink.kinds("close")) == 1 and r.connection_count == 1
+
+
+def test_rst_closes_and_flushes_buffered_data_with_its_hole():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(0, b"ab"), f.c(4, b"ef"), f.s(0, flags=RST | ACK, ack=2)])
+    assert sink.events[-4:] == [("rst", 0, SERVER), ("gap", 0, CLIENT, 2),
+                                ("data", 0, CLIENT, b"ef", 6), ("close", 0)]
+
+
+def test_a_new_syn_after_fin_with_a_new_isn_is_a_new_connection():
+    first, second = Flow(client_isn=100), Flow(client_isn=900000)
+    second.frame = 10
+    segments = first.handshake() + [first.c(0, b"one", flags=ACK | FIN), first.s(0, flags=ACK | FIN, ack=4),
+                                    first.c(4, flags=ACK, ack=1)]
+    segments += second.handshake() + [second.c(0, b"two")]
+    sink, r = run(segments)
+    assert r.connection_count == 2
+    assert bytes(sink.streams[(0, CLIENT)]) == b"one" and bytes(sink.streams[(1, CLIENT)]) == b"two"
+    assert sink.conns[1].first_frame == 11
+
+
+def test_a_syn_with_another_isn_on_an_open_4_tuple_closes_the_old_connection():
+    first, second = Flow(client_isn=100), Flow(client_isn=70000)
+    segments = first.handshake() + [first.c(0, b"old"), first.c(10, b"lost-before")]
+    second.frame = first.frame
+    segments += second.handshake() + [second.c(0, b"new")]
+    sink, r = run(segments)
+    assert r.connection_count == 2
+    close_old = sink.events.index(("close", 0))
+    assert sink.events[close_old - 2:close_old + 2] == [
+        ("gap", 0, CLIENT, 7), ("data", 0, CLIENT, b"lost-before", 6), ("close", 0), ("open", 1)]
+    assert bytes(sink.streams[(1, CLIENT)]) == b"new"
+
+
+def test_a_retransmitted_syn_with_the_same_isn_after_rst_stays_in_the_connection():
+    f = Flow()
+    sink, r = run([f.syn(), f._segment(False, 0, f.cisn + 1, RST | ACK, b"", 0), f.syn()])
+    assert r.connection_count == 1
+    assert [e[0] for e in sink.events] == ["open", "rst", "close"]
+
+
+# -- gaps --
+
+def test_lost_segment_becomes_a_gap_at_finish_and_the_stream_goes_on():
+    f = Flow()
+    sink, r = run(f.handshake() + [f.c(0, b"abc"), f.c(6, b"ghi"), f.c(9, b"jk")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abc???ghijk"
+    assert sink.kinds("gap") == [("gap", 0, CLIENT, 3)]
+    assert sink.conns[0].gap_bytes == [3, 0] and sink.conns[0].data_bytes == (8, 0)
+    assert sink.conns[0].position(CLIENT) == 11
+
+
+def test_ack_of_unseen_bytes_declares_the_gap_at_once():
+    f = Flow()
+    segments = f.handshake() + [f.c(0, b"abc"), f.c(6, b"ghi"), f.s(0, flags=ACK, ack=9)]
+    sink = RecordingSink()
+    r = TcpReassembler(sink)
+    for s in segments:
+        r.feed(s)
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abc???ghi"
+    f2 = f.c(9, b"j")
+    r.feed(f2)  # and the stream continues in order
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abc???ghij"
+
+
+def test_ack_covering_the_fin_is_not_a_gap():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(0, b"ab", flags=ACK | FIN), f.s(0, flags=ACK, ack=3)])
+    assert not sink.kinds("gap") and sink.kinds("fin") == [("fin", 0, CLIENT)]
+
+
+def test_snaplen_cut_payload_is_a_gap_of_the_missing_size():
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(0, b"abcd", missing=6), f.c(10, b"kl")])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcd??????kl"
+    assert sink.events[1:4] == [("data", 0, CLIENT, b"abcd", 4), ("gap", 0, CLIENT, 6),
+                                ("data", 0, CLIENT, b"kl", 5)]
+
+
+def test_buffer_limit_declares_a_gap_up_to_the_earliest_buffered_segment():
+    f = Flow()
+    segments = f.handshake() + [f.c(0, b"ab")] + [f.c(10 + 4 * i, b"wxyz") for i in range(5)]
+    sink = RecordingSink()
+    r = TcpReassembler(sink, max_buffer=16)
+    for s in segments:
+        r.feed(s)
+    assert sink.kinds("gap") == [("gap", 0, CLIENT, 8)]
+    assert bytes(sink.streams[(0, CLIENT)]) == b"ab" + b"?" * 8 + b"wxyz" * 5
+
+
+def test_finish_closes_every_open_connection_in_id_order():
+    flows = [Flow(cport=40000 + i) for i in range(3)]
+    segments = [flows[2].syn(), flows[0].syn(), flows[1].syn()]
+    sink, _ = run(segments)
+    assert sink.kinds("close") == [("close", 0), ("close", 1), ("close", 2)]
+    assert [sink.conns[i].client[1] for i in range(3)] == [40002, 40000, 40001]
+
+
+def test_stats_sum_over_connections():
+    f = Flow()
+    _, r = run(f.handshake() + [f.c(0, b"ab"), f.c(4, b"ef"), f.c(0, b"aX")])
+    assert r.stats == {"connections": 1, "gaps": 1, "gap_bytes": 2, "conflicts": 1, "conflict_bytes": 1,
+                       "keepalives": 0, "after_fin_bytes": 0, "out_of_window": 0}
+
+
+# -- properties --
+
+@st.composite
+def shuffled_stream(draw):
+    data = draw(st.binary(min_size=1, max_size=3000))
+    isn = draw(st.one_of(st.integers(MASK - 3000, MASK), st.integers(0, MASK)))
+    cuts = sorted(draw(st.sets(st.integers(1, len(data) - 1), max_size=30))) if len(data) > 1 else []
+    bounds = [0, *cuts, len(data)]
+    pieces = list(zip(bounds, bounds[1:]))
+    extra = draw(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(1, 1500)), max_size=15))
+    pieces += [(a, min(len(data), a + n)) for a, n in extra]
+    order = draw(st.permutations(pieces))
+    return data, isn, order
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shuffled_stream())
+def test_any_reordering_and_duplication_reassembles_the_original(case):
+    data, isn, order = case
+    f = Flow(client_isn=isn)
+    segments = f.handshake() + [f.c(a, data[a:b]) for a, b in order]
+    segments.append(f.c(len(data), flags=ACK | FIN))
+    sink, _ = run(segments)
+    assert bytes(sink.streams[(0, CLIENT)]) == data
+    assert not sink.kinds("gap") and not sink.kinds("conflict")
+    assert sink.kinds("fin") == [("fin", 0, CLIENT)]
+
+
+@st.composite
+def conflicting_copies(draw):
+    size = draw(st.integers(2, 400))
+    copies = draw(st.lists(
+        st.tuples(st.integers(0, size - 2), st.integers(2, 120), st.binary(min_size=120, max_size=120)),
+        min_size=1, max_size=12))
+    return size, copies
+
+
+@settings(max_examples=150, deadline=None)
+@given(conflicting_copies())
+def test_conflicting_overlaps_keep_the_first_copy_and_name_each_difference(case):
+    size, copies = case
+    segments: list[tuple[int, bytes]] = [(a, body[:min(n, size - a)]) for a, n, body in copies]
+    segments = [(a, b) for a, b in segments if len(b) >= 2]  # a 1-byte copy at next-1 is a keep-alive
+    fill = bytes(size)
+    segments.append((0, fill))  # the last copy covers everything, so no hole stays open
+    first: dict[int, int] = {}
+    differing: set[int] = set()
+    for start, body in segments:
+        for i, byte in enumerate(body):
+            position = start + i
+            if position not in first:
+                first[position] = byte
+            elif first[position] != byte:
+                differing.add(position)
+    f = Flow()
+    sink, _ = run(f.handshake() + [f.c(a, b) for a, b in segments])
+    assert bytes(sink.streams[(0, CLIENT)]) == bytes(first[i] for i in range(size))
+    reported: set[int] = set()
+    for _, _, _, offset, length in sink.kinds("conflict"):
+        assert offset in differing and offset + length - 1 in differing
+        reported.update(range(offset, offset + length))
+    assert differing <= reported
+    assert not sink.kinds("gap")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(
+    st.integers(0, 3), st.booleans(), st.integers(0, MASK), st.integers(0, MASK),
+    st.integers(0, 0x3F), st.binary(max_size=40), st.integers(0, 3000)), max_size=60),
+    st.integers(1, 64))
+def test_random_segment_soup_never_raises(soup, max_buffer):
+    sink = RecordingSink()
+    r = TcpReassembler(sink, max_buffer=max_buffer)
+    ports = (1000, 1001, 80, 443)
+    for frame, (port, forward, seq, ack, flags, body, missing) in enumerate(soup, 1):
+        ends = ((CLIENT_IP, ports[port]), (SERVER_IP, 80))
+        (src, sp), (dst, dp) = ends if forward else ends[::-1]
+        seq = seq if frame % 3 else seq % 4000  # keep some segments near each other
+        r.feed(Segment(frame, frame, src, sp, dst, dp, seq, ack, flags, 0, memoryview(body),
+                       missing if frame % 5 == 0 else 0))
+    r.finish()
+    assert [e[1] for e in sink.kinds("open")] == list(range(r.connection_count))
+    assert sorted(e[1] for e in sink.kinds("close")) == list(range(r.connection_count))
+    for conn in sink.conns.values():
+        for direction in (CLIENT, SERVER):
+            assert len(sink.streams[(conn.id, direction)]) == conn.position(direction)
+
+
+# -- the oracle: tshark's tcp.stream on a capture written by scapy --
+
+def _scapy_segments(path: Path) -> list[Segment]:
+    from scapy.layers.inet import IP, TCP
+    from scapy.utils import rdpcap
+    segments = []
+    for number, packet in enumerate(rdpcap(str(path)), 1):
+        ip, tcp = packet[IP], packet[TCP]
+        segments.append(Segment(number, int(packet.time * 1e9), bytes(map(int, ip.src.split("."))),
+                                tcp.sport, bytes(map(int, ip.dst.split("."))), tcp.dport, tcp.seq,
+                                tcp.ack, int(tcp.flags), tcp.window, memoryview(bytes(tcp.payload)), 0))
+    return segments
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
+def test_connection_ids_match_tshark_tcp_stream(tmp_path: Path):
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    rng = random.Random(7)
+    packets = []
+
+    def add(f: Flow, segs: list[Segment]) -> None:
+        for s in segs:
+            packets.append(Ether() / IP(src=".".join(map(str, s.src)), dst=".".join(map(str, s.dst)))
+                           / TCP(sport=s.sport, dport=s.dport, seq=s.seq, ack=s.ack, flags=s.flags)
+                           / bytes(s.payload))
+
+    a, b, c = Flow(cport=40001), Flow(cport=40002, client_isn=MASK - 2), Flow(cport=40003)
+    add(a, a.handshake() + [a.c(0, b"req")])
+    add(b, [b.s(10, b"mid-stream"), b.c(3, b"hi", ack=20)])  # no handshake: mid-stream
+    add(c, [c.syn(), c._segment(False, 0, c.cisn + 1, RST | ACK, b"", 0), c.syn()])  # refused, retried
+    add(a, [a.s(0, b"resp", ack=3), a.c(3, flags=ACK | FIN, ack=4), a.s(4, flags=ACK | FIN, ack=4)])
+    reuse = Flow(cport=40001, client_isn=rng.randrange(1 << 32))
+    add(reuse, reuse.handshake() + [reuse.c(0, b"again")])
+    fresh_isn = Flow(cport=40002, client_isn=12345)  # a SYN with another ISN on an open 4-tuple
+    add(fresh_isn, fresh_isn.handshake())
+    path = tmp_path / "streams.pcap"
+    wrpcap(str(path), packets)
+
+    sink = RecordingSink()
+    r = TcpReassembler(sink)
+    ours = []
+    for segment in _scapy_segments(path):
+        r.feed(segment)
+        ours.append(next(c.id for c in sink.conns.values() if c.last_frame == segment.frame))
+    tshark = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "tcp.stream"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert ours == [int(x) for x in tshark]
+    assert r.connection_count == 5
+
