@@ -1,0 +1,345 @@
+"""Rebuilding uploaded entities from fragment bodies as they stream past.
+
+The pipeline calls `Extractor.on_body` with each request body chunk (ExchangeAssembler's
+on_body) and the session tracker calls `settle` with each parsed Fragment once its ack is in.
+Nothing is buffered whole: each chunk is written at its offset into one sparse temp file per
+session, inside the output directory, as it passes.
+
+Design (why one file plus a coverage map, not a staging file per fragment): the coverage map
+records for every stored byte range the fragment (request frame) it came from and whether the
+server acknowledged it.
+- Acknowledged bytes are never overwritten. A later copy of the range is read back and
+  compared; a difference is a resend-conflict and the acknowledged copy stays.
+- Bytes not (yet) acknowledged are provisional: the fragment is in flight, drew no answer, a
+  416, an error, or lies past the ack's N. A later copy is compared (a difference is a
+  resend-conflict) and replaces them.
+- `settle` turns a fragment's provisional bytes below min(E+1, N) acknowledged when its ack is
+  200/201; the rest stay provisional, so refused data never counts as delivered.
+At `finish` an entity whose acknowledged coverage spans [0, TOTAL) is complete: it is cut to
+TOTAL, hashed (sha256) and named `<session id without braces>_<sanitised Content-Name>`.
+Anything else keeps the `.partial` suffix; its coverage map says which ranges are
+acknowledged, provisional or missing. All files are opened relative to the output directory's
+descriptor with O_NOFOLLOW|O_EXCL and published with link(2), so no name ever leaves the
+directory, follows a symlink or replaces an existing file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from analyzer.bits import protocol as p
+from analyzer.bits.catalogue import Anomaly, anomaly
+from analyzer.bits.packets import BitsPacket, session_key
+from analyzer.bits.protocol import Header, PacketType
+from analyzer.problems import Problem
+
+PARTIAL_SUFFIX = ".partial"
+MAX_NAME_BYTES = 180  # leaves room for the id, a de-duplication counter and the suffix in 255
+MAX_ID_BYTES = 60
+_WINDOWS_RESERVED = frozenset(
+    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(1, 10)} | {f"lpt{i}" for i in range(1, 10)}
+)
+_UNSAFE = frozenset('<>:"|?*')
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def sanitise(part: str, limit: int = MAX_NAME_BYTES) -> str:
+    """One safe path component: last path part only, no control chars, no reserved names."""
+    part = part.replace("\\", "/").rsplit("/", 1)[-1]
+    part = "".join("_" if ch in _UNSAFE else ch for ch in part if ch.isprintable())
+    part = part.strip(" .")
+    if part.split(".", 1)[0].lower() in _WINDOWS_RESERVED:
+        part = "_" + part
+    return part.encode("utf-8")[:limit].decode("utf-8", "ignore").rstrip(" .")
+
+
+def entity_name(session_id: str, content_name: str | None) -> str:
+    """`<session id without braces>_<sanitised Content-Name>` (just the id without a name)."""
+    sid = sanitise(session_id.strip().strip("{}"), MAX_ID_BYTES) or "session"
+    name = sanitise(content_name) if content_name else ""
+    return f"{sid}_{name}" if name else sid
+
+
+@dataclass(slots=True)
+class CoveredRange:
+    first: int
+    last: int  # inclusive
+    frames: tuple[int, ...]  # request frames of the fragments the bytes came from
+    acknowledged: bool
+
+
+@dataclass
+class ExtractedEntity:
+    session_id: str
+    path: str
+    complete: bool
+    total: int | None
+    acknowledged_bytes: int
+    sha256: str | None  # of complete entities only
+    coverage: list[CoveredRange]
+    anomalies: list[Anomaly] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Piece:
+    start: int
+    end: int  # exclusive
+    frame: int
+    acknowledged: bool
+    owner: tuple[int, int] | None  # in-flight fragment (connection, request offset)
+
+    def same_origin(self, other: "_Piece") -> bool:
+        return (self.frame, self.acknowledged, self.owner) == (other.frame, other.acknowledged, other.owner)
+
+
+@dataclass(slots=True)
+class _Inflight:
+    key: tuple[int, int]
+    spool: "_Spool"
+    first: int
+    last: int
+    frame: int
+    ts_ns: int
+    connection: int
+    received: int = 0
+
+
+class _Spool:
+    """One session's temp file and its coverage map (pieces sorted, never overlapping)."""
+
+    def __init__(self, dir_fd: int, temp_name: str, session_id: str) -> None:
+        self.dir_fd = dir_fd
+        self.temp_name = temp_name
+        self.fd = os.open(temp_name, _OPEN_FLAGS, 0o644, dir_fd=dir_fd)
+        self.session_id = session_id
+        self.total: int | None = None
+        self.pieces: list[_Piece] = []
+        self.anomalies: list[Anomaly] = []
+
+    def store(self, pos: int, data: memoryview, inflight: _Inflight) -> None:
+        end = pos + len(data)
+        segments: list[tuple[int, int, _Piece | None]] = []
+        cursor = pos
+        j = bisect.bisect_right(self.pieces, pos, key=lambda pc: pc.end)
+        while j < len(self.pieces) and self.pieces[j].start < end:
+            piece = self.pieces[j]
+            if piece.start > cursor:
+                segments.append((cursor, piece.start, None))
+            segments.append((max(piece.start, cursor), min(piece.end, end), piece))
+            cursor = min(piece.end, end)
+            j += 1
+        if cursor < end:
+            segments.append((cursor, end, None))
+        for a, b, piece in segments:
+            chunk = data[a - pos:b - pos]
+            if piece is not None:
+                if piece.owner == inflight.key:
+                    continue
+                if os.pread(self.fd, b - a, a) != chunk:
+                    self._conflict(a, b, piece, inflight)
+                if piece.acknowledged:
+                    continue
+            os.pwrite(self.fd, chunk, a)
+            self.assign(_Piece(a, b, inflight.frame, False, inflight.key))
+
+    def _conflict(self, a: int, b: int, piece: _Piece, inflight: _Inflight) -> None:
+        kept = "kept" if piece.acknowledged else "replaced by the resend"
+        self.anomalies.append(anomaly(
+            "resend-conflict",
+            f"bytes {a}-{b - 1} resent in frame {inflight.frame} differ from the copy first sent in frame "
+            f"{piece.frame} ({'acknowledged' if piece.acknowledged else 'unacknowledged'}, {kept})",
+            session_id=self.session_id, frames=(piece.frame, inflight.frame), timestamps=(inflight.ts_ns,),
+            connection=inflight.connection,
+        ))
+
+    def assign(self, new: _Piece) -> None:
+        """Make `new` the owner of [new.start, new.end), splitting what it covers."""
+        i = bisect.bisect_right(self.pieces, new.start, key=lambda pc: pc.end)
+        j = i
+        replacement: list[_Piece] = []
+        while j < len(self.pieces) and self.pieces[j].start < new.end:
+            old = self.pieces[j]
+            if old.start < new.start:
+                replacement.append(_Piece(old.start, new.start, old.frame, old.acknowledged, old.owner))
+            if old.end > new.end:
+                replacement.append(_Piece(new.end, old.end, old.frame, old.acknowledged, old.owner))
+            j += 1
+        replacement.append(new)
+        replacement.sort(key=lambda pc: pc.start)
+        self.pieces[i:j] = replacement
+        at = i + replacement.index(new)
+        if at + 1 < len(self.pieces):
+            after = self.pieces[at + 1]
+            if after.start == new.end and after.same_origin(new):
+                new.end = after.end
+                del self.pieces[at + 1]
+        if at > 0:
+            before = self.pieces[at - 1]
+            if before.end == new.start and before.same_origin(new):
+                before.end = new.end
+                del self.pieces[at]
+
+    def settle(self, inflight: _Inflight, acknowledged_below: int) -> None:
+        for piece in [pc for pc in self.pieces if pc.owner == inflight.key]:
+            if piece.start < acknowledged_below:
+                self.assign(_Piece(piece.start, min(piece.end, acknowledged_below), piece.frame, True, None))
+            if piece.end > acknowledged_below:
+                self.assign(_Piece(max(piece.start, acknowledged_below), piece.end, piece.frame, False, None))
+
+    def coverage(self) -> list[CoveredRange]:
+        ranges: list[CoveredRange] = []
+        for piece in self.pieces:
+            last = ranges[-1] if ranges else None
+            if last is not None and last.last + 1 == piece.start and last.acknowledged == piece.acknowledged:
+                last.last = piece.end - 1
+                if piece.frame not in last.frames:
+                    last.frames += (piece.frame,)
+            else:
+                ranges.append(CoveredRange(piece.start, piece.end - 1, (piece.frame,), piece.acknowledged))
+        return ranges
+
+    def acknowledged_bytes(self) -> int:
+        return sum(pc.end - pc.start for pc in self.pieces if pc.acknowledged and (self.total is None or pc.start < self.total))
+
+
+class Extractor:
+    """Writes each session's entity into `out_dir` as its fragments pass (see module doc)."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = os.fspath(out_dir)
+        self._dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self._spools: dict[str, _Spool] = {}
+        self._inflight: dict[tuple[int, int], _Inflight] = {}
+        self.problems: list[Problem] = []
+
+    def on_body(self, connection: Any, message: Any, chunk: bytes | memoryview) -> None:
+        """ExchangeAssembler's on_body hook: one body chunk of `message`, in stream order."""
+        if not message.is_request:
+            return
+        key = (connection.id, message.stream_offset)
+        inflight = self._inflight.get(key)
+        if inflight is None:
+            inflight = self._start(key, connection, message)
+            if inflight is None:
+                return
+        data = memoryview(chunk).cast("B")
+        pos = inflight.first + inflight.received
+        inflight.received += len(data)
+        end = min(pos + len(data), inflight.last + 1)
+        if pos >= end:
+            return
+        try:
+            inflight.spool.store(pos, data[:end - pos], inflight)
+        except OSError as error:
+            self.problems.append(Problem("extract-write-failed", f"writing session {inflight.spool.session_id}: {error}",
+                                         frame=inflight.frame, connection=inflight.connection))
+
+    def _start(self, key: tuple[int, int], connection: Any, message: Any) -> _Inflight | None:
+        if (message.method or "").upper() != p.METHOD:
+            return None
+        headers = message.headers
+        if PacketType.parse(headers.get(Header.PACKET_TYPE)) is not PacketType.FRAGMENT:
+            return None
+        session_id = headers.get(Header.SESSION_ID)
+        range_raw = headers.get(Header.CONTENT_RANGE)
+        rng = p.parse_content_range(range_raw) if range_raw is not None else None
+        if not session_id or rng is None:
+            return None
+        spool = self._spool(session_id.strip())
+        if spool is None:
+            return None
+        if spool.total is None:
+            spool.total = rng.total
+        inflight = _Inflight(key, spool, rng.first, rng.last, message.first_frame, message.first_ts_ns, connection.id)
+        self._inflight[key] = inflight
+        return inflight
+
+    def _spool(self, session_id: str) -> _Spool | None:
+        key = session_key(session_id)
+        spool = self._spools.get(key)
+        if spool is None:
+            try:
+                spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{len(self._spools)}.tmp", session_id)
+            except OSError as error:
+                self.problems.append(Problem("extract-write-failed", f"temp file for session {session_id}: {error}"))
+                return None
+            self._spools[key] = spool
+        return spool
+
+    def settle(self, packet: BitsPacket) -> None:
+        """A Fragment's ack is known: its bytes below min(E+1, N) count when the status is 200/201."""
+        inflight = self._inflight.pop((packet.connection, packet.request_offset), None)
+        if inflight is None:
+            return
+        limit = inflight.first
+        if packet.succeeded:
+            limit = inflight.last + 1
+            if packet.received_offset is not None:
+                limit = min(limit, packet.received_offset)
+        inflight.spool.settle(inflight, limit)
+
+    def finish(self, names: dict[str, tuple[str, str | None]]) -> dict[str, ExtractedEntity]:
+        """Publish every entity; `names` maps session key -> (session id, Content-Name)."""
+        for inflight in self._inflight.values():  # fragments whose exchange never came
+            inflight.spool.settle(inflight, inflight.first)
+        self._inflight.clear()
+        entities: dict[str, ExtractedEntity] = {}
+        for key, spool in self._spools.items():
+            session_id, content_name = names.get(key, (spool.session_id, None))
+            try:
+                entities[key] = self._publish(spool, session_id, content_name)
+            except OSError as error:
+                self.problems.append(Problem("extract-write-failed", f"publishing session {session_id}: {error}"))
+            finally:
+                os.close(spool.fd)
+                try:
+                    os.unlink(spool.temp_name, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    pass
+        self._spools.clear()
+        os.close(self._dir_fd)
+        return entities
+
+    def _publish(self, spool: _Spool, session_id: str, content_name: str | None) -> ExtractedEntity:
+        total = spool.total
+        acked = spool.acknowledged_bytes()
+        complete = total is not None and acked == total and all(
+            pc.acknowledged for pc in spool.pieces if pc.start < total)
+        digest = None
+        if complete:
+            assert total is not None
+            os.ftruncate(spool.fd, total)
+            digest = self._sha256(spool.fd, total)
+        name = self._link(spool, entity_name(session_id, content_name), "" if complete else PARTIAL_SUFFIX)
+        return ExtractedEntity(
+            session_id=session_id, path=os.path.join(self.out_dir, name), complete=complete, total=total,
+            acknowledged_bytes=acked, sha256=digest, coverage=spool.coverage(), anomalies=spool.anomalies,
+        )
+
+    def _link(self, spool: _Spool, base: str, suffix: str) -> str:
+        for attempt in range(1, 10_000):
+            name = f"{base}{suffix}" if attempt == 1 else f"{base}-{attempt}{suffix}"
+            try:
+                os.link(spool.temp_name, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd,
+                        follow_symlinks=False)
+                return name
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free name for {base}{suffix}")
+
+    @staticmethod
+    def _sha256(fd: int, size: int) -> str:
+        digest = hashlib.sha256()
+        offset = 0
+        while offset < size:
+            block = os.pread(fd, min(1 << 20, size - offset), offset)
+            if not block:
+                break
+            digest.update(block)
+            offset += len(block)
+        return digest.hexdigest()

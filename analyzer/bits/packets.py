@@ -1,0 +1,472 @@
+"""Typed BITS packets from HTTP exchanges, with the checks one exchange can decide alone.
+
+`classify(exchange)` sorts every exchange into a `BitsPacket` (a BITS_POST and its ack), a
+`Download` (GET/HEAD with a `Microsoft BITS/` user agent: BITS downloads and upload-reply
+fetches), or other HTTP. Malformed values never raise: they leave the field None and add an
+anomaly to the packet (or to `Classified.anomalies` when there is no BITS packet to hold it).
+Checks needing a session's history live in machine.py / sessions.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from analyzer.bits import protocol as p
+from analyzer.bits.catalogue import Anomaly, Severity, anomaly
+from analyzer.bits.protocol import ContentRange, Header, PacketType
+
+SUCCESS = frozenset({200, 201})
+RESYNC = 416
+AUTH_CHALLENGES = frozenset({401, 407})
+TOO_LARGE_STATUS = 413
+DOWNLOAD_METHODS = frozenset({"GET", "HEAD"})
+
+
+def session_key(session_id: str) -> str:
+    """The key sessions are filed under: GUID-shaped ids case-insensitively, others verbatim."""
+    sid = session_id.strip()
+    return sid.lower() if p.is_guid(sid) else sid
+
+
+def format_address(addr: bytes, port: int | None = None) -> str:
+    try:
+        ip = str(ipaddress.ip_address(bytes(addr)))
+    except ValueError:
+        ip = bytes(addr).hex()
+    if port is None:
+        return ip
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def host_name(host: str | None) -> str | None:
+    """Host header without the port and IPv6 brackets, lowercased."""
+    if not host:
+        return None
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+@dataclass(slots=True)
+class BitsPacket:
+    """A BITS_POST request and its ack. Frames and times come from the HTTP messages."""
+
+    exchange: int
+    connection: int
+    client: str  # "ip:port"
+    client_ip: str
+    server: str  # "ip:port"
+    server_ip: str
+    method: str
+    target: str
+    version: str
+    host: str | None
+    packet_type: PacketType | None
+    type_raw: str | None
+    session_id: str | None
+    content_range: ContentRange | None
+    content_length: int | None
+    body_length: int
+    body_sha256: str | None
+    content_name: str | None
+    user_agent: str | None
+    offered_protocols: tuple[str, ...]
+    request_frame: int
+    request_last_frame: int
+    request_offset: int  # stream offset of the request: with `connection`, names its body chunks
+    sent_ns: int
+    # the ack; all None when the capture holds no response
+    status: int | None = None
+    reason: str | None = None
+    response_frame: int | None = None
+    acked_ns: int | None = None
+    ack_type_raw: str | None = None
+    ack_session_id: str | None = None
+    protocol: str | None = None
+    received_offset: int | None = None
+    error_code: int | None = None
+    error_context: int | None = None
+    reply_url: str | None = None
+    host_id: str | None = None
+    fallback_timeout_s: int | None = None
+    flags: frozenset[str] = frozenset()
+    anomalies: list[Anomaly] = field(default_factory=list)
+
+    @property
+    def answered(self) -> bool:
+        return self.status is not None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in SUCCESS
+
+    @property
+    def is_final_ack(self) -> bool:
+        """A fragment ack saying the whole entity is in: 200 with N == TOTAL."""
+        return (
+            self.packet_type is PacketType.FRAGMENT and self.succeeded
+            and self.content_range is not None
+            and self.received_offset == self.content_range.total
+        )
+
+    @property
+    def session_not_found(self) -> bool:
+        return self.error_code == p.BG_E_SESSION_NOT_FOUND.code
+
+    @property
+    def frames(self) -> tuple[int, ...]:
+        return tuple(f for f in (self.request_frame, self.response_frame) if f is not None)
+
+    @property
+    def timestamps(self) -> tuple[int, ...]:
+        return tuple(t for t in (self.sent_ns, self.acked_ns) if t is not None)
+
+    @property
+    def label(self) -> str:
+        name = self.packet_type.value if self.packet_type else repr(self.type_raw)
+        if self.content_range is not None:
+            name += f" {self.content_range}"
+        return name
+
+    def flag(self, code: str, message: str, **extra: Any) -> None:
+        self.anomalies.append(anomaly(
+            code, message, session_id=self.session_id, frames=self.frames,
+            timestamps=self.timestamps, connection=self.connection, **extra,
+        ))
+
+
+@dataclass(slots=True)
+class Download:
+    """A GET/HEAD sent with a BITS user agent (download job or upload-reply fetch)."""
+
+    exchange: int
+    connection: int
+    client: str
+    client_ip: str
+    server: str
+    method: str
+    target: str
+    host: str | None
+    user_agent: str
+    status: int | None
+    bytes: int
+    range: str | None
+    frame: int
+    sent_ns: int
+
+
+@dataclass(slots=True)
+class Classified:
+    """What one exchange turned out to be; at most one of packet/download is set."""
+
+    packet: BitsPacket | None = None
+    download: Download | None = None
+    anomalies: list[Anomaly] = field(default_factory=list)  # those with no packet to hold them
+
+
+def _has_bits_headers(headers: Any) -> bool:
+    return any(name.lower().startswith(p.BITS_HEADER_PREFIX) for name, _ in headers.items())
+
+
+def _endpoints(exchange: Any) -> tuple[str, str, str, str]:
+    conn = exchange.connection
+    (caddr, cport), (saddr, sport) = conn.client, conn.server
+    return (format_address(caddr, cport), format_address(caddr),
+            format_address(saddr, sport), format_address(saddr))
+
+
+def classify(exchange: Any) -> Classified:
+    """Sort one Exchange (analyzer.exchanges contract) into BITS packet, download or other."""
+    request, response = exchange.request, exchange.response
+    out = Classified()
+    if request is None:
+        if response is not None and _has_bits_headers(response.headers):
+            out.anomalies.append(anomaly(
+                "orphan-response",
+                f"HTTP {response.status} response carrying BITS headers with no request in the capture",
+                frames=(response.first_frame,), timestamps=(response.first_ts_ns,),
+                connection=exchange.connection.id,
+            ))
+        return out
+    method = (request.method or "").upper()
+    user_agent = request.headers.get(Header.USER_AGENT)
+    if method != p.METHOD:
+        if _has_bits_headers(request.headers):
+            out.anomalies.append(anomaly(
+                "wrong-method-or-version",
+                f"{request.method} {request.target} carries BITS headers; BITS requests use {p.METHOD}",
+                frames=(request.first_frame,), timestamps=(request.first_ts_ns,),
+                connection=exchange.connection.id,
+            ))
+        if method in DOWNLOAD_METHODS and user_agent and user_agent.startswith(p.USER_AGENT_PREFIX):
+            out.download = _download(exchange, method, user_agent)
+            _check_basic_auth(request, out.anomalies, None, exchange.connection.id)
+        return out
+    out.packet = _packet(exchange)
+    return out
+
+
+def _download(exchange: Any, method: str, user_agent: str) -> Download:
+    request, response = exchange.request, exchange.response
+    client, client_ip, server, _ = _endpoints(exchange)
+    return Download(
+        exchange=exchange.index, connection=exchange.connection.id, client=client,
+        client_ip=client_ip, server=server, method=method, target=request.target,
+        host=request.headers.get(Header.HOST), user_agent=user_agent,
+        status=response.status if response else None,
+        bytes=response.body_length if response else 0,
+        range=request.headers.get("Range"), frame=request.first_frame, sent_ns=request.first_ts_ns,
+    )
+
+
+def _packet(exchange: Any) -> BitsPacket:
+    request, response = exchange.request, exchange.response
+    h = request.headers
+    client, client_ip, server, server_ip = _endpoints(exchange)
+    type_raw = h.get(Header.PACKET_TYPE)
+    session_id = h.get(Header.SESSION_ID)
+    range_raw = h.get(Header.CONTENT_RANGE)
+    length_raw = h.get(Header.CONTENT_LENGTH)
+    protocols_raw = h.get(Header.SUPPORTED_PROTOCOLS)
+    pkt = BitsPacket(
+        exchange=exchange.index, connection=exchange.connection.id, client=client,
+        client_ip=client_ip, server=server, server_ip=server_ip, method=request.method,
+        target=request.target, version=request.version or "", host=h.get(Header.HOST),
+        packet_type=PacketType.parse(type_raw), type_raw=type_raw,
+        session_id=session_id.strip() if session_id is not None else None,
+        content_range=p.parse_content_range(range_raw) if range_raw is not None else None,
+        content_length=p.parse_decimal(length_raw) if length_raw is not None else None,
+        body_length=request.body_length, body_sha256=request.body_sha256,
+        content_name=h.get(Header.CONTENT_NAME), user_agent=h.get(Header.USER_AGENT),
+        offered_protocols=tuple(p.split_protocols(protocols_raw)) if protocols_raw else (),
+        request_frame=request.first_frame, request_last_frame=request.last_frame,
+        request_offset=request.stream_offset, sent_ns=request.first_ts_ns, flags=frozenset(exchange.flags),
+    )
+    if response is not None:
+        _read_ack(pkt, response)
+    _check_request(pkt, request, range_raw, length_raw)
+    _check_basic_auth(request, pkt.anomalies, pkt.session_id, pkt.connection, pkt)
+    if response is not None:
+        _check_ack(pkt, response)
+    _check_capture(pkt, exchange)
+    return pkt
+
+
+def _read_ack(pkt: BitsPacket, response: Any) -> None:
+    h = response.headers
+    pkt.status = response.status
+    pkt.reason = response.reason
+    pkt.response_frame = response.first_frame
+    pkt.acked_ns = response.first_ts_ns
+    pkt.ack_type_raw = h.get(Header.PACKET_TYPE)
+    ack_id = h.get(Header.SESSION_ID)
+    pkt.ack_session_id = ack_id.strip() if ack_id is not None else None
+    pkt.protocol = (h.get(Header.PROTOCOL) or "").strip() or None
+    received = h.get(Header.RECEIVED_CONTENT_RANGE)
+    pkt.received_offset = p.parse_decimal(received) if received is not None else None
+    code = _error_code_raw(h)
+    pkt.error_code = p.parse_hresult(code) if code is not None else None
+    context = h.get(Header.ERROR_CONTEXT)
+    pkt.error_context = p.parse_hresult(context) if context is not None else None
+    pkt.reply_url = h.get(Header.REPLY_URL)
+    pkt.host_id = (h.get(Header.HOST_ID) or "").strip() or None
+    timeout = h.get(Header.HOST_ID_FALLBACK_TIMEOUT)
+    pkt.fallback_timeout_s = p.parse_decimal(timeout) if timeout is not None else None
+
+
+def _error_code_raw(headers: Any) -> str | None:
+    """BITS-Error-Code (Win32, every implementation) or BITS-Error (MC-BUP): accept both."""
+    value = headers.get(Header.ERROR_CODE)
+    return value if value is not None else headers.get(Header.ERROR_CODE_MCBUP)
+
+
+# --- request checks ---------------------------------------------------------------------------
+
+_REQUIRED: dict[PacketType, tuple[str, ...]] = {
+    PacketType.PING: (Header.CONTENT_LENGTH,),
+    PacketType.CREATE_SESSION: (Header.SUPPORTED_PROTOCOLS, Header.CONTENT_LENGTH),
+    PacketType.FRAGMENT: (Header.SESSION_ID, Header.CONTENT_RANGE, Header.CONTENT_LENGTH),
+    PacketType.CLOSE_SESSION: (Header.SESSION_ID, Header.CONTENT_LENGTH),
+    PacketType.CANCEL_SESSION: (Header.SESSION_ID, Header.CONTENT_LENGTH),
+}
+
+
+def _check_request(pkt: BitsPacket, request: Any, range_raw: str | None, length_raw: str | None) -> None:
+    h = request.headers
+    if pkt.version.upper() != "HTTP/1.1":
+        pkt.flag("wrong-method-or-version", f"{pkt.method} sent as {pkt.version or 'an unknown version'}; BITS requires HTTP/1.1")
+    if pkt.packet_type is None or pkt.packet_type is PacketType.ACK:
+        what = "no BITS-Packet-Type header" if pkt.type_raw is None else f"BITS-Packet-Type {pkt.type_raw!r} is not a request type"
+        pkt.flag("unknown-packet-type", f"{p.METHOD} with {what}")
+        return
+    missing = [name for name in _REQUIRED[pkt.packet_type] if h.get(name) is None]
+    if missing:
+        pkt.flag("missing-header", f"{pkt.packet_type.value} lacks {', '.join(missing)}")
+    if length_raw is not None and pkt.content_length is None:
+        pkt.flag("length-mismatch", f"Content-Length {length_raw!r} is not a decimal length")
+    if pkt.packet_type in p.BODYLESS_PACKETS:
+        if pkt.body_length or pkt.content_length:
+            pkt.flag("unexpected-body", f"{pkt.packet_type.value} carries a body "
+                     f"(Content-Length {length_raw}, {pkt.body_length} body bytes)")
+    elif pkt.packet_type is PacketType.FRAGMENT:
+        _check_fragment(pkt, h, range_raw)
+    _check_limits(pkt, h)
+    if pkt.packet_type is PacketType.CREATE_SESSION:
+        odd = [g for g in pkt.offered_protocols if not p.is_guid(g)]
+        if odd:
+            pkt.flag("nonstandard-id", f"offered protocol id(s) {', '.join(odd)} not in {{8-4-4-4-12}} form")
+
+
+def _check_fragment(pkt: BitsPacket, h: Any, range_raw: str | None) -> None:
+    if range_raw is not None and pkt.content_range is None:
+        pkt.flag("range-malformed", f"Content-Range {range_raw!r} is not `bytes S-E/T` with S <= E < T")
+    rng = pkt.content_range
+    if rng is not None and pkt.content_length is not None and pkt.content_length != rng.length:
+        pkt.flag("length-mismatch", f"Content-Length {pkt.content_length} but {rng} holds {rng.length} bytes")
+    if (pkt.content_length is not None and pkt.body_length != pkt.content_length
+            and "partial" not in pkt.flags and "gap" not in pkt.flags):
+        pkt.flag("length-mismatch", f"body of {pkt.body_length} bytes but Content-Length {pkt.content_length}")
+    encoding = h.get(Header.CONTENT_ENCODING)
+    if encoding is not None and encoding.strip().lower() != "identity":
+        pkt.flag("content-encoding", f"fragment sent with Content-Encoding {encoding!r}; only identity is allowed")
+
+
+def _check_limits(pkt: BitsPacket, h: Any) -> None:
+    for name, value in h.items():
+        if len(value) > p.MAX_HEADER_VALUE:
+            pkt.flag("header-limits", f"{name} value of {len(value)} characters exceeds {p.MAX_HEADER_VALUE}")
+    name = pkt.content_name
+    if name is not None:
+        bad = sorted(set(name) & p.CONTENT_NAME_FORBIDDEN)
+        if len(name) > p.MAX_CONTENT_NAME:
+            pkt.flag("header-limits", f"Content-Name of {len(name)} characters exceeds {p.MAX_CONTENT_NAME}")
+        if bad:
+            pkt.flag("header-limits", f"Content-Name {name[:80]!r} contains forbidden {''.join(bad)!r}")
+    if len(pkt.offered_protocols) > p.MAX_SUPPORTED_PROTOCOLS:
+        pkt.flag("header-limits", f"{len(pkt.offered_protocols)} protocol GUIDs offered; Windows parses at most {p.MAX_SUPPORTED_PROTOCOLS}")
+
+
+def _check_basic_auth(request: Any, out: list[Anomaly], session_id: str | None, connection: int,
+                      pkt: BitsPacket | None = None) -> None:
+    for header in ("Authorization", "Proxy-Authorization"):
+        value = request.headers.get(header)
+        if value is not None and value.strip().lower().startswith("basic"):
+            message = f"{header}: Basic credentials sent in clear text on {request.method} {request.target}"
+            if pkt is not None:
+                pkt.flag("basic-auth-cleartext", message)
+            else:
+                out.append(anomaly("basic-auth-cleartext", message, session_id=session_id,
+                                   frames=(request.first_frame,), timestamps=(request.first_ts_ns,),
+                                   connection=connection))
+
+
+def _check_capture(pkt: BitsPacket, exchange: Any) -> None:
+    if exchange.response is None or "no-response" in exchange.flags:
+        pkt.flag("no-response", f"{pkt.label} got no ack in the capture")
+    if "gap" in exchange.flags or "partial" in exchange.flags:
+        pkt.flag("capture-gap", f"{pkt.label}: bytes of the exchange are missing from the capture")
+
+
+# --- ack checks -------------------------------------------------------------------------------
+
+def _check_ack(pkt: BitsPacket, response: Any) -> None:
+    status = pkt.status
+    is_bits_ack = status in SUCCESS or status == RESYNC or _has_bits_headers(response.headers)
+    if is_bits_ack and PacketType.parse(pkt.ack_type_raw) is not PacketType.ACK:
+        got = "no BITS-Packet-Type" if pkt.ack_type_raw is None else f"BITS-Packet-Type {pkt.ack_type_raw!r}"
+        pkt.flag("ack-malformed", f"HTTP {status} answer to {pkt.label} has {got}, not Ack")
+    if is_bits_ack and response.body_length:
+        pkt.flag("ack-malformed", f"HTTP {status} answer to {pkt.label} carries a {response.body_length}-byte body")
+    if (pkt.ack_session_id is not None and pkt.session_id is not None
+            and not p.same_id(pkt.ack_session_id, pkt.session_id)):
+        pkt.flag("ack-session-mismatch", f"ack carries BITS-Session-Id {pkt.ack_session_id} for a request of {pkt.session_id}")
+    _check_errors(pkt, response)
+    if pkt.packet_type is PacketType.CREATE_SESSION:
+        _check_create_ack(pkt)
+    elif pkt.packet_type is PacketType.FRAGMENT:
+        _check_fragment_ack(pkt, response)
+    if pkt.reply_url is not None and not pkt.is_final_ack:
+        pkt.flag("reply-url-misplaced", f"BITS-Reply-URL {pkt.reply_url[:120]!r} on the ack of {pkt.label}, which does not complete the entity")
+    if pkt.fallback_timeout_s is not None and pkt.host_id is None:
+        pkt.flag("host-id-ignored", f"BITS-Host-Id-Fallback-Timeout {pkt.fallback_timeout_s} given without a BITS-Host-Id")
+    if status in AUTH_CHALLENGES:
+        pkt.flag("auth-challenge", f"HTTP {status} {pkt.reason or ''} challenge to {pkt.label}".replace("  ", " "))
+    elif status == TOO_LARGE_STATUS or pkt.error_code == p.BG_E_TOO_LARGE.code:
+        size = f" ({pkt.content_range.length} bytes)" if pkt.content_range else ""
+        pkt.flag("fragment-too-large", f"HTTP {status} to {pkt.label}{size}: too large for the server")
+    elif status == RESYNC:
+        pkt.flag("out-of-sync", f"416 to {pkt.label}: the server wants offset {pkt.received_offset}")
+
+
+def _check_errors(pkt: BitsPacket, response: Any) -> None:
+    h = response.headers
+    status = pkt.status or 0
+    code_raw = _error_code_raw(h)
+    context_raw = h.get(Header.ERROR_CONTEXT)
+    header_name = Header.ERROR_CODE if h.get(Header.ERROR_CODE) is not None else Header.ERROR_CODE_MCBUP
+    if code_raw is not None and pkt.error_code is None:
+        pkt.flag("error-header-misuse", f"{header_name} {code_raw!r} is not a hex HRESULT")
+    if context_raw is not None and pkt.error_context is None:
+        pkt.flag("error-header-misuse", f"BITS-Error-Context {context_raw!r} is not hex")
+    if status in SUCCESS and (code_raw is not None or context_raw is not None):
+        pkt.flag("error-header-misuse", f"HTTP {status} success ack carries BITS error headers "
+                 f"({header_name} {code_raw!r}, BITS-Error-Context {context_raw!r})")
+    if context_raw is not None and code_raw is None:
+        pkt.flag("error-header-misuse", f"BITS-Error-Context {context_raw} without an error code")
+    if pkt.error_context is not None and pkt.error_context not in p.WIRE_ERROR_CONTEXTS:
+        pkt.flag("error-header-misuse", f"BITS-Error-Context 0x{pkt.error_context:X} is neither 0x5 (remote file) nor 0x7 (remote application)")
+    if status in SUCCESS or status == RESYNC or status in AUTH_CHALLENGES or status == TOO_LARGE_STATUS:
+        return
+    failed = status >= 400
+    if not failed and not pkt.error_code:
+        return
+    if pkt.error_code:
+        h_result = p.describe_hresult(pkt.error_code)
+        detail = f"{h_result}: {h_result.meaning}"
+        if pkt.error_context is not None:
+            detail += f", context 0x{pkt.error_context:X}"
+    else:
+        detail = "no BITS error code"
+    severity = Severity.ERROR if failed else Severity.WARNING
+    pkt.flag("error-response", f"HTTP {status} {pkt.reason or ''} to {pkt.label} ({detail})".replace("  ", " "),
+             severity=severity)
+
+
+def _check_create_ack(pkt: BitsPacket) -> None:
+    if pkt.succeeded:
+        if pkt.ack_session_id is None:
+            pkt.flag("missing-header", f"successful Create-Session ack lacks {Header.SESSION_ID}")
+        elif not p.is_guid(pkt.ack_session_id):
+            pkt.flag("nonstandard-id", f"session id {pkt.ack_session_id[:120]!r} not in {{8-4-4-4-12}} form")
+        if pkt.protocol is None:
+            pkt.flag("protocol-mismatch", f"successful Create-Session ack lacks {Header.PROTOCOL}")
+        else:
+            if not any(p.same_id(pkt.protocol, g) for g in pkt.offered_protocols):
+                offered = " ".join(pkt.offered_protocols) or "nothing"
+                pkt.flag("protocol-mismatch", f"server chose {pkt.protocol} but the client offered {offered}")
+            if not p.is_guid(pkt.protocol):
+                pkt.flag("nonstandard-id", f"chosen protocol {pkt.protocol!r} not in {{8-4-4-4-12}} form")
+    elif pkt.protocol is not None:
+        pkt.flag("protocol-mismatch", f"BITS-Protocol {pkt.protocol} on a failed (HTTP {pkt.status}) Create-Session ack")
+
+
+def _check_fragment_ack(pkt: BitsPacket, response: Any) -> None:
+    if pkt.status not in SUCCESS and pkt.status != RESYNC:
+        return
+    raw = response.headers.get(Header.RECEIVED_CONTENT_RANGE)
+    rng = pkt.content_range
+    if pkt.received_offset is None:
+        what = "no BITS-Received-Content-Range" if raw is None else f"BITS-Received-Content-Range {raw!r} (not decimal)"
+        pkt.flag("ack-offset-invalid", f"HTTP {pkt.status} ack to {pkt.label} with {what}")
+        return
+    if rng is None:
+        return
+    if pkt.received_offset > rng.total:
+        pkt.flag("ack-offset-invalid", f"received offset {pkt.received_offset} exceeds TOTAL {rng.total} of {pkt.label}")
+    elif pkt.status in SUCCESS and pkt.received_offset != rng.last + 1:
+        pkt.flag("ack-offset-mismatch", f"200 ack to {pkt.label} says offset {pkt.received_offset}, expected {rng.last + 1}")

@@ -1,0 +1,523 @@
+"""BITS sessions keyed by the id the Create-Session ack issues, followed across connections.
+
+`SessionTracker.on_exchange` takes every Exchange as the pipeline emits it; `finish` walks each
+session's packets in the order the client sent them through the state table (machine.py),
+adds the checks that need a session's history (ranges, offsets, timing, hosts) or several
+sessions (duplicate-create, session-recreated), and gives each session its delivery verdict
+(bits-protocol.md section 9):
+
+- delivered: the final fragment drew 200 with N = TOTAL and no Cancel was sent before it;
+- not-delivered: cancelled before the final fragment, closed incomplete, Create refused, the
+  server forgot the session (BG_E_SESSION_NOT_FOUND), or the last answer was a 4xx refusal;
+- unknown: the capture ends first, or began after the final fragment.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urljoin, urlsplit
+
+from analyzer.bits import protocol as p
+from analyzer.bits.catalogue import Anomaly, anomaly
+from analyzer.bits.machine import Answer, Sent, State, answer, sent, step
+from analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify, host_name, session_key
+from analyzer.bits.protocol import PacketType
+
+if TYPE_CHECKING:
+    from analyzer.bits.extract import ExtractedEntity, Extractor
+
+NS = 1_000_000_000
+DEFAULT_STALL_AFTER_S = 300  # the client's response timer (bits-protocol.md 5.2.6)
+DEFAULT_JOINED_WINDOW_S = 300  # "the first minutes of the capture"
+DEFAULT_NO_PROGRESS_AFTER = 3  # resends or 416s in a row without the offset advancing
+
+
+class Verdict:
+    DELIVERED = "delivered"
+    NOT_DELIVERED = "not-delivered"
+    UNKNOWN = "unknown"
+
+
+@dataclass(slots=True)
+class FragmentRecord:
+    request_frame: int
+    request_last_frame: int
+    response_frame: int | None
+    connection: int
+    range: p.ContentRange | None
+    body_length: int
+    status: int | None
+    received_offset: int | None
+    sent_ns: int
+    acked_ns: int | None
+
+
+@dataclass
+class Session:
+    id: str | None  # as the Create ack issued it (or as first seen); None for a refused Create
+    key: str
+    client: str
+    client_ip: str
+    server: str
+    host: str | None
+    url: str
+    content_name: str | None = None
+    protocol: str | None = None
+    user_agent: str | None = None
+    state: State = State.CREATING
+    verdict: str = Verdict.UNKNOWN
+    verdict_reason: str = ""
+    before_capture: bool = False
+    reply_url: str | None = None
+    host_id: str | None = None
+    total: int | None = None
+    acknowledged: int = 0  # high-water mark of the received offsets the server acknowledged
+    bytes_sent: int = 0
+    fragments: list[FragmentRecord] = field(default_factory=list)
+    first_ns: int = 0
+    last_ns: int = 0
+    connections: list[int] = field(default_factory=list)
+    packets: list[BitsPacket] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    entity: "ExtractedEntity | None" = None
+    completed_ns: int | None = None  # final fragment acknowledged
+    ended_ns: int | None = None  # closed, cancelled, expired or refused
+    not_found_ns: int | None = None  # first BG_E_SESSION_NOT_FOUND answer
+
+    @property
+    def created(self) -> bool:
+        return bool(self.packets) and self.packets[0].packet_type is PacketType.CREATE_SESSION
+
+    @property
+    def url_key(self) -> tuple[str, str | None, str]:
+        return (self.client_ip, host_name(self.host), self.url)
+
+    def flag(self, code: str, message: str, packets: list[BitsPacket] | tuple[BitsPacket, ...] = (),
+             timestamps: tuple[int, ...] = ()) -> None:
+        frames = [f for pkt in packets for f in pkt.frames]
+        times = list(timestamps) or [t for pkt in packets for t in pkt.timestamps]
+        self.anomalies.append(anomaly(
+            code, message, session_id=self.id, frames=frames, timestamps=times,
+            connection=packets[-1].connection if packets else None,
+        ))
+
+
+@dataclass
+class BitsSummary:
+    sessions: list[Session]
+    downloads: list[Download]
+    anomalies: list[Anomaly]  # those that belong to no session
+    stray_packets: list[BitsPacket]  # Pings without a session id, challenged or unanswered Creates
+    counts: dict[str, int]
+
+
+class SessionTracker:
+    """Collects BITS packets per session; `finish()` analyses them. One tracker per analysis."""
+
+    def __init__(
+        self,
+        extractor: "Extractor | None" = None,
+        *,
+        stall_after_s: float = DEFAULT_STALL_AFTER_S,
+        joined_window_s: float = DEFAULT_JOINED_WINDOW_S,
+        no_progress_after: int = DEFAULT_NO_PROGRESS_AFTER,
+    ) -> None:
+        self.extractor = extractor
+        self.stall_after_ns = int(stall_after_s * NS)
+        self.joined_window_ns = int(joined_window_s * NS)
+        self.no_progress_after = no_progress_after
+        self._sessions: list[Session] = []
+        self._open: dict[str, Session] = {}
+        self._downloads: list[Download] = []
+        self._loose: list[Anomaly] = []
+        self._stray: list[BitsPacket] = []
+        self._counts = {"http_exchanges": 0, "bits_exchanges": 0, "other_http": 0, "downloads": 0}
+        self._first_ns: int | None = None
+        self._last_ns: int | None = None
+
+    def on_exchange(self, exchange: Any) -> None:
+        self._counts["http_exchanges"] += 1
+        self._see_time(exchange.connection.first_ts_ns)
+        for message in (exchange.request, exchange.response):
+            if message is not None:
+                self._see_time(message.first_ts_ns)
+                self._see_time(message.last_ts_ns)
+        found = classify(exchange)
+        self._loose.extend(found.anomalies)
+        if found.download is not None:
+            self._counts["downloads"] += 1
+            self._downloads.append(found.download)
+        if found.packet is None:
+            if found.download is None:
+                self._counts["other_http"] += 1
+            return
+        self._counts["bits_exchanges"] += 1
+        if self.extractor is not None and found.packet.packet_type is PacketType.FRAGMENT:
+            self.extractor.settle(found.packet)
+        self._file(found.packet)
+
+    def _see_time(self, ts: int | None) -> None:
+        if ts is None:
+            return
+        self._first_ns = ts if self._first_ns is None else min(self._first_ns, ts)
+        self._last_ns = ts if self._last_ns is None else max(self._last_ns, ts)
+
+    def _file(self, pkt: BitsPacket) -> None:
+        if pkt.packet_type is PacketType.CREATE_SESSION:
+            if pkt.succeeded and pkt.ack_session_id:
+                session = self._new_session(pkt.ack_session_id, pkt)
+                self._open[session.key] = session
+            elif pkt.answered and pkt.status not in AUTH_CHALLENGES:
+                self._new_session(None, pkt, key=f"refused-create@{pkt.request_frame}")
+            else:
+                self._stray.append(pkt)
+                return
+            self._sessions[-1].packets.append(pkt)
+            return
+        if pkt.session_id is None:
+            self._stray.append(pkt)
+            return
+        key = session_key(pkt.session_id)
+        session = self._open.get(key)
+        if session is None:
+            session = self._open[key] = self._new_session(pkt.session_id, pkt)
+        session.packets.append(pkt)
+
+    def _new_session(self, session_id: str | None, pkt: BitsPacket, key: str | None = None) -> Session:
+        session = Session(
+            id=session_id, key=key or session_key(session_id or ""), client=pkt.client,
+            client_ip=pkt.client_ip, server=pkt.server, host=pkt.host, url=pkt.target,
+        )
+        self._sessions.append(session)
+        return session
+
+    def finish(self, capture_start_ns: int | None = None, capture_end_ns: int | None = None) -> BitsSummary:
+        """Analyse every session. Capture bounds default to the earliest/latest time seen."""
+        start = capture_start_ns if capture_start_ns is not None else (self._first_ns or 0)
+        end = capture_end_ns if capture_end_ns is not None else (self._last_ns or 0)
+        for session in self._sessions:
+            _SessionWalk(self, session, start, end).run()
+        _cross_session_checks(self._sessions, self._downloads)
+        if self.extractor is not None:
+            self._attach_entities()
+        for session in self._sessions:
+            session.anomalies = _dedup(session.anomalies)
+        stray_anomalies = [a for pkt in self._stray for a in pkt.anomalies]
+        return BitsSummary(
+            sessions=self._sessions, downloads=self._downloads,
+            anomalies=_dedup(self._loose + stray_anomalies), stray_packets=self._stray,
+            counts=dict(self._counts),
+        )
+
+    def _attach_entities(self) -> None:
+        assert self.extractor is not None
+        names = {s.key: (s.id or s.key, s.content_name) for s in self._sessions if s.id is not None}
+        entities = self.extractor.finish(names)
+        for session in self._sessions:
+            entity = entities.get(session.key)
+            if entity is not None:
+                session.entity = entity
+                session.anomalies.extend(entity.anomalies)
+
+
+def _dedup(anomalies: list[Anomaly]) -> list[Anomaly]:
+    seen: set[tuple[str, tuple[int, ...], str]] = set()
+    kept = []
+    for item in sorted(anomalies, key=lambda a: (a.timestamps[:1] or (0,), a.frames)):
+        key = (item.code, item.frames, item.message if item.code != "resend-conflict" else "")
+        if key not in seen:
+            seen.add(key)
+            kept.append(item)
+    return kept
+
+
+_TRANSITION_MESSAGES = {
+    "fragment-after-cancel": "{label} sent after the session was cancelled (frame {end_frame})",
+    "fragment-after-close": "{label} sent after Close-Session was acknowledged (frame {end_frame})",
+    "cancel-after-complete": "Cancel-Session after the final fragment was acknowledged (frame {complete_frame}): the upload may already be in place",
+    "packet-after-end": "{label} sent after the session ended ({state}, frame {end_frame})",
+    "close-incomplete": "Close-Session with {acked} of {total} bytes acknowledged: the server discards the partial upload",
+    "fragment-after-complete": "{label} sent after all {total} bytes were acknowledged (frame {complete_frame})",
+}
+
+
+class _SessionWalk:
+    """One pass over a session's packets in send order."""
+
+    def __init__(self, tracker: SessionTracker, session: Session, capture_start: int, capture_end: int) -> None:
+        self.t = tracker
+        self.s = session
+        self.capture_start = capture_start
+        self.capture_end = capture_end
+        self.packets = sorted(session.packets, key=lambda pkt: (pkt.sent_ns, pkt.request_frame))
+        session.packets = self.packets
+        self.expected: int | None = None  # offset the server last asked for
+        self.tentative: int | None = None  # E+1 of a fragment whose ack the capture lacks
+        self.last_ack: int | None = None
+        self.final_range: p.ContentRange | None = None
+        self.complete_frame: int | None = None
+        self.end_frame: int | None = None
+        self.cancel_ns: int | None = None
+        self.progress_ns: list[tuple[int, int]] = []  # (time, offset) when the high-water rose
+        self.stuck = 0
+        self.stuck_flagged = False
+        self.seen_bodies: dict[tuple[int, int], tuple[str, BitsPacket]] = {}
+        self.close_incomplete = False
+
+    def run(self) -> None:
+        s = self.s
+        if not self.packets:
+            return
+        first = self.packets[0]
+        s.first_ns = first.sent_ns
+        s.last_ns = max(max(pkt.timestamps) for pkt in self.packets)
+        s.connections = sorted({pkt.connection for pkt in self.packets})
+        s.user_agent = next((pkt.user_agent for pkt in self.packets if pkt.user_agent), None)
+        s.content_name = next((pkt.content_name for pkt in self.packets if pkt.content_name), None)
+        state = State.CREATING if s.created else State.JOINED
+        if s.created:
+            self.expected = 0
+            s.protocol = first.protocol
+            s.host_id = first.host_id
+            self.progress_ns.append((first.acked_ns or first.sent_ns, 0))
+        else:
+            self._joined(first)
+        for pkt in self.packets:
+            s.anomalies.extend(pkt.anomalies)
+            event_sent = sent(pkt, state, self.final_range)
+            if event_sent is None:
+                continue
+            event_answer = answer(pkt)
+            if pkt.packet_type is PacketType.FRAGMENT:
+                self._fragment(pkt, event_sent, event_answer)
+            if pkt.packet_type is PacketType.CANCEL_SESSION and self.cancel_ns is None:
+                self.cancel_ns = pkt.sent_ns
+            transition = step(state, event_sent, event_answer)
+            if transition.anomaly:
+                if transition.anomaly == "close-incomplete":
+                    self.close_incomplete = True
+                s.flag(transition.anomaly, _TRANSITION_MESSAGES[transition.anomaly].format(
+                    label=pkt.label, end_frame=self.end_frame, complete_frame=self.complete_frame,
+                    state=state.value, acked=s.acknowledged, total=s.total if s.total is not None else "?",
+                ), [pkt])
+            if event_answer is Answer.COMPLETED and s.completed_ns is None:
+                s.completed_ns = pkt.acked_ns
+                self.final_range = pkt.content_range
+                self.complete_frame = pkt.response_frame
+            if event_answer is Answer.NOT_FOUND and s.not_found_ns is None:
+                s.not_found_ns = pkt.acked_ns
+            if transition.next is not state and transition.next in (State.CLOSED, State.CANCELLED, State.EXPIRED, State.REFUSED):
+                s.ended_ns = pkt.acked_ns or pkt.sent_ns
+                self.end_frame = pkt.response_frame or pkt.request_frame
+            state = transition.next
+        s.state = state
+        self._concurrency()
+        self._identity()
+        self._hosts()
+        self._reply_url()
+        self._stalls()
+        if state in (State.RECEIVING, State.JOINED, State.COMPLETE):
+            s.flag("never-finished", f"capture ends with the session {state.value}, {s.acknowledged} of "
+                   f"{s.total if s.total is not None else '?'} bytes acknowledged, neither closed nor cancelled",
+                   [self.packets[-1]])
+        self._verdict()
+
+    def _joined(self, first: BitsPacket) -> None:
+        s = self.s
+        if first.packet_type is PacketType.FRAGMENT and first.sent_ns - self.capture_start <= self.t.joined_window_ns:
+            s.before_capture = True
+            s.flag("session-before-capture", f"session {s.id} first appears with {first.label} "
+                   f"{(first.sent_ns - self.capture_start) / NS:.1f} s into the capture, no Create-Session seen", [first])
+        else:
+            s.flag("unknown-session", f"{first.label} for session {s.id}, which no Create-Session ack in the capture issued", [first])
+        if s.id is not None and not p.is_guid(s.id):
+            s.flag("nonstandard-id", f"session id {s.id[:120]!r} not in {{8-4-4-4-12}} form", [first])
+
+    def _fragment(self, pkt: BitsPacket, event_sent: Sent, event_answer: Answer) -> None:
+        s = self.s
+        rng = pkt.content_range
+        s.bytes_sent += pkt.body_length
+        s.fragments.append(FragmentRecord(
+            pkt.request_frame, pkt.request_last_frame, pkt.response_frame, pkt.connection, rng,
+            pkt.body_length, pkt.status, pkt.received_offset, pkt.sent_ns, pkt.acked_ns,
+        ))
+        if rng is None:
+            return
+        if s.total is None:
+            s.total = rng.total
+        elif rng.total != s.total:
+            s.flag("total-changed", f"{pkt.label} gives TOTAL {rng.total}; the session's TOTAL is {s.total}", [pkt])
+        self._same_range_resend(pkt, rng)
+        resend = False
+        if self.expected is not None and event_sent is Sent.FRAGMENT:
+            if rng.first > self.expected and rng.first != self.tentative:
+                s.flag("range-gap", f"{pkt.label} starts past the acknowledged offset {self.expected}", [pkt])
+            elif rng.first < self.expected:
+                resend = True
+                s.flag("range-resend", f"{pkt.label} starts before the acknowledged offset {self.expected}", [pkt])
+        self.tentative = rng.last + 1 if event_answer is Answer.UNANSWERED else None
+        offset = pkt.received_offset
+        if event_answer in (Answer.ACKED, Answer.COMPLETED, Answer.RESYNC) and offset is not None and offset <= rng.total:
+            if self.last_ack is not None and offset < self.last_ack:
+                s.flag("ack-regressed", f"acknowledged offset went back from {self.last_ack} to {offset} on {pkt.label}", [pkt])
+            self.last_ack = self.expected = offset
+            if offset > s.acknowledged or (offset == 0 and not self.progress_ns):
+                s.acknowledged = max(s.acknowledged, offset)
+                self.progress_ns.append((pkt.acked_ns or pkt.sent_ns, offset))
+                self.stuck, self.stuck_flagged = 0, False
+                return
+        if event_sent is Sent.FRAGMENT and (resend or event_answer is Answer.RESYNC):
+            self.stuck += 1
+            if self.stuck >= self.t.no_progress_after and not self.stuck_flagged:
+                self.stuck_flagged = True
+                s.flag("no-progress", f"{self.stuck} resends or 416s in a row without the offset advancing past "
+                       f"{s.acknowledged} (last: {pkt.label})", [pkt])
+
+    def _same_range_resend(self, pkt: BitsPacket, rng: p.ContentRange) -> None:
+        """Exact resends whose body hash differs: byte-level overlaps are extract.py's job."""
+        if pkt.body_sha256 is None:
+            return
+        key = (rng.first, rng.last)
+        earlier = self.seen_bodies.get(key)
+        if earlier is None:
+            self.seen_bodies[key] = (pkt.body_sha256, pkt)
+        elif earlier[0] != pkt.body_sha256:
+            self.s.flag("resend-conflict", f"resent {rng} differs from the copy first sent in frame {earlier[1].request_frame}",
+                        [earlier[1], pkt])
+
+    def _concurrency(self) -> None:
+        for before, after in zip(self.packets, self.packets[1:]):
+            if before.acked_ns is not None and after.sent_ns < before.acked_ns:
+                self.s.flag("concurrent-requests", f"{after.label} (connection {after.connection}) sent before "
+                            f"{before.label} (connection {before.connection}) was acknowledged", [before, after])
+
+    def _identity(self) -> None:
+        s = self.s
+        odd_agents = sorted({pkt.user_agent or "(none)" for pkt in self.packets
+                             if not (pkt.user_agent or "").startswith(p.USER_AGENT_PREFIX)})
+        if odd_agents:
+            culprit = next(pkt for pkt in self.packets if not (pkt.user_agent or "").startswith(p.USER_AGENT_PREFIX))
+            s.flag("client-fingerprint", f"User-Agent {', '.join(map(repr, odd_agents))} is not {p.USER_AGENT_PREFIX}…", [culprit])
+        odd_sizes = [pkt for pkt in self.packets if pkt.content_range is not None
+                     and pkt.content_range.last + 1 != pkt.content_range.total
+                     and not p.MIN_FRAGMENT <= pkt.content_range.length <= p.MAX_FRAGMENT]
+        if odd_sizes:
+            sizes = sorted({pkt.content_range.length for pkt in odd_sizes if pkt.content_range})
+            s.flag("client-fingerprint", f"{len(odd_sizes)} non-final fragment(s) outside {p.MIN_FRAGMENT}-{p.MAX_FRAGMENT} bytes "
+                   f"(sizes {', '.join(map(str, sizes[:5]))})", [odd_sizes[0]])
+
+    def _hosts(self) -> None:
+        s = self.s
+        if not s.created or s.host_id is None:
+            return
+        create = self.packets[0]
+        origin = host_name(create.host)
+        target = s.host_id.strip("[]").lower()
+        timeout = create.fallback_timeout_s
+        timer_start = create.acked_ns or create.sent_ns
+        redirected = ignored = False
+        for pkt in self.packets[1:]:
+            dest = host_name(pkt.host)
+            if dest == target or pkt.server_ip == target:
+                if pkt.answered:
+                    timer_start = pkt.acked_ns or pkt.sent_ns
+                if not redirected and dest != origin:
+                    redirected = True
+                    s.flag("host-redirect", f"Create ack gave BITS-Host-Id {s.host_id}; {pkt.label} goes to {pkt.host} ({pkt.server})", [pkt])
+            elif dest == origin and not ignored:
+                waited = pkt.sent_ns - timer_start
+                if timeout is None or waited < timeout * NS:
+                    ignored = True
+                    limit = "no fallback timeout (infinite)" if timeout is None else f"fallback timeout {timeout} s"
+                    s.flag("host-id-ignored", f"{pkt.label} goes to origin host {pkt.host} {waited / NS:.1f} s after "
+                           f"BITS-Host-Id {s.host_id} ({limit})", [pkt])
+
+    def _reply_url(self) -> None:
+        s = self.s
+        finals = [pkt for pkt in self.packets if pkt.is_final_ack]
+        s.reply_url = next((pkt.reply_url for pkt in finals if pkt.reply_url), None)
+        if s.reply_url is None:
+            return
+        for pkt in finals:
+            if not pkt.reply_url:
+                s.flag("reply-url-misplaced", f"final ack to {pkt.label} lacks the BITS-Reply-URL an earlier final ack gave", [pkt])
+
+    def _stalls(self) -> None:
+        s = self.s
+        if s.state in (State.REFUSED, State.CREATING) or not self.progress_ns:
+            return
+        stop = s.completed_ns or s.ended_ns or self.capture_end
+        marks = [t for t, _ in self.progress_ns if t <= stop] + [stop]
+        offsets = [o for _, o in self.progress_ns]
+        for i, (a, b) in enumerate(zip(marks, marks[1:])):
+            if b - a > self.t.stall_after_ns:
+                s.flag("stalled", f"no progress for {(b - a) / NS:.0f} s at offset {offsets[min(i, len(offsets) - 1)]} "
+                       f"(threshold {self.t.stall_after_ns / NS:.0f} s)", timestamps=(a, b))
+
+    def _verdict(self) -> None:
+        s = self.s
+        last = self.packets[-1]
+        if s.completed_ns is not None and (self.cancel_ns is None or self.cancel_ns > s.completed_ns):
+            s.verdict, s.verdict_reason = Verdict.DELIVERED, f"final fragment acknowledged (frame {self.complete_frame})"
+        elif self.cancel_ns is not None:
+            s.verdict, s.verdict_reason = Verdict.NOT_DELIVERED, "cancelled before the final fragment was acknowledged"
+        elif s.state is State.CLOSED and self.close_incomplete:
+            s.verdict, s.verdict_reason = Verdict.NOT_DELIVERED, f"closed with {s.acknowledged} of {s.total} bytes acknowledged"
+        elif s.state is State.REFUSED:
+            s.verdict, s.verdict_reason = Verdict.NOT_DELIVERED, f"Create-Session refused with HTTP {last.status}"
+        elif s.state is State.EXPIRED:
+            s.verdict, s.verdict_reason = Verdict.NOT_DELIVERED, "the server no longer knew the session (BG_E_SESSION_NOT_FOUND)"
+        elif last.status is not None and 400 <= last.status < 500 and last.status not in (*AUTH_CHALLENGES, 413, 416):
+            s.verdict, s.verdict_reason = Verdict.NOT_DELIVERED, f"refused: HTTP {last.status} to the last {last.label}"
+        elif s.state is State.CLOSED:
+            s.verdict, s.verdict_reason = Verdict.UNKNOWN, "the capture began after the final fragment"
+        else:
+            s.verdict, s.verdict_reason = Verdict.UNKNOWN, "the capture ends before the final fragment was acknowledged"
+
+
+def _cross_session_checks(sessions: list[Session], downloads: list[Download]) -> None:
+    created = sorted((s for s in sessions if s.created), key=lambda s: s.first_ns)
+    for s in created:
+        create = s.packets[0]
+        for other in created:
+            if other is s or other.url_key != s.url_key or other.first_ns >= s.first_ns or other.state is State.REFUSED:
+                continue
+            if other.not_found_ns is not None and other.not_found_ns <= s.first_ns:
+                between = [x for x in created if x.url_key == s.url_key and other.not_found_ns <= x.first_ns < s.first_ns]
+                if not between:
+                    s.flag("session-recreated", f"new session {s.id} for {s.url} after session {other.id} drew "
+                           f"BG_E_SESSION_NOT_FOUND", [create])
+            elif other.ended_ns is None or other.ended_ns > s.first_ns:
+                s.flag("duplicate-create", f"second Create-Session from {s.client_ip} for {s.url} while session "
+                       f"{other.id} (created frame {other.packets[0].request_frame}) is still open", [create])
+    for s in sessions:
+        if s.id is not None and not s.created and s.not_found_ns is not None:
+            later = [x for x in created if x.url_key == s.url_key and x.first_ns >= s.not_found_ns]
+            if later:
+                later[0].flag("session-recreated", f"new session {later[0].id} for {later[0].url} after session "
+                              f"{s.id} drew BG_E_SESSION_NOT_FOUND", [later[0].packets[0]])
+    _reply_fetched_after_close(sessions, downloads)
+
+
+def _reply_path(upload_url: str, reply_url: str) -> str:
+    """The path a reply URL points at; relative ones (even with backslashes) against the upload URL."""
+    resolved = urljoin(urlsplit(upload_url).path or "/", reply_url.replace("\\", "/"))
+    return posixpath.normpath(unquote(urlsplit(resolved).path)).lower()
+
+
+def _reply_fetched_after_close(sessions: list[Session], downloads: list[Download]) -> None:
+    for s in sessions:
+        close = next((pkt for pkt in s.packets if pkt.packet_type is PacketType.CLOSE_SESSION), None)
+        if s.reply_url is None or close is None:
+            continue
+        wanted = _reply_path(s.url, s.reply_url)
+        for download in downloads:
+            if (download.client_ip == s.client_ip and download.sent_ns > close.sent_ns
+                    and _reply_path(s.url, download.target) == wanted):
+                s.anomalies.append(anomaly(
+                    "reply-url-misplaced", f"reply {download.target} fetched after Close-Session (which deletes it)",
+                    session_id=s.id, frames=(download.frame,), timestamps=(download.sent_ns,),
+                    connection=download.connection,
+                ))
