@@ -1,0 +1,220 @@
+"""What the human-facing renderings (text, HTML) share: severity order, display-safe strings,
+human sizes and durations, short session ids, the worst-first anomaly order.
+
+Everything here reads the report dict of schema version 1 (schema.md) and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import unicodedata
+from typing import Any, Iterable
+
+SEVERITIES = ("error", "warning", "info")
+_RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
+
+VERDICTS = ("delivered", "not-delivered", "unknown")
+
+
+def severity_rank(severity: str | None) -> int:
+    """0 for error, 1 warning, 2 info. A severity this renderer does not know ranks as the
+    worst, so a producer's new or misspelt severity is shown rather than filtered away."""
+    return _RANK.get(severity or "", 0)
+
+
+def check_min_severity(min_severity: str) -> int:
+    if min_severity not in _RANK:
+        raise ValueError(f"min_severity must be one of {', '.join(SEVERITIES)}, not {min_severity!r}")
+    return _RANK[min_severity]
+
+
+def printable(value: Any) -> str:
+    """A capture string made safe to show: control characters (ANSI escapes, NUL, C1 codes)
+    and invisible format characters (bidi overrides that reorder what the reader sees) become
+    visible escapes such as `\\x1b` or `\\u202e`. Captures are hostile input."""
+    if value is None:
+        return ""
+    text = str(value)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable() or char == " ":
+            out.append(char)
+        elif unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(size: int | float | None) -> str:
+    """`512 B`, `1.50 KiB`, `12.5 MiB`, `128 KiB`: three significant digits, binary units."""
+    if size is None:
+        return "?"
+    value = float(size)
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    unit = 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    if abs(value) >= 100:
+        return f"{value:.0f} {_UNITS[unit]}"
+    if abs(value) >= 10:
+        return f"{value:.1f} {_UNITS[unit]}"
+    return f"{value:.2f} {_UNITS[unit]}"
+
+
+def compact_size(size: int | float | None) -> str:
+    """`512B`, `4.78K`, `128K`, `1.00M`: human_size for narrow table columns (binary units)."""
+    if size is None:
+        return "?"
+    number, unit = human_size(size).split(" ")
+    return number + unit[0]
+
+
+def human_rate(bytes_per_second: float | None, *, compact: bool = False) -> str:
+    if bytes_per_second is None:
+        return "—"
+    return f"{(compact_size if compact else human_size)(bytes_per_second)}/s"
+
+
+def human_duration(seconds: float | None, *, compact: bool = False) -> str:
+    """`850 ms`, `12.4 s`, `3 m 05 s`, `2 h 03 m`, `3 d 04 h` (`850ms`, `3m05s` compact)."""
+    if seconds is None:
+        return "—"
+    space = "" if compact else " "
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}{space}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}{space}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}{space}m{space}{whole % 60:02d}{space}s"
+    if whole < 86400:
+        return f"{whole // 3600}{space}h{space}{whole % 3600 // 60:02d}{space}m"
+    return f"{whole // 86400}{space}d{space}{whole % 86400 // 3600:02d}{space}h"
+
+
+def percent(part: int | None, whole: int | None) -> str:
+    """Share of `whole`, never rounded up to a finished-looking 100% (or down to 0%)."""
+    if part is None or not whole:
+        return ""
+    share = 100 * part / whole
+    if part < whole and share >= 99.5:
+        return f"{math.floor(share * 10) / 10:.1f}%"
+    if 0 < part and share < 0.5:
+        return "<1%"
+    return f"{share:.0f}%"
+
+
+def bytes_progress(session: dict, *, compact: bool = False) -> str:
+    """`512 KiB / 1.00 MiB 50%` (`512K/1.00M 50%`), the acknowledged share of the file."""
+    acknowledged, total = session.get("acknowledged"), session.get("total")
+    size, slash = (compact_size, "/") if compact else (human_size, " / ")
+    shown = f"{size(acknowledged or 0)}{slash}{size(total)}"
+    share = percent(acknowledged or 0, total)
+    return f"{shown} {share}" if share else shown
+
+
+def short_ids(ids: Iterable[str | None]) -> dict[str, str]:
+    """Session ids shortened for tables, each still unambiguous within the report.
+
+    A GUID `{A0FF5911-4144-…}` shows as `A0FF5911`: the shortest prefix of at least 8
+    characters (braces dropped) that no other id shares, with `…` when something was cut.
+    Ids are opaque strings (Win32 allows any ≤ 100 chars), so nothing else is assumed."""
+    keys = {i: printable(i).strip("{}") for i in ids if i is not None}
+    distinct = sorted(set(keys.values()), key=str.lower)
+    shortest: dict[str, str] = {}
+    for index, key in enumerate(distinct):
+        neighbours = distinct[max(index - 1, 0): index] + distinct[index + 1: index + 2]
+        length = max(8, *(1 + _common_prefix(key.lower(), other.lower()) for other in neighbours)) \
+            if neighbours else 8
+        shortest[key] = key if length >= len(key) else key[:length] + "…"
+    return {i: shortest[key] for i, key in keys.items()}
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def all_anomalies(report: dict) -> list[dict]:
+    """Every anomaly of the report (the sessions' and the session-less ones), worst first:
+    error, warning, info; then by time (untimed last); then by first frame."""
+    found = [a for s in report.get("sessions") or () for a in s.get("anomalies") or ()]
+    found += list(report.get("anomalies") or ())
+    return sorted(found, key=anomaly_order)
+
+
+def anomaly_order(anomaly: dict) -> tuple:
+    ts = anomaly.get("ts")
+    frames = anomaly.get("frames") or []
+    return (severity_rank(anomaly.get("severity")), ts is None, ts or 0.0,
+            frames[0] if frames else 0)
+
+
+def severity_counts(anomalies: Iterable[dict]) -> dict[str, int]:
+    counts = dict.fromkeys(SEVERITIES, 0)
+    for anomaly in anomalies:
+        severity = anomaly.get("severity")
+        counts[severity if severity in counts else "error"] += 1
+    return counts
+
+
+def frame_list(frames: Iterable[int] | None, limit: int = 6) -> str:
+    """`21-23, 40, 52` with runs collapsed; `… (+N)` past `limit` runs."""
+    numbers = sorted(set(frames or ()))
+    runs: list[tuple[int, int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], number)
+        else:
+            runs.append((number, number))
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit]]
+    if len(runs) > limit:
+        parts.append(f"… (+{len(runs) - limit})")
+    return ", ".join(parts)
+
+
+class Clock:
+    """Formats the report's timestamps: time of day (UTC) when everything happened on one day
+    (the date is in the capture header), the full date and time otherwise."""
+
+    def __init__(self, report: dict) -> None:
+        stamps = [c.get(k) for c in report.get("captures") or () for k in ("first_ts", "last_ts")]
+        stamps += [s.get(k) for s in report.get("sessions") or () for k in ("first_ts", "last_ts")]
+        days = {self._utc(ts).date() for ts in stamps if ts is not None}
+        self.one_day = len(days) <= 1
+
+    @staticmethod
+    def _utc(ts: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+
+    def time(self, ts: float | None) -> str:
+        if ts is None:
+            return "—"
+        moment = self._utc(ts)
+        clock = moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+        return clock if self.one_day else f"{moment:%Y-%m-%d} {clock}"
+
+    def datetime(self, ts: float | None) -> str:
+        if ts is None:
+            return "—"
+        moment = self._utc(ts)
+        return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"

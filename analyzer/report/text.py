@@ -1,0 +1,300 @@
+"""The terminal report: bits-analyze's default output, rendered from the report dict (schema.md).
+
+Read by network and support engineers and by auditors, in a terminal or in a log file: a header
+line per capture, the sessions table, the anomalies worst first, downloads and counts, problems.
+Colour only when asked for; without it the output holds no escape codes at all and keeps a
+fixed width of 120 columns when it does not go to a terminal, so it reads the same in a log.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Iterable
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+from analyzer.report.presentation import (
+    SEVERITIES, Clock, all_anomalies, anomaly_order, bytes_progress, check_min_severity, clip,
+    frame_list, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
+    short_ids,
+)
+
+LOG_WIDTH = 120
+WIDE = 140  # room for the sessions' start times
+URL_LIMIT = 200  # longer URLs are cut in the table; --json has them whole
+
+_STYLES = {
+    "heading": "bold",
+    "dim": "dim",
+    "ok": "green",
+    "bad": "bold red",
+    "unknown": "yellow",
+    "error": "bold red",
+    "warning": "yellow",
+    "info": "cyan",
+    "code": "bold",
+}
+_VERDICT_STYLE = {"delivered": "ok", "not-delivered": "bad", "unknown": "unknown"}
+
+
+class _Palette:
+    """Named styles; all of them empty without colour, so nothing but text is written."""
+
+    def __init__(self, color: bool) -> None:
+        self.color = color
+
+    def __getitem__(self, name: str) -> Style:
+        return Style.parse(_STYLES[name]) if self.color else Style.null()
+
+
+def render_text(report: dict, console_or_file: Console | IO[str], *, min_severity: str = "info",
+                color: bool) -> None:
+    """Write the report for people. `console_or_file` is a rich Console or a text file; anomalies
+    below `min_severity` ("error" > "warning" > "info") are left out (and counted as such)."""
+    threshold = check_min_severity(min_severity)
+    console = _console(console_or_file, color)
+    palette = _Palette(color)
+    clock = Clock(report)
+    sessions = report.get("sessions") or []
+    ids = short_ids([s.get("id") for s in sessions] +
+                    [a.get("session") for a in all_anomalies(report)])
+    anomalies = all_anomalies(report)
+    shown = [a for a in anomalies if severity_rank(a.get("severity")) <= threshold]
+
+    parts: list[RenderableType] = [
+        _captures(report, palette, clock),
+        _summary(report, palette),
+        _sessions(sessions, ids, palette, clock, wide=console.width >= WIDE),
+        _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock),
+    ]
+    if report.get("downloads"):
+        parts.append(_downloads(report["downloads"], palette, clock))
+    parts.append(_counts(report, palette))
+    if report.get("problems"):
+        parts.append(_problems(report["problems"], palette))
+    for part in parts:
+        console.print(part, highlight=False)
+        console.print()
+
+
+def _console(target: Console | IO[str], color: bool) -> Console:
+    if isinstance(target, Console):
+        return target
+    tty = bool(getattr(target, "isatty", lambda: False)())
+    return Console(file=target, width=None if tty else LOG_WIDTH, force_terminal=color,
+                   color_system=("auto" if tty else "standard") if color else None, no_color=not color,
+                   highlight=False, markup=False, emoji=False, soft_wrap=False, legacy_windows=False)
+
+
+def _text(value: object, style: Style | str = "") -> Text:
+    """Capture strings go through Text, never through markup: `[bold]` in a URL stays text."""
+    return Text(printable(value), style=style)
+
+
+def _heading(title: str, palette: _Palette) -> Text:
+    return Text(title, style=palette["heading"])
+
+
+def _table(palette: _Palette, title: str) -> Table:
+    # One space between columns (the box's divider, no cell padding): the sessions table has
+    # eleven columns to fit in 120.
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0,
+                 header_style=palette["heading"], border_style=palette["dim"],
+                 title=title, title_justify="left", title_style=palette["heading"])
+
+
+# --- captures and summary ---------------------------------------------------------------------
+
+def _captures(report: dict, palette: _Palette, clock: Clock) -> RenderableType:
+    problems = report.get("problems") or []
+    lines = []
+    for capture in report.get("captures") or []:
+        first, last = capture.get("first_ts"), capture.get("last_ts")
+        span = f" ({human_duration(last - first)})" if first is not None and last is not None else ""
+        line = Text.assemble(_text(capture.get("file") or "-", palette["heading"]), ": ")
+        own = [p for p in problems if p.get("file") == capture.get("file")]
+        fatal = sum(1 for p in own if p.get("fatal"))
+        complete = capture.get("complete", True)
+        line.append("complete" if complete else "INCOMPLETE", palette["ok"] if complete else palette["bad"])
+        if own:
+            line.append(f" ({_plural(len(own), 'problem')}" + (f", {fatal} fatal)" if fatal else ")"),
+                        palette["warning"] if complete else palette["bad"])
+        line.append(f", {capture.get('format') or '?'}, {_plural(capture.get('frames') or 0, 'frame')}, "
+                    f"{human_size(capture.get('bytes'))}, {clock.datetime(first)[:-4]} → "
+                    f"{clock.time(last)} UTC{span}")
+        lines.append(line)
+    return Group(*lines) if lines else Text("no capture read")
+
+
+def _summary(report: dict, palette: _Palette) -> Text:
+    summary = report.get("summary") or {}
+    counts = summary.get("anomalies") or {}
+    line = Text(f"{_plural(summary.get('sessions', 0), 'BITS upload session')}: ", style=palette["heading"])
+    for key, label, style in (("delivered", "delivered", "ok"), ("not_delivered", "not delivered", "bad"),
+                              ("unknown", "unknown", "unknown")):
+        number = summary.get(key, 0)
+        line.append(f"{number} {label}", palette[style] if number else Style.null())
+        line.append(", " if key != "unknown" else "   anomalies: ")
+    for severity in SEVERITIES:
+        number = counts.get(severity, 0)
+        line.append(_plural(number, severity) if severity != "info" else f"{number} info",
+                    palette[severity] if number else Style.null())
+        line.append(", " if severity != "info" else "")
+    return line
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+def _sessions(sessions: list[dict], ids: dict[str, str], palette: _Palette, clock: Clock,
+              wide: bool) -> RenderableType:
+    if not sessions:
+        return Text("No BITS upload sessions in the capture.")
+    table = _table(palette, title=f"Sessions ({len(sessions)})")
+    table.add_column("Session", no_wrap=True)
+    table.add_column("Client", overflow="fold", min_width=15, max_width=23)
+    table.add_column("URL", overflow="fold", ratio=1, min_width=16)
+    table.add_column("State", overflow="fold", min_width=8, max_width=12)
+    table.add_column("Verdict", no_wrap=True)
+    table.add_column("Acked/total", no_wrap=True, justify="right")
+    table.add_column("Frags", no_wrap=True, justify="right")
+    if wide:
+        table.add_column("Start", no_wrap=True)
+    table.add_column("Time", no_wrap=True, justify="right")
+    table.add_column("Rate", no_wrap=True, justify="right")
+    table.add_column("E/W/I", no_wrap=True, justify="right")
+    for session in sessions:
+        verdict = session.get("verdict") or "unknown"
+        name = _text(ids.get(session.get("id"), "(no id)"))
+        if session.get("before_capture"):
+            name.append("*", palette["dim"])
+        cells = [
+            name,
+            _text(session.get("client")),
+            _text(clip(printable(session.get("url")), URL_LIMIT)),
+            _text(session.get("state")),
+            _text(verdict, palette[_VERDICT_STYLE.get(verdict, "unknown")]),
+            Text(bytes_progress(session, compact=True)),
+            Text(str(session.get("fragments", 0))),
+            Text(human_duration(session.get("duration_s"), compact=True)),
+            Text(human_rate(session.get("throughput_bps"), compact=True)),
+            _severity_counts(session.get("anomalies") or [], palette),
+        ]
+        if wide:
+            cells.insert(7, Text(clock.time(session.get("first_ts"))))
+        table.add_row(*cells)
+    legend = "E/W/I: anomalies by severity (error/warning/info)"
+    if any(s.get("before_capture") for s in sessions):
+        legend += "; * already running when the capture began"
+    return Group(table, Text(legend, style=palette["dim"]))
+
+
+def _severity_counts(anomalies: Iterable[dict], palette: _Palette) -> Text:
+    counts = severity_counts(anomalies)
+    text = Text()
+    for index, severity in enumerate(SEVERITIES):
+        if index:
+            text.append("/", palette["dim"])
+        number = counts[severity]
+        text.append(str(number), palette[severity] if number else palette["dim"])
+    return text
+
+
+# --- anomalies ---------------------------------------------------------------------------------
+
+def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str, str],
+               palette: _Palette, clock: Clock) -> RenderableType:
+    note = Text(f"{_plural(hidden, 'anomaly', 'anomalies')} below {min_severity} not shown.",
+                style=palette["dim"]) if hidden else None
+    if not shown:
+        message = Text("No anomalies." if not hidden else "No anomalies at this severity.")
+        return Group(message, note) if note else message
+    table = _table(palette, title=f"Anomalies ({len(shown)}), worst first")
+    table.add_column("Severity", no_wrap=True)
+    table.add_column("Code", no_wrap=True)
+    table.add_column("Session", no_wrap=True)
+    table.add_column("Frames", overflow="fold", max_width=16)
+    table.add_column("Time", no_wrap=True)
+    table.add_column("Message", overflow="fold", ratio=1)
+    for anomaly in sorted(shown, key=anomaly_order):
+        severity = anomaly.get("severity") or "?"
+        session = anomaly.get("session")
+        if session is not None:
+            where = _text(ids.get(session, session))
+        elif anomaly.get("connection") is not None:
+            where = Text(f"stream {anomaly['connection']}", style=palette["dim"])
+        else:
+            where = Text("—", style=palette["dim"])
+        table.add_row(
+            Text(severity, style=palette[severity] if severity in SEVERITIES else palette["error"]),
+            _text(anomaly.get("code"), palette["code"]),
+            where,
+            Text(frame_list(anomaly.get("frames"))),
+            Text(clock.time(anomaly.get("ts"))),
+            _text(anomaly.get("message") or anomaly.get("meaning")),
+        )
+    return Group(table, note) if note else table
+
+
+# --- downloads, counts, problems ---------------------------------------------------------------
+
+def _downloads(downloads: list[dict], palette: _Palette, clock: Clock) -> Table:
+    table = _table(palette, title=f"Downloads ({len(downloads)})")
+    table.add_column("Client", overflow="fold", max_width=23)
+    table.add_column("Method", no_wrap=True)
+    table.add_column("URL", overflow="fold", ratio=1)
+    table.add_column("Status", no_wrap=True, justify="right")
+    table.add_column("Bytes", no_wrap=True, justify="right")
+    table.add_column("User-Agent", overflow="fold", max_width=24)
+    table.add_column("Time", no_wrap=True)
+    for download in downloads:
+        table.add_row(_text(download.get("client")), _text(download.get("method")),
+                      _text(clip(printable(download.get("url")), URL_LIMIT)),
+                      Text(str(download.get("status") or "—")), Text(human_size(download.get("bytes"))),
+                      _text(download.get("user_agent")), Text(clock.time(download.get("first_ts"))))
+    return table
+
+
+def _counts(report: dict, palette: _Palette) -> RenderableType:
+    summary = report.get("summary") or {}
+    lines = [_heading("Counts", palette),
+             Text(f"HTTP exchanges {summary.get('http_exchanges', 0):,}: "
+                  f"{summary.get('bits_exchanges', 0):,} BITS, {summary.get('other_http', 0):,} other "
+                  f"(downloads: {summary.get('downloads', 0):,})")]
+    for capture in report.get("captures") or []:
+        line = Text.assemble(_text(capture.get("file") or "-", palette["dim"]))
+        line.append(f": {_plural(capture.get('connections') or 0, 'TCP connection')}, "
+                    f"{_plural(capture.get('exchanges') or 0, 'HTTP exchange')}")
+        for layer in ("decoder", "tcp"):
+            counters = {k: v for k, v in (capture.get(layer) or {}).items() if v}
+            if counters:
+                line.append(f"; {layer} " + ", ".join(f"{printable(k)} {v:,}" if isinstance(v, int)
+                                                       else f"{printable(k)} {printable(v)}"
+                                                       for k, v in counters.items()))
+        lines.append(line)
+    return Group(*lines)
+
+
+def _problems(problems: list[dict], palette: _Palette) -> RenderableType:
+    table = _table(palette, title=f"Problems reading the input ({len(problems)})")
+    table.add_column("Kind", no_wrap=True)
+    table.add_column("Where", overflow="fold", max_width=40)
+    table.add_column("Message", overflow="fold", ratio=1)
+    for problem in problems:
+        place = ", ".join(part for part in (
+            printable(problem.get("file")) or None,
+            f"frame {problem['frame']}" if problem.get("frame") is not None else None,
+            f"stream {problem['connection']}" if problem.get("connection") is not None else None,
+            f"offset {problem['offset']:,}" if problem.get("offset") is not None else None,
+        ) if part)
+        kind = _text(problem.get("kind"), palette["bad"] if problem.get("fatal") else palette["warning"])
+        if problem.get("fatal"):
+            kind.append(" (fatal)")
+        table.add_row(kind, Text(place), _text(problem.get("message")))
+    return table
+
+
+def _plural(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number:,} {singular if number == 1 else plural or singular + 's'}"
