@@ -253,7 +253,7 @@ class UploadService:
 
     # --- packets --------------------------------------------------------------------------
     def ping(self, request: Request) -> Ack:
-        return Ack(200, session_id=request.headers.get(Header.SESSION_ID))
+        return Ack(200)
 
     def create(self, request: Request) -> Ack:
         offered = request.headers.get(Header.SUPPORTED_PROTOCOLS)
@@ -282,23 +282,21 @@ class UploadService:
                    note=f"new session for {url_path}")
 
     def fragment(self, request: Request) -> Ack:
+        """Checks that need no session first; the session's lock is held while the body streams."""
         headers = request.headers
         if headers.get(Header.SESSION_ID) is None:
             return error_ack(400, E_INVALIDARG, "no BITS-Session-Id")
         raw_range = headers.get(Header.CONTENT_RANGE)
-        if raw_range is None:
-            return error_ack(400, E_INVALIDARG, "no Content-Range", headers.get(Header.SESSION_ID))
-        content_range = parse_content_range(raw_range)
+        content_range = parse_content_range(raw_range) if raw_range is not None else None
         if content_range is None:
-            return error_ack(400, E_INVALIDARG, f"malformed Content-Range {raw_range!r}", headers.get(Header.SESSION_ID))
+            return error_ack(400, E_INVALIDARG, f"missing or malformed Content-Range {raw_range!r}")
         if request.body.remaining != content_range.length:
-            return error_ack(400, E_INVALIDARG, "Content-Length differs from the range",
-                             headers.get(Header.SESSION_ID))
+            return error_ack(400, E_INVALIDARG, "Content-Length differs from the range")
         encoding = headers.get(Header.CONTENT_ENCODING)
         if encoding is not None and encoding.lower() != "identity":
-            return error_ack(400, E_INVALIDARG, f"Content-Encoding {encoding}", headers.get(Header.SESSION_ID))
+            return error_ack(400, E_INVALIDARG, f"Content-Encoding {encoding}")
         if content_range.length > self.options.max_fragment_size:
-            return Ack(413, session_id=headers.get(Header.SESSION_ID), note="fragment too large")
+            return Ack(413, note="fragment too large")
         session, refused, session_id = self._session_for(request)
         if session is None:
             return refused
@@ -498,7 +496,7 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
             if packet is None or packet is PacketType.ACK:
                 ack = error_ack(400, E_INVALIDARG, f"unknown packet type {raw_type!r}")
             elif packet is not PacketType.FRAGMENT and body.remaining:
-                ack = error_ack(400, E_INVALIDARG, f"body on {packet.value}", headers.get(Header.SESSION_ID))
+                ack = error_ack(400, E_INVALIDARG, f"body on {packet.value}")
             else:
                 try:
                     ack = service.handle(packet, Request(self.target, headers, body))
@@ -564,8 +562,10 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
         is_bits = ack.status != 401
         if is_bits:
             self.send_header(Header.PACKET_TYPE, PacketType.ACK.value)
+            if ack.session_id is None and self.command == "BITS_POST":
+                ack.session_id = self.headers.get(Header.SESSION_ID)
         if ack.session_id is not None:
-            self.send_header(Header.SESSION_ID, ack.session_id)
+            self.send_header(Header.SESSION_ID, ack.session_id.strip())
         if ack.received is not None:
             self.send_header(Header.RECEIVED_CONTENT_RANGE, str(ack.received))
         if ack.error is not None:
@@ -577,9 +577,10 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
         self.send_header(Header.CONTENT_LENGTH, "0")
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # recorded before the answer leaves, so a client that has its answer sees the record
         self._record(packet, ack.session_id, ack.status, str(ack.error) if ack.error else None,
                      ack.received, ack.note)
+        self.end_headers()
 
     # --- GET/HEAD: upload replies ----------------------------------------------------------
     def do_GET(self) -> None:
@@ -620,10 +621,10 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
         for name, value in extra:
             self.send_header(name, value)
         self.send_header(Header.CONTENT_LENGTH, str(len(payload)))
+        self._record(None, None, status, None, None, note)
         self.end_headers()
         if send_body:
             self.wfile.write(payload)
-        self._record(None, None, status, None, None, note)
 
     def _record(self, packet: str | None, session_id: str | None, status: int, error: str | None,
                 received: int | None, note: str) -> None:

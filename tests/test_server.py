@@ -690,6 +690,41 @@ def test_full_disk_is_reported_and_rolled_back(tiny_filesystem: Path) -> None:
         assert_ack(client.cancel(session_id), 200, session_id)
 
 
+def fill(directory: Path, leave: int) -> Path:
+    """Fill a filesystem, then free `leave` bytes (whole pages on tmpfs)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(filler, filler.stat().st_size - leave)
+    return filler
+
+
+def test_failed_reply_notification_is_context_7_and_retried_by_a_resend(tiny_filesystem: Path) -> None:
+    with BitsServer(tiny_filesystem, log=None, reply=True) as server:
+        client = Client(server)
+        session_id = client.session()
+        filler = fill(tiny_filesystem, leave=8192)  # room for the data, none for the receipt
+        data = payload(8192)
+        failed = client.fragment(session_id, data, 0, len(data))
+        assert_ack(failed, 500, session_id)
+        assert failed.get(Header.ERROR_CODE) == format_hresult(ERROR_DISK_FULL.code)
+        assert failed.get(Header.ERROR_CONTEXT) == "0x7"
+        assert not failed.has(Header.REPLY_URL)
+        assert server.sessions()[0].state is State.RECEIVE_FRAGMENTS
+        filler.unlink()
+        retried = client.fragment(session_id, data, 0, len(data))
+        assert_ack(retried, 200, session_id)
+        assert retried.get(Header.RECEIVED_CONTENT_RANGE) == "8192" and retried.has(Header.REPLY_URL)
+        assert_ack(client.close(session_id), 200, session_id)
+        assert (tiny_filesystem / "up" / "file.bin").read_bytes() == data
+
+
 # --- upload-reply --------------------------------------------------------------------------------
 def test_reply_mode_end_to_end(make_server, root: Path) -> None:
     server = make_server(reply=True)
@@ -708,6 +743,9 @@ def test_reply_mode_end_to_end(make_server, root: Path) -> None:
     assert got.status == 200
     receipt = json.loads(got.body)
     assert receipt["size"] == len(data) and receipt["sha256"] == hashlib.sha256(data).hexdigest()
+    client.conn.request("HEAD", fetch)
+    head = client.conn.getresponse()
+    assert head.status == 200 and head.getheader("Content-Length") == str(len(got.body)) and head.read() == b""
     partial = client.get(fetch, Range="bytes=0-9")
     assert partial.status == 206 and partial.body == got.body[:10]
     assert partial.get("Content-Range") == f"bytes 0-9/{len(got.body)}"
@@ -819,7 +857,8 @@ def test_options_are_validated() -> None:
 
 
 # --- the command line -------------------------------------------------------------------------------
-def test_cli_prints_its_url_serves_and_stops_on_sigterm(root: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cli_prints_its_url_serves_and_stops_on_a_signal(root: Path, signum: int) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "replay.server", "--root", str(root), "--port", "0", "--create-status", "201"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -832,7 +871,7 @@ def test_cli_prints_its_url_serves_and_stops_on_sigterm(root: Path) -> None:
             Header.PACKET_TYPE: "Create-Session", Header.SUPPORTED_PROTOCOLS: PROTOCOL_GUID, "Content-Length": "0"})
         assert conn.getresponse().status == 201
         conn.close()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         assert process.wait(timeout=10) == 0
         errors = process.stderr.read()
         assert "Create-Session" in errors and "stopped" in errors
