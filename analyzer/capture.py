@@ -204,22 +204,24 @@ class CaptureReader:
             self._stream.close()
         self._exhausted = True
 
-    def _fill(self, pos: int, need: int) -> int:
+    def _fill(self, pos: int, need: int) -> int | None:
         """Make self._buffer hold `need` bytes from `pos`; return the new position of `pos`.
 
-        Raises _Truncated when the data ends first.
+        Returns None when the data ends exactly at `pos` (a clean end between records) and
+        raises _Truncated when it ends after `pos` but before `need` bytes.
         """
         pieces = [self._buffer[pos:]]
         have = len(pieces[0])
+        self._base += pos
         while have < need:
             chunk = self._next_chunk()
             if not chunk:
-                self._base += pos
-                self._buffer = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                raise _Truncated
+                self._buffer = b"".join(pieces)
+                if have:
+                    raise _Truncated
+                return None
             pieces.append(chunk)
             have += len(chunk)
-        self._base += pos
         self._buffer = b"".join(pieces)
         return 0
 
@@ -264,44 +266,39 @@ class CaptureReader:
         number = 0
         pos = 0
         try:
-            pos = self._fill(pos, 24)
+            if self._fill(0, 24) is None:
+                raise _Truncated
             buf = self._buffer
             endian, ns_per_unit = _PCAP_MAGIC[int.from_bytes(buf[:4], "little")]
             snaplen, network = struct.unpack_from(endian + "II", buf, 16)
             link_type = network & 0x03FFFFFF  # the upper bits carry FCS information
             max_record = max(snaplen, 262144)
-            unpack_record = struct.Struct(endian + "IIII").unpack_from
+            record = struct.Struct(endian + "IIII").unpack_from
             pos = 24
             view = memoryview(buf)
             size = len(buf)
             while True:
                 if size - pos < 16:
-                    if size == pos:
-                        self._buffer = buf[pos:]
-                        self._base += pos
-                        pos = 0
-                        chunk = self._next_chunk()
-                        if not chunk:
-                            return
-                        self._buffer = chunk
                     pos = self._fill(pos, 16)
+                    if pos is None:
+                        return
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)
-                seconds, fraction, captured, original = unpack_record(buf, pos)
+                seconds, fraction, captured, original = record(buf, pos)
                 if captured > max_record:
                     raise _Corrupt(f"record length {captured} exceeds {max_record}")
-                end = pos + 16 + captured
-                if end > size:
-                    pos = self._fill(pos, 16 + captured)
+                start = pos + 16
+                pos = start + captured
+                if pos > size:
+                    start = self._fill(start - 16, 16 + captured) + 16
+                    pos = start + captured
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)
-                    end = 16 + captured
                 number += 1
                 yield Frame(number, seconds * 1_000_000_000 + fraction * ns_per_unit, link_type,
-                            view[pos + 16:end], original)
-                pos = end
+                            view[start:pos], original)
         except _Truncated:
             self._fail("truncated-record", "the file ends inside a record (writer stopped mid-record?)",
                        frame=number + 1, offset=self._base)
@@ -314,23 +311,25 @@ class CaptureReader:
     def _pcapng(self) -> Iterator[Frame]:
         number = 0
         pos = 0
-        endian = "<"
         interfaces: list[_Interface] = []
+        buf = self._buffer
+        view = memoryview(buf)
+        size = len(buf)
+        # The first block is a section header (sniffed), whose type reads the same in both orders.
         header = struct.Struct("<II").unpack_from
-        word = epb = opb = None
+        endian, word, epb, opb = "<", None, None, None
         try:
             while True:
-                if len(self._buffer) - pos < 8:
-                    if len(self._buffer) == pos:
-                        self._base += pos
-                        pos = 0
-                        self._buffer = self._next_chunk()
-                        if not self._buffer:
-                            return
-                    pos = self._fill(pos, 8)
-                if header(self._buffer, pos)[0] == _PCAPNG_SHB:
+                if size - pos < 12:
                     pos = self._fill(pos, 12)
-                    endian = _PCAPNG_BYTE_ORDER.get(self._buffer[pos + 8:pos + 12])
+                    if pos is None:
+                        return
+                    buf = self._buffer
+                    view = memoryview(buf)
+                    size = len(buf)
+                block_type, length = header(buf, pos)
+                if block_type == _PCAPNG_SHB:  # a new section, in its own byte order
+                    endian = _PCAPNG_BYTE_ORDER.get(buf[pos + 8:pos + 12])
                     if endian is None:
                         raise _Corrupt("section header block with an unknown byte-order magic")
                     header = struct.Struct(endian + "II").unpack_from
@@ -338,60 +337,57 @@ class CaptureReader:
                     epb = struct.Struct(endian + "IIIII").unpack_from
                     opb = struct.Struct(endian + "HHIIII").unpack_from
                     interfaces = []
-                block_type, length = header(self._buffer, pos)
+                    length = word(buf, pos + 4)[0]
                 if length < 12 or length % 4 or length > MAX_RECORD:
                     raise _Corrupt(f"block length {length} is impossible")
-                if len(self._buffer) - pos < length:
+                if size - pos < length:
                     pos = self._fill(pos, length)
-                buf = self._buffer
-                trailer = word(buf, pos + length - 4)[0]
-                if trailer != length:
-                    raise _Corrupt(f"block length {length} does not match its trailing length {trailer}")
-                start, end = pos + 8, pos + length - 4
+                    buf = self._buffer
+                    view = memoryview(buf)
+                    size = len(buf)
+                block = pos
                 pos += length
+                trailer = word(buf, pos - 4)[0]
+                if trailer != length:
+                    pos = block
+                    raise _Corrupt(f"block length {length} does not match its trailing length {trailer}")
+                body_end = pos - 4
                 if block_type == _BLOCK_EPB or block_type == _BLOCK_OPB:
+                    if length < 32:
+                        self._problem("corrupt-block", "packet block too short", number + 1, self._base + block)
+                        continue
                     if block_type == _BLOCK_EPB:
-                        if end - start < 20:
-                            self._problem("corrupt-block", "enhanced packet block too short", number + 1, self._base + start - 8)
-                            continue
-                        interface_id, high, low, captured, original = epb(buf, start)
-                        data_start = start + 20
+                        interface_id, high, low, captured, original = epb(buf, block + 8)
                     else:
-                        if end - start < 20:
-                            self._problem("corrupt-block", "packet block too short", number + 1, self._base + start - 8)
-                            continue
-                        interface_id, _drops, high, low, captured, original = opb(buf, start)
-                        data_start = start + 20
-                    if data_start + captured > end:
+                        interface_id, _drops, high, low, captured, original = opb(buf, block + 8)
+                    start = block + 28
+                    if start + captured > body_end:
                         self._problem("corrupt-block", f"captured length {captured} runs past its block",
-                                      number + 1, self._base + start - 8)
+                                      number + 1, self._base + block)
                         continue
                     if interface_id >= len(interfaces):
                         self._problem("unknown-interface", f"packet names interface {interface_id}, "
-                                      f"which the section does not describe", number + 1, self._base + start - 8)
+                                      f"which the section does not describe", number + 1, self._base + block)
                         continue
                     interface = interfaces[interface_id]
                     number += 1
                     yield Frame(number, ((high << 32) | low) * interface.ts_mul // interface.ts_div + interface.ts_add,
-                                interface.link_type, memoryview(buf)[data_start:data_start + captured], original)
+                                interface.link_type, view[start:start + captured], original)
                 elif block_type == _BLOCK_SPB:
-                    if not interfaces or end - start < 4:
+                    if not interfaces or length < 16:
                         self._problem("corrupt-block", "simple packet block without interface 0" if not interfaces
-                                      else "simple packet block too short", number + 1, self._base + start - 8)
+                                      else "simple packet block too short", number + 1, self._base + block)
                         continue
                     interface = interfaces[0]
-                    original = struct.unpack_from(endian + "I", buf, start)[0]
-                    captured = min(original, end - start - 4)
+                    original = word(buf, block + 8)[0]
+                    captured = min(original, body_end - block - 12)
                     if interface.snaplen:
                         captured = min(captured, interface.snaplen)
                     number += 1
                     # A simple packet block has no timestamp.
-                    yield Frame(number, 0, interface.link_type,
-                                memoryview(buf)[start + 4:start + 4 + captured], original)
+                    yield Frame(number, 0, interface.link_type, view[block + 12:block + 12 + captured], original)
                 elif block_type == _BLOCK_IDB:
-                    interface = self._interface(buf[start:end], endian, number, self._base + start - 8)
-                    if interface is not None:
-                        interfaces.append(interface)
+                    interfaces.append(self._interface(buf[block + 8:body_end], endian, number, self._base + block))
         except _Truncated:
             self._fail("truncated-record", "the file ends inside a block (writer stopped mid-block?)",
                        frame=number + 1, offset=self._base)
@@ -401,7 +397,7 @@ class CaptureReader:
         finally:
             self._close()
 
-    def _interface(self, body: bytes, endian: str, number: int, offset: int) -> _Interface | None:
+    def _interface(self, body: bytes, endian: str, number: int, offset: int) -> _Interface:
         if len(body) < 8:
             self._problem("corrupt-block", "interface description block too short", number + 1, offset)
             # Keep the numbering of later interfaces right; this one has no usable link type.

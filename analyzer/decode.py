@@ -37,13 +37,13 @@ _PROTO_TCP = 6
 _IPV6_EXTENSIONS = frozenset((0, 43, 60, 135, 139, 140))
 _IPV6_AH, _IPV6_FRAGMENT = 51, 44
 
-_ETHERTYPE = struct.Struct("!H")
-_IPV4 = struct.Struct("!BxHHHxB2x4s4s")   # version/IHL, total length, id, flags/offset, proto, src, dst
-_IPV6 = struct.Struct("!4xHB1x16s16s")     # payload length, next header, src, dst
-_IPV6_EXTENSION = struct.Struct("!BB")      # next header, length
-_IPV6_FRAGMENT_HEADER = struct.Struct("!BxHI")  # next header, offset/flags, id
-_TCP = struct.Struct("!HHIIBBH")           # ports, seq, ack, data offset, flags, window
-_FAMILY = struct.Struct("<I")
+_unpack_ethertype = struct.Struct("!H").unpack_from
+_unpack_ipv4 = struct.Struct("!BxHHHxB2x4s4s").unpack_from   # version/IHL, total length, id, flags/offset, proto, src, dst
+_unpack_ipv6 = struct.Struct("!4xHB1x16s16s").unpack_from     # payload length, next header, src, dst
+_unpack_ipv6_extension = struct.Struct("!BB").unpack_from      # next header, length
+_unpack_ipv6_fragment_header = struct.Struct("!BxHI").unpack_from  # next header, offset/flags, id
+_unpack_tcp = struct.Struct("!HHIIBBH").unpack_from           # ports, seq, ack, data offset, flags, window
+_unpack_family = struct.Struct("<I").unpack_from
 
 
 class Segment(NamedTuple):
@@ -126,14 +126,14 @@ class Decoder:
         try:
             if link_type == LINKTYPE_ETHERNET:
                 offset = 14
-                ethertype = _ETHERTYPE.unpack_from(data, 12)[0]
+                ethertype = _unpack_ethertype(data, 12)[0]
                 while ethertype in _VLAN_TAGS:
-                    ethertype = _ETHERTYPE.unpack_from(data, offset + 2)[0]
+                    ethertype = _unpack_ethertype(data, offset + 2)[0]
                     offset += 4
                 version = _ETHERTYPE_VERSION.get(ethertype, 0)
             else:
                 version, offset = self._link(link_type, data, frame.number)
-        except struct.error:
+        except (struct.error, IndexError):
             self._malformed("truncated-link-header", "frame too short for its link-layer header", frame.number)
             return None
         if version == 4:
@@ -149,11 +149,11 @@ class Decoder:
         if link_type in _RAW_IP_LINK_TYPES:
             return data[0] >> 4, 0
         if link_type == LINKTYPE_LINUX_SLL2:
-            ethertype, offset = _ETHERTYPE.unpack_from(data, 0)[0], 20
+            ethertype, offset = _unpack_ethertype(data, 0)[0], 20
         elif link_type == LINKTYPE_LINUX_SLL:
-            ethertype, offset = _ETHERTYPE.unpack_from(data, 14)[0], 16
+            ethertype, offset = _unpack_ethertype(data, 14)[0], 16
         elif link_type == LINKTYPE_NULL or link_type == LINKTYPE_LOOP:
-            family = _FAMILY.unpack_from(data, 0)[0]
+            family = _unpack_family(data, 0)[0]
             if family > 0xFFFF:  # written in the other byte order
                 family = int.from_bytes(data[:4], "big")
             return _LOOPBACK_FAMILY_VERSION.get(family, 0), 4
@@ -169,7 +169,7 @@ class Decoder:
                               number)
             return -1, 0
         while ethertype in _VLAN_TAGS:
-            ethertype = _ETHERTYPE.unpack_from(data, offset + 2)[0]
+            ethertype = _unpack_ethertype(data, offset + 2)[0]
             offset += 4
         return _ETHERTYPE_VERSION.get(ethertype, 0), offset
 
@@ -178,7 +178,7 @@ class Decoder:
         if size - offset < 20:
             self._malformed("truncated-ip", "IPv4 header cut short", frame.number)
             return None
-        version_ihl, total, ident, fragment, protocol, src, dst = _IPV4.unpack_from(data, offset)
+        version_ihl, total, ident, fragment, protocol, src, dst = _unpack_ipv4(data, offset)
         header = (version_ihl & 0x0F) * 4
         if total == 0:  # segmentation offload on the capturing host leaves the length unset
             total = size - offset
@@ -207,7 +207,7 @@ class Decoder:
             self.stats["non_tcp"] += 1
             return None
         end = offset + total
-        return self._tcp(frame, data, offset + header, end, min(end, size), src, dst)
+        return self._tcp(frame, data, offset + header, end, end if end < size else size, src, dst)
 
     def _ipv6(self, frame: Frame, data: memoryview, offset: int) -> Segment | None:
         size = len(data)
@@ -217,7 +217,7 @@ class Decoder:
         if data[offset] >> 4 != 6:
             self._malformed("malformed-ip", f"bad IPv6 version {data[offset] >> 4}", frame.number)
             return None
-        length, next_header, src, dst = _IPV6.unpack_from(data, offset)
+        length, next_header, src, dst = _unpack_ipv6(data, offset)
         offset += 40
         end = offset + length if length else size  # length 0: a jumbogram; trust the capture
         if end > frame.orig_len:
@@ -227,10 +227,10 @@ class Decoder:
         try:
             while next_header != _PROTO_TCP:
                 if next_header in _IPV6_EXTENSIONS:
-                    next_header, extension = _IPV6_EXTENSION.unpack_from(data, offset)
+                    next_header, extension = _unpack_ipv6_extension(data, offset)
                     offset += (extension + 1) * 8
                 elif next_header == _IPV6_AH:
-                    next_header, extension = _IPV6_EXTENSION.unpack_from(data, offset)
+                    next_header, extension = _unpack_ipv6_extension(data, offset)
                     offset += (extension + 2) * 4
                 elif next_header == _IPV6_FRAGMENT:
                     return self._ipv6_fragment(frame, data, offset, end, src, dst)
@@ -246,7 +246,7 @@ class Decoder:
 
     def _ipv6_fragment(self, frame: Frame, data: memoryview, offset: int, end: int, src: bytes,
                        dst: bytes) -> Segment | None:
-        next_header, fragment, ident = _IPV6_FRAGMENT_HEADER.unpack_from(data, offset)
+        next_header, fragment, ident = _unpack_ipv6_fragment_header(data, offset)
         offset += 8
         if not fragment & 0xFFF9:  # an atomic fragment: offset 0, no more fragments
             return self._ipv6_payload(frame, next_header, data, offset, end, min(end, len(data)), src, dst)
@@ -266,7 +266,7 @@ class Decoder:
         try:
             while next_header != _PROTO_TCP:
                 if next_header in _IPV6_EXTENSIONS:
-                    next_header, extension = _IPV6_EXTENSION.unpack_from(data, offset)
+                    next_header, extension = _unpack_ipv6_extension(data, offset)
                     offset += (extension + 1) * 8
                 else:
                     self.stats["non_tcp"] += 1
@@ -333,7 +333,7 @@ class Decoder:
             self._malformed("truncated-tcp" if end - offset >= 20 else "malformed-tcp",
                             "TCP header cut short", frame.number)
             return None
-        sport, dport, seq, ack, data_offset, flags, window = _TCP.unpack_from(data, offset)
+        sport, dport, seq, ack, data_offset, flags, window = _unpack_tcp(data, offset)
         header = (data_offset >> 4) * 4
         if header < 20 or offset + header > end:
             self._malformed("malformed-tcp", f"bad TCP data offset {header}", frame.number)
