@@ -66,6 +66,7 @@ from analyzer.bits.protocol import (
     S_OK,
     ErrorContext,
     Header,
+    METHOD,
     HResult,
     PacketType,
     format_hresult,
@@ -453,6 +454,7 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "bits-server/0.1"
     server: "_HttpServer"
+    headers = None  # until parse_request has read them
 
     def setup(self) -> None:
         self.timeout = self.server.bits.options.idle_timeout
@@ -471,12 +473,20 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
         ok = super().parse_request()
         # http.server collapses a leading '//' in self.path; safety checks need the target as sent
         words = self.requestline.split()
-        self.target = words[1] if len(words) == 3 else self.path
+        self.target = words[1] if len(words) == 3 else getattr(self, "path", "-")
         self.server.bits._arm(self, time.monotonic() + self.server.bits.options.request_timeout)
         return ok
 
     def version_string(self) -> str:
         return self.server_version
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (header line over 64 KiB, too many headers) in BITS form."""
+        if self.command == METHOD and code in (400, 431):
+            self.close_connection = True
+            self._send_ack(error_ack(400, E_INVALIDARG, message or "malformed request"), Body(self.rfile, 0), None)
+            return
+        super().send_error(code, message, explain)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (stdlib signature)
         self.server.bits._log_line(f"bits-server: {self.address_string()} {format % args}")
@@ -562,7 +572,7 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
         is_bits = ack.status != 401
         if is_bits:
             self.send_header(Header.PACKET_TYPE, PacketType.ACK.value)
-            if ack.session_id is None and self.command == "BITS_POST":
+            if ack.session_id is None and self.command == METHOD and self.headers is not None:
                 ack.session_id = self.headers.get(Header.SESSION_ID)
         if ack.session_id is not None:
             self.send_header(Header.SESSION_ID, ack.session_id.strip())
@@ -630,7 +640,7 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
                 received: int | None, note: str) -> None:
         self.server.bits._emit(PacketRecord(
             self._started, time.monotonic(), self.address_string(), self.command or "-",
-            self.path, packet, session_id, self.headers.get(Header.CONTENT_RANGE) if self.headers else None,
+            getattr(self, "target", "-"), packet, session_id, self.headers.get(Header.CONTENT_RANGE) if self.headers is not None else None,
             status, error, received, note))
 
     def address_string(self) -> str:

@@ -475,6 +475,11 @@ def test_header_over_4_kib_is_invalidarg(client: Client) -> None:
     assert_ack(Client(client.server).post("Ping", **{"X-Padding": "a" * 4000}), 200)
 
 
+def test_header_line_over_64_kib_is_invalidarg_in_bits_form(server: BitsServer) -> None:
+    reply = raw_exchange(server, bits_request("/up/x.bin", "Ping", "X-Padding: " + "a" * 70_000))
+    assert_error(reply, 400, E_INVALIDARG.code)
+
+
 def test_content_encoding_other_than_identity_is_invalidarg(client: Client) -> None:
     session_id = client.session()
     assert_error(client.fragment(session_id, b"abc", 0, 3, **{"Content-Encoding": "gzip"}), 400, E_INVALIDARG.code)
