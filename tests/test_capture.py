@@ -6,6 +6,7 @@ import gzip
 import io
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import threading
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 import craft
 from analyzer.capture import CHUNK_SIZE, CaptureReader, Frame
+from analyzer.decode import Decoder
 
 SECOND = 1_000_000_000
 T0 = 1_700_000_000 * SECOND
@@ -303,3 +305,30 @@ def test_random_bytes_never_raise(prefix, body, compress):
     frames = list(reader)
     assert all(f.number == i + 1 for i, f in enumerate(frames))
     assert reader.complete or any(p.fatal for p in reader.problems)
+
+
+@pytest.mark.needs_root
+@pytest.mark.skipif(not shutil.which("tcpdump") or os.geteuid() != 0, reason="needs tcpdump as root")
+def test_live_tcpdump_pipe_is_decoded_as_it_streams():
+    """`tcpdump -w - | bits-analyze -`: real loopback TCP, read from the pipe while tcpdump still runs."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    dump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-w", "-", f"tcp port {port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"listening on" in dump.stderr.readline()
+        with socket.create_connection(("127.0.0.1", port)) as client, server.accept()[0] as peer:
+            client.sendall(b"BITS_POST /up HTTP/1.1\r\n\r\n")
+            assert peer.recv(100) == b"BITS_POST /up HTTP/1.1\r\n\r\n"
+        decoder = Decoder("<stdin>")
+        payloads = []
+        for frame in CaptureReader(dump.stdout):
+            segment = decoder.decode(frame)
+            if segment and segment.payload:
+                payloads.append((segment.dport, bytes(segment.payload)))
+                break  # still streaming: tcpdump has not stopped
+        assert payloads == [(port, b"BITS_POST /up HTTP/1.1\r\n\r\n")]
+    finally:
+        dump.terminate()
+        dump.wait()
+        server.close()
