@@ -35,7 +35,14 @@ _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") +([^\r\n]+?) +(HTTP/1\.[0-9]) *\r?\n")
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) +([0-9]{3})(?:[ \t]([^\r\n]*))?\r?\n")
 _START_LINE = {"request": _REQUEST_LINE, "response": _STATUS_LINE}
-_START_AFTER_LF = {role: re.compile(rb"\n" + p.pattern) for role, p in _START_LINE.items()}
+_REQUEST_ANCHOR = re.compile(rb" HTTP/1\.[0-9] *\r?\n")
+_STATUS_ANCHOR = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}")
+_TOKEN_AT_END = re.compile(_TOKEN + rb"\Z")
+_MAX_METHOD = 64
+#: Methods recognised when resynchronising inside junk: registered HTTP and WebDAV methods, BITS.
+_KNOWN_METHODS = (b"BITS_POST", b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT",
+                  b"OPTIONS", b"TRACE", b"PATCH", b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY",
+                  b"MOVE", b"LOCK", b"UNLOCK", b"SEARCH", b"REPORT")
 _LF = re.compile(rb"\n")
 _BLOCK_END = re.compile(rb"\n\r?\n")  # the empty line ending a header or trailer block
 _CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r?\n")
@@ -147,7 +154,6 @@ class HttpParser:
             raise ValueError(f"role must be 'request' or 'response', not {role!r}")
         self.role = role
         self._start_re = _START_LINE[role]
-        self._start_after_lf = _START_AFTER_LF[role]
         self._pending_methods: deque[str] = deque()
         self._base = 0  # stream offset of the first byte of the buffer being fed
         self._frame = 0
@@ -253,7 +259,8 @@ class HttpParser:
     def _start_resync(self, at_line_start: bool) -> None:
         self._reset_message()
         self._buf.clear()
-        self._at_line_start = at_line_start
+        self._at_line_start = at_line_start  # the next byte begins a line
+        self._carry_first = (self._frame, self._ts, self._base)  # frame, ts, offset of the carry
         self._state = self._resync
 
     # -- states: each takes (view, pos, end, events) and returns the new pos ---------------
@@ -488,47 +495,64 @@ class HttpParser:
         return stop
 
     def _resync(self, mv: memoryview, pos: int, end: int, events: list) -> int:
-        buf = self._buf
-        if buf:  # a line carried over from the previous feed may be a start line
-            room = MAX_START_LINE + 1 - len(buf)
-            lf = _LF.search(mv, pos, min(end, pos + room))
-            stop = min(end, pos + room) if lf is None else lf.end()
-            buf += mv[pos:stop]
-            if lf is None:
-                if len(buf) > MAX_START_LINE:
-                    buf.clear()
-                    self._at_line_start = False
-                return stop
-            if self._start_re.fullmatch(buf):
-                self._last = (self._frame, self._ts)
-                self._start_line_complete(events)
-            else:
-                buf.clear()
-                self._at_line_start = True
-            return stop
-        start = None
-        if self._at_line_start and self._start_re.match(mv, pos):
-            start = pos
-        else:
-            found = self._start_after_lf.search(mv, pos)
-            if found is not None:
-                start = found.start() + 1
+        carry = self._buf  # the tail of earlier bytes, which may hold the beginning of a start line
+        lead = len(carry)
+        window = bytes(carry) + bytes(mv[pos:end]) if lead else mv[pos:end]
+        start = self._find_start(window)
         if start is not None:
-            self._first = (self._frame, self._ts, self._base + start)
+            if start < lead:
+                frame, ts, offset = self._carry_first
+                self._first = (frame, ts, offset + start)
+                del carry[:start]
+                self._state = self._start_line
+                return pos
+            carry.clear()
+            self._first = (self._frame, self._ts, self._base + pos + start - lead)
             self._state = self._start_line
-            return start
-        # No whole start line here: carry the last, unfinished line in case it is one.
-        window = max(pos, end - MAX_START_LINE)
-        last_lf = bytes(mv[window:end]).rfind(b"\n")
+            return pos + start - lead
+        # Keep the bytes after the last line feed: a start line may begin among them.
+        keep = max(0, len(window) - MAX_START_LINE)
+        last_lf = bytes(window[keep:]).rfind(b"\n")
         if last_lf >= 0:
-            line_start = window + last_lf + 1
-        elif self._at_line_start and end - pos <= MAX_START_LINE:
-            line_start = pos
-        else:
+            keep += last_lf + 1
+            self._at_line_start = True
+        elif keep:
             self._at_line_start = False
-            return end
-        self._at_line_start = line_start == end
-        if line_start < end:
-            buf += mv[line_start:end]
-            self._first = (self._frame, self._ts, self._base + line_start)
+        if keep >= lead:
+            self._carry_first = (self._frame, self._ts, self._base + pos + keep - lead)
+        else:
+            frame, ts, offset = self._carry_first
+            self._carry_first = (frame, ts, offset + keep)
+        carry[:] = window[keep:]
         return end
+
+    def _find_start(self, window: bytes | memoryview) -> int | None:
+        """Where the first start line in `window` begins; `window` may begin mid-line.
+
+        Found by what cannot be body junk (" HTTP/1.x" ending a line, or "HTTP/1.x NNN"), then
+        walked back: the target is the word before it, the method the token before that. A
+        method glued to junk ("...xBITS_POST") is cut to the longest known method it ends with.
+        """
+        if self.role == "response":
+            found = _STATUS_ANCHOR.search(window)
+            return None if found is None else found.start()
+        for anchor in _REQUEST_ANCHOR.finditer(window):
+            low = max(0, anchor.start() - MAX_START_LINE)
+            line = bytes(window[low:anchor.start()])
+            line_feed = line.rfind(b"\n")
+            at_line_start = line_feed >= 0 or (low == 0 and self._at_line_start)
+            line_begin = low + line_feed + 1
+            words = line[line_feed + 1:].rstrip(b" ").rsplit(b" ", 1)
+            if len(words) != 2:
+                continue
+            before = words[0].rstrip(b" ")
+            token = _TOKEN_AT_END.search(before[-_MAX_METHOD:])
+            if token is None:
+                continue
+            method = token.group()
+            if not (at_line_start and len(method) == len(before)):
+                upper = method.upper()
+                known = max((m for m in _KNOWN_METHODS if upper.endswith(m)), key=len, default=b"")
+                method = method[len(method) - len(known):] if known else method
+            return line_begin + len(before) - len(method)
+        return None

@@ -275,6 +275,38 @@ def test_resync_finds_a_start_line_split_across_feeds() -> None:
     assert [e.partial for e in events if isinstance(e, MessageEnd)] == [True, False]
 
 
+def test_resync_finds_a_request_glued_to_binary_junk() -> None:
+    first = b"BITS_POST /a HTTP/1.1\r\nContent-Length: 900\r\n\r\n"
+    parser = HttpParser("request")
+    parser.feed(first, 1, 0)
+    parser.gap(5000, 2, 0)
+    junk = bytes(range(256)).replace(b"\n", b"").replace(b" ", b"") + b"xyz"
+    request = b"BITS_POST /u/f.bin HTTP/1.1\r\nContent-Length: 2\r\n\r\nok"
+    events = parser.feed(junk + request[:20], 3, 0) + parser.feed(request[20:], 4, 0)
+    [head] = [e for e in events if isinstance(e, RequestHead)]
+    assert (head.method, head.target, head.frame) == ("BITS_POST", "/u/f.bin", 3)
+    assert head.offset == len(first) + 5000 + len(junk)
+    assert bodies(events) == [b"ok"]
+    assert not [e for e in events if isinstance(e, ParseError)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=3000), st.sampled_from([b"GET", b"propfind", b"BITS_POST", b"M-SEARCH"]),
+       st.data())
+def test_resync_after_gap_finds_the_next_request_in_any_split(
+        junk: bytes, method: bytes, data: st.DataObject) -> None:
+    junk = junk.replace(b"HTTP/1.", b"")
+    request = method + b" /next HTTP/1.1\r\nContent-Length: 1\r\n\r\nz"
+    stream = junk + b"\n" + request
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=20)))
+    parser = HttpParser("request")
+    parser.gap(10, 1, 0)
+    events = feed_pieces(parser, [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])])
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [(h.method, h.offset) for h in heads][-1:] == [(method.decode(), 10 + len(junk) + 1)]
+    assert bodies(events)[-1:] == [b"z"]
+
+
 def test_message_right_after_a_gap_is_found() -> None:
     parser = HttpParser("request")
     parser.feed(b"GET /a HTTP/1.1\r\n\r\n", 1, 0)

@@ -1,0 +1,353 @@
+"""Requests paired with responses per TCP connection: the Exchange records.
+
+`ExchangeAssembler` is the `StreamSink` the TCP reassembler feeds. Per connection it runs one
+request parser (client→server) and one response parser (server→client), tells the response
+parser each request's method in order, and pairs final responses with requests first in,
+first out (HTTP/1.1 answers in request order). Body bytes stream through `on_body` as they
+pass; only lengths and SHA-256 digests are kept.
+
+An Exchange is emitted when its response has ended and its request has ended too (a server
+may answer before the request body is complete). At connection close, requests still
+waiting are emitted with the flag "no-response".
+
+Flags:
+- "partial": a message of the exchange lacks bytes (gap, truncation, broken framing).
+- "gap": a capture gap touched one of its messages, or came just before one of them in the
+  same direction (a request lost whole in a gap shifts the first-in first-out pairing after it).
+- "overlap-conflict": a retransmission with different bytes overlapped the stream while one
+  of its messages was being parsed in that direction (an approximation: the conflicting
+  bytes may belong to the message just before).
+- "no-response": the connection closed before a response.
+- "orphan-response": a response with no request before it (request lost or capture began).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from analyzer.decode import format_addr
+from analyzer.http import (
+    BodyChunk,
+    Headers,
+    HttpParser,
+    MessageEnd,
+    ParseError,
+    RequestHead,
+    ResponseHead,
+)
+from analyzer.problems import Problem
+
+CLIENT, SERVER = 0, 1  # the directions of analyzer.tcp
+MAX_PROBLEMS = 1000  # parse problems kept; the rest are only counted
+
+
+@dataclass(eq=False)
+class HttpMessage:
+    """One request or response head with its body's length and digest."""
+
+    is_request: bool
+    method: str | None  # requests only
+    target: str | None  # requests only
+    version: str
+    status: int | None  # responses only
+    reason: str | None  # responses only
+    headers: Headers
+    body_length: int = 0
+    body_sha256: str | None = None  # hex; None while parsing and when partial
+    first_frame: int = 0  # the frames that carried the first and last byte
+    last_frame: int = 0
+    first_ts_ns: int = 0
+    last_ts_ns: int = 0
+    partial: bool = False
+    stream_offset: int = 0  # offset of the first byte in its direction's stream
+    trailers: Headers = field(default_factory=Headers)
+
+
+@dataclass(eq=False)
+class Exchange:
+    index: int  # global, increasing in emission order
+    connection: Any  # analyzer.tcp.Connection
+    request: HttpMessage | None
+    response: HttpMessage | None
+    informational: list[HttpMessage] = field(default_factory=list)  # 1xx before the response
+    flags: set[str] = field(default_factory=set)
+
+
+class _Pending:
+    """An exchange under construction."""
+
+    __slots__ = ("request", "response", "informational", "flags", "request_done",
+                 "response_done")
+
+    def __init__(self, request: HttpMessage | None) -> None:
+        self.request = request
+        self.response: HttpMessage | None = None
+        self.informational: list[HttpMessage] = []
+        self.flags: set[str] = set()
+        self.request_done = request is None
+        self.response_done = False
+
+
+class _Direction:
+    """Parsing state of one direction of one connection."""
+
+    __slots__ = ("parser", "current", "message", "digest", "mark_next")
+
+    def __init__(self, parser: HttpParser) -> None:
+        self.parser = parser
+        self.current: _Pending | None = None  # the exchange of the message being parsed
+        self.message: HttpMessage | None = None  # the message being parsed
+        self.digest: Any = None  # hashlib sha256 of its body so far
+        self.mark_next: set[str] = set()  # flags for the next message in this direction
+
+
+class _ConnectionState:
+    __slots__ = ("directions", "waiting", "open", "aborted")
+
+    def __init__(self, midstream: bool) -> None:
+        self.directions = (_Direction(HttpParser("request", start_midstream=midstream)),
+                           _Direction(HttpParser("response", start_midstream=midstream)))
+        self.waiting: deque[_Pending] = deque()  # requests whose final response has not begun
+        self.open: list[_Pending] = []  # every exchange not yet emitted, oldest first
+        self.aborted = False
+
+
+class ExchangeAssembler:
+    """A StreamSink turning both directions of each connection into Exchange records."""
+
+    def __init__(self, on_exchange: Callable[[Exchange], None],
+                 on_body: Callable[[Any, HttpMessage, memoryview | bytes], None] | None = None
+                 ) -> None:
+        self._on_exchange = on_exchange
+        self._on_body = on_body
+        self._connections: dict[int, _ConnectionState] = {}
+        self._next_index = 0
+        self.problems: list[Problem] = []
+        self.problem_count = 0  # including those not kept
+
+    # -- StreamSink ----------------------------------------------------------------------
+
+    def on_open(self, conn: Any) -> None:
+        """Nothing yet: the parsers are made at the first stream event, when the reassembler
+        knows whether the connection's handshake was seen (else the capture began mid-stream)."""
+
+    def on_data(self, conn: Any, direction: int, data: bytes | memoryview, frame: int,
+                ts_ns: int) -> None:
+        side = self._state(conn).directions[direction]
+        self._handle(conn, direction, side.parser.feed(data, frame, ts_ns))
+
+    def on_gap(self, conn: Any, direction: int, size: int, frame: int, ts_ns: int) -> None:
+        self._mark(conn, direction, "gap")
+        side = self._state(conn).directions[direction]
+        self._handle(conn, direction, side.parser.gap(size, frame, ts_ns))
+        if not side.parser.in_message:  # whole messages may have been lost: pairing is suspect
+            side.mark_next.add("gap")
+
+    def on_conflict(self, conn: Any, direction: int, offset: int, size: int, frame: int) -> None:
+        self._mark(conn, direction, "overlap-conflict")
+
+    def on_fin(self, conn: Any, direction: int, frame: int, ts_ns: int) -> None:
+        side = self._state(conn).directions[direction]
+        self._handle(conn, direction, side.parser.eof(frame, ts_ns))
+
+    def on_rst(self, conn: Any, direction: int, frame: int, ts_ns: int) -> None:
+        self._state(conn).aborted = True
+
+    def on_close(self, conn: Any) -> None:
+        state = self._connections.get(conn.id)
+        if state is None:
+            return
+        for direction, side in enumerate(state.directions):
+            self._handle(conn, direction,
+                         side.parser.eof(conn.last_frame, conn.last_ts_ns, clean=not state.aborted))
+        for pending in state.open:
+            if pending.request is not None and pending.response is None:
+                pending.flags.add("no-response")
+            self._emit(conn, pending)
+        del self._connections[conn.id]
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _state(self, conn: Any) -> _ConnectionState:
+        state = self._connections.get(conn.id)
+        if state is None:
+            state = _ConnectionState(midstream=not conn.handshake_seen)
+            self._connections[conn.id] = state
+        return state
+
+    def _mark(self, conn: Any, direction: int, flag: str) -> None:
+        side = self._state(conn).directions[direction]
+        if side.current is not None:
+            side.current.flags.add(flag)
+        else:
+            side.mark_next.add(flag)
+
+    def _handle(self, conn: Any, direction: int, events: list) -> None:
+        if not events:
+            return
+        state = self._connections[conn.id]
+        side = state.directions[direction]
+        for event in events:
+            if type(event) is BodyChunk:
+                message = side.message
+                message.body_length += len(event.data)
+                side.digest.update(event.data)
+                if self._on_body is not None:
+                    self._on_body(conn, message, event.data)
+            elif type(event) is MessageEnd:
+                self._message_end(conn, state, side, event)
+            elif type(event) is RequestHead:
+                self._request_head(state, side, event)
+            elif type(event) is ResponseHead:
+                self._response_head(state, side, event)
+            else:
+                self._problem(conn, event)
+
+    def _start(self, side: _Direction, pending: _Pending, message: HttpMessage) -> None:
+        side.current = pending
+        side.message = message
+        side.digest = hashlib.sha256()
+        pending.flags |= side.mark_next
+        side.mark_next = set()
+
+    def _request_head(self, state: _ConnectionState, side: _Direction, head: RequestHead) -> None:
+        message = HttpMessage(True, head.method, head.target, head.version, None, None,
+                              head.headers, first_frame=head.frame, first_ts_ns=head.ts_ns,
+                              stream_offset=head.offset)
+        pending = _Pending(message)
+        state.waiting.append(pending)
+        state.open.append(pending)
+        state.directions[SERVER].parser.expect_response_to(head.method)
+        self._start(side, pending, message)
+
+    def _response_head(self, state: _ConnectionState, side: _Direction,
+                       head: ResponseHead) -> None:
+        message = HttpMessage(False, None, None, head.version, head.status, head.reason,
+                              head.headers, first_frame=head.frame, first_ts_ns=head.ts_ns,
+                              stream_offset=head.offset)
+        if state.waiting:
+            pending = state.waiting[0]
+        else:  # nothing asked for it: an orphan, whose 1xx responses gather on it too
+            pending = _Pending(None)
+            pending.flags.add("orphan-response")
+            state.waiting.append(pending)
+            state.open.append(pending)
+        if head.informational:
+            pending.informational.append(message)
+        else:
+            state.waiting.popleft()
+            pending.response = message
+        self._start(side, pending, message)
+
+    def _message_end(self, conn: Any, state: _ConnectionState, side: _Direction,
+                     end: MessageEnd) -> None:
+        message, pending = side.message, side.current
+        message.last_frame = end.frame
+        message.last_ts_ns = end.ts_ns
+        message.partial = end.partial
+        message.trailers = end.trailers
+        if end.partial:
+            pending.flags.add("partial")
+        else:
+            message.body_sha256 = side.digest.hexdigest()
+        side.current = side.message = side.digest = None
+        if message.is_request:
+            pending.request_done = True
+        elif message is pending.response:
+            pending.response_done = True
+        if pending.request_done and pending.response_done:
+            state.open.remove(pending)
+            self._emit(conn, pending)
+
+    def _emit(self, conn: Any, pending: _Pending) -> None:
+        exchange = Exchange(self._next_index, conn, pending.request, pending.response,
+                            pending.informational, pending.flags)
+        self._next_index += 1
+        self._on_exchange(exchange)
+
+    def _problem(self, conn: Any, error: ParseError) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(Problem("http-parse-error", error.message, frame=error.frame,
+                                         offset=error.offset, connection=conn.id))
+
+
+def _time(ts_ns: int) -> str:
+    seconds, nanoseconds = divmod(ts_ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanoseconds // 1000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _endpoint(address: tuple[bytes, int]) -> str:
+    host, port = address
+    text = format_addr(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def message_to_json(message: HttpMessage) -> dict[str, Any]:
+    """One message as the `request`/`response` object of `exchange_to_json`."""
+    record: dict[str, Any] = (
+        {"method": message.method, "target": message.target, "version": message.version}
+        if message.is_request else
+        {"version": message.version, "status": message.status, "reason": message.reason})
+    record.update(
+        headers=[[name, value] for name, value in message.headers],
+        trailers=[[name, value] for name, value in message.trailers],
+        body_length=message.body_length,
+        body_sha256=message.body_sha256,
+        partial=message.partial,
+        stream_offset=message.stream_offset,
+        first_frame=message.first_frame,
+        last_frame=message.last_frame,
+        first_time=_time(message.first_ts_ns),
+        first_epoch=message.first_ts_ns / 1e9,
+        last_time=_time(message.last_ts_ns),
+        last_epoch=message.last_ts_ns / 1e9,
+    )
+    return record
+
+
+def exchange_to_json(exchange: Exchange) -> dict[str, Any]:
+    """The JSON Lines record of one exchange, as `bits-analyze --http` writes it.
+
+    Fields:
+      index         int, global exchange number, increasing in emission order
+      connection    int, TCP connection id (the numbering of tshark's tcp.stream)
+      client        "ip:port" of the side that opened the connection ("[v6]:port" for IPv6)
+      server        "ip:port" likewise
+      request       message object, or null for an orphan response
+      response      message object, or null when none was seen
+      informational list of message objects: 1xx responses before the final response
+      flags         sorted list, from "gap", "no-response", "orphan-response",
+                    "overlap-conflict", "partial" (see analyzer/exchanges.py)
+    Message object:
+      method, target       requests: method token and request-target as sent
+      status, reason       responses: status code (int) and reason phrase
+      version              "HTTP/1.1" or "HTTP/1.0"
+      headers              [[name, value], ...] in wire order, raw case, values latin-1
+      trailers             the same for trailer fields of a chunked body ([] if none)
+      body_length          body bytes seen (de-chunked; bytes lost in gaps not counted)
+      body_sha256          hex SHA-256 of the body, null when the message is partial
+      partial              true when bytes of the message are missing
+      stream_offset        offset of its first byte in its direction's TCP stream
+      first_frame, last_frame  capture frame numbers carrying its first and last byte
+      first_time, last_time    their timestamps, ISO 8601 UTC with microseconds
+                               ("2026-01-31T12:00:00.123456Z")
+      first_epoch, last_epoch  the same as float seconds since the Unix epoch
+    """
+    conn = exchange.connection
+    return {
+        "index": exchange.index,
+        "connection": conn.id,
+        "client": _endpoint(conn.client),
+        "server": _endpoint(conn.server),
+        "request": None if exchange.request is None else message_to_json(exchange.request),
+        "response": None if exchange.response is None else message_to_json(exchange.response),
+        "informational": [message_to_json(m) for m in exchange.informational],
+        "flags": sorted(exchange.flags),
+    }

@@ -1,0 +1,308 @@
+"""Pairing requests with responses per connection into Exchange records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage, exchange_to_json
+
+CLIENT, SERVER = 0, 1
+
+
+@dataclass
+class StandInConnection:
+    """The fields of analyzer.tcp.Connection the assembler reads."""
+
+    id: int = 0
+    client: tuple[bytes, int] = (bytes([192, 0, 2, 1]), 49152)
+    server: tuple[bytes, int] = (bytes([192, 0, 2, 80]), 80)
+    handshake_seen: bool = True
+    last_frame: int = 0
+    last_ts_ns: int = 0
+
+
+@dataclass
+class Recorder:
+    exchanges: list[Exchange] = field(default_factory=list)
+    bodies: dict[int, bytearray] = field(default_factory=dict)  # id(message) -> bytes seen
+    body_owners: list[HttpMessage] = field(default_factory=list)
+
+    def exchange(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+
+    def body(self, conn: StandInConnection, message: HttpMessage, chunk: memoryview) -> None:
+        if id(message) not in self.bodies:
+            self.bodies[id(message)] = bytearray()
+            self.body_owners.append(message)
+        self.bodies[id(message)] += chunk
+
+    def body_of(self, message: HttpMessage) -> bytes:
+        return bytes(self.bodies.get(id(message), b""))
+
+
+class Session:
+    """Drives an assembler the way the TCP reassembler does, numbering frames as it goes."""
+
+    def __init__(self, conn: StandInConnection | None = None,
+                 assembler: ExchangeAssembler | None = None,
+                 recorder: Recorder | None = None) -> None:
+        self.recorder = recorder or Recorder()
+        self.assembler = assembler or ExchangeAssembler(self.recorder.exchange,
+                                                        self.recorder.body)
+        self.conn = conn or StandInConnection()
+        self.frame = 0
+        self.assembler.on_open(self.conn)
+
+    def _tick(self) -> tuple[int, int]:
+        self.frame += 1
+        self.conn.last_frame = self.frame
+        self.conn.last_ts_ns = 1_700_000_000_000_000_000 + self.frame * 1_000_500
+        return self.conn.last_frame, self.conn.last_ts_ns
+
+    def send(self, direction: int, data: bytes) -> int:
+        frame, ts = self._tick()
+        self.assembler.on_data(self.conn, direction, data, frame, ts)
+        return frame
+
+    def gap(self, direction: int, size: int) -> None:
+        self.assembler.on_gap(self.conn, direction, size, *self._tick())
+
+    def fin(self, direction: int) -> None:
+        self.assembler.on_fin(self.conn, direction, *self._tick())
+
+    def close(self) -> None:
+        self.assembler.on_close(self.conn)
+
+
+def post(target: str, body: bytes, method: str = "BITS_POST") -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: server\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body)
+
+
+def reply(status: int, body: bytes = b"", reason: str = "OK") -> bytes:
+    return f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_one_exchange_with_bodies_frames_and_digests() -> None:
+    session = Session()
+    request = post("/upload/a.bin", b"0123456789")
+    first = session.send(CLIENT, request[:20])
+    session.send(CLIENT, request[20:-3])
+    last = session.send(CLIENT, request[-3:])
+    response_frame = session.send(SERVER, reply(200, b"ack body"))
+    [exchange] = session.recorder.exchanges
+    assert exchange.index == 0 and exchange.connection is session.conn and not exchange.flags
+    req, resp = exchange.request, exchange.response
+    assert (req.method, req.target, req.version, req.is_request) == (
+        "BITS_POST", "/upload/a.bin", "HTTP/1.1", True)
+    assert (req.body_length, req.body_sha256) == (10, sha(b"0123456789"))
+    assert (req.first_frame, req.last_frame) == (first, last)
+    assert req.last_ts_ns - req.first_ts_ns == (last - first) * 1_000_500
+    assert (resp.status, resp.reason, resp.body_sha256) == (200, "OK", sha(b"ack body"))
+    assert resp.first_frame == resp.last_frame == response_frame
+    assert resp.headers.get("content-length") == "8"
+    assert session.recorder.body_of(req) == b"0123456789"
+    assert session.recorder.body_of(resp) == b"ack body"
+    assert session.recorder.body_owners == [req, resp]
+
+
+def test_pipelined_three_requests_then_three_responses() -> None:
+    session = Session()
+    stream = [post("/1", b"a"), post("/2", b"bb", method="HEAD"), post("/3", b"ccc")]
+    session.send(CLIENT, b"".join(stream))
+    assert session.recorder.exchanges == []
+    session.send(SERVER, reply(200, b"x") + b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"
+                 + reply(201, b"zzz"))
+    exchanges = session.recorder.exchanges
+    assert [e.index for e in exchanges] == [0, 1, 2]
+    assert [(e.request.target, e.response.status, e.response.body_length) for e in exchanges] == [
+        ("/1", 200, 1), ("/2", 200, 0), ("/3", 201, 3)]
+    assert [e.request.stream_offset for e in exchanges] == [
+        0, len(stream[0]), len(stream[0] + stream[1])]
+    assert all(not e.flags for e in exchanges)
+
+
+def test_100_continue_is_informational() -> None:
+    session = Session()
+    session.send(CLIENT, b"BITS_POST /u HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    session.send(SERVER, b"HTTP/1.1 100 Continue\r\n\r\n")
+    session.send(CLIENT, b"abc")
+    session.send(SERVER, reply(200))
+    [exchange] = session.recorder.exchanges
+    assert [m.status for m in exchange.informational] == [100]
+    assert exchange.response.status == 200 and exchange.request.body_sha256 == sha(b"abc")
+
+
+def test_early_response_waits_for_the_end_of_the_request() -> None:
+    session = Session()
+    request = post("/too-big", b"x" * 100)
+    session.send(CLIENT, request[:-60])
+    session.send(SERVER, reply(413, reason="Request Entity Too Large"))
+    assert session.recorder.exchanges == []
+    session.send(CLIENT, request[-60:])
+    [exchange] = session.recorder.exchanges
+    assert exchange.response.status == 413 and exchange.request.body_length == 100
+
+
+def test_orphan_response_and_no_response() -> None:
+    session = Session()
+    session.send(SERVER, reply(200, b"who asked?"))
+    session.send(CLIENT, post("/unanswered", b"q"))
+    session.fin(CLIENT)
+    session.close()
+    orphan, unanswered = session.recorder.exchanges
+    assert orphan.request is None and orphan.flags == {"orphan-response"}
+    assert orphan.response.body_sha256 == sha(b"who asked?")
+    assert unanswered.response is None and unanswered.flags == {"no-response"}
+    assert unanswered.request.target == "/unanswered" and not unanswered.request.partial
+
+
+def test_gap_in_body_then_resync_on_next_request() -> None:
+    session = Session()
+    first_body, second_body = os.urandom(5000), os.urandom(300)
+    first, second = post("/frag1", first_body), post("/frag2", second_body)
+    session.send(CLIENT, first[:2000])
+    session.gap(CLIENT, 4000)  # the rest of the first request and the start of the second
+    lost = len(first) - 2000
+    junk = os.urandom(700).replace(b"\n", b"")  # the second request's body, its head lost
+    session.send(CLIENT, junk + second)
+    session.send(SERVER, reply(200) + reply(200))
+    one, two = session.recorder.exchanges
+    assert one.flags == {"gap", "partial"}
+    assert one.request.partial and one.request.body_sha256 is None
+    assert one.request.body_length == 2000 - len(first) + len(first_body)
+    assert two.request.target == "/frag2" and not two.request.partial
+    assert two.request.body_sha256 == sha(second_body)
+    assert two.request.stream_offset == 2000 + 4000 + len(junk)
+    assert two.flags == {"gap"}  # a whole request may have been lost: pairing is suspect
+    assert lost < 4000
+
+
+def test_gap_inside_known_length_body_keeps_the_message() -> None:
+    session = Session()
+    body = b"a" * 3000
+    request = post("/frag", body)
+    session.send(CLIENT, request[:1000])
+    session.gap(CLIENT, 1000)
+    session.send(CLIENT, request[2000:] + post("/next", b""))
+    session.send(SERVER, reply(200) + reply(200))
+    one, two = session.recorder.exchanges
+    assert one.flags == {"gap", "partial"} and one.request.body_length == len(body) - 1000
+    assert two.flags == set() and two.request.body_sha256 == sha(b"")
+
+
+def test_truncated_response_at_close_is_partial() -> None:
+    session = Session()
+    session.send(CLIENT, post("/x", b""))
+    session.send(SERVER, reply(200, b"0123456789")[:-4])
+    session.close()
+    [exchange] = session.recorder.exchanges
+    assert exchange.flags == {"partial"} and exchange.response.body_length == 6
+
+
+def test_response_until_close_ended_by_reset_is_partial() -> None:
+    session = Session()
+    session.send(CLIENT, post("/x", b""))
+    session.send(SERVER, b"HTTP/1.0 200 OK\r\n\r\nstreamed")
+    session.assembler.on_rst(session.conn, SERVER, 99, 0)
+    session.close()
+    [exchange] = session.recorder.exchanges
+    assert exchange.flags == {"partial"} and exchange.response.body_length == 8
+
+
+def test_response_until_close_ended_by_fin() -> None:
+    session = Session()
+    session.send(CLIENT, post("/x", b""))
+    session.send(SERVER, b"HTTP/1.0 200 OK\r\n\r\nstreamed")
+    session.fin(SERVER)
+    [exchange] = session.recorder.exchanges
+    assert not exchange.flags and exchange.response.body_sha256 == sha(b"streamed")
+
+
+def test_overlap_conflict_flags_the_message_being_parsed() -> None:
+    session = Session()
+    request = post("/c", b"12345678")
+    session.send(CLIENT, request[:-4])
+    session.assembler.on_conflict(session.conn, CLIENT, len(request) - 6, 2, session.frame)
+    session.send(CLIENT, request[-4:] + post("/d", b""))
+    session.send(SERVER, reply(200) + reply(200))
+    assert [e.flags for e in session.recorder.exchanges] == [{"overlap-conflict"}, set()]
+
+
+def test_bits_post_one_mebibyte_sha256() -> None:
+    session = Session()
+    body = os.urandom(1 << 20)
+    request = post("/big", body)
+    for start in range(0, len(request), 65483):
+        session.send(CLIENT, request[start:start + 65483])
+    session.send(SERVER, reply(200))
+    [exchange] = session.recorder.exchanges
+    assert exchange.request.body_length == 1 << 20
+    assert exchange.request.body_sha256 == sha(body)
+    assert session.recorder.body_of(exchange.request) == body
+
+
+def test_midstream_connection_starts_at_the_first_message() -> None:
+    session = Session(StandInConnection(handshake_seen=False))
+    session.send(CLIENT, os.urandom(2000).replace(b"\n", b"") + b"\r\n" + post("/seen", b"x"))
+    session.send(SERVER, b"tail of an earlier body" + reply(200))
+    assert session.assembler.problems == []
+    [exchange] = session.recorder.exchanges
+    assert exchange.request.target == "/seen" and exchange.response.status == 200
+
+
+def test_parse_errors_become_problems_with_their_place() -> None:
+    session = Session(StandInConnection(id=7))
+    session.send(CLIENT, b"this is not http\r\n" + post("/ok", b""))
+    session.send(SERVER, reply(200))
+    [problem] = session.assembler.problems
+    assert (problem.kind, problem.connection, problem.frame, problem.offset) == (
+        "http-parse-error", 7, 1, 0)
+    assert [e.request.target for e in session.recorder.exchanges] == ["/ok"]
+
+
+def test_index_is_global_across_connections() -> None:
+    recorder = Recorder()
+    assembler = ExchangeAssembler(recorder.exchange)
+    a = Session(StandInConnection(id=0), assembler, recorder)
+    b = Session(StandInConnection(id=1), assembler, recorder)
+    a.send(CLIENT, post("/a", b""))
+    b.send(CLIENT, post("/b", b""))
+    b.send(SERVER, reply(200))
+    a.send(SERVER, reply(200))
+    assert [(e.index, e.connection.id) for e in recorder.exchanges] == [(0, 1), (1, 0)]
+
+
+def test_exchange_to_json() -> None:
+    conn = StandInConnection(id=3, client=(bytes.fromhex("20010db8" + "00" * 11 + "01"), 50123),
+                             server=(bytes([127, 0, 0, 1]), 8080))
+    session = Session(conn)
+    session.send(CLIENT, b"BITS_POST /x HTTP/1.1\r\nBITS-Packet-Type: Ping\r\nContent-Length: 0\r\n\r\n")
+    session.send(SERVER, b"HTTP/1.1 100 Continue\r\n\r\n")
+    session.send(SERVER, reply(200))
+    session.send(CLIENT, post("/y", b"z"))
+    session.close()
+    records = [json.loads(json.dumps(exchange_to_json(e))) for e in session.recorder.exchanges]
+    first, second = records
+    assert (first["index"], first["connection"]) == (0, 3)
+    assert (first["client"], first["server"]) == ("[2001:db8::1]:50123", "127.0.0.1:8080")
+    request = first["request"]
+    assert (request["method"], request["target"], request["version"]) == (
+        "BITS_POST", "/x", "HTTP/1.1")
+    assert request["headers"] == [["BITS-Packet-Type", "Ping"], ["Content-Length", "0"]]
+    assert request["body_length"] == 0 and request["body_sha256"] == sha(b"")
+    assert (request["first_frame"], request["last_frame"]) == (1, 1)
+    ts = session.conn.last_ts_ns - (session.frame - 1) * 1_000_500  # frame 1's timestamp
+    assert request["first_epoch"] == ts / 1e9
+    assert request["first_time"] == "2023-11-14T22:13:20.001000Z"
+    assert first["response"]["status"] == 200 and first["response"]["reason"] == "OK"
+    assert [m["status"] for m in first["informational"]] == [100]
+    assert first["flags"] == []
+    assert second["response"] is None and second["flags"] == ["no-response"]
