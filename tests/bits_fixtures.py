@@ -98,7 +98,7 @@ class Wire:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"",
         status: int | None = 200, ack: list[tuple[str, str]] | None = None, response_body: int = 0,
         version: str = "HTTP/1.1", flags: set[str] | None = None, orphan: bool = False,
-        chunks: int = 2,
+        chunks: int = 2, overlap: bool = False,
     ) -> Exchange:
         conn = self.conn
         flags = set(flags or ())
@@ -119,10 +119,13 @@ class Wire:
                 request.last_frame = self._next_frame()
         response = None
         if status is not None:
-            self.now += MS
             frame = self._next_frame()
+            # overlap: the ack comes after the next request has left
+            acked = self.now + (S if overlap else MS)
             response = HttpMessage(False, None, None, "HTTP/1.1", status, "OK" if status < 300 else "Error",
-                                   Headers(ack or []), response_body, None, frame, frame, self.now, self.now)
+                                   Headers(ack or []), response_body, None, frame, frame, acked, acked)
+            if not overlap:
+                self.now = acked
         elif not orphan:
             flags.add("no-response")
         exchange = Exchange(self.index, conn, request, response, flags=flags)

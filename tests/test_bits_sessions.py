@@ -1,0 +1,360 @@
+"""Sessions: one crafted case per anomaly code, clean traffic that stays silent, verdicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from analyzer.bits.catalogue import CATALOGUE, Severity
+from analyzer.bits.machine import State
+from analyzer.bits.protocol import PROTOCOL_GUID, Header
+from analyzer.bits.sessions import Verdict
+from bits_fixtures import SID, SID2, UA, Wire, all_codes, codes
+
+T = 12_000  # three fragments: 0-5119, 5120-10239, 10240-11999
+FRAGS = [(0, 5119), (5120, 10239), (10240, 11999)]
+NOT_FOUND = [(Header.ERROR_CODE, "0x8020001F"), (Header.ERROR_CONTEXT, "0x5")]
+
+
+def begun(w: Wire, session: str = SID, upto: int = 1) -> Wire:
+    w.create(session)
+    for first, last in FRAGS[:upto]:
+        w.fragment(session, first, last, T)
+    return w
+
+
+def whole(w: Wire, session: str = SID) -> Wire:
+    return begun(w, session, upto=3)
+
+
+def _other_protocol() -> str:
+    return "{11111111-2222-3333-4444-555555555555}"
+
+
+# One scenario per catalogue code: each plays a capture that must raise that code.
+SCENARIOS = {
+    "fragment-after-cancel": lambda w: (begun(w), w.cancel(), w.fragment(SID, *FRAGS[1], T)),
+    "fragment-after-close": lambda w: (whole(w), w.close(), w.fragment(SID, *FRAGS[0], T)),
+    "cancel-after-complete": lambda w: (whole(w), w.cancel()),
+    "packet-after-end": lambda w: (whole(w), w.close(), w.close()),
+    "unknown-session": lambda w: (w.wait(900), w.fragment(SID, *FRAGS[1], T)),
+    "session-before-capture": lambda w: (w.fragment(SID, *FRAGS[1], T), w.fragment(SID, *FRAGS[2], T), w.close()),
+    "range-gap": lambda w: (begun(w), w.fragment(SID, *FRAGS[2], T, status=416, received=5120)),
+    "range-resend": lambda w: (begun(w), w.fragment(SID, *FRAGS[0], T)),
+    "no-progress": lambda w: (begun(w), [w.fragment(SID, *FRAGS[0], T, status=416, received=5120) for _ in range(3)]),
+    "resend-conflict": lambda w: (begun(w), w.fragment(SID, *FRAGS[0], T, seed=7, status=416, received=5120)),
+    "fragment-after-complete": lambda w: (whole(w), w.fragment(SID, *FRAGS[0], T)),
+    "total-changed": lambda w: (begun(w), w.fragment(SID, 5120, 10239, 13_000)),
+    "range-malformed": lambda w: (begun(w), w.fragment(SID, 5120, 10239, T, content_range="bytes 10239-5120/12000", status=400, received=None)),
+    "length-mismatch": lambda w: (begun(w), w.fragment(SID, 5120, 10239, T, content_length=5000)),
+    "ack-offset-mismatch": lambda w: (begun(w), w.fragment(SID, 5120, 10239, T, received=8000)),
+    "ack-offset-invalid": lambda w: (begun(w), w.fragment(SID, 5120, 10239, T, received=None)),
+    "ack-regressed": lambda w: (begun(w, upto=2), w.fragment(SID, *FRAGS[2], T, status=416, received=2000)),
+    "ack-session-mismatch": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, echo=False, ack=[(Header.SESSION_ID, SID2)])),
+    "ack-malformed": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, response_body=12)),
+    "close-incomplete": lambda w: (begun(w), w.close()),
+    "never-finished": lambda w: begun(w),
+    "duplicate-create": lambda w: (begun(w), w.create(SID2)),
+    "session-recreated": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, status=500, ack=NOT_FOUND), w.create(SID2)),
+    "error-response": lambda w: w.create(status=403, ack=[(Header.ERROR_CODE, "0x80070005"), (Header.ERROR_CONTEXT, "0x5")]),
+    "error-header-misuse": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, ack=[(Header.ERROR_CODE, "0x80070057")])),
+    "protocol-mismatch": lambda w: w.create(chosen=_other_protocol()),
+    "nonstandard-id": lambda w: (w.create("upload-42"), w.fragment("upload-42", 0, 4891, 4892), w.close("upload-42")),
+    "missing-header": lambda w: (begun(w), w.close(session=None)),
+    "unexpected-body": lambda w: (whole(w), w.close(body=b"bye")),
+    "unknown-packet-type": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, packet_type="Fragmentz", status=400, received=None)),
+    "header-limits": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, content_name="dir/report.bin")),
+    "wrong-method-or-version": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, version="HTTP/1.0")),
+    "content-encoding": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, headers=[("Content-Encoding", "gzip")])),
+    "concurrent-requests": lambda w: (w.create(), w.fragment(SID, *FRAGS[0], T, overlap=True), w.fragment(SID, *FRAGS[1], T)),
+    "reply-url-misplaced": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, ack=[(Header.REPLY_URL, "/replies/x.bin")])),
+    "host-id-ignored": lambda w: (w.create(ack=_host_id_ack()), w.fragment(SID, *FRAGS[0], T)),
+    "host-redirect": lambda w: (w.create(ack=_host_id_ack()), w.fragment(SID, *FRAGS[0], T, host="node7.example")),
+    "no-response": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, status=None)),
+    "orphan-response": lambda w: w.exchange("", "", [], orphan=True, ack=[(Header.PACKET_TYPE, "Ack")]),
+    "out-of-sync": lambda w: (begun(w), w.fragment(SID, *FRAGS[0], T, status=416, received=5120)),
+    "fragment-too-large": lambda w: (w.create(), w.fragment(SID, *FRAGS[0], T, status=413, received=None)),
+    "auth-challenge": lambda w: w.create(status=401, ack=[("WWW-Authenticate", "Negotiate")]),
+    "basic-auth-cleartext": lambda w: w.create(headers=[("Authorization", "Basic dXNlcjpwYXNz")]),
+    "client-fingerprint": lambda w: w.create(user_agent="python-requests/2.31"),
+    "stalled": lambda w: (begun(w), w.wait(400), w.fragment(SID, *FRAGS[1], T)),
+    "capture-gap": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, flags={"gap"})),
+}
+
+
+def _host_id_ack() -> list[tuple[str, str]]:
+    return [(Header.PACKET_TYPE, "Ack"), (Header.PROTOCOL, PROTOCOL_GUID), (Header.SESSION_ID, SID),
+            (Header.HOST_ID, "node7.example"), (Header.HOST_ID_FALLBACK_TIMEOUT, "3600")]
+
+
+def test_every_catalogue_code_has_a_scenario() -> None:
+    assert sorted(SCENARIOS) == sorted(CATALOGUE)
+
+
+@pytest.mark.parametrize("code", sorted(SCENARIOS))
+def test_scenario_raises_its_code(code: str) -> None:
+    w = Wire()
+    SCENARIOS[code](w)
+    summary = w.finish()
+    found = [a for a in summary.anomalies + [a for s in summary.sessions for a in s.anomalies] if a.code == code]
+    assert found, all_codes(summary)
+    assert all(a.message and (a.frames or a.timestamps) for a in found)
+
+
+# --- clean traffic stays silent ---------------------------------------------------------------
+
+def test_windows_like_clean_upload_is_silent() -> None:
+    w = Wire()
+    w.upload()
+    summary = w.finish()
+    assert all_codes(summary) == []
+    session, = summary.sessions
+    assert (session.state, session.verdict) == (State.CLOSED, Verdict.DELIVERED)
+    assert (session.total, session.acknowledged, session.bytes_sent) == (T, T, T)
+    assert [(f.range.first, f.range.last) for f in session.fragments] == FRAGS
+    assert session.content_name == "report.bin" and session.user_agent == UA
+    assert session.protocol == PROTOCOL_GUID and session.host == "uploads.example"
+
+
+def test_iis_acks_without_session_id_are_silent() -> None:
+    w = Wire()
+    w.upload(echo=False)
+    w.ping()
+    assert all_codes(w.finish()) == []
+
+
+def test_spec_sample_single_fragment_with_pings_and_201_create() -> None:
+    w = Wire()
+    w.ping()
+    w.create(status=201, headers=[("Content-Name", "rfc2119.txt")])
+    w.fragment(SID, 0, 4891, 4892, echo=False, content_name=None)
+    w.ping()
+    w.close(echo=False)
+    summary = w.finish()
+    assert all_codes(summary) == []
+    assert summary.sessions[0].verdict == Verdict.DELIVERED
+    assert summary.sessions[0].content_name == "rfc2119.txt"
+
+
+def test_lowercase_guid_in_fragments_belongs_to_the_uppercase_session() -> None:
+    w = Wire()
+    w.create(SID)
+    for first, last in FRAGS:
+        w.fragment(SID.lower(), first, last, T)
+    w.close(SID.lower())
+    summary = w.finish()
+    assert len(summary.sessions) == 1 and summary.sessions[0].verdict == Verdict.DELIVERED
+    assert all_codes(summary) == []
+
+
+def test_resync_after_a_cut_is_only_out_of_sync() -> None:
+    w = Wire()
+    begun(w)
+    w.fragment(SID, *FRAGS[1], T, status=None, flags={"partial"})  # connection cut, ack lost
+    w.connect()
+    w.ping()
+    w.fragment(SID, *FRAGS[1], T, status=416, received=10240)  # server had it all
+    w.fragment(SID, *FRAGS[2], T)
+    w.close()
+    summary = w.finish()
+    assert all_codes(summary) == ["no-response", "out-of-sync"]
+    session = summary.sessions[0]
+    assert session.verdict == Verdict.DELIVERED and session.connections == [0, 1]
+
+
+def test_session_followed_across_connections_and_resume_after_unanswered_fragment() -> None:
+    w = Wire()
+    begun(w)
+    w.fragment(SID, *FRAGS[1], T, status=None)
+    w.connect()
+    w.fragment(SID, *FRAGS[2], T)  # the client did get the lost ack
+    w.close()
+    summary = w.finish()
+    assert all_codes(summary) == ["no-response"]
+    assert summary.sessions[0].connections == [0, 1]
+
+
+def test_host_id_redirect_followed_without_ignored() -> None:
+    w = Wire()
+    w.create(ack=_host_id_ack())
+    w.connect(server=(bytes([192, 0, 2, 7]), 80))
+    w.ping(host="node7.example")
+    for first, last in FRAGS:
+        w.fragment(SID, first, last, T, host="node7.example")
+    w.close(host="node7.example")
+    summary = w.finish()
+    assert all_codes(summary) == ["host-redirect"]
+    assert summary.sessions[0].verdict == Verdict.DELIVERED
+
+
+def test_host_id_fallback_after_timeout_is_not_ignored() -> None:
+    w = Wire()
+    w.create(ack=_host_id_ack())
+    w.fragment(SID, *FRAGS[0], T, host="node7.example")
+    w.wait(3700)
+    w.fragment(SID, *FRAGS[1], T)
+    assert "host-id-ignored" not in all_codes(w.finish())
+
+
+def test_win32_overlap_trim_is_only_range_resend() -> None:
+    w = Wire()
+    begun(w)
+    w.fragment(SID, 2560, 10239, T)  # overlaps 2560-5119, the server writes only the new bytes
+    w.fragment(SID, *FRAGS[2], T)
+    w.close()
+    summary = w.finish()
+    assert all_codes(summary) == ["range-resend"]
+    assert summary.sessions[0].anomalies[0].severity is Severity.INFO
+
+
+def test_exact_resend_of_final_fragment_after_lost_ack_is_normal() -> None:
+    w = Wire()
+    whole(w)
+    w.fragment(SID, *FRAGS[2], T)
+    w.close()
+    assert "fragment-after-complete" not in all_codes(w.finish())
+
+
+# --- individual codes in more detail ----------------------------------------------------------
+
+def test_stalled_measures_the_gap_and_respects_threshold() -> None:
+    w = Wire(stall_after_s=1000)
+    begun(w)
+    w.wait(400)
+    w.fragment(SID, *FRAGS[1], T)
+    assert "stalled" not in all_codes(w.finish())
+    w = Wire()
+    begun(w)
+    w.wait(400)
+    w.fragment(SID, *FRAGS[1], T)
+    stalled = [a for a in w.finish().sessions[0].anomalies if a.code == "stalled"]
+    assert len(stalled) == 1 and "400 s" in stalled[0].message and "5120" in stalled[0].message
+
+
+def test_unknown_session_vs_before_capture_window() -> None:
+    w = Wire()
+    w.fragment(SID, *FRAGS[1], T)
+    session = w.finish().sessions[0]
+    assert session.before_capture and codes(session.anomalies).count("session-before-capture") == 1
+    w = Wire()
+    w.wait(30)
+    w.close(SID)  # a Close is not a Fragment: unknown-session even early
+    assert "unknown-session" in all_codes(w.finish())
+
+
+def test_duplicate_create_not_raised_after_first_session_closed() -> None:
+    w = Wire()
+    w.upload()
+    w.upload(SID2)
+    assert all_codes(w.finish()) == []
+
+
+def test_duplicate_create_names_the_open_session() -> None:
+    w = Wire()
+    begun(w)
+    w.create(SID2)
+    dup, = [a for s in w.finish().sessions for a in s.anomalies if a.code == "duplicate-create"]
+    assert dup.session_id == SID2 and SID in dup.message
+
+
+def test_session_recreated_after_unknown_stale_id() -> None:
+    w = Wire()
+    w.wait(900)
+    w.fragment(SID, *FRAGS[1], T, status=500, received=None, ack=NOT_FOUND)
+    w.create(SID2)
+    summary = w.finish()
+    stale, fresh = summary.sessions
+    assert stale.state is State.EXPIRED and stale.verdict == Verdict.NOT_DELIVERED
+    assert "session-recreated" in codes(fresh.anomalies)
+
+
+def test_reply_url_on_final_ack_is_fine_and_fetch_after_close_is_not() -> None:
+    reply = r"BITS-Sessions\Replies\{C85B4E0A}\responsefile.bin"
+    w = Wire()
+    begun(w, upto=2)
+    w.fragment(SID, *FRAGS[2], T, ack=[(Header.REPLY_URL, reply)])
+    w.exchange("GET", "/upload/BITS-Sessions/Replies/%7BC85B4E0A%7D/responsefile.bin",
+               [("User-Agent", UA), ("Host", "uploads.example")], response_body=100)
+    w.close()
+    summary = w.finish()
+    assert all_codes(summary) == []
+    assert summary.sessions[0].reply_url == reply and len(summary.downloads) == 1
+    w.exchange("GET", "/upload/BITS-Sessions/Replies/%7BC85B4E0A%7D/responsefile.bin",
+               [("User-Agent", UA), ("Host", "uploads.example")], response_body=100)
+    assert "reply-url-misplaced" in all_codes(w.tracker.finish())
+
+
+def test_no_progress_raised_once_per_stuck_period() -> None:
+    w = Wire()
+    begun(w)
+    for _ in range(5):
+        w.fragment(SID, *FRAGS[0], T)
+    assert codes(w.finish().sessions[0].anomalies).count("no-progress") == 1
+
+
+def test_error_response_names_hresult_from_mcbup_header() -> None:
+    w = Wire()
+    begun(w)
+    w.fragment(SID, *FRAGS[1], T, status=500, received=None, ack=[("BITS-Error", "x80070112"), (Header.ERROR_CONTEXT, "0x5")])
+    error, = [a for a in w.finish().sessions[0].anomalies if a.code == "error-response"]
+    assert "0x80070112 ERROR_DISK_FULL" in error.message and error.severity is Severity.ERROR
+
+
+# --- verdicts -----------------------------------------------------------------------------------
+
+VERDICTS = {
+    "delivered-clean": (lambda w: (whole(w), w.close()), Verdict.DELIVERED),
+    "delivered-not-closed": (lambda w: whole(w), Verdict.DELIVERED),
+    "delivered-cancel-after": (lambda w: (whole(w), w.cancel()), Verdict.DELIVERED),
+    "cancelled": (lambda w: (begun(w), w.cancel()), Verdict.NOT_DELIVERED),
+    "cancel-unanswered": (lambda w: (begun(w), w.cancel(status=None)), Verdict.NOT_DELIVERED),
+    "closed-incomplete": (lambda w: (begun(w), w.close()), Verdict.NOT_DELIVERED),
+    "create-refused": (lambda w: w.create(status=404), Verdict.NOT_DELIVERED),
+    "fragment-refused": (lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, status=400, received=None)), Verdict.NOT_DELIVERED),
+    "expired": (lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, status=500, received=None, ack=NOT_FOUND)), Verdict.NOT_DELIVERED),
+    "capture-ends": (lambda w: begun(w), Verdict.UNKNOWN),
+    "transient-500": (lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, status=500, received=None)), Verdict.UNKNOWN),
+    "began-after-final": (lambda w: w.close(), Verdict.UNKNOWN),
+    "final-416-only": (lambda w: (begun(w, upto=2), w.fragment(SID, *FRAGS[2], T, status=416, received=10240)), Verdict.UNKNOWN),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VERDICTS))
+def test_verdict(name: str) -> None:
+    play, expected = VERDICTS[name]
+    w = Wire()
+    play(w)
+    session, = w.finish().sessions
+    assert session.verdict == expected, session.verdict_reason
+    assert session.verdict_reason
+
+
+def test_cancel_after_complete_keeps_delivered_and_warns() -> None:
+    w = Wire()
+    whole(w)
+    w.cancel()
+    session, = w.finish().sessions
+    assert session.verdict == Verdict.DELIVERED and session.state is State.CANCELLED
+    assert "cancel-after-complete" in codes(session.anomalies)
+
+
+def test_counts_other_http_and_downloads() -> None:
+    w = Wire()
+    w.exchange("GET", "/index.html", [("User-Agent", "curl/8"), ("Host", "x")], response_body=10)
+    w.exchange("HEAD", "/big.iso", [("User-Agent", UA), ("Host", "x")])
+    w.upload()
+    summary = w.finish()
+    assert summary.counts == {"http_exchanges": 7, "bits_exchanges": 5, "other_http": 1, "downloads": 1}
+    assert summary.downloads[0].target == "/big.iso" and summary.downloads[0].method == "HEAD"
+
+
+def test_anomaly_record_carries_context() -> None:
+    w = Wire()
+    begun(w)
+    w.connect()
+    gap = w.fragment(SID, *FRAGS[2], T, status=416, received=5120)
+    anomaly, = [a for a in w.finish().sessions[0].anomalies if a.code == "range-gap"]
+    assert anomaly.session_id == SID and anomaly.connection == 1
+    assert set(anomaly.frames) == {gap.request.first_frame, gap.response.first_frame}
+    assert anomaly.timestamps[0] == gap.request.first_ts_ns
+    assert "10240" in anomaly.message and "5120" in anomaly.message
+    assert anomaly.severity is Severity.ERROR
