@@ -11,26 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
+from analyzer.bits.catalogue import CATALOGUE
+
 PROTOCOL = "{7df0354d-249b-430f-820d-3d2a9bef4931}"
 T0 = 1795605040.0  # 2026-11-25T11:10:40Z
 KIB = 1024
-
-#: The catalogue lines of the codes used here (bits-protocol.md section 9).
-MEANINGS = {
-    "fragment-after-cancel": ("FRAGMENT for a session after its CANCEL-SESSION", "MC-BUP 2.2.10, 3.2.5.2.8"),
-    "range-gap": ("fragment starts past the acknowledged offset", "MC-BUP 3.2.5.2.6"),
-    "out-of-sync": ("a 416 resynchronisation", "MC-BUP 3.2.5.2.6"),
-    "session-before-capture": ("session already running when the capture began", None),
-    "never-finished": ("capture ends with the session neither closed nor cancelled", "MC-BUP 3.2.2.1"),
-    "no-response": ("request with no ack in the capture (reset, capture gap)", None),
-    "capture-gap": ("bytes of a message missing from the capture (snaplen, loss)", None),
-    "error-response": ("an ack with an error status or BITS error header", "MC-BUP 2.2.1.2"),
-    "orphan-response": ("response with no matching request", None),
-    "client-fingerprint": ("BITS packets whose User-Agent is not `Microsoft BITS/…`", None),
-    "range-resend": ("fragment starts before the acknowledged offset", "MC-BUP 2.2.6"),
-    "stalled": ("no progress on a session for longer than a threshold", "MC-BUP 3.1.2"),
-}
-
 
 def iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -38,8 +23,8 @@ def iso(ts: float) -> str:
 
 def anomaly(code: str, severity: str, message: str, *, session: str | None, connection: int | None,
             frames: list[int], ts: float) -> dict:
-    meaning, spec = MEANINGS[code]
-    return {"code": code, "severity": severity, "meaning": meaning, "spec": spec,
+    kind = CATALOGUE[code]
+    return {"code": code, "severity": severity, "meaning": kind.meaning, "spec": kind.rule,
             "message": message, "session": session, "connection": connection,
             "frames": frames, "time": iso(ts), "ts": ts}
 

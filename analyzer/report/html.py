@@ -240,7 +240,7 @@ def _share(session: dict) -> float:
 # --- anomalies, problems, downloads -----------------------------------------------------------
 
 def _anomaly_title(anomaly: dict) -> str:
-    spec = f" ({anomaly['spec']})" if anomaly.get("spec") else ""
+    spec = f" ({anomaly['spec']})" if (anomaly.get("spec") or "-") != "-" else ""
     return _e(f"{anomaly.get('meaning') or ''}{spec}")
 
 

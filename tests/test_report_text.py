@@ -1,0 +1,143 @@
+"""The terminal report, rendered from schema-v1 report dicts (tests/report_fixtures.py)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from rich.console import Console
+
+import report_fixtures as fx
+from analyzer.bits.catalogue import CATALOGUE
+from analyzer.report.text import render_text
+
+ANSI = re.compile(r"\x1b\[")
+
+
+def text_of(report: dict, **options) -> str:
+    out = io.StringIO()
+    render_text(report, out, color=options.pop("color", False), **options)
+    return out.getvalue()
+
+
+def anomaly_section(text: str) -> str:
+    """The lines of the anomalies table (between its title and the next section)."""
+    start = text.index("Anomalies (")
+    end = min(i for i in (text.find("Downloads (", start), text.find("\nCounts", start)) if i > 0)
+    return text[start:end]
+
+
+def test_every_session_and_anomaly_appears():
+    report = fx.corpus_report()
+    text = text_of(report)
+    wide = Console(record=True, width=200, color_system=None, file=io.StringIO())
+    render_text(report, wide, color=False)
+    wide_text = wide.export_text()
+    for session in report["sessions"]:
+        assert session["url"] in wide_text  # at 120 columns a long URL folds
+        assert session["verdict"] in text
+    # Two ids share their first 8 hex digits: both are lengthened until they differ.
+    assert "A0FF5911-4…" in text and "A0FF5911-7…" in text
+    for short in ("0D9E8F7A…", "5C2E1B90…", "C85B4E0A…", "E1D2C3B4…"):
+        assert short in text
+    every = [a for s in report["sessions"] for a in s["anomalies"]] + report["anomalies"]
+    section = anomaly_section(text)
+    for anomaly in every:
+        assert anomaly["code"] in section
+    assert len(every) == 9
+    assert "Anomalies (9)" in text
+
+
+def test_every_catalogue_code_is_shown_whole():
+    builder = fx.SessionBuilder(fx.ID_CLEAN).create()
+    packet = builder.fragment(0, 99, 100)
+    for code, kind in CATALOGUE.items():
+        builder.flag(packet, code, kind.severity.value, f"message for {code}")
+    text = text_of(fx.report(captures=[fx.capture("c.pcap", frames=9)],
+                             sessions=[builder.build(state="closed", verdict="delivered")]))
+    section = anomaly_section(text)
+    for code in CATALOGUE:
+        assert re.search(rf"\s{re.escape(code)}\s", section), code
+        assert f"message for {code}" in section
+
+
+def test_min_severity_filters_anomalies_and_says_so():
+    report = fx.corpus_report()
+    warning = anomaly_section(text_of(report, min_severity="warning"))
+    assert "session-before-capture" not in warning and "out-of-sync" not in warning
+    for code in ("fragment-after-cancel", "range-gap", "orphan-response", "never-finished"):
+        assert code in warning
+    assert "2 anomalies below warning not shown" in warning
+
+    errors = anomaly_section(text_of(report, min_severity="error"))
+    assert {"fragment-after-cancel", "error-response", "range-gap"} <= set(re.findall(r"[a-z]+(?:-[a-z]+)+", errors))
+    for code in ("orphan-response", "capture-gap", "no-response", "never-finished", "out-of-sync"):
+        assert code not in errors
+    assert "6 anomalies below error not shown" in errors
+
+    with pytest.raises(ValueError):
+        text_of(report, min_severity="debug")
+
+
+def test_anomalies_worst_first_then_by_time():
+    lines = anomaly_section(text_of(fx.corpus_report())).splitlines()
+    rows = [line.split()[:2] for line in lines if line.split()[:1] and line.split()[0] in ("error", "warning", "info")]
+    severities = [severity for severity, _ in rows]
+    assert severities == sorted(severities, key=("error", "warning", "info").index)
+    codes = [code for _, code in rows]
+    # Warnings: the orphan response (0.2 s into the capture) comes before those of the
+    # truncated session (3 s in).
+    assert codes.index("orphan-response") < codes.index("capture-gap") < codes.index("never-finished")
+    assert codes.index("fragment-after-cancel") < codes.index("range-gap")  # 0.6 s before 1.0 s
+
+
+def test_no_escape_codes_without_colour_and_fixed_width():
+    report = fx.hostile_report()
+    report["sessions"][0]["url"] += "\x1b[31m"
+    plain = text_of(report)
+    assert not ANSI.search(plain) and "\x1b" not in plain
+    assert max(len(line) for line in plain.splitlines()) <= 120
+    # The control character is shown, escaped, and rich markup in capture strings stays text.
+    assert "\\x1b[31m" in plain
+    assert "[link=http://evil.example]x[/link]" in plain
+    coloured = text_of(report, color=True)
+    assert ANSI.search(coloured)
+    assert "\\x1b[31m" in coloured  # the capture's own escape stays escaped with colour on
+
+
+def test_colour_marks_verdicts():
+    coloured = text_of(fx.corpus_report(), color=True)
+    assert re.search(r"\x1b\[[0-9;]*32m(\s*)delivered", coloured)  # green
+    assert re.search(r"\x1b\[[0-9;]*31m(\s*)not-delivered", coloured)  # red
+    assert re.search(r"\x1b\[[0-9;]*33m(\s*)unknown", coloured)  # yellow
+
+
+def test_header_downloads_counts_and_problems():
+    text = text_of(fx.corpus_report())
+    header = text.split("\n\n")[0]
+    assert "captures/clean-multi-fragment.pcap: complete" in header
+    assert "captures/truncated.pcap: INCOMPLETE (2 problems, 1 fatal)" in " ".join(header.split())
+    assert "6 BITS upload sessions: 4 delivered, 1 not delivered, 1 unknown" in text
+    assert "Downloads (2)" in text and "/files/update.cab" in text
+    assert "HTTP exchanges 36: 33 BITS, 3 other" in text
+    problems = text[text.index("Problems reading the input (2)"):]
+    assert "truncated-record (fatal)" in problems and "frame 311" in problems
+
+
+def test_given_console_is_used_and_wide_ones_show_start_times():
+    console = Console(record=True, width=160, color_system=None, file=io.StringIO())
+    render_text(fx.corpus_report(), console, color=False)
+    text = console.export_text()
+    assert "Start" in text.split("Sessions (6)")[1].splitlines()[1]
+    assert "11:10:40.510" in text  # the cancelled session's start
+
+
+def test_empty_and_many():
+    assert "No BITS upload sessions in the capture." in text_of(fx.empty_report())
+    assert "No anomalies." in text_of(fx.empty_report())
+    many = fx.many_sessions(50)
+    text = text_of(many)
+    for session in many["sessions"]:
+        assert session["id"][1:9] in text
+    assert max(len(line) for line in text.splitlines()) <= 120
