@@ -1,0 +1,319 @@
+"""bits-replay: replay captured BITS upload sessions against a live server and compare answers.
+
+Exit status: 0 = done; 1 = differences found and --fail-on-diff given; 2 = usage error or no
+capture could be read; 3 = a fault stopped some session early, or a capture could not be read
+to its end (the results so far are still reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Iterator, Sequence, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from analyzer.bits.protocol import Header, format_hresult
+from replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
+from replay.send import (
+    MODES,
+    Options,
+    Outcome,
+    ReplayResult,
+    SessionResult,
+    Target,
+    TargetError,
+    auth_notes,
+    dry_run,
+    replay,
+)
+
+EXIT_OK, EXIT_DIFF, EXIT_USAGE, EXIT_FAULT = 0, 1, 2, 3
+SCHEMA = "bitstrace.replay"
+SCHEMA_VERSION = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bits-replay",
+        description="Replay the BITS upload sessions of pcap/pcapng captures against a live "
+                    "server, and compare its answers with the captured ones.")
+    parser.add_argument("captures", nargs="+", metavar="CAPTURE",
+                        help="pcap or pcapng file (gzip or not); '-' reads standard input")
+    parser.add_argument("--target", required=True, metavar="URL",
+                        help="where to send, e.g. http://127.0.0.1:8080/uploads; nothing is "
+                             "ever sent anywhere else")
+    parser.add_argument("--session", action="append", metavar="ID",
+                        help="replay only this session (repeatable; default: all)")
+    parser.add_argument("--mode", choices=MODES, default="faithful",
+                        help="faithful: send exactly the captured requests (default); adaptive: "
+                             "behave like a real client (follow 416, recreate, shrink on 413)")
+    parser.add_argument("--speed", type=_non_negative, default=1.0, metavar="X",
+                        help="1 = the capture's own pacing, 2 = twice as fast, 0 = no waiting")
+    parser.add_argument("--concurrency", type=_positive_int, metavar="N",
+                        help="at most N sessions in flight (default: as overlapped in the capture)")
+    parser.add_argument("--timeout", type=_positive, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the server at any step (default 30)")
+    parser.add_argument("--auth", metavar="USER:PASS",
+                        help="Basic credentials replacing the captured ones")
+    parser.add_argument("--follow-host-id", action="store_true",
+                        help="use a BITS-Host-Id as Host header, only if it resolves to the "
+                             "target's own address")
+    parser.add_argument("--strip-prefix", default="", metavar="PATH",
+                        help="captured path prefix to drop before adding the target's path")
+    parser.add_argument("--insecure", action="store_true",
+                        help="https: do not verify the server's certificate")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be sent, send nothing")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--fail-on-diff", action="store_true",
+                        help="exit with status 1 when a live answer differs from the captured one")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress display")
+    return parser
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+def _request_json(request: PlannedRequest | None) -> dict | None:
+    if request is None:
+        return None
+    return {
+        "type": request.packet_type.value if request.packet_type else None,
+        "type_raw": request.packet_type_raw,
+        "file": request.file, "connection": request.connection, "frame": request.frame,
+        "ts": request.ts_ns / 1e9,
+        "range": ({"first": request.range.first, "last": request.range.last,
+                   "total": request.range.total} if request.range else None),
+        "body_length": request.body.length if request.body else 0,
+        "response": request.response.to_json() if request.response else None,
+    }
+
+
+def _outcome_json(outcome: Outcome) -> dict:
+    return {
+        "label": outcome.label,
+        "captured": _request_json(outcome.captured),
+        "sent": outcome.sent,
+        "bytes_sent": outcome.bytes_sent,
+        "live": outcome.live.to_json() if outcome.live else None,
+        "differences": [d.to_json() for d in outcome.differences],
+        "fault": outcome.fault,
+        "note": outcome.note,
+        "due_s": outcome.due_s, "sent_s": outcome.sent_s,
+        "pacing_error_s": outcome.pacing_error_s,
+    }
+
+
+def result_json(result: ReplayResult, plan: Plan, notes: list[str]) -> dict:
+    median = result.median_pacing_error_s()
+    return {
+        "schema": SCHEMA, "version": SCHEMA_VERSION,
+        "target": result.target, "mode": result.mode, "speed": result.speed,
+        "notes": notes,
+        "problems": [str(p) for p in plan.problems],
+        "summary": {
+            "sessions": len(result.sessions),
+            "packets_sent": sum(o.sent for s in result.sessions for o in s.outcomes),
+            "bytes_sent": sum(o.bytes_sent for s in result.sessions for o in s.outcomes),
+            "differences": result.differences,
+            "faults": result.faults,
+            "median_pacing_error_s": median,
+        },
+        "sessions": [{
+            "captured_id": s.key, "live_ids": s.live_ids, "fault": s.fault, "notes": s.notes,
+            "started_s": s.started_s, "ended_s": s.ended_s, "differences": s.differences,
+            "packets": [_outcome_json(o) for o in s.outcomes],
+        } for s in result.sessions],
+    }
+
+
+# --- text --------------------------------------------------------------------------------------
+
+def _show(field: str, value: object) -> str:
+    if value is None:
+        return "—"
+    if field == "error_code" and isinstance(value, int):
+        return format_hresult(value)
+    if field == "error_context" and isinstance(value, int):
+        return f"0x{value:X}"
+    return str(value)
+
+
+def render_text(result: ReplayResult, notes: list[str], console: Console) -> None:
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+    table = Table(title="Differences: captured vs live", title_justify="left")
+    for column in ("session", "#", "packet", "field", "captured", "live"):
+        table.add_column(column, overflow="fold")
+    for session in result.sessions:
+        for number, outcome in enumerate(session.outcomes, 1):
+            for diff in outcome.differences:
+                table.add_row(session.key, str(number), outcome.label, diff.field,
+                              _show(diff.field, diff.captured), _show(diff.field, diff.live))
+    if table.row_count:
+        console.print(table)
+    for session in result.sessions:
+        _render_session(session, console)
+    sent = sum(o.sent for s in result.sessions for o in s.outcomes)
+    median = result.median_pacing_error_s()
+    pacing = f"; median pacing error {median * 1000:.1f} ms" if median is not None else ""
+    console.print(f"{len(result.sessions)} session(s), {sent} request(s) sent to "
+                  f"{result.target} ({result.mode}), {result.differences} difference(s), "
+                  f"{result.faults} fault(s){pacing}", highlight=False)
+
+
+def _render_session(session: SessionResult, console: Console) -> None:
+    live = ", ".join(session.live_ids) or "none"
+    sent = sum(o.sent for o in session.outcomes)
+    console.print(f"session {session.key}: {sent} request(s) sent, live id {live}, "
+                  f"{session.differences} difference(s)", highlight=False)
+    for outcome in session.outcomes:
+        if outcome.fault:
+            console.print(f"  fault at {outcome.label}: {outcome.fault}", highlight=False)
+        elif outcome.note:
+            console.print(f"  {outcome.label}: {outcome.note}", highlight=False)
+    for note in session.notes:
+        console.print(f"  note: {note}", highlight=False)
+    if session.fault and not any(o.fault for o in session.outcomes):
+        console.print(f"  stopped: {session.fault}", highlight=False)
+
+
+def render_dry_run(described: list[dict], console: Console) -> None:
+    for session in described:
+        console.print(f"session {session['captured_id']} ({len(session['requests'])} request(s))",
+                      highlight=False)
+        for request in session["requests"]:
+            when = f"+{request['at_s']:.3f}s" if request["at_s"] is not None else "at once"
+            new = " (new connection)" if request["new_connection"] else ""
+            console.print(f"  {when} connection {request['connection']}{new}: "
+                          f"{request['method']} {request['url']}", highlight=False)
+            for name, value in request["headers"]:
+                console.print(f"      {name}: {value}", highlight=False, markup=False)
+            if request["note"]:
+                console.print(f"      ({request['note']})", highlight=False)
+            elif request["body_length"]:
+                console.print(f"      body: {request['body_length']} bytes, sha256 "
+                              f"{request['body_sha256']}", highlight=False)
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+class _ProgressObserver:
+    """Sessions done and bytes sent, on a rich progress display."""
+
+    def __init__(self, progress, plan: Plan) -> None:
+        self.progress = progress
+        self.sessions = progress.add_task("sessions", total=len(plan.sessions))
+        self.bytes = progress.add_task("bytes", total=sum(s.body_bytes for s in plan.sessions))
+
+    def on_session_start(self, session: PlannedSession) -> None:
+        pass
+
+    def on_bytes(self, session: PlannedSession, count: int) -> None:
+        self.progress.advance(self.bytes, count)
+
+    def on_session_end(self, session: PlannedSession, result: SessionResult) -> None:
+        self.progress.advance(self.sessions)
+
+
+@contextlib.contextmanager
+def progress_display(enabled: bool, plan: Plan, err: TextIO) -> Iterator[_ProgressObserver | None]:
+    if not enabled or not err.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=Console(file=err), transient=True) as progress:
+        yield _ProgressObserver(progress, plan)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def _options(args: argparse.Namespace) -> Options:
+    auth = None
+    if args.auth is not None:
+        user, colon, password = args.auth.partition(":")
+        if not colon:
+            raise TargetError("--auth must be USER:PASS")
+        auth = (user, password)
+    return Options(target=Target.parse(args.target), mode=args.mode, speed=args.speed,
+                   concurrency=args.concurrency, timeout=args.timeout, auth=auth,
+                   follow_host_id=args.follow_host_id, strip_prefix=args.strip_prefix,
+                   verify_tls=not args.insecure)
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        options = _options(args)
+    except TargetError as exc:
+        print(f"bits-replay: {exc}", file=err)
+        return EXIT_USAGE
+    sources = [sys.stdin.buffer if c == "-" else c for c in args.captures]
+    plan = build_plan(sources, args.session)
+    with plan:
+        for problem in plan.problems:
+            print(f"bits-replay: {problem}", file=err)
+        if not plan.sessions:
+            print("bits-replay: no BITS session to replay", file=err)
+            return EXIT_USAGE if args.session or not plan.complete else EXIT_OK
+        notes = auth_notes(plan, options)
+        console = Console(file=out, width=160 if not out.isatty() else None, soft_wrap=False)
+        if args.dry_run:
+            described = dry_run(plan, options)
+            if args.json:
+                out.write(json.dumps({"schema": SCHEMA, "version": SCHEMA_VERSION,
+                                      "dry_run": True, "target": str(options.target),
+                                      "notes": notes, "sessions": described}, indent=2) + "\n")
+            else:
+                for note in notes:
+                    console.print(f"note: {note}", highlight=False)
+                render_dry_run(described, console)
+            return EXIT_OK if plan.complete else EXIT_FAULT
+        try:
+            with progress_display(not args.no_progress and not args.json, plan, err) as observer:
+                result = replay(plan, options, observer)
+        except KeyboardInterrupt:
+            print("bits-replay: interrupted", file=err)
+            return EXIT_FAULT
+        if args.json:
+            out.write(json.dumps(result_json(result, plan, notes), indent=2) + "\n")
+        else:
+            render_text(result, notes, console)
+    if result.faults or not plan.complete:
+        return EXIT_FAULT
+    if args.fail_on_diff and result.differences:
+        return EXIT_DIFF
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Captured against live answers: what each ack said, and where the two differ.
+
+An ack is reduced to the facts a replay can be judged on (status, packet type, error code and
+context, received offset, reply URL present); session ids are left out on purpose, since a
+live server always issues new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+from analyzer.bits.protocol import (
+    Header,
+    describe_hresult,
+    format_hresult,
+    parse_decimal,
+    parse_hresult,
+)
+
+
+@dataclass(frozen=True)
+class AckSummary:
+    """What one response to a BITS request said, as far as comparison goes."""
+
+    status: int
+    packet_type: str | None
+    error_code: int | None
+    error_context: int | None
+    received: int | None
+    reply_url: bool
+    session_id: str | None = None
+    host_id: str | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["error_code"] = format_hresult(self.error_code) if self.error_code is not None else None
+        data["error_name"] = describe_hresult(self.error_code).name if self.error_code is not None else None
+        return data
+
+    def describe(self) -> str:
+        parts = [str(self.status)]
+        if self.error_code is not None:
+            parts.append(f"{describe_hresult(self.error_code).name}")
+        if self.error_context is not None:
+            parts.append(f"ctx 0x{self.error_context:X}")
+        if self.received is not None:
+            parts.append(f"N={self.received}")
+        if self.reply_url:
+            parts.append("reply-url")
+        return " ".join(parts)
+
+
+def summarize(status: int, get: Callable[[str], str | None]) -> AckSummary:
+    """Summarise a response from its status and a case-insensitive header lookup."""
+    code_text = get(Header.ERROR_CODE) or get(Header.ERROR_CODE_MCBUP)
+    context_text = get(Header.ERROR_CONTEXT)
+    received_text = get(Header.RECEIVED_CONTENT_RANGE)
+    packet_type = get(Header.PACKET_TYPE)
+    return AckSummary(
+        status=status,
+        packet_type=packet_type.strip() if packet_type is not None else None,
+        error_code=parse_hresult(code_text) if code_text is not None else None,
+        error_context=parse_hresult(context_text) if context_text is not None else None,
+        received=parse_decimal(received_text) if received_text is not None else None,
+        reply_url=get(Header.REPLY_URL) is not None,
+        session_id=get(Header.SESSION_ID),
+        host_id=get(Header.HOST_ID),
+    )
+
+
+@dataclass(frozen=True)
+class Difference:
+    field: str
+    captured: object
+    live: object
+
+    def to_json(self) -> dict:
+        return {"field": self.field, "captured": _jsonable(self.field, self.captured),
+                "live": _jsonable(self.field, self.live)}
+
+
+def _jsonable(field: str, value: object) -> object:
+    if field == "error_code" and isinstance(value, int):
+        return format_hresult(value)
+    return value
+
+
+def _same_packet_type(captured: str | None, live: str | None) -> bool:
+    if captured is None or live is None:
+        return captured is live
+    return captured.lower() == live.lower()
+
+
+#: The compared fields and how two values are judged equal.
+COMPARED: tuple[tuple[str, Callable[[object, object], bool]], ...] = (
+    ("status", lambda a, b: a == b),
+    ("packet_type", _same_packet_type),
+    ("error_code", lambda a, b: a == b),
+    ("error_context", lambda a, b: a == b),
+    ("received", lambda a, b: a == b),
+    ("reply_url", lambda a, b: a == b),
+)
+
+
+def compare(captured: AckSummary | None, live: AckSummary | None) -> list[Difference]:
+    """The differences between a captured and a live answer to the same request.
+
+    A request that had no answer in the capture is not judged (there is nothing to compare to);
+    one that had an answer there but none live differs in every sense, reported as `response`.
+    """
+    if captured is None:
+        return []
+    if live is None:
+        return [Difference("response", captured.describe(), None)]
+    return [
+        Difference(name, getattr(captured, name), getattr(live, name))
+        for name, same in COMPARED
+        if not same(getattr(captured, name), getattr(live, name))
+    ]
+
+
+def count(differences: Iterable[list[Difference]]) -> int:
+    return sum(1 for d in differences if d)

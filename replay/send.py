@@ -1,0 +1,733 @@
+"""Sending a plan to a live server: target rewrite, session-id substitution, pacing, concurrency.
+
+Everything goes to the one target address given; nothing is ever sent anywhere else. The
+BITS-Host-Id of a live Create ack only changes the Host header, and only with
+`follow_host_id` and when the Host-Id resolves to the target's own address.
+
+Two modes. `faithful` sends the captured requests exactly, anomalies included (only Host, the
+request target, the session id and Basic credentials are rewritten). `adaptive` behaves like a
+real client: it uploads the file from the bytes the capture holds, continuing from the live
+server's offset (200/416), recreating the session on BG_E_SESSION_NOT_FOUND and shrinking
+fragments on 413.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import ssl
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol
+from urllib.parse import urlsplit
+
+from analyzer.bits.protocol import (
+    BG_E_SESSION_NOT_FOUND,
+    METHOD,
+    MIN_FRAGMENT,
+    PROTOCOL_GUID,
+    ContentRange,
+    Header,
+    PacketType,
+    same_id,
+)
+from replay.compare import AckSummary, Difference, compare, summarize
+from replay.plan import Body, Plan, PlannedRequest, PlannedSession
+
+MODES = ("faithful", "adaptive")
+#: Adaptive mode gives up after this many answers in a row that do not move the offset.
+MAX_STALLED_ANSWERS = 3
+#: Bound on what is read of a response body (acks have none; a garbage server may send plenty).
+MAX_RESPONSE_BODY = 1 << 20
+NON_REPLAYABLE_AUTH = ("ntlm", "negotiate", "kerberos")
+
+
+class TargetError(ValueError):
+    """The --target URL cannot be used."""
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str
+    host: str
+    port: int
+    prefix: str  # path prefix, without a trailing slash ("" for none)
+
+    @classmethod
+    def parse(cls, url: str) -> "Target":
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise TargetError(f"--target must be an http:// or https:// URL, not {url!r}")
+        if not parts.hostname:
+            raise TargetError(f"--target {url!r} names no host")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise TargetError(f"--target {url!r}: {exc}") from None
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.prefix}"
+
+    def path_for(self, captured_target: str, strip_prefix: str = "") -> str:
+        """The live request target: the captured path (absolute form reduced to origin form),
+        less `strip_prefix`, under the target's own prefix."""
+        parts = urlsplit(captured_target)
+        path = parts.path if parts.scheme else captured_target.split("?", 1)[0]
+        query = parts.query if parts.scheme else (captured_target.split("?", 1)[1]
+                                                  if "?" in captured_target else "")
+        if strip_prefix and path.startswith(strip_prefix.rstrip("/")):
+            path = path[len(strip_prefix.rstrip("/")):]
+        if not path.startswith("/"):
+            path = "/" + path
+        return self.prefix + path + (f"?{query}" if query else "")
+
+
+@dataclass
+class Options:
+    target: Target
+    mode: str = "faithful"
+    speed: float = 1.0  # 1 = the capture's own gaps, 2 = twice as fast, 0 = no waiting
+    concurrency: int | None = None  # sessions in flight at once; None = as in the capture
+    timeout: float = 30.0  # seconds to wait for the server at any one step
+    auth: tuple[str, str] | None = None
+    follow_host_id: bool = False
+    strip_prefix: str = ""
+    verify_tls: bool = True
+
+
+@dataclass
+class Outcome:
+    """One request of the replay: what was (or would have been) sent and what came back."""
+
+    label: str
+    captured: PlannedRequest | None  # the captured request it stands for; None if made up
+    sent: bool = False
+    live: AckSummary | None = None
+    fault: str | None = None
+    note: str | None = None
+    due_s: float | None = None  # when it should have gone, seconds after the replay started
+    sent_s: float | None = None
+    bytes_sent: int = 0
+    differences: list[Difference] = field(default_factory=list)
+
+    @property
+    def pacing_error_s(self) -> float | None:
+        if self.due_s is None or self.sent_s is None:
+            return None
+        return self.sent_s - self.due_s
+
+
+@dataclass
+class SessionResult:
+    key: str
+    live_ids: list[str] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fault: str | None = None  # why the session stopped early
+    started_s: float | None = None
+    ended_s: float | None = None
+
+    @property
+    def differences(self) -> int:
+        return sum(1 for o in self.outcomes if o.differences)
+
+
+@dataclass
+class ReplayResult:
+    target: str
+    mode: str
+    speed: float
+    sessions: list[SessionResult]
+
+    @property
+    def faults(self) -> int:
+        return sum(1 for s in self.sessions if s.fault)
+
+    @property
+    def differences(self) -> int:
+        return sum(s.differences for s in self.sessions)
+
+    def median_pacing_error_s(self) -> float | None:
+        errors = [abs(o.pacing_error_s) for s in self.sessions for o in s.outcomes
+                  if o.pacing_error_s is not None]
+        return statistics.median(errors) if errors else None
+
+
+class Observer(Protocol):
+    def on_session_start(self, session: PlannedSession) -> None: ...
+    def on_bytes(self, session: PlannedSession, count: int) -> None: ...
+    def on_session_end(self, session: PlannedSession, result: SessionResult) -> None: ...
+
+
+class Fault(Exception):
+    """A transport failure, phrased for the user."""
+
+
+# --- one HTTP exchange over a live connection --------------------------------------------------
+
+class _LiveConnection:
+    """A live TCP connection standing for one captured connection."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.lock = threading.Lock()
+        self.used = False
+        self.http = self._open()
+
+    def _open(self) -> http.client.HTTPConnection:
+        target, timeout = self.options.target, self.options.timeout
+        if target.scheme == "https":
+            context = ssl.create_default_context()
+            if not self.options.verify_tls:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            return http.client.HTTPSConnection(target.host, target.port, timeout=timeout,
+                                               context=context)
+        return http.client.HTTPConnection(target.host, target.port, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def exchange(self, method: str, path: str, headers: list[tuple[str, str]],
+                 body: BodySource, counter: "_ByteCounter") -> AckSummary:
+        """Send one request, streaming its body; return the summary of the answer.
+
+        A reused keep-alive connection that the server had closed meanwhile is reopened and
+        the request sent again once, as any client does; a failure on a fresh connection is
+        a fault.
+        """
+        reused = self.used
+        self.used = True
+        try:
+            return self._exchange(method, path, headers, body(), counter)
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
+            if not reused:
+                raise self._fault(exc, counter) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._fault(exc, counter) from None
+        self.http.close()
+        counter.request_bytes = 0
+        try:
+            return self._exchange(method, path, headers, body(), counter)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._fault(exc, counter) from None
+
+    def _exchange(self, method: str, path: str, headers: list[tuple[str, str]],
+                  body: Iterable[bytes], counter: "_ByteCounter") -> AckSummary:
+        conn = self.http
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders()
+        for chunk in body:
+            conn.send(chunk)
+            counter.add(len(chunk))
+        response = conn.getresponse()
+        response.read(MAX_RESPONSE_BODY)
+        if not response.isclosed():
+            conn.close()  # a body larger than any ack: do not read on into the next answer
+        return summarize(response.status, response.getheader)
+
+    def _fault(self, exc: BaseException, counter: "_ByteCounter") -> Fault:
+        where = f"{self.options.target.host}:{self.options.target.port}"
+        self.http.close()
+        if isinstance(exc, ConnectionRefusedError):
+            return Fault(f"cannot connect to {where}: connection refused (nothing listens there)")
+        if isinstance(exc, socket.gaierror):
+            return Fault(f"cannot resolve {self.options.target.host}: {exc.strerror}")
+        if isinstance(exc, (TimeoutError, socket.timeout)):
+            return Fault(f"{where} did not answer within {self.options.timeout:g} s")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            return Fault(f"{where} reset the connection after {counter.request_bytes} of "
+                         f"{counter.expected} body bytes")
+        if isinstance(exc, http.client.RemoteDisconnected):
+            return Fault(f"{where} closed the connection without answering")
+        if isinstance(exc, http.client.BadStatusLine):
+            return Fault(f"{where} answered something that is not HTTP: {exc.line[:60]!r}")
+        if isinstance(exc, http.client.HTTPException):
+            return Fault(f"{where} sent a malformed HTTP answer ({type(exc).__name__}: {exc})")
+        if isinstance(exc, ssl.SSLError):
+            return Fault(f"TLS with {where} failed: {exc.reason or exc}")
+        return Fault(f"talking to {where} failed: {exc.strerror or exc}"
+                     if isinstance(exc, OSError) else f"talking to {where} failed: {exc}")
+
+
+BodySource = Callable[[], Iterable[bytes]]  # a fresh iterator over the body on each call
+
+
+class _ByteCounter:
+    def __init__(self, expected: int, report) -> None:
+        self.expected = expected
+        self.request_bytes = 0
+        self._report = report
+
+    def add(self, count: int) -> None:
+        self.request_bytes += count
+        self._report(count)
+
+
+class _Connections:
+    """Live connections keyed by the captured connection they stand for; each is closed when
+    the last planned request of its captured connection is done, so TCP boundaries follow the
+    capture's."""
+
+    def __init__(self, plan: Plan, options: Options) -> None:
+        self.options = options
+        self._lock = threading.Lock()
+        self._live: dict[tuple[int, int], _LiveConnection] = {}
+        self._remaining: dict[tuple[int, int], int] = {}
+        for session in plan.sessions:
+            for request in session.requests:
+                key = request.connection_key
+                self._remaining[key] = self._remaining.get(key, 0) + 1
+
+    def get(self, key: tuple[int, int]) -> _LiveConnection:
+        with self._lock:
+            live = self._live.get(key)
+            if live is None:
+                live = self._live[key] = _LiveConnection(self.options)
+            return live
+
+    def done(self, key: tuple[int, int]) -> None:
+        """One planned request of `key` is over (sent, skipped or abandoned)."""
+        with self._lock:
+            self._remaining[key] -= 1
+            if self._remaining[key] <= 0:
+                live = self._live.pop(key, None)
+                if live is not None:
+                    live.close()
+
+    def discard(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            live = self._live.pop(key, None)
+        if live is not None:
+            live.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            for live in self._live.values():
+                live.close()
+            self._live.clear()
+
+
+# --- the replay --------------------------------------------------------------------------------
+
+class _Clock:
+    def __init__(self, plan: Plan, speed: float) -> None:
+        self.start = time.monotonic()
+        self.origin_ns = plan.first_ts_ns
+        self.speed = speed
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    def due(self, ts_ns: int) -> float | None:
+        if self.speed <= 0:
+            return None
+        return (ts_ns - self.origin_ns) / 1e9 / self.speed
+
+    def wait_until(self, due: float | None) -> None:
+        if due is not None:
+            delay = due - self.now()
+            if delay > 0:
+                time.sleep(delay)
+
+
+def _is_session_not_found(ack: AckSummary) -> bool:
+    return ack.error_code == BG_E_SESSION_NOT_FOUND.code
+
+
+def _auth_scheme(value: str) -> str:
+    return value.strip().split(" ", 1)[0].lower()
+
+
+def auth_notes(plan: Plan, options: Options) -> list[str]:
+    """What the replay cannot do about the captured credentials, said plainly."""
+    notes: list[str] = []
+    schemes = {_auth_scheme(v) for s in plan.sessions for r in s.requests
+               for k, v in r.headers if k.lower() == "authorization"}
+    blocked = sorted(schemes & set(NON_REPLAYABLE_AUTH))
+    if blocked:
+        notes.append(f"the capture uses {'/'.join(s.upper() for s in blocked)} authentication, "
+                     "which cannot be replayed (it is bound to the original connection and "
+                     "server challenge); those requests are sent without Authorization")
+    if "basic" in schemes and options.auth is None:
+        notes.append("the capture's Basic credentials are sent as captured (use --auth to "
+                     "replace them)")
+    return notes
+
+
+class _SessionReplay:
+    """Replays one planned session on the calling thread."""
+
+    def __init__(self, session: PlannedSession, plan: Plan, options: Options, clock: _Clock,
+                 connections: _Connections, observer: Observer | None) -> None:
+        self.session = session
+        self.plan = plan
+        self.options = options
+        self.clock = clock
+        self.connections = connections
+        self.observer = observer
+        self.result = SessionResult(session.key)
+        self.live_ids: dict[str, str] = {}  # captured id → live id
+        self.live_id: str | None = None
+        self.host: str = options.target.netloc
+        self.shift = 0.0  # how late the session started (concurrency cap), added to every due time
+
+    # -- header rewriting
+
+    def headers_for(self, request: PlannedRequest, replace: dict[str, str] | None = None,
+                    authorization: bool = False) -> list[tuple[str, str]]:
+        replace = {k.lower(): v for k, v in (replace or {}).items()}
+        out: list[tuple[str, str]] = []
+        for name, value in request.headers:
+            lowered = name.lower()
+            if lowered == Header.HOST.lower():
+                value = self.host
+            elif lowered == Header.SESSION_ID.lower():
+                value = self._live_session_id(value)
+            elif lowered == "authorization":
+                scheme = _auth_scheme(value)
+                if scheme in NON_REPLAYABLE_AUTH:
+                    continue
+                if scheme == "basic" and self.options.auth:
+                    value = self._basic()
+            if lowered in replace:
+                value = replace.pop(lowered)
+            out.append((name, value))
+        if authorization and self.options.auth and not any(k.lower() == "authorization"
+                                                           for k, _ in out):
+            out.append(("Authorization", self._basic()))
+        out.extend((name, value) for name, value in replace.items())
+        return out
+
+    def _live_session_id(self, captured: str) -> str:
+        for known, live in self.live_ids.items():
+            if same_id(known, captured):
+                return live
+        return self.live_id if self.options.mode == "adaptive" and self.live_id else captured
+
+    def _basic(self) -> str:
+        user, password = self.options.auth
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
+
+    # -- sending
+
+    def send(self, outcome: Outcome, request: PlannedRequest, headers: list[tuple[str, str]],
+             body: BodySource, length: int, ts_ns: int | None) -> AckSummary:
+        """Wait for the request's time, send it, fill `outcome`; raises Fault."""
+        due = self.clock.due(ts_ns) if ts_ns is not None else None
+        if due is not None:
+            due += self.shift
+            self.clock.wait_until(due)
+        outcome.due_s = due
+        outcome.sent_s = self.clock.now()
+        outcome.sent = True
+        key = request.connection_key
+        live = self.connections.get(key)
+        counter = _ByteCounter(length, lambda n: self._count(outcome, n))
+        path = self.options.target.path_for(request.target, self.options.strip_prefix)
+        with live.lock:
+            try:
+                ack = live.exchange(request.method, path, headers, body, counter)
+            except Fault as fault:
+                self.connections.discard(key)
+                outcome.fault = str(fault)
+                raise
+        outcome.live = ack
+        return ack
+
+    def _count(self, outcome: Outcome, count: int) -> None:
+        outcome.bytes_sent += count
+        if self.observer is not None:
+            self.observer.on_bytes(self.session, count)
+
+    def body_of(self, body: Body | None) -> BodySource:
+        return lambda: iter(()) if body is None else self.plan.spool.read(body)
+
+    def learn(self, request: PlannedRequest, ack: AckSummary) -> None:
+        """Take the live session id (and Host-Id) from a successful Create ack."""
+        if request.packet_type is not PacketType.CREATE_SESSION:
+            return
+        if ack.status not in (200, 201) or not ack.session_id:
+            return
+        captured = (request.response.session_id if request.response else None) or self.session.key
+        self.live_ids[captured] = ack.session_id
+        self.live_id = ack.session_id
+        self.result.live_ids.append(ack.session_id)
+        if ack.host_id:
+            self._consider_host_id(ack.host_id)
+
+    def _consider_host_id(self, host_id: str) -> None:
+        if not self.options.follow_host_id:
+            self.result.notes.append(f"the server gave BITS-Host-Id {host_id}; not followed "
+                                     "(use --follow-host-id)")
+            return
+        target = self.options.target
+        if _resolves_to(host_id, target.host, target.port):
+            self.host = host_id if target.port in (80, 443) else f"{host_id}:{target.port}"
+            self.result.notes.append(f"following BITS-Host-Id {host_id} (it is the target's "
+                                     "own address)")
+        else:
+            self.result.notes.append(f"BITS-Host-Id {host_id} does not resolve to the target's "
+                                     "address: not followed (nothing is sent anywhere but the "
+                                     "target)")
+
+    # -- the two modes
+
+    def run(self) -> SessionResult:
+        try:
+            if self.options.mode == "adaptive":
+                self._adaptive()
+            else:
+                self._faithful()
+        except Fault as fault:
+            self.result.fault = str(fault)
+            unsent = len(self.session.requests) - self._released - 1
+            if unsent > 0:
+                self.result.notes.append(f"{unsent} later captured request(s) not sent")
+        finally:
+            self._release_through(len(self.session.requests) - 1)
+        return self.result
+
+    _released = 0  # planned requests whose turn is over (their live connection may close)
+
+    def _release_through(self, index: int) -> None:
+        for request in self.session.requests[self._released:index + 1]:
+            self.connections.done(request.connection_key)
+        self._released = max(self._released, index + 1)
+
+    def _faithful(self) -> None:
+        for index, request in enumerate(self.session.requests):
+            outcome = Outcome(request.label, request)
+            self.result.outcomes.append(outcome)
+            if request.body is not None and not request.body.complete:
+                outcome.note = "body incomplete in the capture: not sent"
+                self._release_through(index)
+                continue
+            ack = self.send(outcome, request, self.headers_for(request),
+                            self.body_of(request.body),
+                            request.body.length if request.body else 0, request.ts_ns)
+            self.learn(request, ack)
+            outcome.differences = compare(request.response, ack)
+            self._release_through(index)
+
+    def _adaptive(self) -> None:
+        uploaded = False
+        for index, request in enumerate(self.session.requests):
+            if request.packet_type is PacketType.FRAGMENT:
+                if not uploaded:
+                    self._upload(index)
+                    uploaded = True
+                self._release_through(index)
+                continue
+            if request.body is not None and not request.body.complete:
+                self.result.outcomes.append(Outcome(request.label, request,
+                                                    note="body incomplete in the capture: not sent"))
+                self._release_through(index)
+                continue
+            ack = self._send_adaptive(request, self.headers_for(request),
+                                      self.body_of(request.body),
+                                      request.body.length if request.body else 0,
+                                      request.ts_ns, request.label, request)
+            self.learn(request, ack)
+            if (_is_session_not_found(ack) and uploaded
+                    and request.packet_type is PacketType.CLOSE_SESSION):
+                self.result.notes.append("session not found at Close: recreating and uploading again")
+                self._recreate(request)
+                self._upload(index, from_offset=0)
+                self._send_adaptive(request, self.headers_for(request),
+                                    self.body_of(request.body), 0, None, request.label, request)
+            self._release_through(index)
+
+    def _send_adaptive(self, request: PlannedRequest, headers: list[tuple[str, str]],
+                       body: BodySource, length: int, ts_ns: int | None,
+                       label: str, captured: PlannedRequest | None) -> AckSummary:
+        """Send, and resend once with --auth credentials on a 401."""
+        outcome = Outcome(label, captured)
+        self.result.outcomes.append(outcome)
+        ack = self.send(outcome, request, headers, body, length, ts_ns)
+        if captured is not None:
+            outcome.differences = compare(captured.response, ack)
+        if ack.status == 401 and self.options.auth and not any(
+                k.lower() == "authorization" for k, _ in headers):
+            outcome.note = "401: resent with --auth credentials"
+            return self._send_adaptive(request, headers + [("Authorization", self._basic())],
+                                       body, length, None, label, None)
+        return ack
+
+    def _recreate(self, near: PlannedRequest) -> None:
+        create = next((r for r in self.session.requests
+                       if r.packet_type is PacketType.CREATE_SESSION), None)
+        if create is not None:
+            headers = self.headers_for(create)
+            template = create
+        else:
+            template = near
+            headers = [(Header.PACKET_TYPE, PacketType.CREATE_SESSION.value),
+                       (Header.SUPPORTED_PROTOCOLS, PROTOCOL_GUID),
+                       (Header.HOST, self.host), (Header.CONTENT_LENGTH, "0")]
+            agent = near.header(Header.USER_AGENT)
+            if agent:
+                headers.insert(0, (Header.USER_AGENT, agent))
+        synthetic = PlannedRequest(
+            exchange=template.exchange, file=near.file, connection=near.connection,
+            frame=template.frame, ts_ns=near.ts_ns, method=METHOD, target=template.target,
+            version=template.version, headers=headers,
+            packet_type=PacketType.CREATE_SESSION, packet_type_raw=PacketType.CREATE_SESSION.value,
+            session_id=None, range=None, body=None, response=None)
+        ack = self._send_adaptive(synthetic, headers, self.body_of(None), 0, None,
+                                  "Create-Session (recreated)", None)
+        if ack.status not in (200, 201) or not ack.session_id:
+            raise Fault(f"recreating the session failed: {ack.describe()}")
+        self.live_id = ack.session_id
+        self.result.live_ids.append(ack.session_id)
+
+    def _upload(self, first_index: int, from_offset: int | None = None) -> None:
+        """Upload the whole file from the captured bytes, following the live server."""
+        fragments = [r for r in self.session.requests[first_index:]
+                     if r.packet_type is PacketType.FRAGMENT and r.range is not None]
+        if not fragments:
+            return
+        total = fragments[0].range.total
+        offset = fragments[0].range.first if from_offset is None else from_offset
+        shrunk: int | None = None  # fragment size after a 413
+        stalled = slot = 0
+        while offset < total:
+            # The n-th fragment sent takes the n-th captured one's size, time and connection.
+            captured = fragments[min(slot, len(fragments) - 1)]
+            size = shrunk or captured.range.length
+            ts_ns = captured.ts_ns if slot < len(fragments) else None
+            slot += 1
+            last = min(offset + size, total) - 1
+            pieces = self.session.entity_piece(offset, last)
+            if pieces is None:
+                raise Fault(f"bytes {offset}-{last} of the file were never captured whole: "
+                            "cannot upload further")
+            wanted = ContentRange(offset, last, total)
+            headers = self.headers_for(captured, {
+                Header.CONTENT_RANGE: str(wanted), Header.CONTENT_LENGTH: str(wanted.length)})
+            pairs = captured if captured.range == wanted else None
+            ack = self._send_adaptive(captured, headers, lambda p=pieces: self._pieces(p),
+                                      wanted.length, ts_ns, f"Fragment {wanted}", pairs)
+            if _is_session_not_found(ack):
+                self._recreate(captured)
+                offset, stalled = 0, 0
+                continue
+            if ack.status == 413:
+                if size <= MIN_FRAGMENT:
+                    raise Fault(f"413 for a {size}-byte fragment: cannot shrink further")
+                shrunk = max(MIN_FRAGMENT, size // 2)
+                continue
+            if ack.status not in (200, 416):
+                raise Fault(f"the server refused {wanted}: {ack.describe()}")
+            if ack.received is None or ack.received > total:
+                raise Fault(f"the ack for {wanted} gives no usable received offset")
+            stalled = stalled + 1 if ack.received <= offset else 0
+            if stalled >= MAX_STALLED_ANSWERS:
+                raise Fault(f"no progress: the server keeps answering N={ack.received}")
+            offset = ack.received
+
+    def _pieces(self, pieces: list[tuple[Body, int, int]]) -> Iterator[bytes]:
+        for body, skip, take in pieces:
+            yield from self.plan.spool.read(body, skip, take)
+
+
+def _resolves_to(host: str, target_host: str, port: int) -> bool:
+    try:
+        wanted = {a[4][0] for a in socket.getaddrinfo(target_host, port, type=socket.SOCK_STREAM)}
+        given = {a[4][0] for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(wanted & given)
+
+
+def dry_run(plan: Plan, options: Options) -> list[dict]:
+    """What `replay` would send, request by request, without sending anything. Live session
+    ids are shown as `<live id of CAPTURED>`; adaptive mode's reactions depend on the live
+    answers, so the captured sequence is shown."""
+    clock = _Clock(plan, options.speed)
+    described = []
+    seen: set[tuple[int, int]] = set()
+    for session in plan.sessions:
+        worker = _SessionReplay(session, plan, options, clock, _Connections(plan, options), None)
+        requests = []
+        for request in session.requests:
+            if request.packet_type is PacketType.CREATE_SESSION:
+                captured = (request.response.session_id if request.response else None) or session.key
+                worker.live_ids[captured] = f"<live id of {captured}>"
+            body = request.body
+            requests.append({
+                "label": request.label,
+                "at_s": clock.due(request.ts_ns),
+                "connection": request.connection, "file": request.file,
+                "new_connection": request.connection_key not in seen,
+                "method": request.method,
+                "url": f"{options.target.scheme}://{options.target.netloc}"
+                       f"{options.target.path_for(request.target, options.strip_prefix)}",
+                "headers": worker.headers_for(request),
+                "body_length": body.length if body else 0,
+                "body_sha256": body.sha256 if body else None,
+                "note": ("body incomplete in the capture: not sent"
+                         if body is not None and not body.complete else None),
+            })
+            seen.add(request.connection_key)
+        described.append({"captured_id": session.key, "requests": requests})
+    return described
+
+
+def replay(plan: Plan, options: Options, observer: Observer | None = None) -> ReplayResult:
+    """Replay every session of the plan; sessions that overlapped in the capture overlap here
+    (up to `options.concurrency` at once). Faults stop the session they hit, not the replay."""
+    if options.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    clock = _Clock(plan, options.speed)
+    connections = _Connections(plan, options)
+    slots = threading.BoundedSemaphore(options.concurrency) if options.concurrency else None
+    results: list[SessionResult | None] = [None] * len(plan.sessions)
+
+    def run(position: int, session: PlannedSession, due: float | None) -> None:
+        try:
+            worker = _SessionReplay(session, plan, options, clock, connections, observer)
+            if due is not None:
+                worker.shift = max(0.0, clock.now() - due)
+            if observer is not None:
+                observer.on_session_start(session)
+            worker.result.started_s = clock.now()
+            result = worker.run()
+            result.ended_s = clock.now()
+            results[position] = result
+            if observer is not None:
+                observer.on_session_end(session, result)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    # Sessions start in capture order at their captured time; one thread per session in flight.
+    threads: list[threading.Thread] = []
+    try:
+        for position, session in enumerate(plan.sessions):
+            due = clock.due(session.first_ts_ns)
+            clock.wait_until(due)
+            if slots is not None:
+                slots.acquire()
+            thread = threading.Thread(target=run, args=(position, session, due),
+                                      name=f"replay-{session.key}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+    finally:
+        connections.close_all()
+    return ReplayResult(str(options.target), options.mode, options.speed,
+                        [r for r in results if r is not None])

@@ -1,0 +1,171 @@
+"""bits-replay against servers that fail: each fault gives a clear message, no traceback, and
+the results so far. The fake servers listen on 127.0.0.1:0 and stop with the test."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from replay.cli import EXIT_FAULT, main
+from test_replay_plan import SID_A, Conversation, payload, upload
+
+FRAGMENT = 1 << 20  # larger than what a loopback socket buffers, so a reset hits mid-send
+
+
+class FakeServer:
+    """Answers Ping and Create like a BITS server; `on_fragment(conn, head)` decides the rest."""
+
+    def __init__(self, on_fragment: Callable[[socket.socket, bytes], None]) -> None:
+        self.on_fragment = on_fragment
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def __enter__(self) -> "FakeServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+        self.thread.join(5)
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffered = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                head, buffered = buffered.split(b"\r\n\r\n", 1)
+                if b"BITS-Packet-Type: Fragment" in head:
+                    self.on_fragment(conn, head)
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nBITS-Session-Id: "
+                             b"{99999999-9999-9999-9999-999999999999}\r\nContent-Length: 0\r\n\r\n")
+        except OSError:
+            return
+
+
+def close_mid_body(conn: socket.socket, head: bytes) -> None:
+    conn.recv(1000)
+    conn.close()  # unread data → the kernel resets the connection
+
+
+def never_answer(conn: socket.socket, head: bytes) -> None:
+    while conn.recv(65536):
+        pass
+
+
+def answer_garbage(conn: socket.socket, head: bytes) -> None:
+    never_answer_until = FRAGMENT
+    while never_answer_until > 0:  # take the whole body first, then answer nonsense
+        never_answer_until -= len(conn.recv(65536))
+    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\x00\x01garbage\r\n\r\n")
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory) -> Path:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(FRAGMENT, 1), FRAGMENT, start_ms=0)
+    return conv.write(tmp_path_factory.mktemp("faults") / "upload.pcap")
+
+
+def run(capture: Path, target: str, *extra: str) -> tuple[int, dict, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main([str(capture), "--target", target, "--speed", "0", "--json", *extra], out=out, err=err)
+    return code, json.loads(out.getvalue()), err.getvalue()
+
+
+def fault_of(report: dict) -> tuple[str, list[dict]]:
+    (session,) = report["sessions"]
+    return session["fault"], session["packets"]
+
+
+def assert_reported_so_far(packets: list[dict]) -> None:
+    """Ping and Create went through before the fault; the fault stopped the session there."""
+    assert [p["label"] for p in packets] == ["Ping", "Create-Session", f"Fragment bytes 0-{FRAGMENT - 1}/{FRAGMENT}"]
+    assert [p["live"]["status"] for p in packets[:2]] == [200, 200]
+    assert packets[2]["live"] is None and packets[2]["fault"]
+
+
+def test_target_down(capture: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, report, err = run(capture, f"http://127.0.0.1:{port}/")
+    fault, packets = fault_of(report)
+    assert code == EXIT_FAULT and "Traceback" not in err
+    assert fault == f"cannot connect to 127.0.0.1:{port}: connection refused (nothing listens there)"
+    assert len(packets) == 1 and packets[0]["fault"] == fault
+    assert report["sessions"][0]["notes"] == ["3 later captured request(s) not sent"]
+
+
+def test_connection_reset_mid_fragment(capture: Path) -> None:
+    with FakeServer(close_mid_body) as fake:
+        code, report, err = run(capture, fake.url)
+    fault, packets = fault_of(report)
+    assert code == EXIT_FAULT and "Traceback" not in err
+    assert fault.startswith(f"127.0.0.1:{fake.port} reset the connection after ")
+    assert fault.endswith(f"of {FRAGMENT} body bytes")
+    assert_reported_so_far(packets)
+
+
+def test_server_that_stops_answering(capture: Path) -> None:
+    with FakeServer(never_answer) as fake:
+        code, report, err = run(capture, fake.url, "--timeout", "0.5")
+    fault, packets = fault_of(report)
+    assert code == EXIT_FAULT and "Traceback" not in err
+    assert fault == f"127.0.0.1:{fake.port} did not answer within 0.5 s"
+    assert_reported_so_far(packets)
+
+
+def test_server_that_answers_garbage(capture: Path) -> None:
+    with FakeServer(answer_garbage) as fake:
+        code, report, err = run(capture, fake.url)
+    fault, packets = fault_of(report)
+    assert code == EXIT_FAULT and "Traceback" not in err
+    assert fault == f"127.0.0.1:{fake.port} answered something that is not HTTP: 'SSH-2.0-OpenSSH_9.2\\r\\n'"
+    assert_reported_so_far(packets)
+
+
+def test_text_output_names_the_fault(capture: Path) -> None:
+    with FakeServer(answer_garbage) as fake:
+        out, err = io.StringIO(), io.StringIO()
+        code = main([str(capture), "--target", fake.url, "--speed", "0"], out=out, err=err)
+    assert code == EXIT_FAULT and "Traceback" not in err.getvalue()
+    assert "answered something that is not HTTP" in out.getvalue()
+    assert "1 fault(s)" in out.getvalue()
+
+
+def test_usage_errors_are_plain(capture: Path) -> None:
+    err = io.StringIO()
+    assert main([str(capture), "--target", "ftp://127.0.0.1/"], out=io.StringIO(), err=err) == 2
+    assert err.getvalue() == "bits-replay: --target must be an http:// or https:// URL, not 'ftp://127.0.0.1/'\n"

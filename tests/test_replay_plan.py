@@ -1,0 +1,247 @@
+"""replay.plan: captured exchanges → sessions of ordered requests with bodies in the spool.
+
+The captures here are crafted TCP conversations (real IPv4/TCP packets through the whole
+analyzer pipeline), so these tests do not depend on the corpus in captures/. `Conversation` is
+also used by the other replay tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+import craft
+from analyzer.bits.protocol import PROTOCOL_GUID, PacketType
+from replay.plan import build_plan, group_sessions
+
+SERVER_PORT = 8080
+MSS = 1400
+
+
+@dataclass
+class _Tcp:
+    port: int
+    seq: list[int] = field(default_factory=lambda: [1000, 500000])  # client, server
+    fin_sent: bool = False
+
+
+class Conversation:
+    """HTTP messages on crafted TCP connections to 127.0.0.1:8080, written as a pcap.
+
+    `send(conn, direction, data, ts_ms, drop=...)` appends a message (0 = client→server);
+    a connection's handshake is written before its first message and FINs by `write`.
+    `drop` leaves one segment of the message out, as a capture with loss would.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, bytes]] = []
+        self.connections: dict[int, _Tcp] = {}
+        self.last_ns = 0
+
+    def _packet(self, ts_ns: int, tcp: _Tcp, direction: int, flags: str, payload: bytes = b"",
+                record: bool = True) -> None:
+        src, dst = (tcp.port, SERVER_PORT) if direction == 0 else (SERVER_PORT, tcp.port)
+        seq, ack = tcp.seq[direction], tcp.seq[1 - direction]
+        packet = (Ether() / IP(src="127.0.0.1", dst="127.0.0.1")
+                  / TCP(sport=src, dport=dst, seq=seq, ack=ack if "S" not in flags or "A" in flags else 0,
+                        flags=flags) / payload)
+        if record:
+            self.records.append((ts_ns, bytes(packet)))
+        tcp.seq[direction] += len(payload) + (1 if ("S" in flags or "F" in flags) else 0)
+        self.last_ns = max(self.last_ns, ts_ns)
+
+    def send(self, conn: int, direction: int, data: bytes, ts_ms: float, drop: int | None = None) -> None:
+        ts_ns = 1_700_000_000_000_000_000 + int(ts_ms * 1e6)
+        tcp = self.connections.get(conn)
+        if tcp is None:
+            tcp = self.connections[conn] = _Tcp(40000 + conn)
+            self._packet(ts_ns - 3000, tcp, 0, "S")
+            self._packet(ts_ns - 2000, tcp, 1, "SA")
+            self._packet(ts_ns - 1000, tcp, 0, "A")
+        for number, start in enumerate(range(0, len(data), MSS)):
+            self._packet(ts_ns + number, tcp, direction, "PA", data[start:start + MSS],
+                         record=number != drop)
+
+    def write(self, path: Path) -> Path:
+        for tcp in self.connections.values():
+            self._packet(self.last_ns + 1000, tcp, 0, "FA")
+            self._packet(self.last_ns + 2000, tcp, 1, "FA")
+        craft.write(path, craft.pcap_bytes(sorted(self.records, key=lambda r: r[0])))
+        return path
+
+
+def request(packet: str, target: str = "/up/file.bin", session: str | None = None,
+            body: bytes = b"", content_range: str | None = None, extra: str = "") -> bytes:
+    lines = [f"BITS_POST {target} HTTP/1.1", "Host: origin.example:8080",
+             "User-Agent: Microsoft BITS/7.8", f"BITS-Packet-Type: {packet}"]
+    if packet == "Create-Session":
+        lines.append(f"BITS-Supported-Protocols: {PROTOCOL_GUID}")
+    if session:
+        lines.append(f"BITS-Session-Id: {session}")
+    if content_range:
+        lines.append(f"Content-Range: {content_range}")
+    if extra:
+        lines.append(extra)
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def ack(status: int = 200, session: str | None = None, received: int | None = None,
+        error: str | None = None, reason: str = "OK") -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}", "BITS-Packet-Type: Ack"]
+    if session:
+        lines.append(f"BITS-Session-Id: {session}")
+    if received is not None:
+        lines.append(f"BITS-Received-Content-Range: {received}")
+    if error:
+        lines += [f"BITS-Error-Code: {error}", "BITS-Error-Context: 0x5"]
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+SID_A = "{11111111-1111-1111-1111-111111111111}"
+SID_B = "{22222222-2222-2222-2222-222222222222}"
+
+
+def upload(conv: Conversation, conn: int, sid: str, data: bytes, size: int, start_ms: float,
+           step_ms: float = 10.0, target: str = "/up/file.bin", close: bool = True) -> float:
+    """A whole clean upload (Ping, Create, fragments, Close) on one connection, as the
+    reference server answers it; returns the time after the last packet."""
+    t = start_ms
+    conv.send(conn, 0, request("Ping", target), t)
+    conv.send(conn, 1, ack(), t + 1)
+    t += step_ms
+    conv.send(conn, 0, request("Create-Session", target), t)
+    conv.send(conn, 1, ack(session=sid), t + 1)
+    for first in range(0, len(data), size):
+        t += step_ms
+        chunk = data[first:first + size]
+        conv.send(conn, 0, request("Fragment", target, sid, chunk,
+                                   f"bytes {first}-{first + len(chunk) - 1}/{len(data)}"), t)
+        conv.send(conn, 1, ack(session=sid, received=first + len(chunk)), t + 1)
+    if close:
+        t += step_ms
+        conv.send(conn, 0, request("Close-Session", target, sid), t)
+        conv.send(conn, 1, ack(session=sid), t + 1)
+    return t + step_ms
+
+
+def payload(size: int, seed: int) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(size)
+
+
+def read_body(plan, body) -> bytes:
+    return b"".join(plan.spool.read(body))
+
+
+def test_two_overlapping_sessions_are_planned_apart_with_their_bodies(tmp_path: Path) -> None:
+    conv = Conversation()
+    a, b = payload(9000, 1), payload(7000, 2)
+    # Interleaved in time on two connections: bodies interleave in the spool.
+    upload(conv, 0, SID_A, a, 3000, start_ms=0, step_ms=10)
+    upload(conv, 1, SID_B, b, 3500, start_ms=5, step_ms=10, target="/up/other.bin")
+    with build_plan([conv.write(tmp_path / "two.pcap")]) as plan:
+        assert plan.complete and not plan.problems
+        assert [s.key for s in plan.sessions] == [SID_A, SID_B]
+        first, second = plan.sessions
+        assert [r.label for r in first.requests] == [
+            "Ping", "Create-Session", "Fragment bytes 0-2999/9000", "Fragment bytes 3000-5999/9000",
+            "Fragment bytes 6000-8999/9000", "Close-Session"]
+        assert {r.connection for r in first.requests} == {0}
+        assert {r.connection for r in second.requests} == {1}
+        assert all(r.ts_ns < q.ts_ns for r, q in zip(first.requests, first.requests[1:]))
+        assert b"".join(read_body(plan, r.body) for r in first.requests if r.body) == a
+        assert b"".join(read_body(plan, r.body) for r in second.requests if r.body) == b
+        fragment = first.requests[3]
+        assert fragment.body.sha256 == hashlib.sha256(a[3000:6000]).hexdigest()
+        assert fragment.response.received == 6000 and fragment.response.status == 200
+        assert first.requests[1].response.session_id == SID_A
+        assert fragment.header("host") == "origin.example:8080"
+        assert first.body_bytes == len(a)
+
+
+def test_session_selection_and_unknown_ids(tmp_path: Path) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(100, 1), 100, start_ms=0)
+    upload(conv, 1, SID_B, payload(100, 2), 100, start_ms=100)
+    path = conv.write(tmp_path / "sel.pcap")
+    with build_plan([path], [SID_B.lower()]) as plan:
+        assert [s.key for s in plan.sessions] == [SID_B]
+    with build_plan([path], ["{nope}"]) as plan:
+        assert plan.sessions == []
+        assert [p.kind for p in plan.problems] == ["unknown-session-selected"]
+
+
+def test_lost_segment_makes_the_body_incomplete(tmp_path: Path) -> None:
+    conv = Conversation()
+    data = payload(5000, 3)
+    conv.send(0, 0, request("Create-Session"), 0)
+    conv.send(0, 1, ack(session=SID_A), 1)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data,
+                            content_range="bytes 0-4999/5000"), 10, drop=2)
+    conv.send(0, 1, ack(session=SID_A, received=5000), 11)
+    with build_plan([conv.write(tmp_path / "lossy.pcap")]) as plan:
+        fragment = plan.sessions[0].requests[1]
+        assert fragment.packet_type is PacketType.FRAGMENT
+        assert not fragment.body.complete and fragment.body.sha256 is None
+        assert plan.sessions[0].entity_piece(0, 10) is None
+
+
+def test_entity_pieces_span_fragments_and_resends(tmp_path: Path) -> None:
+    conv = Conversation()
+    data = payload(3000, 4)
+    upload(conv, 0, SID_A, data, 1000, start_ms=0, close=False)
+    with build_plan([conv.write(tmp_path / "pieces.pcap")]) as plan:
+        session = plan.sessions[0]
+        pieces = session.entity_piece(500, 2499)
+        assert [(skip, take) for _, skip, take in pieces] == [(500, 500), (0, 1000), (0, 500)]
+        assert b"".join(b"".join(plan.spool.read(body, skip, take))
+                        for body, skip, take in pieces) == data[500:2500]
+        assert session.entity_piece(2500, 3000) is None  # byte 3000 is past the file
+
+
+def test_requests_without_an_id_join_the_next_session_on_their_connection(tmp_path: Path) -> None:
+    conv = Conversation()
+    conv.send(0, 0, request("Ping"), 0)
+    conv.send(0, 1, ack(), 1)
+    conv.send(1, 0, request("Ping"), 2)  # a connection that never carries a session
+    conv.send(1, 1, ack(), 3)
+    conv.send(0, 0, request("Create-Session"), 10)
+    conv.send(0, 1, ack(400, error="0x80070057", reason="Bad Request"), 11)  # no id issued
+    conv.send(0, 0, request("Create-Session"), 20)
+    conv.send(0, 1, ack(session=SID_A), 21)
+    conv.send(0, 0, request("Close-Session", session=SID_A), 30)
+    conv.send(0, 1, ack(session=SID_A), 31)
+    conv.send(0, 0, request("Ping"), 40)  # after the last session: joins the previous one
+    conv.send(0, 1, ack(), 41)
+    with build_plan([conv.write(tmp_path / "ids.pcap")]) as plan:
+        assert [s.key for s in plan.sessions] == [SID_A, "connection-0.1"]
+        assert [r.label for r in plan.sessions[0].requests] == [
+            "Ping", "Create-Session", "Create-Session", "Close-Session", "Ping"]
+        refused = plan.sessions[0].requests[1].response
+        assert refused.status == 400 and refused.error_code == 0x80070057 and refused.error_context == 5
+    assert group_sessions([]) == []
+
+
+def test_files_keep_their_connections_apart(tmp_path: Path) -> None:
+    data = payload(2000, 5)
+    first, second = Conversation(), Conversation()
+    upload(first, 0, SID_A, data[:1000] + data[1000:], 1000, start_ms=0, close=False)
+    second.send(0, 0, request("Close-Session", session=SID_A), 1000)
+    second.send(0, 1, ack(session=SID_A), 1001)
+    paths = [first.write(tmp_path / "1.pcap"), second.write(tmp_path / "2.pcap")]
+    with build_plan(paths) as plan:
+        (session,) = plan.sessions
+        assert [r.connection_key for r in session.requests][-2:] == [(0, 0), (1, 0)]
+
+
+def test_unreadable_capture_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    with build_plan([tmp_path / "missing.pcap"]) as plan:
+        assert plan.sessions == [] and not plan.complete
+        assert plan.problems and plan.problems[0].fatal
+    assert not os.path.exists(tmp_path / "missing.pcap")

@@ -1,0 +1,239 @@
+"""replay.send against the reference bits-server: rewrite, id substitution, modes, overlap.
+
+Captures are crafted TCP conversations (see test_replay_plan.Conversation) answered the way
+the reference server answers, so these tests do not depend on the corpus.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND, MIN_FRAGMENT
+from replay.cli import main
+from replay.plan import build_plan
+from replay.send import Options, Target, TargetError, dry_run, replay
+from replay.server import BitsServer
+from test_replay_plan import SID_A, SID_B, Conversation, ack, payload, request, upload
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    with BitsServer(tmp_path / "root", log=None) as running:
+        yield running
+
+
+def options_for(server: BitsServer, **kwargs) -> Options:
+    return Options(target=Target.parse(server.url), speed=0, timeout=10, **kwargs)
+
+
+def test_target_parsing_and_path_rewrite() -> None:
+    target = Target.parse("http://127.0.0.1:8080/base/")
+    assert (target.host, target.port, target.prefix, target.netloc) == ("127.0.0.1", 8080, "/base", "127.0.0.1:8080")
+    assert target.path_for("/up/f.bin?x=1") == "/base/up/f.bin?x=1"
+    assert target.path_for("http://origin/up/f.bin") == "/base/up/f.bin"
+    assert target.path_for("/vdir/up/f.bin", strip_prefix="/vdir") == "/base/up/f.bin"
+    assert Target.parse("https://[::1]/").netloc == "[::1]"
+    for bad in ("ftp://host/", "http:///path", "127.0.0.1:80"):
+        with pytest.raises(TargetError):
+            Target.parse(bad)
+
+
+def test_dry_run_rewrites_host_and_shows_the_live_id_placeholder(tmp_path: Path) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(2000, 1), 1000, start_ms=0, step_ms=500)
+    with build_plan([conv.write(tmp_path / "c.pcap")]) as plan:
+        options = Options(target=Target.parse("http://127.0.0.1:9/pre"), speed=2)
+        (session,) = dry_run(plan, options)
+    requests = session["requests"]
+    assert requests[0]["url"] == "http://127.0.0.1:9/pre/up/file.bin"
+    assert requests[0]["new_connection"] and not requests[1]["new_connection"]
+    assert requests[3]["at_s"] == pytest.approx(0.75, abs=1e-3)  # 1.5 s in the capture, speed 2
+    headers = dict(requests[2]["headers"])
+    assert headers["Host"] == "127.0.0.1:9"
+    assert headers["BITS-Session-Id"] == f"<live id of {SID_A}>"
+    assert headers["Content-Range"] == "bytes 0-999/2000"
+    assert [name for name, _ in requests[2]["headers"]] == [
+        "Host", "User-Agent", "BITS-Packet-Type", "BITS-Session-Id", "Content-Range", "Content-Length"]
+
+
+def test_faithful_clean_replay_has_no_differences_and_lands_the_file(tmp_path: Path, server) -> None:
+    conv = Conversation()
+    data = payload(50_000, 7)
+    upload(conv, 0, SID_A, data, 16_384, start_ms=0)
+    with build_plan([conv.write(tmp_path / "clean.pcap")]) as plan:
+        result = replay(plan, options_for(server))
+    (session,) = result.sessions
+    assert result.faults == 0 and result.differences == 0
+    assert all(o.sent for o in session.outcomes) and len(session.outcomes) == 7  # 4 fragments
+    assert session.live_ids and session.live_ids[0] != SID_A
+    assert (server.root / "up" / "file.bin").read_bytes() == data
+    live_ids = {r.session_id for r in server.records if r.session_id}
+    assert live_ids == set(session.live_ids)  # the captured id never reached the server
+
+
+def fragment_after_cancel(conv: Conversation) -> None:
+    data = payload(2000, 8)
+    conv.send(0, 0, request("Create-Session"), 0)
+    conv.send(0, 1, ack(session=SID_A), 1)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data[:1000], content_range="bytes 0-999/2000"), 10)
+    conv.send(0, 1, ack(session=SID_A, received=1000), 11)
+    conv.send(0, 0, request("Cancel-Session", session=SID_A), 20)
+    conv.send(0, 1, ack(session=SID_A), 21)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data[1000:], content_range="bytes 1000-1999/2000"), 30)
+    conv.send(0, 1, ack(500, session=SID_A, error="0x8020001F", reason="Internal Server Error"), 31)
+
+
+def test_faithful_replay_reproduces_session_not_found_after_cancel(tmp_path: Path, server) -> None:
+    conv = Conversation()
+    fragment_after_cancel(conv)
+    with build_plan([conv.write(tmp_path / "fac.pcap")]) as plan:
+        result = replay(plan, options_for(server))
+    last = result.sessions[0].outcomes[-1]
+    assert last.live.status == 500 and last.live.error_code == BG_E_SESSION_NOT_FOUND.code
+    assert last.live.error_context == 5
+    assert result.differences == 0
+
+
+def test_adaptive_replay_completes_a_resumed_upload(tmp_path: Path, server) -> None:
+    data = payload(30_000, 9)
+    conv = Conversation()
+    conv.send(0, 0, request("Create-Session"), 0)
+    conv.send(0, 1, ack(session=SID_A), 1)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data[:10_000],
+                            content_range="bytes 0-9999/30000"), 10)
+    conv.send(0, 1, ack(session=SID_A, received=10_000), 11)
+    # The connection breaks mid-fragment: the capture lost part of it, and no ack came.
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data[10_000:20_000],
+                            content_range="bytes 10000-19999/30000"), 20, drop=3)
+    # Resumed on a new connection: Ping, then the client starts over at the acknowledged offset.
+    conv.send(1, 0, request("Ping"), 1000)
+    conv.send(1, 1, ack(), 1001)
+    for first in (10_000, 20_000):
+        conv.send(1, 0, request("Fragment", session=SID_A, body=data[first:first + 10_000],
+                                content_range=f"bytes {first}-{first + 9999}/30000"), 1010 + first / 1000)
+        conv.send(1, 1, ack(session=SID_A, received=first + 10_000), 1011 + first / 1000)
+    conv.send(1, 0, request("Close-Session", session=SID_A), 1100)
+    conv.send(1, 1, ack(session=SID_A), 1101)
+    with build_plan([conv.write(tmp_path / "resumed.pcap")]) as plan:
+        result = replay(plan, options_for(server, mode="adaptive"))
+    session = result.sessions[0]
+    assert session.fault is None, session.fault
+    assert [o.label for o in session.outcomes] == [
+        "Create-Session", "Fragment bytes 0-9999/30000", "Fragment bytes 10000-19999/30000",
+        "Fragment bytes 20000-29999/30000", "Ping", "Close-Session"]
+    assert (server.root / "up" / "file.bin").read_bytes() == data
+
+
+def skipping_ahead(conv: Conversation, data: bytes, create: bool) -> None:
+    """A session whose first fragment skips ahead (416, N=0), then uploads 0..end."""
+    if create:
+        conv.send(0, 0, request("Create-Session"), 0)
+        conv.send(0, 1, ack(session=SID_A), 1)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data[1000:2000],
+                            content_range="bytes 1000-1999/3000"), 5)
+    conv.send(0, 1, ack(416, session=SID_A, received=0, error="0", reason="Range Not Satisfiable"), 6)
+    for first in (0, 1000, 2000):
+        conv.send(0, 0, request("Fragment", session=SID_A, body=data[first:first + 1000],
+                                content_range=f"bytes {first}-{first + 999}/3000"), 10 + first)
+        conv.send(0, 1, ack(session=SID_A, received=first + 1000), 11 + first)
+    conv.send(0, 0, request("Close-Session", session=SID_A), 4000)
+    conv.send(0, 1, ack(session=SID_A), 4001)
+
+
+def test_adaptive_follows_the_live_offset_on_416(tmp_path: Path, server) -> None:
+    data = payload(3000, 10)
+    conv = Conversation()
+    skipping_ahead(conv, data, create=True)
+    with build_plan([conv.write(tmp_path / "skip.pcap")]) as plan:
+        result = replay(plan, options_for(server, mode="adaptive"))
+    session = result.sessions[0]
+    assert session.fault is None, session.fault
+    assert [(o.label, o.live.status, o.live.received) for o in session.outcomes[1:5]] == [
+        ("Fragment bytes 1000-1999/3000", 416, 0), ("Fragment bytes 0-999/3000", 200, 1000),
+        ("Fragment bytes 1000-1999/3000", 200, 2000), ("Fragment bytes 2000-2999/3000", 200, 3000)]
+    assert result.differences == 0
+    assert (server.root / "up" / "file.bin").read_bytes() == data
+
+
+def test_adaptive_recreates_a_session_the_server_does_not_know(tmp_path: Path, server) -> None:
+    data = payload(3000, 10)
+    conv = Conversation()
+    skipping_ahead(conv, data, create=False)  # the session began before the capture
+    path = conv.write(tmp_path / "recreate.pcap")
+    with build_plan([path]) as plan:
+        result = replay(plan, options_for(server, mode="adaptive"))
+    session = result.sessions[0]
+    assert session.fault is None, session.fault
+    assert [o.label for o in session.outcomes[:3]] == [
+        "Fragment bytes 1000-1999/3000", "Create-Session (recreated)", "Fragment bytes 0-999/3000"]
+    assert session.outcomes[0].live.error_code == BG_E_SESSION_NOT_FOUND.code
+    assert (server.root / "up" / "file.bin").read_bytes() == data
+    with build_plan([path]) as plan:  # faithful replay reproduces the unknown session instead
+        faithful = replay(plan, options_for(server))
+    assert all(o.live.error_code == BG_E_SESSION_NOT_FOUND.code for o in faithful.sessions[0].outcomes)
+
+
+def test_adaptive_shrinks_fragments_on_413(tmp_path: Path) -> None:
+    data = payload(4 * MIN_FRAGMENT, 11)
+    conv = Conversation()
+    upload(conv, 0, SID_A, data, 2 * MIN_FRAGMENT, start_ms=0)
+    with BitsServer(tmp_path / "root", log=None, max_fragment_size=MIN_FRAGMENT) as small, \
+            build_plan([conv.write(tmp_path / "big.pcap")]) as plan:
+        result = replay(plan, options_for(small, mode="adaptive"))
+        session = result.sessions[0]
+        assert session.fault is None, session.fault
+        statuses = [o.live.status for o in session.outcomes if o.label.startswith("Fragment")]
+        assert statuses == [413, 200, 200, 200, 200]
+        assert (small.root / "up" / "file.bin").read_bytes() == data
+
+
+def test_overlapping_sessions_are_in_flight_together(tmp_path: Path) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(4000, 1), 1000, start_ms=0, step_ms=60)
+    upload(conv, 1, SID_B, payload(4000, 2), 1000, start_ms=30, step_ms=60, target="/up/b.bin")
+    path = conv.write(tmp_path / "overlap.pcap")
+
+    def spans(concurrency: int | None) -> dict[str, tuple[float, float]]:
+        with BitsServer(tmp_path / f"root{concurrency}", log=None) as srv, build_plan([path]) as plan:
+            replay(plan, Options(target=Target.parse(srv.url), speed=1, concurrency=concurrency))
+            by_path: dict[str, list] = {}
+            for record in srv.records:
+                by_path.setdefault(record.target, []).append(record)
+        return {p: (min(r.started for r in rs), max(r.finished for r in rs)) for p, rs in by_path.items()}
+
+    together = spans(None)
+    (a_start, a_end), (b_start, b_end) = together["/up/file.bin"], together["/up/b.bin"]
+    assert a_start < b_start < a_end  # B began while A was still uploading
+    one_at_a_time = spans(1)
+    assert one_at_a_time["/up/b.bin"][0] >= one_at_a_time["/up/file.bin"][1]
+
+
+def test_cli_json_and_fail_on_diff(tmp_path: Path, server) -> None:
+    conv = Conversation()
+    fragment_after_cancel(conv)
+    # Captured as a success, the final fragment draws session-not-found live: a difference.
+    data = payload(1000, 12)
+    conv.send(1, 0, request("Create-Session"), 100)
+    conv.send(1, 1, ack(session=SID_B), 101)
+    conv.send(1, 0, request("Cancel-Session", session=SID_B), 110)
+    conv.send(1, 1, ack(session=SID_B), 111)
+    conv.send(1, 0, request("Fragment", session=SID_B, body=data, content_range="bytes 0-999/1000"), 120)
+    conv.send(1, 1, ack(session=SID_B, received=1000), 121)
+    path = conv.write(tmp_path / "diff.pcap")
+    out = io.StringIO()
+    code = main([str(path), "--target", server.url, "--speed", "0", "--json", "--fail-on-diff"],
+                out=out, err=io.StringIO())
+    report = json.loads(out.getvalue())
+    assert code == 1
+    assert report["summary"]["differences"] == 1
+    (diffed,) = [p for s in report["sessions"] for p in s["packets"] if p["differences"]]
+    assert {d["field"] for d in diffed["differences"]} == {"status", "error_code", "error_context", "received"}
+    assert diffed["live"]["error_code"] == "0x8020001F"
+    text = io.StringIO()
+    assert main([str(path), "--target", server.url, "--speed", "0", "--session", SID_A],
+                out=text, err=io.StringIO()) == 0
+    assert "0 difference(s)" in text.getvalue()
