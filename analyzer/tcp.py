@@ -118,7 +118,7 @@ class _Half:
     """
 
     __slots__ = (
-        "conn", "direction", "peer", "synced", "wire_base", "next_seq", "expect", "offset",
+        "conn", "direction", "peer", "synced", "from_syn", "wire_base", "next_seq", "expect", "offset",
         "starts", "chunks", "buffered", "fin_offset", "fin_done", "history", "history_bytes",
     )
 
@@ -127,6 +127,7 @@ class _Half:
         self.direction = direction
         self.peer: _Half = self
         self.synced = False
+        self.from_syn = False  # synced by its own SYN without ACK: the side that opened
         self.wire_base: int | None = None  # tshark's base_seq: decides port reuse
         self.next_seq = 0
         self.expect = -1
@@ -236,10 +237,21 @@ class TcpReassembler:
             seq = (seq + 1) & _SEQ_MASK
             if not half.synced:
                 half.sync(seq)
+                half.from_syn = not flags & ACK
             if flags & ACK and not peer.synced:
                 peer.sync(segment.ack)  # the SYN-ACK tells where the client's stream starts
                 if peer.wire_base is None:
                     peer.wire_base = (segment.ack - 1) & _SEQ_MASK
+        elif peer.from_syn and not half.synced and peer.offset == 0 and not (
+                flags & ACK and segment.ack == peer.next_seq):
+            # The SYN awaits its SYN-ACK: an ACK of anything else answers another incarnation
+            # of this 4-tuple (a TIME_WAIT challenge ACK) and is not part of this connection.
+            conn.out_of_window[half.direction] += 1
+            return
+        elif flags & RST and half.from_syn and not peer.synced and half.offset == 0:
+            # Still in SYN-SENT: this RST refuses such an unacceptable ACK; it ends nothing.
+            conn.out_of_window[half.direction] += 1
+            return
         if flags & RST:
             self._sink.on_rst(conn, half.direction, frame, ts_ns)
             self._close(conn, frame, ts_ns)

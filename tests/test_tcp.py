@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import socket
 import subprocess
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from analyzer.capture import CaptureReader
+from analyzer.decode import Decoder, Segment
 from analyzer.tcp import ACK, CLIENT, FIN, RST, SERVER, SYN, Connection, TcpReassembler
 
 PSH = 0x08
 MASK = 0xFFFFFFFF
-
-
-class Segment(NamedTuple):  # the fields of analyzer.decode.Segment
-    frame: int
-    ts_ns: int
-    src: bytes
-    sport: int
-    dst: bytes
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    window: int
-    payload: memoryview
-    missing: int
 
 
 class RecordingSink:
@@ -308,6 +298,17 @@ def test_a_retransmitted_syn_with_the_same_isn_after_rst_stays_in_the_connection
     assert [e[0] for e in sink.events] == ["open", "rst", "close"]
 
 
+def test_challenge_ack_from_time_wait_and_the_rst_it_draws_do_not_end_the_new_connection():
+    f = Flow(client_isn=1000)
+    challenge = f._segment(False, 777, f.cisn + 1 + 50_000, ACK, b"", 0)  # acks the old incarnation
+    answer = f._segment(True, f.cisn + 1 + 50_000, 0, RST, b"", 0)
+    sink, r = run([f.syn(), challenge, answer, f.syn(), f.synack(), f.c(0, b"hello")])
+    assert r.connection_count == 1
+    assert bytes(sink.streams[(0, CLIENT)]) == b"hello"
+    assert [e[0] for e in sink.events] == ["open", "data", "close"]
+    assert sink.conns[0].out_of_window == [1, 1]
+
+
 # -- gaps --
 
 def test_lost_segment_becomes_a_gap_at_finish_and_the_stream_goes_on():
@@ -460,18 +461,28 @@ def test_random_segment_soup_never_raises(soup, max_buffer):
             assert len(sink.streams[(conn.id, direction)]) == conn.position(direction)
 
 
-# -- the oracle: tshark's tcp.stream on a capture written by scapy --
+# -- the oracle: tshark's tcp.stream, on crafted and on real loopback captures --
 
-def _scapy_segments(path: Path) -> list[Segment]:
-    from scapy.layers.inet import IP, TCP
-    from scapy.utils import rdpcap
-    segments = []
-    for number, packet in enumerate(rdpcap(str(path)), 1):
-        ip, tcp = packet[IP], packet[TCP]
-        segments.append(Segment(number, int(packet.time * 1e9), bytes(map(int, ip.src.split("."))),
-                                tcp.sport, bytes(map(int, ip.dst.split("."))), tcp.dport, tcp.seq,
-                                tcp.ack, int(tcp.flags), tcp.window, memoryview(bytes(tcp.payload)), 0))
-    return segments
+def _frames_to_segments(path: Path) -> list[Segment]:
+    decoder = Decoder(file=str(path))
+    return [s for s in map(decoder.decode, CaptureReader(path)) if s is not None]
+
+
+def _tshark_streams(path: Path) -> list[int]:
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "tcp.stream"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return [int(x) for x in out]
+
+
+def _our_streams(segments: list[Segment]) -> tuple[list[int], RecordingSink, TcpReassembler]:
+    sink = RecordingSink()
+    r = TcpReassembler(sink)
+    ours = []
+    for segment in segments:
+        r.feed(segment)
+        ours.append(next(c.id for c in sink.conns.values() if c.last_frame == segment.frame))
+    r.finish()
+    return ours, sink, r
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
@@ -480,35 +491,102 @@ def test_connection_ids_match_tshark_tcp_stream(tmp_path: Path):
     from scapy.layers.l2 import Ether
     from scapy.utils import wrpcap
 
-    rng = random.Random(7)
     packets = []
 
-    def add(f: Flow, segs: list[Segment]) -> None:
+    def add(segs: list[Segment]) -> None:
         for s in segs:
             packets.append(Ether() / IP(src=".".join(map(str, s.src)), dst=".".join(map(str, s.dst)))
                            / TCP(sport=s.sport, dport=s.dport, seq=s.seq, ack=s.ack, flags=s.flags)
                            / bytes(s.payload))
 
     a, b, c = Flow(cport=40001), Flow(cport=40002, client_isn=MASK - 2), Flow(cport=40003)
-    add(a, a.handshake() + [a.c(0, b"req")])
-    add(b, [b.s(10, b"mid-stream"), b.c(3, b"hi", ack=20)])  # no handshake: mid-stream
-    add(c, [c.syn(), c._segment(False, 0, c.cisn + 1, RST | ACK, b"", 0), c.syn()])  # refused, retried
-    add(a, [a.s(0, b"resp", ack=3), a.c(3, flags=ACK | FIN, ack=4), a.s(4, flags=ACK | FIN, ack=4)])
-    reuse = Flow(cport=40001, client_isn=rng.randrange(1 << 32))
-    add(reuse, reuse.handshake() + [reuse.c(0, b"again")])
+    add(a.handshake() + [a.c(0, b"req")])
+    add([b.s(10, b"mid-stream"), b.c(3, b"hi", ack=20)])  # no handshake: mid-stream
+    add([c.syn(), c._segment(False, 0, c.cisn + 1, RST | ACK, b"", 0), c.syn()])  # refused, retried
+    add([a.s(0, b"resp", ack=3), a.c(3, flags=ACK | FIN, ack=4), a.s(4, flags=ACK | FIN, ack=4)])
+    reuse = Flow(cport=40001, client_isn=random.Random(7).randrange(1 << 32))
+    add(reuse.handshake() + [reuse.c(0, b"again")])
     fresh_isn = Flow(cport=40002, client_isn=12345)  # a SYN with another ISN on an open 4-tuple
-    add(fresh_isn, fresh_isn.handshake())
+    add(fresh_isn.handshake())
     path = tmp_path / "streams.pcap"
     wrpcap(str(path), packets)
 
-    sink = RecordingSink()
-    r = TcpReassembler(sink)
-    ours = []
-    for segment in _scapy_segments(path):
-        r.feed(segment)
-        ours.append(next(c.id for c in sink.conns.values() if c.last_frame == segment.frame))
-    tshark = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "tcp.stream"],
-                            capture_output=True, text=True, check=True).stdout.split()
-    assert ours == [int(x) for x in tshark]
+    ours, _, r = _our_streams(_frames_to_segments(path))
+    assert ours == _tshark_streams(path)
     assert r.connection_count == 5
 
+
+def _serve(server: socket.socket, replies: list[bytes], received: list[bytes]) -> None:
+    """Each connection: read a length-prefixed request, answer, and close first (server TIME_WAIT)."""
+    for reply in replies:
+        conn, _ = server.accept()
+        with conn:
+            size = int.from_bytes(_read_exactly(conn, 8), "big")
+            received.append(_read_exactly(conn, size))
+            conn.sendall(reply)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.needs_root
+@pytest.mark.skipif(shutil.which("tcpdump") is None or shutil.which("tshark") is None
+                    or os.geteuid() != 0, reason="needs root, tcpdump and tshark")
+def test_real_loopback_capture_reassembles_what_was_sent(tmp_path: Path):
+    rng = random.Random(11)
+    requests = [rng.randbytes(n) for n in (700_000, 3, 150_000)]
+    replies = [rng.randbytes(n) for n in (20_000, 400_000, 1)]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    path = tmp_path / "lo.pcap"
+    dump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "--immediate-mode", "-B", "16384", "-w", str(path),
+                             f"tcp port {port}"], stderr=subprocess.PIPE, text=True)
+    try:
+        while "listening on" not in (line := dump.stderr.readline()):
+            assert line, "tcpdump did not start"
+        received: list[bytes] = []
+        serving = threading.Thread(target=_serve, args=(server, replies, received))
+        serving.start()
+        client_port = None
+        answers: list[bytes] = []
+        for request in requests:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            client.settimeout(10)
+            if client_port is not None:
+                client.bind(("127.0.0.1", client_port))  # the same 4-tuple again: port reuse
+            client.connect(("127.0.0.1", port))
+            client_port = client.getsockname()[1]
+            client.sendall(len(request).to_bytes(8, "big") + request)
+            answer = bytearray()
+            while chunk := client.recv(1 << 16):
+                answer += chunk
+            answers.append(bytes(answer))
+            client.close()
+        serving.join(10)
+        time.sleep(0.2)  # let the last ACKs reach the capture
+    finally:
+        dump.terminate()
+        dump.wait(10)
+        server.close()
+    assert received == requests and answers == replies
+
+    ours, sink, r = _our_streams(_frames_to_segments(path))
+    assert ours == _tshark_streams(path)
+    assert r.connection_count == 3
+    for index in range(3):
+        conn = sink.conns[index]
+        assert conn.handshake_seen and conn.client[1] == client_port
+        assert bytes(sink.streams[(index, CLIENT)]) == len(requests[index]).to_bytes(8, "big") + requests[index]
+        assert bytes(sink.streams[(index, SERVER)]) == replies[index]
+    assert r.stats["gaps"] == 0 and r.stats["conflicts"] == 0
+    assert sink.kinds("close") == [("close", 0), ("close", 1), ("close", 2)]
