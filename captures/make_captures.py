@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,7 +212,8 @@ def changed_total(stage: Stage) -> None:
 
 @scenario("Connection 0: Create, fragment 0-32767, then fragment 32768-65535 cut after 10,000 body "
           "bytes (the server drops the partial fragment). Connection 1: Ping, the fragment again (200), "
-          "then fragment 65536-98303 sent whole but the connection is closed before its ack is read. "
+          "then fragment 65536-98303 sent whole, its ack arrives, but the client closes the connection "
+          "without reading it (an ack lost, as the client sees it). "
           "Connection 2: Ping, the same fragment again: 416 with offset 98304 (overlap policy reject); "
           "the client continues from there and completes.",
           anomalies=("no-response", "range-resend", "out-of-sync"), exhaustive=False,
@@ -224,7 +226,7 @@ def connection_cut_resume(stage: Stage) -> None:
     client.send_file(path, fragment, until=fragment)
     client.fragment(path, fragment, 2 * fragment - 1, cut_after=10_000)
     client.send_file(path, fragment, until=2 * fragment)
-    client.fragment(path, 2 * fragment, 3 * fragment - 1, cut_after=fragment)
+    client.fragment(path, 2 * fragment, 3 * fragment - 1, abandon=True)
     client.send_file(path, fragment)
     client.close()
 
@@ -622,19 +624,26 @@ def main(argv: list[str] | None = None) -> int:
         return run_in_namespace(forwarded)
     selected = [item for item in SCENARIOS if not args.only or item.name in args.only]
     captures = {}
-    for item in selected:
-        started = time.monotonic()
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                captures[item.filename] = run_scenario(item, args.out)
-                break
-            except PacketsLost as exc:
-                if attempt == ATTEMPTS:
-                    raise
-                print(f"{exc}; running {item.name} again", file=sys.stderr, flush=True)
-        entry = captures[item.filename]
-        print(f"{item.filename}: {entry['size']} bytes, {entry['connections']} connections, "
-              f"{entry['exchanges']} exchanges, {time.monotonic() - started:.1f} s", flush=True)
+    # a failed run leaves the corpus as it was: captures move into place only when all succeeded
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=args.out))
+    try:
+        for item in selected:
+            started = time.monotonic()
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    captures[item.filename] = run_scenario(item, staging)
+                    break
+                except PacketsLost as exc:
+                    if attempt == ATTEMPTS:
+                        raise
+                    print(f"{exc}; running {item.name} again", file=sys.stderr, flush=True)
+            entry = captures[item.filename]
+            print(f"{item.filename}: {entry['size']} bytes, {entry['connections']} connections, "
+                  f"{entry['exchanges']} exchanges, {time.monotonic() - started:.1f} s", flush=True)
+        for name in captures:
+            os.replace(staging / name, args.out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     write_outputs(args.out, captures)
     return 0
 
