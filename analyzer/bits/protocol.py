@@ -158,7 +158,7 @@ DEFAULT_SESSION_TIMEOUT = 1_209_600  # seconds, BITSSessionTimeout
 # --- value syntax -----------------------------------------------------------------------------
 _GUID = re.compile(r"\{[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\}")
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+)\s*", re.IGNORECASE)
-_HRESULT = re.compile(r"\s*(?:0?x)?([0-9a-fA-F]{1,8})\s*")
+_HRESULT = re.compile(r"\s*(?:0?[xX])?([0-9a-fA-F]{1,8})\s*")
 _DECIMAL = re.compile(r"\s*(\d+)\s*")
 
 
