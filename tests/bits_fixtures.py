@@ -177,7 +177,7 @@ class Wire:
         extra = [(Header.SESSION_ID, session)]
         if content_name is not None:
             extra.append((Header.CONTENT_NAME, content_name))
-        extra.append((Header.CONTENT_RANGE, content_range or f"bytes {first}-{last}/{total}"))
+        extra.append((Header.CONTENT_RANGE, f"bytes {first}-{last}/{total}" if content_range is None else content_range))
         extra += list(headers)
         request = self._request_headers(packet_type, extra, len(body) if content_length is None else content_length,
                                         host, user_agent)
