@@ -223,7 +223,11 @@ class Decoder:
         if end > frame.orig_len:
             self._malformed("malformed-ip", f"IPv6 payload length {length} runs past the packet", frame.number)
             return None
-        captured_end = min(end, size)
+        return self._ipv6_payload(frame, next_header, data, offset, end, end if end < size else size, src, dst)
+
+    def _ipv6_payload(self, frame: Frame, next_header: int, data: memoryview, offset: int, end: int,
+                      captured_end: int, src: bytes, dst: bytes) -> Segment | None:
+        """Walk the extension headers from `offset` (in a frame or a reassembled datagram) to TCP."""
         try:
             while next_header != _PROTO_TCP:
                 if next_header in _IPV6_EXTENSIONS:
@@ -233,8 +237,11 @@ class Decoder:
                     next_header, extension = _unpack_ipv6_extension(data, offset)
                     offset += (extension + 2) * 4
                 elif next_header == _IPV6_FRAGMENT:
-                    return self._ipv6_fragment(frame, data, offset, end, src, dst)
-                else:  # ICMPv6, UDP, ESP, no-next-header...
+                    next_header, fragment, ident = _unpack_ipv6_fragment_header(data, offset)
+                    offset += 8
+                    if fragment & 0xFFF9:  # not an atomic fragment (offset 0, no more fragments)
+                        return self._ipv6_fragment(frame, next_header, fragment, ident, data, offset, end, src, dst)
+                else:  # ICMPv6, UDP, ESP, no next header...
                     self.stats["non_tcp"] += 1
                     return None
                 if offset > captured_end:
@@ -244,12 +251,8 @@ class Decoder:
             return None
         return self._tcp(frame, data, offset, end, captured_end, src, dst)
 
-    def _ipv6_fragment(self, frame: Frame, data: memoryview, offset: int, end: int, src: bytes,
-                       dst: bytes) -> Segment | None:
-        next_header, fragment, ident = _unpack_ipv6_fragment_header(data, offset)
-        offset += 8
-        if not fragment & 0xFFF9:  # an atomic fragment: offset 0, no more fragments
-            return self._ipv6_payload(frame, next_header, data, offset, end, min(end, len(data)), src, dst)
+    def _ipv6_fragment(self, frame: Frame, next_header: int, fragment: int, ident: int, data: memoryview,
+                       offset: int, end: int, src: bytes, dst: bytes) -> Segment | None:
         self.stats["ip_fragments"] += 1
         if end > len(data):
             return self._cut_fragment(frame)
@@ -259,22 +262,6 @@ class Decoder:
             return None
         whole, protocol = datagram
         return self._ipv6_payload(frame, protocol, memoryview(whole), 0, len(whole), len(whole), src, dst)
-
-    def _ipv6_payload(self, frame: Frame, next_header: int, data: memoryview, offset: int, end: int,
-                      captured_end: int, src: bytes, dst: bytes) -> Segment | None:
-        """Walk extension headers that follow a fragment header, then decode TCP."""
-        try:
-            while next_header != _PROTO_TCP:
-                if next_header in _IPV6_EXTENSIONS:
-                    next_header, extension = _unpack_ipv6_extension(data, offset)
-                    offset += (extension + 1) * 8
-                else:
-                    self.stats["non_tcp"] += 1
-                    return None
-        except struct.error:
-            self._malformed("truncated-ip", "IPv6 extension headers run past the captured data", frame.number)
-            return None
-        return self._tcp(frame, data, offset, end, captured_end, src, dst)
 
     def _cut_fragment(self, frame: Frame) -> None:
         self.stats["fragments_dropped"] += 1

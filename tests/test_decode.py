@@ -317,9 +317,12 @@ LINK_TYPES = [0, 1, 12, 14, 101, 108, 113, 228, 229, 276]
 
 @settings(max_examples=300, deadline=None)
 @given(link_type=st.sampled_from(LINK_TYPES),
-       prefix=st.sampled_from([b"", bytes(ether())[:14], bytes(ether())[:12] + b"\x86\xdd", b"\x02\0\0\0"]),
+       prefix=st.sampled_from([b"", b"\x02\0\0\0", bytes(ether() / IP())[:14], bytes(ether() / IPv6())[:14],
+                               bytes(ether() / IP(**V4) / TCP())[:34], bytes(ether() / IP(**V4, flags="MF") / TCP())[:34],
+                               bytes(ether() / IPv6(**V6, nh=44, plen=64))[:54]]),
        body=st.binary(max_size=120), orig_extra=st.integers(0, 100))
 def test_random_frames_never_raise(link_type, prefix, body, orig_extra):
+    """Random bytes, alone or after valid link and IP headers, make a Segment, None, or a Problem."""
     decoder = Decoder()
     data = prefix + body
     for number in range(1, 3):  # twice, so that fragments can meet
