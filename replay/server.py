@@ -21,12 +21,22 @@ thread) for every packet answered; PacketRecord.started/finished are time.monoto
 tests can see which requests were in flight together. ``log`` is a text stream for the log lines
 (default stderr; None for silence).
 
-Behaviour (bits-protocol.md 1-7): packet types compared case-insensitively; Create negotiates the
-protocol GUID and issues fresh uppercase brace GUIDs; fragments must start at the next offset
-(416 + BITS-Received-Content-Range otherwise), overlaps are trimmed like IIS or refused with 416
-(overlap="reject", MC-BUP); the body streams to BITS-Sessions/Requests/{id}/requestfile.bin under
-the root and Close moves it into place atomically. Every error of the digest's table carries its
-status, HRESULT and context 0x5. The state transitions are one table in replay.server_state.
+Behaviour (bits-protocol.md 1-7; the state transitions are one table in replay.server_state):
+- Packet types are compared case-insensitively. Create negotiates the protocol GUID (answered in
+  lowercase) and issues fresh uppercase brace GUIDs like IIS.
+- A fragment must start at the next offset N: a gap draws 416 with BITS-Received-Content-Range N
+  (BITS-Error-Code 0x00000000, context 0x5). An overlap keeps only the new bytes and answers 200
+  (IIS, overlap="trim") or draws 416 (MC-BUP, overlap="reject"). Bodies stream in 64 KiB chunks to
+  BITS-Sessions/Requests/{id}/requestfile.bin under the root; a failed or abandoned write is
+  rolled back to N. A resent fragment after the last byte is re-acked 200 N=T.
+- Close after the last byte moves the file into place atomically (404 when the temporary file is
+  gone); Close before it discards the data (Win32). Cancel deletes the session's data and reply.
+  Ended and expired sessions answer 500 BG_E_SESSION_NOT_FOUND. Sessions live in memory: they
+  survive reconnects, not a server restart.
+- Errors carry BITS-Error-Code (or BITS-Error, error_header="mcbup") and context 0x5; a failed
+  reply receipt (reply mode) carries context 0x7 and is retried by a resent final fragment.
+- An existing destination is overwritten unless overwrite=False (then 409, or exists_status=403,
+  with E_ACCESSDENIED). The URL path never leaves the root (replay.paths); Content-Name is ignored.
 """
 
 from __future__ import annotations

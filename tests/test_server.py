@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
@@ -603,6 +605,20 @@ def test_upload_path_unit(root: Path) -> None:
         upload_path(root, "/a/%2e%2e/%2e%2e/b")
     assert reply_target(f"/a/{STATE_DIR}/Replies/%7B{UNKNOWN_ID[1:-1]}%7D/responsefile.bin") == ("/a/", UNKNOWN_ID)
     assert reply_target("/a/b.bin") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["/", ".", "..", "%2e", "%2E", "%2f", "%5c", "\\", "%00", "a", "b",
+                                 "BITS-Sessions", "%", "%c0%ae", "?", "#", "~"]), min_size=1, max_size=12))
+def test_upload_path_never_leaves_the_root_nor_enters_the_state_dir(tmp_path_factory, pieces: list[str]) -> None:
+    root = tmp_path_factory.getbasetemp() / "fuzz-root"
+    root.mkdir(exist_ok=True)
+    try:
+        destination, _ = upload_path(root, "/" + "".join(pieces))
+    except UnsafePath:
+        return
+    relative = destination.resolve().relative_to(root.resolve())
+    assert relative.parts and STATE_DIR.casefold() not in (part.casefold() for part in relative.parts)
 
 
 # --- timeouts ----------------------------------------------------------------------------------
