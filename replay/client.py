@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,11 @@ class _Connection:
             pass
         return b"".join(parts)
 
+    def wait_readable(self) -> None:
+        """Until the peer's answer (or its close) has arrived."""
+        if not select.select([self.sock], [], [], self.sock.gettimeout())[0]:
+            raise ConnectionLost("no answer arrived")
+
     def keeps_alive(self, response: Response) -> bool:
         connection = (response.header("Connection") or "").lower()
         if response.version == "HTTP/1.0":
@@ -375,6 +381,7 @@ class BitsClient:
         body: Body = b"",
         headers: Mapping[str, str | None] | None = None,
         cut_after: int | None = None,
+        abandon: bool = False,
         method: str = METHOD,
         target: str | None = None,
     ) -> Response | None:
@@ -384,7 +391,9 @@ class BitsClient:
         value in place, removes it (None), or adds new ones before Content-Length; so misbehaviour
         is spelled here: a missing or garbled header, an unknown packet type, a wrong length.
         `cut_after` sends only that many body bytes and closes the connection: no response is
-        read and None is returned. A 401 is answered once with Basic credentials when the
+        read and None is returned. `abandon` sends the whole request, waits until the answer
+        arrives and closes the connection without reading it (an ack lost on the way, as the
+        client sees it; the ack is on the wire) and returns None. A 401 is answered once with Basic credentials when the
         client has them. Raises ConnectionLost when the connection breaks.
         """
         ordered = self._headers(packet_type, session_id, content_name, content_range, body)
@@ -396,7 +405,7 @@ class BitsClient:
                 del ordered[at]
             elif at is not None:
                 ordered[at] = (ordered[at][0], value)
-        response = self._exchange(method, target or self.target, ordered, body, cut_after)
+        response = self._exchange(method, target or self.target, ordered, body, cut_after, abandon)
         if (
             response is not None
             and response.status == 401
@@ -406,7 +415,7 @@ class BitsClient:
             user, password = self.credentials
             self._authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
             ordered.insert(_find(ordered, Header.USER_AGENT) or 0, ("Authorization", self._authorization))
-            response = self._exchange(method, target or self.target, ordered, body, cut_after)
+            response = self._exchange(method, target or self.target, ordered, body, cut_after, abandon)
         return response
 
     def _headers(self, packet_type, session_id, content_name, content_range, body) -> list[tuple[str, str]]:
@@ -434,7 +443,13 @@ class BitsClient:
         return ordered
 
     def _exchange(
-        self, method: str, target: str, headers: list[tuple[str, str]], body: Body, cut_after: int | None
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: Body,
+        cut_after: int | None,
+        abandon: bool,
     ) -> Response | None:
         connection = self._connect(self.host_id or self.host, self.port)
         head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
@@ -452,7 +467,9 @@ class BitsClient:
                 record.body_sent += len(chunk)
             if pending:
                 connection.send(pending)
-            if cut_after is not None:
+            if abandon:
+                connection.wait_readable()
+            if cut_after is not None or abandon:
                 self._lost()
                 return None
             response = connection.read_response(method)
@@ -499,6 +516,7 @@ class BitsClient:
         body: bytes | None = None,
         session_id: str | None = None,
         cut_after: int | None = None,
+        abandon: bool = False,
         headers: Mapping[str, str | None] | None = None,
     ) -> Response | None:
         """Send bytes first..last of the file. `total` (default: the file's size), `body` (default:
@@ -515,12 +533,13 @@ class BitsClient:
             body=payload,
             headers=headers,
             cut_after=cut_after,
+            abandon=abandon,
         )
         if response is not None and response.status in (200, 416) and response.received_offset is not None:
             self.offset = response.received_offset
             if response.reply_url:
                 self.reply_url = response.reply_url
-        if cut_after is None:
+        if response is not None:
             self._resume_with_ping = False
         return response
 
@@ -577,7 +596,7 @@ class BitsClient:
         Recovery as Windows does it: follow BITS-Received-Content-Range on 200 and 416; after a
         broken connection, Ping on a new connection and resend; after 413, halve the fragment
         size (never below `min_fragment`); after BG_E_SESSION_NOT_FOUND, create a new session
-        and resend, which the server answers with 416 and offset 0.
+        and start over from offset 0.
         """
         path = Path(path)
         total = path.stat().st_size
@@ -609,7 +628,6 @@ class BitsClient:
                 created = self.create_session()
                 if not created.ok:
                     raise UploadError("Create-Session failed after the session was lost", created)
-                self.offset = before
             else:
                 raise UploadError(f"fragment refused: HTTP {response.status}", response)
             if self.offset > before:

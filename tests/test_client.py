@@ -1,0 +1,385 @@
+"""replay.client against the reference server (replay.server) over real loopback TCP.
+
+Every upload is checked byte for byte: the file the server stored has the sha256 of the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from analyzer.bits.protocol import (
+    BG_E_SESSION_NOT_FOUND,
+    E_INVALIDARG,
+    PROTOCOL_GUID,
+    ErrorContext,
+    Header,
+    PacketType,
+)
+from replay.client import (
+    CHUNK_SIZE,
+    BitsClient,
+    FileSlice,
+    UploadError,
+    resolve_reply_url,
+)
+from replay.server import BitsServer
+
+FRAGMENT = 16 * 1024
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def source(tmp_path: Path):
+    def make(size: int, seed: int = 1, name: str = "payload.bin") -> Path:
+        path = tmp_path / "src" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(random.Random(seed).randbytes(size))
+        return path
+    return make
+
+
+@pytest.fixture
+def serve(tmp_path: Path):
+    servers: list[BitsServer] = []
+
+    def start(**options) -> BitsServer:
+        server = BitsServer(tmp_path / "root", log=None, **options)
+        server.start()
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def stored(server: BitsServer, name: str = "payload.bin") -> Path:
+    return server.root / "up" / name
+
+
+def packets(client: BitsClient) -> list[str | None]:
+    return [t.packet_type or t.method for t in client.log]
+
+
+def test_multi_fragment_upload_is_byte_exact_on_one_connection(serve, source):
+    server = serve()
+    path = source(300_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    result = client.upload(path, fragment_size=64 * 1024)
+    assert sha256(stored(server)) == sha256(path)
+    assert result.acknowledged == result.total == 300_000
+    assert packets(client) == ["Create-Session"] + ["Fragment"] * 5 + ["Close-Session"]
+    assert {t.connection for t in client.log} == {0} and client.connections_opened == 1
+    ranges = [t.header(Header.CONTENT_RANGE) for t in client.log if t.packet_type == "Fragment"]
+    assert ranges[0] == "bytes 0-65535/300000" and ranges[-1] == "bytes 262144-299999/300000"
+
+
+def test_requests_look_like_windows_on_the_wire(source):
+    """A raw listener records the bytes exactly as they arrive."""
+    path = source(1000)
+    listener = socket.create_server(("127.0.0.1", 0))
+    heads: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as stream:
+            for ack in (b"BITS-Session-Id: {11111111-2222-3333-4444-555555555555}\r\n"
+                        b"BITS-Protocol: " + PROTOCOL_GUID.encode() + b"\r\n",
+                        b"BITS-Received-Content-Range: 1000\r\n", b""):
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    head += stream.readline()
+                heads.append(head)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                stream.read(length)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\n" + ack + b"Content-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    port = listener.getsockname()[1]
+    BitsClient(f"http://127.0.0.1:{port}/up/payload.bin").upload(path)
+    thread.join(5)
+    listener.close()
+    create, fragment, close = (head.decode("latin-1").split("\r\n") for head in heads)
+    assert create[:7] == [
+        "BITS_POST /up/payload.bin HTTP/1.1", "Accept: */*", "BITS-Packet-Type: Create-Session",
+        f"BITS-Supported-Protocols: {PROTOCOL_GUID}", "User-Agent: Microsoft BITS/7.8",
+        f"Host: 127.0.0.1:{port}", "Content-Length: 0",
+    ]
+    assert fragment[1:10] == [
+        "Accept: */*", "BITS-Packet-Type: Fragment",
+        "BITS-Session-Id: {11111111-2222-3333-4444-555555555555}", "Content-Name: payload.bin",
+        "Content-Range: bytes 0-999/1000", "User-Agent: Microsoft BITS/7.8", f"Host: 127.0.0.1:{port}",
+        "Content-Length: 1000", "Connection: Keep-Alive",
+    ]
+    assert "Content-Name: payload.bin" in close and "BITS-Packet-Type: Close-Session" in close
+
+
+def test_file_slice_streams_in_chunks(source):
+    path = source(3 * CHUNK_SIZE + 5)
+    chunks = list(FileSlice(path, 7, 2 * CHUNK_SIZE + 3).chunks())
+    assert all(len(chunk) <= CHUNK_SIZE for chunk in chunks) and len(chunks) == 3
+    assert b"".join(chunks) == path.read_bytes()[7:7 + 2 * CHUNK_SIZE + 3]
+
+
+def test_resume_after_connection_cut_mid_fragment(serve, source):
+    server = serve()
+    path = source(100_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=FRAGMENT)
+    assert client.fragment(path, FRAGMENT, 2 * FRAGMENT - 1, cut_after=5000) is None
+    assert client.log[-1].body_sent == 5000 and client.log[-1].response is None
+    client.send_file(path, FRAGMENT)
+    client.close()
+    assert sha256(stored(server)) == sha256(path)
+    after_cut = client.log[3:]
+    assert after_cut[0].packet_type == "Ping" and after_cut[0].connection == 1
+    assert after_cut[1].header(Header.CONTENT_RANGE) == f"bytes {FRAGMENT}-{2 * FRAGMENT - 1}/100000"
+    assert client.connections_opened == 2
+
+
+def test_lost_ack_is_resynchronised_by_416(serve, source):
+    server = serve(overlap="reject")
+    path = source(80_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    assert client.fragment(path, 0, FRAGMENT - 1, abandon=True) is None
+    assert client.offset == 0  # the client never read the ack
+    client.send_file(path, FRAGMENT)
+    client.close()
+    resend = client.log[3]
+    assert (resend.packet_type, resend.response.status, resend.response.received_offset) == ("Fragment", 416, FRAGMENT)
+    assert client.log[4].header(Header.CONTENT_RANGE).startswith(f"bytes {FRAGMENT}-")
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_cancel_then_fragment_after_cancel(serve, source):
+    server = serve()
+    path = source(80_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=2 * FRAGMENT)
+    assert client.cancel().status == 200
+    late = client.fragment(path, 2 * FRAGMENT, 3 * FRAGMENT - 1)
+    assert late.status == 500 and late.session_not_found
+    assert late.error_context == ErrorContext.REMOTE_FILE
+    assert not stored(server).exists()
+
+
+def test_fragment_after_close_leaves_the_file_intact(serve, source):
+    server = serve()
+    path = source(40_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.upload(path, FRAGMENT)
+    late = client.fragment(path, 0, FRAGMENT - 1, body=bytes(FRAGMENT))
+    assert late.status == 500 and late.error_code == BG_E_SESSION_NOT_FOUND.code
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_upload_reply_fetched_before_close(serve, source):
+    server = serve(reply=True)
+    path = source(50_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    result = client.upload(path, FRAGMENT)
+    receipt = json.loads(result.reply)
+    assert receipt["sha256"] == sha256(path) and receipt["size"] == 50_000
+    assert packets(client)[-3:] == ["HEAD", "GET", "Close-Session"]
+    get = client.log[-2]
+    assert get.header("Range") == f"bytes=0-{len(result.reply) - 1}" and get.response.status == 206
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_reply_url_with_backslashes_resolves_against_the_upload_directory():
+    assert resolve_reply_url(
+        "http://h:81/vdir/up.bin", "BITS-Sessions\\Replies\\{C85B4E0A-1111}\\responsefile.bin"
+    ) == "http://h:81/vdir/BITS-Sessions/Replies/%7BC85B4E0A-1111%7D/responsefile.bin"
+    assert resolve_reply_url("http://h/vdir/up.bin", "http://other/static") == "http://other/static"
+
+
+def test_basic_auth_challenge_is_answered_once_and_remembered(serve, source):
+    server = serve(auth=("bits", "secret"))
+    path = source(40_000)
+    client = BitsClient(server.url + "up/payload.bin", credentials=("bits", "secret"))
+    client.upload(path, FRAGMENT)
+    statuses = [t.response.status for t in client.log]
+    assert statuses[:2] == [401, 200] and statuses.count(401) == 1
+    assert client.log[0].header("Authorization") is None
+    assert all(t.header("Authorization") == "Basic Yml0czpzZWNyZXQ=" for t in client.log[1:])
+    assert sha256(stored(server)) == sha256(path)
+
+    anonymous = BitsClient(server.url + "up/other.bin")
+    with pytest.raises(UploadError) as refused:
+        anonymous.upload(path)
+    assert refused.value.response.status == 401
+
+
+def test_host_id_moves_the_client_to_the_named_host(serve, source):
+    server = serve(host_id="bitsnode1")
+    path = source(40_000)
+    client = BitsClient(server.url + "up/payload.bin", resolve={"bitsnode1": "127.0.0.1"})
+    client.upload(path, FRAGMENT)
+    port = server.address[1]
+    create, ping, *rest = client.log
+    assert create.header("Host") == f"127.0.0.1:{port}" and create.connection == 0
+    assert ping.packet_type == "Ping" and ping.connection == 1
+    assert all(t.header("Host") == f"bitsnode1:{port}" for t in [ping, *rest])
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_413_makes_fragments_smaller(serve, source):
+    server = serve(max_fragment_size=40_000)
+    path = source(100_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.upload(path, fragment_size=64 * 1024)
+    fragments = [t for t in client.log if t.packet_type == "Fragment"]
+    assert fragments[0].response.status == 413
+    assert {t.body_sent for t in fragments[1:-1]} == {32 * 1024}
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_413_below_the_smallest_fragment_gives_up(serve, source):
+    server = serve(max_fragment_size=4000)
+    client = BitsClient(server.url + "up/payload.bin", min_fragment=5 * 1024)
+    with pytest.raises(UploadError) as failed:
+        client.upload(source(20_000), fragment_size=10 * 1024)
+    assert failed.value.response.status == 413
+
+
+def test_session_not_found_starts_over_in_a_new_session(serve, source):
+    server = serve(session_timeout=0.3)
+    path = source(60_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=FRAGMENT)
+    deadline = time.monotonic() + 10
+    while server.sessions() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.send_file(path, FRAGMENT)
+    client.close()
+    lost = next(i for i, t in enumerate(client.log) if t.response.session_not_found)
+    assert client.log[lost + 1].packet_type == "Create-Session"
+    assert client.log[lost + 2].header(Header.CONTENT_RANGE) == "bytes 0-16383/60000"
+    assert len(client.session_ids) == 2 and client.session_ids[0] != client.session_ids[1]
+    assert client.log[lost + 2].header(Header.SESSION_ID) == client.session_ids[1]
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_gap_draws_416_and_the_loop_follows_the_server(serve, source):
+    server = serve()
+    path = source(80_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=FRAGMENT)
+    gap = client.fragment(path, 3 * FRAGMENT, 4 * FRAGMENT - 1)
+    assert (gap.status, gap.received_offset, gap.error_code) == (416, FRAGMENT, 0)
+    client.send_file(path, FRAGMENT)
+    client.close()
+    assert sha256(stored(server)) == sha256(path)
+
+
+@pytest.mark.parametrize("overlap, status", [("trim", 200), ("reject", 416)])
+def test_resends_keep_the_first_copy(serve, source, overlap, status):
+    server = serve(overlap=overlap)
+    path = source(50_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=FRAGMENT)
+    same = client.fragment(path, 0, FRAGMENT - 1)
+    different = client.fragment(path, 0, FRAGMENT - 1, body=random.Random(99).randbytes(FRAGMENT))
+    assert [(r.status, r.received_offset) for r in (same, different)] == [(status, FRAGMENT)] * 2
+    assert client.log[-1].body_sent == FRAGMENT
+    client.send_file(path, FRAGMENT)
+    client.close()
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_changed_total_is_refused(serve, source):
+    server = serve()
+    path = source(50_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=FRAGMENT)
+    changed = client.fragment(path, FRAGMENT, 2 * FRAGMENT - 1, total=60_000)
+    assert client.log[-1].header(Header.CONTENT_RANGE) == f"bytes {FRAGMENT}-{2 * FRAGMENT - 1}/60000"
+    assert (changed.status, changed.error_code) == (400, E_INVALIDARG.code)
+    client.send_file(path, FRAGMENT)
+    client.close()
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_missing_garbled_and_unknown_packets_are_sent_as_told(serve, source):
+    server = serve()
+    path = source(20_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    no_range = client.fragment(path, 0, 999, headers={Header.CONTENT_RANGE: None})
+    garbled = client.fragment(path, 0, 999, headers={Header.CONTENT_RANGE: "bytes 999-0/20000"})
+    unknown = client.send_packet("Frobnicate", session_id=client.session_id)
+    untyped = client.send_packet(None, session_id=client.session_id)
+    extra = client.send_packet(PacketType.PING, headers={"X-Test": "1"})
+    assert [r.status for r in (no_range, garbled, unknown, untyped)] == [400] * 4
+    assert all(r.error_code == E_INVALIDARG.code for r in (no_range, garbled, unknown, untyped))
+    sent = [t.headers for t in client.log[1:]]
+    assert not any(name == Header.CONTENT_RANGE for name, _ in sent[0])
+    assert (Header.CONTENT_RANGE, "bytes 999-0/20000") in sent[1]
+    assert (Header.PACKET_TYPE, "Frobnicate") in sent[2]
+    assert not any(name == Header.PACKET_TYPE for name, _ in sent[3])
+    names = [name for name, _ in sent[4]]
+    assert extra.status == 200 and names.index("X-Test") == names.index(Header.CONTENT_LENGTH) - 1
+    client.send_file(path, FRAGMENT)
+    client.close()
+    assert sha256(stored(server)) == sha256(path)
+
+
+def test_zero_byte_file_is_refused_before_sending(serve, source):
+    server = serve()
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    with pytest.raises(UploadError):
+        client.send_file(source(0))
+    assert packets(client) == ["Create-Session"]
+
+
+def test_two_sessions_on_two_connections_share_one_log(serve, source):
+    server = serve()
+    log = []
+    first = BitsClient(server.url + "up/a.bin", log=log)
+    second = BitsClient(server.url + "up/b.bin", log=log)
+    a, b = source(40_000, 1, "a.bin"), source(30_000, 2, "b.bin")
+    first.create_session()
+    second.create_session()
+    while first.offset < 40_000 or second.offset < 30_000:
+        for client, path in ((first, a), (second, b)):
+            client.send_file(path, FRAGMENT, until=client.offset + 1)
+    first.close()
+    second.close()
+    assert sha256(stored(server, "a.bin")) == sha256(a) and sha256(stored(server, "b.bin")) == sha256(b)
+    assert [t.header(Header.CONTENT_NAME) for t in log if t.packet_type == "Fragment"][:4] == [
+        "a.bin", "b.bin", "a.bin", "b.bin"]
+    assert first.connections_opened == second.connections_opened == 1
+
+
+def test_ipv6_loopback(tmp_path, source):
+    try:
+        server = BitsServer(tmp_path / "root", host="::1", log=None).start()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    try:
+        path = source(30_000)
+        client = BitsClient(server.url + "up/payload.bin")
+        client.upload(path, FRAGMENT)
+        assert client.log[0].header("Host") == f"[::1]:{server.address[1]}"
+        assert sha256(stored(server)) == sha256(path)
+    finally:
+        server.stop()
