@@ -32,7 +32,7 @@ def anomaly(code: str, severity: str, message: str, *, session: str | None, conn
 class SessionBuilder:
     """One BITS upload session as the capture shows it, packet by packet."""
 
-    def __init__(self, session_id: str, *, start: float = T0, frame: int = 4, connection: int = 0,
+    def __init__(self, session_id: str | None, *, start: float = T0, frame: int = 4, connection: int = 0,
                  client: str = "127.0.0.1:50412", server: str = "127.0.0.1:8080",
                  url: str = "/uploads/report.bin", content_name: str | None = "report.bin",
                  user_agent: str = "Microsoft BITS/7.8", reply_url: str | None = None) -> None:
@@ -368,6 +368,19 @@ def with_fragments(count: int) -> dict:
     builder.close()
     return report(captures=[capture("captures/long.pcap", frames=count * 3)],
                   sessions=[builder.build(state="closed", verdict="delivered")])
+
+
+def sparse_report() -> dict:
+    """What little a capture can give: a Create with no answer (no id, no size, no times on
+    the response), and an extracted file with holes."""
+    builder = SessionBuilder(None, url="/u")
+    builder._packet("Create-Session", status=None)
+    lonely = builder.build(state="create-session", verdict="unknown")
+    lonely.update(duration_s=0.0, throughput_bps=None, total=None, content_name=None, user_agent=None)
+    partial = clean_delivered()
+    partial["extracted"] = {"path": "out/A0FF5911_report.bin", "complete": False, "sha256": None,
+                            "coverage": [{"first": 0, "last": 131071, "frames": [5, 7]}]}
+    return report(captures=[capture("captures/sparse.pcap", frames=4)], sessions=[lonely, partial])
 
 
 def empty_report() -> dict:

@@ -159,6 +159,13 @@ def test_sections_and_many_sessions():
     assert len(page) < 12_000_000
 
 
+def test_sparse_values():
+    page = render_html(fx.sparse_report())
+    parse(page)
+    assert len(timelines(page)) == 2 and "(no id)" in page and "no fragments in the capture" in page
+    assert "out/A0FF5911_report.bin (incomplete" in page
+
+
 def test_empty_report():
     page = render_html(fx.empty_report())
     parse(page)

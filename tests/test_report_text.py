@@ -141,3 +141,10 @@ def test_empty_and_many():
     for session in many["sessions"]:
         assert session["id"][1:9] in text
     assert max(len(line) for line in text.splitlines()) <= 120
+
+
+def test_sparse_values_and_extracted_files():
+    text = text_of(fx.sparse_report())
+    assert "(no id)" in text and "0B/?" in text  # no file size known
+    extracted = text[text.index("Extracted files (1)"):]
+    assert "out/A0FF5911_report.bin" in extracted and "NO" in extracted

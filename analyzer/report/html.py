@@ -13,7 +13,7 @@ import html
 from typing import Iterable
 
 from analyzer.report.presentation import (
-    SEVERITIES, Clock, all_anomalies, anomaly_order, bytes_progress, frame_list, human_duration,
+    SEVERITIES, Clock, all_anomalies, anomaly_order, frame_list, human_duration,
     human_rate, human_size, percent, printable, severity_counts, short_ids,
 )
 
@@ -45,21 +45,22 @@ a{color:var(--info)}
 .card b{display:block;font-size:22px}.card span{color:var(--muted);font-size:12.5px}
 .card.ok{border-top:4px solid var(--ok)}.card.bad{border-top:4px solid var(--bad)}
 .card.unknown,.card.warning{border-top:4px solid var(--warn)}.card.error{border-top:4px solid var(--bad)}
-.card.info{border-top:4px solid var(--info)}
+.card.info{border-top:4px solid var(--info)}.card.zero{border-top-color:var(--line)}.card.zero b{color:var(--muted)}
 .banner{background:#fbe0d0;border:1px solid var(--bad);border-radius:8px;padding:10px 14px;margin:12px 0}
 table{border-collapse:collapse;width:100%;background:var(--card);border:1px solid var(--line)}
 th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 th{background:#eef1f4;font-weight:600;font-size:12.5px;position:sticky;top:0}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.wrap{word-break:break-all;min-width:9em}
-table.sessions{font-size:13px}table.sessions td:first-child,td.counts,td.nowrap{white-space:nowrap}
+td.wrap{overflow-wrap:anywhere;min-width:11em}
+a code{white-space:nowrap}.pct{font-size:11.5px;color:var(--muted);display:flex;gap:6px;align-items:center}
+table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 6px}table.sessions td:first-child,td.nowrap{white-space:nowrap}
 tr:hover td{background:#f8fafc}
 .badge{display:inline-block;padding:1px 7px;border-radius:10px;font-size:12px;font-weight:600;white-space:nowrap}
 .v-delivered{background:#d4f0e6;color:#00553f}.v-not-delivered{background:#fbe0d0;color:#8a3300}
 .v-unknown{background:#fdf0d0;color:#6b4700}
 .s-error{background:#fbe0d0;color:#8a3300}.s-warning{background:#fdf0d0;color:#6b4700}
 .s-info{background:#d6e8f5;color:#003f66}
-.bar{height:6px;background:#e6e9ed;border-radius:3px;min-width:80px;margin-top:3px}
+.bar{flex:1;height:6px;background:#e6e9ed;border-radius:3px;min-width:60px}
 .bar i{display:block;height:6px;border-radius:3px;background:var(--ok)}
 .counts .badge{margin-right:2px}
 .filter{margin:0 0 8px}.filter label{margin-right:14px;cursor:pointer}
@@ -69,7 +70,7 @@ margin:14px 0;content-visibility:auto;contain-intrinsic-size:auto 460px}
 .session header{display:flex;gap:10px;align-items:center;flex-wrap:wrap}
 dl.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:2px 18px;margin:10px 0}
 dl.facts div{display:flex;gap:6px;min-width:0}dl.facts dt{color:var(--muted);white-space:nowrap}
-dl.facts dd{margin:0;word-break:break-all}
+dl.facts dd{margin:0;overflow-wrap:anywhere}
 svg.timeline{width:100%;height:auto;display:block;margin-top:6px}
 svg text{font:11px system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;fill:#5d6673}
 .plot{fill:#fbfcfd;stroke:#d9dee4}.grid{stroke:#e8ebef}
@@ -137,17 +138,18 @@ def render_html(report: dict) -> str:
 def _summary(report: dict) -> list[str]:
     summary = report.get("summary") or {}
     anomalies = summary.get("anomalies") or {}
-    cards = [("sessions", summary.get("sessions", 0), "sessions", ""),
-             ("ok", summary.get("delivered", 0), "✓ delivered", ""),
-             ("bad", summary.get("not_delivered", 0), "✗ not delivered", ""),
-             ("unknown", summary.get("unknown", 0), "? unknown", ""),
-             *((severity, anomalies.get(severity, 0), f"{_SEVERITY_MARK[severity]} {severity}", "#anomalies")
+    cards = [("sessions", summary.get("sessions", 0), "sessions"),
+             ("ok", summary.get("delivered", 0), "✓ delivered"),
+             ("bad", summary.get("not_delivered", 0), "✗ not delivered"),
+             ("unknown", summary.get("unknown", 0), "? unknown"),
+             *((severity, anomalies.get(severity, 0), f"{_SEVERITY_MARK[severity]} {severity}")
                for severity in SEVERITIES),
-             ("", summary.get("http_exchanges", 0),
-              f"HTTP exchanges ({summary.get('bits_exchanges', 0)} BITS, {summary.get('other_http', 0)} other)", "")]
+             ("exchanges", summary.get("http_exchanges", 0),
+              f"HTTP exchanges ({summary.get('bits_exchanges', 0)} BITS, {summary.get('other_http', 0)} other)")]
     out = ["<div class=\"cards\">"]
-    for kind, number, label, _ in cards:
-        out.append(f"<div class=\"card {kind}\"><b>{_e(number)}</b><span>{_e(label)}</span></div>")
+    for kind, number, label in cards:
+        zero = " zero" if number == 0 else ""
+        out.append(f"<div class=\"card {kind}{zero}\"><b>{_e(number)}</b><span>{_e(label)}</span></div>")
     out.append("</div>")
     incomplete = [c for c in report.get("captures") or [] if not c.get("complete", True)]
     problems = report.get("problems") or []
@@ -222,14 +224,19 @@ def _sessions_table(sessions: list[dict], ids: dict[str, str], anchors: dict[str
             f"<tr><td>{name}</td><td class=\"mono nowrap\">{_e(session.get('client'))}</td>"
             f"<td class=\"wrap\">{url}</td><td>{_e(session.get('state'))}</td>"
             f"<td>{_verdict(session.get('verdict'))}</td>"
-            f"<td class=\"num\">{_e(bytes_progress(session))}"
-            f"<div class=\"bar\"><i style=\"width:{share:.1f}%\"></i></div></td>"
+            f"<td class=\"num\">{_e(_sizes(session))}<div class=\"pct\"><div class=\"bar\">"
+            f"<i style=\"width:{share:.1f}%\"></i></div>{_e(percent(session.get('acknowledged') or 0, session.get('total')))}"
+            "</div></td>"
             f"<td class=\"num\">{_e(session.get('fragments'))}</td><td>{_e(clock.time(session.get('first_ts')))}</td>"
             f"<td class=\"num\">{_e(human_duration(session.get('duration_s')))}</td>"
             f"<td class=\"num\">{_e(human_rate(session.get('throughput_bps')))}</td>"
             f"<td class=\"counts\">{_severity_badges(session.get('anomalies') or [])}</td></tr>")
     out.append("</tbody></table>")
     return out
+
+
+def _sizes(session: dict) -> str:
+    return f"{human_size(session.get('acknowledged') or 0)} / {human_size(session.get('total'))}"
 
 
 def _share(session: dict) -> float:
@@ -608,10 +615,17 @@ def _events(packets: list[dict], scale: _Scale, notes: list[str]) -> list[str]:
                      if response.get("error_code") else "")) if response else "no response in the capture"
         title = f"{printable(kind)} at frame {request.get('frame')}; {answer}"
         out.append(f"<g><line class=\"{css}\" x1=\"{x:.1f}\" y1=\"{_TOP - 8}\" x2=\"{x:.1f}\" y2=\"{_TOP + _PLOT_H}\"/>"
-                   f"<text x=\"{x + 3:.1f}\" y=\"{_TOP - 10}\">{_e(label)}</text><title>{_e(title)}</title></g>")
+                   f"{_label(x, label)}<title>{_e(title)}</title></g>")
     if len(events) > MAX_MARKERS:
         notes.append(f"{len(events):,} non-fragment packets; the first {MAX_MARKERS} are drawn.")
     return out
+
+
+def _label(x: float, label: str) -> str:
+    """An event's label beside its line, on the inner side near the right edge."""
+    if x > _W - _RIGHT - 50:
+        return f"<text x=\"{x - 3:.1f}\" y=\"{_TOP - 10}\" text-anchor=\"end\">{_e(label)}</text>"
+    return f"<text x=\"{x + 3:.1f}\" y=\"{_TOP - 10}\">{_e(label)}</text>"
 
 
 def _anomaly_marks(anomalies: list[dict], scale: _Scale, clock: Clock, notes: list[str]) -> list[str]:

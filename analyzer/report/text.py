@@ -70,6 +70,9 @@ def render_text(report: dict, console_or_file: Console | IO[str], *, min_severit
         _sessions(sessions, ids, palette, clock, wide=console.width >= WIDE),
         _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock),
     ]
+    extracted = [s for s in sessions if s.get("extracted")]
+    if extracted:
+        parts.append(_extracted(extracted, ids, palette))
     if report.get("downloads"):
         parts.append(_downloads(report["downloads"], palette, clock))
     parts.append(_counts(report, palette))
@@ -239,6 +242,21 @@ def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str,
 
 
 # --- downloads, counts, problems ---------------------------------------------------------------
+
+def _extracted(sessions: list[dict], ids: dict[str, str], palette: _Palette) -> Table:
+    table = _table(palette, title=f"Extracted files ({len(sessions)})")
+    table.add_column("Session", no_wrap=True)
+    table.add_column("File", overflow="fold", ratio=1)
+    table.add_column("Complete", no_wrap=True)
+    table.add_column("SHA-256", overflow="fold", max_width=64)
+    for session in sessions:
+        extracted = session["extracted"]
+        complete = bool(extracted.get("complete"))
+        table.add_row(_text(ids.get(session.get("id"), "(no id)")), _text(extracted.get("path")),
+                      Text("yes" if complete else "NO", style=palette["ok"] if complete else palette["bad"]),
+                      _text(extracted.get("sha256") or "—"))
+    return table
+
 
 def _downloads(downloads: list[dict], palette: _Palette, clock: Clock) -> Table:
     table = _table(palette, title=f"Downloads ({len(downloads)})")
