@@ -14,9 +14,10 @@ Flags:
 - "partial": a message of the exchange lacks bytes (gap, truncation, broken framing).
 - "gap": a capture gap touched one of its messages, or came just before one of them in the
   same direction (a request lost whole in a gap shifts the first-in first-out pairing after it).
-- "overlap-conflict": a retransmission with different bytes overlapped the stream while one
-  of its messages was being parsed in that direction (an approximation: the conflicting
-  bytes may belong to the message just before).
+- "overlap-conflict": a retransmission with different bytes overlapped one of its messages
+  (found by stream offset among the exchanges not yet emitted; a conflict in bytes not yet
+  parsed is put on the message being parsed, or else the next one, in that direction; a
+  conflict in an exchange already emitted becomes a Problem instead).
 - "no-response": the connection closed before a response.
 - "orphan-response": a response with no request before it (request lost or capture began).
 """
@@ -36,13 +37,12 @@ from analyzer.http import (
     Headers,
     HttpParser,
     MessageEnd,
-    ParseError,
     RequestHead,
     ResponseHead,
 )
 from analyzer.problems import Problem
+from analyzer.tcp import CLIENT, SERVER, Connection
 
-CLIENT, SERVER = 0, 1  # the directions of analyzer.tcp
 MAX_PROBLEMS = 1000  # parse problems kept; the rest are only counted
 
 
@@ -71,7 +71,7 @@ class HttpMessage:
 @dataclass(eq=False)
 class Exchange:
     index: int  # global, increasing in emission order
-    connection: Any  # analyzer.tcp.Connection
+    connection: Connection
     request: HttpMessage | None
     response: HttpMessage | None
     informational: list[HttpMessage] = field(default_factory=list)  # 1xx before the response
@@ -121,44 +121,69 @@ class ExchangeAssembler:
     """A StreamSink turning both directions of each connection into Exchange records."""
 
     def __init__(self, on_exchange: Callable[[Exchange], None],
-                 on_body: Callable[[Any, HttpMessage, memoryview | bytes], None] | None = None
-                 ) -> None:
+                 on_body: Callable[[Connection, HttpMessage, memoryview | bytes], None] | None = None,
+                 first_index: int = 0) -> None:
+        """`first_index`: the index of the first Exchange (to number on across capture files,
+        pass the previous assembler's `next_index`)."""
         self._on_exchange = on_exchange
         self._on_body = on_body
         self._connections: dict[int, _ConnectionState] = {}
-        self._next_index = 0
+        self.next_index = first_index
         self.problems: list[Problem] = []
         self.problem_count = 0  # including those not kept
 
     # -- StreamSink ----------------------------------------------------------------------
 
-    def on_open(self, conn: Any) -> None:
+    def on_open(self, conn: Connection) -> None:
         """Nothing yet: the parsers are made at the first stream event, when the reassembler
         knows whether the connection's handshake was seen (else the capture began mid-stream)."""
 
-    def on_data(self, conn: Any, direction: int, data: bytes | memoryview, frame: int,
+    def on_data(self, conn: Connection, direction: int, data: bytes | memoryview, frame: int,
                 ts_ns: int) -> None:
         side = self._state(conn).directions[direction]
         self._handle(conn, direction, side.parser.feed(data, frame, ts_ns))
 
-    def on_gap(self, conn: Any, direction: int, size: int, frame: int, ts_ns: int) -> None:
+    def on_gap(self, conn: Connection, direction: int, size: int, frame: int, ts_ns: int) -> None:
         self._mark(conn, direction, "gap")
         side = self._state(conn).directions[direction]
         self._handle(conn, direction, side.parser.gap(size, frame, ts_ns))
         if not side.parser.in_message:  # whole messages may have been lost: pairing is suspect
             side.mark_next.add("gap")
 
-    def on_conflict(self, conn: Any, direction: int, offset: int, size: int, frame: int) -> None:
-        self._mark(conn, direction, "overlap-conflict")
+    def on_conflict(self, conn: Connection, direction: int, offset: int, size: int,
+                    frame: int) -> None:
+        state = self._state(conn)
+        side = state.directions[direction]
+        if offset >= side.parser.position:  # bytes still to come
+            self._mark(conn, direction, "overlap-conflict")
+            return
+        head_start = side.parser.message_start
+        if side.message is None and head_start is not None and offset >= head_start:
+            side.mark_next.add("overlap-conflict")  # in the head being read
+            return
+        owner, owner_start = None, -1
+        for pending in state.open:
+            messages = ([pending.request] if direction == CLIENT
+                        else [*pending.informational, pending.response])
+            for message in messages:
+                if message is not None and owner_start < message.stream_offset <= offset:
+                    owner, owner_start = pending, message.stream_offset
+        if owner is not None:
+            owner.flags.add("overlap-conflict")
+        else:
+            self._add_problem(Problem(
+                "overlap-conflict", f"retransmitted bytes differ ({size} bytes) in an exchange "
+                "already reported or between messages", frame=frame, offset=offset,
+                connection=conn.id))
 
-    def on_fin(self, conn: Any, direction: int, frame: int, ts_ns: int) -> None:
+    def on_fin(self, conn: Connection, direction: int, frame: int, ts_ns: int) -> None:
         side = self._state(conn).directions[direction]
         self._handle(conn, direction, side.parser.eof(frame, ts_ns))
 
-    def on_rst(self, conn: Any, direction: int, frame: int, ts_ns: int) -> None:
+    def on_rst(self, conn: Connection, direction: int, frame: int, ts_ns: int) -> None:
         self._state(conn).aborted = True
 
-    def on_close(self, conn: Any) -> None:
+    def on_close(self, conn: Connection) -> None:
         state = self._connections.get(conn.id)
         if state is None:
             return
@@ -173,21 +198,21 @@ class ExchangeAssembler:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _state(self, conn: Any) -> _ConnectionState:
+    def _state(self, conn: Connection) -> _ConnectionState:
         state = self._connections.get(conn.id)
         if state is None:
             state = _ConnectionState(midstream=not conn.handshake_seen)
             self._connections[conn.id] = state
         return state
 
-    def _mark(self, conn: Any, direction: int, flag: str) -> None:
+    def _mark(self, conn: Connection, direction: int, flag: str) -> None:
         side = self._state(conn).directions[direction]
         if side.current is not None:
             side.current.flags.add(flag)
         else:
             side.mark_next.add(flag)
 
-    def _handle(self, conn: Any, direction: int, events: list) -> None:
+    def _handle(self, conn: Connection, direction: int, events: list) -> None:
         if not events:
             return
         state = self._connections[conn.id]
@@ -206,7 +231,8 @@ class ExchangeAssembler:
             elif type(event) is ResponseHead:
                 self._response_head(state, side, event)
             else:
-                self._problem(conn, event)
+                self._add_problem(Problem("http-parse-error", event.message, frame=event.frame,
+                                          offset=event.offset, connection=conn.id))
 
     def _start(self, side: _Direction, pending: _Pending, message: HttpMessage) -> None:
         side.current = pending
@@ -244,7 +270,7 @@ class ExchangeAssembler:
             pending.response = message
         self._start(side, pending, message)
 
-    def _message_end(self, conn: Any, state: _ConnectionState, side: _Direction,
+    def _message_end(self, conn: Connection, state: _ConnectionState, side: _Direction,
                      end: MessageEnd) -> None:
         message, pending = side.message, side.current
         message.last_frame = end.frame
@@ -264,17 +290,16 @@ class ExchangeAssembler:
             state.open.remove(pending)
             self._emit(conn, pending)
 
-    def _emit(self, conn: Any, pending: _Pending) -> None:
-        exchange = Exchange(self._next_index, conn, pending.request, pending.response,
+    def _emit(self, conn: Connection, pending: _Pending) -> None:
+        exchange = Exchange(self.next_index, conn, pending.request, pending.response,
                             pending.informational, pending.flags)
-        self._next_index += 1
+        self.next_index += 1
         self._on_exchange(exchange)
 
-    def _problem(self, conn: Any, error: ParseError) -> None:
+    def _add_problem(self, problem: Problem) -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(Problem("http-parse-error", error.message, frame=error.frame,
-                                         offset=error.offset, connection=conn.id))
+            self.problems.append(problem)
 
 
 def _time(ts_ns: int) -> str:

@@ -171,6 +171,16 @@ class HttpParser:
         """True when a message's head has been emitted and its end has not."""
         return self._head_seen
 
+    @property
+    def position(self) -> int:
+        """Stream offset of the next byte to be fed (gaps included)."""
+        return self._base
+
+    @property
+    def message_start(self) -> int | None:
+        """Stream offset of the message being read (head or body), None between messages."""
+        return None if self._state in (self._idle, self._resync) else self._first[2]
+
     def expect_response_to(self, method: str) -> None:
         """(response role) The next final response answers a request with `method`."""
         self._pending_methods.append(method)

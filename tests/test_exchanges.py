@@ -5,23 +5,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from analyzer.bits.protocol import Header, parse_content_range
+from analyzer.capture import CaptureReader
+from analyzer.decode import Decoder
 
 from analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage, exchange_to_json
+from analyzer.tcp import CLIENT, SERVER, Connection, TcpReassembler
 
-CLIENT, SERVER = 0, 1
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+EXPECTED = json.loads((CAPTURES / "expected.json").read_text())["captures"]
 
 
-@dataclass
-class StandInConnection:
-    """The fields of analyzer.tcp.Connection the assembler reads."""
-
-    id: int = 0
-    client: tuple[bytes, int] = (bytes([192, 0, 2, 1]), 49152)
-    server: tuple[bytes, int] = (bytes([192, 0, 2, 80]), 80)
-    handshake_seen: bool = True
-    last_frame: int = 0
-    last_ts_ns: int = 0
+def connection(id: int = 0, handshake_seen: bool = True,
+               client: tuple[bytes, int] = (bytes([192, 0, 2, 1]), 49152),
+               server: tuple[bytes, int] = (bytes([192, 0, 2, 80]), 80)) -> Connection:
+    conn = Connection(id, client, server, 1, 0)
+    conn.handshake_seen = handshake_seen
+    return conn
 
 
 @dataclass
@@ -33,7 +40,7 @@ class Recorder:
     def exchange(self, exchange: Exchange) -> None:
         self.exchanges.append(exchange)
 
-    def body(self, conn: StandInConnection, message: HttpMessage, chunk: memoryview) -> None:
+    def body(self, conn: Connection, message: HttpMessage, chunk: memoryview) -> None:
         if id(message) not in self.bodies:
             self.bodies[id(message)] = bytearray()
             self.body_owners.append(message)
@@ -46,13 +53,13 @@ class Recorder:
 class Session:
     """Drives an assembler the way the TCP reassembler does, numbering frames as it goes."""
 
-    def __init__(self, conn: StandInConnection | None = None,
+    def __init__(self, conn: Connection | None = None,
                  assembler: ExchangeAssembler | None = None,
                  recorder: Recorder | None = None) -> None:
         self.recorder = recorder or Recorder()
         self.assembler = assembler or ExchangeAssembler(self.recorder.exchange,
                                                         self.recorder.body)
-        self.conn = conn or StandInConnection()
+        self.conn = conn or connection()
         self.frame = 0
         self.assembler.on_open(self.conn)
 
@@ -250,7 +257,7 @@ def test_bits_post_one_mebibyte_sha256() -> None:
 
 
 def test_midstream_connection_starts_at_the_first_message() -> None:
-    session = Session(StandInConnection(handshake_seen=False))
+    session = Session(connection(handshake_seen=False))
     session.send(CLIENT, os.urandom(2000).replace(b"\n", b"") + b"\r\n" + post("/seen", b"x"))
     session.send(SERVER, b"tail of an earlier body" + reply(200))
     assert session.assembler.problems == []
@@ -259,7 +266,7 @@ def test_midstream_connection_starts_at_the_first_message() -> None:
 
 
 def test_parse_errors_become_problems_with_their_place() -> None:
-    session = Session(StandInConnection(id=7))
+    session = Session(connection(id=7))
     session.send(CLIENT, b"this is not http\r\n" + post("/ok", b""))
     session.send(SERVER, reply(200))
     [problem] = session.assembler.problems
@@ -271,8 +278,8 @@ def test_parse_errors_become_problems_with_their_place() -> None:
 def test_index_is_global_across_connections() -> None:
     recorder = Recorder()
     assembler = ExchangeAssembler(recorder.exchange)
-    a = Session(StandInConnection(id=0), assembler, recorder)
-    b = Session(StandInConnection(id=1), assembler, recorder)
+    a = Session(connection(id=0), assembler, recorder)
+    b = Session(connection(id=1), assembler, recorder)
     a.send(CLIENT, post("/a", b""))
     b.send(CLIENT, post("/b", b""))
     b.send(SERVER, reply(200))
@@ -281,7 +288,7 @@ def test_index_is_global_across_connections() -> None:
 
 
 def test_exchange_to_json() -> None:
-    conn = StandInConnection(id=3, client=(bytes.fromhex("20010db8" + "00" * 11 + "01"), 50123),
+    conn = connection(id=3, client=(bytes.fromhex("20010db8" + "00" * 11 + "01"), 50123),
                              server=(bytes([127, 0, 0, 1]), 8080))
     session = Session(conn)
     session.send(CLIENT, b"BITS_POST /x HTTP/1.1\r\nBITS-Packet-Type: Ping\r\nContent-Length: 0\r\n\r\n")
@@ -306,3 +313,92 @@ def test_exchange_to_json() -> None:
     assert [m["status"] for m in first["informational"]] == [100]
     assert first["flags"] == []
     assert second["response"] is None and second["flags"] == ["no-response"]
+
+
+def test_overlap_conflict_is_put_on_the_exchange_whose_bytes_it_touched() -> None:
+    session = Session()
+    first, second = post("/1", b"a" * 50), post("/2", b"b" * 50)
+    session.send(CLIENT, first + second[:30])
+    session.send(SERVER, reply(200)[:5])  # the first response has begun: nothing emitted yet
+    on_conflict = session.assembler.on_conflict
+    on_conflict(session.conn, CLIENT, len(first) - 10, 4, session.frame)  # in the first request
+    on_conflict(session.conn, CLIENT, len(first) + 20, 4, session.frame)  # in the second's head
+    session.send(CLIENT, second[30:])
+    on_conflict(session.conn, CLIENT, len(first + second) + 5, 4, session.frame)  # still to come
+    session.send(SERVER, reply(200)[5:] + reply(200))
+    assert [e.flags for e in session.recorder.exchanges] == [{"overlap-conflict"}] * 2
+    on_conflict(session.conn, CLIENT, 3, 1, session.frame)  # in an exchange already emitted
+    session.send(CLIENT, post("/3", b""))
+    session.send(SERVER, reply(200))
+    assert session.recorder.exchanges[2].flags == {"overlap-conflict"}  # the "still to come" one
+    [problem] = session.assembler.problems
+    assert (problem.kind, problem.offset, problem.connection) == ("overlap-conflict", 3, 0)
+
+
+def test_first_index_continues_the_numbering() -> None:
+    recorder = Recorder()
+    session = Session(assembler=ExchangeAssembler(recorder.exchange, first_index=41),
+                      recorder=recorder)
+    session.send(CLIENT, post("/a", b"") + post("/b", b""))
+    session.send(SERVER, reply(200) + reply(200))
+    assert [e.index for e in recorder.exchanges] == [41, 42]
+    assert session.assembler.next_index == 43
+
+
+def assemble_capture(name: str, on_body=None) -> tuple[list[Exchange], ExchangeAssembler]:
+    """A real capture through reader, decoder, TCP reassembler and the assembler."""
+    exchanges: list[Exchange] = []
+    assembler = ExchangeAssembler(exchanges.append, on_body)
+    decoder, reassembler = Decoder(file=name), TcpReassembler(assembler)
+    for frame in CaptureReader(CAPTURES / name):
+        segment = decoder.decode(frame)
+        if segment is not None:
+            reassembler.feed(segment)
+    reassembler.finish()
+    return exchanges, assembler
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_corpus_exchange_and_response_counts(name: str) -> None:
+    exchanges, assembler = assemble_capture(name)
+    expected = EXPECTED[name]
+    assert len(exchanges) == expected["exchanges"]
+    assert sum(e.response is not None for e in exchanges) == expected["responses"]
+    assert len({e.connection.id for e in exchanges}) == expected["connections"]
+    assert assembler.problems == []
+    assert [e.index for e in exchanges] == list(range(len(exchanges)))
+
+
+@pytest.mark.parametrize("name", ["single-fragment.pcap", "clean-multi-fragment.pcap",
+                                  "ipv6.pcap"])
+def test_corpus_fragment_bodies_rebuild_the_uploaded_file(name: str) -> None:
+    [session] = EXPECTED[name]["sessions"]
+    received = Recorder()
+    exchanges, _ = assemble_capture(name, received.body)
+    file = bytearray(session["total"])
+    for exchange in exchanges:
+        value = exchange.request.headers.get(Header.CONTENT_RANGE)
+        if value is None:
+            continue
+        span = parse_content_range(value)
+        body = received.body_of(exchange.request)
+        assert exchange.request.body_sha256 == sha(body) and len(body) == span.length
+        file[span.first:span.last + 1] = body
+    assert sha(bytes(file)) == session["sha256"]
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+@pytest.mark.parametrize("name", ["upload-reply.pcap", "connection-cut-resume.pcap"])
+def test_corpus_responses_match_tshark(name: str) -> None:
+    port = EXPECTED[name]["server_port"]
+    lines = subprocess.run(
+        ["tshark", "-r", str(CAPTURES / name), "-d", f"tcp.port=={port},http", "-Y",
+         "http.response", "-T", "fields", "-e", "tcp.stream", "-e", "frame.number",
+         "-e", "http.response.code", "-e", "http.content_length"],
+        capture_output=True, text=True, check=True).stdout.split()
+    theirs = sorted(tuple(int(v) for v in lines[i:i + 4]) for i in range(0, len(lines), 4))
+    exchanges, _ = assemble_capture(name)
+    ours = sorted((e.connection.id, e.response.last_frame, e.response.status,
+                   int(e.response.headers.get("Content-Length")))
+                  for e in exchanges if e.response is not None)
+    assert ours == theirs
