@@ -59,7 +59,7 @@ def sanitise(part: str, limit: int = MAX_NAME_BYTES) -> str:
 
 def entity_name(session_id: str, content_name: str | None) -> str:
     """`<session id without braces>_<sanitised Content-Name>` (just the id without a name)."""
-    sid = sanitise(session_id.strip().strip("{}"), MAX_ID_BYTES) or "session"
+    sid = sanitise(session_id, MAX_ID_BYTES).strip("{}") or "session"
     name = sanitise(content_name) if content_name else ""
     return f"{sid}_{name}" if name else sid
 
@@ -106,6 +106,8 @@ class _Inflight:
     ts_ns: int
     connection: int
     received: int = 0
+    # earlier copy's (frame, acknowledged) -> [first, end, first differing offset or -1] compared
+    conflicts: dict[tuple[int, bool], list[int]] = field(default_factory=dict)
 
 
 class _Spool:
@@ -139,22 +141,34 @@ class _Spool:
             if piece is not None:
                 if piece.owner == inflight.key:
                     continue
-                if os.pread(self.fd, b - a, a) != chunk:
-                    self._conflict(a, b, piece, inflight)
+                self._compare(a, b, chunk, piece, inflight)
                 if piece.acknowledged:
                     continue
             os.pwrite(self.fd, chunk, a)
             self.assign(_Piece(a, b, inflight.frame, False, inflight.key))
 
-    def _conflict(self, a: int, b: int, piece: _Piece, inflight: _Inflight) -> None:
-        kept = "kept" if piece.acknowledged else "replaced by the resend"
-        self.anomalies.append(anomaly(
-            "resend-conflict",
-            f"bytes {a}-{b - 1} resent in frame {inflight.frame} differ from the copy first sent in frame "
-            f"{piece.frame} ({'acknowledged' if piece.acknowledged else 'unacknowledged'}, {kept})",
-            session_id=self.session_id, frames=(piece.frame, inflight.frame), timestamps=(inflight.ts_ns,),
-            connection=inflight.connection,
-        ))
+    def _compare(self, a: int, b: int, chunk: memoryview, piece: _Piece, inflight: _Inflight) -> None:
+        """Read the stored copy back; the overlap with each earlier copy is reported once."""
+        stored = os.pread(self.fd, b - a, a)
+        differs = -1 if stored == chunk else a + next(i for i, (x, y) in enumerate(zip(stored, chunk)) if x != y)
+        seen = inflight.conflicts.setdefault((piece.frame, piece.acknowledged), [a, b, differs])
+        seen[0], seen[1] = min(seen[0], a), max(seen[1], b)
+        if differs >= 0 and (seen[2] < 0 or differs < seen[2]):
+            seen[2] = differs
+
+    def report_conflicts(self, inflight: _Inflight) -> None:
+        for (frame, acknowledged), (first, end, differs) in sorted(inflight.conflicts.items()):
+            if differs < 0:
+                continue
+            state = "acknowledged, kept" if acknowledged else "unacknowledged, replaced by the resend"
+            self.anomalies.append(anomaly(
+                "resend-conflict",
+                f"bytes {first}-{end - 1} resent in frame {inflight.frame} differ from the copy first sent in frame "
+                f"{frame} ({state}); first differing byte {differs}",
+                session_id=self.session_id, frames=(frame, inflight.frame), timestamps=(inflight.ts_ns,),
+                connection=inflight.connection,
+            ))
+        inflight.conflicts.clear()
 
     def assign(self, new: _Piece) -> None:
         """Make `new` the owner of [new.start, new.end), splitting what it covers."""
@@ -184,6 +198,7 @@ class _Spool:
                 del self.pieces[at]
 
     def settle(self, inflight: _Inflight, acknowledged_below: int) -> None:
+        self.report_conflicts(inflight)
         for piece in [pc for pc in self.pieces if pc.owner == inflight.key]:
             if piece.start < acknowledged_below:
                 self.assign(_Piece(piece.start, min(piece.end, acknowledged_below), piece.frame, True, None))

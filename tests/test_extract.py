@@ -1,0 +1,194 @@
+"""Entity extraction: byte-exact rebuilding, coverage, refused data, conflicts, safe names."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
+from bits_fixtures import SID, SID2, Wire, codes, payload
+
+T = 12_000
+FRAGS = [(0, 5119), (5120, 10239), (10240, 11999)]
+NAME = "A0FF5911-4144-45B3-BF27-27AFC8EC8A67_report.bin"
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_clean_upload_is_rebuilt_byte_exact(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.upload(total=T)
+    session, = w.finish().sessions
+    entity = session.entity
+    assert entity is not None and entity.complete
+    assert files(tmp_path) == [NAME]
+    data = (tmp_path / NAME).read_bytes()
+    assert data == payload(T)
+    assert entity.sha256 == hashlib.sha256(data).hexdigest()
+    assert entity.path == os.path.join(str(tmp_path), NAME)
+    assert [(c.first, c.last, c.frames, c.acknowledged) for c in entity.coverage] == [
+        (0, T - 1, tuple(f.request_frame for f in session.fragments), True)]
+    assert session.anomalies == []
+
+
+def test_out_of_order_and_overlapping_fragments(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, 0, 6999, T)
+    w.fragment(SID, 3000, 9999, T)  # Win32 trim: only 7000-9999 is new
+    w.fragment(SID, 10000, 11999, T)
+    w.close()
+    entity = w.finish().sessions[0].entity
+    assert entity.complete and (tmp_path / NAME).read_bytes() == payload(T)
+
+
+def test_session_spread_over_connections_and_many_chunks(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    for first, last in FRAGS:
+        w.connect()
+        w.fragment(SID, first, last, T, chunks=7)
+    w.close()
+    w.finish()
+    assert (tmp_path / NAME).read_bytes() == payload(T)
+
+
+def test_partial_entity_is_marked_and_mapped(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[1], T, status=None)  # never acknowledged
+    entity = w.finish().sessions[0].entity
+    assert not entity.complete and entity.sha256 is None
+    assert files(tmp_path) == [NAME + PARTIAL_SUFFIX]
+    assert [(c.first, c.last, c.acknowledged) for c in entity.coverage] == [(0, 5119, True), (5120, 10239, False)]
+    assert entity.acknowledged_bytes == 5120
+    assert (tmp_path / (NAME + PARTIAL_SUFFIX)).read_bytes()[:5120] == payload(T)[:5120]
+
+
+def test_refused_fragment_does_not_count_as_delivered(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[2], T, status=416, received=5120)  # gap: the server kept nothing
+    w.fragment(SID, *FRAGS[1], T, status=500, received=None)  # refused
+    entity = w.finish().sessions[0].entity
+    assert not entity.complete and entity.acknowledged_bytes == 5120
+    assert [(c.first, c.last, c.acknowledged) for c in entity.coverage] == [(0, 5119, True), (5120, 11999, False)]
+
+
+def test_unacknowledged_bytes_are_replaced_by_the_acknowledged_resend(tmp_path: Path) -> None:
+    good = payload(T)
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[1], T, seed=9, status=500, received=None)  # garbage, refused
+    w.fragment(SID, *FRAGS[1], T)
+    w.fragment(SID, *FRAGS[2], T)
+    session = w.finish().sessions[0]
+    assert session.entity.complete and (tmp_path / NAME).read_bytes() == good
+    conflict, = [a for a in session.anomalies if a.code == "resend-conflict"]
+    assert "5120-10239" in conflict.message and "replaced" in conflict.message
+
+
+def test_acknowledged_bytes_are_kept_against_a_differing_resend(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    tampered = bytearray(payload(T)[2000:8000])
+    tampered[1000] ^= 0xFF  # byte 3000 differs inside the acknowledged range
+    w.fragment(SID, 2000, 7999, T, body=bytes(tampered))
+    w.fragment(SID, 8000, 11999, T)
+    session = w.finish().sessions[0]
+    assert session.entity.complete and (tmp_path / NAME).read_bytes() == payload(T)
+    conflicts = [a for a in session.anomalies if a.code == "resend-conflict"]
+    assert len(conflicts) == 1 and "2000-5119" in conflicts[0].message and "kept" in conflicts[0].message
+    assert "first differing byte 3000" in conflicts[0].message
+
+
+def test_identical_resend_is_not_a_conflict(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[0], T)
+    assert "resend-conflict" not in codes(w.finish().sessions[0].anomalies)
+
+
+def test_ack_below_the_fragment_end_acknowledges_only_up_to_n(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T, received=4000)  # the server trimmed
+    entity = w.finish().sessions[0].entity
+    assert [(c.first, c.last, c.acknowledged) for c in entity.coverage] == [(0, 3999, True), (4000, 5119, False)]
+
+
+def test_two_sessions_and_no_content_name(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.upload(SID)
+    w.create(SID2)
+    w.fragment(SID2, 0, 99, 100, content_name=None, seed=3)
+    w.close(SID2)
+    w.finish()
+    assert files(tmp_path) == ["A0FF5911-4144-45B3-BF27-27AFC8EC8A67_report.bin", "C85B4E0A-1D2E-4F6A-9B8C-0D1E2F3A4B5C"]
+    assert (tmp_path / "C85B4E0A-1D2E-4F6A-9B8C-0D1E2F3A4B5C").read_bytes() == payload(100, 3)
+
+
+HOSTILE = ["../x", "../../../../tmp/evil", "/etc/passwd", "C:\\x", "C:\\Windows\\system32\\cfg.sys",
+           "a\x00b", "\x01\x02\x1b[31m", "x" * 10_000, "..", ".", "", "CON", "nul.txt", " . ",
+           "dir/..", "\\\\server\\share\\f", "é" * 300]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_content_names_stay_inside_dir(tmp_path: Path, name: str) -> None:
+    out = tmp_path / "out"
+    w = Wire(out)
+    w.create()
+    w.fragment(SID, 0, 99, 100, content_name=name)
+    w.close()
+    w.finish()
+    assert files(tmp_path) == ["out"]
+    written, = files(out)
+    assert "/" not in written and "\x00" not in written and "\\" not in written
+    assert len(written.encode()) <= 255 and written.startswith("A0FF5911-")
+    assert (out / written).resolve().parent == out.resolve()
+    assert (out / written).read_bytes() == payload(100)
+
+
+def test_existing_files_and_symlinks_are_never_followed_or_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, out / NAME)
+    w = Wire(out)
+    w.upload()
+    entity = w.finish().sessions[0].entity
+    assert victim.read_bytes() == b"precious"
+    assert entity.path.endswith("_report.bin-2") and Path(entity.path).read_bytes() == payload(T)
+    assert os.path.islink(out / NAME)
+
+
+def test_sanitise_rules() -> None:
+    assert sanitise("../../etc/passwd") == "passwd"
+    assert sanitise("C:\\Users\\x\\report.doc") == "report.doc"
+    assert sanitise("a\x00b\x7fc") == "abc"
+    assert sanitise('what?*<>|".txt') == "what______.txt"
+    assert sanitise("COM1.log") == "_COM1.log"
+    assert sanitise("..") == "" and sanitise(" .hidden. ") == "hidden"
+    assert len(sanitise("x" * 10_000).encode()) <= 180
+    assert entity_name("{ABC}", None) == "ABC"
+    assert entity_name("../../{x}", "../y") == "x_y"
+    assert entity_name("{}", "\x00") == "session"
+
+
+def test_nothing_left_behind_but_the_entities(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T, status=None)  # the exchange is never settled with an ack
+    w.finish()
+    assert files(tmp_path) == [NAME + PARTIAL_SUFFIX]
