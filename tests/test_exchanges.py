@@ -345,11 +345,12 @@ def test_first_index_continues_the_numbering() -> None:
     assert session.assembler.next_index == 43
 
 
-def assemble_capture(name: str, on_body=None) -> tuple[list[Exchange], ExchangeAssembler]:
-    """A real capture through reader, decoder, TCP reassembler and the assembler."""
+def assemble_capture(name: str | Path, on_body=None) -> tuple[list[Exchange], ExchangeAssembler]:
+    """A real capture (a corpus name or a path) through reader, decoder, TCP reassembler and
+    the assembler."""
     exchanges: list[Exchange] = []
     assembler = ExchangeAssembler(exchanges.append, on_body)
-    decoder, reassembler = Decoder(file=name), TcpReassembler(assembler)
+    decoder, reassembler = Decoder(), TcpReassembler(assembler)
     for frame in CaptureReader(CAPTURES / name):
         segment = decoder.decode(frame)
         if segment is not None:
@@ -402,3 +403,30 @@ def test_corpus_responses_match_tshark(name: str) -> None:
                    int(e.response.headers.get("Content-Length")))
                   for e in exchanges if e.response is not None)
     assert ours == theirs
+
+
+@pytest.mark.skipif(shutil.which("editcap") is None, reason="editcap not installed")
+def test_corpus_capture_with_a_lost_segment(tmp_path: Path) -> None:
+    """clean-multi-fragment.pcap with one body segment of a fragment deleted by editcap."""
+    name = "clean-multi-fragment.pcap"
+    [session] = EXPECTED[name]["sessions"]
+    exchanges, _ = assemble_capture(name)
+    victim = exchanges[2].request  # the second fragment
+    decoder = Decoder()
+    body_frames = [segment.frame for segment in map(decoder.decode, CaptureReader(CAPTURES / name))
+                   if segment is not None and segment.dport == EXPECTED[name]["server_port"]
+                   and segment.payload and victim.first_frame < segment.frame < victim.last_frame]
+    lost = body_frames[len(body_frames) // 2]
+    damaged = tmp_path / name
+    subprocess.run(["editcap", str(CAPTURES / name), str(damaged), str(lost)], check=True,
+                   capture_output=True)
+    exchanges_after, _ = assemble_capture(damaged)
+    assert len(exchanges_after) == len(exchanges)
+    flagged = [e for e in exchanges_after if e.flags]
+    assert [e.index for e in flagged] == [2] and flagged[0].flags == {"gap", "partial"}
+    hit = flagged[0].request
+    assert hit.partial and hit.body_sha256 is None and hit.body_length < victim.body_length
+    assert flagged[0].response.status == 200
+    for before, after in zip(exchanges, exchanges_after):
+        if after.index != 2:
+            assert after.request.body_sha256 == before.request.body_sha256
