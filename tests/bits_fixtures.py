@@ -1,7 +1,7 @@
 """Builders of BITS exchanges for the BITS-layer tests.
 
-A `Wire` plays a capture: each builder makes one request/response Exchange with the
-pipeline contract's fields (real `analyzer.http.Headers` and `analyzer.tcp.Connection`),
+A `Wire` plays a capture: each builder makes one real `analyzer.exchanges.Exchange` (with
+real `HttpMessage`, `Headers` and `analyzer.tcp.Connection` objects),
 streams the request body to the extractor in two chunks (as ExchangeAssembler's on_body
 does), then hands the Exchange to the tracker. Frames and timestamps advance as on a wire.
 """
@@ -9,12 +9,12 @@ does), then hands the Exchange to the tracker. Frames and timestamps advance as 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from typing import Any
 
 from analyzer.bits.extract import Extractor
 from analyzer.bits.protocol import PROTOCOL_GUID, Header
 from analyzer.bits.sessions import BitsSummary, SessionTracker
+from analyzer.exchanges import Exchange, HttpMessage
 from analyzer.http import Headers
 from analyzer.tcp import Connection
 
@@ -36,35 +36,6 @@ def payload(total: int, seed: int = 0) -> bytes:
         out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
         counter += 1
     return bytes(out[:total])
-
-
-@dataclass
-class HttpMessage:  # the contract's analyzer.exchanges.HttpMessage fields
-    is_request: bool
-    method: str | None
-    target: str | None
-    version: str
-    status: int | None
-    reason: str | None
-    headers: Headers
-    body_length: int = 0
-    body_sha256: str | None = None
-    first_frame: int = 0
-    last_frame: int = 0
-    first_ts_ns: int = 0
-    last_ts_ns: int = 0
-    partial: bool = False
-    stream_offset: int = 0
-
-
-@dataclass(eq=False)
-class Exchange:  # the contract's analyzer.exchanges.Exchange fields
-    index: int
-    connection: Any
-    request: HttpMessage | None
-    response: HttpMessage | None
-    informational: list[HttpMessage] = field(default_factory=list)
-    flags: set[str] = field(default_factory=set)
 
 
 class Wire:

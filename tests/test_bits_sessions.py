@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
 
 from analyzer.bits.catalogue import CATALOGUE, Severity
+from analyzer.bits.extract import Extractor
 from analyzer.bits.machine import State
 from analyzer.bits.protocol import PROTOCOL_GUID, Header
-from analyzer.bits.sessions import Verdict
+from analyzer.bits.sessions import SessionTracker, Verdict
 from bits_fixtures import SID, SID2, UA, Wire, all_codes, codes
 
 T = 12_000  # three fragments: 0-5119, 5120-10239, 10240-11999
@@ -358,3 +363,34 @@ def test_anomaly_record_carries_context() -> None:
     assert anomaly.timestamps[0] == gap.request.first_ts_ns
     assert "10240" in anomaly.message and "5120" in anomaly.message
     assert anomaly.severity is Severity.ERROR
+
+
+# --- the capture corpus: real TCP recorded with tcpdump ------------------------------------------
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+EXPECTED = json.loads((CAPTURES / "expected.json").read_text())["captures"] if (CAPTURES / "expected.json").exists() else {}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_capture_corpus(name: str, tmp_path: Path) -> None:
+    from analyzer.pipeline import read_exchanges
+
+    expected = EXPECTED[name]
+    extractor = Extractor(tmp_path)
+    tracker = SessionTracker(extractor)
+    read_exchanges([CAPTURES / name], tracker.on_exchange, extractor.on_body)
+    summary = tracker.finish()
+    found = set(all_codes(summary))
+    assert set(expected["anomalies"]) <= found
+    if expected["anomalies_exhaustive"]:
+        assert found == set(expected["anomalies"])
+    assert len(summary.sessions) == len(expected["sessions"])
+    for session, want in zip(summary.sessions, expected["sessions"]):
+        assert (session.id, session.url, session.content_name) == (want["id"], want["url"], want["file"])
+        assert (session.verdict, session.total, session.acknowledged) == (want["delivery"], want["total"], want["bytes_acknowledged"])
+        entity = session.entity
+        data = Path(entity.path).read_bytes()
+        assert hashlib.sha256(data[:want["bytes_acknowledged"]]).hexdigest() == want["acknowledged_sha256"]
+        assert entity.complete == (want["bytes_acknowledged"] == want["total"])
+        if entity.complete:
+            assert entity.sha256 == want["sha256"]
