@@ -148,3 +148,17 @@ def test_sparse_values_and_extracted_files():
     assert "(no id)" in text and "0B/?" in text  # no file size known
     extracted = text[text.index("Extracted files (1)"):]
     assert "out/A0FF5911_report.bin" in extracted and "NO" in extracted
+
+
+def test_narrow_terminal_keeps_the_essentials_within_its_width():
+    report = fx.corpus_report()
+    console = Console(record=True, width=80, color_system=None, file=io.StringIO())
+    render_text(report, console, color=False)
+    text = console.export_text()
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    for short in ("A0FF5911-4…", "A0FF5911-7…", "0D9E8F7A…", "5C2E1B90…", "C85B4E0A…", "E1D2C3B4…"):
+        assert short in text
+    for session in report["sessions"]:
+        assert session["url"] in text and session["verdict"] in text
+    for anomaly in [a for s in report["sessions"] for a in s["anomalies"]] + report["anomalies"]:
+        assert f"{anomaly['severity']} {anomaly['code']} " in text

@@ -12,6 +12,7 @@ from typing import IO, Iterable
 
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
@@ -24,6 +25,7 @@ from analyzer.report.presentation import (
 
 LOG_WIDTH = 120
 WIDE = 140  # room for the sessions' start times
+NARROW = 100  # below this the anomalies are a list, not a table
 URL_LIMIT = 200  # longer URLs are cut in the table; --json has them whole
 
 _STYLES = {
@@ -67,8 +69,8 @@ def render_text(report: dict, console_or_file: Console | IO[str], *, min_severit
     parts: list[RenderableType] = [
         _captures(report, palette, clock),
         _summary(report, palette),
-        _sessions(sessions, ids, palette, clock, wide=console.width >= WIDE),
-        _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock),
+        _sessions(sessions, ids, palette, clock, console.width),
+        _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width),
     ]
     extracted = [s for s in sessions if s.get("extracted")]
     if extracted:
@@ -151,46 +153,59 @@ def _summary(report: dict, palette: _Palette) -> Text:
 
 # --- sessions ----------------------------------------------------------------------------------
 
+#: The sessions table's columns: header, the console width from which it is shown (narrow
+#: terminals keep the essentials), column options.
+_SESSION_COLUMNS: tuple[tuple[str, int, dict], ...] = (
+    ("Session", 0, {"no_wrap": True}),
+    ("Client", 100, {"overflow": "fold", "min_width": 15, "max_width": 23}),
+    ("URL", 0, {"overflow": "fold", "ratio": 1, "min_width": 20}),
+    ("State", 110, {"overflow": "fold", "min_width": 8, "max_width": 10}),
+    ("Verdict", 0, {"no_wrap": True}),
+    ("Acked/total", 0, {"no_wrap": True, "justify": "right"}),
+    ("Frags", LOG_WIDTH, {"no_wrap": True, "justify": "right"}),
+    ("Start", WIDE, {"no_wrap": True}),
+    ("Time", LOG_WIDTH, {"no_wrap": True, "justify": "right"}),
+    ("Rate", LOG_WIDTH, {"no_wrap": True, "justify": "right"}),
+    ("E/W/I", 0, {"no_wrap": True, "justify": "right"}),
+)
+
+
+def _session_cells(session: dict, ids: dict[str, str], palette: _Palette, clock: Clock) -> dict[str, Text]:
+    verdict = session.get("verdict") or "unknown"
+    name = _text(ids.get(session.get("id"), "(no id)"))
+    if session.get("before_capture"):
+        name.append("*", palette["dim"])
+    return {
+        "Session": name,
+        "Client": _text(session.get("client")),
+        "URL": _text(clip(printable(session.get("url")), URL_LIMIT)),
+        "State": _text(session.get("state")),
+        "Verdict": _text(verdict, palette[_VERDICT_STYLE.get(verdict, "unknown")]),
+        "Acked/total": Text(bytes_progress(session, compact=True)),
+        "Frags": Text(str(session.get("fragments", 0))),
+        "Start": Text(clock.time(session.get("first_ts"))),
+        "Time": Text(human_duration(session.get("duration_s"), compact=True)),
+        "Rate": Text(human_rate(session.get("throughput_bps"), compact=True)),
+        "E/W/I": _severity_counts(session.get("anomalies") or [], palette),
+    }
+
+
 def _sessions(sessions: list[dict], ids: dict[str, str], palette: _Palette, clock: Clock,
-              wide: bool) -> RenderableType:
+              width: int) -> RenderableType:
     if not sessions:
         return Text("No BITS upload sessions in the capture.")
     table = _table(palette, title=f"Sessions ({len(sessions)})")
-    table.add_column("Session", no_wrap=True)
-    table.add_column("Client", overflow="fold", min_width=15, max_width=23)
-    table.add_column("URL", overflow="fold", ratio=1, min_width=20)
-    table.add_column("State", overflow="fold", min_width=8, max_width=10)
-    table.add_column("Verdict", no_wrap=True)
-    table.add_column("Acked/total", no_wrap=True, justify="right")
-    table.add_column("Frags", no_wrap=True, justify="right")
-    if wide:
-        table.add_column("Start", no_wrap=True)
-    table.add_column("Time", no_wrap=True, justify="right")
-    table.add_column("Rate", no_wrap=True, justify="right")
-    table.add_column("E/W/I", no_wrap=True, justify="right")
+    shown = [(header, options) for header, from_width, options in _SESSION_COLUMNS if width >= from_width]
+    for header, options in shown:
+        table.add_column(header, **options)
     for session in sessions:
-        verdict = session.get("verdict") or "unknown"
-        name = _text(ids.get(session.get("id"), "(no id)"))
-        if session.get("before_capture"):
-            name.append("*", palette["dim"])
-        cells = [
-            name,
-            _text(session.get("client")),
-            _text(clip(printable(session.get("url")), URL_LIMIT)),
-            _text(session.get("state")),
-            _text(verdict, palette[_VERDICT_STYLE.get(verdict, "unknown")]),
-            Text(bytes_progress(session, compact=True)),
-            Text(str(session.get("fragments", 0))),
-            Text(human_duration(session.get("duration_s"), compact=True)),
-            Text(human_rate(session.get("throughput_bps"), compact=True)),
-            _severity_counts(session.get("anomalies") or [], palette),
-        ]
-        if wide:
-            cells.insert(7, Text(clock.time(session.get("first_ts"))))
-        table.add_row(*cells)
+        cells = _session_cells(session, ids, palette, clock)
+        table.add_row(*(cells[header] for header, _ in shown))
     legend = "E/W/I: anomalies by severity (error/warning/info)"
     if any(s.get("before_capture") for s in sessions):
         legend += "; * already running when the capture began"
+    if len(shown) < len(_SESSION_COLUMNS) - 1:
+        legend += f"; a wider terminal ({LOG_WIDTH}+ columns) shows more columns"
     return Group(table, Text(legend, style=palette["dim"]))
 
 
@@ -208,37 +223,47 @@ def _severity_counts(anomalies: Iterable[dict], palette: _Palette) -> Text:
 # --- anomalies ---------------------------------------------------------------------------------
 
 def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str, str],
-               palette: _Palette, clock: Clock) -> RenderableType:
+               palette: _Palette, clock: Clock, width: int) -> RenderableType:
     note = Text(f"{_plural(hidden, 'anomaly', 'anomalies')} below {min_severity} not shown.",
                 style=palette["dim"]) if hidden else None
     if not shown:
         message = Text("No anomalies." if not hidden else "No anomalies at this severity.")
         return Group(message, note) if note else message
-    table = _table(palette, title=f"Anomalies ({len(shown)}), worst first")
-    table.add_column("Severity", no_wrap=True)
-    table.add_column("Code", no_wrap=True)
-    table.add_column("Session", no_wrap=True)
-    table.add_column("Frames", overflow="fold", max_width=16)
-    table.add_column("Time", no_wrap=True)
-    table.add_column("Message", overflow="fold", ratio=1)
-    for anomaly in sorted(shown, key=anomaly_order):
-        severity = anomaly.get("severity") or "?"
-        session = anomaly.get("session")
-        if session is not None:
-            where = _text(ids.get(session, session))
-        elif anomaly.get("connection") is not None:
-            where = Text(f"stream {anomaly['connection']}", style=palette["dim"])
-        else:
-            where = Text("—", style=palette["dim"])
-        table.add_row(
-            Text(severity, style=palette[severity] if severity in SEVERITIES else palette["error"]),
-            _text(anomaly.get("code"), palette["code"]),
-            where,
-            Text(frame_list(anomaly.get("frames"))),
-            Text(clock.time(anomaly.get("ts"))),
-            _text(anomaly.get("message") or anomaly.get("meaning")),
-        )
+    title = f"Anomalies ({len(shown)}), worst first"
+    rows = [_anomaly_cells(anomaly, ids, palette, clock) for anomaly in sorted(shown, key=anomaly_order)]
+    if width < NARROW:
+        # A table's message column would be a few characters wide: one heading line per
+        # anomaly instead, its message indented below.
+        lines: list[RenderableType] = [_heading(title, palette)]
+        for severity, code, where, frames, time, message in rows:
+            lines.append(Text.assemble(severity, " ", code, " ", where, f" frames {frames.plain} at {time.plain}"))
+            lines.append(Padding(message, (0, 0, 0, 4)))
+        table: RenderableType = Group(*lines)
+    else:
+        table = _table(palette, title=title)
+        table.add_column("Severity", no_wrap=True)
+        table.add_column("Code", no_wrap=True)
+        table.add_column("Session", no_wrap=True)
+        table.add_column("Frames", overflow="fold", max_width=16)
+        table.add_column("Time", no_wrap=True)
+        table.add_column("Message", overflow="fold", ratio=1)
+        for row in rows:
+            table.add_row(*row)
     return Group(table, note) if note else table
+
+
+def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock: Clock) -> tuple[Text, ...]:
+    severity = anomaly.get("severity") or "?"
+    session = anomaly.get("session")
+    if session is not None:
+        where = _text(ids.get(session, session))
+    elif anomaly.get("connection") is not None:
+        where = Text(f"stream {anomaly['connection']}", style=palette["dim"])
+    else:
+        where = Text("—", style=palette["dim"])
+    return (Text(severity, style=palette[severity] if severity in SEVERITIES else palette["error"]),
+            _text(anomaly.get("code"), palette["code"]), where, Text(frame_list(anomaly.get("frames"))),
+            Text(clock.time(anomaly.get("ts"))), _text(anomaly.get("message") or anomaly.get("meaning")))
 
 
 # --- downloads, counts, problems ---------------------------------------------------------------
