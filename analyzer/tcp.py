@@ -48,6 +48,9 @@ _SEQ_HALF = 1 << 31
 # than that, or data starting further ahead, is not of this connection's sequence space.
 _MAX_WINDOW = 1 << 30
 _SLOW_FLAGS = FIN | SYN | RST
+# Buffered runs per direction; past it, like past max_buffer, the oldest hole becomes a gap
+# (keeps sorted-list inserts cheap against captures of many tiny scattered segments).
+_MAX_CHUNKS = 1 << 13
 
 
 class Connection:
@@ -133,7 +136,7 @@ class _Half:
         self.expect = -1
         self.offset = 0
         self.starts: list[int] = []
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytearray] = []
         self.buffered = 0
         self.fin_offset: int | None = None
         self.fin_done = False
@@ -338,7 +341,7 @@ class TcpReassembler:
                     return
         self._store(half, start, data, frame)
         self._drain(half, frame, ts_ns)
-        while half.buffered > self._max_buffer:
+        while half.buffered > self._max_buffer or len(half.starts) > _MAX_CHUNKS:
             self._gap(half, half.starts[0] - half.offset, frame, ts_ns)
             self._drain(half, frame, ts_ns)
 
@@ -347,7 +350,7 @@ class TcpReassembler:
         starts, chunks = half.starts, half.chunks
         end = start + len(data)
         index = max(bisect_right(starts, start) - 1, 0)
-        new: list[tuple[int, bytes]] = []
+        new: list[tuple[int, bytes | memoryview]] = []
         position = start
         while index < len(starts) and starts[index] < end:
             chunk_start = starts[index]
@@ -357,7 +360,7 @@ class TcpReassembler:
             if chunk_end <= position:
                 continue
             if chunk_start > position:
-                new.append((position, bytes(data[position - start:chunk_start - start])))
+                new.append((position, data[position - start:chunk_start - start]))
                 position = chunk_start
             overlap_end = min(chunk_end, end)
             _compare(self._sink, half, position,
@@ -365,12 +368,19 @@ class TcpReassembler:
                      data[position - start:overlap_end - start], frame)
             position = overlap_end
         if position < end:
-            new.append((position, bytes(data[position - start:])))
+            new.append((position, data[position - start:]))
         for piece_start, piece in new:
-            at = bisect_left(starts, piece_start)
-            starts.insert(at, piece_start)
-            chunks.insert(at, piece)
             half.buffered += len(piece)
+            at = bisect_left(starts, piece_start)
+            if at and starts[at - 1] + len(chunks[at - 1]) == piece_start:
+                at -= 1
+                chunks[at] += piece  # data arriving in order after a hole: one growing chunk
+            else:
+                starts.insert(at, piece_start)
+                chunks.insert(at, bytearray(piece))
+            if at + 1 < len(starts) and starts[at + 1] == starts[at] + len(chunks[at]):
+                chunks[at] += chunks.pop(at + 1)
+                del starts[at + 1]
 
     def _deliver(self, half: _Half, data: bytes | memoryview, frame: int, ts_ns: int) -> None:
         size = len(data)
@@ -388,7 +398,7 @@ class TcpReassembler:
             del starts[0]
             chunk = chunks.pop(0)
             half.buffered -= len(chunk)
-            self._deliver(half, chunk, frame, ts_ns)
+            self._deliver(half, memoryview(chunk), frame, ts_ns)
 
     def _gap(self, half: _Half, size: int, frame: int, ts_ns: int) -> None:
         conn = half.conn
