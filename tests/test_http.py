@@ -139,6 +139,33 @@ def test_any_split_gives_the_same_events(data: st.DataObject) -> None:
     assert normalise(feed_pieces(HttpParser("request"), pieces)) == normalise(whole)
 
 
+RESPONSE_STREAM = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 77\r\n\r\n"  # answers HEAD: no body
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n0\r\n\r\n"
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n"
+    b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil the end\r\nHTTP/1.1 200 OK\r\n\r\n"
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_split_of_responses_gives_the_same_events(data: st.DataObject) -> None:
+    def run(pieces: list[bytes]) -> list:
+        parser = HttpParser("response")
+        for method in ("HEAD", "GET", "GET", "GET"):
+            parser.expect_response_to(method)
+        return normalise(feed_pieces(parser, pieces) + parser.eof(999, 0))
+
+    stream = RESPONSE_STREAM
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=40)))
+    whole = run([stream])
+    assert run([stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]) == whole
+    assert [e[2] for e in whole if e[0] == "response"] == [100, 200, 200, 204, 200]
+    assert [e[1] for e in whole if e[0] == "body"] == [
+        b"wiki", b"until the end\r\nHTTP/1.1 200 OK\r\n\r\n"]
+
+
 def test_chunked_split_at_every_byte_boundary() -> None:
     expected = normalise(HttpParser("request").feed(CHUNKED_REQUEST, 1, 0))
     for cut in range(1, len(CHUNKED_REQUEST)):
