@@ -723,7 +723,7 @@ class BitsServer:
         self._http = server_class((self._host, self._port), BitsRequestHandler)
         self._http.bits = self
         self._threads = [
-            threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.1},
+            threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
                              name="bits-server", daemon=True),
             threading.Thread(target=self._sweep, name="bits-server-sweeper", daemon=True),
         ]

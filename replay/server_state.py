@@ -170,10 +170,6 @@ class SessionTable:
                 session.lock.release()
         return expired
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._sessions)
-
     def sessions(self) -> list[Session]:
         with self._lock:
             return list(self._sessions.values())

@@ -592,6 +592,12 @@ def test_symlink_on_the_way_is_refused(server: BitsServer, root: Path, tmp_path:
     assert list(outside.iterdir()) == []
 
 
+def test_url_naming_an_existing_directory_is_invalidarg(client: Client, root: Path) -> None:
+    (root / "up" / "file.bin").mkdir(parents=True)
+    assert_error(client.create(), 400, E_INVALIDARG.code)
+    assert_error(client.create("/up"), 400, E_INVALIDARG.code)
+
+
 def test_percent_encoded_names_are_decoded_inside_the_root(server: BitsServer, root: Path) -> None:
     Client(server, "/up/a%20b%2Fc.bin").upload(b"nested")
     assert (root / "up" / "a b" / "c.bin").read_bytes() == b"nested"
