@@ -14,8 +14,6 @@ from typing import Any, Iterable
 SEVERITIES = ("error", "warning", "info")
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
-VERDICTS = ("delivered", "not-delivered", "unknown")
-
 
 def severity_rank(severity: str | None) -> int:
     """0 for error, 1 warning, 2 info. A severity this renderer does not know ranks as the
@@ -119,12 +117,11 @@ def percent(part: int | None, whole: int | None) -> str:
     return f"{share:.0f}%"
 
 
-def bytes_progress(session: dict, *, compact: bool = False) -> str:
-    """`512 KiB / 1.00 MiB 50%` (`512K/1.00M 50%`), the acknowledged share of the file."""
-    acknowledged, total = session.get("acknowledged"), session.get("total")
-    size, slash = (compact_size, "/") if compact else (human_size, " / ")
-    shown = f"{size(acknowledged or 0)}{slash}{size(total)}"
-    share = percent(acknowledged or 0, total)
+def compact_progress(session: dict) -> str:
+    """`512K/1.00M 50%`: the acknowledged share of the file, for a narrow column."""
+    acknowledged, total = session.get("acknowledged") or 0, session.get("total")
+    share = percent(acknowledged, total)
+    shown = f"{compact_size(acknowledged)}/{compact_size(total)}"
     return f"{shown} {share}" if share else shown
 
 
@@ -141,7 +138,8 @@ def short_ids(ids: Iterable[str | None]) -> dict[str, str]:
         neighbours = distinct[max(index - 1, 0): index] + distinct[index + 1: index + 2]
         length = max(8, *(1 + _common_prefix(key.lower(), other.lower()) for other in neighbours)) \
             if neighbours else 8
-        shortest[key] = key if length >= len(key) else key[:length] + "…"
+        # Cutting one character to add "…" gains nothing.
+        shortest[key] = key if length >= len(key) - 1 else key[:length] + "…"
     return {i: shortest[key] for i, key in keys.items()}
 
 

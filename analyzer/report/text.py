@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from analyzer.report.presentation import (
-    SEVERITIES, Clock, all_anomalies, anomaly_order, bytes_progress, check_min_severity, clip,
+    SEVERITIES, Clock, all_anomalies, anomaly_order, check_min_severity, compact_progress, clip,
     frame_list, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
     short_ids,
 )
@@ -181,7 +181,7 @@ def _session_cells(session: dict, ids: dict[str, str], palette: _Palette, clock:
         "URL": _text(clip(printable(session.get("url")), URL_LIMIT)),
         "State": _text(session.get("state")),
         "Verdict": _text(verdict, palette[_VERDICT_STYLE.get(verdict, "unknown")]),
-        "Acked/total": Text(bytes_progress(session, compact=True)),
+        "Acked/total": Text(compact_progress(session)),
         "Frags": Text(str(session.get("fragments", 0))),
         "Start": Text(clock.time(session.get("first_ts"))),
         "Time": Text(human_duration(session.get("duration_s"), compact=True)),
