@@ -229,11 +229,13 @@ class TcpReassembler:
         conn = half.conn
         conn.last_frame = frame
         conn.last_ts_ns = ts_ns
-        if conn.closed:
-            return
         peer = half.peer
         if half.wire_base is None:
             half.wire_base = segment.seq if flags & SYN else (segment.seq - 1) & _SEQ_MASK
+        if flags & ACK and peer.wire_base is None:
+            peer.wire_base = (segment.ack - 1) & _SEQ_MASK
+        if conn.closed:
+            return
         seq = segment.seq
         if flags & SYN:
             conn.handshake_seen = True
@@ -243,8 +245,6 @@ class TcpReassembler:
                 half.from_syn = not flags & ACK
             if flags & ACK and not peer.synced:
                 peer.sync(segment.ack)  # the SYN-ACK tells where the client's stream starts
-                if peer.wire_base is None:
-                    peer.wire_base = (segment.ack - 1) & _SEQ_MASK
         elif peer.from_syn and not half.synced and peer.offset == 0 and not (
                 flags & ACK and segment.ack == peer.next_seq):
             # The SYN awaits its SYN-ACK: an ACK of anything else answers another incarnation
@@ -264,8 +264,6 @@ class TcpReassembler:
                 ahead = (segment.ack - peer.next_seq) & _SEQ_MASK
                 if ahead and ahead <= _MAX_WINDOW:
                     self._acknowledged_unseen(peer, ahead, frame, ts_ns)
-            elif peer.wire_base is None:
-                peer.wire_base = (segment.ack - 1) & _SEQ_MASK
             if conn.closed:
                 return
         if not half.synced:

@@ -553,12 +553,17 @@ def test_connection_ids_match_tshark_tcp_stream(tmp_path: Path):
     add(reuse.handshake() + [reuse.c(0, b"again")])
     fresh_isn = Flow(cport=40002, client_isn=12345)  # a SYN with another ISN on an open 4-tuple
     add(fresh_isn.handshake())
+    d = Flow(cport=40004)  # opened by a bare RST; then the silent side sends SYNs, twice another ISN
+    add([d._segment(True, 99, 0, RST, b"", 0), d.synack(), d.s(0, b"x"),
+         d._segment(False, 777, 0, SYN, b"", 0), d._segment(False, 778, 0, SYN, b"", 0)])
+    e = Flow(cport=40005)  # the SYN-ACK seen first, then the SYN it answers, then another SYN
+    add([e.synack(), e.syn(), e.c(0, b"y"), Flow(cport=40005, client_isn=3).syn()])
     path = tmp_path / "streams.pcap"
     wrpcap(str(path), packets)
 
     ours, _, r = _our_streams(_frames_to_segments(path))
     assert ours == _tshark_streams(path)
-    assert r.connection_count == 5
+    assert r.connection_count == 10
 
 
 def _serve(server: socket.socket, replies: list[bytes], received: list[bytes]) -> None:
