@@ -199,23 +199,24 @@ class _Spool:
 
     def settle(self, inflight: _Inflight, acknowledged_below: int) -> None:
         self.report_conflicts(inflight)
-        for piece in [pc for pc in self.pieces if pc.owner == inflight.key]:
+        lo = bisect.bisect_right(self.pieces, inflight.first, key=lambda pc: pc.end)
+        hi = bisect.bisect_left(self.pieces, inflight.last + 1, key=lambda pc: pc.start)
+        for piece in [pc for pc in self.pieces[lo:hi] if pc.owner == inflight.key]:
             if piece.start < acknowledged_below:
                 self.assign(_Piece(piece.start, min(piece.end, acknowledged_below), piece.frame, True, None))
             if piece.end > acknowledged_below:
                 self.assign(_Piece(max(piece.start, acknowledged_below), piece.end, piece.frame, False, None))
 
     def coverage(self) -> list[CoveredRange]:
-        ranges: list[CoveredRange] = []
+        runs: list[tuple[int, int, bool, dict[int, None]]] = []  # frames kept unique, in order
         for piece in self.pieces:
-            last = ranges[-1] if ranges else None
-            if last is not None and last.last + 1 == piece.start and last.acknowledged == piece.acknowledged:
-                last.last = piece.end - 1
-                if piece.frame not in last.frames:
-                    last.frames += (piece.frame,)
+            if runs and runs[-1][1] == piece.start and runs[-1][2] == piece.acknowledged:
+                first, _, acknowledged, frames = runs[-1]
+                frames[piece.frame] = None
+                runs[-1] = (first, piece.end, acknowledged, frames)
             else:
-                ranges.append(CoveredRange(piece.start, piece.end - 1, (piece.frame,), piece.acknowledged))
-        return ranges
+                runs.append((piece.start, piece.end, piece.acknowledged, {piece.frame: None}))
+        return [CoveredRange(first, end - 1, tuple(frames), acknowledged) for first, end, acknowledged, frames in runs]
 
     def acknowledged_bytes(self) -> int:
         return sum(pc.end - pc.start for pc in self.pieces if pc.acknowledged and (self.total is None or pc.start < self.total))

@@ -479,26 +479,26 @@ class _SessionWalk:
 
 
 def _cross_session_checks(sessions: list[Session], downloads: list[Download]) -> None:
-    created = sorted((s for s in sessions if s.created), key=lambda s: s.first_ns)
-    for s in created:
-        create = s.packets[0]
-        for other in created:
-            if other is s or other.url_key != s.url_key or other.first_ns >= s.first_ns or other.state is State.REFUSED:
+    """duplicate-create and session-recreated: sessions of one client for one URL, in time order."""
+    by_url: dict[tuple[str, str | None, str], list[Session]] = {}
+    for s in sorted((s for s in sessions if s.id is not None or s.created), key=lambda s: s.first_ns):
+        by_url.setdefault(s.url_key, []).append(s)
+    for group in by_url.values():
+        created = [s for s in group if s.created]
+        for i, s in enumerate(created):
+            for other in created[:i]:
+                if other.state is State.REFUSED or other.not_found_ns is not None and other.not_found_ns <= s.first_ns:
+                    continue
+                if other.ended_ns is None or other.ended_ns > s.first_ns:
+                    s.flag("duplicate-create", f"second Create-Session from {s.client_ip} for {s.url} while session "
+                           f"{other.id} (created frame {other.packets[0].request_frame}) is still open", [s.packets[0]])
+        for gone in group:
+            if gone.not_found_ns is None:
                 continue
-            if other.not_found_ns is not None and other.not_found_ns <= s.first_ns:
-                between = [x for x in created if x.url_key == s.url_key and other.not_found_ns <= x.first_ns < s.first_ns]
-                if not between:
-                    s.flag("session-recreated", f"new session {s.id} for {s.url} after session {other.id} drew "
-                           f"BG_E_SESSION_NOT_FOUND", [create])
-            elif other.ended_ns is None or other.ended_ns > s.first_ns:
-                s.flag("duplicate-create", f"second Create-Session from {s.client_ip} for {s.url} while session "
-                       f"{other.id} (created frame {other.packets[0].request_frame}) is still open", [create])
-    for s in sessions:
-        if s.id is not None and not s.created and s.not_found_ns is not None:
-            later = [x for x in created if x.url_key == s.url_key and x.first_ns >= s.not_found_ns]
-            if later:
-                later[0].flag("session-recreated", f"new session {later[0].id} for {later[0].url} after session "
-                              f"{s.id} drew BG_E_SESSION_NOT_FOUND", [later[0].packets[0]])
+            successor = next((s for s in created if s.first_ns >= gone.not_found_ns), None)
+            if successor is not None:
+                successor.flag("session-recreated", f"new session {successor.id} for {successor.url} after session "
+                               f"{gone.id} drew BG_E_SESSION_NOT_FOUND", [successor.packets[0]])
     _reply_fetched_after_close(sessions, downloads)
 
 
