@@ -27,7 +27,7 @@ from typing import BinaryIO, NamedTuple
 
 import construct as cs
 
-from analyzer.problems import Problem
+from analyzer.problems import Problem, ProblemLog
 
 LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1
@@ -42,7 +42,6 @@ CHUNK_SIZE = 1 << 16
 #: Larger records than this are taken for corruption (Wireshark's limit for pcapng blocks).
 MAX_RECORD = 16 << 20
 #: Problems of one kind kept in full; later ones are only counted.
-PROBLEMS_PER_KIND = 10
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _PCAPNG_SHB = 0x0A0D0D0A
@@ -77,29 +76,6 @@ class Frame(NamedTuple):
     link_type: int
     data: bytes | memoryview
     orig_len: int
-
-
-class ProblemLog(list):
-    """A list of Problems that keeps the first few of each kind and only counts the rest.
-
-    When a kind passes its limit, one Problem says so; `counts` holds the full tallies.
-    """
-
-    def __init__(self, limit: int = PROBLEMS_PER_KIND) -> None:
-        super().__init__()
-        self.limit = limit
-        self.counts: dict[str, int] = {}
-
-    def report(self, problem: Problem) -> None:
-        seen = self.counts.get(problem.kind, 0) + 1
-        self.counts[problem.kind] = seen
-        if seen <= self.limit or problem.fatal:
-            self.append(problem)
-        elif seen == self.limit + 1:
-            self.append(Problem(
-                problem.kind,
-                f"more {problem.kind} problems follow; they are only counted",
-                file=problem.file, frame=problem.frame, offset=problem.offset))
 
 
 class _Interface(NamedTuple):

@@ -30,3 +30,29 @@ class Problem:
             f"offset {self.offset}" if self.offset is not None else None,
         ) if p]
         return f"{': '.join([', '.join(place)] if place else [])}{': ' if place else ''}{self.message}"
+
+
+PROBLEMS_PER_KIND = 10
+
+
+class ProblemLog(list):
+    """A list of Problems that keeps the first few of each kind and only counts the rest.
+
+    When a kind passes its limit, one Problem says so; `counts` holds the full tallies.
+    """
+
+    def __init__(self, limit: int = PROBLEMS_PER_KIND) -> None:
+        super().__init__()
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def report(self, problem: Problem) -> None:
+        seen = self.counts.get(problem.kind, 0) + 1
+        self.counts[problem.kind] = seen
+        if seen <= self.limit or problem.fatal:
+            self.append(problem)
+        elif seen == self.limit + 1:
+            self.append(Problem(
+                problem.kind,
+                f"more {problem.kind} problems follow; they are only counted",
+                file=problem.file, frame=problem.frame, offset=problem.offset))
