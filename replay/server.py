@@ -121,6 +121,10 @@ class ServerOptions:
             raise ValueError("exists_status must be 409/403 and create_status 200/201")
         if self.error_header not in ERROR_HEADERS:
             raise ValueError("error_header must be 'win32' or 'mcbup'")
+        if min(self.session_timeout, self.idle_timeout, self.request_timeout) <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_upload_size < 1 or self.max_fragment_size < 1:
+            raise ValueError("size limits must be positive")
         if self.host_id_fallback_timeout is not None and self.host_id is None:
             raise ValueError("host_id_fallback_timeout needs host_id")
         if self.host_id is not None and not 0 < len(self.host_id) <= MAX_HOST_ID:

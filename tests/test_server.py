@@ -881,6 +881,8 @@ def test_options_are_validated() -> None:
         ServerOptions(overlap="keep")
     with pytest.raises(ValueError):
         ServerOptions(exists_status=404)
+    with pytest.raises(ValueError):
+        ServerOptions(idle_timeout=0)
 
 
 # --- the command line -------------------------------------------------------------------------------
