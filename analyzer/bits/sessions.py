@@ -14,6 +14,8 @@ sessions (duplicate-create, session-recreated), and gives each session its deliv
 
 from __future__ import annotations
 
+import heapq
+import math
 import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -485,13 +487,18 @@ def _cross_session_checks(sessions: list[Session], downloads: list[Download]) ->
         by_url.setdefault(s.url_key, []).append(s)
     for group in by_url.values():
         created = [s for s in group if s.created]
+        still_open: list[tuple[float, int, Session]] = []  # heap by the time each session ended
         for i, s in enumerate(created):
-            for other in created[:i]:
-                if other.state is State.REFUSED or other.not_found_ns is not None and other.not_found_ns <= s.first_ns:
-                    continue
-                if other.ended_ns is None or other.ended_ns > s.first_ns:
-                    s.flag("duplicate-create", f"second Create-Session from {s.client_ip} for {s.url} while session "
-                           f"{other.id} (created frame {other.packets[0].request_frame}) is still open", [s.packets[0]])
+            while still_open and still_open[0][0] <= s.first_ns:
+                heapq.heappop(still_open)
+            if still_open:
+                other = still_open[0][2]
+                s.flag("duplicate-create", f"second Create-Session from {s.client_ip} for {s.url} while session "
+                       f"{other.id} (created frame {other.packets[0].request_frame}) is still open"
+                       + (f", with {len(still_open) - 1} more" if len(still_open) > 1 else ""), [s.packets[0]])
+            if s.state is not State.REFUSED:
+                ends = [t for t in (s.ended_ns, s.not_found_ns) if t is not None]
+                heapq.heappush(still_open, (min(ends) if ends else math.inf, i, s))
         for gone in group:
             if gone.not_found_ns is None:
                 continue
