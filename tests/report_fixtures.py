@@ -322,11 +322,12 @@ def many_sessions(count: int = 50, fragments: int = 6) -> dict:
                                  url=f"/uploads/host{n:03d}/daily-{n}.log", content_name=f"daily-{n}.log")
         builder.create()
         size = 64 * KIB * (1 + n % 4)
-        builder.upload(size * fragments, size)
-        if n % 5 == 4:
+        if n % 5 == 4:  # cancelled half way
+            builder.upload(size * fragments, size, stop=size * fragments // 2)
             builder.cancel()
             sessions.append(builder.build(state="cancelled", verdict="not-delivered"))
             continue
+        builder.upload(size * fragments, size)
         builder.close()
         if n % 7 == 3:
             builder.flag(builder.packets[2], "range-resend", "info",

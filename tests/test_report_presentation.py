@@ -31,6 +31,9 @@ def test_shares_never_round_to_done_or_nothing():
 def test_sizes_durations_frames():
     assert [human_size(n) for n in (0, 1023, 1024, 4892, 131072, 5 << 30)] == \
         ["0 B", "1023 B", "1.00 KiB", "4.78 KiB", "128 KiB", "5.00 GiB"]
+    # Rounding never shows four digits or a unit's upper bound.
+    assert [human_size(n) for n in (10 * 1024 * 1024 - 1, 100 * 1024 - 1, 1024 * 1024 - 100)] == \
+        ["10.0 MiB", "100 KiB", "1.00 MiB"]
     assert [human_duration(s) for s in (0.0504, 12.44, 185, 7380, 3 * 86400 + 4 * 3600)] == \
         ["50 ms", "12.4 s", "3 m 05 s", "2 h 03 m", "3 d 04 h"]
     assert frame_list([5, 1, 2, 3, 9, 10]) == "1-3, 5, 9-10"

@@ -90,10 +90,12 @@ svg.legend{display:block;margin:6px 0 10px;max-width:100%}
 ul.anoms{margin:8px 0 0;padding-left:18px}ul.anoms li{margin:2px 0}
 footer{margin-top:40px;color:var(--muted);font-size:12.5px}
 details summary{cursor:pointer}
+@media print{body{background:#fff}main{max-width:none;padding:0}th{position:static}
+.filterbox input,.filterbox label{display:none}
+section.session{content-visibility:visible;break-inside:avoid}a{color:inherit;text-decoration:none}}
 """
 
-_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
-        "form-action 'none'")
+_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
 def _e(value: object) -> str:

@@ -64,12 +64,13 @@ def human_size(size: int | float | None) -> str:
     if abs(value) < 1024:
         return f"{int(value)} B"
     unit = 0
-    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+    # Rounded, 1023.9 KiB would read "1024 KiB": move up a unit before rounding decides.
+    while abs(value) >= 1023.5 and unit < len(_UNITS) - 1:
         value /= 1024
         unit += 1
-    if abs(value) >= 100:
+    if abs(value) >= 99.95:
         return f"{value:.0f} {_UNITS[unit]}"
-    if abs(value) >= 10:
+    if abs(value) >= 9.995:
         return f"{value:.1f} {_UNITS[unit]}"
     return f"{value:.2f} {_UNITS[unit]}"
 
