@@ -53,7 +53,8 @@ th{background:#eef1f4;font-weight:600;font-size:12.5px;position:sticky;top:0}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.wrap{overflow-wrap:anywhere;min-width:11em}
 a code{white-space:nowrap}.pct{font-size:11.5px;color:var(--muted);display:flex;gap:6px;align-items:center}
-table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 6px}table.sessions td:first-child,td.nowrap{white-space:nowrap}
+table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 6px}
+table.sessions td:first-child,td.nowrap{white-space:nowrap}
 tr:hover td{background:#f8fafc}
 .badge{display:inline-block;padding:1px 7px;border-radius:10px;font-size:12px;font-weight:600;white-space:nowrap}
 .v-delivered{background:#d4f0e6;color:#00553f}.v-not-delivered{background:#fbe0d0;color:#8a3300}
@@ -287,10 +288,10 @@ def _problems(problems: list[dict]) -> list[str]:
                "<th class=\"num\">Stream</th><th>Message</th></tr></thead><tbody>")
     for problem in problems:
         fatal = " <span class=\"badge s-error\">fatal</span>" if problem.get("fatal") else ""
-        out.append(
-            f"<tr><td><code>{_e(problem.get('kind'))}</code>{fatal}</td><td class=\"mono wrap\">{_e(problem.get('file'))}</td>"
-            f"<td class=\"num\">{_e(_or_dash(problem.get('frame')))}</td><td class=\"num\">{_e(_or_dash(problem.get('offset')))}</td>"
-            f"<td class=\"num\">{_e(_or_dash(problem.get('connection')))}</td><td class=\"wrap\">{_e(problem.get('message'))}</td></tr>")
+        out.append(_row(("", f"<code>{_e(problem.get('kind'))}</code>{fatal}"),
+                        ("mono wrap", _e(problem.get("file"))),
+                        *(("num", _e(_or_dash(problem.get(key)))) for key in ("frame", "offset", "connection")),
+                        ("wrap", _e(problem.get("message")))))
     out.append("</tbody></table>")
     return out
 
@@ -302,11 +303,10 @@ def _downloads(downloads: list[dict], clock: Clock) -> list[str]:
            "<th>Method</th><th>URL</th><th class=\"num\">Status</th><th class=\"num\">Bytes</th><th>User-Agent</th>"
            "<th>Time (UTC)</th></tr></thead><tbody>"]
     for download in downloads:
-        out.append(
-            f"<tr><td class=\"mono\">{_e(download.get('client'))}</td><td class=\"mono\">{_e(download.get('server'))}</td>"
-            f"<td>{_e(download.get('method'))}</td><td class=\"wrap\">{_e(download.get('url'))}</td>"
-            f"<td class=\"num\">{_e(_or_dash(download.get('status')))}</td><td class=\"num\">{_e(human_size(download.get('bytes')))}</td>"
-            f"<td>{_e(download.get('user_agent'))}</td><td>{_e(clock.time(download.get('first_ts')))}</td></tr>")
+        out.append(_row(("mono", _e(download.get("client"))), ("mono", _e(download.get("server"))),
+                        ("", _e(download.get("method"))), ("wrap", _e(download.get("url"))),
+                        ("num", _e(_or_dash(download.get("status")))), ("num", _e(human_size(download.get("bytes")))),
+                        ("", _e(download.get("user_agent"))), ("", _e(clock.time(download.get("first_ts"))))))
     out.append("</tbody></table>")
     return out
 
@@ -321,6 +321,12 @@ def _counters(report: dict) -> list[str]:
     out.append("</details><p>Rendered by bitstrace from report schema version "
                f"{_e(report.get('version'))}; the same data as <code>bits-analyze --json</code>.</p></footer>")
     return out
+
+
+def _row(*cells: tuple[str, str]) -> str:
+    """A table row from (CSS class, HTML already escaped) pairs."""
+    return "<tr>" + "".join(f"<td class=\"{css}\">{content}</td>" if css else f"<td>{content}</td>"
+                            for css, content in cells) + "</tr>"
 
 
 def _or_dash(value: object) -> object:
