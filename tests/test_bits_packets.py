@@ -270,3 +270,9 @@ def test_capture_flags() -> None:
 def test_session_key_folds_guid_case_only() -> None:
     assert session_key(SID) == session_key(SID.lower()) == SID.lower()
     assert session_key("Opaque-Id") != session_key("opaque-id")
+
+
+def test_length_limits_of_ids_and_urls() -> None:
+    w = Wire()
+    assert "header-limits" in codes(packet_of(w.fragment("s" * 101, 0, 9, 10)).anomalies)
+    assert "header-limits" in codes(packet_of(w.fragment(SID, 0, 9, 10, ack=[(Header.REPLY_URL, "/r" * 1101)])).anomalies)

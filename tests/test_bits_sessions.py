@@ -394,3 +394,12 @@ def test_capture_corpus(name: str, tmp_path: Path) -> None:
         assert entity.complete == (want["bytes_acknowledged"] == want["total"])
         if entity.complete:
             assert entity.sha256 == want["sha256"]
+
+
+def test_fragment_too_large_follows_the_shrink() -> None:
+    w = Wire()
+    w.create()
+    w.fragment(SID, 0, 11999, T, status=413, received=None)
+    w.fragment(SID, *FRAGS[0], T)
+    anomaly, = [a for a in w.finish().sessions[0].anomalies if a.code == "fragment-too-large"]
+    assert "12000 bytes" in anomaly.message and "shrank its next fragment to 5120 bytes" in anomaly.message

@@ -347,6 +347,8 @@ def _check_limits(pkt: BitsPacket, h: Any) -> None:
             pkt.flag("header-limits", f"Content-Name of {len(name)} characters exceeds {p.MAX_CONTENT_NAME}")
         if bad:
             pkt.flag("header-limits", f"Content-Name {name[:80]!r} contains forbidden {''.join(bad)!r}")
+    if pkt.session_id is not None and len(pkt.session_id) > p.MAX_SESSION_ID:
+        pkt.flag("header-limits", f"BITS-Session-Id of {len(pkt.session_id)} characters exceeds {p.MAX_SESSION_ID}")
     if len(pkt.offered_protocols) > p.MAX_SUPPORTED_PROTOCOLS:
         pkt.flag("header-limits", f"{len(pkt.offered_protocols)} protocol GUIDs offered; Windows parses at most {p.MAX_SUPPORTED_PROTOCOLS}")
 
@@ -392,6 +394,9 @@ def _check_ack(pkt: BitsPacket, response: Any) -> None:
         _check_fragment_ack(pkt, response)
     if pkt.reply_url is not None and not pkt.is_final_ack:
         pkt.flag("reply-url-misplaced", f"BITS-Reply-URL {pkt.reply_url[:120]!r} on the ack of {pkt.label}, which does not complete the entity")
+    for name, value, limit in ((Header.REPLY_URL, pkt.reply_url, p.MAX_REPLY_URL), (Header.HOST_ID, pkt.host_id, p.MAX_HOST_ID)):
+        if value is not None and len(value) > limit:
+            pkt.flag("header-limits", f"{name} of {len(value)} characters exceeds {limit}")
     if pkt.fallback_timeout_s is not None and pkt.host_id is None:
         pkt.flag("host-id-ignored", f"BITS-Host-Id-Fallback-Timeout {pkt.fallback_timeout_s} given without a BITS-Host-Id")
     if status in AUTH_CHALLENGES:

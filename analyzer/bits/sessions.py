@@ -267,6 +267,8 @@ class _SessionWalk:
         self.stuck_flagged = False
         self.seen_bodies: dict[tuple[int, int], tuple[str, BitsPacket]] = {}
         self.close_incomplete = False
+        self.too_large: Anomaly | None = None  # waiting for the client's next, smaller fragment
+        self.too_large_size = 0
 
     def run(self) -> None:
         s = self.s
@@ -347,6 +349,7 @@ class _SessionWalk:
         ))
         if rng is None:
             return
+        self._shrink(pkt, rng)
         if s.total is None:
             s.total = rng.total
         elif rng.total != s.total:
@@ -377,6 +380,17 @@ class _SessionWalk:
                 self.stuck_flagged = True
                 s.flag("no-progress", f"{self.stuck} resends or 416s in a row without the offset advancing past "
                        f"{s.acknowledged} (last: {pkt.label})", [pkt])
+
+    def _shrink(self, pkt: BitsPacket, rng: p.ContentRange) -> None:
+        """fragment-too-large also tells what the client sent next (it should shrink)."""
+        if self.too_large is not None:
+            verb = "shrank" if rng.length < self.too_large_size else "did not shrink"
+            self.too_large.message += f"; the client {verb} its next fragment to {rng.length} bytes (frame {pkt.request_frame})"
+            self.too_large.frames = tuple(sorted({*self.too_large.frames, pkt.request_frame}))
+            self.too_large = None
+        found = next((a for a in pkt.anomalies if a.code == "fragment-too-large"), None)
+        if found is not None:
+            self.too_large, self.too_large_size = found, rng.length
 
     def _same_range_resend(self, pkt: BitsPacket, rng: p.ContentRange) -> None:
         """Exact resends whose body hash differs: byte-level overlaps are extract.py's job."""
