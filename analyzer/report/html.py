@@ -52,7 +52,7 @@ th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;vertic
 th{background:#eef1f4;font-weight:600;font-size:12.5px;position:sticky;top:0}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.wrap{overflow-wrap:anywhere;min-width:11em}
-a code{white-space:nowrap}.pct{font-size:11.5px;color:var(--muted);display:flex;gap:6px;align-items:center}
+a code,table.anomalies code{white-space:nowrap}.pct{font-size:11.5px;color:var(--muted);display:flex;gap:6px;align-items:center}
 table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 6px}
 table.sessions td:first-child,td.nowrap{white-space:nowrap}
 tr:hover td{background:#f8fafc}
