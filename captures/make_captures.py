@@ -76,6 +76,15 @@ class Stage:
         self.files[name] = path
         return path
 
+    def settle(self) -> None:
+        """Wait until the server has answered (or dropped) every request sent so far, so that a
+        cut connection is over on the server's side before the client resumes on a new one."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while len(self.server.records) < len(self.log):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server saw {len(self.server.records)} of {len(self.log)} requests")
+            time.sleep(0.01)
+
     def client(self, name: str, **options) -> BitsClient:
         client = BitsClient(self.server.url + "uploads/" + name, log=self.log, **options)
         self.clients.append(client)
@@ -225,8 +234,10 @@ def connection_cut_resume(stage: Stage) -> None:
     client.create_session()
     client.send_file(path, fragment, until=fragment)
     client.fragment(path, fragment, 2 * fragment - 1, cut_after=10_000)
+    stage.settle()
     client.send_file(path, fragment, until=2 * fragment)
     client.fragment(path, 2 * fragment, 3 * fragment - 1, abandon=True)
+    stage.settle()
     client.send_file(path, fragment)
     client.close()
 
@@ -453,7 +464,9 @@ def run_scenario(item: Scenario, out: Path) -> dict:
             time.sleep(0.05)
         answered = len(server.records)
         if answered != len(stage.log):
-            raise RuntimeError(f"{item.name}: the client sent {len(stage.log)} requests, the server saw {answered}")
+            seen = "\n".join(record.line() for record in server.records)
+            raise RuntimeError(f"{item.name}: the client sent {len(stage.log)} requests, the server saw "
+                               f"{answered}:\n{seen}")
         return {
             "scenario": item.name,
             "what": item.what,
