@@ -14,6 +14,7 @@ from typing import Iterator, Sequence, TextIO
 
 from analyzer import __version__
 from analyzer.pipeline import ProgressHook, RunResult, read_exchanges
+from analyzer.report.json import SEVERITY_ORDER as SEVERITIES
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -27,6 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pcap or pcapng file, gzip-compressed or not; '-' reads standard input")
     parser.add_argument("--http", action="store_true",
                         help="print every HTTP exchange as JSON Lines instead of the BITS report")
+    out = parser.add_argument_group("reports (the text report goes to standard output unless it is taken)")
+    out.add_argument("--json", metavar="FILE", help="write the JSON report (schema v1) to FILE, '-' for stdout")
+    out.add_argument("--jsonl", metavar="FILE", help="write the report as JSON Lines to FILE, '-' for stdout")
+    out.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
+    out.add_argument("--extract", metavar="DIR", help="rebuild each session's uploaded file into DIR")
+    sel = parser.add_argument_group("selection and exit status")
+    sel.add_argument("--session", metavar="ID", help="report only this session (id as in the Create ack)")
+    sel.add_argument("--min-severity", choices=SEVERITIES, default="info",
+                     help="leave out anomalies below this severity (default: info, i.e. all)")
+    sel.add_argument("--fail-on", choices=("error", "warning"),
+                     help="exit with status 1 when an anomaly of this severity or worse is found")
+    sel.add_argument("--stall-after", type=float, metavar="SECONDS", default=None,
+                     help="flag 'stalled' after this long without progress (default 300)")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour in the text report (auto: only on a terminal)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     parser.add_argument("--version", action="version", version=f"bits-analyze {__version__}")
     return parser
@@ -87,12 +103,53 @@ def _sources(paths: Sequence[str], current: dict[str, str]) -> Iterator[str]:
         yield path
 
 
+def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from analyzer.analysis import analyze
+    from analyzer.report import render_html, render_text
+    from analyzer.report.json import (build_report, jsonl_records, severity_at_least, write_json,
+                                      write_jsonl)
+
+    with progress_bar(not args.no_progress) as hook:
+        analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
+                           stall_after_s=args.stall_after)
+    report = build_report(analysis, session_filter=args.session)
+    filtered = build_report(analysis, session_filter=args.session, min_severity=args.min_severity)
+    if args.json:
+        with _output(args.json, out) as stream:
+            write_json(filtered, stream)
+    if args.jsonl:
+        with _output(args.jsonl, out) as stream:
+            write_jsonl(jsonl_records(filtered), stream)
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as stream:
+            stream.write(render_html(filtered))
+    if "-" not in (args.json, args.jsonl):
+        color = out.isatty() if args.color == "auto" else args.color == "always"
+        render_text(report, out, min_severity=args.min_severity, color=color)
+    report_problems(analysis.run, err)
+    if args.fail_on:
+        found = [a["severity"] for s in report["sessions"] for a in s["anomalies"]]
+        found += [a["severity"] for a in report["anomalies"]]
+        if any(severity_at_least(severity, args.fail_on) for severity in found):
+            return EXIT_FAIL_ON
+    return EXIT_OK if analysis.run.complete else EXIT_INCOMPLETE
+
+
+@contextlib.contextmanager
+def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
+    if path == "-":
+        yield stdout
+        return
+    with open(path, "w", encoding="utf-8") as stream:
+        yield stream
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.http:
             return run_http(args, sys.stdout, sys.stderr)
-        return run_http(args, sys.stdout, sys.stderr)
+        return run_report(args, sys.stdout, sys.stderr)
     except BrokenPipeError:
         # `bits-analyze --http x.pcap | head` is normal use, not an error.
         sys.stderr.close()

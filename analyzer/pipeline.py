@@ -75,13 +75,14 @@ def read_exchanges(
 ) -> RunResult:
     """Run every capture through the pipeline, calling `on_exchange` for each HTTP exchange."""
     result = RunResult()
+    next_index = 0  # exchange numbers stay unique across the files of one run
     for source in sources:
         name = _display_name(source)
         stats = CaptureStats(file=name)
         result.captures.append(stats)
         reader = CaptureReader(source, name=name)
         counted = _counting(on_exchange, stats)
-        assembler = ExchangeAssembler(counted, on_body)
+        assembler = ExchangeAssembler(counted, on_body, first_index=next_index)
         decoder = Decoder(file=name)
         reassembler = TcpReassembler(assembler)
         size = _file_size(source)
@@ -109,6 +110,7 @@ def read_exchanges(
         result.problems.extend(reader.problems)
         result.problems.extend(decoder.problems)
         result.problems.extend(assembler.problems)
+        next_index = assembler.next_index
         if progress is not None:
             progress(name, reader.bytes_read, size)
     return result

@@ -1,0 +1,43 @@
+"""One analysis run: the pipeline's exchanges fed to the BITS session tracker (and extractor)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable
+
+from analyzer.bits.extract import Extractor
+from analyzer.bits.sessions import BitsSummary, SessionTracker
+from analyzer.pipeline import ProgressHook, RunResult, read_exchanges
+from analyzer.problems import Problem
+
+
+@dataclass
+class Analysis:
+    run: RunResult
+    bits: BitsSummary
+
+    @property
+    def problems(self) -> list[Problem]:
+        return self.run.problems
+
+
+def analyze(
+    sources: Iterable[str | os.PathLike | BinaryIO],
+    *,
+    extract_dir: str | os.PathLike | None = None,
+    progress: ProgressHook | None = None,
+    stall_after_s: float | None = None,
+) -> Analysis:
+    """Read every capture and reconstruct the BITS sessions in them."""
+    extractor = Extractor(extract_dir) if extract_dir is not None else None
+    options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
+    tracker = SessionTracker(extractor, **options)
+    run = read_exchanges(sources, tracker.on_exchange,
+                         on_body=extractor.on_body if extractor else None, progress=progress)
+    starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
+    ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
+    bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)
+    if extractor is not None:
+        run.problems.extend(extractor.problems)
+    return Analysis(run, bits)

@@ -1,0 +1,208 @@
+"""The report dict of schema version 1 (schema.md), built from an Analysis; JSON and JSON Lines.
+
+Every other format renders this dict, so this module is the only one that reads the analysis
+model; `session_filter` and `min_severity` are applied here, once, for all formats.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import IO, Any, Iterable, Iterator
+
+from analyzer import __version__
+from analyzer.analysis import Analysis
+from analyzer.bits import protocol as p
+from analyzer.bits.catalogue import CATALOGUE, Anomaly
+from analyzer.bits.packets import BitsPacket, Download, session_key
+from analyzer.bits.sessions import Session
+from analyzer.pipeline import CaptureStats
+from analyzer.problems import Problem
+
+SCHEMA = "bitstrace.report"
+VERSION = 1
+SEVERITY_ORDER = ("error", "warning", "info")
+
+
+def iso(ts_ns: int | None) -> str | None:
+    if ts_ns is None:
+        return None
+    seconds, ns = divmod(ts_ns, 1_000_000_000)
+    moment = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(microsecond=ns // 1000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def epoch(ts_ns: int | None) -> float | None:
+    return None if ts_ns is None else ts_ns / 1e9
+
+
+def _times(prefix: str, ts_ns: int | None) -> dict[str, Any]:
+    return {f"{prefix}time": iso(ts_ns), f"{prefix}ts": epoch(ts_ns)}
+
+
+def severity_at_least(severity: str, minimum: str) -> bool:
+    return SEVERITY_ORDER.index(severity) <= SEVERITY_ORDER.index(minimum)
+
+
+def capture_record(stats: CaptureStats) -> dict[str, Any]:
+    return {
+        "file": stats.file, "format": stats.format, "frames": stats.frames, "bytes": stats.bytes_read,
+        **_times("first_", stats.first_ts_ns), **_times("last_", stats.last_ts_ns),
+        "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
+        "decoder": stats.decoder, "tcp": stats.tcp,
+    }
+
+
+def problem_record(problem: Problem) -> dict[str, Any]:
+    return {"kind": problem.kind, "message": problem.message, "file": problem.file,
+            "frame": problem.frame, "offset": problem.offset, "connection": problem.connection,
+            "fatal": problem.fatal}
+
+
+def anomaly_record(item: Anomaly) -> dict[str, Any]:
+    kind = CATALOGUE[item.code]
+    first = item.timestamps[0] if item.timestamps else None
+    return {
+        "code": item.code, "severity": item.severity.value, "meaning": kind.meaning, "spec": kind.rule,
+        "message": item.message, "session": item.session_id, "connection": item.connection,
+        "frames": list(item.frames), **_times("", first),
+    }
+
+
+def _hresult_name(code: int | None) -> str | None:
+    return None if code is None else p.describe_hresult(code).name
+
+
+def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
+    rng = pkt.content_range
+    response = None
+    if pkt.answered:
+        response = {
+            "status": pkt.status, "reason": pkt.reason, "frame": pkt.response_frame,
+            **_times("", pkt.acked_ns), "packet_type": pkt.ack_type_raw,
+            "session_id": pkt.ack_session_id, "received": pkt.received_offset,
+            "error_code": None if pkt.error_code is None else p.format_hresult(pkt.error_code),
+            "error_name": _hresult_name(pkt.error_code),
+            "error_context": None if pkt.error_context is None else f"0x{pkt.error_context:X}",
+            "reply_url": pkt.reply_url, "host_id": pkt.host_id,
+        }
+    return {
+        "type": pkt.packet_type.value if pkt.packet_type else None,
+        "type_raw": pkt.type_raw,
+        "connection": pkt.connection,
+        "request": {
+            "method": pkt.method, "target": pkt.target, "frame": pkt.request_frame,
+            "last_frame": pkt.request_last_frame, **_times("", pkt.sent_ns),
+            "range": None if rng is None else {"first": rng.first, "last": rng.last, "total": rng.total},
+            "content_length": pkt.content_length, "body_length": pkt.body_length,
+            "body_sha256": pkt.body_sha256,
+        },
+        "response": response,
+        "anomalies": codes,
+    }
+
+
+def _packet_codes(session: Session, anomalies: list[Anomaly]) -> dict[int, list[str]]:
+    """Anomaly codes per packet, matched by the packet's request frame."""
+    by_frame: dict[int, list[str]] = {}
+    for item in anomalies:
+        for frame in item.frames:
+            by_frame.setdefault(frame, [])
+            if item.code not in by_frame[frame]:
+                by_frame[frame].append(item.code)
+    return by_frame
+
+
+def session_record(session: Session, anomalies: list[Anomaly]) -> dict[str, Any]:
+    duration = (session.last_ns - session.first_ns) / 1e9 if session.last_ns and session.first_ns else 0.0
+    by_frame = _packet_codes(session, anomalies)
+    packets = []
+    for pkt in session.packets:
+        codes: list[str] = []
+        for frame in pkt.frames:
+            codes += [c for c in by_frame.get(frame, []) if c not in codes]
+        packets.append(packet_record(pkt, codes))
+    entity = session.entity
+    extracted = None
+    if entity is not None:
+        extracted = {
+            "path": entity.path, "complete": entity.complete, "sha256": entity.sha256,
+            "coverage": [{"first": r.first, "last": r.last, "frames": list(r.frames),
+                          "acknowledged": r.acknowledged} for r in entity.coverage],
+        }
+    return {
+        "id": session.id, "client": session.client, "server": session.server, "host": session.host,
+        "url": session.url, "content_name": session.content_name, "protocol": session.protocol,
+        "user_agent": session.user_agent, "state": session.state.value, "verdict": session.verdict,
+        "verdict_reason": session.verdict_reason, "before_capture": session.before_capture,
+        "reply_url": session.reply_url, "total": session.total, "acknowledged": session.acknowledged,
+        "bytes_sent": session.bytes_sent, "fragments": len(session.fragments),
+        **_times("first_", session.first_ns or None), **_times("last_", session.last_ns or None),
+        "duration_s": duration,
+        "throughput_bps": session.acknowledged / duration if duration > 0 else None,
+        "connections": list(session.connections), "packets": packets,
+        "anomalies": [anomaly_record(a) for a in anomalies], "extracted": extracted,
+    }
+
+
+def download_record(item: Download) -> dict[str, Any]:
+    return {"client": item.client, "server": item.server, "method": item.method, "url": item.target,
+            "host": item.host, "status": item.status, "bytes": item.bytes, "range": item.range,
+            "user_agent": item.user_agent, "frame": item.frame}
+
+
+def build_report(
+    analysis: Analysis,
+    *,
+    session_filter: str | None = None,
+    min_severity: str = "info",
+) -> dict[str, Any]:
+    """The schema-v1 dict. `session_filter` keeps one session (id compared like the protocol)."""
+    def keep(item: Anomaly) -> bool:
+        return severity_at_least(item.severity.value, min_severity)
+
+    wanted = session_key(session_filter) if session_filter else None
+    sessions = [s for s in analysis.bits.sessions if wanted is None or s.key == wanted]
+    session_records = [session_record(s, [a for a in s.anomalies if keep(a)]) for s in sessions]
+    loose = [] if wanted else [a for a in analysis.bits.anomalies if keep(a)]
+    counts = {severity: 0 for severity in SEVERITY_ORDER}
+    for record in session_records:
+        for item in record["anomalies"]:
+            counts[item["severity"]] += 1
+    for item in loose:
+        counts[item.severity.value] += 1
+    verdicts = [s.verdict for s in sessions]
+    return {
+        "schema": SCHEMA, "version": VERSION,
+        "tool": {"name": "bits-analyze", "version": __version__},
+        "captures": [capture_record(c) for c in analysis.run.captures],
+        "problems": [problem_record(problem) for problem in analysis.problems],
+        "summary": {
+            "sessions": len(sessions), "delivered": verdicts.count("delivered"),
+            "not_delivered": verdicts.count("not-delivered"), "unknown": verdicts.count("unknown"),
+            "anomalies": counts, **analysis.bits.counts,
+        },
+        "sessions": session_records,
+        "anomalies": [anomaly_record(a) for a in loose],
+        "downloads": [] if wanted else [download_record(d) for d in analysis.bits.downloads],
+    }
+
+
+def write_json(report: dict[str, Any], out: IO[str]) -> None:
+    json.dump(report, out, indent=2)
+    out.write("\n")
+
+
+def jsonl_records(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The report as one record a line, in the order schema.md gives."""
+    yield from ({"record": "capture", **c} for c in report["captures"])
+    yield from ({"record": "problem", **p_} for p_ in report["problems"])
+    yield from ({"record": "session", **s} for s in report["sessions"])
+    yield from ({"record": "anomaly", **a} for a in report["anomalies"])
+    yield from ({"record": "download", **d} for d in report["downloads"])
+    yield {"record": "summary", "schema": report["schema"], "version": report["version"], **report["summary"]}
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], out: IO[str]) -> None:
+    for record in records:
+        out.write(json.dumps(record, separators=(",", ":")) + "\n")

@@ -1,0 +1,81 @@
+"""Every capture in captures/ yields exactly what captures/expected.json says: sessions, verdicts,
+byte counts, the sha256 of each delivered file, and the anomaly codes (nothing missing, nothing
+extra). expected.json is written by the corpus generator from what each scenario did, checked
+against the files the server stored: it never comes from the analyzer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analyzer.analysis import analyze
+from analyzer.report.json import build_report
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED = json.loads((ROOT / "captures" / "expected.json").read_text())["captures"]
+
+
+def codes_of(report: dict) -> set[str]:
+    return ({a["code"] for s in report["sessions"] for a in s["anomalies"]}
+            | {a["code"] for a in report["anomalies"]})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_capture_matches_expected(name: str, tmp_path: Path) -> None:
+    expected = EXPECTED[name]
+    report = build_report(analyze([ROOT / "captures" / name], extract_dir=tmp_path))
+
+    assert report["captures"][0]["complete"]
+    assert report["captures"][0]["connections"] == expected["connections"]
+    assert report["captures"][0]["exchanges"] == expected["exchanges"]
+    if expected.get("anomalies_exhaustive", True):
+        assert codes_of(report) == set(expected["anomalies"])
+    else:
+        assert codes_of(report) >= set(expected["anomalies"])
+
+    sessions = report["sessions"]
+    assert len(sessions) == len(expected["sessions"])
+    for got, want in zip(sessions, expected["sessions"]):
+        assert (got["id"] or "").lower() == (want["id"] or "").lower()
+        assert got["verdict"] == want["delivery"]
+        assert got["total"] == want["total"]
+        assert got["acknowledged"] == want["bytes_acknowledged"]
+        assert got["fragments"] == want["fragments_sent"]
+        if want["delivery"] == "delivered":
+            extracted = got["extracted"]
+            assert extracted["complete"] and extracted["sha256"] == want["sha256"]
+            data = (tmp_path / Path(extracted["path"]).name).read_bytes()
+            assert len(data) == want["total"]
+
+
+def test_clean_capture_has_no_anomaly_and_cli_exit_status() -> None:
+    capture = ROOT / "captures" / "clean-multi-fragment.pcap"
+    clean = subprocess.run([sys.executable, "-m", "analyzer.cli", "--fail-on", "warning", str(capture)],
+                           capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "delivered" in clean.stdout
+
+    broken = ROOT / "captures" / "fragment-after-cancel.pcap"
+    failing = subprocess.run([sys.executable, "-m", "analyzer.cli", "--fail-on", "error", "--json", "-",
+                              str(broken)], capture_output=True, text=True)
+    assert failing.returncode == 1
+    report = json.loads(failing.stdout)
+    assert report["schema"] == "bitstrace.report" and report["version"] == 1
+    assert "fragment-after-cancel" in codes_of(report)
+
+
+def test_session_filter_and_min_severity() -> None:
+    capture = ROOT / "captures" / "two-sessions-interleaved.pcap"
+    full = build_report(analyze([capture]))
+    assert len(full["sessions"]) == 2
+    wanted = full["sessions"][1]["id"]
+    run = subprocess.run([sys.executable, "-m", "analyzer.cli", "--json", "-", "--session", wanted.lower(),
+                          "--min-severity", "error", str(capture)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    only = json.loads(run.stdout)
+    assert [s["id"] for s in only["sessions"]] == [wanted]
+    assert all(a["severity"] == "error" for s in only["sessions"] for a in s["anomalies"])
