@@ -635,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         forwarded = ["--out", str(args.out.resolve())] + (["--only", *args.only] if args.only else [])
         return run_in_namespace(forwarded)
+    # SIGTERM from the outer process: unwind, so tcpdump is stopped and the staging dir removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     selected = [item for item in SCENARIOS if not args.only or item.name in args.only]
     captures = {}
     # a failed run leaves the corpus as it was: captures move into place only when all succeeded

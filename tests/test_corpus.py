@@ -14,8 +14,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,35 @@ def test_regenerated_corpus_matches_the_committed_one(tmp_path):
             assert {k: new[k] for k in STABLE_SESSION_FIELDS} == {k: old[k] for k in STABLE_SESSION_FIELDS}
             assert new["id"] != old["id"]  # fresh GUIDs every run: nothing is copied
         check_capture_matches(out, name, entry, tmp_path)
+
+
+@pytest.mark.needs_root
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root (network namespaces)")
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump")
+def test_interrupted_generator_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "corpus"
+    generator = subprocess.Popen([sys.executable, str(GENERATOR), "--out", str(out), "--only", "session-not-found"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    namespace = f"bitscap{generator.pid}"
+    deadline = time.monotonic() + 30
+    while not any(p.name.startswith(".staging") and any(p.iterdir()) for p in out.glob(".staging*")):
+        assert time.monotonic() < deadline and generator.poll() is None, "the scenario never started"
+        time.sleep(0.05)
+    generator.send_signal(signal.SIGTERM)
+    generator.communicate(timeout=30)
+    assert generator.returncode != 0
+    assert namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert list(out.iterdir()) == []
+    assert processes_mentioning(str(out)) == []
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if any(text in word for word in words):
+            found.append(" ".join(words))
+    return found
