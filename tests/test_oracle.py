@@ -3,7 +3,7 @@
 - Each direction of each TCP connection: our reassembled bytes hash the same as tshark's
   `follow,tcp,raw,N` output.
 - Response status lines: the same, in the same order per connection, as tshark's HTTP dissector
-  sees them. tshark 4.0 does not take `BITS_POST` for HTTP, so the check runs on a copy of the
+  sees them (read through pyshark). tshark 4.0 does not take `BITS_POST` for HTTP, so the check runs on a copy of the
   capture where `BITS_POST /` is replaced by the same-length `PROPPATCH /`: every sequence
   number stays the same and its HTTP dissector sees the requests.
 """
@@ -17,6 +17,7 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+import pyshark
 import pytest
 
 from analyzer.capture import CaptureReader
@@ -114,17 +115,16 @@ def test_reassembled_bytes_equal_tshark_follow(capture: Path, tmp_path: Path) ->
 
 
 def tshark_status_lines(path: Path) -> dict[int, list[tuple[int, str]]]:
-    output = subprocess.run(
-        ["tshark", "-n", "-r", str(path), "-Y", "http.response", "-T", "fields",
-         "-E", "separator=\t", "-e", "tcp.stream", "-e", "http.response.code",
-         "-e", "http.response.phrase"],
-        capture_output=True, text=True, check=True).stdout
+    """Status lines per TCP stream as Wireshark's HTTP dissector sees them (through pyshark)."""
+    capture = pyshark.FileCapture(str(path), display_filter="http.response", keep_packets=False)
     lines: dict[int, list[tuple[int, str]]] = defaultdict(list)
-    for row in output.splitlines():
-        stream, codes, phrases = (row.split("\t") + ["", ""])[:3]
-        # One frame can complete several pipelined responses: tshark lists them comma-joined.
-        for code, phrase in zip(codes.split(","), phrases.split(",")):
-            lines[int(stream)].append((int(code), phrase))
+    try:
+        for packet in capture:
+            # One frame can complete several pipelined responses: one http layer each.
+            for layer in packet.get_multiple_layers("http"):
+                lines[int(packet.tcp.stream)].append((int(layer.response_code), layer.response_phrase))
+    finally:
+        capture.close()
     return dict(lines)
 
 
