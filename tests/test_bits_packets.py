@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analyzer.bits.catalogue import Severity
 from analyzer.bits.packets import classify, session_key
@@ -276,3 +278,28 @@ def test_length_limits_of_ids_and_urls() -> None:
     w = Wire()
     assert "header-limits" in codes(packet_of(w.fragment("s" * 101, 0, 9, 10)).anomalies)
     assert "header-limits" in codes(packet_of(w.fragment(SID, 0, 9, 10, ack=[(Header.REPLY_URL, "/r" * 1101)])).anomalies)
+
+
+_HEADER_NAMES = [Header.PACKET_TYPE, Header.SESSION_ID, Header.CONTENT_RANGE, "Content-Length", Header.CONTENT_NAME,
+                 Header.SUPPORTED_PROTOCOLS, Header.PROTOCOL, Header.RECEIVED_CONTENT_RANGE, Header.ERROR_CODE,
+                 Header.ERROR_CODE_MCBUP, Header.ERROR_CONTEXT, Header.REPLY_URL, Header.HOST_ID,
+                 Header.HOST_ID_FALLBACK_TIMEOUT, "User-Agent", "Host", "Authorization", "Content-Encoding"]
+_VALUES = st.one_of(st.sampled_from(["Fragment", "create-session", "Ack", "Close-Session", "Ping", "Cancel-Session",
+                                     SID, "bytes 0-9/10", "bytes 9-0/10", "0", "-1", "99999999999999999999",
+                                     "0x8020001F", "x", "{}", "", " ", PROTOCOL_GUID, "Basic x"]),
+                    st.text(st.characters(min_codepoint=0, max_codepoint=255), max_size=40))
+_HEADERS = st.lists(st.tuples(st.sampled_from(_HEADER_NAMES), _VALUES), max_size=10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests=st.lists(st.tuples(_HEADERS, _HEADERS, st.sampled_from([None, 200, 201, 400, 401, 404, 413, 416, 500]),
+                                   st.binary(max_size=20), st.sampled_from(["BITS_POST", "GET", "bits_post"])),
+                         min_size=1, max_size=6))
+def test_arbitrary_header_values_never_raise(tmp_path_factory, requests) -> None:
+    w = Wire(tmp_path_factory.mktemp("x"))
+    for request, ack, status, body, method in requests:
+        w.exchange(method, "/u", request, body=body, status=status, ack=ack)
+        w.wait(200)
+    summary = w.finish()
+    for session in summary.sessions:
+        assert session.verdict in ("delivered", "not-delivered", "unknown")

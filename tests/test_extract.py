@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
 from bits_fixtures import SID, SID2, Wire, codes, payload
@@ -192,3 +194,38 @@ def test_nothing_left_behind_but_the_entities(tmp_path: Path) -> None:
     w.fragment(SID, *FRAGS[0], T, status=None)  # the exchange is never settled with an ack
     w.finish()
     assert files(tmp_path) == [NAME + PARTIAL_SUFFIX]
+
+
+@settings(max_examples=150, deadline=None)
+@given(total=st.integers(1, 48), sends=st.lists(st.tuples(
+    st.integers(0, 47), st.integers(0, 47), st.integers(0, 3), st.sampled_from([200, 200, 416, 500, None]),
+    st.integers(0, 48), st.integers(1, 4)), min_size=1, max_size=12))
+def test_coverage_map_matches_a_byte_model(tmp_path_factory, total: int, sends: list) -> None:
+    """Against a per-byte model: acknowledged bytes are never overwritten, others take the latest copy,
+    and a 200 acknowledges the bytes its fragment stored below min(E+1, N)."""
+    out = tmp_path_factory.mktemp("out")
+    w = Wire(out)
+    w.create()
+    value: list[int | None] = [None] * total
+    acked = [False] * total
+    for a, b, seed, status, received, chunks in sends:
+        first, last = sorted((a % total, b % total))
+        body = payload(total, seed)[first:last + 1]
+        owned = [i for i in range(first, last + 1) if not acked[i]]
+        for i in owned:
+            value[i] = body[i - first]
+        w.fragment(SID, first, last, total, body=body, status=status, received=received if status else None,
+                   chunks=chunks)
+        if status == 200:
+            for i in owned:
+                acked[i] = i < min(last + 1, received)
+    entity = w.finish().sessions[0].entity
+    data = Path(entity.path).read_bytes()
+    for covered in entity.coverage:
+        for i in range(covered.first, covered.last + 1):
+            assert data[i] == value[i] and acked[i] == covered.acknowledged
+    present = {i for c in entity.coverage for i in range(c.first, c.last + 1)}
+    assert present == {i for i in range(total) if value[i] is not None}
+    assert entity.complete == all(acked)
+    if entity.complete:
+        assert entity.sha256 == hashlib.sha256(bytes(value)).hexdigest()
