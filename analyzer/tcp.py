@@ -181,7 +181,8 @@ class TcpReassembler:
 
     def feed(self, segment: Segment) -> None:
         half = self._halves.get((segment.src, segment.sport, segment.dst, segment.dport))
-        if half is None or not half.synced or segment.flags & _SLOW_FLAGS or segment.missing:
+        flags = segment.flags
+        if half is None or flags & _SLOW_FLAGS or segment.missing or not half.synced:
             self._feed_slow(segment, half)
             return
         payload = segment.payload
@@ -189,14 +190,14 @@ class TcpReassembler:
             self._feed_slow(segment, half)
             return
         conn = half.conn
-        conn.last_frame = segment.frame
-        conn.last_ts_ns = segment.ts_ns
-        if segment.flags & ACK:
-            peer = half.peer
+        conn.last_frame = frame = segment.frame
+        conn.last_ts_ns = ts_ns = segment.ts_ns
+        peer = half.peer
+        if segment.ack != peer.next_seq and flags & ACK:
             if peer.synced:
                 ahead = (segment.ack - peer.next_seq) & _SEQ_MASK
-                if ahead and ahead <= _MAX_WINDOW:
-                    self._acknowledged_unseen(peer, ahead, segment.frame, segment.ts_ns)
+                if ahead <= _MAX_WINDOW:
+                    self._acknowledged_unseen(peer, ahead, frame, ts_ns)
             elif peer.wire_base is None:
                 peer.wire_base = (segment.ack - 1) & _SEQ_MASK
         if payload:
@@ -207,7 +208,7 @@ class TcpReassembler:
             half.history_bytes += size
             if half.history_bytes > self._history_limit:
                 _trim_history(half, self._history_limit)
-            self._on_data(conn, half.direction, payload, segment.frame, segment.ts_ns)
+            self._on_data(conn, half.direction, payload, frame, ts_ns)
 
     def finish(self) -> None:
         """Flush every open connection (holes before buffered data become gaps), then close it."""
