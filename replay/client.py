@@ -21,7 +21,7 @@ import base64
 import os
 import select
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
@@ -393,8 +393,9 @@ class BitsClient:
         `cut_after` sends only that many body bytes and closes the connection: no response is
         read and None is returned. `abandon` sends the whole request, waits until the answer
         arrives and closes the connection without reading it (an ack lost on the way, as the
-        client sees it; the ack is on the wire) and returns None. A 401 is answered once with Basic credentials when the
-        client has them. Raises ConnectionLost when the connection breaks.
+        client sees it; the ack is on the wire) and returns None. A 401 is answered once with
+        Basic credentials when the client has them. Raises ConnectionLost when the connection
+        breaks; the next request then opens a new one (and `send_file` Pings first).
         """
         ordered = self._headers(packet_type, session_id, content_name, content_range, body)
         for name, value in (headers or {}).items():

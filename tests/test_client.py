@@ -383,3 +383,19 @@ def test_ipv6_loopback(tmp_path, source):
         assert sha256(stored(server)) == sha256(path)
     finally:
         server.stop()
+
+
+def test_connection_dropped_by_the_server_is_resumed_with_ping(serve, source):
+    server = serve(idle_timeout=0.3)
+    path = source(50_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=FRAGMENT)
+    time.sleep(1.5)  # the server drops the idle keep-alive connection after 0.3 s
+    client.send_file(path, FRAGMENT)
+    client.close()
+    broken = next(i for i, t in enumerate(client.log) if t.response is None)
+    assert client.log[broken].connection == 0
+    assert client.log[broken + 1].packet_type == "Ping" and client.log[broken + 1].connection == 1
+    assert client.log[broken + 2].header(Header.CONTENT_RANGE) == client.log[broken].header(Header.CONTENT_RANGE)
+    assert sha256(stored(server)) == sha256(path)
