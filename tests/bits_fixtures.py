@@ -69,7 +69,7 @@ class Wire:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"",
         status: int | None = 200, ack: list[tuple[str, str]] | None = None, response_body: int = 0,
         version: str = "HTTP/1.1", flags: set[str] | None = None, orphan: bool = False,
-        chunks: int = 2, overlap: bool = False,
+        chunks: int = 2, overlap: bool = False, ack_after: float = 0.001,
     ) -> Exchange:
         conn = self.conn
         flags = set(flags or ())
@@ -92,7 +92,7 @@ class Wire:
         if status is not None:
             frame = self._next_frame()
             # overlap: the ack comes after the next request has left
-            acked = self.now + (S if overlap else MS)
+            acked = self.now + (S if overlap else int(ack_after * S))
             response = HttpMessage(False, None, None, "HTTP/1.1", status, "OK" if status < 300 else "Error",
                                    Headers(ack or []), response_body, None, frame, frame, acked, acked)
             if not overlap:

@@ -403,3 +403,17 @@ def test_fragment_too_large_follows_the_shrink() -> None:
     w.fragment(SID, *FRAGS[0], T)
     anomaly, = [a for a in w.finish().sessions[0].anomalies if a.code == "fragment-too-large"]
     assert "12000 bytes" in anomaly.message and "shrank its next fragment to 5120 bytes" in anomaly.message
+
+
+def test_slow_fragment_transfer_is_not_a_stall() -> None:
+    w = Wire()
+    begun(w, upto=2)
+    w.fragment(SID, *FRAGS[2], T, ack_after=400)  # sending and acknowledging it took 400 s
+    w.close()
+    assert "stalled" not in all_codes(w.finish())
+    w = Wire()
+    begun(w, upto=2)
+    w.wait(400)  # 400 s of silence before the client sends again
+    w.fragment(SID, *FRAGS[2], T)
+    w.close()
+    assert "stalled" in all_codes(w.finish())

@@ -205,7 +205,10 @@ def classify(exchange: Any) -> Classified:
             ))
         if method in DOWNLOAD_METHODS and user_agent and user_agent.startswith(p.USER_AGENT_PREFIX):
             out.download = _download(exchange, method, user_agent)
-            _check_basic_auth(request, out.anomalies, None, exchange.connection.id)
+            basic = _basic_credentials(request)
+            if basic is not None:
+                out.anomalies.append(anomaly("basic-auth-cleartext", basic, frames=(request.first_frame,),
+                                             timestamps=(request.first_ts_ns,), connection=exchange.connection.id))
         return out
     out.packet = _packet(exchange)
     return out
@@ -250,7 +253,9 @@ def _packet(exchange: Any) -> BitsPacket:
     if response is not None:
         _read_ack(pkt, response)
     _check_request(pkt, request, range_raw, length_raw)
-    _check_basic_auth(request, pkt.anomalies, pkt.session_id, pkt.connection, pkt)
+    basic = _basic_credentials(request)
+    if basic is not None:
+        pkt.flag("basic-auth-cleartext", basic)
     if response is not None:
         _check_ack(pkt, response)
     _check_capture(pkt, exchange)
@@ -353,18 +358,13 @@ def _check_limits(pkt: BitsPacket, h: Any) -> None:
         pkt.flag("header-limits", f"{len(pkt.offered_protocols)} protocol GUIDs offered; Windows parses at most {p.MAX_SUPPORTED_PROTOCOLS}")
 
 
-def _check_basic_auth(request: Any, out: list[Anomaly], session_id: str | None, connection: int,
-                      pkt: BitsPacket | None = None) -> None:
+def _basic_credentials(request: Any) -> str | None:
+    """A message when the request carries Basic credentials (plain HTTP: we could read them)."""
     for header in ("Authorization", "Proxy-Authorization"):
         value = request.headers.get(header)
         if value is not None and value.strip().lower().startswith("basic"):
-            message = f"{header}: Basic credentials sent in clear text on {request.method} {request.target}"
-            if pkt is not None:
-                pkt.flag("basic-auth-cleartext", message)
-            else:
-                out.append(anomaly("basic-auth-cleartext", message, session_id=session_id,
-                                   frames=(request.first_frame,), timestamps=(request.first_ts_ns,),
-                                   connection=connection))
+            return f"{header}: Basic credentials sent in clear text on {request.method} {request.target}"
+    return None
 
 
 def _check_capture(pkt: BitsPacket, exchange: Any) -> None:

@@ -14,6 +14,7 @@ sessions (duplicate-create, session-recreated), and gives each session its deliv
 
 from __future__ import annotations
 
+import enum
 import heapq
 import math
 import posixpath
@@ -36,7 +37,7 @@ DEFAULT_JOINED_WINDOW_S = 300  # "the first minutes of the capture"
 DEFAULT_NO_PROGRESS_AFTER = 3  # resends or 416s in a row without the offset advancing
 
 
-class Verdict:
+class Verdict(str, enum.Enum):
     DELIVERED = "delivered"
     NOT_DELIVERED = "not-delivered"
     UNKNOWN = "unknown"
@@ -262,7 +263,8 @@ class _SessionWalk:
         self.complete_frame: int | None = None
         self.end_frame: int | None = None
         self.cancel_ns: int | None = None
-        self.progress_ns: list[tuple[int, int]] = []  # (time, offset) when the high-water rose
+        # requests that raised the high-water mark: (sent, acknowledged, new offset)
+        self.progress_ns: list[tuple[int, int, int]] = []
         self.stuck = 0
         self.stuck_flagged = False
         self.seen_bodies: dict[tuple[int, int], tuple[str, BitsPacket]] = {}
@@ -285,7 +287,7 @@ class _SessionWalk:
             self.expected = 0
             s.protocol = first.protocol
             s.host_id = first.host_id
-            self.progress_ns.append((first.acked_ns or first.sent_ns, 0))
+            self.progress_ns.append((first.sent_ns, first.acked_ns or first.sent_ns, 0))
         else:
             self._joined(first)
         for pkt in self.packets:
@@ -371,7 +373,7 @@ class _SessionWalk:
             self.last_ack = self.expected = offset
             if offset > s.acknowledged or (offset == 0 and not self.progress_ns):
                 s.acknowledged = max(s.acknowledged, offset)
-                self.progress_ns.append((pkt.acked_ns or pkt.sent_ns, offset))
+                self.progress_ns.append((pkt.sent_ns, pkt.acked_ns or pkt.sent_ns, offset))
                 self.stuck, self.stuck_flagged = 0, False
                 return
         if event_sent is Sent.FRAGMENT and (resend or event_answer is Answer.RESYNC):
@@ -465,12 +467,15 @@ class _SessionWalk:
         s = self.s
         if s.state in (State.REFUSED, State.CREATING) or not self.progress_ns:
             return
+        # Quiet time runs from one advance's ack to the start of the request that made the next
+        # one: sending a big fragment slowly is progress, waiting for nothing is not.
         stop = s.completed_ns or s.ended_ns or self.capture_end
-        marks = [t for t, _ in self.progress_ns if t <= stop] + [stop]
-        offsets = [o for _, o in self.progress_ns]
-        for i, (a, b) in enumerate(zip(marks, marks[1:])):
+        quiet = [(done, started, offset) for (_, done, offset), (started, _, _) in zip(self.progress_ns, self.progress_ns[1:])]
+        _, done, offset = self.progress_ns[-1]
+        quiet.append((done, stop, offset))
+        for a, b, offset in quiet:
             if b - a > self.t.stall_after_ns:
-                s.flag("stalled", f"no progress for {(b - a) / NS:.0f} s at offset {offsets[min(i, len(offsets) - 1)]} "
+                s.flag("stalled", f"no progress for {(b - a) / NS:.0f} s at offset {offset} "
                        f"(threshold {self.t.stall_after_ns / NS:.0f} s)", timestamps=(a, b))
 
     def _verdict(self) -> None:
