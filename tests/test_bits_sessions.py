@@ -388,6 +388,7 @@ def test_capture_corpus(name: str, tmp_path: Path) -> None:
     for session, want in zip(summary.sessions, expected["sessions"]):
         assert (session.id, session.url, session.content_name) == (want["id"], want["url"], want["file"])
         assert (session.verdict, session.total, session.acknowledged) == (want["delivery"], want["total"], want["bytes_acknowledged"])
+        assert session.state.server_state == want["final_state"]
         entity = session.entity
         data = Path(entity.path).read_bytes()
         assert hashlib.sha256(data[:want["bytes_acknowledged"]]).hexdigest() == want["acknowledged_sha256"]

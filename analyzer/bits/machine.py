@@ -32,6 +32,23 @@ class State(str, enum.Enum):
     EXPIRED = "expired"
     REFUSED = "refused"
 
+    @property
+    def server_state(self) -> str | None:
+        """The matching server state of bits-protocol.md 5.1 (None: the server holds no session)."""
+        return _SERVER_STATES[self]
+
+
+_SERVER_STATES: dict[State, str | None] = {
+    State.CREATING: "INIT",
+    State.JOINED: "RECEIVE_FRAGMENTS",
+    State.RECEIVING: "RECEIVE_FRAGMENTS",
+    State.COMPLETE: "WAIT_FOR_CLOSE",
+    State.CLOSED: "COMPLETE",
+    State.CANCELLED: "CANCEL",
+    State.EXPIRED: "EXPIRED",
+    State.REFUSED: None,
+}
+
 
 class Sent(enum.Enum):
     CREATE = "Create-Session"
