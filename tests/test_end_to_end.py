@@ -42,6 +42,7 @@ def test_capture_matches_expected(name: str, tmp_path: Path) -> None:
     for got, want in zip(sessions, expected["sessions"]):
         assert (got["id"] or "").lower() == (want["id"] or "").lower()
         assert got["verdict"] == want["delivery"]
+        assert type(got["verdict"]) is str and type(got["state"]) is str  # plain values, not enums
         assert got["total"] == want["total"]
         assert got["acknowledged"] == want["bytes_acknowledged"]
         assert got["fragments"] == want["fragments_sent"]

@@ -133,7 +133,7 @@ def session_record(session: Session, anomalies: list[Anomaly]) -> dict[str, Any]
     return {
         "id": session.id, "client": session.client, "server": session.server, "host": session.host,
         "url": session.url, "content_name": session.content_name, "protocol": session.protocol,
-        "user_agent": session.user_agent, "state": session.state.value, "verdict": session.verdict,
+        "user_agent": session.user_agent, "state": session.state.value, "verdict": session.verdict.value,
         "verdict_reason": session.verdict_reason, "before_capture": session.before_capture,
         "reply_url": session.reply_url, "total": session.total, "acknowledged": session.acknowledged,
         "bytes_sent": session.bytes_sent, "fragments": len(session.fragments),
@@ -171,7 +171,7 @@ def build_report(
             counts[item["severity"]] += 1
     for item in loose:
         counts[item.severity.value] += 1
-    verdicts = [s.verdict for s in sessions]
+    verdicts = [s.verdict.value for s in sessions]
     return {
         "schema": SCHEMA, "version": VERSION,
         "tool": {"name": "bits-analyze", "version": __version__},
