@@ -9,7 +9,8 @@ byte, so streams cross the 32-bit wrap freely.
 Policies, all chosen to keep the stream going rather than stall it:
 - Overlaps keep the first copy seen; where a later copy differs, `on_conflict` names the span
   from its first to its last differing byte. Overlaps with bytes already delivered are checked
-  against a bounded history of recently delivered payloads (older retransmissions go unchecked).
+  against the last `history` delivered payloads (older retransmissions go unchecked). These are
+  views, not copies: each may keep its capture chunk alive, so the count is what bounds memory.
 - A 0/1-byte segment at next-1 is a keep-alive (or Linux zero-window probe): ignored, never a
   conflict. A 1-byte zero-window probe at next is ordinary data; its retransmission is identical.
 - Holes become gaps (`on_gap` with their size, at the current position) when: the peer
@@ -122,10 +123,10 @@ class _Half:
 
     __slots__ = (
         "conn", "direction", "peer", "synced", "from_syn", "wire_base", "next_seq", "expect", "offset",
-        "starts", "chunks", "buffered", "fin_offset", "fin_done", "history", "history_bytes",
+        "starts", "chunks", "buffered", "fin_offset", "fin_done", "history",
     )
 
-    def __init__(self, conn: Connection, direction: int) -> None:
+    def __init__(self, conn: Connection, direction: int, history: int) -> None:
         self.conn = conn
         self.direction = direction
         self.peer: _Half = self
@@ -140,8 +141,7 @@ class _Half:
         self.buffered = 0
         self.fin_offset: int | None = None
         self.fin_done = False
-        self.history: deque[bytes | memoryview] = deque()
-        self.history_bytes = 0
+        self.history: deque[bytes | memoryview] = deque(maxlen=history)
 
     def sync(self, seq: int) -> None:
         self.synced = True
@@ -161,11 +161,11 @@ class _Half:
 class TcpReassembler:
     """Feeds `sink` the in-order streams of every TCP connection in a capture."""
 
-    def __init__(self, sink: StreamSink, max_buffer: int = 8 << 20, history: int = 1 << 18) -> None:
+    def __init__(self, sink: StreamSink, max_buffer: int = 8 << 20, history: int = 64) -> None:
         self._sink = sink
         self._on_data = sink.on_data
         self._max_buffer = max_buffer
-        self._history_limit = history
+        self._history = history
         self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
         self._open: dict[int, Connection] = {}
         self._closed_totals = dict.fromkeys(_TOTALS, 0)
@@ -205,9 +205,6 @@ class TcpReassembler:
             half.offset += size
             half.next_seq = half.expect = (half.expect + size) & _SEQ_MASK
             half.history.append(payload)
-            half.history_bytes += size
-            if half.history_bytes > self._history_limit:
-                _trim_history(half, self._history_limit)
             self._on_data(conn, half.direction, payload, frame, ts_ns)
 
     def finish(self) -> None:
@@ -301,7 +298,7 @@ class TcpReassembler:
         client, server = (sender, receiver) if sender_is_client else (receiver, sender)
         conn = Connection(self.connection_count, client, server, segment.frame, segment.ts_ns)
         self.connection_count += 1
-        to_server, to_client = _Half(conn, CLIENT), _Half(conn, SERVER)
+        to_server, to_client = _Half(conn, CLIENT, self._history), _Half(conn, SERVER, self._history)
         to_server.peer, to_client.peer = to_client, to_server
         conn._halves = (to_server, to_client)
         self._halves[client + server] = to_server
@@ -386,9 +383,6 @@ class TcpReassembler:
         half.offset += size
         half.next_seq = (half.next_seq + size) & _SEQ_MASK
         half.history.append(data)
-        half.history_bytes += size
-        if half.history_bytes > self._history_limit:
-            _trim_history(half, self._history_limit)
         self._on_data(half.conn, half.direction, data, frame, ts_ns)
 
     def _drain(self, half: _Half, frame: int, ts_ns: int) -> None:
@@ -406,7 +400,6 @@ class TcpReassembler:
         half.offset += size
         half.next_seq = (half.next_seq + size) & _SEQ_MASK
         half.history.clear()  # history is contiguous up to offset by construction
-        half.history_bytes = 0
         self._sink.on_gap(conn, half.direction, size, frame, ts_ns)
 
     def _advance_to(self, half: _Half, target: int, frame: int, ts_ns: int) -> None:
@@ -469,7 +462,6 @@ class TcpReassembler:
             half.synced = False
             half.expect = -1
             half.history.clear()
-            half.history_bytes = 0
         del self._open[conn.id]
         _add_totals(self._closed_totals, conn)
         self._sink.on_close(conn)
@@ -483,12 +475,6 @@ def _add_totals(totals: dict[str, int], conn: Connection) -> None:
     for name in _TOTALS:
         counts = getattr(conn, name)
         totals[name] += counts[0] + counts[1]
-
-
-def _trim_history(half: _Half, limit: int) -> None:
-    history = half.history
-    while len(history) > 1 and half.history_bytes - len(history[0]) >= limit:
-        half.history_bytes -= len(history.popleft())
 
 
 def _check_history(sink: StreamSink, half: _Half, start: int, data: bytes | memoryview, frame: int) -> None:

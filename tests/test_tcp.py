@@ -228,6 +228,17 @@ def test_in_order_segment_overlapping_buffered_data_keeps_the_buffered_copy():
     assert sink.kinds("conflict") == [("conflict", 0, CLIENT, 3, 3)]
 
 
+def test_retransmissions_older_than_the_history_go_unchecked():
+    f = Flow()
+    sink = RecordingSink()
+    r = TcpReassembler(sink, history=2)
+    for s in f.handshake() + [f.c(0, b"aa"), f.c(2, b"bb"), f.c(4, b"cc"), f.c(0, b"XXXX"), f.c(3, b"YY")]:
+        r.feed(s)
+    # "aa" has left the history; each remaining delivered piece is compared on its own
+    assert sink.kinds("conflict") == [("conflict", 0, CLIENT, 2, 2), ("conflict", 0, CLIENT, 3, 1),
+                                      ("conflict", 0, CLIENT, 4, 1)]
+
+
 # -- probes --
 
 def test_keepalives_are_neither_data_nor_conflict():
