@@ -481,15 +481,17 @@ def _check_history(sink: StreamSink, half: _Half, start: int, data: bytes | memo
     """Compare a retransmission of delivered bytes with the copies still in the history."""
     end = start + len(data)
     piece_end = half.offset
+    overlaps = []
     for piece in reversed(half.history):
         piece_start = piece_end - len(piece)
         low, high = max(start, piece_start), min(end, piece_end)
         if low < high:
-            _compare(sink, half, low, memoryview(piece)[low - piece_start:high - piece_start],
-                     data[low - start:high - start], frame)
+            overlaps.append((low, memoryview(piece)[low - piece_start:high - piece_start]))
         if piece_start <= start:
             break
         piece_end = piece_start
+    for low, kept in reversed(overlaps):  # report in stream order
+        _compare(sink, half, low, kept, data[low - start:low - start + len(kept)], frame)
 
 
 def _compare(sink: StreamSink, half: _Half, offset: int, kept: memoryview,
