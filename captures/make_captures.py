@@ -167,6 +167,33 @@ def fragment_after_close(stage: Stage) -> None:
     client.fragment(path, 32 * 1024, 40_000 - 1)
 
 
+@scenario("Every fragment acknowledged, then Cancel-Session instead of Close: under IIS semantics the "
+          "file is already in place (this server discards it, as MC-BUP says).",
+          anomalies=("cancel-after-complete",))
+def cancel_after_complete(stage: Stage) -> None:
+    client = stage.client("regret.bin")
+    client.create_session()
+    client.send_file(stage.file("regret.bin", 40_000, 20), 16 * 1024)
+    client.cancel()
+
+
+@scenario("Two fragments of a 100,000-byte file, then Close-Session: the server discards the partial "
+          "upload.", anomalies=("close-incomplete",))
+def close_incomplete(stage: Stage) -> None:
+    client = stage.client("partial.bin")
+    client.create_session()
+    client.send_file(stage.file("partial.bin", 100_000, 21), 16 * 1024, until=32 * 1024)
+    client.close()
+
+
+@scenario("Two fragments of a 100,000-byte file, then the capture ends with the session neither "
+          "closed nor cancelled: verdict unknown.", anomalies=("never-finished",))
+def never_finished(stage: Stage) -> None:
+    client = stage.client("orphan.bin")
+    client.create_session()
+    client.send_file(stage.file("orphan.bin", 100_000, 22), 16 * 1024, until=32 * 1024)
+
+
 @scenario("Fragment 0-16383, then 32768-49151 (a gap): 416 with BITS-Received-Content-Range 16384; "
           "the client follows the server's offset and completes the upload.",
           anomalies=("range-gap", "out-of-sync"))
