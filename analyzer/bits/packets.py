@@ -9,6 +9,7 @@ Checks needing a session's history live in machine.py / sessions.py.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,10 @@ def session_key(session_id: str) -> str:
     return sid.lower() if p.is_guid(sid) else sid
 
 
+@functools.lru_cache(maxsize=4096)
 def format_address(addr: bytes, port: int | None = None) -> str:
     try:
-        ip = str(ipaddress.ip_address(bytes(addr)))
+        ip = str(ipaddress.ip_address(addr))
     except ValueError:
         ip = bytes(addr).hex()
     if port is None:
@@ -169,13 +171,31 @@ class Classified:
     anomalies: list[Anomaly] = field(default_factory=list)  # those with no packet to hold them
 
 
-def _has_bits_headers(headers: Any) -> bool:
-    return any(name.lower().startswith(p.BITS_HEADER_PREFIX) for name, _ in headers.items())
+class _Fields:
+    """One message's headers indexed once: case-insensitive, first value wins (as Headers.get)."""
+
+    __slots__ = ("_first", "_items")
+
+    def __init__(self, headers: Any) -> None:
+        self._items: list[tuple[str, str]] = list(headers.items())
+        self._first: dict[str, str] = {}
+        for name, value in self._items:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name: str) -> str | None:
+        return self._first.get(name.lower())
+
+    def items(self) -> list[tuple[str, str]]:
+        return self._items
+
+    def has_bits_headers(self) -> bool:
+        return any(name.startswith(p.BITS_HEADER_PREFIX) for name in self._first)
 
 
 def _endpoints(exchange: Any) -> tuple[str, str, str, str]:
     conn = exchange.connection
     (caddr, cport), (saddr, sport) = conn.client, conn.server
+    caddr, saddr = bytes(caddr), bytes(saddr)
     return (format_address(caddr, cport), format_address(caddr),
             format_address(saddr, sport), format_address(saddr))
 
@@ -185,7 +205,7 @@ def classify(exchange: Any) -> Classified:
     request, response = exchange.request, exchange.response
     out = Classified()
     if request is None:
-        if response is not None and _has_bits_headers(response.headers):
+        if response is not None and _Fields(response.headers).has_bits_headers():
             out.anomalies.append(anomaly(
                 "orphan-response",
                 f"HTTP {response.status} response carrying BITS headers with no request in the capture",
@@ -194,9 +214,10 @@ def classify(exchange: Any) -> Classified:
             ))
         return out
     method = (request.method or "").upper()
-    user_agent = request.headers.get(Header.USER_AGENT)
+    h = _Fields(request.headers)
+    user_agent = h.get(Header.USER_AGENT)
     if method != p.METHOD:
-        if _has_bits_headers(request.headers):
+        if h.has_bits_headers():
             out.anomalies.append(anomaly(
                 "wrong-method-or-version",
                 f"{request.method} {request.target} carries BITS headers; BITS requests use {p.METHOD}",
@@ -204,32 +225,31 @@ def classify(exchange: Any) -> Classified:
                 connection=exchange.connection.id,
             ))
         if method in DOWNLOAD_METHODS and user_agent and user_agent.startswith(p.USER_AGENT_PREFIX):
-            out.download = _download(exchange, method, user_agent)
-            basic = _basic_credentials(request)
+            out.download = _download(exchange, method, user_agent, h)
+            basic = _basic_credentials(request, h)
             if basic is not None:
                 out.anomalies.append(anomaly("basic-auth-cleartext", basic, frames=(request.first_frame,),
                                              timestamps=(request.first_ts_ns,), connection=exchange.connection.id))
         return out
-    out.packet = _packet(exchange)
+    out.packet = _packet(exchange, h)
     return out
 
 
-def _download(exchange: Any, method: str, user_agent: str) -> Download:
+def _download(exchange: Any, method: str, user_agent: str, h: _Fields) -> Download:
     request, response = exchange.request, exchange.response
     client, client_ip, server, _ = _endpoints(exchange)
     return Download(
         exchange=exchange.index, connection=exchange.connection.id, client=client,
         client_ip=client_ip, server=server, method=method, target=request.target,
-        host=request.headers.get(Header.HOST), user_agent=user_agent,
+        host=h.get(Header.HOST), user_agent=user_agent,
         status=response.status if response else None,
         bytes=response.body_length if response else 0,
-        range=request.headers.get("Range"), frame=request.first_frame, sent_ns=request.first_ts_ns,
+        range=h.get("Range"), frame=request.first_frame, sent_ns=request.first_ts_ns,
     )
 
 
-def _packet(exchange: Any) -> BitsPacket:
+def _packet(exchange: Any, h: _Fields) -> BitsPacket:
     request, response = exchange.request, exchange.response
-    h = request.headers
     client, client_ip, server, server_ip = _endpoints(exchange)
     type_raw = h.get(Header.PACKET_TYPE)
     session_id = h.get(Header.SESSION_ID)
@@ -250,20 +270,20 @@ def _packet(exchange: Any) -> BitsPacket:
         request_frame=request.first_frame, request_last_frame=request.last_frame,
         request_offset=request.stream_offset, sent_ns=request.first_ts_ns, flags=frozenset(exchange.flags),
     )
-    if response is not None:
-        _read_ack(pkt, response)
-    _check_request(pkt, request, range_raw, length_raw)
-    basic = _basic_credentials(request)
+    ack = _Fields(response.headers) if response is not None else None
+    if ack is not None:
+        _read_ack(pkt, response, ack)
+    _check_request(pkt, h, range_raw, length_raw)
+    basic = _basic_credentials(request, h)
     if basic is not None:
         pkt.flag("basic-auth-cleartext", basic)
-    if response is not None:
-        _check_ack(pkt, response)
+    if ack is not None:
+        _check_ack(pkt, response, ack)
     _check_capture(pkt, exchange)
     return pkt
 
 
-def _read_ack(pkt: BitsPacket, response: Any) -> None:
-    h = response.headers
+def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     pkt.status = response.status
     pkt.reason = response.reason
     pkt.response_frame = response.first_frame
@@ -284,7 +304,7 @@ def _read_ack(pkt: BitsPacket, response: Any) -> None:
     pkt.fallback_timeout_s = p.parse_decimal(timeout) if timeout is not None else None
 
 
-def _error_code_raw(headers: Any) -> str | None:
+def _error_code_raw(headers: _Fields) -> str | None:
     """BITS-Error-Code (Win32, every implementation) or BITS-Error (MC-BUP): accept both."""
     value = headers.get(Header.ERROR_CODE)
     return value if value is not None else headers.get(Header.ERROR_CODE_MCBUP)
@@ -301,8 +321,7 @@ _REQUIRED: dict[PacketType, tuple[str, ...]] = {
 }
 
 
-def _check_request(pkt: BitsPacket, request: Any, range_raw: str | None, length_raw: str | None) -> None:
-    h = request.headers
+def _check_request(pkt: BitsPacket, h: _Fields, range_raw: str | None, length_raw: str | None) -> None:
     if pkt.version.upper() != "HTTP/1.1":
         pkt.flag("wrong-method-or-version", f"{pkt.method} sent as {pkt.version or 'an unknown version'}; BITS requires HTTP/1.1")
     if pkt.packet_type is None or pkt.packet_type is PacketType.ACK:
@@ -327,7 +346,7 @@ def _check_request(pkt: BitsPacket, request: Any, range_raw: str | None, length_
             pkt.flag("nonstandard-id", f"offered protocol id(s) {', '.join(odd)} not in {{8-4-4-4-12}} form")
 
 
-def _check_fragment(pkt: BitsPacket, h: Any, range_raw: str | None) -> None:
+def _check_fragment(pkt: BitsPacket, h: _Fields, range_raw: str | None) -> None:
     if range_raw is not None and pkt.content_range is None:
         pkt.flag("range-malformed", f"Content-Range {range_raw!r} is not `bytes S-E/T` with S <= E < T")
     rng = pkt.content_range
@@ -341,7 +360,7 @@ def _check_fragment(pkt: BitsPacket, h: Any, range_raw: str | None) -> None:
         pkt.flag("content-encoding", f"fragment sent with Content-Encoding {encoding!r}; only identity is allowed")
 
 
-def _check_limits(pkt: BitsPacket, h: Any) -> None:
+def _check_limits(pkt: BitsPacket, h: _Fields) -> None:
     for name, value in h.items():
         if len(value) > p.MAX_HEADER_VALUE:
             pkt.flag("header-limits", f"{name} value of {len(value)} characters exceeds {p.MAX_HEADER_VALUE}")
@@ -358,10 +377,10 @@ def _check_limits(pkt: BitsPacket, h: Any) -> None:
         pkt.flag("header-limits", f"{len(pkt.offered_protocols)} protocol GUIDs offered; Windows parses at most {p.MAX_SUPPORTED_PROTOCOLS}")
 
 
-def _basic_credentials(request: Any) -> str | None:
+def _basic_credentials(request: Any, h: _Fields) -> str | None:
     """A message when the request carries Basic credentials (plain HTTP: we could read them)."""
     for header in ("Authorization", "Proxy-Authorization"):
-        value = request.headers.get(header)
+        value = h.get(header)
         if value is not None and value.strip().lower().startswith("basic"):
             return f"{header}: Basic credentials sent in clear text on {request.method} {request.target}"
     return None
@@ -376,9 +395,9 @@ def _check_capture(pkt: BitsPacket, exchange: Any) -> None:
 
 # --- ack checks -------------------------------------------------------------------------------
 
-def _check_ack(pkt: BitsPacket, response: Any) -> None:
+def _check_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     status = pkt.status
-    is_bits_ack = status in SUCCESS or status == RESYNC or _has_bits_headers(response.headers)
+    is_bits_ack = status in SUCCESS or status == RESYNC or h.has_bits_headers()
     if is_bits_ack and PacketType.parse(pkt.ack_type_raw) is not PacketType.ACK:
         got = "no BITS-Packet-Type" if pkt.ack_type_raw is None else f"BITS-Packet-Type {pkt.ack_type_raw!r}"
         pkt.flag("ack-malformed", f"HTTP {status} answer to {pkt.label} has {got}, not Ack")
@@ -387,11 +406,11 @@ def _check_ack(pkt: BitsPacket, response: Any) -> None:
     if (pkt.ack_session_id is not None and pkt.session_id is not None
             and not p.same_id(pkt.ack_session_id, pkt.session_id)):
         pkt.flag("ack-session-mismatch", f"ack carries BITS-Session-Id {pkt.ack_session_id} for a request of {pkt.session_id}")
-    _check_errors(pkt, response)
+    _check_errors(pkt, h)
     if pkt.packet_type is PacketType.CREATE_SESSION:
         _check_create_ack(pkt)
     elif pkt.packet_type is PacketType.FRAGMENT:
-        _check_fragment_ack(pkt, response)
+        _check_fragment_ack(pkt, h)
     if pkt.reply_url is not None and not pkt.is_final_ack:
         pkt.flag("reply-url-misplaced", f"BITS-Reply-URL {pkt.reply_url[:120]!r} on the ack of {pkt.label}, which does not complete the entity")
     for name, value, limit in ((Header.REPLY_URL, pkt.reply_url, p.MAX_REPLY_URL), (Header.HOST_ID, pkt.host_id, p.MAX_HOST_ID)):
@@ -408,8 +427,7 @@ def _check_ack(pkt: BitsPacket, response: Any) -> None:
         pkt.flag("out-of-sync", f"416 to {pkt.label}: the server wants offset {pkt.received_offset}")
 
 
-def _check_errors(pkt: BitsPacket, response: Any) -> None:
-    h = response.headers
+def _check_errors(pkt: BitsPacket, h: _Fields) -> None:
     status = pkt.status or 0
     code_raw = _error_code_raw(h)
     context_raw = h.get(Header.ERROR_CONTEXT)
@@ -460,10 +478,10 @@ def _check_create_ack(pkt: BitsPacket) -> None:
         pkt.flag("protocol-mismatch", f"BITS-Protocol {pkt.protocol} on a failed (HTTP {pkt.status}) Create-Session ack")
 
 
-def _check_fragment_ack(pkt: BitsPacket, response: Any) -> None:
+def _check_fragment_ack(pkt: BitsPacket, h: _Fields) -> None:
     if pkt.status not in SUCCESS and pkt.status != RESYNC:
         return
-    raw = response.headers.get(Header.RECEIVED_CONTENT_RANGE)
+    raw = h.get(Header.RECEIVED_CONTENT_RANGE)
     rng = pkt.content_range
     if pkt.received_offset is None:
         what = "no BITS-Received-Content-Range" if raw is None else f"BITS-Received-Content-Range {raw!r} (not decimal)"
