@@ -218,8 +218,8 @@ class SessionTracker:
         assert self.extractor is not None
         names = {s.key: (s.id or s.key, s.content_name) for s in self._sessions if s.id is not None}
         entities = self.extractor.finish(names)
-        for session in self._sessions:
-            entity = entities.get(session.key)
+        for session in reversed(self._sessions):  # a re-issued id: the newest session holds the file
+            entity = entities.pop(session.key, None)
             if entity is not None:
                 session.entity = entity
                 session.anomalies.extend(entity.anomalies)
