@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analyzer.bits.protocol import Header, PacketType  # noqa: E402
+from analyzer.bits.protocol import Header, PacketType, parse_content_range  # noqa: E402
 from replay.client import CHUNK_SIZE, BitsClient, Transaction  # noqa: E402
 from replay.server import BitsServer  # noqa: E402
 
@@ -362,6 +362,23 @@ def _packet(t: Transaction) -> PacketType | None:
     return PacketType.parse(t.packet_type) if t.method == "BITS_POST" else None
 
 
+def contiguous_sent(transactions: list[Transaction]) -> int:
+    """How far from offset 0 the fragment bodies on the wire cover the file without a hole, acked
+    or not (a cut fragment counts with the bytes it carried)."""
+    spans = []
+    for t in transactions:
+        placed = parse_content_range(t.header(Header.CONTENT_RANGE) or "")
+        if _packet(t) is PacketType.FRAGMENT and placed is not None:
+            spans.append((placed.first, placed.first + t.body_sent))
+    spans.sort()
+    covered = 0
+    for start, end in spans:
+        if start > covered:
+            break
+        covered = max(covered, end)
+    return covered
+
+
 def describe_sessions(stage: Stage, root: Path) -> list[dict]:
     """Sessions in order of creation, from the client log, checked against the server's files."""
     sessions = []
@@ -413,6 +430,8 @@ def _describe(stage: Stage, root: Path, create: Transaction, index: int) -> dict
         "bytes_acknowledged": acknowledged or 0,
         "sha256": sha256_file(source),
         "acknowledged_sha256": sha256_file(source, acknowledged or 0),
+        "bytes_sent_contiguous": (sent := contiguous_sent(mine)),
+        "sent_sha256": sha256_file(source, sent),
         "fragments_sent": sum(1 for t in mine if _packet(t) is PacketType.FRAGMENT),
     }
 
@@ -632,8 +651,12 @@ def render_readme(document: dict) -> str:
         "  Close, CANCEL, WAIT_FOR_CLOSE, RECEIVE_FRAGMENTS, or EXPIRED when the server answered",
         "  BG_E_SESSION_NOT_FOUND), `delivery` (section 9 verdict), `total`, `bytes_acknowledged`",
         "  (the last BITS-Received-Content-Range), `sha256` of the whole file the client uploaded,",
-        "  `acknowledged_sha256` of its first `bytes_acknowledged` bytes (what an extractor can rebuild;",
-        "  the first copy of a resent range is always the original), `fragments_sent` (Fragment",
+        "  `acknowledged_sha256` of its first `bytes_acknowledged` bytes (what an extractor that keeps",
+        "  only acknowledged bytes rebuilds), `bytes_sent_contiguous` and `sent_sha256`: how far from",
+        "  offset 0 the fragment bodies on the wire cover the file without a hole, acknowledged or not",
+        "  (refused fragments and the bytes of a cut one count), and the sha256 of that prefix (what an",
+        "  extractor that keeps every byte sent rebuilds). The first copy of a resent range is always",
+        "  the original. `fragments_sent` (Fragment",
         "  requests, including refused and cut ones). For every delivered and closed session the",
         "  generator checked that the server stored a file with that sha256.",
         "- `server_port`, `ip_version`, `format`, `size` (bytes) describe the file itself.",

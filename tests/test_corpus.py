@@ -28,7 +28,8 @@ CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 GENERATOR = CAPTURES / "make_captures.py"
 COMMITTED = json.loads((CAPTURES / "expected.json").read_text())["captures"]
 STABLE_SESSION_FIELDS = ("index", "url", "file", "final_state", "delivery", "total", "bytes_acknowledged",
-                         "sha256", "acknowledged_sha256", "fragments_sent")
+                         "sha256", "acknowledged_sha256", "bytes_sent_contiguous", "sent_sha256",
+                         "fragments_sent")
 STABLE_CAPTURE_FIELDS = ("scenario", "format", "ip_version", "connections", "exchanges", "responses",
                          "anomalies", "anomalies_exhaustive")
 VERDICTS = {"delivered", "not-delivered", "unknown"}
@@ -93,7 +94,7 @@ def test_session_records_are_consistent(name):
     for index, session in enumerate(entry["sessions"]):
         assert session["index"] == index and is_guid(session["id"])
         assert session["final_state"] in STATES and session["delivery"] in VERDICTS
-        assert 0 <= session["bytes_acknowledged"] <= session["total"]
+        assert 0 <= session["bytes_acknowledged"] <= session["bytes_sent_contiguous"] <= session["total"]
         delivered = session["bytes_acknowledged"] == session["total"] and session["final_state"] in (
             "COMPLETE", "WAIT_FOR_CLOSE", "CANCEL")
         assert (session["delivery"] == "delivered") == delivered, (name, session)
