@@ -40,6 +40,10 @@ from replay.plan import Body, Plan, PlannedRequest, PlannedSession
 MODES = ("faithful", "adaptive")
 #: Adaptive mode gives up after this many answers in a row that do not move the offset.
 MAX_STALLED_ANSWERS = 3
+#: Adaptive mode gives up after sending this many times the file's bytes.
+MAX_RESEND_FACTOR = 4
+#: Adaptive mode gives up when the server forgets the session more often than this.
+MAX_RECREATES = 3
 #: Bound on what is read of a response body (acks have none; a garbage server may send plenty).
 MAX_RESPONSE_BODY = 1 << 20
 NON_REPLAYABLE_AUTH = ("ntlm", "negotiate", "kerberos")
@@ -367,6 +371,9 @@ def auth_notes(plan: Plan, options: Options) -> list[str]:
     return notes
 
 
+_FRAGMENT_RUN = frozenset({PacketType.FRAGMENT, PacketType.PING})
+
+
 class _SessionReplay:
     """Replays one planned session on the calling thread."""
 
@@ -383,6 +390,8 @@ class _SessionReplay:
         self.live_id: str | None = None
         self.host: str = options.target.netloc
         self.shift = 0.0  # how late the session started (concurrency cap), added to every due time
+        self.offset: int | None = None  # adaptive: the live server's received offset
+        self.recreated = 0
 
     # -- header rewriting
 
@@ -523,32 +532,49 @@ class _SessionReplay:
             self._release_through(index)
 
     def _adaptive(self) -> None:
-        uploaded = False
-        for index, request in enumerate(self.session.requests):
+        requests = self.session.requests
+        index = 0
+        reauthenticated = False  # the last request drew 401 and was resent with --auth
+        while index < len(requests):
+            request = requests[index]
             if request.packet_type is PacketType.FRAGMENT:
-                if not uploaded:
-                    self._upload(index)
-                    uploaded = True
-                self._release_through(index)
+                # A run of fragments (Pings between them included: a real client pings on its
+                # own when it reconnects) becomes one upload loop up to the run's last byte.
+                end = index
+                while end < len(requests) and requests[end].packet_type in _FRAGMENT_RUN:
+                    end += 1
+                self._upload([r for r in requests[index:end]
+                              if r.packet_type is PacketType.FRAGMENT and r.range is not None])
+                self._release_through(end - 1)
+                index, reauthenticated = end, False
                 continue
-            if request.body is not None and not request.body.complete:
+            previous = requests[index - 1] if index else None
+            if (reauthenticated and previous.response and previous.response.status == 401
+                    and request.packet_type is previous.packet_type):
+                self.result.outcomes.append(Outcome(request.label, request, note=(
+                    "the captured client's resend after 401: already resent with --auth")))
+            elif request.body is not None and not request.body.complete:
                 self.result.outcomes.append(Outcome(request.label, request,
                                                     note="body incomplete in the capture: not sent"))
-                self._release_through(index)
-                continue
-            ack = self._send_adaptive(request, self.headers_for(request),
-                                      self.body_of(request.body),
-                                      request.body.length if request.body else 0,
-                                      request.ts_ns, request.label, request)
-            self.learn(request, ack)
-            if (_is_session_not_found(ack) and uploaded
-                    and request.packet_type is PacketType.CLOSE_SESSION):
-                self.result.notes.append("session not found at Close: recreating and uploading again")
-                self._recreate(request)
-                self._upload(index, from_offset=0)
-                self._send_adaptive(request, self.headers_for(request),
-                                    self.body_of(request.body), 0, None, request.label, request)
+            else:
+                sent_before = len(self.result.outcomes)
+                ack = self._send_adaptive(request, self.headers_for(request),
+                                          self.body_of(request.body),
+                                          request.body.length if request.body else 0,
+                                          request.ts_ns, request.label, request)
+                reauthenticated = len(self.result.outcomes) - sent_before > 1
+                self.learn(request, ack)
+                if (_is_session_not_found(ack) and request.packet_type is PacketType.CLOSE_SESSION
+                        and self.offset is not None):
+                    self.result.notes.append("session not found at Close: recreating it and "
+                                             "uploading again")
+                    self._recreate(request)
+                    self._upload([r for r in requests if r.packet_type is PacketType.FRAGMENT
+                                  and r.range is not None], from_offset=0)
+                    self._send_adaptive(request, self.headers_for(request), self.body_of(None), 0,
+                                        None, request.label, None)
             self._release_through(index)
+            index += 1
 
     def _send_adaptive(self, request: PlannedRequest, headers: list[tuple[str, str]],
                        body: BodySource, length: int, ts_ns: int | None,
@@ -590,26 +616,37 @@ class _SessionReplay:
                                   "Create-Session (recreated)", None)
         if ack.status not in (200, 201) or not ack.session_id:
             raise Fault(f"recreating the session failed: {ack.describe()}")
+        self.recreated += 1
+        if self.recreated > MAX_RECREATES:
+            raise Fault(f"the server forgot the session {MAX_RECREATES} times: giving up")
         self.live_id = ack.session_id
+        for captured in self.live_ids:  # every later packet goes to the new session
+            self.live_ids[captured] = ack.session_id
         self.result.live_ids.append(ack.session_id)
 
-    def _upload(self, first_index: int, from_offset: int | None = None) -> None:
-        """Upload the whole file from the captured bytes, following the live server."""
-        fragments = [r for r in self.session.requests[first_index:]
-                     if r.packet_type is PacketType.FRAGMENT and r.range is not None]
+    def _upload(self, fragments: list[PlannedRequest], from_offset: int | None = None) -> None:
+        """Upload the bytes the captured fragments carried (up to the last of them), from the
+        captured bytes, following the live server's offset."""
         if not fragments:
             return
         total = fragments[0].range.total
-        offset = fragments[0].range.first if from_offset is None else from_offset
+        end = max(r.range.last for r in fragments) + 1
+        if from_offset is not None:
+            offset = from_offset
+        elif self.offset is not None:
+            offset = self.offset
+        else:
+            offset = fragments[0].range.first
         shrunk: int | None = None  # fragment size after a 413
         stalled = slot = 0
-        while offset < total:
+        budget = MAX_RESEND_FACTOR * end + MIN_FRAGMENT  # a server sending us back and forth
+        while offset < end:
             # The n-th fragment sent takes the n-th captured one's size, time and connection.
             captured = fragments[min(slot, len(fragments) - 1)]
             size = shrunk or captured.range.length
             ts_ns = captured.ts_ns if slot < len(fragments) else None
             slot += 1
-            last = min(offset + size, total) - 1
+            last = min(offset + size, end) - 1
             pieces = self.session.entity_piece(offset, last)
             if pieces is None:
                 raise Fault(f"bytes {offset}-{last} of the file were never captured whole: "
@@ -622,7 +659,8 @@ class _SessionReplay:
                                       wanted.length, ts_ns, f"Fragment {wanted}", pairs)
             if _is_session_not_found(ack):
                 self._recreate(captured)
-                offset, stalled = 0, 0
+                offset = self.offset = 0
+                stalled = 0
                 continue
             if ack.status == 413:
                 if size <= MIN_FRAGMENT:
@@ -633,10 +671,14 @@ class _SessionReplay:
                 raise Fault(f"the server refused {wanted}: {ack.describe()}")
             if ack.received is None or ack.received > total:
                 raise Fault(f"the ack for {wanted} gives no usable received offset")
+            budget -= wanted.length
+            if budget < 0:
+                raise Fault(f"no progress: {MAX_RESEND_FACTOR} times the file sent, the server "
+                            f"still wants byte {ack.received}")
             stalled = stalled + 1 if ack.received <= offset else 0
             if stalled >= MAX_STALLED_ANSWERS:
                 raise Fault(f"no progress: the server keeps answering N={ack.received}")
-            offset = ack.received
+            offset = self.offset = ack.received
 
     def _pieces(self, pieces: list[tuple[Body, int, int]]) -> Iterator[bytes]:
         for body, skip, take in pieces:

@@ -19,9 +19,10 @@ FRAGMENT = 1 << 20  # larger than what a loopback socket buffers, so a reset hit
 
 
 class FakeServer:
-    """Answers Ping and Create like a BITS server; `on_fragment(conn, head)` decides the rest."""
+    """Answers Ping and Create like a BITS server; `on_fragment(conn, body_bytes_read)` decides
+    the rest."""
 
-    def __init__(self, on_fragment: Callable[[socket.socket, bytes], None]) -> None:
+    def __init__(self, on_fragment: Callable[[socket.socket, int], None]) -> None:
         self.on_fragment = on_fragment
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -65,7 +66,7 @@ class FakeServer:
                     buffered += data
                 head, buffered = buffered.split(b"\r\n\r\n", 1)
                 if b"BITS-Packet-Type: Fragment" in head:
-                    self.on_fragment(conn, head)
+                    self.on_fragment(conn, len(buffered))
                     return
                 conn.sendall(b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nBITS-Session-Id: "
                              b"{99999999-9999-9999-9999-999999999999}\r\nContent-Length: 0\r\n\r\n")
@@ -73,20 +74,19 @@ class FakeServer:
             return
 
 
-def close_mid_body(conn: socket.socket, head: bytes) -> None:
+def close_mid_body(conn: socket.socket, read: int) -> None:
     conn.recv(1000)
     conn.close()  # unread data → the kernel resets the connection
 
 
-def never_answer(conn: socket.socket, head: bytes) -> None:
+def never_answer(conn: socket.socket, read: int) -> None:
     while conn.recv(65536):
         pass
 
 
-def answer_garbage(conn: socket.socket, head: bytes) -> None:
-    never_answer_until = FRAGMENT
-    while never_answer_until > 0:  # take the whole body first, then answer nonsense
-        never_answer_until -= len(conn.recv(65536))
+def answer_garbage(conn: socket.socket, read: int) -> None:
+    while read < FRAGMENT:  # take the whole body first, then answer nonsense
+        read += len(conn.recv(65536))
     conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\x00\x01garbage\r\n\r\n")
     conn.close()
 
