@@ -617,6 +617,8 @@ def render_readme(document: dict) -> str:
         "  frames, link type EN10MB). Server on 127.0.0.1 (or ::1) on a port it picks; the capture",
         "  filter is `tcp port PORT`; the recorder is ready before any traffic and is stopped with",
         "  SIGINT after the connections are closed.",
+        "- The TCP is the kernel's own, untouched: a capture may hold the odd out-of-order segment,",
+        "  retransmission or duplicate ACK that loopback produced under load.",
         "- File contents are seeded pseudo-random bytes, so their sha256 values are the same on every",
         "  run; session ids, ports and timestamps differ between runs.",
         "- The client looks like Windows BITS 10.x on the wire: `User-Agent: Microsoft BITS/7.8`,",
