@@ -227,17 +227,25 @@ class _ProgressObserver:
 
     def __init__(self, progress, plan: Plan) -> None:
         self.progress = progress
-        self.sessions = progress.add_task("sessions", total=len(plan.sessions))
-        self.bytes = progress.add_task("bytes", total=sum(s.body_bytes for s in plan.sessions))
+        self.in_flight = 0
+        self.sessions = progress.add_task("sessions done", total=len(plan.sessions))
+        self.bytes = progress.add_task("body bytes sent",
+                                       total=sum(s.body_bytes for s in plan.sessions))
 
     def on_session_start(self, session: PlannedSession) -> None:
-        pass
+        self.in_flight += 1
+        self._describe()
 
     def on_bytes(self, session: PlannedSession, count: int) -> None:
         self.progress.advance(self.bytes, count)
 
     def on_session_end(self, session: PlannedSession, result: SessionResult) -> None:
+        self.in_flight -= 1
         self.progress.advance(self.sessions)
+        self._describe()
+
+    def _describe(self) -> None:
+        self.progress.update(self.sessions, description=f"sessions done ({self.in_flight} in flight)")
 
 
 @contextlib.contextmanager

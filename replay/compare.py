@@ -8,7 +8,7 @@ live server always issues new ones.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from analyzer.bits.protocol import (
     Header,
@@ -119,6 +119,3 @@ def compare(captured: AckSummary | None, live: AckSummary | None) -> list[Differ
         if not same(getattr(captured, name), getattr(live, name))
     ]
 
-
-def count(differences: Iterable[list[Difference]]) -> int:
-    return sum(1 for d in differences if d)

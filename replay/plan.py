@@ -26,6 +26,7 @@ from analyzer.bits.protocol import (
     parse_content_range,
     same_id,
 )
+from analyzer.pipeline import read_exchanges
 from analyzer.problems import Problem
 from replay.compare import AckSummary, summarize
 
@@ -283,8 +284,6 @@ def build_plan(
 
     Unknown selected ids are reported as problems of kind `unknown-session-selected`.
     """
-    from analyzer.pipeline import read_exchanges
-
     spool = BodySpool()
     planner = _Planner(spool)
     problems: list[Problem] = []

@@ -237,3 +237,66 @@ def test_cli_json_and_fail_on_diff(tmp_path: Path, server) -> None:
     assert main([str(path), "--target", server.url, "--speed", "0", "--session", SID_A],
                 out=text, err=io.StringIO()) == 0
     assert "0 difference(s)" in text.getvalue()
+
+
+def test_host_id_is_followed_only_when_asked_and_only_to_the_target(tmp_path: Path) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(1000, 13), 1000, start_ms=0)
+    path = conv.write(tmp_path / "c.pcap")
+    # "localhost" resolves to the target's own 127.0.0.1; a farm node name does not resolve.
+    for host_id, follow, note in (
+            ("localhost", True, "following BITS-Host-Id localhost (it is the target's own address)"),
+            ("bitsnode1.invalid", True, "BITS-Host-Id bitsnode1.invalid does not resolve to the "
+                                        "target's address: not followed (nothing is sent anywhere "
+                                        "but the target)"),
+            ("localhost", False, "the server gave BITS-Host-Id localhost; not followed (use "
+                                 "--follow-host-id)")):
+        with BitsServer(tmp_path / "root", log=None, host_id=host_id) as srv, build_plan([path]) as plan:
+            result = replay(plan, Options(target=Target.parse(srv.url), speed=0,
+                                          follow_host_id=follow))
+            assert result.sessions[0].notes == [note]
+            assert result.differences == 0 and result.faults == 0
+            # Every packet went to the target: the server saw them all.
+            assert len(srv.records) == len(result.sessions[0].outcomes)
+
+
+def test_captured_ntlm_is_dropped_and_said_so_and_basic_is_replaced(tmp_path: Path) -> None:
+    conv = Conversation()
+    conv.send(0, 0, request("Ping", extra="Authorization: NTLM TlRMTVNTUAABAAAAB4IIog=="), 0)
+    conv.send(0, 1, ack(), 1)
+    conv.send(0, 0, request("Create-Session", extra="Authorization: Basic d3Jvbmc6d3Jvbmc="), 10)
+    conv.send(0, 1, ack(session=SID_A), 11)
+    conv.send(0, 0, request("Cancel-Session", session=SID_A,
+                            extra="Authorization: Basic d3Jvbmc6d3Jvbmc="), 20)
+    conv.send(0, 1, ack(session=SID_A), 21)
+    path = conv.write(tmp_path / "auth.pcap")
+    out = io.StringIO()
+    assert main([str(path), "--target", "http://127.0.0.1:9/", "--dry-run"], out=out,
+                err=io.StringIO()) == 0
+    text = out.getvalue()
+    assert "NTLM authentication, which cannot be replayed" in text
+    assert "Authorization: NTLM" not in text
+    assert "the capture's Basic credentials are sent as captured" in text
+    with BitsServer(tmp_path / "root", log=None, auth=("bits", "secret")) as srv, \
+            build_plan([path]) as plan:
+        refused = replay(plan, options_for(srv))
+        assert [o.live.status for o in refused.sessions[0].outcomes] == [401, 401, 401]
+        result = replay(plan, options_for(srv, auth=("bits", "secret")))
+    statuses = [o.live.status for o in result.sessions[0].outcomes]
+    assert statuses == [401, 200, 200]  # the Ping's NTLM could not be replayed; Basic was
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_shows_on_a_terminal_only(tmp_path: Path, server) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(3000, 14), 1000, start_ms=0)
+    path = conv.write(tmp_path / "c.pcap")
+    quiet, shown = io.StringIO(), Terminal()
+    assert main([str(path), "--target", server.url, "--speed", "0"], out=io.StringIO(), err=quiet) == 0
+    assert quiet.getvalue() == ""
+    assert main([str(path), "--target", server.url, "--speed", "0"], out=io.StringIO(), err=shown) == 0
+    assert "sessions done" in shown.getvalue() and "3000/3000" in shown.getvalue()
