@@ -219,6 +219,9 @@ class _LiveConnection:
                 raise self._fault(exc, counter) from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._fault(exc, counter) from None
+        except ValueError as exc:  # http.client refuses a header or target it finds illegal
+            self.http.close()
+            raise Fault(f"the captured request cannot be sent as it is: {exc}") from None
         self.http.close()
         counter.request_bytes = 0
         try:
@@ -446,6 +449,9 @@ class _SessionReplay:
         live = self.connections.get(key)
         counter = _ByteCounter(length, lambda n: self._count(outcome, n))
         path = self.options.target.path_for(request.target, self.options.strip_prefix)
+        if "chunked" in (next((v for k, v in headers if k.lower() == "transfer-encoding"), "")
+                         .lower()):
+            body = _chunked(body)  # the capture holds the de-chunked body
         with live.lock:
             try:
                 ack = live.exchange(request.method, path, headers, body, counter)
@@ -505,6 +511,8 @@ class _SessionReplay:
             unsent = len(self.session.requests) - self._released - 1
             if unsent > 0:
                 self.result.notes.append(f"{unsent} later captured request(s) not sent")
+        except OSError as exc:  # the body spool: the temporary directory failed under us
+            self.result.fault = f"reading the spooled capture bodies failed: {exc}"
         finally:
             self._release_through(len(self.session.requests) - 1)
         return self.result
@@ -683,6 +691,15 @@ class _SessionReplay:
     def _pieces(self, pieces: list[tuple[Body, int, int]]) -> Iterator[bytes]:
         for body, skip, take in pieces:
             yield from self.plan.spool.read(body, skip, take)
+
+
+def _chunked(body: BodySource) -> BodySource:
+    def chunks() -> Iterator[bytes]:
+        for chunk in body():
+            if chunk:
+                yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        yield b"0\r\n\r\n"
+    return chunks
 
 
 def _resolves_to(host: str, target_host: str, port: int) -> bool:

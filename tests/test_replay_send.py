@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -300,3 +302,41 @@ def test_progress_shows_on_a_terminal_only(tmp_path: Path, server) -> None:
     assert quiet.getvalue() == ""
     assert main([str(path), "--target", server.url, "--speed", "0"], out=io.StringIO(), err=shown) == 0
     assert "sessions done" in shown.getvalue() and "3000/3000" in shown.getvalue()
+
+
+def test_a_chunked_request_body_is_sent_chunked_again(tmp_path: Path) -> None:
+    data = payload(3000, 15)
+    chunked = b"".join(b"%x\r\n" % len(data[i:i + 1000]) + data[i:i + 1000] + b"\r\n"
+                       for i in range(0, 3000, 1000)) + b"0\r\n\r\n"
+    conv = Conversation()
+    head = request("Fragment", session=SID_A, content_range="bytes 0-2999/3000",
+                   extra="Transfer-Encoding: chunked").replace(b"Content-Length: 0\r\n", b"")
+    conv.send(0, 0, head + chunked, 0)
+    conv.send(0, 1, ack(session=SID_A, received=3000), 1)
+    received = bytearray()
+
+    def recorder(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while not received.endswith(b"0\r\n\r\n"):
+                data_in = conn.recv(65536)
+                if not data_in:
+                    return
+                received.extend(data_in)
+            conn.sendall(ack(session=SID_A, received=3000))
+
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            build_plan([conv.write(tmp_path / "chunked.pcap")]) as plan:
+        fragment = plan.sessions[0].requests[0]
+        assert fragment.body.length == 3000 and fragment.body.complete
+        thread = threading.Thread(target=recorder, args=(listener,), daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        result = replay(plan, Options(target=Target.parse(f"http://127.0.0.1:{port}/"), speed=0,
+                                      timeout=5))
+        thread.join(5)
+    assert result.faults == 0 and result.differences == 0
+    sent_head, _, sent_body = bytes(received).partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in sent_head and b"Content-Length" not in sent_head
+    # Re-chunked as the spool reads it (one chunk here), decoding to the captured bytes.
+    assert sent_body == b"%x\r\n" % 3000 + data + b"\r\n0\r\n\r\n"
