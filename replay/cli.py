@@ -1,8 +1,20 @@
 """bits-replay: replay captured BITS upload sessions against a live server and compare answers.
 
-Exit status: 0 = done; 1 = differences found and --fail-on-diff given; 2 = usage error or no
-capture could be read; 3 = a fault stopped some session early, or a capture could not be read
-to its end (the results so far are still reported).
+Exit status: 0 = done; 1 = differences found and --fail-on-diff given; 2 = usage error, no
+capture could be read, or no selected session found; 3 = a fault stopped some session early,
+or a capture could not be read to its end (the results so far are still reported).
+
+`--json` writes one object, schema "bitstrace.replay" version 1 (fields only ever added):
+target, mode, speed, notes (what cannot be replayed), problems (capture reading), summary
+{sessions, packets_sent, bytes_sent, differences, faults, median_pacing_error_s}, and
+sessions [{captured_id, live_ids, fault, notes, started_s, ended_s, differences, packets}],
+each packet {label, captured (type, file, connection, frame, ts, range, body_length, response),
+sent, bytes_sent, live, differences [{field, captured, live}], fault, note, due_s, sent_s,
+pacing_error_s}; a response is {status, packet_type, error_code ("0x8020001F"), error_name,
+error_context, received, reply_url (present or not), session_id, host_id}. Times in seconds
+after the replay started. `--dry-run --json` writes {dry_run: true, target, notes, sessions
+[{captured_id, requests [{label, at_s, file, connection, new_connection, method, url,
+headers, body_length, body_sha256, note}]}]}.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ class Outcome:
 
     label: str
     captured: PlannedRequest | None  # the captured request it stands for; None if made up
-    sent: bool = False
+    sent: bool = False  # it went out (answered, or cut short by a fault after connecting)
     live: AckSummary | None = None
     fault: str | None = None
     note: str | None = None
@@ -174,7 +174,12 @@ class Observer(Protocol):
 
 
 class Fault(Exception):
-    """A transport failure, phrased for the user."""
+    """A failure that stops a session, phrased for the user. `reached_server` is False when
+    the request never left (no connection)."""
+
+    def __init__(self, message: str, reached_server: bool = True) -> None:
+        super().__init__(message)
+        self.reached_server = reached_server
 
 
 # --- one HTTP exchange over a live connection --------------------------------------------------
@@ -249,9 +254,11 @@ class _LiveConnection:
         where = f"{self.options.target.host}:{self.options.target.port}"
         self.http.close()
         if isinstance(exc, ConnectionRefusedError):
-            return Fault(f"cannot connect to {where}: connection refused (nothing listens there)")
+            return Fault(f"cannot connect to {where}: connection refused (nothing listens there)",
+                         reached_server=False)
         if isinstance(exc, socket.gaierror):
-            return Fault(f"cannot resolve {self.options.target.host}: {exc.strerror}")
+            return Fault(f"cannot resolve {self.options.target.host}: {exc.strerror}",
+                         reached_server=False)
         if isinstance(exc, (TimeoutError, socket.timeout)):
             return Fault(f"{where} did not answer within {self.options.timeout:g} s")
         if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
@@ -444,7 +451,6 @@ class _SessionReplay:
             self.clock.wait_until(due)
         outcome.due_s = due
         outcome.sent_s = self.clock.now()
-        outcome.sent = True
         key = request.connection_key
         live = self.connections.get(key)
         counter = _ByteCounter(length, lambda n: self._count(outcome, n))
@@ -458,7 +464,9 @@ class _SessionReplay:
             except Fault as fault:
                 self.connections.discard(key)
                 outcome.fault = str(fault)
+                outcome.sent = fault.reached_server
                 raise
+        outcome.sent = True
         outcome.live = ack
         return ack
 

@@ -124,7 +124,8 @@ def test_target_down(capture: Path) -> None:
     fault, packets = fault_of(report)
     assert code == EXIT_FAULT and "Traceback" not in err
     assert fault == f"cannot connect to 127.0.0.1:{port}: connection refused (nothing listens there)"
-    assert len(packets) == 1 and packets[0]["fault"] == fault
+    assert len(packets) == 1 and packets[0]["fault"] == fault and not packets[0]["sent"]
+    assert report["summary"]["packets_sent"] == 0
     assert report["sessions"][0]["notes"] == ["3 later captured request(s) not sent"]
 
 
