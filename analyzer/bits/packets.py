@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,14 +259,14 @@ def _packet(exchange: Any, h: _Fields) -> BitsPacket:
     protocols_raw = h.get(Header.SUPPORTED_PROTOCOLS)
     pkt = BitsPacket(
         exchange=exchange.index, connection=exchange.connection.id, client=client,
-        client_ip=client_ip, server=server, server_ip=server_ip, method=request.method,
-        target=request.target, version=request.version or "", host=h.get(Header.HOST),
-        packet_type=PacketType.parse(type_raw), type_raw=type_raw,
-        session_id=session_id.strip() if session_id is not None else None,
+        client_ip=client_ip, server=server, server_ip=server_ip, method=_shared(request.method),
+        target=_shared(request.target), version=_shared(request.version or ""), host=_shared(h.get(Header.HOST)),
+        packet_type=PacketType.parse(type_raw), type_raw=_shared(type_raw),
+        session_id=_shared(session_id.strip()) if session_id is not None else None,
         content_range=p.parse_content_range(range_raw) if range_raw is not None else None,
         content_length=p.parse_decimal(length_raw) if length_raw is not None else None,
         body_length=request.body_length, body_sha256=request.body_sha256,
-        content_name=h.get(Header.CONTENT_NAME), user_agent=h.get(Header.USER_AGENT),
+        content_name=_shared(h.get(Header.CONTENT_NAME)), user_agent=_shared(h.get(Header.USER_AGENT)),
         offered_protocols=tuple(p.split_protocols(protocols_raw)) if protocols_raw else (),
         request_frame=request.first_frame, request_last_frame=request.last_frame,
         request_offset=request.stream_offset, sent_ns=request.first_ts_ns, flags=frozenset(exchange.flags),
@@ -283,14 +284,19 @@ def _packet(exchange: Any, h: _Fields) -> BitsPacket:
     return pkt
 
 
+def _shared(value: str | None) -> str | None:
+    """Packets are kept for the whole run: one copy of each repeated header value."""
+    return sys.intern(value) if value is not None else None
+
+
 def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     pkt.status = response.status
-    pkt.reason = response.reason
+    pkt.reason = _shared(response.reason)
     pkt.response_frame = response.first_frame
     pkt.acked_ns = response.first_ts_ns
-    pkt.ack_type_raw = h.get(Header.PACKET_TYPE)
+    pkt.ack_type_raw = _shared(h.get(Header.PACKET_TYPE))
     ack_id = h.get(Header.SESSION_ID)
-    pkt.ack_session_id = ack_id.strip() if ack_id is not None else None
+    pkt.ack_session_id = _shared(ack_id.strip()) if ack_id is not None else None
     pkt.protocol = (h.get(Header.PROTOCOL) or "").strip() or None
     received = h.get(Header.RECEIVED_CONTENT_RANGE)
     pkt.received_offset = p.parse_decimal(received) if received is not None else None
