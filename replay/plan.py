@@ -95,7 +95,8 @@ class PlannedRequest:
     file: int  # which capture file (0-based, in the order given)
     connection: int  # captured TCP connection id (tcp.stream) in that file
     frame: int
-    ts_ns: int
+    ts_ns: int  # when the request began
+    done_ts_ns: int  # when its answer ended (the request's end when there was none)
     method: str
     target: str
     version: str
@@ -131,8 +132,8 @@ class PlannedSession:
         return self.requests[0].ts_ns
 
     @property
-    def last_ts_ns(self) -> int:
-        return self.requests[-1].ts_ns
+    def done_ts_ns(self) -> int:
+        return max(r.done_ts_ns for r in self.requests)
 
     @property
     def body_bytes(self) -> int:
@@ -220,6 +221,7 @@ class _Planner:
             connection=exchange.connection.id,
             frame=request.first_frame,
             ts_ns=request.first_ts_ns,
+            done_ts_ns=response.last_ts_ns if response else request.last_ts_ns,
             method=request.method,
             target=request.target,
             version=request.version,

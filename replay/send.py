@@ -624,7 +624,8 @@ class _SessionReplay:
                 headers.insert(0, (Header.USER_AGENT, agent))
         synthetic = PlannedRequest(
             exchange=template.exchange, file=near.file, connection=near.connection,
-            frame=template.frame, ts_ns=near.ts_ns, method=METHOD, target=template.target,
+            frame=template.frame, ts_ns=near.ts_ns, done_ts_ns=near.ts_ns, method=METHOD,
+            target=template.target,
             version=template.version, headers=headers,
             packet_type=PacketType.CREATE_SESSION, packet_type_raw=PacketType.CREATE_SESSION.value,
             session_id=None, range=None, body=None, response=None)
@@ -763,6 +764,8 @@ def replay(plan: Plan, options: Options, observer: Observer | None = None) -> Re
     slots = threading.BoundedSemaphore(options.concurrency) if options.concurrency else None
     results: list[SessionResult | None] = [None] * len(plan.sessions)
 
+    finished = [threading.Event() for _ in plan.sessions]
+
     def run(position: int, session: PlannedSession, due: float | None) -> None:
         try:
             worker = _SessionReplay(session, plan, options, clock, connections, observer)
@@ -777,13 +780,19 @@ def replay(plan: Plan, options: Options, observer: Observer | None = None) -> Re
             if observer is not None:
                 observer.on_session_end(session, result)
         finally:
+            finished[position].set()
             if slots is not None:
                 slots.release()
 
-    # Sessions start in capture order at their captured time; one thread per session in flight.
+    # Sessions start in capture order at their captured time, one thread per session in
+    # flight, and never before the sessions that had ended when they began in the capture:
+    # at any speed, what did not overlap there does not overlap here.
     threads: list[threading.Thread] = []
     try:
         for position, session in enumerate(plan.sessions):
+            for earlier in range(position):
+                if plan.sessions[earlier].done_ts_ns <= session.first_ts_ns:
+                    finished[earlier].wait()
             due = clock.due(session.first_ts_ns)
             clock.wait_until(due)
             if slots is not None:

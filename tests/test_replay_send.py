@@ -340,3 +340,17 @@ def test_a_chunked_request_body_is_sent_chunked_again(tmp_path: Path) -> None:
     assert b"Transfer-Encoding: chunked" in sent_head and b"Content-Length" not in sent_head
     # Re-chunked as the spool reads it (one chunk here), decoding to the captured bytes.
     assert sent_body == b"%x\r\n" % 3000 + data + b"\r\n0\r\n\r\n"
+
+
+def test_sessions_that_did_not_overlap_do_not_overlap_even_at_full_speed(tmp_path: Path) -> None:
+    conv = Conversation()
+    after_a = upload(conv, 0, SID_A, payload(20_000, 16), 5000, start_ms=0)
+    upload(conv, 1, SID_B, payload(20_000, 17), 5000, start_ms=after_a, target="/up/b.bin")
+    with BitsServer(tmp_path / "root", log=None) as srv, \
+            build_plan([conv.write(tmp_path / "sequential.pcap")]) as plan:
+        result = replay(plan, Options(target=Target.parse(srv.url), speed=0))
+        records = list(srv.records)
+    assert result.faults == 0 and result.differences == 0
+    a_end = max(r.finished for r in records if r.target == "/up/file.bin")
+    b_start = min(r.started for r in records if r.target == "/up/b.bin")
+    assert b_start >= a_end
