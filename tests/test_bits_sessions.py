@@ -418,3 +418,14 @@ def test_slow_fragment_transfer_is_not_a_stall() -> None:
     w.fragment(SID, *FRAGS[2], T)
     w.close()
     assert "stalled" in all_codes(w.finish())
+
+
+def test_packets_outside_sessions_are_fingerprinted_once_per_client_and_agent() -> None:
+    w = Wire()
+    for _ in range(3):
+        w.exchange("BITS_POST", "/u", [("BITS-Packet-Type", "Ping"), ("Content-Length", "0"), ("User-Agent", "curl/8.5")],
+                   ack=[("BITS-Packet-Type", "Ack")])
+    w.ping()
+    summary = w.finish()
+    fingerprint, = [a for a in summary.anomalies if a.code == "client-fingerprint"]
+    assert "curl/8.5" in fingerprint.message and "192.0.2.10" in fingerprint.message

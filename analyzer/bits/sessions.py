@@ -207,7 +207,7 @@ class SessionTracker:
             self._attach_entities()
         for session in self._sessions:
             session.anomalies = _dedup(session.anomalies)
-        stray_anomalies = [a for pkt in self._stray for a in pkt.anomalies]
+        stray_anomalies = [a for pkt in self._stray for a in pkt.anomalies] + _stray_fingerprints(self._stray)
         return BitsSummary(
             sessions=self._sessions, downloads=self._downloads,
             anomalies=_dedup(self._loose + stray_anomalies), stray_packets=self._stray,
@@ -223,6 +223,17 @@ class SessionTracker:
             if entity is not None:
                 session.entity = entity
                 session.anomalies.extend(entity.anomalies)
+
+
+def _stray_fingerprints(stray: list[BitsPacket]) -> list[Anomaly]:
+    """client-fingerprint for BITS packets outside any session: once per client and User-Agent."""
+    first_seen: dict[tuple[str, str | None], BitsPacket] = {}
+    for pkt in stray:
+        if not (pkt.user_agent or "").startswith(p.USER_AGENT_PREFIX):
+            first_seen.setdefault((pkt.client_ip, pkt.user_agent), pkt)
+    return [anomaly("client-fingerprint", f"{pkt.label} from {pkt.client_ip} with User-Agent {pkt.user_agent or '(none)'!r}, "
+                    f"not {p.USER_AGENT_PREFIX}…", frames=pkt.frames, timestamps=pkt.timestamps, connection=pkt.connection)
+            for pkt in first_seen.values()]
 
 
 def _dedup(anomalies: list[Anomaly]) -> list[Anomaly]:
