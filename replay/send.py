@@ -46,7 +46,8 @@ MAX_RESEND_FACTOR = 4
 MAX_RECREATES = 3
 #: Bound on what is read of a response body (acks have none; a garbage server may send plenty).
 MAX_RESPONSE_BODY = 1 << 20
-NON_REPLAYABLE_AUTH = ("ntlm", "negotiate", "kerberos")
+#: Authorization schemes bound to the original connection or to a server challenge.
+NON_REPLAYABLE_AUTH = ("ntlm", "negotiate", "kerberos", "digest")
 
 
 class TargetError(ValueError):
@@ -372,9 +373,12 @@ def auth_notes(plan: Plan, options: Options) -> list[str]:
                for k, v in r.headers if k.lower() == "authorization"}
     blocked = sorted(schemes & set(NON_REPLAYABLE_AUTH))
     if blocked:
+        instead = ("those requests carry the --auth Basic credentials instead" if options.auth
+                   else "those requests are sent without Authorization (give --auth USER:PASS "
+                        "to send Basic credentials instead)")
         notes.append(f"the capture uses {'/'.join(s.upper() for s in blocked)} authentication, "
-                     "which cannot be replayed (it is bound to the original connection and "
-                     "server challenge); those requests are sent without Authorization")
+                     "which cannot be replayed (it is bound to the original connection or "
+                     f"server challenge); {instead}")
     if "basic" in schemes and options.auth is None:
         notes.append("the capture's Basic credentials are sent as captured (use --auth to "
                      "replace them)")
@@ -405,8 +409,10 @@ class _SessionReplay:
 
     # -- header rewriting
 
-    def headers_for(self, request: PlannedRequest, replace: dict[str, str] | None = None,
-                    authorization: bool = False) -> list[tuple[str, str]]:
+    def headers_for(self, request: PlannedRequest,
+                    replace: dict[str, str] | None = None) -> list[tuple[str, str]]:
+        """The captured headers, in their order and case, with Host, the session id and
+        credentials rewritten and `replace` applied (added at the end when absent)."""
         replace = {k.lower(): v for k, v in (replace or {}).items()}
         out: list[tuple[str, str]] = []
         for name, value in request.headers:
@@ -416,17 +422,13 @@ class _SessionReplay:
             elif lowered == Header.SESSION_ID.lower():
                 value = self._live_session_id(value)
             elif lowered == "authorization":
-                scheme = _auth_scheme(value)
-                if scheme in NON_REPLAYABLE_AUTH:
-                    continue
-                if scheme == "basic" and self.options.auth:
+                if self.options.auth:
                     value = self._basic()
+                elif _auth_scheme(value) in NON_REPLAYABLE_AUTH:
+                    continue
             if lowered in replace:
                 value = replace.pop(lowered)
             out.append((name, value))
-        if authorization and self.options.auth and not any(k.lower() == "authorization"
-                                                           for k, _ in out):
-            out.append(("Authorization", self._basic()))
         out.extend((name, value) for name, value in replace.items())
         return out
 
