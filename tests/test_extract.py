@@ -229,3 +229,14 @@ def test_coverage_map_matches_a_byte_model(tmp_path_factory, total: int, sends: 
     assert entity.complete == all(acked)
     if entity.complete:
         assert entity.sha256 == hashlib.sha256(bytes(value)).hexdigest()
+
+
+def test_reissued_session_id_gets_its_own_entity(tmp_path: Path) -> None:
+    w = Wire(tmp_path)
+    w.upload(SID, seed=1)
+    w.upload(SID, seed=2)  # a server deriving ids from client and URL issues the same id again
+    first, second = w.finish().sessions
+    assert (first.generation, second.generation) == (0, 1)
+    assert Path(first.entity.path).read_bytes() == payload(T, 1)
+    assert Path(second.entity.path).read_bytes() == payload(T, 2)
+    assert second.entity.path.endswith("-2") and "resend-conflict" not in codes(first.anomalies + second.anomalies)

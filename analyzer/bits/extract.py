@@ -113,8 +113,9 @@ class _Inflight:
 class _Spool:
     """One session's temp file and its coverage map (pieces sorted, never overlapping)."""
 
-    def __init__(self, dir_fd: int, temp_name: str, session_id: str) -> None:
+    def __init__(self, dir_fd: int, temp_name: str, session_id: str, generation: int) -> None:
         self.dir_fd = dir_fd
+        self.generation = generation
         self.temp_name = temp_name
         self.fd = os.open(temp_name, _OPEN_FLAGS, 0o644, dir_fd=dir_fd)
         self.session_id = session_id
@@ -229,7 +230,10 @@ class Extractor:
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir = os.fspath(out_dir)
         self._dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
-        self._spools: dict[str, _Spool] = {}
+        self._spools: dict[str, _Spool] = {}  # by session key: the current session of that id
+        self._retired: list[_Spool] = []  # earlier sessions whose id a Create ack issued again
+        self._generation: dict[str, int] = {}
+        self._temp_files = 0
         self._inflight: dict[tuple[int, int], _Inflight] = {}
         self.problems: list[Problem] = []
 
@@ -280,7 +284,9 @@ class Extractor:
         spool = self._spools.get(key)
         if spool is None:
             try:
-                spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{len(self._spools)}.tmp", session_id)
+                spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{self._temp_files}.tmp", session_id,
+                               self._generation.get(key, 0))
+                self._temp_files += 1
             except OSError as error:
                 self.problems.append(Problem("extract-write-failed", f"temp file for session {session_id}: {error}"))
                 return None
@@ -299,13 +305,22 @@ class Extractor:
                 limit = min(limit, packet.received_offset)
         inflight.spool.settle(inflight, limit)
 
-    def finish(self, names: dict[str, tuple[str, str | None]]) -> dict[str, ExtractedEntity]:
-        """Publish every entity; `names` maps session key -> (session id, Content-Name)."""
+    def session_reissued(self, key: str) -> None:
+        """A Create ack issued an id already in use (servers that derive ids): a new entity starts."""
+        spool = self._spools.pop(key, None)
+        if spool is not None:
+            self._retired.append(spool)
+        self._generation[key] = self._generation.get(key, 0) + 1
+
+    def finish(self, names: dict[tuple[str, int], tuple[str, str | None]]) -> dict[tuple[str, int], ExtractedEntity]:
+        """Publish every entity. `names` and the result are keyed by (session key, generation): the
+        generation counts the Create acks that re-issued the id (0 for the first session)."""
         for inflight in self._inflight.values():  # fragments whose exchange never came
             inflight.spool.settle(inflight, inflight.first)
         self._inflight.clear()
         entities: dict[str, ExtractedEntity] = {}
-        for key, spool in self._spools.items():
+        for spool in self._retired + list(self._spools.values()):
+            key = (session_key(spool.session_id), spool.generation)
             session_id, content_name = names.get(key, (spool.session_id, None))
             try:
                 entities[key] = self._publish(spool, session_id, content_name)
@@ -318,6 +333,7 @@ class Extractor:
                 except FileNotFoundError:
                     pass
         self._spools.clear()
+        self._retired.clear()
         os.close(self._dir_fd)
         return entities
 

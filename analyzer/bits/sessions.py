@@ -88,6 +88,7 @@ class Session:
     completed_ns: int | None = None  # final fragment acknowledged
     ended_ns: int | None = None  # closed, cancelled, expired or refused
     not_found_ns: int | None = None  # first BG_E_SESSION_NOT_FOUND answer
+    generation: int = 0  # how many earlier sessions had this id (servers that derive ids reuse them)
 
     @property
     def created(self) -> bool:
@@ -171,6 +172,11 @@ class SessionTracker:
         if pkt.packet_type is PacketType.CREATE_SESSION:
             if pkt.succeeded and pkt.ack_session_id:
                 session = self._new_session(pkt.ack_session_id, pkt)
+                previous = self._open.get(session.key)
+                if previous is not None:  # the server issued this id again
+                    session.generation = previous.generation + 1
+                    if self.extractor is not None:
+                        self.extractor.session_reissued(session.key)
                 self._open[session.key] = session
             elif pkt.answered and pkt.status not in AUTH_CHALLENGES:
                 self._new_session(None, pkt, key=f"refused-create@{pkt.request_frame}")
@@ -216,10 +222,10 @@ class SessionTracker:
 
     def _attach_entities(self) -> None:
         assert self.extractor is not None
-        names = {s.key: (s.id or s.key, s.content_name) for s in self._sessions if s.id is not None}
+        names = {(s.key, s.generation): (s.id or s.key, s.content_name) for s in self._sessions if s.id is not None}
         entities = self.extractor.finish(names)
-        for session in reversed(self._sessions):  # a re-issued id: the newest session holds the file
-            entity = entities.pop(session.key, None)
+        for session in self._sessions:
+            entity = entities.get((session.key, session.generation))
             if entity is not None:
                 session.entity = entity
                 session.anomalies.extend(entity.anomalies)
