@@ -126,13 +126,15 @@ needs_namespaces = pytest.mark.skipif(not namespaces_work(),
                     reason="needs tcpdump and editcap")
 def test_regenerated_corpus_matches_the_committed_one(tmp_path):
     out = tmp_path / "corpus"
-    run = subprocess.run([sys.executable, str(GENERATOR), "--out", str(out)], capture_output=True, text=True,
-                         timeout=110, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, str(GENERATOR), "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    _, stderr = proc.communicate(timeout=110)
+    assert proc.returncode == 0, stderr[-3000:]
     fresh = json.loads((out / "expected.json").read_text())["captures"]
     assert set(fresh) == set(COMMITTED)
-    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "bitscap" not in leftovers
+    # Only this run's namespace: other generators (bench/, a parallel run) may be at work.
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert f"bitscap{proc.pid}" not in leftovers
     assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
     for name, entry in fresh.items():
         committed = COMMITTED[name]
