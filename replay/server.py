@@ -142,7 +142,7 @@ class PacketRecord(NamedTuple):
     packet: str | None  # PacketType value, the raw header when unknown, None when absent
     session_id: str | None
     content_range: str | None  # as the request sent it
-    status: int
+    status: int | None  # None: the client went away before the answer could be sent
     error: str | None  # HRESULT as "0x... NAME" when the answer carried one
     received: int | None  # BITS-Received-Content-Range of the answer
     note: str
@@ -153,7 +153,7 @@ class PacketRecord(NamedTuple):
             parts.append(self.session_id)
         if self.content_range:
             parts.append(self.content_range)
-        parts.append(f"-> {self.status}")
+        parts.append(f"-> {self.status if self.status is not None else 'no answer (client gone)'}")
         if self.received is not None:
             parts.append(f"N={self.received}")
         if self.error:
@@ -576,8 +576,9 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
             try:
                 for _ in body.chunks():
                     pass
-            except ClientGone:
+            except ClientGone as gone:
                 self.close_connection = True
+                self._record(packet, ack.session_id, None, None, None, f"not answered: {gone}")
                 return
         elif body.remaining:
             self.close_connection = True
@@ -650,7 +651,7 @@ class BitsRequestHandler(BaseHTTPRequestHandler):
         if send_body:
             self.wfile.write(payload)
 
-    def _record(self, packet: str | None, session_id: str | None, status: int, error: str | None,
+    def _record(self, packet: str | None, session_id: str | None, status: int | None, error: str | None,
                 received: int | None, note: str) -> None:
         self.server.bits._emit(PacketRecord(
             self._started, time.monotonic(), self.address_string(), self.command or "-",

@@ -908,3 +908,24 @@ def test_cli_prints_its_url_serves_and_stops_on_a_signal(root: Path, signum: int
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_resend_cut_before_its_ack_is_logged_as_not_answered(server: BitsServer, client: Client) -> None:
+    """A fragment the server already holds is answered without reading its body; when the client
+    cuts that body, the request still leaves a log record (it used to vanish)."""
+    data = payload(1000)
+    session_id = client.session()
+    assert client.fragment(session_id, data, 0, 1000).status == 200
+    head = (f"BITS_POST /up/file.bin HTTP/1.1\r\nHost: x\r\nBITS-Packet-Type: Fragment\r\n"
+            f"BITS-Session-Id: {session_id}\r\nContent-Range: bytes 0-999/1000\r\n"
+            f"Content-Length: 1000\r\n\r\n").encode()
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(head + data[:10])
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(server.records) < 3:
+        time.sleep(0.01)
+    cut = server.records[-1]
+    assert cut.packet == "Fragment" and cut.status is None and "not answered" in cut.note
+    assert "no answer" in cut.line()
