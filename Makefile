@@ -27,5 +27,11 @@ test: setup
 captures: setup
 	$(PY) captures/make_captures.py
 
+# README.md, Performance: the captures (2.2 GB in bench/data, needs root) are made on first use.
+bench: setup
+	@test -f bench/data/large.pcap -a -f bench/data/small.pcap -a -f bench/data/many.pcap \
+		|| $(PY) bench/make_captures.py
+	$(PY) bench/run.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
