@@ -19,7 +19,7 @@ from analyzer.bits.protocol import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AckSummary:
     """What one response to a BITS request said, as far as comparison goes."""
 

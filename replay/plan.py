@@ -24,6 +24,7 @@ from analyzer.bits.protocol import (
     Header,
     PacketType,
     parse_content_range,
+    is_guid,
     same_id,
 )
 from analyzer.pipeline import read_exchanges
@@ -75,7 +76,7 @@ class BodySpool:
         self._file.close()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Body:
     """A request body in the spool: its (offset, length) extents there, in order (bodies of
     connections that overlap in time interleave in the spool). `complete` is False when the
@@ -87,7 +88,7 @@ class Body:
     sha256: str | None
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedRequest:
     """One captured BITS request, exactly as it went on the wire, and the ack it drew."""
 
@@ -126,6 +127,9 @@ class PlannedRequest:
 class PlannedSession:
     key: str  # captured session id, or `connection-N` for requests that never had one
     requests: list[PlannedRequest] = field(default_factory=list)
+    # Fragments captured whole, in capture order, and the first of them at each start offset.
+    _whole: list[PlannedRequest] | None = field(default=None, repr=False, compare=False)
+    _by_start: dict[int, PlannedRequest] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def first_ts_ns(self) -> int:
@@ -141,14 +145,18 @@ class PlannedSession:
 
     def entity_piece(self, first: int, last: int) -> list[tuple[Body, int, int]] | None:
         """Where the captured fragments hold bytes first..last of the file: (body, skip, take)
-        pieces in order, or None if some byte was never captured whole."""
+        pieces in order, or None if some byte was never captured whole. Where fragments
+        overlap, one that starts at the wanted byte is taken, else the first captured."""
+        if self._whole is None:
+            self._whole = [r for r in self.requests if r.range and r.body and r.body.complete
+                           and r.body.length == r.range.length]
+            for request in self._whole:
+                self._by_start.setdefault(request.range.first, request)
         pieces: list[tuple[Body, int, int]] = []
         position = first
         while position <= last:
-            source = next((r for r in self.requests
-                           if r.range and r.body and r.body.complete
-                           and r.body.length == r.range.length
-                           and r.range.first <= position <= r.range.last), None)
+            source = self._by_start.get(position) or next(
+                (r for r in self._whole if r.range.first <= position <= r.range.last), None)
             if source is None:
                 return None
             take = min(last, source.range.last) - position + 1
@@ -193,6 +201,7 @@ class _Planner:
         self.file = 0
         self.bodies: dict[tuple[int, int], _SpoolingBody] = {}  # by (connection, stream offset)
         self.requests: list[PlannedRequest] = []
+        self.strings: dict[tuple[str, str], tuple[str, str]] = {}
 
     def on_body(self, connection: Connection, head: HttpMessage, chunk: bytes | memoryview) -> None:
         if not head.is_request or head.method != METHOD:
@@ -210,7 +219,9 @@ class _Planner:
         request = exchange.request
         if request is None or request.method != METHOD:
             return
-        headers = list(request.headers.items())
+        shared = self.strings.setdefault
+        # Names and most values repeat request after request: keep one copy of each.
+        headers = [shared((name, value), (name, value)) for name, value in request.headers]
         type_raw = request.headers.get(Header.PACKET_TYPE)
         packet_type = PacketType.parse(type_raw)
         range_text = request.headers.get(Header.CONTENT_RANGE)
@@ -245,6 +256,12 @@ class _Planner:
                     entry.digest.hexdigest() if complete else None)
 
 
+def _id_key(session_id: str) -> str:
+    """Equal for ids that `same_id` holds equal."""
+    session_id = session_id.strip()
+    return session_id.lower() if is_guid(session_id) else session_id
+
+
 def _session_of(request: PlannedRequest) -> str | None:
     if request.packet_type is PacketType.CREATE_SESSION:
         return request.response.session_id if request.response else None
@@ -270,10 +287,12 @@ def group_sessions(requests: list[PlannedRequest]) -> list[PlannedSession]:
             if keys[i] is None:
                 keys[i] = previous or f"connection-{file}.{connection}"
             previous = keys[i]
-    sessions: dict[str, PlannedSession] = {}
+    sessions: dict[str, PlannedSession] = {}  # by _id_key: the first spelling seen names it
     for key, request in zip(keys, requests):
-        canonical = next((k for k in sessions if same_id(k, key)), key)
-        sessions.setdefault(canonical, PlannedSession(canonical)).requests.append(request)
+        session = sessions.get(_id_key(key))
+        if session is None:
+            session = sessions[_id_key(key)] = PlannedSession(key)
+        session.requests.append(request)
     return sorted(sessions.values(), key=lambda s: (s.first_ts_ns, s.requests[0].file,
                                                    s.requests[0].exchange))
 
