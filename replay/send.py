@@ -727,10 +727,11 @@ def dry_run(plan: Plan, options: Options) -> list[dict]:
     ids are shown as `<live id of CAPTURED>`; adaptive mode's reactions depend on the live
     answers, so the captured sequence is shown."""
     clock = _Clock(plan, options.speed)
+    unused = _Connections(plan, options)  # opens nothing until asked to
     described = []
     seen: set[tuple[int, int]] = set()
     for session in plan.sessions:
-        worker = _SessionReplay(session, plan, options, clock, _Connections(plan, options), None)
+        worker = _SessionReplay(session, plan, options, clock, unused, None)
         requests = []
         for request in session.requests:
             if request.packet_type is PacketType.CREATE_SESSION:
