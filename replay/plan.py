@@ -1,7 +1,9 @@
 """Captured BITS sessions → the ordered requests to replay, with timing and connection boundaries.
 
 Planning reads the capture once through the analyzer's pipeline. Request bodies are spooled to
-one temporary file as they pass (never held whole in memory); a planned request points into it.
+one temporary file (in $TMPDIR) as they pass, never held whole in memory; a planned request
+points into it. Only `BITS_POST` requests are planned: an upload-reply's GET of its reply, or
+BITS headers on another method, are not replayed.
 
 Sessions are keyed by the session id the Create ack issued or the request carried. A request
 with no id of its own (Ping, a Create that drew no id) belongs to the session of the next
@@ -23,8 +25,8 @@ from analyzer.bits.protocol import (
     ContentRange,
     Header,
     PacketType,
-    parse_content_range,
     is_guid,
+    parse_content_range,
     same_id,
 )
 from analyzer.pipeline import read_exchanges
@@ -48,8 +50,11 @@ class BodySpool:
     def append(self, data: bytes | memoryview) -> int:
         """Write `data` at the end; returns its offset in the spool."""
         offset = self._size
-        os.pwrite(self._file.fileno(), data, offset)
-        self._size += len(data)
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._file.fileno(), view, self._size)
+            view = view[written:]
+            self._size += written
         return offset
 
     def read(self, body: "Body", skip: int = 0, take: int | None = None,

@@ -354,3 +354,17 @@ def test_sessions_that_did_not_overlap_do_not_overlap_even_at_full_speed(tmp_pat
     a_end = max(r.finished for r in records if r.target == "/up/file.bin")
     b_start = min(r.started for r in records if r.target == "/up/b.bin")
     assert b_start >= a_end
+
+
+def test_an_ipv6_target(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    conv = Conversation()
+    data = payload(5000, 18)
+    upload(conv, 0, SID_A, data, 2000, start_ms=0)
+    with BitsServer(tmp_path / "root", host="::1", log=None) as srv, \
+            build_plan([conv.write(tmp_path / "c.pcap")]) as plan:
+        assert srv.url.startswith("http://[::1]:")
+        result = replay(plan, Options(target=Target.parse(srv.url), speed=0))
+    assert result.faults == 0 and result.differences == 0
+    assert (srv.root / "up" / "file.bin").read_bytes() == data
