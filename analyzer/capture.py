@@ -23,6 +23,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterator
+from functools import partial
 from typing import BinaryIO, NamedTuple
 
 import construct as cs
@@ -76,6 +77,11 @@ class Frame(NamedTuple):
     link_type: int
     data: bytes | memoryview
     orig_len: int
+
+
+#: Frame(...) without the Python-level __new__ of a NamedTuple, which costs as much as the rest
+#: of reading a pcap record: the per-record hot path takes the fields as one tuple.
+_new_frame = partial(tuple.__new__, Frame)
 
 
 class _Interface(NamedTuple):
@@ -275,8 +281,8 @@ class CaptureReader:
                     view = memoryview(buf)
                     size = len(buf)
                 number += 1
-                yield Frame(number, seconds * 1_000_000_000 + fraction * ns_per_unit, link_type,
-                            view[start:pos], original)
+                yield _new_frame((number, seconds * 1_000_000_000 + fraction * ns_per_unit, link_type,
+                                  view[start:pos], original))
         except _Truncated:
             self._fail("truncated-record", "the file ends inside a record (writer stopped mid-record?)",
                        frame=number + 1, offset=self._base)
@@ -349,8 +355,9 @@ class CaptureReader:
                         continue
                     interface = interfaces[interface_id]
                     number += 1
-                    yield Frame(number, ((high << 32) | low) * interface.ts_mul // interface.ts_div + interface.ts_add,
-                                interface.link_type, view[start:start + captured], original)
+                    yield _new_frame((number, ((high << 32) | low) * interface.ts_mul // interface.ts_div
+                                      + interface.ts_add, interface.link_type, view[start:start + captured],
+                                      original))
                 elif block_type == _BLOCK_SPB:
                     if not interfaces or length < 16:
                         self._problem("corrupt-block", "simple packet block without interface 0" if not interfaces

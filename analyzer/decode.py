@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from functools import partial
 from typing import NamedTuple
 
 from analyzer.capture import (
@@ -44,6 +45,10 @@ _unpack_ipv6_extension = struct.Struct("!BB").unpack_from      # next header, le
 _unpack_ipv6_fragment_header = struct.Struct("!BxHI").unpack_from  # next header, offset/flags, id
 _unpack_tcp = struct.Struct("!HHIIBBH").unpack_from           # ports, seq, ack, data offset, flags, window
 _unpack_family = struct.Struct("<I").unpack_from
+# Ethernet + IPv4 header in one go, for the fast path: ethertype, version/IHL, total length,
+# flags/fragment offset, protocol, src, dst.
+_unpack_ether_ipv4 = struct.Struct("!12xHBxH2xHxB2x4s4s").unpack_from
+_ETHER_IPV4_TCP_MIN = 14 + 20 + 20
 
 
 class Segment(NamedTuple):
@@ -59,6 +64,10 @@ class Segment(NamedTuple):
     window: int
     payload: memoryview
     missing: int
+
+
+#: Segment(...) without the Python-level __new__ of a NamedTuple (see capture._new_frame).
+_new_segment = partial(tuple.__new__, Segment)
 
 
 def format_addr(addr: bytes) -> str:
@@ -123,6 +132,25 @@ class Decoder:
         if type(data) is not memoryview:
             data = memoryview(data)
         link_type = frame.link_type
+        # Fast path for the shape of nearly every frame: Ethernet, IPv4 without options, not a
+        # fragment, TCP with a sane header. Anything else (or anything odd) takes the general
+        # path below, which decides and reports exactly.
+        captured = len(data)
+        if link_type == LINKTYPE_ETHERNET and captured >= _ETHER_IPV4_TCP_MIN:
+            ethertype, version_ihl, total, fragment, protocol, src, dst = _unpack_ether_ipv4(data, 0)
+            end = 14 + total
+            if (ethertype == _ETHERTYPE_IPV4 and version_ihl == 0x45 and protocol == _PROTO_TCP
+                    and not fragment & 0x3FFF and 40 <= total and end <= frame.orig_len):
+                sport, dport, seq, ack, data_offset, flags, window = _unpack_tcp(data, 34)
+                start = 34 + (data_offset >> 4) * 4
+                if captured > end:
+                    captured = end
+                if 54 <= start <= captured:
+                    self.stats["tcp"] += 1
+                    if end > captured:
+                        self.stats["cut_segments"] += 1
+                    return _new_segment((frame.number, frame.ts_ns, src, sport, dst, dport, seq, ack, flags,
+                                         window, data[start:captured], end - captured))
         try:
             if link_type == LINKTYPE_ETHERNET:
                 offset = 14

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import BinaryIO, Callable, Iterable
 
 from analyzer.capture import CaptureReader
@@ -87,10 +88,12 @@ def read_exchanges(
         reassembler = TcpReassembler(assembler)
         size = _file_size(source)
         decode, feed = decoder.decode, reassembler.feed
-        frame = None
-        for frame in reader:
-            if stats.first_ts_ns is None:
-                stats.first_ts_ns = frame.ts_ns
+        frames = iter(reader)
+        frame = next(frames, None)
+        if frame is not None:
+            stats.first_ts_ns = frame.ts_ns
+            frames = chain((frame,), frames)
+        for frame in frames:
             segment = decode(frame)
             if segment is not None:
                 feed(segment)
