@@ -199,6 +199,10 @@ def render_text(result: ReplayResult, notes: list[str], console: Console) -> Non
 
 
 def _render_session(session: SessionResult, console: Console) -> None:
+    """A line for a session with something to say (thousands of quiet ones say nothing)."""
+    if not (session.differences or session.fault or session.notes
+            or any(o.note or o.fault for o in session.outcomes)):
+        return
     live = ", ".join(session.live_ids) or "none"
     sent = sum(o.sent for o in session.outcomes)
     console.print(f"session {session.key}: {sent} request(s) sent, live id {live}, "
