@@ -2,7 +2,8 @@
 
 Exit status: 0 = done; 1 = differences found and --fail-on-diff given; 2 = usage error, no
 capture could be read, or no selected session found; 3 = a fault stopped some session early,
-or a capture could not be read to its end (the results so far are still reported).
+or a capture could not be read to its end (the results so far are still reported);
+130 = interrupted (Ctrl-C) during the replay, the results so far reported.
 
 `--json` writes one object, schema "bitstrace.replay" version 1 (fields only ever added):
 target, mode, speed, notes (what cannot be replayed), problems (capture reading), summary
@@ -43,7 +44,7 @@ from replay.send import (
     replay,
 )
 
-EXIT_OK, EXIT_DIFF, EXIT_USAGE, EXIT_FAULT = 0, 1, 2, 3
+EXIT_OK, EXIT_DIFF, EXIT_USAGE, EXIT_FAULT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 SCHEMA = "bitstrace.replay"
 SCHEMA_VERSION = 1
 
@@ -145,6 +146,7 @@ def result_json(result: ReplayResult, plan: Plan, notes: list[str]) -> dict:
     return {
         "schema": SCHEMA, "version": SCHEMA_VERSION,
         "target": result.target, "mode": result.mode, "speed": result.speed,
+        "interrupted": result.interrupted,
         "notes": notes,
         "problems": [str(p) for p in plan.problems],
         "summary": {
@@ -302,7 +304,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         print(f"bits-replay: {exc}", file=err)
         return EXIT_USAGE
     sources = [sys.stdin.buffer if c == "-" else c for c in args.captures]
-    plan = build_plan(sources, args.session)
+    try:
+        plan = build_plan(sources, args.session)
+    except KeyboardInterrupt:
+        print("bits-replay: interrupted while reading the captures; nothing was sent", file=err)
+        return EXIT_INTERRUPTED
     with plan:
         for problem in plan.problems:
             print(f"bits-replay: {problem}", file=err)
@@ -322,16 +328,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
                     console.print(f"note: {note}", highlight=False)
                 render_dry_run(described, console)
             return EXIT_OK if plan.complete else EXIT_FAULT
-        try:
-            with progress_display(not args.no_progress and not args.json, plan, err) as observer:
-                result = replay(plan, options, observer)
-        except KeyboardInterrupt:
-            print("bits-replay: interrupted", file=err)
-            return EXIT_FAULT
+        with progress_display(not args.no_progress and not args.json, plan, err) as observer:
+            result = replay(plan, options, observer)
+        if result.interrupted:
+            print("bits-replay: interrupted; the results so far follow", file=err)
         if args.json:
             out.write(json.dumps(result_json(result, plan, notes), indent=2) + "\n")
         else:
             render_text(result, notes, console)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     if result.faults or not plan.complete:
         return EXIT_FAULT
     if args.fail_on_diff and result.differences:

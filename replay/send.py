@@ -14,6 +14,7 @@ fragments on 413.
 from __future__ import annotations
 
 import base64
+import heapq
 import http.client
 import socket
 import ssl
@@ -153,6 +154,7 @@ class ReplayResult:
     mode: str
     speed: float
     sessions: list[SessionResult]
+    interrupted: bool = False  # stopped by the user (Ctrl-C); the sessions hold what was done
 
     @property
     def faults(self) -> int:
@@ -206,6 +208,12 @@ class _LiveConnection:
         return http.client.HTTPConnection(target.host, target.port, timeout=timeout)
 
     def close(self) -> None:
+        sock = self.http.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+            except OSError:
+                pass
         self.http.close()
 
     def exchange(self, method: str, path: str, headers: list[tuple[str, str]],
@@ -342,6 +350,7 @@ class _Clock:
         self.start = time.monotonic()
         self.origin_ns = plan.first_ts_ns
         self.speed = speed
+        self.stopped = threading.Event()  # set on interruption: waits end, nothing more is sent
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -355,7 +364,7 @@ class _Clock:
         if due is not None:
             delay = due - self.now()
             if delay > 0:
-                time.sleep(delay)
+                self.stopped.wait(delay)
 
 
 def _is_session_not_found(ack: AckSummary) -> bool:
@@ -451,6 +460,9 @@ class _SessionReplay:
         if due is not None:
             due += self.shift
             self.clock.wait_until(due)
+        if self.clock.stopped.is_set():
+            outcome.fault = "interrupted before this request"
+            raise Fault(outcome.fault, reached_server=False)
         outcome.due_s = due
         outcome.sent_s = self.clock.now()
         key = request.connection_key
@@ -465,9 +477,11 @@ class _SessionReplay:
                 ack = live.exchange(request.method, path, headers, body, counter)
             except Fault as fault:
                 self.connections.discard(key)
+                if self.clock.stopped.is_set():
+                    fault = Fault("interrupted while this request was in flight")
                 outcome.fault = str(fault)
                 outcome.sent = fault.reached_server
-                raise
+                raise fault from None
         outcome.sent = True
         outcome.live = ack
         return ack
@@ -791,11 +805,12 @@ def replay(plan: Plan, options: Options, observer: Observer | None = None) -> Re
     # flight, and never before the sessions that had ended when they began in the capture:
     # at any speed, what did not overlap there does not overlap here.
     threads: list[threading.Thread] = []
+    running: list[tuple[int, int]] = []  # heap of (captured end, position) of started sessions
+    interrupted = False
     try:
         for position, session in enumerate(plan.sessions):
-            for earlier in range(position):
-                if plan.sessions[earlier].done_ts_ns <= session.first_ts_ns:
-                    finished[earlier].wait()
+            while running and running[0][0] <= session.first_ts_ns:
+                finished[heapq.heappop(running)[1]].wait()
             due = clock.due(session.first_ts_ns)
             clock.wait_until(due)
             if slots is not None:
@@ -804,9 +819,18 @@ def replay(plan: Plan, options: Options, observer: Observer | None = None) -> Re
                                       name=f"replay-{session.key}", daemon=True)
             thread.start()
             threads.append(thread)
+            heapq.heappush(running, (session.done_ts_ns, position))
         for thread in threads:
             thread.join()
+    except KeyboardInterrupt:
+        # Stop waiting and sending; closing the connections ends requests in flight.
+        interrupted = True
+        clock.stopped.set()
+        connections.close_all()
+        for position in range(len(threads)):
+            # Not Thread.join: after an interrupted join, CPython 3.11 may return at once.
+            finished[position].wait(options.timeout)
     finally:
         connections.close_all()
     return ReplayResult(str(options.target), options.mode, options.speed,
-                        [r for r in results if r is not None])
+                        [r for r in results if r is not None], interrupted)

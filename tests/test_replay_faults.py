@@ -4,6 +4,8 @@ the results so far. The fake servers listen on 127.0.0.1:0 and stop with the tes
 from __future__ import annotations
 
 import io
+import os
+import signal
 import json
 import socket
 import threading
@@ -170,3 +172,24 @@ def test_usage_errors_are_plain(capture: Path) -> None:
     err = io.StringIO()
     assert main([str(capture), "--target", "ftp://127.0.0.1/"], out=io.StringIO(), err=err) == 2
     assert err.getvalue() == "bits-replay: --target must be an http:// or https:// URL, not 'ftp://127.0.0.1/'\n"
+
+
+def test_ctrl_c_stops_the_replay_and_keeps_the_results_so_far(tmp_path: Path) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(3000, 2), 1000, start_ms=0, step_ms=2000)  # 2 s between packets
+    out, err = io.StringIO(), io.StringIO()
+    with FakeServer(never_answer) as fake:
+        # A real SIGINT, as Ctrl-C sends: it also wakes the main thread's blocking waits.
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        code = main([str(conv.write(tmp_path / "slow.pcap")), "--target", fake.url, "--json"],
+                    out=out, err=err)
+        timer.join()
+    report = json.loads(out.getvalue())
+    assert code == 130 and report["interrupted"]
+    assert err.getvalue() == "bits-replay: interrupted; the results so far follow\n"
+    fault, packets = fault_of(report)
+    # The Ping was answered; the Create, 2 s later in the capture, never left.
+    assert [(p["label"], p["sent"]) for p in packets] == [("Ping", True), ("Create-Session", False)]
+    assert packets[0]["live"]["status"] == 200
+    assert fault == packets[1]["fault"] == "interrupted before this request"
