@@ -128,10 +128,9 @@ class Decoder:
 
     def decode(self, frame: Frame) -> Segment | None:
         self.stats["frames"] += 1
-        data = frame.data
+        number, ts_ns, link_type, data, orig_len = frame  # one unpack: attribute reads cost more
         if type(data) is not memoryview:
             data = memoryview(data)
-        link_type = frame.link_type
         # Fast path for the shape of nearly every frame: Ethernet, IPv4 without options, not a
         # fragment, TCP with a sane header. Anything else (or anything odd) takes the general
         # path below, which decides and reports exactly.
@@ -140,7 +139,7 @@ class Decoder:
             ethertype, version_ihl, total, fragment, protocol, src, dst = _unpack_ether_ipv4(data, 0)
             end = 14 + total
             if (ethertype == _ETHERTYPE_IPV4 and version_ihl == 0x45 and protocol == _PROTO_TCP
-                    and not fragment & 0x3FFF and 40 <= total and end <= frame.orig_len):
+                    and not fragment & 0x3FFF and 40 <= total and end <= orig_len):
                 sport, dport, seq, ack, data_offset, flags, window = _unpack_tcp(data, 34)
                 start = 34 + (data_offset >> 4) * 4
                 if captured > end:
@@ -149,8 +148,8 @@ class Decoder:
                     self.stats["tcp"] += 1
                     if end > captured:
                         self.stats["cut_segments"] += 1
-                    return _new_segment((frame.number, frame.ts_ns, src, sport, dst, dport, seq, ack, flags,
-                                         window, data[start:captured], end - captured))
+                    return _new_segment((number, ts_ns, src, sport, dst, dport, seq, ack, flags, window,
+                                         data[start:captured], end - captured))
         try:
             if link_type == LINKTYPE_ETHERNET:
                 offset = 14

@@ -48,6 +48,12 @@ _BLOCK_END = re.compile(rb"\n\r?\n")  # the empty line ending a header or traile
 _CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r?\n")
 _DIGITS = re.compile(r"[0-9]+")
 _NO_BODY_STATUS = frozenset({204, 304})
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
+
+
+def _raw(line: str) -> str:
+    """A header line as the bytes repr the error messages show (`b'...'`, first 80 bytes)."""
+    return repr(line[:80].encode("latin-1"))
 
 
 class Headers:
@@ -372,25 +378,27 @@ class HttpParser:
 
     def _parse_fields(self, block: bytes, events: list) -> Headers:
         fields: list[tuple[str, str]] = []
-        for raw in block.split(b"\n"):
-            line = raw[:-1] if raw.endswith(b"\r") else raw
+        # One latin-1 decode for the block (byte for character, so it splits the same); strip
+        # only ASCII whitespace, as bytes.strip() would (str.strip() also takes \xa0, \x85...).
+        for line in block.decode("latin-1").split("\n"):
+            if line.endswith("\r"):
+                line = line[:-1]
             if not line:
                 continue
-            if line[0] in b" \t":  # obs-fold: a continuation of the previous value
+            if line[0] in " \t":  # obs-fold: a continuation of the previous value
                 if fields:
                     name, value = fields[-1]
-                    fields[-1] = (name, f"{value} {line.strip().decode('latin-1')}".strip())
+                    fields[-1] = (name, f"{value} {line.strip(_ASCII_SPACE)}".strip())
                     continue
-                events.append(ParseError(f"continuation line without a field: {line[:80]!r}",
+                events.append(ParseError(f"continuation line without a field: {_raw(line)}",
                                          self._first[2], self._frame))
                 continue
-            colon = line.find(b":")
+            colon = line.find(":")
             if colon <= 0:
-                events.append(ParseError(f"malformed header line: {line[:80]!r}",
+                events.append(ParseError(f"malformed header line: {_raw(line)}",
                                          self._first[2], self._frame))
                 continue
-            fields.append((line[:colon].rstrip().decode("latin-1"),
-                           line[colon + 1:].strip(b" \t").decode("latin-1")))
+            fields.append((line[:colon].rstrip(_ASCII_SPACE), line[colon + 1:].strip(" \t")))
         return Headers(fields)
 
     def _head_complete(self, events: list) -> None:
