@@ -29,7 +29,7 @@ from typing import Iterator, Sequence, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from analyzer.bits.protocol import Header, format_hresult
+from analyzer.bits.protocol import format_hresult
 from replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
 from replay.send import (
     MODES,
