@@ -17,6 +17,11 @@ Tools:
             COPY is the capture with `BITS_POST /` rewritten to the same-length `PROPPATCH /`
             (as tests/test_oracle.py does), so tshark parses every request and reassembles every
             body, the same work bits-analyze does. The copy is made once, outside the timing.
+
+Then `bits-replay --speed 0` sends the sessions of small.pcap to a `bits-server` on 127.0.0.1
+(its own process, port 0, a scratch root), at --concurrency 1, 2 and 4, and the table gives the
+fragment bytes sent per second of sending (first session start to last session end, from
+bits-replay's JSON, so reading the capture is not counted). --skip replay leaves it out.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ ROOT = HERE.parent
 DATA = HERE / "data"
 DEFAULT_CAPTURES = ("small", "large", "many")
 TOOLS = ("read", "analyze", "extract", "tshark")
+REPLAY_CONCURRENCY = (1, 2, 4)
 TSHARK_OPTIONS = ["-o", "tcp.desegment_tcp_streams:TRUE", "-o", "http.desegment_headers:TRUE",
                   "-o", "http.desegment_body:TRUE"]
 REWRITE = (b"BITS_POST /", b"PROPPATCH /")
+GNU_TIME = "/usr/bin/time"
 
 
 @dataclass
@@ -54,19 +61,22 @@ class Measurement:
 
 
 def run_once(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one run of `command`, its output thrown away."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    errors = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
+    """Wall seconds and peak RSS (bytes) of one run of `command`, its output thrown away.
+
+    The command runs under GNU time (`-f %M`, peak RSS of that process alone): Linux carries a
+    parent's peak RSS across fork and exec, so wait4() on a child of this Python process would
+    report at least this process's own peak.
+    """
+    with tempfile.NamedTemporaryFile("r") as rss_file:
+        started = time.perf_counter()
+        done = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss_file.name, *command], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        elapsed = time.perf_counter() - started
+        peak_kib = int(rss_file.read().split()[-1])
     # bits-analyze exits 3 for an incomplete capture, which is still a full run
-    if process.returncode not in (0, 3):
-        raise RuntimeError(f"{command[0]} exited {process.returncode}:\n{errors[-2000:]}")
-    return elapsed, usage.ru_maxrss * 1024
+    if done.returncode not in (0, 3):
+        raise RuntimeError(f"{command[0]} exited {done.returncode}:\n{done.stderr.decode(errors='replace')[-2000:]}")
+    return elapsed, peak_kib * 1024
 
 
 def rewritten_copy(capture: Path, directory: Path) -> Path:
@@ -136,12 +146,44 @@ def table(capture: Path, frames: int, results: dict[str, Measurement]) -> list[s
     return lines
 
 
+def replay(capture: Path, runs: int, scratch: Path) -> dict[int, list[float]]:
+    """Fragment MB/s of `bits-replay --speed 0` against bits-server, per concurrency."""
+    bin_dir = ROOT / ".venv" / "bin"
+    server = subprocess.Popen([str(bin_dir / "bits-server"), "--root", str(scratch / "root"), "--host", "127.0.0.1",
+                               "--port", "0", "--quiet"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    results: dict[int, list[float]] = {n: [] for n in REPLAY_CONCURRENCY}
+    try:
+        url = server.stdout.readline().rsplit(" ", 1)[-1].strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(f"bits-server did not start: {url!r}")
+        for round_number in range(1, runs + 1):
+            for concurrency in REPLAY_CONCURRENCY:
+                done = subprocess.run([str(bin_dir / "bits-replay"), str(capture), "--target", url, "--speed", "0",
+                                       "--concurrency", str(concurrency), "--no-progress", "--json"],
+                                      stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
+                report = json.loads(done.stdout)
+                sessions = report["sessions"]
+                if report["summary"]["faults"]:
+                    raise RuntimeError(f"bits-replay reported faults: {report['summary']}")
+                span = max(s["ended_s"] for s in sessions) - min(s["started_s"] for s in sessions)
+                rate = report["summary"]["bytes_sent"] / span / 1e6
+                results[concurrency].append(rate)
+                print(f"  replay round {round_number}: concurrency {concurrency} {rate:.0f} MB/s",
+                      file=sys.stderr, flush=True)
+                shutil.rmtree(scratch / "root" / "uploads", ignore_errors=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("captures", nargs="*", type=Path,
                         help="captures to measure (default: small, large and many from bench/data)")
     parser.add_argument("--runs", type=int, default=3, help="rounds per capture (default 3)")
-    parser.add_argument("--skip", nargs="+", choices=TOOLS, default=[], help="tools to leave out")
+    parser.add_argument("--skip", nargs="+", choices=(*TOOLS, "replay"), default=[], help="tools to leave out")
     parser.add_argument("--json", type=Path, help="also write the raw figures to this file")
     args = parser.parse_args(argv)
     captures = args.captures or [DATA / f"{name}.pcap" for name in DEFAULT_CAPTURES
@@ -149,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if not captures:
         parser.exit(2, "bench/run.py: no captures; make them first: sudo .venv/bin/python "
                        "bench/make_captures.py\n")
+    if not os.access(GNU_TIME, os.X_OK):
+        parser.exit(2, f"bench/run.py: needs GNU time at {GNU_TIME} (Debian package: time)\n")
     tools = [tool for tool in TOOLS if tool not in args.skip]
     if "tshark" in tools and shutil.which("tshark") is None:
         print("bench/run.py: tshark not found; leaving it out", file=sys.stderr)
@@ -164,8 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         raw[capture.name] = {"bytes": capture.stat().st_size, "frames": frames,
                              **{tool: {"seconds": m.seconds, "peak_rss": m.peak_rss}
                                 for tool, m in results.items()}}
+    replay_source = DATA / "small.pcap"
+    if "replay" not in args.skip and replay_source.is_file():
+        with tempfile.TemporaryDirectory(prefix="bits-bench-replay-", dir=DATA) as scratch:
+            rates = replay(replay_source, args.runs, Path(scratch))
+        report.append(f"bits-replay --speed 0 of {replay_source.name} against bits-server on 127.0.0.1 "
+                      f"(fragment MB/s while sending)")
+        for concurrency, values in rates.items():
+            report.append(f"  --concurrency {concurrency}: median {statistics.median(values):,.0f} MB/s  "
+                          f"(runs: {' '.join(f'{v:.0f}' for v in values)})")
+        report.append("")
+        raw["replay"] = {str(n): v for n, v in rates.items()}
     print("\n".join(report))
-    print("peak RSS: ru_maxrss of the process; tshark/x: how many times faster than tshark; "
+    print("peak RSS: of the process alone (GNU time %M); tshark/x: how many times faster than tshark; "
           "x/read: how many times the plain read's time")
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2) + "\n")
