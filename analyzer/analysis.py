@@ -21,6 +21,11 @@ class Analysis:
     def problems(self) -> list[Problem]:
         return self.run.problems
 
+    @property
+    def complete(self) -> bool:
+        """Every capture read to its end and every extracted file written."""
+        return self.run.complete and not any(p.kind.startswith("extract-") for p in self.problems)
+
 
 def analyze(
     sources: Iterable[str | os.PathLike | BinaryIO],

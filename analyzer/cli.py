@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
 from typing import Iterator, Sequence, TextIO
 
 from analyzer import __version__
-from analyzer.pipeline import ProgressHook, RunResult, read_exchanges
+from analyzer.pipeline import ProgressHook, read_exchanges
+from analyzer.problems import Problem
 from analyzer.report.json import SEVERITY_ORDER as SEVERITIES
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave out anomalies below this severity (default: info, i.e. all)")
     sel.add_argument("--fail-on", choices=("error", "warning"),
                      help="exit with status 1 when an anomaly of this severity or worse is found")
-    sel.add_argument("--stall-after", type=float, metavar="SECONDS", default=None,
+    sel.add_argument("--stall-after", type=_positive_seconds, metavar="SECONDS", default=None,
                      help="flag 'stalled' after this long without progress (default 300)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour in the text report (auto: only on a terminal)")
@@ -69,8 +72,8 @@ def progress_bar(enabled: bool) -> Iterator[ProgressHook | None]:
         yield hook
 
 
-def report_problems(result: RunResult, err: TextIO) -> None:
-    for problem in result.problems:
+def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
+    for problem in problems:
         print(f"bits-analyze: {problem}", file=err)
 
 
@@ -93,7 +96,7 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     with progress_bar(not args.no_progress) as hook:
         result = read_exchanges(_sources(args.captures, current), emit, progress=tracking)
-    report_problems(result, err)
+    report_problems(result.problems, err)
     return EXIT_OK if result.complete else EXIT_INCOMPLETE
 
 
@@ -106,33 +109,47 @@ def _sources(paths: Sequence[str], current: dict[str, str]) -> Iterator[str]:
 def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from analyzer.analysis import analyze
     from analyzer.report import render_html, render_text
-    from analyzer.report.json import (build_report, jsonl_records, severity_at_least, write_json,
-                                      write_jsonl)
+    from analyzer.report.json import (build_report, filter_report, jsonl_records, severity_at_least,
+                                      write_json, write_jsonl)
 
-    with progress_bar(not args.no_progress) as hook:
-        analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
-                           stall_after_s=args.stall_after)
-    report = build_report(analysis, session_filter=args.session)
-    filtered = build_report(analysis, session_filter=args.session, min_severity=args.min_severity)
-    if args.json:
-        with _output(args.json, out) as stream:
-            write_json(filtered, stream)
-    if args.jsonl:
-        with _output(args.jsonl, out) as stream:
-            write_jsonl(jsonl_records(filtered), stream)
-    if args.html:
-        with open(args.html, "w", encoding="utf-8") as stream:
-            stream.write(render_html(filtered))
+    # Every output is opened before the analysis, so a bad path costs nothing but a message.
+    with contextlib.ExitStack() as outputs:
+        try:
+            json_out = outputs.enter_context(_output(args.json, out)) if args.json else None
+            jsonl_out = outputs.enter_context(_output(args.jsonl, out)) if args.jsonl else None
+            html_out = outputs.enter_context(_output(args.html, out)) if args.html else None
+            if args.extract:
+                os.makedirs(args.extract, exist_ok=True)
+        except OSError as error:
+            print(f"bits-analyze: cannot write {error.filename}: {error.strerror}", file=err)
+            return EXIT_USAGE
+        with progress_bar(not args.no_progress) as hook:
+            analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
+                               stall_after_s=args.stall_after)
+        report = build_report(analysis, session_filter=args.session)
+        if args.session and not report["sessions"]:
+            print(f"bits-analyze: no session {args.session} in the capture", file=err)
+            return EXIT_USAGE
+        filtered = filter_report(report, args.min_severity)
+        if json_out:
+            write_json(filtered, json_out)
+        if jsonl_out:
+            write_jsonl(jsonl_records(filtered), jsonl_out)
+        if html_out:
+            html_out.write(render_html(filtered))
+    text_on_terminal = False
     if "-" not in (args.json, args.jsonl):
-        color = out.isatty() if args.color == "auto" else args.color == "always"
+        text_on_terminal = out.isatty()
+        color = text_on_terminal if args.color == "auto" else args.color == "always"
         render_text(report, out, min_severity=args.min_severity, color=color)
-    report_problems(analysis.run, err)
+    if not text_on_terminal:  # on a terminal the report's own problems table says it
+        report_problems(analysis.problems, err)
     if args.fail_on:
         found = [a["severity"] for s in report["sessions"] for a in s["anomalies"]]
         found += [a["severity"] for a in report["anomalies"]]
         if any(severity_at_least(severity, args.fail_on) for severity in found):
             return EXIT_FAIL_ON
-    return EXIT_OK if analysis.run.complete else EXIT_INCOMPLETE
+    return EXIT_OK if analysis.complete else EXIT_INCOMPLETE
 
 
 @contextlib.contextmanager
@@ -144,15 +161,26 @@ def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
         yield stream
 
 
+def _positive_seconds(value: str) -> float:
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"needs a number of seconds above 0, not {value!r}")
+    return seconds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json == "-" and args.jsonl == "-":
+        parser.error("--json - and --jsonl - would interleave on standard output: send one to a file")
     try:
         if args.http:
             return run_http(args, sys.stdout, sys.stderr)
         return run_report(args, sys.stdout, sys.stderr)
     except BrokenPipeError:
-        # `bits-analyze --http x.pcap | head` is normal use, not an error.
-        sys.stderr.close()
+        # `bits-analyze x.pcap | head` is normal use, not an error; nothing more can be written,
+        # and Python's own flush at exit must not fail either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except KeyboardInterrupt:
         return 130

@@ -4,8 +4,10 @@
 request parser (client→server) and one response parser (server→client), tells the response
 parser each request's method in order, and pairs final responses with requests first in,
 first out (HTTP/1.1 answers in request order). Body bytes stream through `on_body` in blocks
-of BODY_BLOCK (the last one at the message's end, before its exchange is emitted); only lengths
-and SHA-256 digests are kept.
+of BODY_BLOCK (the last one at the message's end, before its exchange is emitted), each with
+its offset in the body: bytes lost in a capture gap are skipped, never shifted into, so a block
+after a gap lies where it belongs (a block never spans a gap). Only lengths and SHA-256 digests
+are kept.
 
 An Exchange is emitted when its response has ended and its request has ended too (a server
 may answer before the request body is complete). At connection close, requests still
@@ -29,9 +31,9 @@ import hashlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from analyzer.clock import iso
 from analyzer.decode import format_addr
 from analyzer.http import (
     BodyChunk,
@@ -101,7 +103,7 @@ class _Pending:
 class _Direction:
     """Parsing state of one direction of one connection."""
 
-    __slots__ = ("parser", "current", "message", "digest", "unsent", "mark_next")
+    __slots__ = ("parser", "current", "message", "digest", "unsent", "unsent_offset", "mark_next")
 
     def __init__(self, parser: HttpParser) -> None:
         self.parser = parser
@@ -109,6 +111,7 @@ class _Direction:
         self.message: HttpMessage | None = None  # the message being parsed
         self.digest: Any = None  # hashlib sha256 of its body so far
         self.unsent = bytearray()  # body bytes not yet handed to on_body
+        self.unsent_offset = 0  # where in the body they begin
         self.mark_next: set[str] = set()  # flags for the next message in this direction
 
 
@@ -127,7 +130,7 @@ class ExchangeAssembler:
     """A StreamSink turning both directions of each connection into Exchange records."""
 
     def __init__(self, on_exchange: Callable[[Exchange], None],
-                 on_body: Callable[[Connection, HttpMessage, memoryview | bytes], None] | None = None,
+                 on_body: Callable[[Connection, HttpMessage, memoryview | bytes, int], None] | None = None,
                  first_index: int = 0) -> None:
         """`first_index`: the index of the first Exchange (to number on across capture files,
         pass the previous assembler's `next_index`)."""
@@ -155,7 +158,11 @@ class ExchangeAssembler:
     def on_gap(self, conn: Connection, direction: int, size: int, frame: int, ts_ns: int) -> None:
         self._mark(conn, direction, "gap")
         side = self._state(conn).directions[direction]
+        if side.unsent:
+            self._send_body(conn, side)
         self._handle(conn, direction, side.parser.gap(size, frame, ts_ns))
+        if side.message is not None:  # the parser kept its place in the body
+            side.unsent_offset = side.parser.body_offset
         if not side.parser.in_message:  # whole messages may have been lost: pairing is suspect
             side.mark_next.add("gap")
 
@@ -250,12 +257,14 @@ class ExchangeAssembler:
 
     def _send_body(self, conn: Connection, side: _Direction) -> None:
         block, side.unsent = side.unsent, bytearray()  # the consumer may keep the block
-        self._on_body(conn, side.message, block)
+        self._on_body(conn, side.message, block, side.unsent_offset)
+        side.unsent_offset += len(block)
 
     def _start(self, side: _Direction, pending: _Pending, message: HttpMessage) -> None:
         side.current = pending
         side.message = message
         side.digest = hashlib.sha256()
+        side.unsent_offset = 0
         pending.flags |= side.mark_next
         side.mark_next = set()
 
@@ -322,12 +331,6 @@ class ExchangeAssembler:
             self.problems.append(problem)
 
 
-def _time(ts_ns: int) -> str:
-    seconds, nanoseconds = divmod(ts_ns, 1_000_000_000)
-    moment = datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanoseconds // 1000)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _endpoint(address: tuple[bytes, int]) -> str:
     host, port = address
     text = format_addr(host)
@@ -349,9 +352,9 @@ def message_to_json(message: HttpMessage) -> dict[str, Any]:
         stream_offset=message.stream_offset,
         first_frame=message.first_frame,
         last_frame=message.last_frame,
-        first_time=_time(message.first_ts_ns),
+        first_time=iso(message.first_ts_ns),
         first_epoch=message.first_ts_ns / 1e9,
-        last_time=_time(message.last_ts_ns),
+        last_time=iso(message.last_ts_ns),
         last_epoch=message.last_ts_ns / 1e9,
     )
     return record

@@ -46,7 +46,7 @@ _KNOWN_METHODS = (b"BITS_POST", b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"C
 _LF = re.compile(rb"\n")
 _BLOCK_END = re.compile(rb"\n\r?\n")  # the empty line ending a header or trailer block
 _CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r?\n")
-_DIGITS = re.compile(r"[0-9]+")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # bounded: int() refuses over 4,300 digits
 _NO_BODY_STATUS = frozenset({204, 304})
 _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
 
@@ -187,6 +187,12 @@ class HttpParser:
         """Stream offset of the message being read (head or body), None between messages."""
         return None if self._state in (self._idle, self._resync) else self._first[2]
 
+    @property
+    def body_offset(self) -> int:
+        """Offset within the current message's (de-chunked) body of the next body byte, bytes
+        lost in gaps included: where the next BodyChunk lies in the body."""
+        return self._body_length + self._body_skipped
+
     def expect_response_to(self, method: str) -> None:
         """(response role) The next final response answers a request with `method`."""
         self._pending_methods.append(method)
@@ -227,11 +233,13 @@ class HttpParser:
         state = self._state
         if state in (self._in_body, self._in_chunk_data) and size < self._remaining:
             self._remaining -= size
+            self._body_skipped += size
             self._partial = True
         elif state == self._in_body and size == self._remaining:
             self._partial = True
             self._end_message(events)
         elif state == self._until_close:
+            self._body_skipped += size
             self._partial = True
         else:
             if self._head_seen:
@@ -267,6 +275,7 @@ class HttpParser:
         self._head_seen = False
         self._partial = False
         self._body_length = 0
+        self._body_skipped = 0  # body bytes lost in gaps
         self._remaining = 0
         self._first = (self._frame, self._ts, self._base)  # frame, ts, offset of first byte
         self._last = (self._frame, self._ts)  # frame, ts of the last byte so far

@@ -157,9 +157,11 @@ DEFAULT_SESSION_TIMEOUT = 1_209_600  # seconds, BITSSessionTimeout
 
 # --- value syntax -----------------------------------------------------------------------------
 _GUID = re.compile(r"\{[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\}")
-_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+)\s*", re.IGNORECASE)
+# Digit counts are bounded: a 5,000-digit number from a hostile capture is malformed, not a
+# ValueError from int() (Python caps str-to-int conversions at 4,300 digits).
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d{1,20})-(\d{1,20})/(\d{1,20})\s*", re.IGNORECASE)
 _HRESULT = re.compile(r"\s*(?:0?[xX])?([0-9a-fA-F]{1,8})\s*")
-_DECIMAL = re.compile(r"\s*(\d+)\s*")
+_DECIMAL = re.compile(r"\s*(\d{1,20})\s*")
 
 
 def is_guid(value: str) -> bool:

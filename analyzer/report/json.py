@@ -6,12 +6,12 @@ model; `session_filter` and `min_severity` are applied here, once, for all forma
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import IO, Any, Iterable, Iterator
 
 from analyzer import __version__
 from analyzer.analysis import Analysis
+from analyzer.clock import epoch, iso
 from analyzer.bits import protocol as p
 from analyzer.bits.catalogue import CATALOGUE, Anomaly
 from analyzer.bits.packets import BitsPacket, Download, session_key
@@ -22,18 +22,6 @@ from analyzer.problems import Problem
 SCHEMA = "bitstrace.report"
 VERSION = 1
 SEVERITY_ORDER = ("error", "warning", "info")
-
-
-def iso(ts_ns: int | None) -> str | None:
-    if ts_ns is None:
-        return None
-    seconds, ns = divmod(ts_ns, 1_000_000_000)
-    moment = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(microsecond=ns // 1000)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def epoch(ts_ns: int | None) -> float | None:
-    return None if ts_ns is None else ts_ns / 1e9
 
 
 def _times(prefix: str, ts_ns: int | None) -> dict[str, Any]:
@@ -151,30 +139,20 @@ def download_record(item: Download) -> dict[str, Any]:
             "user_agent": item.user_agent, "frame": item.frame}
 
 
-def build_report(
-    analysis: Analysis,
-    *,
-    session_filter: str | None = None,
-    min_severity: str = "info",
-) -> dict[str, Any]:
+def build_report(analysis: Analysis, *, session_filter: str | None = None) -> dict[str, Any]:
     """The schema-v1 dict. `session_filter` keeps one session (id compared like the protocol)."""
-    def keep(item: Anomaly) -> bool:
-        return severity_at_least(item.severity.value, min_severity)
-
     wanted = session_key(session_filter) if session_filter else None
     sessions = [s for s in analysis.bits.sessions if wanted is None or s.key == wanted]
-    session_records = [session_record(s, [a for a in s.anomalies if keep(a)]) for s in sessions]
-    loose = [] if wanted else [a for a in analysis.bits.anomalies if keep(a)]
+    session_records = [session_record(s, s.anomalies) for s in sessions]
+    loose = [] if wanted else analysis.bits.anomalies
     counts = {severity: 0 for severity in SEVERITY_ORDER}
-    for record in session_records:
-        for item in record["anomalies"]:
-            counts[item["severity"]] += 1
-    for item in loose:
+    for item in [a for s in sessions for a in s.anomalies] + loose:
         counts[item.severity.value] += 1
     verdicts = [s.verdict.value for s in sessions]
     return {
         "schema": SCHEMA, "version": VERSION,
         "tool": {"name": "bits-analyze", "version": __version__},
+        "filter": {"session": session_filter, "min_severity": "info"},
         "captures": [capture_record(c) for c in analysis.run.captures],
         "problems": [problem_record(problem) for problem in analysis.problems],
         "summary": {
@@ -186,6 +164,23 @@ def build_report(
         "anomalies": [anomaly_record(a) for a in loose],
         "downloads": [] if wanted else [download_record(d) for d in analysis.bits.downloads],
     }
+
+
+def filter_report(report: dict[str, Any], min_severity: str) -> dict[str, Any]:
+    """The report with anomalies below `min_severity` left out of the lists; the summary still
+    counts every anomaly, so it reads the same in every format."""
+    def keep(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [a for a in items if severity_at_least(a["severity"], min_severity)]
+
+    sessions = []
+    for session in report["sessions"]:
+        anomalies = keep(session["anomalies"])
+        codes = {a["code"] for a in anomalies}
+        packets = [{**pkt, "anomalies": [c for c in pkt["anomalies"] if c in codes]}
+                   for pkt in session["packets"]]
+        sessions.append({**session, "anomalies": anomalies, "packets": packets})
+    return {**report, "filter": {**report["filter"], "min_severity": min_severity},
+            "sessions": sessions, "anomalies": keep(report["anomalies"])}
 
 
 def write_json(report: dict[str, Any], out: IO[str]) -> None:

@@ -203,7 +203,10 @@ class Clock:
 
     @staticmethod
     def _utc(ts: float) -> dt.datetime:
-        return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+        try:
+            return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+        except (OverflowError, OSError, ValueError):  # a capture's clock can be anything
+            return dt.datetime.max.replace(tzinfo=dt.timezone.utc) if ts > 0 else dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
     def time(self, ts: float | None) -> str:
         if ts is None:

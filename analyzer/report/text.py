@@ -85,11 +85,19 @@ def render_text(report: dict, console_or_file: Console | IO[str], *, min_severit
         console.print()
 
 
+class _CallerDecidesConsole(Console):
+    """rich ends the process (exit 1) when the reader closes the pipe; a renderer leaves that to
+    its caller: `bits-analyze x.pcap | head` is normal use."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def _console(target: Console | IO[str], color: bool) -> Console:
     if isinstance(target, Console):
         return target
     tty = bool(getattr(target, "isatty", lambda: False)())
-    return Console(file=target, width=None if tty else LOG_WIDTH, force_terminal=color,
+    return _CallerDecidesConsole(file=target, width=None if tty else LOG_WIDTH, force_terminal=color,
                    color_system=("auto" if tty else "standard") if color else None, no_color=not color,
                    highlight=False, markup=False, emoji=False, soft_wrap=False, legacy_windows=False)
 

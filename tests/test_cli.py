@@ -1,0 +1,155 @@
+"""bits-analyze from the outside: hostile captures and bad arguments give a message and an exit
+status, never a traceback; outputs are checked before the analysis runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+import craft
+
+ROOT = Path(__file__).resolve().parent.parent
+CLEAN = ROOT / "captures" / "clean-multi-fragment.pcap"
+GUID = "{7df0354d-249b-430f-820d-3d2a9bef4931}"
+
+
+def bits_analyze(*args: str | os.PathLike, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analyzer.cli", *map(str, args)], input=stdin,
+                          capture_output=True, cwd=ROOT, timeout=120)
+
+
+def http_conversation(request: bytes, response: bytes, start_ns: int = 1_700_000_000 * 10**9) -> list:
+    """A handshake, one request and one response between 10.0.0.1:50000 and 10.0.0.2:80."""
+    def seg(src: str, dst: str, sport: int, dport: int, flags: str, seq: int, ack: int, data: bytes = b""):
+        return Ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack) / data
+
+    c, s = ("10.0.0.1", "10.0.0.2")
+    packets = [
+        seg(c, s, 50000, 80, "S", 100, 0),
+        seg(s, c, 80, 50000, "SA", 500, 101),
+        seg(c, s, 50000, 80, "A", 101, 501),
+        seg(c, s, 50000, 80, "PA", 101, 501, request),
+        seg(s, c, 80, 50000, "PA", 501, 101 + len(request), response),
+    ]
+    return [(start_ns + i * 1000, p) for i, p in enumerate(packets)]
+
+
+def write_pcap(path: Path, records: list) -> Path:
+    path.write_bytes(craft.pcap_bytes(records))
+    return path
+
+
+def test_hostile_numbers_are_malformed_not_fatal(tmp_path: Path) -> None:
+    huge = "9" * 5000
+    request = (f"BITS_POST /up/x.bin HTTP/1.1\r\nBITS-Packet-Type: Fragment\r\n"
+               f"BITS-Session-Id: {{A0FF5911-4144-45B3-BF27-27AFC8EC8A67}}\r\n"
+               f"Content-Range: bytes 0-{huge}/{huge}\r\nContent-Length: {huge}\r\n\r\n").encode()
+    response = (f"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nBITS-Received-Content-Range: {huge}\r\n"
+                f"Content-Length: 0\r\n\r\n").encode()
+    capture = write_pcap(tmp_path / "huge.pcap", http_conversation(request, response))
+    run = bits_analyze("--json", "-", capture)
+    assert b"Traceback" not in run.stderr, run.stderr.decode()
+    report = json.loads(run.stdout)
+    assert report["summary"]["http_exchanges"] == 1
+    assert run.returncode == 0
+
+
+def test_far_future_pcapng_timestamps_are_shown_not_fatal(tmp_path: Path) -> None:
+    request = (f"BITS_POST /up/x.bin HTTP/1.1\r\nBITS-Packet-Type: Create-Session\r\n"
+               f"BITS-Supported-Protocols: {GUID}\r\nContent-Length: 0\r\n\r\n").encode()
+    response = b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nContent-Length: 0\r\n\r\n"
+    blocks = [craft.shb(), craft.idb(1, tsoffset=2**62)]
+    blocks += [craft.epb(0, i, packet) for i, (_, packet) in enumerate(http_conversation(request, response))]
+    capture = tmp_path / "future.pcapng"
+    capture.write_bytes(b"".join(blocks))
+    for args in (["--json", "-"], ["--http"], []):
+        run = bits_analyze(*args, capture)
+        assert b"Traceback" not in run.stderr, (args, run.stderr.decode())
+        assert run.returncode == 0, (args, run.stderr.decode())
+    http = json.loads(bits_analyze("--http", capture).stdout.splitlines()[0])
+    assert http["request"]["first_time"].startswith("@")  # beyond datetime: seconds since the epoch
+
+
+def test_outputs_are_checked_before_the_analysis(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for args in (["--extract", blocker], ["--html", tmp_path / "missing" / "r.html"],
+                 ["--json", tmp_path / "missing" / "r.json"]):
+        run = bits_analyze(*args, CLEAN)
+        assert run.returncode == 2, args
+        assert run.stderr.decode().startswith("bits-analyze: cannot write"), run.stderr.decode()
+        assert run.stdout == b""  # nothing analysed, nothing half-written
+
+
+@pytest.mark.parametrize("args", [["--json", "-", "--jsonl", "-"], ["--stall-after", "nan"],
+                                  ["--stall-after", "-5"]])
+def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
+    run = bits_analyze(*args, CLEAN)
+    assert run.returncode == 2 and b"Traceback" not in run.stderr
+    assert b"error:" in run.stderr
+
+
+def test_unknown_session_is_said() -> None:
+    run = bits_analyze("--session", "{00000000-0000-0000-0000-000000000000}", CLEAN)
+    assert run.returncode == 2
+    assert b"no session {00000000-0000-0000-0000-000000000000}" in run.stderr
+
+
+def test_closed_pipe_is_normal_use() -> None:
+    for args in ([], ["--http"], ["--json", "-"]):
+        proc = subprocess.Popen([sys.executable, "-m", "analyzer.cli", *args, str(CLEAN)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.read(10)
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (args, err.decode())
+        assert b"Traceback" not in err and b"Exception ignored" not in err
+
+
+def test_min_severity_cuts_lists_but_not_the_summary() -> None:
+    capture = ROOT / "captures" / "gap.pcap"
+    full = json.loads(bits_analyze("--json", "-", capture).stdout)
+    errors_only = json.loads(bits_analyze("--json", "-", "--min-severity", "error", capture).stdout)
+    severities = [a["severity"] for s in full["sessions"] for a in s["anomalies"]]
+    assert "info" in severities and "error" in severities  # the capture has both
+    kept = [a["severity"] for s in errors_only["sessions"] for a in s["anomalies"]]
+    assert kept == [s for s in severities if s == "error"]
+    assert errors_only["summary"] == full["summary"]
+    assert errors_only["filter"]["min_severity"] == "error"
+
+
+def test_stdin_and_incomplete_input_exit_status(tmp_path: Path) -> None:
+    data = CLEAN.read_bytes()
+    whole = bits_analyze("--json", "-", "-", stdin=data)
+    assert whole.returncode == 0
+    assert json.loads(whole.stdout)["summary"]["delivered"] == 1
+    cut = bits_analyze("--json", "-", "-", stdin=data[: len(data) // 2 + 7])
+    assert cut.returncode == 3
+    report = json.loads(cut.stdout)
+    assert report["captures"][0]["complete"] is False
+    assert any(p["fatal"] and p["frame"] for p in report["problems"])
+    assert b"<stdin>" in cut.stderr
+
+
+def test_failed_extraction_says_incomplete(tmp_path: Path) -> None:
+    """A full disk while extracting: the report still comes, the exit status says incomplete."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tiny tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        run = bits_analyze("--extract", mount, "--json", "-", CLEAN)
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+    assert run.returncode == 3, run.stderr.decode()
+    report = json.loads(run.stdout)
+    assert any(p["kind"].startswith("extract-") for p in report["problems"])
+    assert report["summary"]["sessions"] == 1
