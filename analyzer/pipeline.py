@@ -19,7 +19,7 @@ from analyzer.problems import Problem
 from analyzer.tcp import Connection, TcpReassembler
 
 ExchangeConsumer = Callable[[Exchange], None]
-BodyConsumer = Callable[[Connection, HttpMessage, "bytes | memoryview"], None]
+BodyConsumer = Callable[[Connection, HttpMessage, "bytes | memoryview", int], None]  # chunk, body offset
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)
 
 

@@ -208,7 +208,10 @@ class _Planner:
         self.requests: list[PlannedRequest] = []
         self.strings: dict[tuple[str, str], tuple[str, str]] = {}
 
-    def on_body(self, connection: Connection, head: HttpMessage, chunk: bytes | memoryview) -> None:
+    def on_body(self, connection: Connection, head: HttpMessage, chunk: bytes | memoryview,
+                body_offset: int) -> None:
+        """Spools the bytes as seen: a body with bytes lost in a gap is partial, so never
+        replayed as complete, and `body_offset` is not needed to place them."""
         if not head.is_request or head.method != METHOD:
             return
         entry = self.bodies.setdefault((connection.id, head.stream_offset), _SpoolingBody())

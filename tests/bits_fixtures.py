@@ -85,7 +85,7 @@ class Wire:
             if self.extractor is not None and body:
                 step = max(1, -(-len(body) // chunks))
                 for at in range(0, len(body), step):
-                    self.extractor.on_body(conn, request, memoryview(body)[at:at + step])
+                    self.extractor.on_body(conn, request, memoryview(body)[at:at + step], at)
             if len(body) > 1400:
                 request.last_frame = self._next_frame()
         response = None

@@ -34,17 +34,19 @@ def connection(id: int = 0, handshake_seen: bool = True,
 @dataclass
 class Recorder:
     exchanges: list[Exchange] = field(default_factory=list)
-    bodies: dict[int, bytearray] = field(default_factory=dict)  # id(message) -> bytes seen
+    bodies: dict[int, bytearray] = field(default_factory=dict)  # id(message) -> body, holes zeroed
     body_owners: list[HttpMessage] = field(default_factory=list)
 
     def exchange(self, exchange: Exchange) -> None:
         self.exchanges.append(exchange)
 
-    def body(self, conn: Connection, message: HttpMessage, chunk: memoryview) -> None:
+    def body(self, conn: Connection, message: HttpMessage, chunk: memoryview, body_offset: int) -> None:
         if id(message) not in self.bodies:
             self.bodies[id(message)] = bytearray()
             self.body_owners.append(message)
-        self.bodies[id(message)] += chunk
+        body = self.bodies[id(message)]
+        assert body_offset >= len(body)  # blocks come in order and never overlap
+        body += bytes(body_offset - len(body)) + chunk
 
     def body_of(self, message: HttpMessage) -> bytes:
         return bytes(self.bodies.get(id(message), b""))
@@ -254,6 +256,26 @@ def test_bits_post_one_mebibyte_sha256() -> None:
     assert exchange.request.body_length == 1 << 20
     assert exchange.request.body_sha256 == sha(body)
     assert session.recorder.body_of(exchange.request) == body
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_blocks_after_a_gap_lie_at_their_body_offset(chunked: bool) -> None:
+    session = Session()
+    body = bytes(range(200)) * 50
+    if chunked:
+        head = b"BITS_POST /g HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n"
+        wire = head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    else:
+        head = post("/g", b"")[:-len(b"Content-Length: 0\r\n\r\n")] + b"Content-Length: %d\r\n\r\n" % len(body)
+        wire = head + body
+    start = wire.index(body)
+    session.send(CLIENT, wire[:start + 3000])
+    session.gap(CLIENT, 1000)
+    session.send(CLIENT, wire[start + 4000:])
+    session.send(SERVER, reply(200))
+    [exchange] = session.recorder.exchanges
+    assert exchange.request.partial and exchange.request.body_length == len(body) - 1000
+    assert session.recorder.body_of(exchange.request) == body[:3000] + bytes(1000) + body[4000:]
 
 
 def test_midstream_connection_starts_at_the_first_message() -> None:

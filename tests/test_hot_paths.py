@@ -85,9 +85,13 @@ def test_on_body_blocks_carry_every_body_byte_in_order() -> None:
     capture = CAPTURES / "clean-multi-fragment.pcap"
     bodies: dict[int, hashlib._Hash] = {}
     sizes: list[int] = []
+    lengths: dict[int, int] = {}
 
-    def on_body(conn, message, block) -> None:
-        bodies.setdefault(id(message), hashlib.sha256()).update(block)
+    def on_body(conn, message, block, body_offset) -> None:
+        digest = bodies.setdefault(id(message), hashlib.sha256())
+        assert body_offset == lengths.get(id(message), 0)  # no gaps: blocks follow each other
+        lengths[id(message)] = body_offset + len(block)
+        digest.update(block)
         sizes.append(len(block))
 
     messages = []

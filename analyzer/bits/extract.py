@@ -105,7 +105,6 @@ class _Inflight:
     frame: int
     ts_ns: int
     connection: int
-    received: int = 0
     # earlier copy's (frame, acknowledged) -> [first, end, first differing offset or -1] compared
     conflicts: dict[tuple[int, bool], list[int]] = field(default_factory=dict)
 
@@ -237,8 +236,9 @@ class Extractor:
         self._inflight: dict[tuple[int, int], _Inflight] = {}
         self.problems: list[Problem] = []
 
-    def on_body(self, connection: Any, message: Any, chunk: bytes | memoryview) -> None:
-        """ExchangeAssembler's on_body hook: one body chunk of `message`, in stream order."""
+    def on_body(self, connection: Any, message: Any, chunk: bytes | memoryview, body_offset: int) -> None:
+        """ExchangeAssembler's on_body hook: one body chunk of `message`, at `body_offset` in its body
+        (bytes lost in a capture gap are never written, so they stay missing, never acknowledged)."""
         if not message.is_request:
             return
         key = (connection.id, message.stream_offset)
@@ -248,8 +248,7 @@ class Extractor:
             if inflight is None:
                 return
         data = memoryview(chunk).cast("B")
-        pos = inflight.first + inflight.received
-        inflight.received += len(data)
+        pos = inflight.first + body_offset
         end = min(pos + len(data), inflight.last + 1)
         if pos >= end:
             return
