@@ -1,9 +1,11 @@
 """bits-replay: replay captured BITS upload sessions against a live server and compare answers.
 
-Exit status: 0 = done; 1 = differences found and --fail-on-diff given; 2 = usage error, no
-capture could be read, or no selected session found; 3 = a fault stopped some session early,
-or a capture could not be read to its end (the results so far are still reported);
-130 = interrupted (Ctrl-C) during the replay, the results so far reported.
+Exit status (the same scheme as bits-analyze and bits-server): 0 = done; 1 = differences found
+and --fail-on-diff given; 2 = usage error (bad option, unusable --target, a selected session
+not in the captures); 3 = a capture could not be read (to its end), or a fault stopped some
+session early (the results so far are still reported); 130 = interrupted (Ctrl-C), the results
+so far reported. Output cut short by the reader (`bits-replay --dry-run x.pcap | head`) is not
+an error: exit 0.
 
 `--json` writes one object, schema "bitstrace.replay" version 1 (fields only ever added):
 target, mode, speed, notes (what cannot be replayed), problems (capture reading), summary
@@ -23,12 +25,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
 from typing import Iterator, Sequence, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
+from analyzer import __version__
 from analyzer.bits.protocol import format_hresult
 from replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
 from replay.send import (
@@ -45,6 +50,8 @@ from replay.send import (
 )
 
 EXIT_OK, EXIT_DIFF, EXIT_USAGE, EXIT_FAULT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: Longest --timeout: socket timeouts beyond the platform's time_t overflow.
+MAX_TIMEOUT = 86400.0
 SCHEMA = "bitstrace.replay"
 SCHEMA_VERSION = 1
 
@@ -53,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bits-replay",
         description="Replay the BITS upload sessions of pcap/pcapng captures against a live "
-                    "server, and compare its answers with the captured ones.")
+                    "server, and compare its answers with the captured ones.",
+        epilog="Exit status: 0 ok, 1 differences (with --fail-on-diff), 2 usage error, "
+               "3 a capture could not be read or a fault stopped a session, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("captures", nargs="+", metavar="CAPTURE",
                         help="pcap or pcapng file (gzip or not); '-' reads standard input")
     parser.add_argument("--target", required=True, metavar="URL",
@@ -64,12 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="faithful",
                         help="faithful: send exactly the captured requests (default); adaptive: "
                              "behave like a real client (follow 416, recreate, shrink on 413)")
-    parser.add_argument("--speed", type=_non_negative, default=1.0, metavar="X",
-                        help="1 = the capture's own pacing, 2 = twice as fast, 0 = no waiting")
+    parser.add_argument("--speed", type=_speed, default=1.0, metavar="X",
+                        help="1 = the capture's own pacing, 2 = twice as fast, 0 = no waiting "
+                             "(default 1)")
     parser.add_argument("--concurrency", type=_positive_int, metavar="N",
                         help="at most N sessions in flight (default: as overlapped in the capture)")
-    parser.add_argument("--timeout", type=_positive, default=30.0, metavar="SECONDS",
-                        help="how long to wait for the server at any step (default 30)")
+    parser.add_argument("--timeout", type=_timeout, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the server at any step (default 30, at most "
+                             f"{MAX_TIMEOUT:g})")
     parser.add_argument("--auth", metavar="USER:PASS",
                         help="Basic credentials replacing the captured ones")
     parser.add_argument("--follow-host-id", action="store_true",
@@ -88,24 +100,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
+def _speed(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
+def _timeout(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most {MAX_TIMEOUT:g}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
     return value
 
 
@@ -299,6 +324,34 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
     try:
+        return _run(args, out, err)
+    except BrokenPipeError:
+        _discard_further_output(out)
+        return EXIT_OK
+
+
+def _discard_further_output(out: TextIO) -> None:
+    """The reader went away (`| head`): what is still buffered, and flushed at exit, goes to
+    /dev/null instead of raising BrokenPipeError again."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+class _OutputConsole(Console):
+    """rich exits with status 1 on a broken pipe; here it is the reader's choice, not an error."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
         options = _options(args)
     except TargetError as exc:
         print(f"bits-replay: {exc}", file=err)
@@ -314,9 +367,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
             print(f"bits-replay: {problem}", file=err)
         if not plan.sessions:
             print("bits-replay: no BITS session to replay", file=err)
-            return EXIT_USAGE if args.session or not plan.complete else EXIT_OK
+            if not plan.complete:
+                return EXIT_FAULT
+            return EXIT_USAGE if args.session else EXIT_OK
         notes = auth_notes(plan, options)
-        console = Console(file=out, width=160 if not out.isatty() else None, soft_wrap=False)
+        console = _OutputConsole(file=out, width=160 if not out.isatty() else None,
+                                 soft_wrap=False)
         if args.dry_run:
             described = dry_run(plan, options)
             if args.json:

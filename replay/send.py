@@ -16,11 +16,13 @@ from __future__ import annotations
 import base64
 import heapq
 import http.client
+import os
 import socket
 import ssl
 import statistics
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 from urllib.parse import urlsplit
@@ -47,6 +49,8 @@ MAX_RESEND_FACTOR = 4
 MAX_RECREATES = 3
 #: Bound on what is read of a response body (acks have none; a garbage server may send plenty).
 MAX_RESPONSE_BODY = 1 << 20
+#: Set to 1 to get the traceback of an unexpected error in a session on stderr.
+DEBUG_ENV = "BITSTRACE_DEBUG"
 #: Authorization schemes bound to the original connection or to a server challenge.
 NON_REPLAYABLE_AUTH = ("ntlm", "negotiate", "kerberos", "digest")
 
@@ -64,15 +68,19 @@ class Target:
 
     @classmethod
     def parse(cls, url: str) -> "Target":
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:  # "[::1" (unclosed bracket), a port out of 0..65535, not a number
+            raise TargetError(f"--target {url!r} is not a usable URL: {exc}") from None
         if parts.scheme not in ("http", "https"):
             raise TargetError(f"--target must be an http:// or https:// URL, not {url!r}")
         if not parts.hostname:
             raise TargetError(f"--target {url!r} names no host")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise TargetError(f"--target {url!r}: {exc}") from None
+        if port == 0:
+            raise TargetError(f"--target {url!r}: port 0 cannot be connected to (1-65535)")
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
         return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
     @property
@@ -364,7 +372,8 @@ class _Clock:
         if due is not None:
             delay = due - self.now()
             if delay > 0:
-                self.stopped.wait(delay)
+                # A tiny --speed stretches the capture past what a wait can be given.
+                self.stopped.wait(min(delay, threading.TIMEOUT_MAX))
 
 
 def _is_session_not_found(ack: AckSummary) -> bool:
@@ -449,7 +458,7 @@ class _SessionReplay:
 
     def _basic(self) -> str:
         user, password = self.options.auth
-        return "Basic " + base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
 
     # -- sending
 
@@ -537,6 +546,8 @@ class _SessionReplay:
                 self.result.notes.append(f"{unsent} later captured request(s) not sent")
         except OSError as exc:  # the body spool: the temporary directory failed under us
             self.result.fault = f"reading the spooled capture bodies failed: {exc}"
+        except Exception as exc:  # a bug must not make the session vanish from the results
+            self.result.fault = unexpected_fault(exc)
         finally:
             self._release_through(len(self.session.requests) - 1)
         return self.result
@@ -718,6 +729,14 @@ class _SessionReplay:
             yield from self.plan.spool.read(body, skip, take)
 
 
+def unexpected_fault(exc: Exception) -> str:
+    """A fault message for an error the replay did not foresee (a bug): its type and message;
+    the traceback on stderr only when BITSTRACE_DEBUG=1."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exception(exc)
+    return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
 def _chunked(body: BodySource) -> BodySource:
     def chunks() -> Iterator[bytes]:
         for chunk in body():
@@ -784,18 +803,21 @@ def replay(plan: Plan, options: Options, observer: Observer | None = None) -> Re
     finished = [threading.Event() for _ in plan.sessions]
 
     def run(position: int, session: PlannedSession, due: float | None) -> None:
+        result = results[position] = SessionResult(session.key)
         try:
             worker = _SessionReplay(session, plan, options, clock, connections, observer)
+            result = results[position] = worker.result
             if due is not None:
                 worker.shift = max(0.0, clock.now() - due)
             if observer is not None:
                 observer.on_session_start(session)
-            worker.result.started_s = clock.now()
-            result = worker.run()
+            result.started_s = clock.now()
+            worker.run()
             result.ended_s = clock.now()
-            results[position] = result
             if observer is not None:
                 observer.on_session_end(session, result)
+        except Exception as exc:  # outside the session's own steps (the observer, say)
+            result.fault = result.fault or unexpected_fault(exc)
         finally:
             finished[position].set()
             if slots is not None:
