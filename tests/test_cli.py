@@ -153,3 +153,15 @@ def test_failed_extraction_says_incomplete(tmp_path: Path) -> None:
     report = json.loads(run.stdout)
     assert any(p["kind"].startswith("extract-") for p in report["problems"])
     assert report["summary"]["sessions"] == 1
+
+
+def test_unreadable_inputs_are_named_and_the_rest_analysed(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a capture\n")
+    run = bits_analyze("--color", "never", tmp_path, text, CLEAN)
+    out = run.stdout.decode()
+    assert run.returncode == 3
+    assert out.count("INCOMPLETE (1 problem, 1 fatal), not read as a capture") == 2
+    assert "1 BITS upload session: 1 delivered" in out
+    assert "cannot open: Is a directory" in run.stderr.decode()
+    assert "not a pcap or pcapng file" in run.stderr.decode()

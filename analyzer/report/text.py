@@ -135,9 +135,13 @@ def _captures(report: dict, palette: _Palette, clock: Clock) -> RenderableType:
         if own:
             line.append(f" ({_plural(len(own), 'problem')}" + (f", {fatal} fatal)" if fatal else ")"),
                         palette["warning"] if complete else palette["bad"])
-        line.append(f", {capture.get('format') or '?'}, {_plural(capture.get('frames') or 0, 'frame')}, "
-                    f"{human_size(capture.get('bytes'))}, {clock.datetime(first)[:-4]} → "
-                    f"{clock.time(last)} UTC{span}")
+        if not capture.get("format"):
+            line.append(", not read as a capture")  # the problem says why
+        else:
+            line.append(f", {capture['format']}, {_plural(capture.get('frames') or 0, 'frame')}, "
+                        f"{human_size(capture.get('bytes'))}")
+            if first is not None:
+                line.append(f", {clock.datetime(first)[:-4]} → {clock.time(last)} UTC{span}")
         lines.append(line)
     return Group(*lines) if lines else Text("no capture read")
 
