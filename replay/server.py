@@ -60,6 +60,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Literal, NamedTuple, TextIO
 
+from analyzer import __version__
 from analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     BG_E_TOO_LARGE,
@@ -818,6 +819,14 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 # --- command line -------------------------------------------------------------------------------
+#: Exit status, the scheme bits-analyze and bits-replay share: 0 = stopped by SIGINT/SIGTERM (the
+#: way to stop a server, not an interruption of work), 2 = usage error (bad option, a --root that
+#: cannot be a directory, an address that cannot be listened on).
+EXIT_OK, EXIT_USAGE = 0, 2
+#: Longest timeout option: longer waits overflow the platform's time_t.
+MAX_TIMEOUT_S = 10 * 365 * 86400.0
+
+
 def _credentials(value: str) -> tuple[str, str]:
     user, colon, password = value.partition(":")
     if not colon or not user:
@@ -825,14 +834,60 @@ def _credentials(value: str) -> tuple[str, str]:
     return user, password
 
 
+def _whole(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in {low}..{high}")
+    return value
+
+
+def _port(text: str) -> int:
+    return _whole(text, 0, 65535)
+
+
+def _size(text: str) -> int:
+    return _whole(text, 1, MAX_UPLOAD_SIZE)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most {MAX_TIMEOUT_S:g}")
+    return value
+
+
+def _whole_seconds(text: str) -> int:
+    return _whole(text, 0, int(MAX_TIMEOUT_S))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one to show: not for flags, nor for options unset by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bits-server", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", required=True, type=Path, help="directory that uploads land in")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one)")
+    p = argparse.ArgumentParser(prog="bits-server", description=__doc__.split("\n\n")[0],
+                                formatter_class=_HelpFormatter,
+                                epilog="Exit status: 0 stopped by SIGINT/SIGTERM, 2 usage error "
+                                       "(bad option, unusable --root, cannot listen).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--root", required=True, type=Path, metavar="DIR",
+                   help="directory that uploads land in (created if missing)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS", help="address to listen on")
+    p.add_argument("--port", type=_port, default=0, metavar="PORT", help="port; 0 picks a free one")
     p.add_argument("--overlap", choices=("trim", "reject"), default="trim",
-                   help="fragment overlapping received bytes: keep only new bytes, 200 (IIS, default) "
-                        "or 416 (MC-BUP)")
+                   help="fragment overlapping received bytes: keep only new bytes, 200 (trim, IIS) "
+                        "or 416 (reject, MC-BUP)")
     p.add_argument("--no-overwrite", dest="overwrite", action="store_false",
                    help="refuse an upload whose destination exists (E_ACCESSDENIED)")
     p.add_argument("--exists-status", type=int, choices=(409, 403), default=409,
@@ -841,23 +896,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="status of a successful Create-Session ack")
     p.add_argument("--error-header", choices=tuple(ERROR_HEADERS), default="win32",
                    help=f"error header name: win32 = {Header.ERROR_CODE}, mcbup = {Header.ERROR_CODE_MCBUP}")
-    p.add_argument("--max-upload-size", type=int, default=MAX_UPLOAD_SIZE,
-                   help="largest entity in bytes (BG_E_TOO_LARGE above it)")
-    p.add_argument("--max-fragment-size", type=int, default=MAX_FRAGMENT,
-                   help="largest fragment body in bytes (413 above it)")
-    p.add_argument("--session-timeout", type=float, default=DEFAULT_SESSION_TIMEOUT,
-                   help="seconds without progress before a session is purged")
-    p.add_argument("--host-id", help="BITS-Host-Id to announce on Create acks")
-    p.add_argument("--host-id-fallback-timeout", type=int,
-                   help="BITS-Host-Id-Fallback-Timeout in seconds (needs --host-id)")
+    p.add_argument("--max-upload-size", type=_size, default=MAX_UPLOAD_SIZE, metavar="BYTES",
+                   help="largest entity (BG_E_TOO_LARGE above it)")
+    p.add_argument("--max-fragment-size", type=_size, default=MAX_FRAGMENT, metavar="BYTES",
+                   help="largest fragment body (413 above it)")
+    p.add_argument("--session-timeout", type=_seconds, default=DEFAULT_SESSION_TIMEOUT, metavar="SECONDS",
+                   help="time without progress before a session is purged")
+    p.add_argument("--host-id", metavar="NAME", help="BITS-Host-Id to announce on Create acks")
+    p.add_argument("--host-id-fallback-timeout", type=_whole_seconds, metavar="SECONDS",
+                   help="BITS-Host-Id-Fallback-Timeout (needs --host-id)")
     p.add_argument("--reply", action="store_true",
                    help="upload-reply mode: answer each upload with a JSON receipt (size, sha256)")
     p.add_argument("--auth", type=_credentials, metavar="USER:PASSWORD",
                    help="require HTTP Basic credentials (401 challenge otherwise)")
-    p.add_argument("--idle-timeout", type=float, default=60.0,
-                   help="seconds a connection may stay silent (default 60)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds one request may take (default 600)")
+    p.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="time a connection may stay silent")
+    p.add_argument("--request-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="time one request may take")
     p.add_argument("--quiet", action="store_true", help="no per-packet log on stderr")
     return p
 
@@ -869,9 +924,17 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k in option_names}
     try:
         server = BitsServer(args.root, args.host, args.port, log=None if args.quiet else sys.stderr, **options)
+    except OSError as exc:
+        what = {errno.EEXIST: "it exists and is not a directory",
+                errno.ENOTDIR: "a parent of it is not a directory"}.get(exc.errno, exc.strerror)
+        parser.exit(EXIT_USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {what}\n")
+    except ValueError as exc:  # ServerOptions' own checks (--host-id-fallback-timeout without --host-id)
+        parser.exit(EXIT_USAGE, f"bits-server: {exc}\n")
+    try:
         server.start()
-    except (ValueError, OSError) as exc:
-        parser.exit(2, f"bits-server: {exc}\n")
+    except OSError as exc:
+        parser.exit(EXIT_USAGE, f"bits-server: cannot listen on {args.host} port {args.port}: "
+                                f"{exc.strerror or exc}\n")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -879,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     server.stop()
     print("bits-server: stopped", file=sys.stderr, flush=True)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ from analyzer.bits.protocol import (
     is_guid,
 )
 from replay.paths import STATE_DIR, UnsafePath, reply_target, upload_path
-from replay.server import BitsServer, ServerOptions
+from analyzer import __version__
+from analyzer.bits.protocol import MAX_FRAGMENT
+from replay.server import BitsServer, ServerOptions, main
 from replay.server_state import TRANSITIONS, Event, IllegalTransition, Session, State
 
 OTHER_GUID = "{11111111-2222-3333-4444-555555555555}"
@@ -908,6 +910,55 @@ def test_cli_prints_its_url_serves_and_stops_on_a_signal(root: Path, signum: int
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--port", "99999"], "error: argument --port: '99999' is not in 0..65535"),
+    (["--port", "-1"], "error: argument --port: '-1' is not in 0..65535"),
+    (["--idle-timeout", "inf"], "error: argument --idle-timeout: 'inf': must be more than 0"),
+    (["--session-timeout", "nan"], "error: argument --session-timeout: 'nan': must be more than 0"),
+    (["--max-fragment-size", "0"], "error: argument --max-fragment-size: '0' is not in 1.."),
+    (["--host-id-fallback-timeout", "5"], "bits-server: host_id_fallback_timeout needs host_id"),
+])
+def test_cli_bad_arguments_are_one_line_and_exit_2(root: Path, arguments: list[str], says: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--root", str(root), *arguments])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_cli_unusable_root_names_the_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    file = tmp_path / "a-file"
+    file.write_bytes(b"")
+    for root, why in ((file, "it exists and is not a directory"),
+                      (file / "below", "a parent of it is not a directory")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--root", str(root)])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err == f"bits-server: cannot use --root {str(root)!r}: {why}\n"
+
+
+def test_cli_cannot_listen_is_one_line(root: Path, capsys: pytest.CaptureFixture) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as stop:
+            main(["--root", str(root), "--port", str(port)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(f"bits-server: cannot listen on 127.0.0.1 port {port}: ")
+
+
+def test_cli_help_names_units_and_defaults_and_version(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0
+    assert "--max-fragment-size BYTES" in help_text and f"(default: {MAX_FRAGMENT})" in help_text
+    assert "--idle-timeout SECONDS" in help_text and "(default: 60.0)" in help_text
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"bits-server {__version__}\n"
 
 
 def test_resend_cut_before_its_ack_is_logged_as_not_answered(server: BitsServer, client: Client) -> None:
