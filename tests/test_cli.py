@@ -158,10 +158,13 @@ def test_failed_extraction_says_incomplete(tmp_path: Path) -> None:
 def test_unreadable_inputs_are_named_and_the_rest_analysed(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("not a capture\n")
-    run = bits_analyze("--color", "never", tmp_path, text, CLEAN)
+    run = subprocess.run([sys.executable, "-m", "analyzer.cli", "--color", "never", ".", "notes.txt", str(CLEAN)],
+                         capture_output=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     out = run.stdout.decode()
     assert run.returncode == 3
-    assert out.count("INCOMPLETE (1 problem, 1 fatal), not read as a capture") == 2
+    assert ".: INCOMPLETE (1 problem, 1 fatal), not read as a capture" in out
+    assert "notes.txt: INCOMPLETE (1 problem, 1 fatal), not read as a capture" in out
     assert "1 BITS upload session: 1 delivered" in out
     assert "cannot open: Is a directory" in run.stderr.decode()
     assert "not a pcap or pcapng file" in run.stderr.decode()
