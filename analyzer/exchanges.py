@@ -42,6 +42,7 @@ from analyzer.http import (
     MessageEnd,
     RequestHead,
     ResponseHead,
+    start_line_role,
 )
 from analyzer.problems import Problem
 from analyzer.tcp import CLIENT, SERVER, Connection
@@ -116,7 +117,7 @@ class _Direction:
 
 
 class _ConnectionState:
-    __slots__ = ("directions", "waiting", "open", "aborted")
+    __slots__ = ("directions", "waiting", "open", "aborted", "roles_provisional")
 
     def __init__(self, midstream: bool) -> None:
         self.directions = (_Direction(HttpParser("request", start_midstream=midstream)),
@@ -124,6 +125,21 @@ class _ConnectionState:
         self.waiting: deque[_Pending] = deque()  # requests whose final response has not begun
         self.open: list[_Pending] = []  # every exchange not yet emitted, oldest first
         self.aborted = False
+        # Mid-stream, the reassembler guessed client and server; the first start line decides.
+        self.roles_provisional = midstream
+
+    def swap_roles(self, frame: int, ts_ns: int) -> None:
+        """The connection's roles were swapped before any message was found: each stream's bytes
+        so far were scanned by the wrong parser, so new parsers start where the streams are."""
+        old_request, old_response = self.directions
+        new = []
+        for role, old in (("request", old_response), ("response", old_request)):
+            parser = HttpParser(role, start_midstream=True)
+            parser.gap(old.parser.position, frame, ts_ns)  # nothing to parse before here
+            side = _Direction(parser)
+            side.mark_next = old.mark_next
+            new.append(side)
+        self.directions = (new[0], new[1])
 
 
 class ExchangeAssembler:
@@ -149,7 +165,10 @@ class ExchangeAssembler:
 
     def on_data(self, conn: Connection, direction: int, data: bytes | memoryview, frame: int,
                 ts_ns: int) -> None:
-        side = (self._connections.get(conn.id) or self._state(conn)).directions[direction]
+        state = self._connections.get(conn.id) or self._state(conn)
+        if state.roles_provisional:
+            direction = self._settle_roles(conn, state, direction, data, frame, ts_ns)
+        side = state.directions[direction]
         if side.parser.feed_body(data, frame, ts_ns):  # the bulk of a body: no events needed
             self._body(conn, side, data)
         else:
@@ -221,6 +240,21 @@ class ExchangeAssembler:
             self._connections[conn.id] = state
         return state
 
+    def _settle_roles(self, conn: Connection, state: _ConnectionState, direction: int,
+                      data: bytes | memoryview, frame: int, ts_ns: int) -> int:
+        """A mid-stream connection's data at `direction` begins with a start line: it says
+        which side is the client. Swaps the roles when the guess was wrong; returns the
+        direction of `data` under the settled roles."""
+        role = start_line_role(data)
+        if role is None or conn.handshake_seen:  # a late SYN fixed the roles meanwhile
+            return direction
+        state.roles_provisional = False
+        if (role == "request") == (direction == CLIENT):
+            return direction
+        conn.swap_roles()
+        state.swap_roles(frame, ts_ns)
+        return SERVER if direction == CLIENT else CLIENT
+
     def _mark(self, conn: Connection, direction: int, flag: str) -> None:
         side = self._state(conn).directions[direction]
         if side.current is not None:
@@ -269,6 +303,7 @@ class ExchangeAssembler:
         side.mark_next = set()
 
     def _request_head(self, state: _ConnectionState, side: _Direction, head: RequestHead) -> None:
+        state.roles_provisional = False
         message = HttpMessage(True, head.method, head.target, head.version, None, None,
                               head.headers, first_frame=head.frame, first_ts_ns=head.ts_ns,
                               stream_offset=head.offset)
@@ -280,6 +315,7 @@ class ExchangeAssembler:
 
     def _response_head(self, state: _ConnectionState, side: _Direction,
                        head: ResponseHead) -> None:
+        state.roles_provisional = False
         message = HttpMessage(False, None, None, head.version, head.status, head.reason,
                               head.headers, first_frame=head.frame, first_ts_ns=head.ts_ns,
                               stream_offset=head.offset)
@@ -366,7 +402,8 @@ def exchange_to_json(exchange: Exchange) -> dict[str, Any]:
     Fields:
       index         int, global exchange number, increasing in emission order
       connection    int, TCP connection id (the numbering of tshark's tcp.stream)
-      client        "ip:port" of the side that opened the connection ("[v6]:port" for IPv6)
+      client        "ip:port" of the side that opened the connection ("[v6]:port" for IPv6);
+                    when the capture missed the handshake, the side that sent requests
       server        "ip:port" likewise
       request       message object, or null for an orphan response
       response      message object, or null when none was seen

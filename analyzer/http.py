@@ -601,5 +601,16 @@ class HttpParser:
         return None
 
 
+def start_line_role(data: bytes | bytearray | memoryview) -> Literal["request", "response"] | None:
+    """"request" when `data` begins with a request line, "response" with a status line: which
+    side of a connection sent it, for captures that missed the handshake."""
+    head = data[:MAX_START_LINE]
+    if _STATUS_LINE.match(head):
+        return "response"
+    if _REQUEST_LINE.match(head):
+        return "request"
+    return None
+
+
 #: States whose next `_remaining` bytes are body data: what `feed_body` may take.
 _BULK_STATES = (HttpParser._in_body, HttpParser._in_chunk_data)

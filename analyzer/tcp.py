@@ -21,8 +21,10 @@ Policies, all chosen to keep the stream going rather than stall it:
 - Connection ids follow tshark's tcp.stream: a new id on a 4-tuple's first packet, and when a
   SYN (without ACK) carries an ISN other than that side's recorded base (port reuse). A SYN
   retransmitted with the same ISN, even after a RST, stays in its connection, as in tshark.
-- Roles: the SYN sender is the client, the SYN-ACK sender the server; mid-stream, the side
-  with the lower port is the server (on equal ports, the first packet's receiver).
+- Roles: the SYN sender is the client, the SYN-ACK sender the server. Mid-stream the roles are
+  a provisional guess (the side with the lower port is the server; on equal ports, the first
+  packet's receiver) that the sink, which can read the application data, may correct with
+  `Connection.swap_roles` (servers often listen on high ports).
 """
 
 from __future__ import annotations
@@ -80,6 +82,17 @@ class Connection:
         self.after_fin_bytes = [0, 0]  # data bytes past the FIN, dropped
         self.out_of_window = [0, 0]  # segments whose data starts beyond any possible window
         self._halves: tuple[_Half, _Half] = ()  # type: ignore[assignment]  # set by the reassembler
+
+    def swap_roles(self) -> None:
+        """Make the client the server and back: for a mid-stream connection whose data shows
+        the provisional roles wrong. Directions, counters and stream positions follow; events
+        from then on carry the new directions."""
+        self.client, self.server = self.server, self.client
+        for name in _TOTALS:
+            getattr(self, name).reverse()
+        to_client, to_server = self._halves
+        to_server.direction, to_client.direction = CLIENT, SERVER
+        self._halves = (to_server, to_client)
 
     def position(self, direction: int) -> int:
         """Current stream offset of `direction`: bytes delivered plus bytes declared missing."""

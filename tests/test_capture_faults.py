@@ -12,6 +12,8 @@ from scapy.packet import Raw
 
 from analyzer.analysis import analyze
 from analyzer.bits.protocol import PROTOCOL_GUID, Header
+from analyzer.exchanges import exchange_to_json
+from analyzer.pipeline import read_exchanges
 from craft import pcap_bytes, write
 
 SID = "{11111111-2222-3333-4444-555555555555}"
@@ -99,3 +101,26 @@ def test_extract_places_bytes_after_a_capture_gap_and_leaves_the_gap_missing(tmp
     assert [(c.first, c.last, c.acknowledged) for c in entity.coverage] == [
         (0, lost.start - 1, True), (lost.stop, TOTAL - 1, True)]
     assert entity.acknowledged_bytes == TOTAL - len(lost)
+
+
+def exchanges_of(*captures: Path) -> list:
+    found: list = []
+    read_exchanges(captures, found.append)
+    return found
+
+
+def test_midstream_capture_takes_roles_from_the_data_when_the_server_port_is_higher(tmp_path: Path) -> None:
+    wire = Wire(40000, 50000, handshake=False)  # the lower port is the client's
+    messages = upload_messages()
+    fragment = messages[2][1]
+    wire.send("c", fragment[-4000:])  # the capture begins inside the fragment's body
+    for side, data in messages[3:]:
+        wire.send(side, data)
+        wire.packets.append(wire.ack(wire.other(side)))
+    orphan, close = exchanges_of(wire.write(tmp_path / "mid.pcap"))
+    assert orphan.request is None and orphan.response.status == 200 and orphan.flags == {"orphan-response"}
+    assert close.request.method == "BITS_POST" and close.response.status == 200 and not close.flags
+    record = exchange_to_json(close)
+    assert (record["client"], record["server"]) == (f"{CLIENT_ADDR}:40000", f"{SERVER_ADDR}:50000")
+    conn = close.connection
+    assert conn.data_bytes == (4000 + len(messages[4][1]), len(messages[3][1]) + len(messages[5][1]))
