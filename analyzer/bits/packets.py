@@ -13,7 +13,7 @@ import functools
 import ipaddress
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from analyzer.bits import protocol as p
 from analyzer.bits.catalogue import Anomaly, Severity, anomaly
@@ -24,6 +24,11 @@ RESYNC = 416
 AUTH_CHALLENGES = frozenset({401, 407})
 TOO_LARGE_STATUS = 413
 DOWNLOAD_METHODS = frozenset({"GET", "HEAD"})
+
+
+def is_bits_method(method: str | None) -> bool:
+    """BITS_POST, compared case-insensitively (as classify does): `bits_post` is BITS too."""
+    return (method or "").upper() == p.METHOD
 
 
 def session_key(session_id: str) -> str:
@@ -217,7 +222,7 @@ def classify(exchange: Any) -> Classified:
     method = (request.method or "").upper()
     h = _Fields(request.headers)
     user_agent = h.get(Header.USER_AGENT)
-    if method != p.METHOD:
+    if not is_bits_method(method):
         if h.has_bits_headers():
             out.anomalies.append(anomaly(
                 "wrong-method-or-version",
@@ -289,31 +294,63 @@ def _shared(value: str | None) -> str | None:
     return sys.intern(value) if value is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class AckFields:
+    """The BITS headers of a response, parsed; None when absent or unparsable."""
+
+    type_raw: str | None
+    session_id: str | None  # stripped
+    protocol: str | None  # stripped; None when empty
+    received_offset: int | None
+    error_code: int | None
+    error_context: int | None
+    reply_url: str | None
+    host_id: str | None  # stripped; None when empty
+    fallback_timeout_s: int | None
+
+
+def parse_ack(get: Callable[[str], str | None]) -> AckFields:
+    """Read an ack's BITS headers through `get`, a case-insensitive header lookup (first value).
+    The one ack parser: the analyzer, the replay comparison and the client all use it."""
+    session_id = get(Header.SESSION_ID)
+    received = get(Header.RECEIVED_CONTENT_RANGE)
+    code = _error_code_raw(get)
+    context = get(Header.ERROR_CONTEXT)
+    timeout = get(Header.HOST_ID_FALLBACK_TIMEOUT)
+    return AckFields(
+        type_raw=get(Header.PACKET_TYPE),
+        session_id=session_id.strip() if session_id is not None else None,
+        protocol=(get(Header.PROTOCOL) or "").strip() or None,
+        received_offset=p.parse_decimal(received) if received is not None else None,
+        error_code=p.parse_hresult(code) if code is not None else None,
+        error_context=p.parse_hresult(context) if context is not None else None,
+        reply_url=get(Header.REPLY_URL),
+        host_id=(get(Header.HOST_ID) or "").strip() or None,
+        fallback_timeout_s=p.parse_decimal(timeout) if timeout is not None else None,
+    )
+
+
 def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     pkt.status = response.status
     pkt.reason = _shared(response.reason)
     pkt.response_frame = response.first_frame
     pkt.acked_ns = response.first_ts_ns
-    pkt.ack_type_raw = _shared(h.get(Header.PACKET_TYPE))
-    ack_id = h.get(Header.SESSION_ID)
-    pkt.ack_session_id = _shared(ack_id.strip()) if ack_id is not None else None
-    pkt.protocol = (h.get(Header.PROTOCOL) or "").strip() or None
-    received = h.get(Header.RECEIVED_CONTENT_RANGE)
-    pkt.received_offset = p.parse_decimal(received) if received is not None else None
-    code = _error_code_raw(h)
-    pkt.error_code = p.parse_hresult(code) if code is not None else None
-    context = h.get(Header.ERROR_CONTEXT)
-    pkt.error_context = p.parse_hresult(context) if context is not None else None
-    pkt.reply_url = h.get(Header.REPLY_URL)
-    pkt.host_id = (h.get(Header.HOST_ID) or "").strip() or None
-    timeout = h.get(Header.HOST_ID_FALLBACK_TIMEOUT)
-    pkt.fallback_timeout_s = p.parse_decimal(timeout) if timeout is not None else None
+    ack = parse_ack(h.get)
+    pkt.ack_type_raw = _shared(ack.type_raw)
+    pkt.ack_session_id = _shared(ack.session_id)
+    pkt.protocol = ack.protocol
+    pkt.received_offset = ack.received_offset
+    pkt.error_code = ack.error_code
+    pkt.error_context = ack.error_context
+    pkt.reply_url = ack.reply_url
+    pkt.host_id = ack.host_id
+    pkt.fallback_timeout_s = ack.fallback_timeout_s
 
 
-def _error_code_raw(headers: _Fields) -> str | None:
+def _error_code_raw(get: Callable[[str], str | None]) -> str | None:
     """BITS-Error-Code (Win32, every implementation) or BITS-Error (MC-BUP): accept both."""
-    value = headers.get(Header.ERROR_CODE)
-    return value if value is not None else headers.get(Header.ERROR_CODE_MCBUP)
+    value = get(Header.ERROR_CODE)
+    return value if value is not None else get(Header.ERROR_CODE_MCBUP)
 
 
 # --- request checks ---------------------------------------------------------------------------
@@ -435,7 +472,7 @@ def _check_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
 
 def _check_errors(pkt: BitsPacket, h: _Fields) -> None:
     status = pkt.status or 0
-    code_raw = _error_code_raw(h)
+    code_raw = _error_code_raw(h.get)
     context_raw = h.get(Header.ERROR_CONTEXT)
     header_name = Header.ERROR_CODE if h.get(Header.ERROR_CODE) is not None else Header.ERROR_CODE_MCBUP
     if code_raw is not None and pkt.error_code is None:
