@@ -13,9 +13,13 @@ Policies, all chosen to keep the stream going rather than stall it:
   views, not copies: each may keep its capture chunk alive, so the count is what bounds memory.
 - A 0/1-byte segment at next-1 is a keep-alive (or Linux zero-window probe): ignored, never a
   conflict. A 1-byte zero-window probe at next is ordinary data; its retransmission is identical.
-- Holes become gaps (`on_gap` with their size, at the current position) when: the peer
-  acknowledges bytes the capture never showed (capture loss), the capture cut the payload
-  (`Segment.missing`), out-of-order data exceeds `max_buffer` for the direction, or at close.
+- Holes become gaps (`on_gap` with their size, at the current position) when: the capture cut
+  the payload (`Segment.missing`), out-of-order data exceeds `max_buffer` for the direction, at
+  close, or when bytes the peer acknowledged never showed up. An ACK for unseen bytes does not
+  declare them lost at once: SPAN ports, mergecap and multi-queue NICs often record data after
+  the ACK that covers it. The acknowledged hole stays pending, and late data fills it, until
+  data starting at or past the acknowledged point arrives, the direction's FIN does, the peer
+  has acknowledged the unseen bytes `PENDING_ACKS` more times, or the connection closes.
 - FIN is delivered in order at its position; data past it is dropped and counted. The
   connection closes when both FINs are through, or at a RST (buffered data is flushed first).
 - Connection ids follow tshark's tcp.stream: a new id on a 4-tuple's first packet, and when a
@@ -51,6 +55,8 @@ _SEQ_HALF = 1 << 31
 # than that, or data starting further ahead, is not of this connection's sequence space.
 _MAX_WINDOW = 1 << 30
 _SLOW_FLAGS = FIN | SYN | RST
+#: ACKs for bytes not yet seen after which the bytes count as lost (late data has had its chance).
+PENDING_ACKS = 32
 # Buffered runs per direction; past it, like past max_buffer, the oldest hole becomes a gap
 # (keeps sorted-list inserts cheap against captures of many tiny scattered segments).
 _MAX_CHUNKS = 1 << 13
@@ -136,7 +142,8 @@ class _Half:
 
     __slots__ = (
         "conn", "direction", "peer", "synced", "from_syn", "wire_base", "next_seq", "expect", "offset",
-        "starts", "chunks", "buffered", "fin_offset", "fin_done", "history",
+        "starts", "chunks", "buffered", "fin_offset", "fin_done", "history", "acked_to",
+        "unseen_acks",
     )
 
     def __init__(self, conn: Connection, direction: int, history: int) -> None:
@@ -155,6 +162,9 @@ class _Half:
         self.fin_offset: int | None = None
         self.fin_done = False
         self.history: deque[bytes | memoryview] = deque(maxlen=history)
+        # The peer acknowledged up to this offset; bytes below it not yet seen form a pending gap.
+        self.acked_to = 0
+        self.unseen_acks = 0  # ACKs of the pending gap so far
 
     def sync(self, seq: int) -> None:
         self.synced = True
@@ -296,6 +306,8 @@ class TcpReassembler:
                 self._advance_to(half, start + size + missing, frame, ts_ns)
         if flags & FIN and half.fin_offset is None:
             self._set_fin(half, start + size + missing)
+        if half.acked_to > half.offset and (start >= half.acked_to or flags & FIN):
+            self._declare_pending(half, frame, ts_ns)  # later data or the FIN passed the hole
         self._settle(half, frame, ts_ns)
 
     def _new_connection(self, segment: Segment) -> _Half:
@@ -427,14 +439,29 @@ class TcpReassembler:
         self._drain(half, frame, ts_ns)
 
     def _acknowledged_unseen(self, half: _Half, ahead: int, frame: int, ts_ns: int) -> None:
-        """The peer acknowledged `ahead` bytes past what we delivered: those we lack were lost."""
+        """The peer acknowledged `ahead` bytes past what we delivered: those we lack are a
+        pending gap, lost once PENDING_ACKS more ACKs have not brought them."""
         target = half.offset + ahead
         if half.fin_offset is not None:
             target = min(target, half.fin_offset)  # the FIN takes a sequence number, not a byte
         if target <= half.offset:
             return
-        self._advance_to(half, target, frame, ts_ns)
-        self._settle(half, frame, ts_ns)
+        if half.acked_to <= half.offset:  # a new hole
+            half.unseen_acks = 0
+        half.acked_to = max(half.acked_to, target)
+        half.unseen_acks += 1
+        passed = half.fin_offset is not None or (half.starts and half.starts[-1] >= half.acked_to)
+        if passed or half.unseen_acks > PENDING_ACKS:
+            self._declare_pending(half, frame, ts_ns)
+            self._settle(half, frame, ts_ns)
+
+    def _declare_pending(self, half: _Half, frame: int, ts_ns: int) -> None:
+        """The acknowledged bytes still missing were lost: declare them gaps."""
+        target = half.acked_to
+        if half.fin_offset is not None:
+            target = min(target, half.fin_offset)
+        if target > half.offset:
+            self._advance_to(half, target, frame, ts_ns)
 
     def _set_fin(self, half: _Half, fin_offset: int) -> None:
         if fin_offset < half.offset:
@@ -468,7 +495,8 @@ class TcpReassembler:
         for half in conn._halves:
             if half.synced:
                 end = half.starts[-1] + len(half.chunks[-1]) if half.starts else half.offset
-                self._advance_to(half, max(end, half.fin_offset or 0), frame, ts_ns)
+                acked = half.acked_to if half.fin_offset is None else min(half.acked_to, half.fin_offset)
+                self._advance_to(half, max(end, half.fin_offset or 0, acked), frame, ts_ns)
                 if half.fin_offset == half.offset and not half.fin_done:
                     half.fin_done = True
                     self._sink.on_fin(conn, half.direction, frame, ts_ns)

@@ -124,3 +124,23 @@ def test_midstream_capture_takes_roles_from_the_data_when_the_server_port_is_hig
     assert (record["client"], record["server"]) == (f"{CLIENT_ADDR}:40000", f"{SERVER_ADDR}:50000")
     conn = close.connection
     assert conn.data_bytes == (4000 + len(messages[4][1]), len(messages[3][1]) + len(messages[5][1]))
+
+
+def test_data_recorded_after_the_ack_that_covers_it_still_counts(tmp_path: Path) -> None:
+    wire = Wire(40000, 80)
+    for side, data in upload_messages():
+        if side == "c" and data.endswith(BODY):
+            wire.send(side, data[:-len(BODY)])
+            before = len(wire.packets)
+            wire.send(side, BODY)
+            for at in range(len(wire.packets) - 1, before - 1, -2):  # every other segment: ACK first
+                segment = wire.packets[at]
+                covered = segment[TCP].seq + len(segment[TCP].payload)
+                wire.packets.insert(at, wire.packet("s", wire.next["s"], covered, b"", "A"))
+        else:
+            wire.send(side, data)
+    out = tmp_path / "out"
+    analysis = analyze([wire.write(tmp_path / "late.pcap")], extract_dir=out)
+    [session] = analysis.bits.sessions
+    assert session.entity.complete and Path(session.entity.path).read_bytes() == BODY
+    assert analysis.run.captures[0].tcp["gaps"] == 0

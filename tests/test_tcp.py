@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from analyzer.capture import CaptureReader
 from analyzer.decode import Decoder, Segment
-from analyzer.tcp import ACK, CLIENT, FIN, RST, SERVER, SYN, Connection, TcpReassembler
+from analyzer.tcp import ACK, CLIENT, FIN, PENDING_ACKS, RST, SERVER, SYN, Connection, TcpReassembler
 
 PSH = 0x08
 MASK = 0xFFFFFFFF
@@ -345,17 +345,48 @@ def test_lost_segment_becomes_a_gap_at_finish_and_the_stream_goes_on():
     assert sink.conns[0].position(CLIENT) == 11
 
 
-def test_ack_of_unseen_bytes_declares_the_gap_at_once():
+def test_ack_of_unseen_bytes_holds_the_gap_until_later_data_passes_it():
     f = Flow()
-    segments = f.handshake() + [f.c(0, b"abc"), f.c(6, b"ghi"), f.s(0, flags=ACK, ack=9)]
+    segments = f.handshake() + [f.c(0, b"abc"), f.s(0, flags=ACK, ack=6)]
     sink = RecordingSink()
     r = TcpReassembler(sink)
     for s in segments:
         r.feed(s)
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abc" and not sink.kinds("gap")
+    r.feed(f.c(6, b"ghi"))  # data past the acknowledged point: "def" was lost
     assert bytes(sink.streams[(0, CLIENT)]) == b"abc???ghi"
-    f2 = f.c(9, b"j")
-    r.feed(f2)  # and the stream continues in order
+    r.feed(f.c(9, b"j"))  # and the stream continues in order
     assert bytes(sink.streams[(0, CLIENT)]) == b"abc???ghij"
+
+
+def test_data_captured_after_the_ack_that_covers_it_is_kept():
+    f = Flow()
+    segments = f.handshake() + [f.c(0, b"abc"), f.s(0, flags=ACK, ack=6), f.s(0, flags=ACK, ack=9),
+                                f.c(3, b"def"), f.c(6, b"ghi"), f.c(9, b"j")]
+    sink, _ = run(segments)
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdefghij" and not sink.kinds("gap")
+
+
+def test_a_pending_gap_is_declared_after_pending_acks_more_acks():
+    f = Flow()
+    sink = RecordingSink()
+    r = TcpReassembler(sink)
+    for s in f.handshake() + [f.c(0, b"abc")] + [f.s(0, flags=ACK, ack=6)] * PENDING_ACKS:
+        r.feed(s)
+    assert not sink.kinds("gap")
+    r.feed(f.s(0, flags=ACK, ack=6))
+    assert sink.kinds("gap") == [("gap", 0, CLIENT, 3)]
+    r.feed(f.c(3, b"def"))  # too late: already declared lost
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abc???"
+
+
+def test_a_fin_after_the_hole_declares_it():
+    f = Flow()
+    sink = RecordingSink()
+    r = TcpReassembler(sink)
+    for s in f.handshake() + [f.c(0, b"abc"), f.s(0, flags=ACK, ack=6), f.c(6, flags=ACK | FIN)]:
+        r.feed(s)
+    assert sink.kinds("gap") == [("gap", 0, CLIENT, 3)] and sink.kinds("fin") == [("fin", 0, CLIENT)]
 
 
 def test_ack_covering_the_fin_is_not_a_gap():
