@@ -22,10 +22,13 @@ import os
 import select
 import socket
 from dataclasses import dataclass
+from functools import cached_property
+from http import HTTPStatus
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
+from analyzer.bits.packets import RESYNC, SUCCESS, TOO_LARGE_STATUS, AckFields, parse_ack
 from analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     METHOD,
@@ -35,8 +38,6 @@ from analyzer.bits.protocol import (
     ContentRange,
     Header,
     PacketType,
-    parse_decimal,
-    parse_hresult,
 )
 
 #: BITS 10.x (Windows 10/11), qmgr.dll 7.8.
@@ -114,40 +115,48 @@ class Response:
     def packet_type(self) -> PacketType | None:
         return PacketType.parse(self.header(Header.PACKET_TYPE))
 
+    @cached_property
+    def ack(self) -> AckFields:
+        """The BITS ack headers, read as the analyzer reads them."""
+        return parse_ack(self.header)
+
     @property
     def session_id(self) -> str | None:
-        return self.header(Header.SESSION_ID)
+        return self.ack.session_id
 
     @property
     def received_offset(self) -> int | None:
-        value = self.header(Header.RECEIVED_CONTENT_RANGE)
-        return None if value is None else parse_decimal(value)
+        return self.ack.received_offset
 
     @property
     def error_code(self) -> int | None:
-        value = self.header(Header.ERROR_CODE) or self.header(Header.ERROR_CODE_MCBUP)
-        return None if value is None else parse_hresult(value)
+        return self.ack.error_code
 
     @property
     def error_context(self) -> int | None:
-        value = self.header(Header.ERROR_CONTEXT)
-        return None if value is None else parse_hresult(value)
+        return self.ack.error_context
 
     @property
     def reply_url(self) -> str | None:
-        return self.header(Header.REPLY_URL)
+        return self.ack.reply_url
 
     @property
     def host_id(self) -> str | None:
-        return self.header(Header.HOST_ID)
+        return self.ack.host_id
 
     @property
     def ok(self) -> bool:
-        return self.status in (200, 201)
+        return self.status in SUCCESS
 
     @property
     def session_not_found(self) -> bool:
         return self.error_code == BG_E_SESSION_NOT_FOUND.code
+
+
+def _follows_offset(response: Response) -> bool:
+    """A fragment ack whose BITS-Received-Content-Range the client continues from: success or
+    resynchronisation (the analyzer's rule for fragment acks)."""
+    return response.status in SUCCESS or response.status == RESYNC
 
 
 @dataclass
@@ -409,7 +418,7 @@ class BitsClient:
         response = self._exchange(method, target or self.target, ordered, body, cut_after, abandon)
         if (
             response is not None
-            and response.status == 401
+            and response.status == HTTPStatus.UNAUTHORIZED
             and self.credentials is not None
             and self._authorization is None
         ):
@@ -536,7 +545,7 @@ class BitsClient:
             cut_after=cut_after,
             abandon=abandon,
         )
-        if response is not None and response.status in (200, 416) and response.received_offset is not None:
+        if response is not None and _follows_offset(response) and response.received_offset is not None:
             self.offset = response.received_offset
             if response.reply_url:
                 self.reply_url = response.reply_url
@@ -573,13 +582,13 @@ class BitsClient:
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         plain: dict[str, str | None] = {Header.CONTENT_LENGTH: None}
         head = self.send_packet(None, method="HEAD", target=target, headers=plain)
-        if head is None or head.status != 200:
+        if head is None or head.status != HTTPStatus.OK:
             raise UploadError("the reply is not there", head)
         length = int(head.header(Header.CONTENT_LENGTH) or 0)
         ranged = dict(plain, Range=f"bytes=0-{length - 1}") if length else plain
         ranged[Header.ACCEPT_ENCODING] = "identity"
         response = self.send_packet(None, method="GET", target=target, headers=ranged)
-        if response is None or response.status not in (200, 206):
+        if response is None or response.status not in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
             raise UploadError("fetching the reply failed", response)
         return response.body
 
@@ -618,10 +627,10 @@ class BitsClient:
             except ConnectionLost:
                 continue
             assert response is not None
-            if response.status in (200, 416):
+            if _follows_offset(response):
                 if response.received_offset is None or response.received_offset > total:
                     raise UploadError("the ack's received offset is missing or beyond the total", response)
-            elif response.status == 413:
+            elif response.status == TOO_LARGE_STATUS:
                 if size <= self.min_fragment:
                     raise UploadError(f"413 even for {size}-byte fragments", response)
                 size = max(self.min_fragment, size // 2)

@@ -10,13 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from analyzer.bits.protocol import (
-    Header,
-    describe_hresult,
-    format_hresult,
-    parse_decimal,
-    parse_hresult,
-)
+from analyzer.bits.packets import parse_ack
+from analyzer.bits.protocol import describe_hresult, format_hresult
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,20 +47,18 @@ class AckSummary:
 
 
 def summarize(status: int, get: Callable[[str], str | None]) -> AckSummary:
-    """Summarise a response from its status and a case-insensitive header lookup."""
-    code_text = get(Header.ERROR_CODE) or get(Header.ERROR_CODE_MCBUP)
-    context_text = get(Header.ERROR_CONTEXT)
-    received_text = get(Header.RECEIVED_CONTENT_RANGE)
-    packet_type = get(Header.PACKET_TYPE)
+    """Summarise a response from its status and a case-insensitive header lookup, read as the
+    analyzer reads acks (analyzer.bits.packets.parse_ack)."""
+    ack = parse_ack(get)
     return AckSummary(
         status=status,
-        packet_type=packet_type.strip() if packet_type is not None else None,
-        error_code=parse_hresult(code_text) if code_text is not None else None,
-        error_context=parse_hresult(context_text) if context_text is not None else None,
-        received=parse_decimal(received_text) if received_text is not None else None,
-        reply_url=get(Header.REPLY_URL) is not None,
-        session_id=get(Header.SESSION_ID),
-        host_id=get(Header.HOST_ID),
+        packet_type=ack.type_raw.strip() if ack.type_raw is not None else None,
+        error_code=ack.error_code,
+        error_context=ack.error_context,
+        received=ack.received_offset,
+        reply_url=ack.reply_url is not None,
+        session_id=ack.session_id,
+        host_id=ack.host_id,
     )
 
 

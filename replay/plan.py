@@ -2,8 +2,8 @@
 
 Planning reads the capture once through the analyzer's pipeline. Request bodies are spooled to
 one temporary file (in $TMPDIR) as they pass, never held whole in memory; a planned request
-points into it. Only `BITS_POST` requests are planned: an upload-reply's GET of its reply, or
-BITS headers on another method, are not replayed.
+points into it. Only `BITS_POST` requests (in any letter case, as the analyzer counts them) are
+planned: an upload-reply's GET of its reply, or BITS headers on another method, are not replayed.
 
 Sessions are keyed by the session id the Create ack issued or the request carried. A request
 with no id of its own (Ping, a Create that drew no id) belongs to the session of the next
@@ -20,12 +20,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
+from analyzer.bits.packets import is_bits_method, session_key
 from analyzer.bits.protocol import (
-    METHOD,
     ContentRange,
     Header,
     PacketType,
-    is_guid,
     parse_content_range,
     same_id,
 )
@@ -212,7 +211,7 @@ class _Planner:
                 body_offset: int) -> None:
         """Spools the bytes as seen: a body with bytes lost in a gap is partial, so never
         replayed as complete, and `body_offset` is not needed to place them."""
-        if not head.is_request or head.method != METHOD:
+        if not head.is_request or not is_bits_method(head.method):
             return
         entry = self.bodies.setdefault((connection.id, head.stream_offset), _SpoolingBody())
         offset = self.spool.append(chunk)
@@ -225,7 +224,7 @@ class _Planner:
 
     def on_exchange(self, exchange: Exchange) -> None:
         request = exchange.request
-        if request is None or request.method != METHOD:
+        if request is None or not is_bits_method(request.method):
             return
         shared = self.strings.setdefault
         # Names and most values repeat request after request: keep one copy of each.
@@ -264,12 +263,6 @@ class _Planner:
                     entry.digest.hexdigest() if complete else None)
 
 
-def _id_key(session_id: str) -> str:
-    """Equal for ids that `same_id` holds equal."""
-    session_id = session_id.strip()
-    return session_id.lower() if is_guid(session_id) else session_id
-
-
 def _session_of(request: PlannedRequest) -> str | None:
     if request.packet_type is PacketType.CREATE_SESSION:
         return request.response.session_id if request.response else None
@@ -295,11 +288,11 @@ def group_sessions(requests: list[PlannedRequest]) -> list[PlannedSession]:
             if keys[i] is None:
                 keys[i] = previous or f"connection-{file}.{connection}"
             previous = keys[i]
-    sessions: dict[str, PlannedSession] = {}  # by _id_key: the first spelling seen names it
+    sessions: dict[str, PlannedSession] = {}  # by session_key: the first spelling seen names it
     for key, request in zip(keys, requests):
-        session = sessions.get(_id_key(key))
+        session = sessions.get(session_key(key))
         if session is None:
-            session = sessions[_id_key(key)] = PlannedSession(key)
+            session = sessions[session_key(key)] = PlannedSession(key)
         session.requests.append(request)
     return sorted(sessions.values(), key=lambda s: (s.first_ts_ns, s.requests[0].file,
                                                    s.requests[0].exchange))

@@ -24,9 +24,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, Protocol
 from urllib.parse import urlsplit
 
+from analyzer.bits.packets import RESYNC, SUCCESS, TOO_LARGE_STATUS
 from analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     METHOD,
@@ -507,7 +509,7 @@ class _SessionReplay:
         """Take the live session id (and Host-Id) from a successful Create ack."""
         if request.packet_type is not PacketType.CREATE_SESSION:
             return
-        if ack.status not in (200, 201) or not ack.session_id:
+        if ack.status not in SUCCESS or not ack.session_id:
             return
         captured = (request.response.session_id if request.response else None) or self.session.key
         self.live_ids[captured] = ack.session_id
@@ -592,7 +594,7 @@ class _SessionReplay:
                 index, reauthenticated = end, False
                 continue
             previous = requests[index - 1] if index else None
-            if (reauthenticated and previous.response and previous.response.status == 401
+            if (reauthenticated and previous.response and previous.response.status == HTTPStatus.UNAUTHORIZED
                     and request.packet_type is previous.packet_type):
                 self.result.outcomes.append(Outcome(request.label, request, note=(
                     "the captured client's resend after 401: already resent with --auth")))
@@ -628,7 +630,7 @@ class _SessionReplay:
         ack = self.send(outcome, request, headers, body, length, ts_ns)
         if captured is not None:
             outcome.differences = compare(captured.response, ack)
-        if ack.status == 401 and self.options.auth and not any(
+        if ack.status == HTTPStatus.UNAUTHORIZED and self.options.auth and not any(
                 k.lower() == "authorization" for k, _ in headers):
             outcome.note = "401: resent with --auth credentials"
             return self._send_adaptive(request, headers + [("Authorization", self._basic())],
@@ -658,7 +660,7 @@ class _SessionReplay:
             session_id=None, range=None, body=None, response=None)
         ack = self._send_adaptive(synthetic, headers, self.body_of(None), 0, None,
                                   "Create-Session (recreated)", None)
-        if ack.status not in (200, 201) or not ack.session_id:
+        if ack.status not in SUCCESS or not ack.session_id:
             raise Fault(f"recreating the session failed: {ack.describe()}")
         self.recreated += 1
         if self.recreated > MAX_RECREATES:
@@ -706,12 +708,12 @@ class _SessionReplay:
                 offset = self.offset = 0
                 stalled = 0
                 continue
-            if ack.status == 413:
+            if ack.status == TOO_LARGE_STATUS:
                 if size <= MIN_FRAGMENT:
                     raise Fault(f"413 for a {size}-byte fragment: cannot shrink further")
                 shrunk = max(MIN_FRAGMENT, size // 2)
                 continue
-            if ack.status not in (200, 416):
+            if ack.status not in SUCCESS and ack.status != RESYNC:
                 raise Fault(f"the server refused {wanted}: {ack.describe()}")
             if ack.received is None or ack.received > total:
                 raise Fault(f"the ack for {wanted} gives no usable received offset")

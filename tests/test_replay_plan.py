@@ -245,3 +245,63 @@ def test_unreadable_capture_is_a_problem_not_a_crash(tmp_path: Path) -> None:
         assert plan.sessions == [] and not plan.complete
         assert plan.problems and plan.problems[0].fatal
     assert not os.path.exists(tmp_path / "missing.pcap")
+
+
+def test_lowercase_bits_post_is_planned_as_the_analyzer_counts_it(tmp_path: Path) -> None:
+    from analyzer.bits.packets import classify
+    from analyzer.pipeline import read_exchanges
+
+    conv = Conversation()
+    data = payload(2000, 5)
+    conv.send(0, 0, request("Create-Session").replace(b"BITS_POST", b"bits_post", 1), 0)
+    conv.send(0, 1, ack(session=SID_A), 1)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data,
+                            content_range="bytes 0-1999/2000").replace(b"BITS_POST", b"bits_post", 1), 10)
+    conv.send(0, 1, ack(session=SID_A, received=2000), 11)
+    path = conv.write(tmp_path / "lower.pcap")
+    packets = []
+    read_exchanges([path], lambda exchange: packets.append(classify(exchange).packet))
+    assert [p.label for p in packets] == ["Create-Session", "Fragment bytes 0-1999/2000"]
+    with build_plan([path]) as plan:
+        (session,) = plan.sessions
+        assert [r.label for r in session.requests] == [p.label for p in packets]
+        assert session.requests[1].method == "bits_post"  # sent as captured
+        assert read_body(plan, session.requests[1].body) == data
+
+
+def test_acks_are_read_alike_by_analyzer_replay_and_client(tmp_path: Path) -> None:
+    """One ack parser: headers that are empty, padded or given under both error-header names
+    give the same fields in the analyzer's packets, the replay's captured summaries and the
+    client's responses."""
+    from analyzer.bits.packets import classify
+    from analyzer.pipeline import read_exchanges
+    from replay.client import Response
+
+    odd_acks = [
+        [f"BITS-Session-Id:   {SID_A}  ", "BITS-Host-Id:  ", "BITS-Received-Content-Range: 10"],
+        ["BITS-Error-Code: ", "BITS-Error: 0x8020001F", "BITS-Error-Context: 0x5"],
+        ["BITS-Error-Code: 0x80070057", "BITS-Error: 0x8020001F", "BITS-Host-Id:  host.example "],
+        ["BITS-Received-Content-Range: ten", "BITS-Error-Context: 5"],
+    ]
+    conv = Conversation()
+    heads = []
+    for number, lines in enumerate(odd_acks):
+        head = ["HTTP/1.1 500 Internal Server Error", "BITS-Packet-Type: Ack", *lines,
+                "Content-Length: 0"]
+        heads.append(head)
+        conv.send(0, 0, request("Close-Session", session=SID_A), number * 10)
+        conv.send(0, 1, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), number * 10 + 1)
+    path = conv.write(tmp_path / "acks.pcap")
+    packets = []
+    read_exchanges([path], lambda exchange: packets.append(classify(exchange).packet))
+    with build_plan([path]) as plan:
+        summaries = [r.response for r in plan.sessions[0].requests]
+    for head, packet, summary in zip(heads, packets, summaries, strict=True):
+        pairs = tuple(tuple(part.strip() for part in line.split(":", 1)) for line in head[1:])
+        response = Response("HTTP/1.1", 500, "Internal Server Error", pairs)
+        analyzer = (packet.ack_session_id, packet.host_id, packet.received_offset,
+                    packet.error_code, packet.error_context)
+        assert (summary.session_id, summary.host_id, summary.received, summary.error_code,
+                summary.error_context) == analyzer
+        assert (response.session_id, response.host_id, response.received_offset,
+                response.error_code, response.error_context) == analyzer
