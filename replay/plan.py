@@ -271,7 +271,13 @@ def _session_of(request: PlannedRequest) -> str | None:
 
 def group_sessions(requests: list[PlannedRequest]) -> list[PlannedSession]:
     """Requests → sessions (see the module docstring), each in capture order; sessions ordered
-    by their first request."""
+    by their first request.
+
+    Not analyzer.bits.sessions.SessionTracker, on purpose: the tracker sets id-less Pings and
+    challenged Creates aside as strays, but a faithful replay must send them, on the connection
+    and at the time the client did, so they join the session they opened the connection for.
+    Ids are keyed alike (packets.session_key). A server re-issuing an id it issued before gets
+    one replayed session here where the tracker counts generations."""
     keys: list[str | None] = [_session_of(r) for r in requests]
     by_connection: dict[tuple[int, int], list[int]] = {}
     for i, request in enumerate(requests):
