@@ -328,6 +328,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     except BrokenPipeError:
         _discard_further_output(out)
         return EXIT_OK
+    except KeyboardInterrupt:  # while printing; the replay itself reports its results so far
+        print("bits-replay: interrupted", file=err)
+        return EXIT_INTERRUPTED
 
 
 def _discard_further_output(out: TextIO) -> None:

@@ -135,3 +135,25 @@ def test_json_output_is_one_document(capture: Path) -> None:
     assert main([str(capture), "--target", "http://127.0.0.1:9/", "--dry-run", "--json"],
                 out=out, err=io.StringIO()) == EXIT_OK
     assert json.loads(out.getvalue())["dry_run"] is True
+
+
+class _FailingOutput(io.StringIO):
+    """Standard output whose writes fail as a Ctrl-C or a vanished reader makes them fail."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt, 130), (BrokenPipeError, EXIT_OK)])
+@pytest.mark.parametrize("json_output", [False, True])
+def test_output_interrupted_or_cut_short(capture: Path, error: type[BaseException], code: int,
+                                         json_output: bool) -> None:
+    err = io.StringIO()
+    arguments = [str(capture), "--target", "http://127.0.0.1:9/", "--dry-run"]
+    assert main(arguments + (["--json"] if json_output else []), out=_FailingOutput(error),
+                err=err) == code
+    assert err.getvalue() == ("bits-replay: interrupted\n" if code == 130 else "")
