@@ -938,7 +938,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    print(f"bits-server: listening on {server.url}", flush=True)
+    try:
+        print(f"bits-server: listening on {server.url}", flush=True)
+    except BrokenPipeError:  # nobody reads stdout (`| head -0`): serve all the same
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     stop.wait()
     server.stop()
     print("bits-server: stopped", file=sys.stderr, flush=True)

@@ -961,6 +961,36 @@ def test_cli_help_names_units_and_defaults_and_version(capsys: pytest.CaptureFix
     assert stop.value.code == 0 and capsys.readouterr().out == f"bits-server {__version__}\n"
 
 
+def test_cli_serves_with_nobody_reading_its_stdout(root: Path) -> None:
+    """`bits-server ... | head -0`: the 'listening' line cannot be written; the server serves anyway."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "replay.server", "--root", str(root), "--port", str(port), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    process.stdout.close()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("BITS_POST", "/x.bin", headers={Header.PACKET_TYPE: "Ping", "Content-Length": "0"})
+                break
+            except ConnectionRefusedError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.05)
+        assert conn.getresponse().status == 200
+        conn.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_resend_cut_before_its_ack_is_logged_as_not_answered(server: BitsServer, client: Client) -> None:
     """A fragment the server already holds is answered without reading its body; when the client
     cuts that body, the request still leaves a log record (it used to vanish)."""
