@@ -80,30 +80,16 @@ def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
 def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from analyzer.exchanges import exchange_to_json
 
-    multiple = len(args.captures) > 1
-    current: dict[str, str] = {}
+    # Several files: each record names the file its frame numbers count in.
+    names = ["<stdin>" if path == "-" else path for path in args.captures] if len(args.captures) > 1 else None
 
     def emit(exchange) -> None:
-        record = exchange_to_json(exchange)
-        if multiple:
-            record = {"capture": current.get("file"), **record}
-        out.write(json.dumps(record, separators=(",", ":")) + "\n")
-
-    def tracking(name: str, done: int, total: int | None) -> None:
-        current["file"] = name
-        if hook is not None:
-            hook(name, done, total)
+        out.write(json.dumps(exchange_to_json(exchange, names), separators=(",", ":")) + "\n")
 
     with progress_bar(not args.no_progress) as hook:
-        result = read_exchanges(_sources(args.captures, current), emit, progress=tracking)
+        result = read_exchanges(args.captures, emit, progress=hook)
     report_problems(result.problems, err)
     return EXIT_OK if result.complete else EXIT_INCOMPLETE
-
-
-def _sources(paths: Sequence[str], current: dict[str, str]) -> Iterator[str]:
-    for path in paths:
-        current["file"] = "<stdin>" if path == "-" else path
-        yield path
 
 
 def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -51,8 +51,18 @@ _unpack_ether_ipv4 = struct.Struct("!12xHBxH2xHxB2x4s4s").unpack_from
 _ETHER_IPV4_TCP_MIN = 14 + 20 + 20
 
 
+#: A run over several capture files numbers its segments `file index * CAPTURE_FRAME_SPAN + frame
+#: number`, so one TCP and HTTP pipeline spans them all and each frame still names its file.
+CAPTURE_FRAME_SPAN = 1 << 40
+
+
+def split_frame(frame: int) -> tuple[int, int]:
+    """(file index, frame number in that file) of a Segment's frame."""
+    return divmod(frame, CAPTURE_FRAME_SPAN)
+
+
 class Segment(NamedTuple):
-    frame: int
+    frame: int  # the frame number; see CAPTURE_FRAME_SPAN for runs over several files
     ts_ns: int
     src: bytes
     sport: int
@@ -110,8 +120,10 @@ class _Datagram:
 class Decoder:
     """Decode frames one at a time; `decode` returns a Segment for TCP and None otherwise."""
 
-    def __init__(self, file: str | None = None) -> None:
+    def __init__(self, file: str | None = None, capture: int = 0) -> None:
+        """`capture`: this file's index in a run over several files (numbers the segments)."""
         self.file = file
+        self._frame_base = capture * CAPTURE_FRAME_SPAN
         self.stats: dict[str, int] = dict.fromkeys((
             "frames", "tcp", "non_ip", "non_tcp", "ip_fragments", "reassembled_datagrams",
             "fragments_dropped", "malformed", "unknown_link_type", "cut_segments"), 0)
@@ -148,8 +160,8 @@ class Decoder:
                     self.stats["tcp"] += 1
                     if end > captured:
                         self.stats["cut_segments"] += 1
-                    return _new_segment((number, ts_ns, src, sport, dst, dport, seq, ack, flags, window,
-                                         data[start:captured], end - captured))
+                    return _new_segment((self._frame_base + number, ts_ns, src, sport, dst, dport, seq, ack,
+                                         flags, window, data[start:captured], end - captured))
         try:
             if link_type == LINKTYPE_ETHERNET:
                 offset = 14
@@ -360,5 +372,5 @@ class Decoder:
         missing = end - captured_end
         if missing:
             self.stats["cut_segments"] += 1
-        return Segment(frame.number, frame.ts_ns, src, sport, dst, dport, seq, ack, flags, window,
-                       data[start:captured_end], missing)
+        return Segment(self._frame_base + frame.number, frame.ts_ns, src, sport, dst, dport, seq, ack, flags,
+                       window, data[start:captured_end], missing)

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from analyzer.clock import iso
-from analyzer.decode import format_addr
+from analyzer.decode import format_addr, split_frame
 from analyzer.http import (
     BodyChunk,
     Headers,
@@ -74,6 +74,8 @@ class HttpMessage:
     partial: bool = False
     stream_offset: int = 0  # offset of the first byte in its direction's stream
     trailers: Headers = field(default_factory=Headers)
+    first_capture: int = 0  # index of the capture file first_frame / last_frame number a frame of
+    last_capture: int = 0   # (runs over several rotated files; 0 for one file)
 
 
 @dataclass(eq=False)
@@ -156,6 +158,8 @@ class ExchangeAssembler:
         self.next_index = first_index
         self.problems: list[Problem] = []
         self.problem_count = 0  # including those not kept
+        #: Names of the capture files of the run, by index: what Problems name as their file.
+        self.captures: list[str] = []
 
     # -- StreamSink ----------------------------------------------------------------------
 
@@ -304,9 +308,10 @@ class ExchangeAssembler:
 
     def _request_head(self, state: _ConnectionState, side: _Direction, head: RequestHead) -> None:
         state.roles_provisional = False
+        capture, frame = split_frame(head.frame)
         message = HttpMessage(True, head.method, head.target, head.version, None, None,
-                              head.headers, first_frame=head.frame, first_ts_ns=head.ts_ns,
-                              stream_offset=head.offset)
+                              head.headers, first_frame=frame, first_ts_ns=head.ts_ns,
+                              stream_offset=head.offset, first_capture=capture)
         pending = _Pending(message)
         state.waiting.append(pending)
         state.open.append(pending)
@@ -316,9 +321,10 @@ class ExchangeAssembler:
     def _response_head(self, state: _ConnectionState, side: _Direction,
                        head: ResponseHead) -> None:
         state.roles_provisional = False
+        capture, frame = split_frame(head.frame)
         message = HttpMessage(False, None, None, head.version, head.status, head.reason,
-                              head.headers, first_frame=head.frame, first_ts_ns=head.ts_ns,
-                              stream_offset=head.offset)
+                              head.headers, first_frame=frame, first_ts_ns=head.ts_ns,
+                              stream_offset=head.offset, first_capture=capture)
         if state.waiting:
             pending = state.waiting[0]
         else:  # nothing asked for it: an orphan, whose 1xx responses gather on it too
@@ -338,7 +344,7 @@ class ExchangeAssembler:
         if side.unsent:
             self._send_body(conn, side)
         message, pending = side.message, side.current
-        message.last_frame = end.frame
+        message.last_capture, message.last_frame = split_frame(end.frame)
         message.last_ts_ns = end.ts_ns
         message.partial = end.partial
         message.trailers = end.trailers
@@ -364,7 +370,14 @@ class ExchangeAssembler:
     def _add_problem(self, problem: Problem) -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(problem)
+            capture, frame = split_frame(problem.frame)
+            file = self.captures[capture] if capture < len(self.captures) else None
+            self.problems.append(replace(problem, frame=frame, file=file))
+
+
+def first_message(exchange: Exchange) -> HttpMessage:
+    """The message of `exchange` that began first: its request, else its first response."""
+    return exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
 
 
 def _endpoint(address: tuple[bytes, int]) -> str:
@@ -373,7 +386,7 @@ def _endpoint(address: tuple[bytes, int]) -> str:
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
-def message_to_json(message: HttpMessage) -> dict[str, Any]:
+def message_to_json(message: HttpMessage, captures: Sequence[str] | None = None) -> dict[str, Any]:
     """One message as the `request`/`response` object of `exchange_to_json`."""
     record: dict[str, Any] = (
         {"method": message.method, "target": message.target, "version": message.version}
@@ -393,13 +406,20 @@ def message_to_json(message: HttpMessage) -> dict[str, Any]:
         last_time=iso(message.last_ts_ns),
         last_epoch=message.last_ts_ns / 1e9,
     )
+    if captures is not None:
+        record.update(first_capture=captures[message.first_capture],
+                      last_capture=captures[message.last_capture])
     return record
 
 
-def exchange_to_json(exchange: Exchange) -> dict[str, Any]:
+def exchange_to_json(exchange: Exchange, captures: Sequence[str] | None = None) -> dict[str, Any]:
     """The JSON Lines record of one exchange, as `bits-analyze --http` writes it.
 
+    `captures`: the names of the run's capture files, given when there are several; the
+    record and its messages then say which file their frame numbers count in.
+
     Fields:
+      capture       (several files only) the file of the exchange's first frame
       index         int, global exchange number, increasing in emission order
       connection    int, TCP connection id (the numbering of tshark's tcp.stream)
       client        "ip:port" of the side that opened the connection ("[v6]:port" for IPv6);
@@ -424,15 +444,18 @@ def exchange_to_json(exchange: Exchange) -> dict[str, Any]:
       first_time, last_time    their timestamps, ISO 8601 UTC with microseconds
                                ("2026-01-31T12:00:00.123456Z")
       first_epoch, last_epoch  the same as float seconds since the Unix epoch
+      first_capture, last_capture  (several files only) the files of first_frame and last_frame
     """
     conn = exchange.connection
+    where = {} if captures is None else {"capture": captures[first_message(exchange).first_capture]}
     return {
+        **where,
         "index": exchange.index,
         "connection": conn.id,
         "client": _endpoint(conn.client),
         "server": _endpoint(conn.server),
-        "request": None if exchange.request is None else message_to_json(exchange.request),
-        "response": None if exchange.response is None else message_to_json(exchange.response),
-        "informational": [message_to_json(m) for m in exchange.informational],
+        "request": None if exchange.request is None else message_to_json(exchange.request, captures),
+        "response": None if exchange.response is None else message_to_json(exchange.response, captures),
+        "informational": [message_to_json(m, captures) for m in exchange.informational],
         "flags": sorted(exchange.flags),
     }

@@ -1,8 +1,11 @@
 """The one per-packet loop: capture → frames → segments → streams → HTTP exchanges.
 
-Everything above this module works per message. Each capture file gets its own decoder and
-reassembler (a connection never spans two files); exchanges of all files flow to one consumer
-in file order, so BITS sessions can span rotated captures.
+Everything above this module works per message. The capture files of a run are read in the
+order given as one capture: one TCP reassembler and one exchange assembler see them all, so
+connections, messages and BITS sessions span rotated captures. Frame numbers stay those of
+their file; the messages say which file (`HttpMessage.first_capture`, `last_capture`, indices
+into `RunResult.captures`). Each file has its own decoder (an IP datagram is not reassembled
+across files) and its own statistics.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import BinaryIO, Callable, Iterable
 
 from analyzer.capture import CaptureReader
 from analyzer.decode import Decoder
-from analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage
+from analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage, first_message
 from analyzer.problems import Problem
 from analyzer.tcp import Connection, TcpReassembler
 
@@ -74,20 +77,23 @@ def read_exchanges(
     on_body: BodyConsumer | None = None,
     progress: ProgressHook | None = None,
 ) -> RunResult:
-    """Run every capture through the pipeline, calling `on_exchange` for each HTTP exchange."""
+    """Run the captures, in order, through one pipeline, calling `on_exchange` for each HTTP
+    exchange."""
     result = RunResult()
-    next_index = 0  # exchange numbers stay unique across the files of one run
-    for source in sources:
+    assembler = ExchangeAssembler(_counting(on_exchange, result.captures), on_body)
+    reassembler = TcpReassembler(assembler)
+    feed = reassembler.feed
+    tcp_before = reassembler.stats  # totals when the current file began
+    stats = None
+    for index, source in enumerate(sources):
         name = _display_name(source)
         stats = CaptureStats(file=name)
         result.captures.append(stats)
+        assembler.captures.append(name)
         reader = CaptureReader(source, name=name)
-        counted = _counting(on_exchange, stats)
-        assembler = ExchangeAssembler(counted, on_body, first_index=next_index)
-        decoder = Decoder(file=name)
-        reassembler = TcpReassembler(assembler)
+        decoder = Decoder(file=name, capture=index)
         size = _file_size(source)
-        decode, feed = decoder.decode, reassembler.feed
+        decode = decoder.decode
         frames = iter(reader)
         frame = next(frames, None)
         if frame is not None:
@@ -100,7 +106,6 @@ def read_exchanges(
             if progress is not None and frame.number % PROGRESS_EVERY == 0:
                 progress(name, reader.bytes_read, size)
         decoder.finish()
-        reassembler.finish()
         if frame is not None:
             stats.frames = frame.number
             stats.last_ts_ns = frame.ts_ns
@@ -108,20 +113,27 @@ def read_exchanges(
         stats.bytes_read = reader.bytes_read
         stats.complete = stats.complete and reader.complete
         stats.decoder = dict(decoder.stats)
-        stats.tcp = reassembler.stats
-        stats.connections = reassembler.connection_count
+        stats.tcp = _since(reassembler.stats, tcp_before)
+        stats.connections = stats.tcp["connections"]  # first seen in this file
         result.problems.extend(reader.problems)
         result.problems.extend(decoder.problems)
-        result.problems.extend(assembler.problems)
-        next_index = assembler.next_index
         if progress is not None:
             progress(name, reader.bytes_read, size)
+        last_before, tcp_before = tcp_before, reassembler.stats
+    reassembler.finish()
+    if stats is not None:  # what is still missing at the end of the run counts in the last file
+        stats.tcp = _since(reassembler.stats, last_before)
+    result.problems.extend(assembler.problems)
     return result
 
 
-def _counting(on_exchange: ExchangeConsumer, stats: CaptureStats) -> ExchangeConsumer:
+def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {key: value - before[key] for key, value in now.items()}
+
+
+def _counting(on_exchange: ExchangeConsumer, captures: list[CaptureStats]) -> ExchangeConsumer:
     def counted(exchange: Exchange) -> None:
-        stats.exchanges += 1
+        captures[first_message(exchange).first_capture].exchanges += 1
         on_exchange(exchange)
 
     return counted

@@ -4,8 +4,11 @@ the ACK that covers it, and one upload spread over rotated capture files."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -15,6 +18,8 @@ from analyzer.bits.protocol import PROTOCOL_GUID, Header
 from analyzer.exchanges import exchange_to_json
 from analyzer.pipeline import read_exchanges
 from craft import pcap_bytes, write
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 
 SID = "{11111111-2222-3333-4444-555555555555}"
 CLIENT_ADDR, SERVER_ADDR = "10.0.0.1", "10.0.0.2"
@@ -144,3 +149,36 @@ def test_data_recorded_after_the_ack_that_covers_it_still_counts(tmp_path: Path)
     [session] = analysis.bits.sessions
     assert session.entity.complete and Path(session.entity.path).read_bytes() == BODY
     assert analysis.run.captures[0].tcp["gaps"] == 0
+
+
+@pytest.mark.skipif(shutil.which("editcap") is None, reason="editcap not installed")
+def test_rotated_captures_read_as_one_with_frames_named_by_file(tmp_path: Path) -> None:
+    whole = CAPTURES / "clean-multi-fragment.pcap"
+    per_file = 400
+    subprocess.run(["editcap", "-c", str(per_file), str(whole), str(tmp_path / "part.pcap")], check=True,
+                   capture_output=True)
+    parts = sorted(tmp_path.glob("part_*.pcap"))
+    assert len(parts) == 3
+    one, rotated = analyze([whole], extract_dir=tmp_path / "one"), analyze(parts, extract_dir=tmp_path / "rotated")
+
+    def sessions(analysis):
+        return [(s.id, s.verdict, s.total, s.acknowledged, s.entity.sha256, sorted(a.code for a in s.anomalies))
+                for s in analysis.bits.sessions]
+
+    assert sessions(rotated) == sessions(one) and one.bits.sessions[0].entity.complete
+    frames = one.run.captures[0].frames
+    assert rotated.problems == [] and [c.frames for c in rotated.run.captures] == [400, 400, frames - 800]
+    assert sum(c.tcp["connections"] for c in rotated.run.captures) == one.run.captures[0].connections
+    # Every message's frames name the file and the frame in it that the whole capture's frame became.
+    names = [str(p) for p in parts]
+    whole_records = [exchange_to_json(e) for e in exchanges_of(whole)]
+    rotated_records = [exchange_to_json(e, names) for e in exchanges_of(*parts)]
+    assert len(rotated_records) == len(whole_records) == sum(c.exchanges for c in rotated.run.captures)
+    for mine, theirs in zip(rotated_records, whole_records):
+        for kind in ("request", "response"):
+            for end in ("first", "last"):
+                number = theirs[kind][f"{end}_frame"] - 1
+                assert (mine[kind][f"{end}_capture"], mine[kind][f"{end}_frame"]) == (
+                    names[number // per_file], number % per_file + 1)
+            assert mine[kind]["body_sha256"] == theirs[kind]["body_sha256"]
+        assert mine["capture"] == mine["request"]["first_capture"]
