@@ -11,6 +11,8 @@ Tools:
 - read:     `cat CAPTURE > /dev/null`, warm cache: the floor.
 - analyze:  `bits-analyze CAPTURE` (the full BITS text report, to /dev/null).
 - extract:  the same with `--extract DIR` (every uploaded file rebuilt; DIR emptied between runs).
+- write:    `cp CAPTURE DIR`: writing about as many bytes as extraction writes, the yardstick
+            for what --extract may add.
 - tshark:   `tshark -n -q -r COPY -z http,tree`, TCP reassembly and HTTP body reassembly on (the
             defaults, stated on the command line). tshark 4.0 does not take BITS_POST for an
             HTTP method, so on the capture as recorded it would skip every request and its body;
@@ -42,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data"
 DEFAULT_CAPTURES = ("small", "large", "many")
-TOOLS = ("read", "analyze", "extract", "tshark")
+TOOLS = ("read", "analyze", "extract", "write", "tshark")
 REPLAY_CONCURRENCY = (1, 2, 4)
 TSHARK_OPTIONS = ["-o", "tcp.desegment_tcp_streams:TRUE", "-o", "http.desegment_headers:TRUE",
                   "-o", "http.desegment_body:TRUE"]
@@ -110,6 +112,7 @@ def bench(capture: Path, tools: list[str], runs: int, scratch: Path) -> dict[str
         "read": ["cat", str(capture)],
         "analyze": [analyze, "--no-progress", str(capture)],
         "extract": [analyze, "--no-progress", "--extract", str(extract_dir), str(capture)],
+        "write": ["cp", str(capture), str(extract_dir)],
     }
     if "tshark" in tools:
         copy = rewritten_copy(capture, scratch)
@@ -118,7 +121,7 @@ def bench(capture: Path, tools: list[str], runs: int, scratch: Path) -> dict[str
     run_once(commands["read"])  # warm the page cache
     for round_number in range(1, runs + 1):
         for tool in tools:
-            if tool == "extract":
+            if tool in ("extract", "write"):
                 shutil.rmtree(extract_dir, ignore_errors=True)
                 extract_dir.mkdir()
             seconds, rss = run_once(commands[tool])
@@ -126,7 +129,34 @@ def bench(capture: Path, tools: list[str], runs: int, scratch: Path) -> dict[str
             results[tool].peak_rss.append(rss)
             print(f"  {capture.name} round {round_number}: {tool} {seconds:.2f} s, "
                   f"{rss / 1e6:.0f} MB", file=sys.stderr, flush=True)
+    shutil.rmtree(extract_dir, ignore_errors=True)
     return results
+
+
+def targets(large: dict[str, Measurement], small: dict[str, Measurement] | None) -> list[str]:
+    """Issue 6's targets, on the large capture."""
+    lines = ["targets (issue 6), large capture:"]
+
+    def line(name: str, value: str, met: bool) -> None:
+        lines.append(f"  {'met    ' if met else 'NOT met'}  {name}: {value}")
+
+    analyze = large["analyze"].median
+    if "tshark" in large:
+        ratio = large["tshark"].median / analyze
+        line("bits-analyze >= 15x faster than tshark's HTTP pass", f"{ratio:.1f}x", ratio >= 15)
+    if "read" in large:
+        ratio = analyze / large["read"].median
+        line("bits-analyze within 10x of a plain read", f"{ratio:.1f}x", ratio <= 10)
+    peak = max(large["analyze"].peak_rss)
+    line("peak memory < 150 MB", f"{peak / 1e6:.0f} MB", peak < 150e6)
+    if small is not None:
+        growth = peak / max(small["analyze"].peak_rss) - 1
+        line("memory flat: large within 20% of small", f"{growth:+.0%}", abs(growth) <= 0.20)
+    if "extract" in large and "write" in large:
+        added = large["extract"].median - analyze
+        line("--extract adds no more than writing the files", f"+{added:.2f} s, writing "
+             f"{large['write'].median:.2f} s", added <= large["write"].median)
+    return lines
 
 
 def table(capture: Path, frames: int, results: dict[str, Measurement]) -> list[str]:
@@ -200,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = DATA / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     report, raw = [], {}
+    measured: dict[str, dict[str, Measurement]] = {}
     for capture in captures:
         with tempfile.TemporaryDirectory(prefix="bits-bench-", dir=capture.parent) as scratch:
             results = bench(capture, tools, args.runs, Path(scratch))
         frames = frames_in(capture, manifest)
+        measured[capture.name] = results
         report += table(capture, frames, results) + [""]
         raw[capture.name] = {"bytes": capture.stat().st_size, "frames": frames,
                              **{tool: {"seconds": m.seconds, "peak_rss": m.peak_rss}
@@ -219,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"(runs: {' '.join(f'{v:.0f}' for v in values)})")
         report.append("")
         raw["replay"] = {str(n): v for n, v in rates.items()}
+    if "large.pcap" in measured and "analyze" in measured["large.pcap"]:
+        small = measured.get("small.pcap")
+        report += targets(measured["large.pcap"], small if small and "analyze" in small else None) + [""]
     print("\n".join(report))
     print("peak RSS: of the process alone (GNU time %M); tshark/x: how many times faster than tshark; "
           "x/read: how many times the plain read's time")
