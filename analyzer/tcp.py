@@ -10,7 +10,8 @@ Policies, all chosen to keep the stream going rather than stall it:
 - Overlaps keep the first copy seen; where a later copy differs, `on_conflict` names the span
   from its first to its last differing byte. Overlaps with bytes already delivered are checked
   against the last `history` delivered payloads (older retransmissions go unchecked). These are
-  views, not copies: each may keep its capture chunk alive, so the count is what bounds memory.
+  copies: a view would keep its whole 64 KiB capture chunk alive (for every idle connection),
+  so memory is bounded by the count times the segment size.
 - A 0/1-byte segment at next-1 is a keep-alive (or Linux zero-window probe): ignored, never a
   conflict. A 1-byte zero-window probe at next is ordinary data; its retransmission is identical.
 - Holes become gaps (`on_gap` with their size, at the current position) when: the capture cut
@@ -203,31 +204,31 @@ class TcpReassembler:
         return {"connections": self.connection_count, **totals}
 
     def feed(self, segment: Segment) -> None:
-        half = self._halves.get((segment.src, segment.sport, segment.dst, segment.dport))
-        flags = segment.flags
-        if half is None or flags & _SLOW_FLAGS or segment.missing or not half.synced:
+        # One unpack of the segment: a NamedTuple attribute read costs as much as a dict lookup.
+        frame, ts_ns, src, sport, dst, dport, seq, ack, flags, _window, payload, missing = segment
+        half = self._halves.get((src, sport, dst, dport))
+        if half is None or flags & _SLOW_FLAGS or missing or not half.synced:
             self._feed_slow(segment, half)
             return
-        payload = segment.payload
-        if payload and segment.seq != half.expect:
+        if payload and seq != half.expect:
             self._feed_slow(segment, half)
             return
         conn = half.conn
-        conn.last_frame = frame = segment.frame
-        conn.last_ts_ns = ts_ns = segment.ts_ns
+        conn.last_frame = frame
+        conn.last_ts_ns = ts_ns
         peer = half.peer
-        if segment.ack != peer.next_seq and flags & ACK:
+        if ack != peer.next_seq and flags & ACK:
             if peer.synced:
-                ahead = (segment.ack - peer.next_seq) & _SEQ_MASK
+                ahead = (ack - peer.next_seq) & _SEQ_MASK
                 if ahead <= _MAX_WINDOW:
                     self._acknowledged_unseen(peer, ahead, frame, ts_ns)
             elif peer.wire_base is None:
-                peer.wire_base = (segment.ack - 1) & _SEQ_MASK
+                peer.wire_base = (ack - 1) & _SEQ_MASK
         if payload:
             size = len(payload)
             half.offset += size
             half.next_seq = half.expect = (half.expect + size) & _SEQ_MASK
-            half.history.append(payload)
+            half.history.append(bytes(payload))  # a copy: a view would pin its capture chunk
             self._on_data(conn, half.direction, payload, frame, ts_ns)
 
     def finish(self) -> None:
@@ -407,7 +408,7 @@ class TcpReassembler:
         size = len(data)
         half.offset += size
         half.next_seq = (half.next_seq + size) & _SEQ_MASK
-        half.history.append(data)
+        half.history.append(bytes(data))  # a copy: a view would pin its capture chunk
         self._on_data(half.conn, half.direction, data, frame, ts_ns)
 
     def _drain(self, half: _Half, frame: int, ts_ns: int) -> None:

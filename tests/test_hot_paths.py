@@ -100,3 +100,33 @@ def test_on_body_blocks_carry_every_body_byte_in_order() -> None:
     assert with_body and all(bodies[id(m)].hexdigest() == m.body_sha256 for m in with_body)
     assert max(sizes) < BODY_BLOCK + 65536 and len(sizes) < sum(m.body_length for m in with_body) // 1448
 
+
+
+def test_nothing_keeps_a_view_of_the_capture_data_after_a_packet() -> None:
+    """A view kept past its packet pins the whole read chunk (64 KiB) it points into; a bytearray
+    cannot be resized while any view of it lives, which makes a kept view visible."""
+    from analyzer.decode import ACK, PSH, SYN, Segment
+    from analyzer.exchanges import ExchangeAssembler
+    from analyzer.tcp import TcpReassembler
+
+    client, server = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+    head = b"BITS_POST /u HTTP/1.1\r\nContent-Length: 3000\r\n\r\n"
+    chunk = bytearray(head + bytes(range(256)) * 12)[:len(head) + 3000]
+    exchanges: list = []
+    reassembler = TcpReassembler(ExchangeAssembler(exchanges.append, lambda *body_block: None))
+
+    def segment(frame: int, forward: bool, seq: int, ack: int, flags: int, payload: memoryview) -> Segment:
+        ends = (client, 40000, server, 80) if forward else (server, 80, client, 40000)
+        return Segment(frame, frame, ends[0], ends[1], ends[2], ends[3], seq, ack, flags, 65535, payload, 0)
+
+    empty = memoryview(b"")
+    reassembler.feed(segment(1, True, 100, 0, SYN, empty))
+    reassembler.feed(segment(2, False, 500, 101, SYN | ACK, empty))
+    view = memoryview(chunk)
+    for number, start in enumerate(range(0, len(chunk), 1448), 3):  # in order: the fast paths
+        reassembler.feed(segment(number, True, 101 + start, 501, ACK | PSH, view[start:start + 1448]))
+    del number, start
+    view.release()
+    chunk.extend(b"x")  # BufferError if the reassembler, parser or assembler kept a view
+    reassembler.finish()
+    assert exchanges and exchanges[0].request.body_length == 3000
