@@ -101,11 +101,11 @@ def _packet_codes(session: Session, anomalies: list[Anomaly]) -> dict[int, list[
     return by_frame
 
 
-def session_record(session: Session, anomalies: list[Anomaly]) -> dict[str, Any]:
+def session_record(session: Session, anomalies: list[Anomaly], with_packets: bool = True) -> dict[str, Any]:
     duration = (session.last_ns - session.first_ns) / 1e9 if session.last_ns and session.first_ns else 0.0
     by_frame = _packet_codes(session, anomalies)
     packets = []
-    for pkt in session.packets:
+    for pkt in session.packets if with_packets else ():
         codes: list[str] = []
         for frame in pkt.frames:
             codes += [c for c in by_frame.get(frame, []) if c not in codes]
@@ -139,11 +139,14 @@ def download_record(item: Download) -> dict[str, Any]:
             "user_agent": item.user_agent, "frame": item.frame}
 
 
-def build_report(analysis: Analysis, *, session_filter: str | None = None) -> dict[str, Any]:
-    """The schema-v1 dict. `session_filter` keeps one session (id compared like the protocol)."""
+def build_report(analysis: Analysis, *, session_filter: str | None = None,
+                 with_packets: bool = True) -> dict[str, Any]:
+    """The schema-v1 dict. `session_filter` keeps one session (id compared like the protocol).
+    Without `with_packets` the sessions' packet lists stay empty: the text report does not show
+    them, and on captures of many small requests they are most of the report's memory."""
     wanted = session_key(session_filter) if session_filter else None
     sessions = [s for s in analysis.bits.sessions if wanted is None or s.key == wanted]
-    session_records = [session_record(s, s.anomalies) for s in sessions]
+    session_records = [session_record(s, s.anomalies, with_packets) for s in sessions]
     loose = [] if wanted else analysis.bits.anomalies
     counts = {severity: 0 for severity in SEVERITY_ORDER}
     for item in [a for s in sessions for a in s.anomalies] + loose:
