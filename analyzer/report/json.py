@@ -13,7 +13,7 @@ from analyzer import __version__
 from analyzer.analysis import Analysis
 from analyzer.clock import epoch, iso
 from analyzer.bits import protocol as p
-from analyzer.bits.catalogue import CATALOGUE, Anomaly
+from analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
 from analyzer.bits.packets import BitsPacket, Download, session_key
 from analyzer.bits.sessions import Session
 from analyzer.pipeline import CaptureStats
@@ -21,7 +21,7 @@ from analyzer.problems import Problem
 
 SCHEMA = "bitstrace.report"
 VERSION = 1
-SEVERITY_ORDER = ("error", "warning", "info")
+SEVERITY_ORDER = tuple(severity.value for severity in Severity)  # worst first
 
 
 def _times(prefix: str, ts_ns: int | None) -> dict[str, Any]:
