@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from replay.client import BitsClient  # noqa: E402
 from replay.server import BitsServer  # noqa: E402
+from captures.netns import run_in_namespace, wait_for  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 MANIFEST = "manifest.json"
 MIB = 1 << 20
 #: tcpdump's kernel buffer: a Python client on loopback outruns the default 2 MiB.
 BUFFER_KIB = 1024 * 1024
-READY_TIMEOUT = 10.0
 SETTLE = 1.0  # for the last FIN/ACKs to reach the capture before it stops
 ATTEMPTS = 3
 
@@ -86,19 +86,6 @@ def _upload(job: tuple[str, str, int]) -> None:
         client.disconnect()
 
 
-def _wait_for(process: subprocess.Popen, marker: str) -> str:
-    seen = ""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        seen += line
-        if marker in line:
-            return seen
-        if not line and process.poll() is not None:
-            break
-    raise RuntimeError(f"{process.args[0]} did not start:\n{seen}")
-
-
 def record(shape: Shape, out: Path, workers: multiprocessing.pool.Pool) -> dict:
     """Run `shape`'s uploads against a fresh bits-server while tcpdump writes `out`."""
     with tempfile.TemporaryDirectory(prefix=f"bits-bench-{shape.name}-", dir=out.parent) as tmp:
@@ -114,7 +101,7 @@ def record(shape: Shape, out: Path, workers: multiprocessing.pool.Pool) -> dict:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         started = time.monotonic()
         try:
-            _wait_for(recorder, "listening on")
+            wait_for(recorder, "listening on")
             jobs = [(f"{server.url}uploads/{shape.name}-{index:05d}.bin", str(source), shape.fragment_size)
                     for index in range(shape.sessions)]
             workers.map(_upload, jobs, chunksize=1)
@@ -160,42 +147,6 @@ def make(shapes: list[Shape], directory: Path) -> None:
                   f"{shape.sessions} sessions, {entry['seconds_to_record']} s", flush=True)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, stdin=subprocess.DEVNULL)
-
-
-def run_in_namespace(argv: list[str]) -> int:
-    """Re-run this script inside a fresh network namespace (loopback MTU 1500, no GSO); remove
-    the namespace and anything left running in it afterwards."""
-    namespace = f"bitsbench{os.getpid()}"
-    _ip("netns", "add", namespace)
-    inner = None
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        _ip("-n", namespace, "link", "set", "lo", "up")
-        _ip("-n", namespace, "link", "set", "lo", "mtu", "1500")
-        _ip("-n", namespace, "link", "set", "lo", "gso_max_size", "1500", "gso_max_segs", "1")
-        inner = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, __file__, "--inside", *argv],
-                                 start_new_session=True)
-        return inner.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if inner is not None and inner.poll() is None:
-            os.killpg(inner.pid, signal.SIGTERM)
-            try:
-                inner.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(inner.pid, signal.SIGKILL)
-                inner.wait()
-        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout
-        for pid in pids.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", namespace], stdin=subprocess.DEVNULL)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DATA, help="output directory (default: bench/data)")
@@ -217,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, "make_captures.py: needs root (network namespaces, packet capture)\n")
         args.out.mkdir(parents=True, exist_ok=True)
         forwarded = _without_out(sys.argv[1:] if argv is None else argv)
-        return run_in_namespace(["--out", str(args.out.resolve()), *forwarded])
+        return run_in_namespace(__file__, ["--out", str(args.out.resolve()), *forwarded], prefix="bitsbench")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     make(shapes, args.out)
     return 0

@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analyzer.bits.protocol import Header, PacketType, parse_content_range  # noqa: E402
 from replay.client import CHUNK_SIZE, BitsClient, Transaction  # noqa: E402
 from replay.server import BitsServer  # noqa: E402
+from captures.netns import READY_TIMEOUT, run_in_namespace, wait_for  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXPECTED = "expected.json"
 SCHEMA_VERSION = 1
-READY_TIMEOUT = 10.0
 #: Time for the last FIN/ACK exchange to pass the capture before it is stopped.
 SETTLE = 0.3
 #: Capture buffer: with the default 2 MiB the kernel drops packets of a fast loopback upload.
@@ -455,7 +455,7 @@ def recording(path: Path, port: int, fmt: str, nanoseconds: bool) -> Iterator[No
     recorder = subprocess.Popen([*command, "-w", str(raw), f"tcp port {port}"], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        banner = _wait_for(recorder, "listening on")
+        banner = wait_for(recorder, "listening on")
         yield
         time.sleep(SETTLE)
         recorder.send_signal(signal.SIGINT)
@@ -471,19 +471,6 @@ def recording(path: Path, port: int, fmt: str, nanoseconds: bool) -> Iterator[No
         subprocess.run(["editcap", "-F", "pcapng", str(raw), str(path)], check=True,
                        stdin=subprocess.DEVNULL, capture_output=True)
         raw.unlink()
-
-
-def _wait_for(process: subprocess.Popen, marker: str) -> str:
-    seen = ""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        seen += line
-        if marker in line:
-            return seen
-        if not line and process.poll() is not None:
-            break
-    raise RuntimeError(f"{process.args[0]} did not start:\n{seen}")
 
 
 def run_scenario(item: Scenario, out: Path) -> dict:
@@ -527,44 +514,6 @@ def run_scenario(item: Scenario, out: Path) -> dict:
             "sessions": describe_sessions(stage, root),
             "size": (out / item.filename).stat().st_size,
         }
-
-
-# --- the namespace ----------------------------------------------------------------------------
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, stdin=subprocess.DEVNULL)
-
-
-def run_in_namespace(argv: list[str]) -> int:
-    """Re-run this script inside a fresh network namespace; remove it (and anything left running
-    in it) afterwards, whatever happened."""
-    namespace = f"bitscap{os.getpid()}"
-    _ip("netns", "add", namespace)
-    inner = None
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        _ip("-n", namespace, "link", "set", "lo", "up")
-        _ip("-n", namespace, "link", "set", "lo", "mtu", "1500")
-        # without this the kernel hands loopback 64 KiB super-segments to the capture
-        _ip("-n", namespace, "link", "set", "lo", "gso_max_size", "1500", "gso_max_segs", "1")
-        inner = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, __file__,
-                                  "--inside", *argv], start_new_session=True)
-        return inner.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if inner is not None and inner.poll() is None:
-            os.killpg(inner.pid, signal.SIGTERM)
-            try:
-                inner.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(inner.pid, signal.SIGKILL)
-                inner.wait()
-        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout
-        for pid in pids.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", namespace], stdin=subprocess.DEVNULL)
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -686,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, "make_captures.py: needs root (network namespaces, packet capture)\n")
         args.out.mkdir(parents=True, exist_ok=True)
         forwarded = ["--out", str(args.out.resolve())] + (["--only", *args.only] if args.only else [])
-        return run_in_namespace(forwarded)
+        return run_in_namespace(__file__, forwarded, prefix="bitscap")
     # SIGTERM from the outer process: unwind, so tcpdump is stopped and the staging dir removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     selected = [item for item in SCENARIOS if not args.only or item.name in args.only]

@@ -23,7 +23,7 @@ import pytest
 from analyzer.capture import CaptureReader
 from analyzer.decode import Decoder
 from analyzer.pipeline import read_exchanges
-from analyzer.tcp import CLIENT, TcpReassembler
+from analyzer.tcp import TcpReassembler
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 CORPUS = sorted(p for p in CAPTURES.glob("*.pcap*") if p.is_file())
