@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from itertools import chain, repeat
 
 
 class Severity(str, enum.Enum):
@@ -86,9 +87,15 @@ class Anomaly:
     severity: Severity
     message: str
     session_id: str | None = None
-    frames: tuple[int, ...] = ()
+    frames: tuple[int, ...] = ()  # frame numbers, each counted in its own capture file
     timestamps: tuple[int, ...] = ()
     connection: int | None = None
+    captures: tuple[int, ...] = ()  # the capture file index of each of `frames` (parallel)
+
+    @property
+    def places(self) -> tuple[tuple[int, int], ...]:
+        """(capture index, frame number) of each frame."""
+        return tuple(zip(chain(self.captures, repeat(0)), self.frames))
 
     @property
     def kind(self) -> AnomalyKind:
@@ -108,11 +115,16 @@ def anomaly(
     timestamps: tuple[int, ...] | list[int] = (),
     connection: int | None = None,
     severity: Severity | None = None,
+    captures: tuple[int | None, ...] | list[int | None] = (),
 ) -> Anomaly:
-    """An Anomaly of a catalogued code (KeyError for a code that is not in the catalogue)."""
+    """An Anomaly of a catalogued code (KeyError for a code that is not in the catalogue).
+    `captures` gives the capture file index of each of `frames` (none given: all in file 0)."""
     kind = CATALOGUE[code]
+    places = sorted({(capture or 0, frame) for capture, frame in zip(chain(captures, repeat(0)), frames)
+                     if frame is not None})
     return Anomaly(
         code, severity or kind.severity, message, session_id,
-        tuple(sorted(set(f for f in frames if f is not None))),
+        tuple(frame for _, frame in places),
         tuple(t for t in timestamps if t is not None), connection,
+        tuple(capture for capture, _ in places),
     )

@@ -70,6 +70,7 @@ class CoveredRange:
     last: int  # inclusive
     frames: tuple[int, ...]  # request frames of the fragments the bytes came from
     acknowledged: bool
+    captures: tuple[int, ...] = ()  # the capture file index of each of `frames`
 
 
 @dataclass
@@ -88,12 +89,12 @@ class ExtractedEntity:
 class _Piece:
     start: int
     end: int  # exclusive
-    frame: int
+    place: tuple[int, int]  # (capture index, request frame) of the fragment the bytes came from
     acknowledged: bool
     owner: tuple[int, int] | None  # in-flight fragment (connection, request offset)
 
     def same_origin(self, other: "_Piece") -> bool:
-        return (self.frame, self.acknowledged, self.owner) == (other.frame, other.acknowledged, other.owner)
+        return (self.place, self.acknowledged, self.owner) == (other.place, other.acknowledged, other.owner)
 
 
 @dataclass(slots=True)
@@ -102,11 +103,11 @@ class _Inflight:
     spool: "_Spool"
     first: int
     last: int
-    frame: int
+    place: tuple[int, int]  # (capture index, request frame)
     ts_ns: int
     connection: int
-    # earlier copy's (frame, acknowledged) -> [first, end, first differing offset or -1] compared
-    conflicts: dict[tuple[int, bool], list[int]] = field(default_factory=dict)
+    # earlier copy's (place, acknowledged) -> [first, end, first differing offset or -1] compared
+    conflicts: dict[tuple[tuple[int, int], bool], list[int]] = field(default_factory=dict)
 
 
 class _Spool:
@@ -145,27 +146,28 @@ class _Spool:
                 if piece.acknowledged:
                     continue
             os.pwrite(self.fd, chunk, a)
-            self.assign(_Piece(a, b, inflight.frame, False, inflight.key))
+            self.assign(_Piece(a, b, inflight.place, False, inflight.key))
 
     def _compare(self, a: int, b: int, chunk: memoryview, piece: _Piece, inflight: _Inflight) -> None:
         """Read the stored copy back; the overlap with each earlier copy is reported once."""
         stored = os.pread(self.fd, b - a, a)
         differs = -1 if stored == chunk else a + next(i for i, (x, y) in enumerate(zip(stored, chunk)) if x != y)
-        seen = inflight.conflicts.setdefault((piece.frame, piece.acknowledged), [a, b, differs])
+        seen = inflight.conflicts.setdefault((piece.place, piece.acknowledged), [a, b, differs])
         seen[0], seen[1] = min(seen[0], a), max(seen[1], b)
         if differs >= 0 and (seen[2] < 0 or differs < seen[2]):
             seen[2] = differs
 
     def report_conflicts(self, inflight: _Inflight) -> None:
-        for (frame, acknowledged), (first, end, differs) in sorted(inflight.conflicts.items()):
+        for (place, acknowledged), (first, end, differs) in sorted(inflight.conflicts.items()):
             if differs < 0:
                 continue
             state = "acknowledged, kept" if acknowledged else "unacknowledged, replaced by the resend"
             self.anomalies.append(anomaly(
                 "resend-conflict",
-                f"bytes {first}-{end - 1} resent in frame {inflight.frame} differ from the copy first sent in frame "
-                f"{frame} ({state}); first differing byte {differs}",
-                session_id=self.session_id, frames=(frame, inflight.frame), timestamps=(inflight.ts_ns,),
+                f"bytes {first}-{end - 1} resent in frame {inflight.place[1]} differ from the copy first sent in frame "
+                f"{place[1]} ({state}); first differing byte {differs}",
+                session_id=self.session_id, frames=(place[1], inflight.place[1]),
+                captures=(place[0], inflight.place[0]), timestamps=(inflight.ts_ns,),
                 connection=inflight.connection,
             ))
         inflight.conflicts.clear()
@@ -178,9 +180,9 @@ class _Spool:
         while j < len(self.pieces) and self.pieces[j].start < new.end:
             old = self.pieces[j]
             if old.start < new.start:
-                replacement.append(_Piece(old.start, new.start, old.frame, old.acknowledged, old.owner))
+                replacement.append(_Piece(old.start, new.start, old.place, old.acknowledged, old.owner))
             if old.end > new.end:
-                replacement.append(_Piece(new.end, old.end, old.frame, old.acknowledged, old.owner))
+                replacement.append(_Piece(new.end, old.end, old.place, old.acknowledged, old.owner))
             j += 1
         replacement.append(new)
         replacement.sort(key=lambda pc: pc.start)
@@ -203,20 +205,22 @@ class _Spool:
         hi = bisect.bisect_left(self.pieces, inflight.last + 1, key=lambda pc: pc.start)
         for piece in [pc for pc in self.pieces[lo:hi] if pc.owner == inflight.key]:
             if piece.start < acknowledged_below:
-                self.assign(_Piece(piece.start, min(piece.end, acknowledged_below), piece.frame, True, None))
+                self.assign(_Piece(piece.start, min(piece.end, acknowledged_below), piece.place, True, None))
             if piece.end > acknowledged_below:
-                self.assign(_Piece(max(piece.start, acknowledged_below), piece.end, piece.frame, False, None))
+                self.assign(_Piece(max(piece.start, acknowledged_below), piece.end, piece.place, False, None))
 
     def coverage(self) -> list[CoveredRange]:
-        runs: list[tuple[int, int, bool, dict[int, None]]] = []  # frames kept unique, in order
+        runs: list[tuple[int, int, bool, dict[tuple[int, int], None]]] = []  # places kept unique, in order
         for piece in self.pieces:
             if runs and runs[-1][1] == piece.start and runs[-1][2] == piece.acknowledged:
-                first, _, acknowledged, frames = runs[-1]
-                frames[piece.frame] = None
-                runs[-1] = (first, piece.end, acknowledged, frames)
+                first, _, acknowledged, places = runs[-1]
+                places[piece.place] = None
+                runs[-1] = (first, piece.end, acknowledged, places)
             else:
-                runs.append((piece.start, piece.end, piece.acknowledged, {piece.frame: None}))
-        return [CoveredRange(first, end - 1, tuple(frames), acknowledged) for first, end, acknowledged, frames in runs]
+                runs.append((piece.start, piece.end, piece.acknowledged, {piece.place: None}))
+        return [CoveredRange(first, end - 1, tuple(frame for _, frame in places), acknowledged,
+                             tuple(capture for capture, _ in places))
+                for first, end, acknowledged, places in runs]
 
     def acknowledged_bytes(self) -> int:
         return sum(pc.end - pc.start for pc in self.pieces if pc.acknowledged and (self.total is None or pc.start < self.total))
@@ -256,7 +260,7 @@ class Extractor:
             inflight.spool.store(pos, data[:end - pos], inflight)
         except OSError as error:
             self.problems.append(Problem("extract-write-failed", f"writing session {inflight.spool.session_id}: {error}",
-                                         frame=inflight.frame, connection=inflight.connection))
+                                         frame=inflight.place[1], connection=inflight.connection))
 
     def _start(self, key: tuple[int, int], connection: Any, message: Any) -> _Inflight | None:
         if (message.method or "").upper() != p.METHOD:
@@ -274,7 +278,8 @@ class Extractor:
             return None
         if spool.total is None:
             spool.total = rng.total
-        inflight = _Inflight(key, spool, rng.first, rng.last, message.first_frame, message.first_ts_ns, connection.id)
+        inflight = _Inflight(key, spool, rng.first, rng.last, (message.first_capture, message.first_frame),
+                             message.first_ts_ns, connection.id)
         self._inflight[key] = inflight
         return inflight
 

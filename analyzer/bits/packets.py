@@ -62,7 +62,8 @@ def host_name(host: str | None) -> str | None:
 
 @dataclass(slots=True)
 class BitsPacket:
-    """A BITS_POST request and its ack. Frames and times come from the HTTP messages."""
+    """A BITS_POST request and its ack. Frames and times come from the HTTP messages; each
+    frame number counts in the capture file its `*_capture` index names (rotated captures)."""
 
     exchange: int
     connection: int
@@ -104,6 +105,9 @@ class BitsPacket:
     fallback_timeout_s: int | None = None
     flags: frozenset[str] = frozenset()
     anomalies: list[Anomaly] = field(default_factory=list)
+    request_capture: int = 0  # of request_frame
+    request_last_capture: int = 0  # of request_last_frame
+    response_capture: int | None = None  # of response_frame
 
     @property
     def answered(self) -> bool:
@@ -131,6 +135,16 @@ class BitsPacket:
         return tuple(f for f in (self.request_frame, self.response_frame) if f is not None)
 
     @property
+    def captures(self) -> tuple[int, ...]:
+        """The capture index of each of `frames`."""
+        return tuple(c for c in (self.request_capture, self.response_capture) if c is not None)
+
+    @property
+    def places(self) -> tuple[tuple[int, int], ...]:
+        """(capture index, frame number) of each of `frames`."""
+        return tuple(zip(self.captures, self.frames))
+
+    @property
     def timestamps(self) -> tuple[int, ...]:
         return tuple(t for t in (self.sent_ns, self.acked_ns) if t is not None)
 
@@ -143,7 +157,7 @@ class BitsPacket:
 
     def flag(self, code: str, message: str, **extra: Any) -> None:
         self.anomalies.append(anomaly(
-            code, message, session_id=self.session_id, frames=self.frames,
+            code, message, session_id=self.session_id, frames=self.frames, captures=self.captures,
             timestamps=self.timestamps, connection=self.connection, **extra,
         ))
 
@@ -166,6 +180,7 @@ class Download:
     range: str | None
     frame: int
     sent_ns: int
+    capture: int = 0  # of frame
 
 
 @dataclass(slots=True)
@@ -215,8 +230,8 @@ def classify(exchange: Any) -> Classified:
             out.anomalies.append(anomaly(
                 "orphan-response",
                 f"HTTP {response.status} response carrying BITS headers with no request in the capture",
-                frames=(response.first_frame,), timestamps=(response.first_ts_ns,),
-                connection=exchange.connection.id,
+                frames=(response.first_frame,), captures=(response.first_capture,),
+                timestamps=(response.first_ts_ns,), connection=exchange.connection.id,
             ))
         return out
     method = (request.method or "").upper()
@@ -227,15 +242,16 @@ def classify(exchange: Any) -> Classified:
             out.anomalies.append(anomaly(
                 "wrong-method-or-version",
                 f"{request.method} {request.target} carries BITS headers; BITS requests use {p.METHOD}",
-                frames=(request.first_frame,), timestamps=(request.first_ts_ns,),
-                connection=exchange.connection.id,
+                frames=(request.first_frame,), captures=(request.first_capture,),
+                timestamps=(request.first_ts_ns,), connection=exchange.connection.id,
             ))
         if method in DOWNLOAD_METHODS and user_agent and user_agent.startswith(p.USER_AGENT_PREFIX):
             out.download = _download(exchange, method, user_agent, h)
             basic = _basic_credentials(request, h)
             if basic is not None:
                 out.anomalies.append(anomaly("basic-auth-cleartext", basic, frames=(request.first_frame,),
-                                             timestamps=(request.first_ts_ns,), connection=exchange.connection.id))
+                                             captures=(request.first_capture,), timestamps=(request.first_ts_ns,),
+                                             connection=exchange.connection.id))
         return out
     out.packet = _packet(exchange, h)
     return out
@@ -251,6 +267,7 @@ def _download(exchange: Any, method: str, user_agent: str, h: _Fields) -> Downlo
         status=response.status if response else None,
         bytes=response.body_length if response else 0,
         range=h.get("Range"), frame=request.first_frame, sent_ns=request.first_ts_ns,
+        capture=request.first_capture,
     )
 
 
@@ -274,6 +291,7 @@ def _packet(exchange: Any, h: _Fields) -> BitsPacket:
         content_name=_shared(h.get(Header.CONTENT_NAME)), user_agent=_shared(h.get(Header.USER_AGENT)),
         offered_protocols=tuple(p.split_protocols(protocols_raw)) if protocols_raw else (),
         request_frame=request.first_frame, request_last_frame=request.last_frame,
+        request_capture=request.first_capture, request_last_capture=request.last_capture,
         request_offset=request.stream_offset, sent_ns=request.first_ts_ns,
         flags=frozenset(exchange.flags) if exchange.flags else NO_FLAGS,
     )
@@ -338,6 +356,7 @@ def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     pkt.status = response.status
     pkt.reason = _shared(response.reason)
     pkt.response_frame = response.first_frame
+    pkt.response_capture = response.first_capture
     pkt.acked_ns = response.first_ts_ns
     ack = parse_ack(h.get)
     pkt.ack_type_raw = _shared(ack.type_raw)

@@ -55,6 +55,8 @@ class FragmentRecord:
     received_offset: int | None
     sent_ns: int
     acked_ns: int | None
+    request_capture: int = 0  # capture file index of request_frame
+    response_capture: int | None = None  # of response_frame
 
 
 @dataclass
@@ -101,9 +103,10 @@ class Session:
     def flag(self, code: str, message: str, packets: list[BitsPacket] | tuple[BitsPacket, ...] = (),
              timestamps: tuple[int, ...] = ()) -> None:
         frames = [f for pkt in packets for f in pkt.frames]
+        captures = [c for pkt in packets for c in pkt.captures]
         times = list(timestamps) or [t for pkt in packets for t in pkt.timestamps]
         self.anomalies.append(anomaly(
-            code, message, session_id=self.id, frames=frames, timestamps=times,
+            code, message, session_id=self.id, frames=frames, captures=captures, timestamps=times,
             connection=packets[-1].connection if packets else None,
         ))
 
@@ -238,15 +241,16 @@ def _stray_fingerprints(stray: list[BitsPacket]) -> list[Anomaly]:
         if not (pkt.user_agent or "").startswith(p.USER_AGENT_PREFIX):
             first_seen.setdefault((pkt.client_ip, pkt.user_agent), pkt)
     return [anomaly("client-fingerprint", f"{pkt.label} from {pkt.client_ip} with User-Agent {pkt.user_agent or '(none)'!r}, "
-                    f"not {p.USER_AGENT_PREFIX}…", frames=pkt.frames, timestamps=pkt.timestamps, connection=pkt.connection)
+                    f"not {p.USER_AGENT_PREFIX}…", frames=pkt.frames, captures=pkt.captures, timestamps=pkt.timestamps,
+                    connection=pkt.connection)
             for pkt in first_seen.values()]
 
 
 def _dedup(anomalies: list[Anomaly]) -> list[Anomaly]:
-    seen: set[tuple[str, tuple[int, ...], str]] = set()
+    seen: set[tuple[str, tuple[tuple[int, int], ...], str]] = set()
     kept = []
-    for item in sorted(anomalies, key=lambda a: (a.timestamps[:1] or (0,), a.frames)):
-        key = (item.code, item.frames, item.message if item.code != "resend-conflict" else "")
+    for item in sorted(anomalies, key=lambda a: (a.timestamps[:1] or (0,), a.places)):
+        key = (item.code, item.places, item.message if item.code != "resend-conflict" else "")
         if key not in seen:
             seen.add(key)
             kept.append(item)
@@ -271,7 +275,7 @@ class _SessionWalk:
         self.s = session
         self.capture_start = capture_start
         self.capture_end = capture_end
-        self.packets = sorted(session.packets, key=lambda pkt: (pkt.sent_ns, pkt.request_frame))
+        self.packets = sorted(session.packets, key=lambda pkt: (pkt.sent_ns, pkt.request_capture, pkt.request_frame))
         session.packets = self.packets
         self.expected: int | None = None  # offset the server last asked for
         self.tentative: int | None = None  # E+1 of a fragment whose ack the capture lacks
@@ -365,6 +369,7 @@ class _SessionWalk:
         s.fragments.append(FragmentRecord(
             pkt.request_frame, pkt.request_last_frame, pkt.response_frame, pkt.connection, rng,
             pkt.body_length, pkt.status, pkt.received_offset, pkt.sent_ns, pkt.acked_ns,
+            pkt.request_capture, pkt.response_capture,
         ))
         if rng is None:
             return
@@ -405,7 +410,9 @@ class _SessionWalk:
         if self.too_large is not None:
             verb = "shrank" if rng.length < self.too_large_size else "did not shrink"
             self.too_large.message += f"; the client {verb} its next fragment to {rng.length} bytes (frame {pkt.request_frame})"
-            self.too_large.frames = tuple(sorted({*self.too_large.frames, pkt.request_frame}))
+            places = sorted({*self.too_large.places, (pkt.request_capture, pkt.request_frame)})
+            self.too_large.captures = tuple(capture for capture, _ in places)
+            self.too_large.frames = tuple(frame for _, frame in places)
             self.too_large = None
         found = next((a for a in pkt.anomalies if a.code == "fragment-too-large"), None)
         if found is not None:
@@ -562,6 +569,6 @@ def _reply_fetched_after_close(sessions: list[Session], downloads: list[Download
                     and _reply_path(s.url, download.target) == wanted):
                 s.anomalies.append(anomaly(
                     "reply-url-misplaced", f"reply {download.target} fetched after Close-Session (which deletes it)",
-                    session_id=s.id, frames=(download.frame,), timestamps=(download.sent_ns,),
+                    session_id=s.id, frames=(download.frame,), captures=(download.capture,), timestamps=(download.sent_ns,),
                     connection=download.connection,
                 ))

@@ -13,8 +13,8 @@ import html
 from typing import Iterable
 
 from analyzer.report.presentation import (
-    SEVERITIES, Clock, all_anomalies, anomaly_order, frame_list, human_duration,
-    human_rate, human_size, percent, printable, severity_counts, short_ids,
+    SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, frame_name,
+    human_duration, human_rate, human_size, percent, printable, several_captures, severity_counts, short_ids,
 )
 
 #: Fragments drawn one by one per timeline; past this, ordinary ones are aggregated in bands.
@@ -127,10 +127,11 @@ def render_html(report: dict) -> str:
     out += _summary(report)
     out += _captures(report, clock)
     out += _sessions_table(sessions, ids, anchors, clock)
-    out += _anomalies(anomalies, ids, anchors, clock)
+    several = several_captures(report)
+    out += _anomalies(anomalies, ids, anchors, clock, several)
     out += _problems(report.get("problems") or [])
     out += _downloads(report.get("downloads") or [], clock)
-    out += _timelines(sessions, ids, clock)
+    out += _timelines(sessions, ids, clock, several)
     out += _counters(report)
     out.append("</main></body></html>\n")
     return "".join(out)
@@ -183,6 +184,9 @@ def _captures(report: dict, clock: Clock) -> list[str]:
             f"<td class=\"num\">{_e(capture.get('connections'))}</td><td class=\"num\">{_e(capture.get('exchanges'))}</td>"
             f"<td>{state}</td></tr>")
     out.append("</tbody></table>")
+    legend = capture_legend(report)
+    if legend:
+        out.append(f"<p class=\"note\">{_e(legend)}</p>")
     return out
 
 
@@ -254,7 +258,8 @@ def _anomaly_title(anomaly: dict) -> str:
     return _e(f"{anomaly.get('meaning') or ''}{spec}")
 
 
-def _anomalies(anomalies: list[dict], ids: dict[str, str], anchors: dict[str, str], clock: Clock) -> list[str]:
+def _anomalies(anomalies: list[dict], ids: dict[str, str], anchors: dict[str, str], clock: Clock,
+               several: bool) -> list[str]:
     out = [f"<h2 id=\"anomalies\">Anomalies ({len(anomalies)})</h2>"]
     if not anomalies:
         return out + ["<p>No anomalies.</p>"]
@@ -274,7 +279,7 @@ def _anomalies(anomalies: list[dict], ids: dict[str, str], anchors: dict[str, st
         out.append(
             f"<tr class=\"a-{css}\"><td><span class=\"badge s-{css}\">{_SEVERITY_MARK[css]} {_e(severity)}</span></td>"
             f"<td><code title=\"{_anomaly_title(anomaly)}\">{_e(anomaly.get('code'))}</code></td>"
-            f"<td>{where}</td><td class=\"mono\">{_e(frame_list(anomaly.get('frames')))}</td>"
+            f"<td>{where}</td><td class=\"mono\">{_e(anomaly_frames(anomaly, several))}</td>"
             f"<td>{_e(clock.time(anomaly.get('ts')))}</td><td class=\"wrap\">{_e(anomaly.get('message'))}</td></tr>")
     out.append("</tbody></table></div>")
     return out
@@ -340,7 +345,7 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 74, 16, 34, 30
 _PLOT_W, _PLOT_H = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
 
-def _timelines(sessions: list[dict], ids: dict[str, str], clock: Clock) -> list[str]:
+def _timelines(sessions: list[dict], ids: dict[str, str], clock: Clock, several: bool) -> list[str]:
     if not sessions:
         return []
     out = ["<h2 id=\"timelines\">Session timelines</h2>",
@@ -349,7 +354,7 @@ def _timelines(sessions: list[dict], ids: dict[str, str], clock: Clock) -> list[
            "Each fragment is a box from its request to its response, covering its byte range. "
            "Hover any mark for details.</p>", _LEGEND, "</div>"]
     for index, session in enumerate(sessions):
-        out.append(_session_section(index, session, ids, clock))
+        out.append(_session_section(index, session, ids, clock, several))
     return out
 
 
@@ -414,15 +419,15 @@ def _acknowledged(session: dict) -> str:
     return f"{acknowledged:,} of {of} bytes {percent(acknowledged, total)}"
 
 
-def _session_section(index: int, session: dict, ids: dict[str, str], clock: Clock) -> str:
+def _session_section(index: int, session: dict, ids: dict[str, str], clock: Clock, several: bool) -> str:
     sid = session.get("id")
     before = " <span class=\"note\">already running when the capture began</span>" if session.get("before_capture") else ""
-    svg, notes = _timeline(session, clock)
+    svg, notes = _timeline(session, clock, several)
     anomalies = sorted(session.get("anomalies") or [], key=anomaly_order)
     listed = "".join(
         f"<li><span class=\"badge s-{a.get('severity') if a.get('severity') in SEVERITIES else 'error'}\">"
         f"{_e(a.get('severity'))}</span> <code title=\"{_anomaly_title(a)}\">{_e(a.get('code'))}</code> "
-        f"<span class=\"note\">frames {_e(frame_list(a.get('frames')))}</span> {_e(a.get('message'))}</li>"
+        f"<span class=\"note\">frames {_e(anomaly_frames(a, several))}</span> {_e(a.get('message'))}</li>"
         for a in anomalies)
     return (f"<section class=\"session\" id=\"s-{index}\"><header><h3>Session <code title=\"{_e(sid)}\">"
             f"{_e(ids.get(sid, sid) if sid is not None else '(no id)')}</code></h3>{_verdict(session.get('verdict'))}"
@@ -447,7 +452,7 @@ class _Scale:
         return _TOP + _PLOT_H * (1 - min(max(offset, 0), self.top) / self.top)
 
 
-def _timeline(session: dict, clock: Clock) -> tuple[str, list[str]]:
+def _timeline(session: dict, clock: Clock, several: bool) -> tuple[str, list[str]]:
     """The session's SVG and the notes that say what was simplified."""
     packets = session.get("packets") or []
     stamps = [t for p in packets for t in ((p.get("request") or {}).get("ts"), (p.get("response") or {}).get("ts"))
@@ -462,10 +467,10 @@ def _timeline(session: dict, clock: Clock) -> tuple[str, list[str]]:
     notes: list[str] = []
     body: list[str] = [f"<rect class=\"plot\" x=\"{_LEFT}\" y=\"{_TOP}\" width=\"{_PLOT_W}\" height=\"{_PLOT_H}\"/>"]
     body += _axes(scale, total, bool(fragments))
-    body += _fragment_marks(fragments, scale, notes)
-    body += _ack_line(fragments, scale)
-    body += _events(packets, scale, notes)
-    body += _anomaly_marks(session.get("anomalies") or [], scale, clock, notes)
+    body += _fragment_marks(fragments, scale, notes, several)
+    body += _ack_line(fragments, scale, several)
+    body += _events(packets, scale, notes, several)
+    body += _anomaly_marks(session.get("anomalies") or [], scale, clock, notes, several)
     label = printable(session.get("id")) or "session"
     svg = (f"<svg class=\"timeline\" viewBox=\"0 0 {_W} {_H}\" width=\"{_W}\" height=\"{_H}\" role=\"img\" "
            f"aria-label=\"timeline of session {_e(label)}\">{''.join(body)}</svg>")
@@ -501,18 +506,23 @@ def _fragment_class(packet: dict) -> str:
     return "f-ok" if status in (200, 201) else "f-416" if status == 416 else "f-err"
 
 
-def _fragment_title(packet: dict) -> str:
+def _frame(record: dict, several: bool, key: str = "frame", capture_key: str = "capture") -> str:
+    """A packet record's frame, naming its file in a report of several captures."""
+    return frame_name(record.get(key), record.get(capture_key), several)
+
+
+def _fragment_title(packet: dict, several: bool) -> str:
     request, response = packet["request"], packet.get("response")
     rng = request["range"]
     size = (rng.get("last") or 0) - (rng.get("first") or 0) + 1
     text = (f"Fragment bytes {rng.get('first')}-{rng.get('last')}/{rng.get('total')} ({human_size(size)}), "
-            f"frames {request.get('frame')}-{request.get('last_frame')}")
+            f"frames {_frame(request, several)}-{_frame(request, several, 'last_frame', 'last_capture')}")
     if request.get("body_length") is not None and request.get("body_length") != size:
         text += f", {request['body_length']:,} body bytes captured"
     if response is None:
         text += "; no response in the capture"
     else:
-        text += f"; {response.get('status')} {printable(response.get('reason'))} at frame {response.get('frame')}"
+        text += f"; {response.get('status')} {printable(response.get('reason'))} at frame {_frame(response, several)}"
         if response.get("received") is not None:
             text += f", server has {response['received']:,} bytes"
         if response.get("error_code"):
@@ -522,7 +532,7 @@ def _fragment_title(packet: dict) -> str:
     return text
 
 
-def _fragment_marks(fragments: list[dict], scale: _Scale, notes: list[str]) -> list[str]:
+def _fragment_marks(fragments: list[dict], scale: _Scale, notes: list[str], several: bool) -> list[str]:
     individual, ordinary = fragments, []
     if len(fragments) > MAX_FRAGMENT_BARS:
         special = [p for p in fragments if p.get("anomalies") or _fragment_class(p) != "f-ok"]
@@ -538,9 +548,9 @@ def _fragment_marks(fragments: list[dict], scale: _Scale, notes: list[str]) -> l
         y0, y1 = scale.y((rng.get("last") or 0) + 1), scale.y(rng.get("first") or 0)
         out.append(f"<rect class=\"{_fragment_class(packet)}\" x=\"{x0:.1f}\" y=\"{y0:.1f}\" "
                    f"width=\"{max(x1 - x0, 1.5):.1f}\" height=\"{max(y1 - y0, 1.5):.1f}\">"
-                   f"<title>{_e(_fragment_title(packet))}</title></rect>")
+                   f"<title>{_e(_fragment_title(packet, several))}</title></rect>")
     if ordinary:
-        bands = _bands(ordinary, scale)
+        bands = _bands(ordinary, scale, several)
         out += bands
         notes.append(f"{len(fragments):,} fragments: {len(individual):,} drawn one by one (those with an "
                      f"anomaly or a non-200 answer), the other {len(ordinary):,} aggregated into "
@@ -548,7 +558,7 @@ def _fragment_marks(fragments: list[dict], scale: _Scale, notes: list[str]) -> l
     return out
 
 
-def _bands(fragments: list[dict], scale: _Scale) -> list[str]:
+def _bands(fragments: list[dict], scale: _Scale, several: bool) -> list[str]:
     groups: dict[int, list[dict]] = {}
     for packet in fragments:
         slot = int((scale.x(packet["request"].get("ts")) - _LEFT) / _PLOT_W * (AGGREGATE_BANDS - 1))
@@ -562,17 +572,18 @@ def _bands(fragments: list[dict], scale: _Scale) -> list[str]:
         x0, x1 = scale.x(start), scale.x(end)
         y0, y1 = scale.y(last + 1), scale.y(first)
         title = (f"{len(group)} fragments acknowledged with 200, bytes {first:,}-{last:,}, "
-                 f"frames {group[0]['request'].get('frame')}-{group[-1]['request'].get('last_frame')}")
+                 f"frames {_frame(group[0]['request'], several)}-"
+                 f"{_frame(group[-1]['request'], several, 'last_frame', 'last_capture')}")
         out.append(f"<rect class=\"f-agg\" x=\"{x0:.1f}\" y=\"{y0:.1f}\" width=\"{max(x1 - x0, 1.5):.1f}\" "
                    f"height=\"{max(y1 - y0, 1.5):.1f}\"><title>{_e(title)}</title></rect>")
     return out
 
 
-def _resync_title(response: dict, received: int) -> str:
-    return f"416 at frame {response.get('frame')}: the server wants offset {received:,}"
+def _resync_title(response: dict, received: int, several: bool) -> str:
+    return f"416 at frame {_frame(response, several)}: the server wants offset {received:,}"
 
 
-def _ack_line(fragments: list[dict], scale: _Scale) -> list[str]:
+def _ack_line(fragments: list[dict], scale: _Scale, several: bool) -> list[str]:
     """The server's acknowledged offset over time (a step line), and the 416 resync marks."""
     points: list[tuple[float, float]] = []
     marks: list[str] = []
@@ -584,7 +595,7 @@ def _ack_line(fragments: list[dict], scale: _Scale) -> list[str]:
         x, y = scale.x(ts), scale.y(received)
         if response.get("status") == 416:
             marks.append(f"<path class=\"ack416\" d=\"M{x:.1f} {y - 6:.1f}l6 10h-12z\"><title>"
-                         f"{_e(_resync_title(response, received))}"
+                         f"{_e(_resync_title(response, received, several))}"
                          "</title></path>")
         elif response.get("status") in (200, 201):
             points.append((x, y))
@@ -606,7 +617,7 @@ def _ack_line(fragments: list[dict], scale: _Scale) -> list[str]:
 _EVENT_LABELS = {"Create-Session": "create", "Close-Session": "close", "Cancel-Session": "cancel", "Ping": "ping"}
 
 
-def _events(packets: list[dict], scale: _Scale, notes: list[str]) -> list[str]:
+def _events(packets: list[dict], scale: _Scale, notes: list[str], several: bool) -> list[str]:
     """Create, Ping, Close and Cancel as vertical lines; error answers to them in red."""
     events = [p for p in packets if not (p.get("request") or {}).get("range")]
     out = []
@@ -618,10 +629,10 @@ def _events(packets: list[dict], scale: _Scale, notes: list[str]) -> list[str]:
         failed = response is not None and status not in (200, 201)
         css = "ev ev-err" if failed else {"close": "ev ev-close", "cancel": "ev ev-cancel"}.get(label, "ev")
         x = scale.x(request.get("ts"))
-        answer = (f"{status} {printable(response.get('reason'))} at frame {response.get('frame')}"
+        answer = (f"{status} {printable(response.get('reason'))} at frame {_frame(response, several)}"
                   + (f", {printable(response.get('error_code'))} {printable(response.get('error_name') or '')}"
                      if response.get("error_code") else "")) if response else "no response in the capture"
-        title = f"{printable(kind)} at frame {request.get('frame')}; {answer}"
+        title = f"{printable(kind)} at frame {_frame(request, several)}; {answer}"
         out.append(f"<g><line class=\"{css}\" x1=\"{x:.1f}\" y1=\"{_TOP - 8}\" x2=\"{x:.1f}\" y2=\"{_TOP + _PLOT_H}\"/>"
                    f"{_label(x, label)}<title>{_e(title)}</title></g>")
     if len(events) > MAX_MARKERS:
@@ -636,7 +647,8 @@ def _label(x: float, label: str) -> str:
     return f"<text x=\"{x + 3:.1f}\" y=\"{_TOP - 10}\">{_e(label)}</text>"
 
 
-def _anomaly_marks(anomalies: list[dict], scale: _Scale, clock: Clock, notes: list[str]) -> list[str]:
+def _anomaly_marks(anomalies: list[dict], scale: _Scale, clock: Clock, notes: list[str],
+                   several: bool) -> list[str]:
     """Each anomaly as a shape on the strip above the plot: square error, triangle warning,
     circle info; its tooltip explains it."""
     ordered = sorted(anomalies, key=anomaly_order)
@@ -653,7 +665,7 @@ def _anomaly_marks(anomalies: list[dict], scale: _Scale, clock: Clock, notes: li
                  "warning": f"<path d=\"M{x:.1f} {y - 5.5}l5.5 10h-11z\"",
                  "info": f"<circle cx=\"{x:.1f}\" cy=\"{y}\" r=\"4.5\""}[severity]
         title = (f"{printable(anomaly.get('severity'))} {printable(anomaly.get('code'))} at "
-                 f"{clock.time(anomaly.get('ts'))}, frames {frame_list(anomaly.get('frames'))}: "
+                 f"{clock.time(anomaly.get('ts'))}, frames {anomaly_frames(anomaly, several)}: "
                  f"{printable(anomaly.get('message'))} — {printable(anomaly.get('meaning'))}")
         out.append(f"{shape} class=\"m-{severity}\"><title>{_e(title)}</title>"
                    f"{'</rect>' if severity == 'error' else '</path>' if severity == 'warning' else '</circle>'}")

@@ -53,7 +53,7 @@ def anomaly_record(item: Anomaly) -> dict[str, Any]:
     return {
         "code": item.code, "severity": item.severity.value, "meaning": kind.meaning, "spec": kind.rule,
         "message": item.message, "session": item.session_id, "connection": item.connection,
-        "frames": list(item.frames), **_times("", first),
+        "frames": list(item.frames), "captures": [capture for capture, _ in item.places], **_times("", first),
     }
 
 
@@ -67,6 +67,7 @@ def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
     if pkt.answered:
         response = {
             "status": pkt.status, "reason": pkt.reason, "frame": pkt.response_frame,
+            "capture": pkt.response_capture,
             **_times("", pkt.acked_ns), "packet_type": pkt.ack_type_raw,
             "session_id": pkt.ack_session_id, "received": pkt.received_offset,
             "error_code": None if pkt.error_code is None else p.format_hresult(pkt.error_code),
@@ -80,7 +81,8 @@ def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
         "connection": pkt.connection,
         "request": {
             "method": pkt.method, "target": pkt.target, "frame": pkt.request_frame,
-            "last_frame": pkt.request_last_frame, **_times("", pkt.sent_ns),
+            "capture": pkt.request_capture, "last_frame": pkt.request_last_frame,
+            "last_capture": pkt.request_last_capture, **_times("", pkt.sent_ns),
             "range": None if rng is None else {"first": rng.first, "last": rng.last, "total": rng.total},
             "content_length": pkt.content_length, "body_length": pkt.body_length,
             "body_sha256": pkt.body_sha256,
@@ -90,25 +92,25 @@ def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
     }
 
 
-def _packet_codes(session: Session, anomalies: list[Anomaly]) -> dict[int, list[str]]:
-    """Anomaly codes per packet, matched by the packet's request frame."""
-    by_frame: dict[int, list[str]] = {}
+def _packet_codes(session: Session, anomalies: list[Anomaly]) -> dict[tuple[int, int], list[str]]:
+    """Anomaly codes per packet, matched by the packet's (capture, frame) places."""
+    by_place: dict[tuple[int, int], list[str]] = {}
     for item in anomalies:
-        for frame in item.frames:
-            by_frame.setdefault(frame, [])
-            if item.code not in by_frame[frame]:
-                by_frame[frame].append(item.code)
-    return by_frame
+        for place in item.places:
+            codes = by_place.setdefault(place, [])
+            if item.code not in codes:
+                codes.append(item.code)
+    return by_place
 
 
 def session_record(session: Session, anomalies: list[Anomaly], with_packets: bool = True) -> dict[str, Any]:
     duration = (session.last_ns - session.first_ns) / 1e9 if session.last_ns and session.first_ns else 0.0
-    by_frame = _packet_codes(session, anomalies)
+    by_place = _packet_codes(session, anomalies)
     packets = []
     for pkt in session.packets if with_packets else ():
         codes: list[str] = []
-        for frame in pkt.frames:
-            codes += [c for c in by_frame.get(frame, []) if c not in codes]
+        for place in pkt.places:
+            codes += [c for c in by_place.get(place, []) if c not in codes]
         packets.append(packet_record(pkt, codes))
     entity = session.entity
     extracted = None
@@ -116,7 +118,7 @@ def session_record(session: Session, anomalies: list[Anomaly], with_packets: boo
         extracted = {
             "path": entity.path, "complete": entity.complete, "sha256": entity.sha256,
             "coverage": [{"first": r.first, "last": r.last, "frames": list(r.frames),
-                          "acknowledged": r.acknowledged} for r in entity.coverage],
+                          "captures": list(r.captures), "acknowledged": r.acknowledged} for r in entity.coverage],
         }
     return {
         "id": session.id, "client": session.client, "server": session.server, "host": session.host,
@@ -136,7 +138,8 @@ def session_record(session: Session, anomalies: list[Anomaly], with_packets: boo
 def download_record(item: Download) -> dict[str, Any]:
     return {"client": item.client, "server": item.server, "method": item.method, "url": item.target,
             "host": item.host, "status": item.status, "bytes": item.bytes, "range": item.range,
-            "user_agent": item.user_agent, "frame": item.frame}
+            "user_agent": item.user_agent, "frame": item.frame,
+            "capture": item.capture}
 
 
 def build_report(analysis: Analysis, *, session_filter: str | None = None,

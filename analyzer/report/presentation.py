@@ -164,8 +164,9 @@ def all_anomalies(report: dict) -> list[dict]:
 def anomaly_order(anomaly: dict) -> tuple:
     ts = anomaly.get("ts")
     frames = anomaly.get("frames") or []
+    captures = anomaly.get("captures") or []
     return (severity_rank(anomaly.get("severity")), ts is None, ts or 0.0,
-            frames[0] if frames else 0)
+            captures[0] if captures else 0, frames[0] if frames else 0)
 
 
 def severity_counts(anomalies: Iterable[dict]) -> dict[str, int]:
@@ -176,19 +177,50 @@ def severity_counts(anomalies: Iterable[dict]) -> dict[str, int]:
     return counts
 
 
-def frame_list(frames: Iterable[int] | None, limit: int = 6) -> str:
-    """`21-23, 40, 52` with runs collapsed; `… (+N)` past `limit` runs."""
-    numbers = sorted(set(frames or ()))
-    runs: list[tuple[int, int]] = []
-    for number in numbers:
-        if runs and number == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], number)
+def several_captures(report: dict) -> bool:
+    """Whether the report's frames need their file named (`2:431`)."""
+    return len(report.get("captures") or ()) > 1
+
+
+def capture_legend(report: dict) -> str | None:
+    """`frames N:F are frame F of capture #N: #1 a.pcap, #2 b.pcap` when the report has several
+    captures, else None."""
+    if not several_captures(report):
+        return None
+    files = ", ".join(f"#{n} {printable(c.get('file')) or '-'}" for n, c in enumerate(report["captures"], 1))
+    return f"frames N:F are frame F of capture #N: {files}"
+
+
+def frame_name(frame: int | None, capture: int | None, several: bool) -> str:
+    """`431`, or `2:431` (frame 431 of the second capture) in a report of several captures."""
+    if frame is None:
+        return "—"
+    return f"{(capture or 0) + 1}:{frame}" if several else f"{frame}"
+
+
+def frame_list(frames: Iterable[int] | None, limit: int = 6, captures: Iterable[int] | None = None) -> str:
+    """`21-23, 40, 52` with runs collapsed; `… (+N)` past `limit` runs. With `captures` (the
+    capture index of each frame, given in reports of several captures) `1:21-23, 2:4`."""
+    frames = list(frames or ())
+    places = sorted(set(zip(captures, frames) if captures is not None else ((None, f) for f in frames)),
+                    key=lambda place: (place[0] or 0, place[1]))
+    runs: list[tuple[int | None, int, int]] = []
+    for capture, number in places:
+        if runs and capture == runs[-1][0] and number == runs[-1][2] + 1:
+            runs[-1] = (capture, runs[-1][1], number)
         else:
-            runs.append((number, number))
-    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit]]
+            runs.append((capture, number, number))
+    parts = [("" if c is None else f"{c + 1}:") + (f"{a}" if a == b else f"{a}-{b}") for c, a, b in runs[:limit]]
     if len(runs) > limit:
         parts.append(f"… (+{len(runs) - limit})")
     return ", ".join(parts)
+
+
+def anomaly_frames(anomaly: dict, several: bool) -> str:
+    """An anomaly's frames for display (`frame_list`), naming their files when `several`."""
+    frames = anomaly.get("frames") or []
+    captures = (anomaly.get("captures") or [0] * len(frames)) if several else None
+    return frame_list(frames, captures=captures)
 
 
 class Clock:

@@ -18,9 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from analyzer.report.presentation import (
-    SEVERITIES, Clock, all_anomalies, anomaly_order, check_min_severity, compact_progress, clip,
-    frame_list, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
-    short_ids,
+    SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, check_min_severity,
+    compact_progress, clip, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
+    several_captures, short_ids,
 )
 
 LOG_WIDTH = 120
@@ -70,7 +70,8 @@ def render_text(report: dict, console_or_file: Console | IO[str], *, min_severit
         _captures(report, palette, clock),
         _summary(report, palette),
         _sessions(sessions, ids, palette, clock, console.width),
-        _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width),
+        _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width,
+                   several_captures(report)),
     ]
     extracted = [s for s in sessions if s.get("extracted")]
     if extracted:
@@ -143,6 +144,9 @@ def _captures(report: dict, palette: _Palette, clock: Clock) -> RenderableType:
             if first is not None:
                 line.append(f", {clock.datetime(first)[:-4]} → {clock.time(last)} UTC{span}")
         lines.append(line)
+    legend = capture_legend(report)
+    if legend:
+        lines.append(Text(legend, style=palette["dim"]))
     return Group(*lines) if lines else Text("no capture read")
 
 
@@ -235,14 +239,14 @@ def _severity_counts(anomalies: Iterable[dict], palette: _Palette) -> Text:
 # --- anomalies ---------------------------------------------------------------------------------
 
 def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str, str],
-               palette: _Palette, clock: Clock, width: int) -> RenderableType:
+               palette: _Palette, clock: Clock, width: int, several: bool) -> RenderableType:
     note = Text(f"{_plural(hidden, 'anomaly', 'anomalies')} below {min_severity} not shown.",
                 style=palette["dim"]) if hidden else None
     if not shown:
         message = Text("No anomalies." if not hidden else "No anomalies at this severity.")
         return Group(message, note) if note else message
     title = f"Anomalies ({len(shown)}), worst first"
-    rows = [_anomaly_cells(anomaly, ids, palette, clock) for anomaly in sorted(shown, key=anomaly_order)]
+    rows = [_anomaly_cells(anomaly, ids, palette, clock, several) for anomaly in sorted(shown, key=anomaly_order)]
     if width < NARROW:
         # A table's message column would be a few characters wide: one heading line per
         # anomaly instead, its message indented below.
@@ -264,7 +268,8 @@ def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str,
     return Group(table, note) if note else table
 
 
-def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock: Clock) -> tuple[Text, ...]:
+def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock: Clock,
+                   several: bool) -> tuple[Text, ...]:
     severity = anomaly.get("severity") or "?"
     session = anomaly.get("session")
     if session is not None:
@@ -274,7 +279,7 @@ def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock:
     else:
         where = Text("—", style=palette["dim"])
     return (Text(severity, style=palette[severity] if severity in SEVERITIES else palette["error"]),
-            _text(anomaly.get("code"), palette["code"]), where, Text(frame_list(anomaly.get("frames"))),
+            _text(anomaly.get("code"), palette["code"]), where, Text(anomaly_frames(anomaly, several)),
             Text(clock.time(anomaly.get("ts"))), _text(anomaly.get("message") or anomaly.get("meaning")))
 
 
