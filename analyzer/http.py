@@ -464,12 +464,17 @@ class HttpParser:
         else:
             self._state = self._until_close
 
-    def _in_body(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _take_body(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        """Pass on what is there of the `_remaining` body bytes; where they stop."""
         stop = min(end, pos + self._remaining)
         events.append(BodyChunk(mv[pos:stop], self._frame, self._ts))
         self._body_length += stop - pos
         self._remaining -= stop - pos
         self._last = (self._frame, self._ts)
+        return stop
+
+    def _in_body(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        stop = self._take_body(mv, pos, end, events)
         if not self._remaining:
             self._end_message(events)
         return stop
@@ -507,11 +512,7 @@ class HttpParser:
         return stop
 
     def _in_chunk_data(self, mv: memoryview, pos: int, end: int, events: list) -> int:
-        stop = min(end, pos + self._remaining)
-        events.append(BodyChunk(mv[pos:stop], self._frame, self._ts))
-        self._body_length += stop - pos
-        self._remaining -= stop - pos
-        self._last = (self._frame, self._ts)
+        stop = self._take_body(mv, pos, end, events)
         if not self._remaining:
             self._state = self._chunk_data_end
         return stop
