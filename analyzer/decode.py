@@ -84,6 +84,12 @@ def format_addr(addr: bytes) -> str:
     return str(ipaddress.ip_address(addr))
 
 
+def format_endpoint(addr: bytes, port: int) -> str:
+    """`ip:port`, with IPv6 in brackets: `[::1]:8080`."""
+    text = format_addr(addr)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 class _Datagram:
     """An IP datagram waiting for its fragments."""
 

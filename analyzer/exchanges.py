@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from analyzer.clock import iso
-from analyzer.decode import format_addr, split_frame
+from analyzer.decode import format_endpoint, split_frame
 from analyzer.http import (
     BodyChunk,
     Headers,
@@ -380,12 +380,6 @@ def first_message(exchange: Exchange) -> HttpMessage:
     return exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
 
 
-def _endpoint(address: tuple[bytes, int]) -> str:
-    host, port = address
-    text = format_addr(host)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
 def message_to_json(message: HttpMessage, captures: Sequence[str] | None = None) -> dict[str, Any]:
     """One message as the `request`/`response` object of `exchange_to_json`."""
     record: dict[str, Any] = (
@@ -452,8 +446,8 @@ def exchange_to_json(exchange: Exchange, captures: Sequence[str] | None = None) 
         **where,
         "index": exchange.index,
         "connection": conn.id,
-        "client": _endpoint(conn.client),
-        "server": _endpoint(conn.server),
+        "client": format_endpoint(*conn.client),
+        "server": format_endpoint(*conn.server),
         "request": None if exchange.request is None else message_to_json(exchange.request, captures),
         "response": None if exchange.response is None else message_to_json(exchange.response, captures),
         "informational": [message_to_json(m, captures) for m in exchange.informational],

@@ -10,7 +10,6 @@ Checks needing a session's history live in machine.py / sessions.py.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from typing import Any, Callable
 from analyzer.bits import protocol as p
 from analyzer.bits.catalogue import Anomaly, Severity, anomaly
 from analyzer.bits.protocol import ContentRange, Header, PacketType
+from analyzer.decode import format_addr, format_endpoint
 
 SUCCESS = frozenset({200, 201})
 RESYNC = 416
@@ -38,16 +38,6 @@ def session_key(session_id: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def format_address(addr: bytes, port: int | None = None) -> str:
-    try:
-        ip = str(ipaddress.ip_address(addr))
-    except ValueError:
-        ip = bytes(addr).hex()
-    if port is None:
-        return ip
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def host_name(host: str | None) -> str | None:
     """Host header without the port and IPv6 brackets, lowercased."""
     if not host:
@@ -217,8 +207,8 @@ def _endpoints(exchange: Any) -> tuple[str, str, str, str]:
     conn = exchange.connection
     (caddr, cport), (saddr, sport) = conn.client, conn.server
     caddr, saddr = bytes(caddr), bytes(saddr)
-    return (format_address(caddr, cport), format_address(caddr),
-            format_address(saddr, sport), format_address(saddr))
+    return (format_endpoint(caddr, cport), format_addr(caddr),
+            format_endpoint(saddr, sport), format_addr(saddr))
 
 
 def classify(exchange: Any) -> Classified:
