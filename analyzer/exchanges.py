@@ -44,10 +44,9 @@ from analyzer.http import (
     ResponseHead,
     start_line_role,
 )
-from analyzer.problems import Problem
+from analyzer.problems import Problem, ProblemLog
 from analyzer.tcp import CLIENT, SERVER, Connection
 
-MAX_PROBLEMS = 1000  # parse problems kept; the rest are only counted
 #: Body bytes are handed to `on_body` in blocks of about this size (a copy of each payload, but
 #: one consumer call per ~45 packets instead of one per packet, and no view of a capture chunk
 #: escapes to a consumer that might keep it). Bounded: one block per direction in a body.
@@ -156,8 +155,7 @@ class ExchangeAssembler:
         self._on_body = on_body
         self._connections: dict[int, _ConnectionState] = {}
         self.next_index = first_index
-        self.problems: list[Problem] = []
-        self.problem_count = 0  # including those not kept
+        self.problems = ProblemLog()  # the first few of each kind; all are counted
         #: Names of the capture files of the run, by index: what Problems name as their file.
         self.captures: list[str] = []
 
@@ -368,11 +366,9 @@ class ExchangeAssembler:
         self._on_exchange(exchange)
 
     def _add_problem(self, problem: Problem) -> None:
-        self.problem_count += 1
-        if len(self.problems) < MAX_PROBLEMS:
-            capture, frame = split_frame(problem.frame)
-            file = self.captures[capture] if capture < len(self.captures) else None
-            self.problems.append(replace(problem, frame=frame, file=file))
+        capture, frame = split_frame(problem.frame)
+        file = self.captures[capture] if capture < len(self.captures) else None
+        self.problems.report(replace(problem, frame=frame, file=file))
 
 
 def first_message(exchange: Exchange) -> HttpMessage:

@@ -75,7 +75,6 @@ class Transition(NamedTuple):
 
 
 ALL = frozenset(Answer)
-FRAGMENTS = (Sent.FRAGMENT, Sent.FINAL_RESEND)
 ENDED = (State.CLOSED, State.CANCELLED)
 
 # (state, what was sent, answers) -> transition; expanded into TRANSITIONS below.

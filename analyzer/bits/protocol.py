@@ -68,10 +68,6 @@ class PacketType(enum.Enum):
 _PACKET_TYPES_BY_LOWER = {p.value.lower(): p for p in PacketType}
 
 REQUEST_TYPES = frozenset(PacketType) - {PacketType.ACK}
-#: Request packets that carry BITS-Session-Id.
-SESSION_PACKETS = frozenset(
-    {PacketType.FRAGMENT, PacketType.CLOSE_SESSION, PacketType.CANCEL_SESSION}
-)
 #: Request packets that must not carry a body.
 BODYLESS_PACKETS = REQUEST_TYPES - {PacketType.FRAGMENT}
 

@@ -116,7 +116,6 @@ class BitsSummary:
     sessions: list[Session]
     downloads: list[Download]
     anomalies: list[Anomaly]  # those that belong to no session
-    stray_packets: list[BitsPacket]  # Pings without a session id, challenged or unanswered Creates
     counts: dict[str, int]
 
 
@@ -219,7 +218,7 @@ class SessionTracker:
         stray_anomalies = [a for pkt in self._stray for a in pkt.anomalies] + _stray_fingerprints(self._stray)
         return BitsSummary(
             sessions=self._sessions, downloads=self._downloads,
-            anomalies=_dedup(self._loose + stray_anomalies), stray_packets=self._stray,
+            anomalies=_dedup(self._loose + stray_anomalies),
             counts=dict(self._counts),
         )
 
