@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.bits.catalogue import Severity
+from analyzer.bits.catalogue import CATALOGUE, Severity
 from analyzer.bits.packets import classify, session_key
+from analyzer.bits import protocol as p
 from analyzer.bits.protocol import PROTOCOL_GUID, ContentRange, Header, PacketType
 from bits_fixtures import SID, SID2, UA, Wire, codes
 
@@ -286,7 +287,9 @@ _HEADER_NAMES = [Header.PACKET_TYPE, Header.SESSION_ID, Header.CONTENT_RANGE, "C
                  Header.HOST_ID_FALLBACK_TIMEOUT, "User-Agent", "Host", "Authorization", "Content-Encoding"]
 _VALUES = st.one_of(st.sampled_from(["Fragment", "create-session", "Ack", "Close-Session", "Ping", "Cancel-Session",
                                      SID, "bytes 0-9/10", "bytes 9-0/10", "0", "-1", "99999999999999999999",
-                                     "0x8020001F", "x", "{}", "", " ", PROTOCOL_GUID, "Basic x"]),
+                                     "0x8020001F", "x", "{}", "", " ", PROTOCOL_GUID, "Basic x",
+                                     # past int()'s 4,300-digit limit: must read as malformed
+                                     "9" * 5000, f"bytes 0-{'9' * 5000}/{'9' * 5000}"]),
                     st.text(st.characters(min_codepoint=0, max_codepoint=255), max_size=40))
 _HEADERS = st.lists(st.tuples(st.sampled_from(_HEADER_NAMES), _VALUES), max_size=10)
 
@@ -303,3 +306,14 @@ def test_arbitrary_header_values_never_raise(tmp_path_factory, requests) -> None
     summary = w.finish()
     for session in summary.sessions:
         assert session.verdict in ("delivered", "not-delivered", "unknown")
+        assert session.total is None or 0 < session.total < 10**21  # a bounded number, or none
+    for item in summary.anomalies + [a for s in summary.sessions for a in s.anomalies]:
+        assert item.code in CATALOGUE  # every finding is a catalogued code
+
+
+def test_numbers_past_the_int_digit_limit_are_malformed() -> None:
+    """int() refuses decimal strings over 4,300 digits; a hostile capture must not reach it."""
+    huge = "9" * 5000
+    assert p.parse_content_range(f"bytes 0-{huge}/{huge}") is None
+    assert p.parse_decimal(huge) is None
+    assert p.parse_content_range("bytes 0-99999999999999999998/99999999999999999999").total == 10**20 - 1
