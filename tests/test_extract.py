@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
+from analyzer.bits.protocol import Header, parse_content_range
 from bits_fixtures import SID, SID2, Wire, codes, payload
 
 T = 12_000
@@ -240,3 +241,147 @@ def test_reissued_session_id_gets_its_own_entity(tmp_path: Path) -> None:
     assert Path(first.entity.path).read_bytes() == payload(T, 1)
     assert Path(second.entity.path).read_bytes() == payload(T, 2)
     assert second.entity.path.endswith("-2") and "resend-conflict" not in codes(first.anomalies + second.anomalies)
+
+
+# --- the streamed sha256 ----------------------------------------------------------------------
+# Publishing hashes only what the streamed hash does not cover; counting the bytes it reads back
+# shows which path each upload took.
+
+def finish_counting_read_back(w: Wire, monkeypatch: pytest.MonkeyPatch):
+    read: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, size: int, offset: int) -> bytes:
+        block = real_pread(fd, size, offset)
+        read.append(len(block))
+        return block
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "pread", counting_pread)
+        session = w.finish().sessions[0]
+    entity = session.entity
+    assert entity.complete and entity.sha256 == hashlib.sha256(Path(entity.path).read_bytes()).hexdigest()
+    return session, sum(read)
+
+
+def hold_acks(w: Wire) -> list:
+    """Bodies pass now, acks later: several fragments in flight at once."""
+    held: list = []
+    w.tracker.on_exchange = held.append
+    return held
+
+
+def release_acks(w: Wire, held: list) -> None:
+    del w.tracker.on_exchange
+    for exchange in held:
+        w.tracker.on_exchange(exchange)
+
+
+def test_in_order_upload_is_hashed_as_it_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    for first, last in FRAGS:
+        w.fragment(SID, first, last, T, chunks=7)
+    w.close()
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == 0 and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+def test_resends_of_acknowledged_bytes_leave_the_streamed_hash_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[1], T)
+    w.fragment(SID, *FRAGS[0], T, seed=9)  # differing resend: acknowledged bytes are kept
+    w.fragment(SID, 3000, 11999, T)  # Win32 trim: only 10240-11999 is new, and it continues the hash
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == 0 and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+def test_refused_fragments_do_not_enter_the_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[1], T, seed=9, status=416, received=5120)
+    w.fragment(SID, *FRAGS[1], T, seed=8, status=500, received=None)
+    w.fragment(SID, *FRAGS[1], T)  # the resend starts where the hash ends: it streams again
+    w.fragment(SID, *FRAGS[2], T)
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == 0 and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+def test_partial_ack_falls_back_to_reading_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T, received=4000)  # the fed hash runs past what was acknowledged
+    w.fragment(SID, 4000, 11999, T)
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == T and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+def test_out_of_order_fragments_read_back_what_the_hash_missed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[1], T)
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[2], T)  # the hash stopped at 5120: this one does not continue it
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == T - 5120 and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+def test_gap_in_a_body_stops_the_hash_until_the_hole_is_filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    real_on_body = w.extractor.on_body
+    lost = (6000, 7000)
+
+    def lossy_on_body(connection, message, chunk, body_offset) -> None:  # the capture lost some bytes
+        at = parse_content_range(message.headers.get(Header.CONTENT_RANGE)).first + body_offset
+        data = bytes(chunk)
+        real_on_body(connection, message, data[:max(0, lost[0] - at)], body_offset)
+        if at + len(data) > lost[1]:
+            keep = max(lost[1], at)
+            real_on_body(connection, message, data[keep - at:], body_offset + keep - at)
+
+    w.extractor.on_body = lossy_on_body
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[1], T, chunks=5)  # acknowledged whole: the server had all of it
+    w.fragment(SID, *FRAGS[2], T)
+    w.extractor.on_body = real_on_body
+    w.fragment(SID, *FRAGS[1], T)  # the resend fills the hole, which continues the hash
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == T - lost[1] and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+def test_pipelined_fragments_hash_correctly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    held = hold_acks(w)
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[1], T)  # in flight behind the first: not streamed
+    release_acks(w, held)
+    w.fragment(SID, *FRAGS[2], T)
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == T - 5120 and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+def test_in_flight_overwrite_of_streamed_bytes_drops_the_streamed_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    held = hold_acks(w)
+    w.fragment(SID, 0, 6999, T)
+    w.fragment(SID, 3000, 11999, T, seed=9)  # replaces provisional bytes 3000-6999 the hash was fed
+    release_acks(w, held)
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == T
+    assert session.entity.sha256 == hashlib.sha256(payload(T)[:3000] + payload(T, 9)[3000:]).hexdigest()
+
+
+def test_hash_past_the_total_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Wire(tmp_path)
+    w.create()
+    for first, last in FRAGS:
+        w.fragment(SID, first, last, T)
+    w.fragment(SID, T, T + 999, T + 1000)  # a later fragment claims a larger total; the file is cut to T
+    session, read_back = finish_counting_read_back(w, monkeypatch)
+    assert read_back == T and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()

@@ -17,6 +17,13 @@ server acknowledged it.
   200/201; the rest stay provisional, so refused data never counts as delivered.
 At `finish` an entity whose acknowledged coverage spans [0, TOTAL) is complete: it is cut to
 TOTAL, hashed (sha256) and named `<session id without braces>_<sanitised Content-Name>`.
+The hash streams so that publishing need not read the file back: the spool keeps the sha256 of
+the acknowledged prefix [0, hashed_end), which never changes again (acknowledged bytes are never
+overwritten). One in-flight fragment at a time, the one whose write starts exactly at
+hashed_end, extends a tentative copy as it stores; its ack promotes the copy only when it
+acknowledges every byte fed. Anything else (a partial ack, a refusal, another fragment writing
+over the fed bytes, a gap) drops the copy, and publishing reads back only what lies past
+hashed_end.
 Anything else keeps the `.partial` suffix; its coverage map says which ranges are
 acknowledged, provisional or missing. All files are opened relative to the output directory's
 descriptor with O_NOFOLLOW|O_EXCL and published with link(2), so no name ever leaves the
@@ -122,6 +129,11 @@ class _Spool:
         self.total: int | None = None
         self.pieces: list[_Piece] = []
         self.anomalies: list[Anomaly] = []
+        self.hashed = hashlib.sha256()  # of the file's bytes [0, hashed_end), all acknowledged
+        self.hashed_end = 0
+        self._tentative: Any = None  # `hashed` extended by the bytes `_streamer` wrote from hashed_end
+        self._tentative_end = 0
+        self._streamer: tuple[int, int] | None = None
 
     def store(self, pos: int, data: memoryview, inflight: _Inflight) -> None:
         end = pos + len(data)
@@ -145,8 +157,27 @@ class _Spool:
                 self._compare(a, b, chunk, piece, inflight)
                 if piece.acknowledged:
                     continue
-            os.pwrite(self.fd, chunk, a)
+            self._write(a, chunk, inflight)
             self.assign(_Piece(a, b, inflight.place, False, inflight.key))
+
+    def _write(self, pos: int, chunk: memoryview, inflight: _Inflight) -> None:
+        """Store provisional bytes, feeding the tentative hash when they continue it."""
+        if self._streamer not in (None, inflight.key) and pos < self._tentative_end:
+            self._drop_tentative()  # the streamed bytes are being replaced
+        if os.pwrite(self.fd, chunk, pos) != len(chunk):
+            return  # a short write: the file no longer continues what was fed
+        if self._streamer == inflight.key and pos == self._tentative_end:
+            self._tentative.update(chunk)
+            self._tentative_end += len(chunk)
+        elif self._streamer is None and pos == self.hashed_end:
+            self._tentative = self.hashed.copy()
+            self._tentative.update(chunk)
+            self._tentative_end = pos + len(chunk)
+            self._streamer = inflight.key
+
+    def _drop_tentative(self) -> None:
+        self._streamer = self._tentative = None
+        self._tentative_end = self.hashed_end
 
     def _compare(self, a: int, b: int, chunk: memoryview, piece: _Piece, inflight: _Inflight) -> None:
         """Read the stored copy back; the overlap with each earlier copy is reported once."""
@@ -201,6 +232,10 @@ class _Spool:
 
     def settle(self, inflight: _Inflight, acknowledged_below: int) -> None:
         self.report_conflicts(inflight)
+        if self._streamer == inflight.key:
+            if acknowledged_below >= self._tentative_end:  # every byte fed is now acknowledged
+                self.hashed, self.hashed_end = self._tentative, self._tentative_end
+            self._drop_tentative()
         lo = bisect.bisect_right(self.pieces, inflight.first, key=lambda pc: pc.end)
         hi = bisect.bisect_left(self.pieces, inflight.last + 1, key=lambda pc: pc.start)
         for piece in [pc for pc in self.pieces[lo:hi] if pc.owner == inflight.key]:
@@ -350,7 +385,7 @@ class Extractor:
         if complete:
             assert total is not None
             os.ftruncate(spool.fd, total)
-            digest = self._sha256(spool.fd, total)
+            digest = self._sha256(spool, total)
         name = self._link(spool, entity_name(session_id, content_name), "" if complete else PARTIAL_SUFFIX)
         return ExtractedEntity(
             session_id=session_id, path=os.path.join(self.out_dir, name), complete=complete, total=total,
@@ -369,11 +404,12 @@ class Extractor:
         raise FileExistsError(f"no free name for {base}{suffix}")
 
     @staticmethod
-    def _sha256(fd: int, size: int) -> str:
-        digest = hashlib.sha256()
-        offset = 0
+    def _sha256(spool: _Spool, size: int) -> str:
+        """The streamed hash, completed by reading back what lies past it (all of it when the
+        streamed prefix runs past `size`: a hash cannot be cut back)."""
+        digest, offset = (spool.hashed.copy(), spool.hashed_end) if spool.hashed_end <= size else (hashlib.sha256(), 0)
         while offset < size:
-            block = os.pread(fd, min(1 << 20, size - offset), offset)
+            block = os.pread(spool.fd, min(1 << 20, size - offset), offset)
             if not block:
                 break
             digest.update(block)
