@@ -42,7 +42,6 @@ LINKTYPE_LINUX_SLL2 = 276
 CHUNK_SIZE = 1 << 16
 #: Larger records than this are taken for corruption (Wireshark's limit for pcapng blocks).
 MAX_RECORD = 16 << 20
-#: Problems of one kind kept in full; later ones are only counted.
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _PCAPNG_SHB = 0x0A0D0D0A
