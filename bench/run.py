@@ -9,6 +9,8 @@ process (ru_maxrss from wait4, so only that process) and the ratios to tshark an
 
 Tools:
 - read:     `cat CAPTURE > /dev/null`, warm cache: the floor.
+- walk:     bench/record_walk.py: a Python loop that only walks the pcap records (one
+            struct.unpack_from each, nothing else): the floor of any pure-Python per-packet loop.
 - analyze:  `bits-analyze CAPTURE` (the full BITS text report, to /dev/null).
 - extract:  the same with `--extract DIR` (every uploaded file rebuilt; DIR emptied between runs).
 - write:    `cp CAPTURE DIR`: writing about as many bytes as extraction writes, the yardstick
@@ -44,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data"
 DEFAULT_CAPTURES = ("small", "large", "many")
-TOOLS = ("read", "analyze", "extract", "write", "tshark")
+TOOLS = ("read", "walk", "analyze", "extract", "write", "tshark")
 REPLAY_CONCURRENCY = (1, 2, 4)
 TSHARK_OPTIONS = ["-o", "tcp.desegment_tcp_streams:TRUE", "-o", "http.desegment_headers:TRUE",
                   "-o", "http.desegment_body:TRUE"]
@@ -110,6 +112,7 @@ def bench(capture: Path, tools: list[str], runs: int, scratch: Path) -> dict[str
     extract_dir = scratch / "extract"
     commands: dict[str, list[str]] = {
         "read": ["cat", str(capture)],
+        "walk": [sys.executable, str(HERE / "record_walk.py"), str(capture)],
         "analyze": [analyze, "--no-progress", str(capture)],
         "extract": [analyze, "--no-progress", "--extract", str(extract_dir), str(capture)],
         "write": ["cp", str(capture), str(extract_dir)],
@@ -147,6 +150,10 @@ def targets(large: dict[str, Measurement], small: dict[str, Measurement] | None)
     if "read" in large:
         ratio = analyze / large["read"].median
         line("bits-analyze within 10x of a plain read", f"{ratio:.1f}x", ratio <= 10)
+    if "walk" in large and "tshark" in large and "read" in large:
+        walk = large["walk"].median
+        lines.append(f"  (floor of a Python per-packet loop, the bare record walk: {walk:.2f} s, that is "
+                     f"{large['tshark'].median / walk:.1f}x tshark and {walk / large['read'].median:.1f}x the read)")
     peak = max(large["analyze"].peak_rss)
     line("peak memory < 150 MB", f"{peak / 1e6:.0f} MB", peak < 150e6)
     if small is not None:
