@@ -10,14 +10,16 @@ an error: exit 0.
 `--json` writes one object, schema "bitstrace.replay" version 1 (fields only ever added):
 target, mode, speed, notes (what cannot be replayed), problems (capture reading), summary
 {sessions, packets_sent, bytes_sent, differences, faults, median_pacing_error_s}, and
-sessions [{captured_id, live_ids, fault, notes, started_s, ended_s, differences, packets}],
-each packet {label, captured (type, file, connection, frame, ts, range, body_length, response),
-sent, bytes_sent, live, differences [{field, captured, live}], fault, note, due_s, sent_s,
-pacing_error_s}; a response is {status, packet_type, error_code ("0x8020001F"), error_name,
-error_context, received, reply_url (present or not), session_id, host_id}. Times in seconds
-after the replay started. `--dry-run --json` writes {dry_run: true, target, notes, sessions
-[{captured_id, requests [{label, at_s, file, connection, new_connection, method, url,
-headers, body_length, body_sha256, note}]}]}.
+sessions [{captured_id, generation, live_ids, fault, notes, started_s, ended_s, differences,
+packets}] (generation: how many earlier sessions had the id, for servers that issue an id
+again), each packet {label, captured (type, file, connection, frame, ts, range, body_length,
+response), sent, bytes_sent, live, differences [{field, captured, live}], fault, note, due_s,
+sent_s, pacing_error_s}; a response is {status, packet_type, error_code ("0x8020001F"),
+error_name, error_context, received, reply_url (present or not), session_id, host_id}.
+Connections are numbered across the captures, which are read as one (rotated files). Times in
+seconds after the replay started. `--dry-run --json` writes {dry_run: true, target, notes,
+sessions [{captured_id, generation, requests [{label, at_s, file, connection, new_connection,
+method, url, headers, body_length, body_sha256, note}]}]}.
 """
 
 from __future__ import annotations
@@ -183,7 +185,8 @@ def result_json(result: ReplayResult, plan: Plan, notes: list[str]) -> dict:
             "median_pacing_error_s": median,
         },
         "sessions": [{
-            "captured_id": s.key, "live_ids": s.live_ids, "fault": s.fault, "notes": s.notes,
+            "captured_id": s.captured_id, "generation": s.generation, "live_ids": s.live_ids,
+            "fault": s.fault, "notes": s.notes,
             "started_s": s.started_s, "ended_s": s.ended_s, "differences": s.differences,
             "packets": [_outcome_json(o) for o in s.outcomes],
         } for s in result.sessions],

@@ -1,15 +1,20 @@
 """Captured BITS sessions → the ordered requests to replay, with timing and connection boundaries.
 
-Planning reads the capture once through the analyzer's pipeline. Request bodies are spooled to
-one temporary file (in $TMPDIR) as they pass, never held whole in memory; a planned request
-points into it. Only `BITS_POST` requests (in any letter case, as the analyzer counts them) are
-planned: an upload-reply's GET of its reply, or BITS headers on another method, are not replayed.
+Planning reads the captures once through the analyzer's pipeline, in the order given, as one
+capture (rotated files: connections and sessions cross file boundaries, and connections are
+numbered across the files, as bits-analyze reads them). Request bodies are spooled to one
+temporary file (in $TMPDIR) as they pass, never held whole in memory; a planned request points
+into it. Only `BITS_POST` requests (in any letter case, as the analyzer counts them) are
+planned: an upload-reply's GET of its reply, or BITS headers on another method, are not
+replayed.
 
-Sessions are keyed by the session id the Create ack issued or the request carried. A request
-with no id of its own (Ping, a Create that drew no id) belongs to the session of the next
-request on the same TCP connection that has one (a Ping opens a connection for the session
-that follows), or failing that the previous one; a connection with no id at all forms its own
-group, named `connection-F.N` (file F, connection N).
+The sessions are the analyzer's own (analyzer.bits.sessions.SessionTracker): the same keys,
+and an id the server issued again starts a new session (a new generation), as in the report.
+The tracker sets some requests aside (a Ping, a Create challenged for credentials or left
+unanswered); a faithful replay must still send them, on the connection and at the time the
+client did, so each joins the session of the next request on its TCP connection that has one
+(a Ping opens a connection for the session that follows), or failing that the previous one; a
+connection with none at all forms its own group, named `connection-N`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
-from analyzer.bits.packets import is_bits_method, session_key
+from analyzer.bits.packets import is_bits_method
 from analyzer.bits.protocol import (
     ContentRange,
     Header,
@@ -28,6 +33,7 @@ from analyzer.bits.protocol import (
     parse_content_range,
     same_id,
 )
+from analyzer.bits.sessions import Session, SessionTracker
 from analyzer.pipeline import read_exchanges
 from analyzer.problems import Problem
 from replay.compare import AckSummary, summarize
@@ -96,9 +102,9 @@ class Body:
 class PlannedRequest:
     """One captured BITS request, exactly as it went on the wire, and the ack it drew."""
 
-    exchange: int  # Exchange.index in its capture file
-    file: int  # which capture file (0-based, in the order given)
-    connection: int  # captured TCP connection id (tcp.stream) in that file
+    exchange: int  # Exchange.index: unique in the plan
+    file: int  # which capture file the request began in (0-based, in the order given)
+    connection: int  # captured TCP connection id (tcp.stream), numbered across the files
     frame: int
     ts_ns: int  # when the request began
     done_ts_ns: int  # when its answer ended (the request's end when there was none)
@@ -113,10 +119,6 @@ class PlannedRequest:
     body: Body | None
     response: AckSummary | None  # None: no answer in the capture
 
-    @property
-    def connection_key(self) -> tuple[int, int]:
-        return (self.file, self.connection)
-
     def header(self, name: str) -> str | None:
         lowered = name.lower()
         return next((v for k, v in self.headers if k.lower() == lowered), None)
@@ -129,8 +131,14 @@ class PlannedRequest:
 
 @dataclass
 class PlannedSession:
-    key: str  # captured session id, or `connection-N` for requests that never had one
+    """One of the analyzer's sessions (or a connection that had none), in capture order."""
+
+    # The captured session id, `ID (generation N)` when the server had issued it before, the
+    # analyzer's `refused-create@FRAME` for a Create that drew no session, or `connection-N`.
+    key: str
     requests: list[PlannedRequest] = field(default_factory=list)
+    session_id: str | None = None  # as the analyzer names the session; None when it has no id
+    generation: int = 0  # how many earlier sessions had this id
     # Fragments captured whole, in capture order, and the first of them at each start offset.
     _whole: list[PlannedRequest] | None = field(default=None, repr=False, compare=False)
     _by_start: dict[int, PlannedRequest] = field(default_factory=dict, repr=False, compare=False)
@@ -202,7 +210,7 @@ class _Planner:
 
     def __init__(self, spool: BodySpool) -> None:
         self.spool = spool
-        self.file = 0
+        self.tracker = SessionTracker()  # the analyzer's sessions, which the plan follows
         self.bodies: dict[tuple[int, int], _SpoolingBody] = {}  # by (connection, stream offset)
         self.requests: list[PlannedRequest] = []
         self.strings: dict[tuple[str, str], tuple[str, str]] = {}
@@ -223,6 +231,7 @@ class _Planner:
         entry.digest.update(chunk)
 
     def on_exchange(self, exchange: Exchange) -> None:
+        self.tracker.on_exchange(exchange)
         request = exchange.request
         if request is None or not is_bits_method(request.method):
             return
@@ -235,7 +244,7 @@ class _Planner:
         response = exchange.response
         self.requests.append(PlannedRequest(
             exchange=exchange.index,
-            file=self.file,
+            file=request.first_capture,
             connection=exchange.connection.id,
             frame=request.first_frame,
             ts_ns=request.first_ts_ns,
@@ -263,45 +272,44 @@ class _Planner:
                     entry.digest.hexdigest() if complete else None)
 
 
-def _session_of(request: PlannedRequest) -> str | None:
-    if request.packet_type is PacketType.CREATE_SESSION:
-        return request.response.session_id if request.response else None
-    return request.session_id
+def _planned(session: Session) -> PlannedSession:
+    key = session.key if session.id is None else session.id
+    if session.generation:
+        key = f"{session.id} (generation {session.generation + 1})"
+    return PlannedSession(key, session_id=session.id, generation=session.generation)
 
 
-def group_sessions(requests: list[PlannedRequest]) -> list[PlannedSession]:
-    """Requests → sessions (see the module docstring), each in capture order; sessions ordered
-    by their first request.
-
-    Not analyzer.bits.sessions.SessionTracker, on purpose: the tracker sets id-less Pings and
-    challenged Creates aside as strays, but a faithful replay must send them, on the connection
-    and at the time the client did, so they join the session they opened the connection for.
-    Ids are keyed alike (packets.session_key). A server re-issuing an id it issued before gets
-    one replayed session here where the tracker counts generations."""
-    keys: list[str | None] = [_session_of(r) for r in requests]
-    by_connection: dict[tuple[int, int], list[int]] = {}
+def group_sessions(requests: list[PlannedRequest], sessions: list[Session]) -> list[PlannedSession]:
+    """Requests (in capture order) → the analyzer's `sessions`, whose packets name the requests
+    by exchange index, and groups for the requests it set aside (see the module docstring).
+    Sessions are ordered by their first request; a session none of `requests` belongs to
+    (one filed from packets the plan does not hold) is left out."""
+    owner: dict[int, PlannedSession] = {}
+    for session in sessions:
+        planned = _planned(session)
+        for packet in session.packets:
+            owner[packet.exchange] = planned
+    chosen: list[PlannedSession | None] = [owner.get(r.exchange) for r in requests]
+    by_connection: dict[int, list[int]] = {}
     for i, request in enumerate(requests):
-        by_connection.setdefault(request.connection_key, []).append(i)
-    for (file, connection), indices in by_connection.items():
-        following: str | None = None
+        by_connection.setdefault(request.connection, []).append(i)
+    for connection, indices in by_connection.items():
+        following: PlannedSession | None = None
         for i in reversed(indices):
-            if keys[i] is None:
-                keys[i] = following
+            if chosen[i] is None:
+                chosen[i] = following
             else:
-                following = keys[i]
-        previous: str | None = None
+                following = chosen[i]
+        previous: PlannedSession | None = None
         for i in indices:
-            if keys[i] is None:
-                keys[i] = previous or f"connection-{file}.{connection}"
-            previous = keys[i]
-    sessions: dict[str, PlannedSession] = {}  # by session_key: the first spelling seen names it
-    for key, request in zip(keys, requests):
-        session = sessions.get(session_key(key))
-        if session is None:
-            session = sessions[session_key(key)] = PlannedSession(key)
-        session.requests.append(request)
-    return sorted(sessions.values(), key=lambda s: (s.first_ts_ns, s.requests[0].file,
-                                                   s.requests[0].exchange))
+            if chosen[i] is None:
+                chosen[i] = previous or PlannedSession(f"connection-{connection}")
+            previous = chosen[i]
+    grouped: dict[int, PlannedSession] = {}
+    for planned, request in zip(chosen, requests):
+        planned.requests.append(request)
+        grouped.setdefault(id(planned), planned)
+    return sorted(grouped.values(), key=lambda s: (s.first_ts_ns, s.requests[0].exchange))
 
 
 def build_plan(
@@ -314,25 +322,24 @@ def build_plan(
     """
     spool = BodySpool()
     planner = _Planner(spool)
-    problems: list[Problem] = []
-    complete = True
     try:
-        # One file at a time, so that connection ids (numbered per file) are told apart.
-        for planner.file, source in enumerate(sources):
-            result = read_exchanges([source], planner.on_exchange, planner.on_body)
-            problems.extend(result.problems)
-            complete = complete and result.complete
+        result = read_exchanges(sources, planner.on_exchange, planner.on_body)
     except BaseException:
         spool.close()
         raise
-    planner.requests.sort(key=lambda r: (r.ts_ns, r.file, r.exchange))
-    grouped = group_sessions(planner.requests)
+    problems = list(result.problems)
+    planner.requests.sort(key=lambda r: (r.ts_ns, r.exchange))
+    grouped = group_sessions(planner.requests, planner.tracker.finish().sessions)
     if sessions is not None:
         wanted = list(sessions)
-        chosen = [s for s in grouped if any(same_id(s.key, w) for w in wanted)]
+
+        def selected(session: PlannedSession, wanted_id: str) -> bool:
+            return any(same_id(name, wanted_id) for name in (session.session_id, session.key) if name)
+
+        chosen = [s for s in grouped if any(selected(s, w) for w in wanted)]
         for w in wanted:
-            if not any(same_id(s.key, w) for s in grouped):
+            if not any(selected(s, w) for s in grouped):
                 problems.append(Problem("unknown-session-selected",
                                         f"no session {w} in the capture"))
         grouped = chosen
-    return Plan(grouped, spool, problems, complete)
+    return Plan(grouped, spool, problems, result.complete)

@@ -145,7 +145,9 @@ class Outcome:
 
 @dataclass
 class SessionResult:
-    key: str
+    key: str  # PlannedSession.key
+    captured_id: str  # the captured session id (the key when the session had none)
+    generation: int = 0  # PlannedSession.generation
     live_ids: list[str] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -178,6 +180,10 @@ class ReplayResult:
         errors = [abs(o.pacing_error_s) for s in self.sessions for o in s.outcomes
                   if o.pacing_error_s is not None]
         return statistics.median(errors) if errors else None
+
+
+def _result_of(session: PlannedSession) -> SessionResult:
+    return SessionResult(session.key, session.session_id or session.key, session.generation)
 
 
 class Observer(Protocol):
@@ -317,21 +323,21 @@ class _Connections:
     def __init__(self, plan: Plan, options: Options) -> None:
         self.options = options
         self._lock = threading.Lock()
-        self._live: dict[tuple[int, int], _LiveConnection] = {}
-        self._remaining: dict[tuple[int, int], int] = {}
+        self._live: dict[int, _LiveConnection] = {}
+        self._remaining: dict[int, int] = {}
         for session in plan.sessions:
             for request in session.requests:
-                key = request.connection_key
+                key = request.connection
                 self._remaining[key] = self._remaining.get(key, 0) + 1
 
-    def get(self, key: tuple[int, int]) -> _LiveConnection:
+    def get(self, key: int) -> _LiveConnection:
         with self._lock:
             live = self._live.get(key)
             if live is None:
                 live = self._live[key] = _LiveConnection(self.options)
             return live
 
-    def done(self, key: tuple[int, int]) -> None:
+    def done(self, key: int) -> None:
         """One planned request of `key` is over (sent, skipped or abandoned)."""
         with self._lock:
             self._remaining[key] -= 1
@@ -340,7 +346,7 @@ class _Connections:
                 if live is not None:
                     live.close()
 
-    def discard(self, key: tuple[int, int]) -> None:
+    def discard(self, key: int) -> None:
         with self._lock:
             live = self._live.pop(key, None)
         if live is not None:
@@ -419,7 +425,7 @@ class _SessionReplay:
         self.clock = clock
         self.connections = connections
         self.observer = observer
-        self.result = SessionResult(session.key)
+        self.result = _result_of(session)
         self.live_ids: dict[str, str] = {}  # captured id → live id
         self.live_id: str | None = None
         self.host: str = options.target.netloc
@@ -476,7 +482,7 @@ class _SessionReplay:
             raise Fault(outcome.fault, reached_server=False)
         outcome.due_s = due
         outcome.sent_s = self.clock.now()
-        key = request.connection_key
+        key = request.connection
         live = self.connections.get(key)
         counter = _ByteCounter(length, lambda n: self._count(outcome, n))
         path = self.options.target.path_for(request.target, self.options.strip_prefix)
@@ -511,7 +517,8 @@ class _SessionReplay:
             return
         if ack.status not in SUCCESS or not ack.session_id:
             return
-        captured = (request.response.session_id if request.response else None) or self.session.key
+        captured = ((request.response.session_id if request.response else None)
+                    or self.session.session_id or self.session.key)
         self.live_ids[captured] = ack.session_id
         self.live_id = ack.session_id
         self.result.live_ids.append(ack.session_id)
@@ -558,7 +565,7 @@ class _SessionReplay:
 
     def _release_through(self, index: int) -> None:
         for request in self.session.requests[self._released:index + 1]:
-            self.connections.done(request.connection_key)
+            self.connections.done(request.connection)
         self._released = max(self._released, index + 1)
 
     def _faithful(self) -> None:
@@ -764,20 +771,21 @@ def dry_run(plan: Plan, options: Options) -> list[dict]:
     clock = _Clock(plan, options.speed)
     unused = _Connections(plan, options)  # opens nothing until asked to
     described = []
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()
     for session in plan.sessions:
         worker = _SessionReplay(session, plan, options, clock, unused, None)
         requests = []
         for request in session.requests:
             if request.packet_type is PacketType.CREATE_SESSION:
-                captured = (request.response.session_id if request.response else None) or session.key
+                captured = ((request.response.session_id if request.response else None)
+                            or session.session_id or session.key)
                 worker.live_ids[captured] = f"<live id of {captured}>"
             body = request.body
             requests.append({
                 "label": request.label,
                 "at_s": clock.due(request.ts_ns),
                 "connection": request.connection, "file": request.file,
-                "new_connection": request.connection_key not in seen,
+                "new_connection": request.connection not in seen,
                 "method": request.method,
                 "url": f"{options.target.scheme}://{options.target.netloc}"
                        f"{options.target.path_for(request.target, options.strip_prefix)}",
@@ -787,8 +795,9 @@ def dry_run(plan: Plan, options: Options) -> list[dict]:
                 "note": ("body incomplete in the capture: not sent"
                          if body is not None and not body.complete else None),
             })
-            seen.add(request.connection_key)
-        described.append({"captured_id": session.key, "requests": requests})
+            seen.add(request.connection)
+        described.append({"captured_id": session.session_id or session.key,
+                          "generation": session.generation, "requests": requests})
     return described
 
 
@@ -805,7 +814,7 @@ def replay(plan: Plan, options: Options, observer: Observer | None = None) -> Re
     finished = [threading.Event() for _ in plan.sessions]
 
     def run(position: int, session: PlannedSession, due: float | None) -> None:
-        result = results[position] = SessionResult(session.key)
+        result = results[position] = _result_of(session)
         try:
             worker = _SessionReplay(session, plan, options, clock, connections, observer)
             result = results[position] = worker.result

@@ -17,7 +17,9 @@ from scapy.layers.l2 import Ether
 
 import craft
 from analyzer.bits.protocol import PROTOCOL_GUID, PacketType
-from replay.plan import build_plan, group_sessions
+from analyzer.bits.sessions import Session, SessionTracker
+from analyzer.pipeline import read_exchanges
+from replay.plan import build_plan
 
 SERVER_PORT = 8080
 MSS = 1400
@@ -205,39 +207,88 @@ def test_entity_pieces_span_fragments_and_resends(tmp_path: Path) -> None:
         assert session.entity_piece(2500, 3000) is None  # byte 3000 is past the file
 
 
-def test_requests_without_an_id_join_the_next_session_on_their_connection(tmp_path: Path) -> None:
+def analyzer_sessions(paths: list[Path]) -> list[Session]:
+    tracker = SessionTracker()
+    read_exchanges(paths, tracker.on_exchange)
+    return tracker.finish().sessions
+
+
+def test_requests_the_analyzer_sets_aside_join_the_session_on_their_connection(tmp_path: Path) -> None:
     conv = Conversation()
     conv.send(0, 0, request("Ping"), 0)
     conv.send(0, 1, ack(), 1)
     conv.send(1, 0, request("Ping"), 2)  # a connection that never carries a session
     conv.send(1, 1, ack(), 3)
     conv.send(0, 0, request("Create-Session"), 10)
-    conv.send(0, 1, ack(400, error="0x80070057", reason="Bad Request"), 11)  # no id issued
-    conv.send(0, 0, request("Create-Session"), 20)
+    conv.send(0, 1, ack(401, reason="Unauthorized"), 11)  # challenged: the analyzer sets it aside
+    conv.send(0, 0, request("Create-Session", extra="Authorization: Basic dTpw"), 20)
     conv.send(0, 1, ack(session=SID_A), 21)
     conv.send(0, 0, request("Close-Session", session=SID_A), 30)
     conv.send(0, 1, ack(session=SID_A), 31)
     conv.send(0, 0, request("Ping"), 40)  # after the last session: joins the previous one
     conv.send(0, 1, ack(), 41)
-    with build_plan([conv.write(tmp_path / "ids.pcap")]) as plan:
-        assert [s.key for s in plan.sessions] == [SID_A, "connection-0.1"]
+    conv.send(2, 0, request("Ping"), 50)
+    conv.send(2, 1, ack(), 51)
+    conv.send(2, 0, request("Create-Session"), 60)
+    conv.send(2, 1, ack(400, error="0x80070057", reason="Bad Request"), 61)  # refused: no id
+    path = conv.write(tmp_path / "ids.pcap")
+    refused = next(s for s in analyzer_sessions([path]) if s.id is None)
+    with build_plan([path]) as plan:
+        assert [s.key for s in plan.sessions] == [SID_A, "connection-1", refused.key]
         assert [r.label for r in plan.sessions[0].requests] == [
             "Ping", "Create-Session", "Create-Session", "Close-Session", "Ping"]
-        refused = plan.sessions[0].requests[1].response
-        assert refused.status == 400 and refused.error_code == 0x80070057 and refused.error_context == 5
-    assert group_sessions([]) == []
+        assert [r.label for r in plan.sessions[2].requests] == ["Ping", "Create-Session"]
+        assert plan.sessions[2].session_id is None
+        answer = plan.sessions[2].requests[1].response
+        assert answer.status == 400 and answer.error_code == 0x80070057 and answer.error_context == 5
 
 
-def test_files_keep_their_connections_apart(tmp_path: Path) -> None:
-    data = payload(2000, 5)
-    first, second = Conversation(), Conversation()
-    upload(first, 0, SID_A, data[:1000] + data[1000:], 1000, start_ms=0, close=False)
-    second.send(0, 0, request("Close-Session", session=SID_A), 1000)
-    second.send(0, 1, ack(session=SID_A), 1001)
-    paths = [first.write(tmp_path / "1.pcap"), second.write(tmp_path / "2.pcap")]
+def test_an_id_the_server_issues_again_is_a_second_session_as_in_the_analyzer(tmp_path: Path) -> None:
+    """A server that derives session ids issues one again after the first session closed: the
+    analyzer counts two generations, and so does the plan (it once merged them into one)."""
+    conv = Conversation()
+    first, second = payload(3000, 6), payload(2000, 7)
+    upload(conv, 0, SID_A, first, 1000, start_ms=0)
+    upload(conv, 1, SID_A.upper(), second, 1000, start_ms=500, target="/up/again.bin")
+    path = conv.write(tmp_path / "reissued.pcap")
+    analyzed = analyzer_sessions([path])
+    assert [(s.id, s.generation) for s in analyzed] == [(SID_A, 0), (SID_A.upper(), 1)]
+    with build_plan([path]) as plan:
+        assert [(s.session_id, s.generation) for s in plan.sessions] == [
+            (s.id, s.generation) for s in analyzed]
+        assert [s.key for s in plan.sessions] == [SID_A, f"{SID_A.upper()} (generation 2)"]
+        for session, data, connection in zip(plan.sessions, (first, second), (0, 1)):
+            assert [r.label for r in session.requests][1:2] + [r.label for r in session.requests][-1:] == [
+                "Create-Session", "Close-Session"]
+            assert {r.connection for r in session.requests} == {connection}
+            assert b"".join(read_body(plan, r.body) for r in session.requests if r.body) == data
+        with build_plan([path], [SID_A]) as selected:  # an id selects every session that had it
+            assert [s.key for s in selected.sessions] == [s.key for s in plan.sessions]
+
+
+def test_rotated_files_are_read_as_one_capture(tmp_path: Path) -> None:
+    """Split mid-fragment, as a rotating capture does: the connection and the fragment's body
+    cross the file boundary whole, and connections are numbered across the files."""
+    conv = Conversation()
+    data = payload(9000, 5)
+    upload(conv, 0, SID_A, data, 4500, start_ms=0)
+    conv.send(1, 0, request("Ping"), 100)
+    conv.send(1, 1, ack(), 101)
+    conv.write(tmp_path / "whole.pcap")
+    records = sorted(conv.records, key=lambda r: r[0])
+    fragment_start = next(i for i, (_, packet) in enumerate(records) if b"Fragment" in packet)
+    cut = fragment_start + 2  # inside the first fragment's body
+    paths = [craft.write(tmp_path / name, craft.pcap_bytes(part)) for name, part in
+             (("1.pcap", records[:cut]), ("2.pcap", records[cut:]))]
     with build_plan(paths) as plan:
-        (session,) = plan.sessions
-        assert [r.connection_key for r in session.requests][-2:] == [(0, 0), (1, 0)]
+        assert plan.complete and not plan.problems
+        session, alone = plan.sessions
+        fragment = session.requests[2]
+        assert fragment.label == "Fragment bytes 0-4499/9000" and fragment.file == 0
+        assert fragment.body.complete and read_body(plan, fragment.body) == data[:4500]
+        assert {r.connection for r in session.requests} == {0}
+        assert [r.file for r in session.requests][-1] == 1
+        assert (alone.key, alone.requests[0].connection, alone.requests[0].file) == ("connection-1", 1, 1)
 
 
 def test_unreadable_capture_is_a_problem_not_a_crash(tmp_path: Path) -> None:
@@ -249,7 +300,6 @@ def test_unreadable_capture_is_a_problem_not_a_crash(tmp_path: Path) -> None:
 
 def test_lowercase_bits_post_is_planned_as_the_analyzer_counts_it(tmp_path: Path) -> None:
     from analyzer.bits.packets import classify
-    from analyzer.pipeline import read_exchanges
 
     conv = Conversation()
     data = payload(2000, 5)
@@ -274,7 +324,6 @@ def test_acks_are_read_alike_by_analyzer_replay_and_client(tmp_path: Path) -> No
     give the same fields in the analyzer's packets, the replay's captured summaries and the
     client's responses."""
     from analyzer.bits.packets import classify
-    from analyzer.pipeline import read_exchanges
     from replay.client import Response
 
     odd_acks = [

@@ -100,6 +100,23 @@ def test_faithful_replay_reproduces_session_not_found_after_cancel(tmp_path: Pat
     assert result.differences == 0
 
 
+def test_each_generation_of_a_reissued_id_is_replayed_as_its_own_session(tmp_path: Path, server) -> None:
+    conv = Conversation()
+    first, second = payload(3000, 6), payload(2000, 7)
+    upload(conv, 0, SID_A, first, 1000, start_ms=0)
+    upload(conv, 1, SID_A, second, 1000, start_ms=500, target="/up/again.bin")
+    with build_plan([conv.write(tmp_path / "reissued.pcap")]) as plan:
+        result = replay(plan, options_for(server))
+        described = dry_run(plan, options_for(server))
+    assert [(s["captured_id"], s["generation"]) for s in described] == [(SID_A, 0), (SID_A, 1)]
+    assert [(s.captured_id, s.generation) for s in result.sessions] == [(SID_A, 0), (SID_A, 1)]
+    assert result.faults == 0 and result.differences == 0
+    (one,), (two,) = (s.live_ids for s in result.sessions)
+    assert one != two
+    assert (server.root / "up" / "file.bin").read_bytes() == first
+    assert (server.root / "up" / "again.bin").read_bytes() == second
+
+
 def test_adaptive_replay_completes_a_resumed_upload(tmp_path: Path, server) -> None:
     data = payload(30_000, 9)
     conv = Conversation()
