@@ -9,9 +9,9 @@ Layers, low to high:
   removed, a body cut short) and returns the response as a `Response` record;
 - `ping`, `create_session`, `fragment`, `close`, `cancel`, `fetch_reply` send the well-formed
   packets and keep the session state (id, Host-Id, acknowledged offset, reply URL);
-- `send_file` runs the fragment loop with Windows' recovery rules (follow the server's offset on
-  200/416, Ping and resend after a broken connection, shrink after 413, new session after
-  BG_E_SESSION_NOT_FOUND), and `upload` does a whole upload.
+- `send_file` runs the fragment loop with Windows' recovery rules (replay.fragment_loop: follow
+  the server's offset on 200/416, shrink after 413, new session after BG_E_SESSION_NOT_FOUND;
+  Ping and resend after a broken connection), and `upload` does a whole upload.
 Every request sent is also recorded in `BitsClient.log` (connection index, packet, response).
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
-from analyzer.bits.packets import RESYNC, SUCCESS, TOO_LARGE_STATUS, AckFields, parse_ack
+from analyzer.bits.packets import RESYNC, SUCCESS, AckFields, parse_ack
 from analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     METHOD,
@@ -39,14 +39,12 @@ from analyzer.bits.protocol import (
     Header,
     PacketType,
 )
+from replay.fragment_loop import FragmentLoop, GiveUp, Step
 
 #: BITS 10.x (Windows 10/11), qmgr.dll 7.8.
 DEFAULT_USER_AGENT = USER_AGENT_PREFIX + "7.8"
 DEFAULT_FRAGMENT_SIZE = 64 * 1024
 CHUNK_SIZE = 64 * 1024
-#: Attempts without the acknowledged offset moving before `send_file` gives up
-#: (the real client's BG_E_NO_PROGRESS, counted in attempts instead of days).
-MAX_ATTEMPTS_WITHOUT_PROGRESS = 8
 _MAX_HEAD = 64 * 1024
 
 
@@ -603,45 +601,32 @@ class BitsClient:
         """The fragment loop from the acknowledged offset until the server has the whole file
         (or at least `until` bytes). Returns the acknowledged offset.
 
-        Recovery as Windows does it: follow BITS-Received-Content-Range on 200 and 416; after a
-        broken connection, Ping on a new connection and resend; after 413, halve the fragment
-        size (never below `min_fragment`); after BG_E_SESSION_NOT_FOUND, create a new session
-        and start over from offset 0.
+        Recovery as Windows does it (replay.fragment_loop), and after a broken connection,
+        Ping on a new connection and resend.
         """
         path = Path(path)
         total = path.stat().st_size
         if total == 0:
             raise UploadError("zero-byte uploads cannot be expressed in Content-Range")
-        stop = total if until is None else min(until, total)
-        size = fragment_size
-        stuck = 0
-        while self.offset < stop:
-            if stuck >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
-                raise UploadError(f"no progress after {stuck} attempts at offset {self.offset}")
-            before = self.offset
-            stuck += 1
+        loop = FragmentLoop(total, self.offset, stop=until, min_fragment=self.min_fragment)
+        while not loop.done:
+            wanted = loop.next_range(fragment_size)
             try:
                 if self._resume_with_ping:
                     self.ping()
-                response = self.fragment(path, self.offset, min(self.offset + size, total) - 1)
+                response = self.fragment(path, wanted.first, wanted.last)
             except ConnectionLost:
-                continue
-            assert response is not None
-            if _follows_offset(response):
-                if response.received_offset is None or response.received_offset > total:
-                    raise UploadError("the ack's received offset is missing or beyond the total", response)
-            elif response.status == TOO_LARGE_STATUS:
-                if size <= self.min_fragment:
-                    raise UploadError(f"413 even for {size}-byte fragments", response)
-                size = max(self.min_fragment, size // 2)
-            elif response.session_not_found:
+                response = None  # the next round Pings on a new connection and resends
+            try:
+                step = loop.lost() if response is None else loop.answer(
+                    response.status, response.received_offset, response.session_not_found)
+            except GiveUp as why:
+                raise UploadError(str(why), response) from None
+            if step is Step.NEW_SESSION:
                 created = self.create_session()
                 if not created.ok:
                     raise UploadError("Create-Session failed after the session was lost", created)
-            else:
-                raise UploadError(f"fragment refused: HTTP {response.status}", response)
-            if self.offset > before:
-                stuck = 0
+                loop.restart()
         return self.offset
 
     def upload(self, path: str | os.PathLike, fragment_size: int = DEFAULT_FRAGMENT_SIZE) -> UploadResult:

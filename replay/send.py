@@ -8,7 +8,7 @@ Two modes. `faithful` sends the captured requests exactly, anomalies included (o
 request target, the session id and Basic credentials are rewritten). `adaptive` behaves like a
 real client: it uploads the file from the bytes the capture holds, continuing from the live
 server's offset (200/416), recreating the session on BG_E_SESSION_NOT_FOUND and shrinking
-fragments on 413.
+fragments on 413 (the recovery rules of replay.fragment_loop, shared with the client).
 """
 
 from __future__ import annotations
@@ -28,27 +28,20 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, Protocol
 from urllib.parse import urlsplit
 
-from analyzer.bits.packets import RESYNC, SUCCESS, TOO_LARGE_STATUS
+from analyzer.bits.packets import SUCCESS
 from analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     METHOD,
-    MIN_FRAGMENT,
     PROTOCOL_GUID,
-    ContentRange,
     Header,
     PacketType,
     same_id,
 )
 from replay.compare import AckSummary, Difference, compare, summarize
+from replay.fragment_loop import FragmentLoop, GiveUp, Step
 from replay.plan import Body, Plan, PlannedRequest, PlannedSession
 
 MODES = ("faithful", "adaptive")
-#: Adaptive mode gives up after this many answers in a row that do not move the offset.
-MAX_STALLED_ANSWERS = 3
-#: Adaptive mode gives up after sending this many times the file's bytes.
-MAX_RESEND_FACTOR = 4
-#: Adaptive mode gives up when the server forgets the session more often than this.
-MAX_RECREATES = 3
 #: Bound on what is read of a response body (acks have none; a garbage server may send plenty).
 MAX_RESPONSE_BODY = 1 << 20
 #: Set to 1 to get the traceback of an unexpected error in a session on stderr.
@@ -431,7 +424,6 @@ class _SessionReplay:
         self.host: str = options.target.netloc
         self.shift = 0.0  # how late the session started (concurrency cap), added to every due time
         self.offset: int | None = None  # adaptive: the live server's received offset
-        self.recreated = 0
 
     # -- header rewriting
 
@@ -669,9 +661,6 @@ class _SessionReplay:
                                   "Create-Session (recreated)", None)
         if ack.status not in SUCCESS or not ack.session_id:
             raise Fault(f"recreating the session failed: {ack.describe()}")
-        self.recreated += 1
-        if self.recreated > MAX_RECREATES:
-            raise Fault(f"the server forgot the session {MAX_RECREATES} times: giving up")
         self.live_id = ack.session_id
         for captured in self.live_ids:  # every later packet goes to the new session
             self.live_ids[captured] = ack.session_id
@@ -679,10 +668,9 @@ class _SessionReplay:
 
     def _upload(self, fragments: list[PlannedRequest], from_offset: int | None = None) -> None:
         """Upload the bytes the captured fragments carried (up to the last of them), from the
-        captured bytes, following the live server's offset."""
+        captured bytes, following the live server's offset (replay.fragment_loop)."""
         if not fragments:
             return
-        total = fragments[0].range.total
         end = max(r.range.last for r in fragments) + 1
         if from_offset is not None:
             offset = from_offset
@@ -690,48 +678,31 @@ class _SessionReplay:
             offset = self.offset
         else:
             offset = fragments[0].range.first
-        shrunk: int | None = None  # fragment size after a 413
-        stalled = slot = 0
-        budget = MAX_RESEND_FACTOR * end + MIN_FRAGMENT  # a server sending us back and forth
-        while offset < end:
+        loop = FragmentLoop(fragments[0].range.total, offset, stop=end, end=end)
+        slot = 0
+        while not loop.done:
             # The n-th fragment sent takes the n-th captured one's size, time and connection.
             captured = fragments[min(slot, len(fragments) - 1)]
-            size = shrunk or captured.range.length
             ts_ns = captured.ts_ns if slot < len(fragments) else None
             slot += 1
-            last = min(offset + size, end) - 1
-            pieces = self.session.entity_piece(offset, last)
+            wanted = loop.next_range(captured.range.length)
+            pieces = self.session.entity_piece(wanted.first, wanted.last)
             if pieces is None:
-                raise Fault(f"bytes {offset}-{last} of the file were never captured whole: "
-                            "cannot upload further")
-            wanted = ContentRange(offset, last, total)
+                raise Fault(f"bytes {wanted.first}-{wanted.last} of the file were never captured "
+                            "whole: cannot upload further")
             headers = self.headers_for(captured, {
                 Header.CONTENT_RANGE: str(wanted), Header.CONTENT_LENGTH: str(wanted.length)})
             pairs = captured if captured.range == wanted else None
             ack = self._send_adaptive(captured, headers, lambda p=pieces: self._pieces(p),
                                       wanted.length, ts_ns, f"Fragment {wanted}", pairs)
-            if _is_session_not_found(ack):
+            try:
+                step = loop.answer(ack.status, ack.received, _is_session_not_found(ack))
+            except GiveUp as why:
+                raise Fault(str(why)) from None
+            if step is Step.NEW_SESSION:
                 self._recreate(captured)
-                offset = self.offset = 0
-                stalled = 0
-                continue
-            if ack.status == TOO_LARGE_STATUS:
-                if size <= MIN_FRAGMENT:
-                    raise Fault(f"413 for a {size}-byte fragment: cannot shrink further")
-                shrunk = max(MIN_FRAGMENT, size // 2)
-                continue
-            if ack.status not in SUCCESS and ack.status != RESYNC:
-                raise Fault(f"the server refused {wanted}: {ack.describe()}")
-            if ack.received is None or ack.received > total:
-                raise Fault(f"the ack for {wanted} gives no usable received offset")
-            budget -= wanted.length
-            if budget < 0:
-                raise Fault(f"no progress: {MAX_RESEND_FACTOR} times the file sent, the server "
-                            f"still wants byte {ack.received}")
-            stalled = stalled + 1 if ack.received <= offset else 0
-            if stalled >= MAX_STALLED_ANSWERS:
-                raise Fault(f"no progress: the server keeps answering N={ack.received}")
-            offset = self.offset = ack.received
+                loop.restart()
+            self.offset = loop.offset
 
     def _pieces(self, pieces: list[tuple[Body, int, int]]) -> Iterator[bytes]:
         for body, skip, take in pieces:

@@ -1,0 +1,115 @@
+"""The fragment loop's recovery rules, written once for the client and the adaptive replay.
+
+As a Windows client does it (bits-protocol.md 5.2): each fragment starts at the offset the
+server last acknowledged; an ack of 200 or 416 gives the next one (BITS-Received-Content-Range);
+413 halves the fragment size, never below the smallest fragment; BG_E_SESSION_NOT_FOUND means
+a new session and a fresh start from offset 0; any other answer ends the upload.
+
+Sans-I/O: `FragmentLoop` says which bytes to send next and, told the answer, what comes next;
+the caller sends (replay.client from a file, replay.send from the captured bytes) and turns
+`GiveUp` into its own error.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from analyzer.bits.packets import RESYNC, SUCCESS, TOO_LARGE_STATUS
+from analyzer.bits.protocol import MIN_FRAGMENT, ContentRange
+
+#: Attempts in a row that leave the acknowledged offset where it was (answers, or connections
+#: lost before one) before the loop gives up: the real client's BG_E_NO_PROGRESS, counted in
+#: attempts instead of days. 413s do not count: halving ends at the smallest fragment anyway.
+MAX_ATTEMPTS_WITHOUT_PROGRESS = 8
+#: The loop gives up after sending this many times the bytes it has to deliver.
+MAX_RESEND_FACTOR = 4
+#: The loop gives up when the server forgets the session more often than this.
+MAX_RECREATES = 3
+
+
+class GiveUp(Exception):
+    """The upload cannot go on; the message says why."""
+
+
+class Step(enum.Enum):
+    SEND = "send"  # send the next fragment
+    NEW_SESSION = "new-session"  # the server forgot the session: create one, then restart()
+
+
+class FragmentLoop:
+    """Fragments of a `total`-byte file from `offset` until the server has acknowledged `stop`
+    bytes (default: all). No fragment reaches past byte `end` (default: the file's end).
+
+    Per fragment: `next_range(size)`, send it, then `answer(...)` or, when no answer came,
+    `lost()`.
+    """
+
+    def __init__(self, total: int, offset: int, *, stop: int | None = None,
+                 end: int | None = None, min_fragment: int = MIN_FRAGMENT) -> None:
+        self.total = total
+        self.offset = offset  # the acknowledged offset: where the next fragment starts
+        self.stop = total if stop is None else min(stop, total)
+        self.end = total if end is None else end
+        self.min_fragment = min_fragment
+        self.shrunk: int | None = None  # the fragment size after a 413
+        self.budget = MAX_RESEND_FACTOR * self.end + min_fragment
+        self.without_progress = 0
+        self.recreated = 0
+        self._asked = 0  # the size of the last fragment asked for (before the end cut it)
+        self._sent: ContentRange | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= self.stop
+
+    def next_range(self, size: int) -> ContentRange:
+        """The next fragment: `size` bytes (fewer after a 413, or at the end) from the offset."""
+        self._asked = self.shrunk or size
+        self._sent = ContentRange(self.offset, min(self.offset + self._asked, self.end) - 1, self.total)
+        return self._sent
+
+    def lost(self) -> Step:
+        """The fragment drew no answer (the connection broke): an attempt without progress."""
+        self._no_progress()
+        return Step.SEND
+
+    def answer(self, status: int, received: int | None, session_not_found: bool) -> Step:
+        """The server's answer to the last fragment; raises GiveUp when the loop cannot go on."""
+        sent = self._sent
+        assert sent is not None, "answer() before next_range()"
+        if session_not_found:
+            self.recreated += 1
+            if self.recreated > MAX_RECREATES:
+                raise GiveUp(f"the server forgot the session {MAX_RECREATES} times: giving up")
+            return Step.NEW_SESSION
+        if status == TOO_LARGE_STATUS:
+            if self._asked <= self.min_fragment:
+                raise GiveUp(f"413 for a {self._asked}-byte fragment: cannot shrink further")
+            self.shrunk = max(self.min_fragment, self._asked // 2)
+            return Step.SEND
+        if status not in SUCCESS and status != RESYNC:
+            raise GiveUp(f"the server refused {sent}: HTTP {status}")
+        if received is None or received > self.total:
+            raise GiveUp(f"the ack for {sent} gives no usable received offset")
+        self.budget -= sent.length
+        if self.budget < 0:
+            raise GiveUp(f"no progress: {MAX_RESEND_FACTOR} times the file sent, the server "
+                         f"still wants byte {received}")
+        if received > self.offset:
+            self.without_progress = 0
+        else:
+            self._no_progress(received)
+        self.offset = received
+        return Step.SEND
+
+    def restart(self) -> None:
+        """A new session replaced the forgotten one: start over from offset 0."""
+        self.offset = 0
+        self.without_progress = 0
+
+    def _no_progress(self, received: int | None = None) -> None:
+        self.without_progress += 1
+        if self.without_progress >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
+            where = f"the server keeps answering N={received}" if received is not None else (
+                f"{self.without_progress} attempts at offset {self.offset}")
+            raise GiveUp(f"no progress: {where}")
