@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 from typing import Iterator, Sequence, TextIO
@@ -37,6 +36,7 @@ from rich.table import Table
 
 from analyzer import __version__
 from analyzer.bits.protocol import format_hresult
+from replay.arguments import finite, seconds, whole
 from replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
 from replay.send import (
     MODES,
@@ -76,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="faithful",
                         help="faithful: send exactly the captured requests (default); adaptive: "
                              "behave like a real client (follow 416, recreate, shrink on 413)")
-    parser.add_argument("--speed", type=_speed, default=1.0, metavar="X",
+    parser.add_argument("--speed", type=finite(0), default=1.0, metavar="X",
                         help="1 = the capture's own pacing, 2 = twice as fast, 0 = no waiting "
                              "(default 1)")
-    parser.add_argument("--concurrency", type=_positive_int, metavar="N",
+    parser.add_argument("--concurrency", type=whole(1), metavar="N",
                         help="at most N sessions in flight (default: as overlapped in the capture)")
-    parser.add_argument("--timeout", type=_timeout, default=30.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=seconds(MAX_TIMEOUT), default=30.0, metavar="SECONDS",
                         help="how long to wait for the server at any step (default 30, at most "
                              f"{MAX_TIMEOUT:g})")
     parser.add_argument("--auth", metavar="USER:PASS",
@@ -100,40 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit with status 1 when a live answer differs from the captured one")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress display")
     return parser
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _speed(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
-    return value
-
-
-def _timeout(text: str) -> float:
-    value = _finite(text)
-    if not 0 < value <= MAX_TIMEOUT:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most {MAX_TIMEOUT:g}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return value
 
 
 # --- JSON --------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ from analyzer.bits.protocol import (
     parse_decimal,
     split_protocols,
 )
+from replay.arguments import seconds, whole
 from replay.paths import UnsafePath, check_inside, reply_target, reply_url, upload_path, url_directory
 from replay.server_state import ENDED, Event, Session, SessionTable, State
 
@@ -834,38 +835,6 @@ def _credentials(value: str) -> tuple[str, str]:
     return user, password
 
 
-def _whole(text: str, low: int, high: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in {low}..{high}")
-    return value
-
-
-def _port(text: str) -> int:
-    return _whole(text, 0, 65535)
-
-
-def _size(text: str) -> int:
-    return _whole(text, 1, MAX_UPLOAD_SIZE)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= MAX_TIMEOUT_S:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most {MAX_TIMEOUT_S:g}")
-    return value
-
-
-def _whole_seconds(text: str) -> int:
-    return _whole(text, 0, int(MAX_TIMEOUT_S))
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown where there is one to show: not for flags, nor for options unset by default."""
 
@@ -884,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, type=Path, metavar="DIR",
                    help="directory that uploads land in (created if missing)")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS", help="address to listen on")
-    p.add_argument("--port", type=_port, default=0, metavar="PORT", help="port; 0 picks a free one")
+    p.add_argument("--port", type=whole(0, 65535), default=0, metavar="PORT", help="port; 0 picks a free one")
     p.add_argument("--overlap", choices=("trim", "reject"), default="trim",
                    help="fragment overlapping received bytes: keep only new bytes, 200 (trim, IIS) "
                         "or 416 (reject, MC-BUP)")
@@ -896,22 +865,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="status of a successful Create-Session ack")
     p.add_argument("--error-header", choices=tuple(ERROR_HEADERS), default="win32",
                    help=f"error header name: win32 = {Header.ERROR_CODE}, mcbup = {Header.ERROR_CODE_MCBUP}")
-    p.add_argument("--max-upload-size", type=_size, default=MAX_UPLOAD_SIZE, metavar="BYTES",
+    p.add_argument("--max-upload-size", type=whole(1, MAX_UPLOAD_SIZE), default=MAX_UPLOAD_SIZE, metavar="BYTES",
                    help="largest entity (BG_E_TOO_LARGE above it)")
-    p.add_argument("--max-fragment-size", type=_size, default=MAX_FRAGMENT, metavar="BYTES",
+    p.add_argument("--max-fragment-size", type=whole(1, MAX_UPLOAD_SIZE), default=MAX_FRAGMENT, metavar="BYTES",
                    help="largest fragment body (413 above it)")
-    p.add_argument("--session-timeout", type=_seconds, default=DEFAULT_SESSION_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--session-timeout", type=seconds(MAX_TIMEOUT_S), default=DEFAULT_SESSION_TIMEOUT, metavar="SECONDS",
                    help="time without progress before a session is purged")
     p.add_argument("--host-id", metavar="NAME", help="BITS-Host-Id to announce on Create acks")
-    p.add_argument("--host-id-fallback-timeout", type=_whole_seconds, metavar="SECONDS",
+    p.add_argument("--host-id-fallback-timeout", type=whole(0, int(MAX_TIMEOUT_S)), metavar="SECONDS",
                    help="BITS-Host-Id-Fallback-Timeout (needs --host-id)")
     p.add_argument("--reply", action="store_true",
                    help="upload-reply mode: answer each upload with a JSON receipt (size, sha256)")
     p.add_argument("--auth", type=_credentials, metavar="USER:PASSWORD",
                    help="require HTTP Basic credentials (401 challenge otherwise)")
-    p.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+    p.add_argument("--idle-timeout", type=seconds(MAX_TIMEOUT_S), default=60.0, metavar="SECONDS",
                    help="time a connection may stay silent")
-    p.add_argument("--request-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+    p.add_argument("--request-timeout", type=seconds(MAX_TIMEOUT_S), default=600.0, metavar="SECONDS",
                    help="time one request may take")
     p.add_argument("--quiet", action="store_true", help="no per-packet log on stderr")
     return p
