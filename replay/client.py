@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
-from analyzer.bits.packets import RESYNC, SUCCESS, AckFields, parse_ack
+from analyzer.bits.packets import SUCCESS, AckFields, parse_ack
 from analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     METHOD,
@@ -39,7 +39,7 @@ from analyzer.bits.protocol import (
     Header,
     PacketType,
 )
-from replay.fragment_loop import FragmentLoop, GiveUp, Step
+from replay.fragment_loop import FragmentLoop, GiveUp, Step, follows_offset
 
 #: BITS 10.x (Windows 10/11), qmgr.dll 7.8.
 DEFAULT_USER_AGENT = USER_AGENT_PREFIX + "7.8"
@@ -149,12 +149,6 @@ class Response:
     @property
     def session_not_found(self) -> bool:
         return self.error_code == BG_E_SESSION_NOT_FOUND.code
-
-
-def _follows_offset(response: Response) -> bool:
-    """A fragment ack whose BITS-Received-Content-Range the client continues from: success or
-    resynchronisation (the analyzer's rule for fragment acks)."""
-    return response.status in SUCCESS or response.status == RESYNC
 
 
 @dataclass
@@ -543,7 +537,7 @@ class BitsClient:
             cut_after=cut_after,
             abandon=abandon,
         )
-        if response is not None and _follows_offset(response) and response.received_offset is not None:
+        if response is not None and follows_offset(response.status) and response.received_offset is not None:
             self.offset = response.received_offset
             if response.reply_url:
                 self.reply_url = response.reply_url

@@ -27,6 +27,12 @@ MAX_RESEND_FACTOR = 4
 MAX_RECREATES = 3
 
 
+def follows_offset(status: int) -> bool:
+    """A fragment ack whose BITS-Received-Content-Range the client continues from: success or
+    resynchronisation (the analyzer's rule for fragment acks)."""
+    return status in SUCCESS or status == RESYNC
+
+
 class GiveUp(Exception):
     """The upload cannot go on; the message says why."""
 
@@ -87,7 +93,7 @@ class FragmentLoop:
                 raise GiveUp(f"413 for a {self._asked}-byte fragment: cannot shrink further")
             self.shrunk = max(self.min_fragment, self._asked // 2)
             return Step.SEND
-        if status not in SUCCESS and status != RESYNC:
+        if not follows_offset(status):
             raise GiveUp(f"the server refused {sent}: HTTP {status}")
         if received is None or received > self.total:
             raise GiveUp(f"the ack for {sent} gives no usable received offset")
