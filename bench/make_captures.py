@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import random
 import re
 import signal
 import subprocess
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from replay.client import BitsClient  # noqa: E402
 from replay.server import BitsServer  # noqa: E402
 from captures.netns import run_in_namespace, wait_for  # noqa: E402
+from captures.seeded_file import write_seeded_file  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 MANIFEST = "manifest.json"
@@ -66,16 +66,6 @@ class PacketsLost(RuntimeError):
     """tcpdump dropped packets: the capture is retaken."""
 
 
-def _make_file(path: Path, size: int, seed: int) -> None:
-    rng = random.Random(seed)
-    with open(path, "wb") as out:
-        left = size
-        while left:
-            piece = rng.randbytes(min(MIB, left))
-            out.write(piece)
-            left -= len(piece)
-
-
 def _upload(job: tuple[str, str, int]) -> None:
     """One session: Create, the fragments, Close, on one connection of its own."""
     url, path, fragment_size = job
@@ -90,7 +80,7 @@ def record(shape: Shape, out: Path, workers: multiprocessing.pool.Pool) -> dict:
     """Run `shape`'s uploads against a fresh bits-server while tcpdump writes `out`."""
     with tempfile.TemporaryDirectory(prefix=f"bits-bench-{shape.name}-", dir=out.parent) as tmp:
         source = Path(tmp) / "upload.bin"
-        _make_file(source, shape.file_size, seed=6)
+        write_seeded_file(source, shape.file_size, seed=6)
         server = BitsServer(Path(tmp) / "root", log=None).start()
         port = server.address[1]
         # --immediate-mode: packets reach tcpdump at once (else the last ring block can be lost at

@@ -37,9 +37,10 @@ from typing import Callable, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyzer.bits.protocol import Header, PacketType, parse_content_range  # noqa: E402
-from replay.client import CHUNK_SIZE, BitsClient, Transaction  # noqa: E402
+from replay.client import BitsClient, Transaction  # noqa: E402
 from replay.server import BitsServer  # noqa: E402
 from captures.netns import READY_TIMEOUT, run_in_namespace, wait_for  # noqa: E402
+from captures.seeded_file import write_seeded_file  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXPECTED = "expected.json"
@@ -63,17 +64,10 @@ class Stage:
     log: list[Transaction] = field(default_factory=list)
 
     def file(self, name: str, size: int, seed: int) -> Path:
-        """`size` seeded pseudo-random bytes, written in chunks (stable sha256 across runs)."""
+        """`size` seeded pseudo-random bytes (stable sha256 across runs)."""
         path = self.workdir / "files" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        rng = random.Random(seed)
-        with open(path, "wb") as f:
-            left = size
-            while left:
-                chunk = rng.randbytes(min(CHUNK_SIZE, left))
-                f.write(chunk)
-                left -= len(chunk)
-        self.files[name] = path
+        self.files[name] = write_seeded_file(path, size, seed)
         return path
 
     def settle(self) -> None:
