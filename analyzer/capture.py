@@ -78,9 +78,12 @@ class Frame(NamedTuple):
     orig_len: int
 
 
+#: A Frame's fields as a plain tuple, as `CaptureReader.records()` yields them.
+FrameFields = tuple[int, int, int, memoryview, int]
+
 #: Frame(...) without the Python-level __new__ of a NamedTuple, which costs as much as the rest
-#: of reading a pcap record: the per-record hot path takes the fields as one tuple.
-_new_frame = partial(tuple.__new__, Frame)
+#: of reading a pcap record: it takes the fields as one tuple.
+new_frame = partial(tuple.__new__, Frame)
 
 
 class _Interface(NamedTuple):
@@ -241,11 +244,16 @@ class CaptureReader:
     # --- records ----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Frame]:
+        return map(new_frame, self.records())
+
+    def records(self) -> Iterator[FrameFields]:
+        """The frames as plain tuples of their fields: the per-packet loop unpacks them at once,
+        and making a Frame of each costs as much again as reading its record."""
         if self.format is None:
             return iter(())
         return self._pcap() if self.format == "pcap" else self._pcapng()
 
-    def _pcap(self) -> Iterator[Frame]:
+    def _pcap(self) -> Iterator[FrameFields]:
         number = 0
         pos = 0
         try:
@@ -280,8 +288,7 @@ class CaptureReader:
                     view = memoryview(buf)
                     size = len(buf)
                 number += 1
-                yield _new_frame((number, seconds * 1_000_000_000 + fraction * ns_per_unit, link_type,
-                                  view[start:pos], original))
+                yield number, seconds * 1_000_000_000 + fraction * ns_per_unit, link_type, view[start:pos], original
         except _Truncated:
             self._fail("truncated-record", "the file ends inside a record (writer stopped mid-record?)",
                        frame=number + 1, offset=self._base)
@@ -291,7 +298,7 @@ class CaptureReader:
         finally:
             self._close()
 
-    def _pcapng(self) -> Iterator[Frame]:
+    def _pcapng(self) -> Iterator[FrameFields]:
         number = 0
         pos = 0
         interfaces: list[_Interface] = []
@@ -354,9 +361,8 @@ class CaptureReader:
                         continue
                     interface = interfaces[interface_id]
                     number += 1
-                    yield _new_frame((number, ((high << 32) | low) * interface.ts_mul // interface.ts_div
-                                      + interface.ts_add, interface.link_type, view[start:start + captured],
-                                      original))
+                    yield (number, ((high << 32) | low) * interface.ts_mul // interface.ts_div + interface.ts_add,
+                           interface.link_type, view[start:start + captured], original)
                 elif block_type == _BLOCK_SPB:
                     if not interfaces or length < 16:
                         self._problem("corrupt-block", "simple packet block without interface 0" if not interfaces
@@ -369,7 +375,7 @@ class CaptureReader:
                         captured = min(captured, interface.snaplen)
                     number += 1
                     # A simple packet block has no timestamp.
-                    yield Frame(number, 0, interface.link_type, view[block + 12:block + 12 + captured], original)
+                    yield number, 0, interface.link_type, view[block + 12:block + 12 + captured], original
                 elif block_type == _BLOCK_IDB:
                     interfaces.append(self._interface(buf[block + 8:body_end], endian, number, self._base + block))
         except _Truncated:

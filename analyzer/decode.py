@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from functools import partial
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from analyzer.capture import (
     LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2,
-    LINKTYPE_LOOP, LINKTYPE_NULL, LINKTYPE_RAW, Frame,
+    LINKTYPE_LOOP, LINKTYPE_NULL, LINKTYPE_RAW, Frame, FrameFields, new_frame,
 )
 from analyzer.problems import Problem, ProblemLog
 
@@ -45,9 +45,9 @@ _unpack_ipv6_extension = struct.Struct("!BB").unpack_from      # next header, le
 _unpack_ipv6_fragment_header = struct.Struct("!BxHI").unpack_from  # next header, offset/flags, id
 _unpack_tcp = struct.Struct("!HHIIBBH").unpack_from           # ports, seq, ack, data offset, flags, window
 _unpack_family = struct.Struct("<I").unpack_from
-# Ethernet + IPv4 header in one go, for the fast path: ethertype, version/IHL, total length,
-# flags/fragment offset, protocol, src, dst.
-_unpack_ether_ipv4 = struct.Struct("!12xHBxH2xHxB2x4s4s").unpack_from
+# Ethernet, IPv4 and TCP headers in one go, for the fast path: ethertype, version/IHL, total
+# length, flags/fragment offset, protocol, src, dst, then the TCP fields as _unpack_tcp reads them.
+_unpack_ether_ipv4_tcp = struct.Struct("!12xHBxH2xHxB2x4s4sHHIIBBH").unpack_from
 _ETHER_IPV4_TCP_MIN = 14 + 20 + 20
 
 
@@ -76,8 +76,8 @@ class Segment(NamedTuple):
     missing: int
 
 
-#: Segment(...) without the Python-level __new__ of a NamedTuple (see capture._new_frame).
-_new_segment = partial(tuple.__new__, Segment)
+#: Where the per-packet loop hands a Segment's fields, as arguments: TcpReassembler.receive.
+SegmentReceiver = Callable[[int, int, bytes, int, bytes, int, int, int, int, int, memoryview, int], None]
 
 
 def format_addr(addr: bytes) -> str:
@@ -144,30 +144,48 @@ class Decoder:
         self.stats["malformed"] += 1
         self._problem(kind, message, frame)
 
+    def decode_into(self, records: Iterable[FrameFields], receive: SegmentReceiver) -> Frame | None:
+        """Decode each record (a Frame's fields, as CaptureReader.records() yields them) and pass
+        the fields of each TCP Segment to `receive` (TcpReassembler.receive); return the last
+        frame, or None if there was none.
+
+        This is the per-packet loop. Its fast path takes the shape of nearly every frame:
+        Ethernet, IPv4 without options, not a fragment, TCP with a sane header, all captured;
+        it makes neither a Frame nor a Segment. Anything else (or anything odd) goes to
+        `decode`, which decides and reports exactly, and gives the same for what the fast path
+        takes (tests/test_hot_paths.py holds them to it).
+        """
+        frame_base = self._frame_base
+        decode = self.decode
+        fast = 0
+        record = None
+        for record in records:
+            number, ts_ns, link_type, data, orig_len = record
+            if link_type == LINKTYPE_ETHERNET and len(data) >= _ETHER_IPV4_TCP_MIN:
+                (ethertype, version_ihl, total, fragment, protocol, src, dst,
+                 sport, dport, seq, ack, data_offset, flags, window) = _unpack_ether_ipv4_tcp(data, 0)
+                start = 34 + (data_offset >> 4) * 4
+                end = 14 + total
+                if (ethertype == _ETHERTYPE_IPV4 and version_ihl == 0x45 and protocol == _PROTO_TCP
+                        and not fragment & 0x3FFF and 54 <= start <= end <= len(data) and end <= orig_len):
+                    fast += 1
+                    receive(frame_base + number, ts_ns, src, sport, dst, dport, seq, ack, flags, window,
+                            data[start:end], 0)
+                    continue
+            segment = decode(new_frame(record))
+            if segment is not None:
+                receive(*segment)
+        self.stats["frames"] += fast
+        self.stats["tcp"] += fast
+        return None if record is None else new_frame(record)
+
     def decode(self, frame: Frame) -> Segment | None:
+        """One frame's TCP Segment, or None (counted in `stats`, damage reported in `problems`)."""
         self.stats["frames"] += 1
-        number, ts_ns, link_type, data, orig_len = frame  # one unpack: attribute reads cost more
+        data = frame.data
         if type(data) is not memoryview:
             data = memoryview(data)
-        # Fast path for the shape of nearly every frame: Ethernet, IPv4 without options, not a
-        # fragment, TCP with a sane header. Anything else (or anything odd) takes the general
-        # path below, which decides and reports exactly.
-        captured = len(data)
-        if link_type == LINKTYPE_ETHERNET and captured >= _ETHER_IPV4_TCP_MIN:
-            ethertype, version_ihl, total, fragment, protocol, src, dst = _unpack_ether_ipv4(data, 0)
-            end = 14 + total
-            if (ethertype == _ETHERTYPE_IPV4 and version_ihl == 0x45 and protocol == _PROTO_TCP
-                    and not fragment & 0x3FFF and 40 <= total and end <= orig_len):
-                sport, dport, seq, ack, data_offset, flags, window = _unpack_tcp(data, 34)
-                start = 34 + (data_offset >> 4) * 4
-                if captured > end:
-                    captured = end
-                if 54 <= start <= captured:
-                    self.stats["tcp"] += 1
-                    if end > captured:
-                        self.stats["cut_segments"] += 1
-                    return _new_segment((self._frame_base + number, ts_ns, src, sport, dst, dport, seq, ack,
-                                         flags, window, data[start:captured], end - captured))
+        link_type = frame.link_type
         try:
             if link_type == LINKTYPE_ETHERNET:
                 offset = 14

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, islice
 from typing import BinaryIO, Callable, Iterable
 
-from analyzer.capture import CaptureReader
+from analyzer.capture import CaptureReader, Frame
 from analyzer.decode import Decoder
 from analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage, first_message
 from analyzer.problems import Problem
@@ -68,7 +68,7 @@ def _file_size(source: str | os.PathLike | BinaryIO) -> int | None:
     return None
 
 
-PROGRESS_EVERY = 1 << 14  # frames between progress callbacks: keeps the hook off the hot path
+PROGRESS_EVERY = 1 << 14  # frames between progress callbacks: the per-packet loop runs in batches of it
 
 
 def read_exchanges(
@@ -82,7 +82,6 @@ def read_exchanges(
     result = RunResult()
     assembler = ExchangeAssembler(_counting(on_exchange, result.captures), on_body)
     reassembler = TcpReassembler(assembler)
-    feed = reassembler.feed
     tcp_before = reassembler.stats  # totals when the current file began
     stats = None
     for index, source in enumerate(sources):
@@ -93,22 +92,20 @@ def read_exchanges(
         reader = CaptureReader(source, name=name)
         decoder = Decoder(file=name, capture=index)
         size = _file_size(source)
-        decode = decoder.decode
-        frames = iter(reader)
-        frame = next(frames, None)
-        if frame is not None:
-            stats.first_ts_ns = frame.ts_ns
-            frames = chain((frame,), frames)
-        for frame in frames:
-            segment = decode(frame)
-            if segment is not None:
-                feed(segment)
-            if progress is not None and frame.number % PROGRESS_EVERY == 0:
+        records = reader.records()
+        first = next(records, None)
+        last = None
+        if first is not None:
+            stats.first_ts_ns = Frame(*first).ts_ns
+            records = chain((first,), records)
+        while batch_last := decoder.decode_into(islice(records, PROGRESS_EVERY), reassembler.receive):
+            last = batch_last
+            if progress is not None:
                 progress(name, reader.bytes_read, size)
         decoder.finish()
-        if frame is not None:
-            stats.frames = frame.number
-            stats.last_ts_ns = frame.ts_ns
+        if last is not None:
+            stats.frames = last.number
+            stats.last_ts_ns = last.ts_ns
         stats.format = reader.format
         stats.bytes_read = reader.bytes_read
         stats.complete = stats.complete and reader.complete

@@ -204,14 +204,16 @@ class TcpReassembler:
         return {"connections": self.connection_count, **totals}
 
     def feed(self, segment: Segment) -> None:
-        # One unpack of the segment: a NamedTuple attribute read costs as much as a dict lookup.
-        frame, ts_ns, src, sport, dst, dport, seq, ack, flags, _window, payload, missing = segment
+        self.receive(*segment)
+
+    def receive(self, frame: int, ts_ns: int, src: bytes, sport: int, dst: bytes, dport: int, seq: int,
+                ack: int, flags: int, window: int, payload: memoryview, missing: int) -> None:
+        """feed() with the Segment's fields as arguments: the per-packet loop (Decoder.decode_into)
+        calls this without making a Segment."""
         half = self._halves.get((src, sport, dst, dport))
-        if half is None or flags & _SLOW_FLAGS or missing or not half.synced:
-            self._feed_slow(segment, half)
-            return
-        if payload and seq != half.expect:
-            self._feed_slow(segment, half)
+        if (half is None or flags & _SLOW_FLAGS or missing or not half.synced
+                or payload and seq != half.expect):
+            self._receive_slow(half, frame, ts_ns, src, sport, dst, dport, seq, ack, flags, payload, missing)
             return
         conn = half.conn
         conn.last_frame = frame
@@ -238,27 +240,24 @@ class TcpReassembler:
 
     # -- the slow path: everything but an in-order data segment or a plain ACK --
 
-    def _feed_slow(self, segment: Segment, half: _Half | None) -> None:
-        flags = segment.flags
-        frame, ts_ns = segment.frame, segment.ts_ns
+    def _receive_slow(self, half: _Half | None, frame: int, ts_ns: int, src: bytes, sport: int, dst: bytes,
+                      dport: int, seq: int, ack: int, flags: int, payload: memoryview, missing: int) -> None:
         if half is None:
-            half = self._new_connection(segment)
-        elif (flags & (SYN | ACK) == SYN and half.wire_base is not None
-              and segment.seq != half.wire_base):
+            half = self._new_connection(src, sport, dst, dport, flags, frame, ts_ns)
+        elif flags & (SYN | ACK) == SYN and half.wire_base is not None and seq != half.wire_base:
             if not half.conn.closed:
                 self._close(half.conn, frame, ts_ns)
-            half = self._new_connection(segment)
+            half = self._new_connection(src, sport, dst, dport, flags, frame, ts_ns)
         conn = half.conn
         conn.last_frame = frame
         conn.last_ts_ns = ts_ns
         peer = half.peer
         if half.wire_base is None:
-            half.wire_base = segment.seq if flags & SYN else (segment.seq - 1) & _SEQ_MASK
+            half.wire_base = seq if flags & SYN else (seq - 1) & _SEQ_MASK
         if flags & ACK and peer.wire_base is None:
-            peer.wire_base = (segment.ack - 1) & _SEQ_MASK
+            peer.wire_base = (ack - 1) & _SEQ_MASK
         if conn.closed:
             return
-        seq = segment.seq
         if flags & SYN:
             conn.handshake_seen = True
             seq = (seq + 1) & _SEQ_MASK
@@ -266,9 +265,9 @@ class TcpReassembler:
                 half.sync(seq)
                 half.from_syn = not flags & ACK
             if flags & ACK and not peer.synced:
-                peer.sync(segment.ack)  # the SYN-ACK tells where the client's stream starts
+                peer.sync(ack)  # the SYN-ACK tells where the client's stream starts
         elif peer.from_syn and not half.synced and peer.offset == 0 and not (
-                flags & ACK and segment.ack == peer.next_seq):
+                flags & ACK and ack == peer.next_seq):
             # The SYN awaits its SYN-ACK: an ACK of anything else answers another incarnation
             # of this 4-tuple (a TIME_WAIT challenge ACK) and is not part of this connection.
             conn.out_of_window[half.direction] += 1
@@ -283,16 +282,14 @@ class TcpReassembler:
             return
         if flags & ACK:
             if peer.synced:
-                ahead = (segment.ack - peer.next_seq) & _SEQ_MASK
+                ahead = (ack - peer.next_seq) & _SEQ_MASK
                 if ahead and ahead <= _MAX_WINDOW:
                     self._acknowledged_unseen(peer, ahead, frame, ts_ns)
             if conn.closed:
                 return
         if not half.synced:
             half.sync(seq)
-        payload = segment.payload
         size = len(payload)
-        missing = segment.missing
         start = half.offset_of(seq)
         if start - half.offset > _MAX_WINDOW:
             conn.out_of_window[half.direction] += 1
@@ -311,18 +308,18 @@ class TcpReassembler:
             self._declare_pending(half, frame, ts_ns)  # later data or the FIN passed the hole
         self._settle(half, frame, ts_ns)
 
-    def _new_connection(self, segment: Segment) -> _Half:
-        flags = segment.flags & (SYN | ACK)
-        sender = (segment.src, segment.sport)
-        receiver = (segment.dst, segment.dport)
-        if flags == SYN:
+    def _new_connection(self, src: bytes, sport: int, dst: bytes, dport: int, flags: int, frame: int,
+                        ts_ns: int) -> _Half:
+        sender = (src, sport)
+        receiver = (dst, dport)
+        if flags & (SYN | ACK) == SYN:
             sender_is_client = True
-        elif flags == SYN | ACK:
+        elif flags & (SYN | ACK) == SYN | ACK:
             sender_is_client = False
         else:
-            sender_is_client = segment.sport >= segment.dport
+            sender_is_client = sport >= dport
         client, server = (sender, receiver) if sender_is_client else (receiver, sender)
-        conn = Connection(self.connection_count, client, server, segment.frame, segment.ts_ns)
+        conn = Connection(self.connection_count, client, server, frame, ts_ns)
         self.connection_count += 1
         to_server, to_client = _Half(conn, CLIENT, self._history), _Half(conn, SERVER, self._history)
         to_server.peer, to_client.peer = to_client, to_server

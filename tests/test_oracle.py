@@ -64,11 +64,7 @@ class HashingSink:
 def our_stream_hashes(path: Path) -> dict[tuple[int, int], str]:
     sink = HashingSink()
     reassembler = TcpReassembler(sink)
-    decoder = Decoder(file=str(path))
-    for frame in CaptureReader(path):
-        segment = decoder.decode(frame)
-        if segment is not None:
-            reassembler.feed(segment)
+    Decoder(file=str(path)).decode_into(CaptureReader(path).records(), reassembler.receive)  # as the pipeline
     reassembler.finish()
     assert sink.gaps == 0, f"{path.name}: loopback captures have no gaps"
     return {key: h.hexdigest() for key, h in sink.hashes.items()}
