@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import NamedTuple
 
 from analyzer.capture import (
@@ -80,10 +81,15 @@ class Segment(NamedTuple):
 SegmentReceiver = Callable[[int, int, bytes, int, bytes, int, int, int, int, int, memoryview, int], None]
 
 
+# The BITS layer formats the endpoints of every packet, and a capture holds few distinct ones:
+# the caches spare the ipaddress module's cost per call and stay bounded on a scan of many hosts.
+@lru_cache(maxsize=1 << 12)
 def format_addr(addr: bytes) -> str:
+    """`192.0.2.1` / `2001:db8::1`."""
     return str(ipaddress.ip_address(addr))
 
 
+@lru_cache(maxsize=1 << 12)
 def format_endpoint(addr: bytes, port: int) -> str:
     """`ip:port`, with IPv6 in brackets: `[::1]:8080`."""
     text = format_addr(addr)
