@@ -178,7 +178,7 @@ def split_protocols(value: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", value.strip()) if item]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContentRange:
     first: int
     last: int
