@@ -50,7 +50,7 @@ def test_fragment_fields() -> None:
     assert (pkt.status, pkt.received_offset, pkt.ack_session_id) == (200, 10240, SID)
     assert pkt.client == "192.0.2.10:50412" and pkt.server == "192.0.2.1:80" and pkt.client_ip == "192.0.2.10"
     assert pkt.request_frame == exchange.request.first_frame and pkt.response_frame == exchange.response.first_frame
-    assert pkt.anomalies == []
+    assert pkt.anomalies == ()
 
 
 def test_create_fields_with_host_id_and_protocol_list() -> None:
@@ -61,7 +61,7 @@ def test_create_fields_with_host_id_and_protocol_list() -> None:
     assert pkt.offered_protocols == ("{AAAAAAAA-2222-3333-4444-555555555555}", PROTOCOL_GUID.upper())
     assert pkt.protocol == PROTOCOL_GUID and pkt.ack_session_id == SID
     assert (pkt.host_id, pkt.fallback_timeout_s) == ("[2001:db8::7]", 86400)
-    assert pkt.anomalies == []  # the chosen GUID matches the offered one case-insensitively
+    assert pkt.anomalies == ()  # the chosen GUID matches the offered one case-insensitively
 
 
 def test_ipv6_addresses_are_bracketed() -> None:
@@ -112,9 +112,9 @@ def test_error_severity_follows_status() -> None:
 
 
 def test_iis_ack_without_session_id_is_fine_but_a_different_one_is_not() -> None:
-    assert packet_of(Wire().fragment(SID, 0, 5119, T, echo=False)).anomalies == []
+    assert packet_of(Wire().fragment(SID, 0, 5119, T, echo=False)).anomalies == ()
     lower = packet_of(Wire().fragment(SID, 0, 5119, T, echo=False, ack=[(Header.SESSION_ID, SID.lower())]))
-    assert lower.anomalies == []
+    assert lower.anomalies == ()
     other = packet_of(Wire().fragment(SID, 0, 5119, T, echo=False, ack=[(Header.SESSION_ID, SID2)]))
     assert codes(other.anomalies) == ["ack-session-mismatch"]
 
@@ -128,7 +128,7 @@ def test_malformed_content_range_is_an_anomaly_not_an_exception(value: str) -> N
 
 def test_content_range_unit_is_case_insensitive() -> None:
     pkt = packet_of(Wire().fragment(SID, 0, 9, 10, content_range="Bytes 0-9/10"))
-    assert pkt.content_range == ContentRange(0, 9, 10) and pkt.anomalies == []
+    assert pkt.content_range == ContentRange(0, 9, 10) and pkt.anomalies == ()
 
 
 @pytest.mark.parametrize("received,code", [(None, "ack-offset-invalid"), ("lots", "ack-offset-invalid"),
@@ -245,7 +245,7 @@ def test_fragment_too_large_413_and_bg_e_too_large() -> None:
 
 def test_reply_url_only_on_the_final_ack() -> None:
     w = Wire()
-    assert packet_of(w.fragment(SID, 0, 9, 10, ack=[(Header.REPLY_URL, "r.bin")])).anomalies == []
+    assert packet_of(w.fragment(SID, 0, 9, 10, ack=[(Header.REPLY_URL, "r.bin")])).anomalies == ()
     assert codes(packet_of(w.close(ack=[(Header.REPLY_URL, "r.bin")])).anomalies) == ["reply-url-misplaced"]
 
 
@@ -257,7 +257,7 @@ def test_fallback_timeout_without_host_id() -> None:
 
 def test_content_encoding_identity_is_fine() -> None:
     w = Wire()
-    assert packet_of(w.fragment(SID, 0, 9, 10, headers=[("Content-Encoding", "Identity")])).anomalies == []
+    assert packet_of(w.fragment(SID, 0, 9, 10, headers=[("Content-Encoding", "Identity")])).anomalies == ()
     assert codes(packet_of(w.fragment(SID, 0, 9, 10, headers=[("Content-Encoding", "gzip")])).anomalies) == ["content-encoding"]
 
 

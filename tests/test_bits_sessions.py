@@ -115,7 +115,7 @@ def test_windows_like_clean_upload_is_silent() -> None:
     session, = summary.sessions
     assert (session.state, session.verdict) == (State.CLOSED, Verdict.DELIVERED)
     assert (session.total, session.acknowledged, session.bytes_sent) == (T, T, T)
-    assert [(f.range.first, f.range.last) for f in session.fragments] == FRAGS
+    assert [(f.content_range.first, f.content_range.last) for f in session.fragments] == FRAGS
     assert session.content_name == "report.bin" and session.user_agent == UA
     assert session.protocol == PROTOCOL_GUID and session.host == "uploads.example"
 

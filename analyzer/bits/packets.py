@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable
 
 from analyzer.bits import protocol as p
@@ -50,262 +51,6 @@ def host_name(host: str | None) -> str | None:
     return host
 
 
-@dataclass(slots=True)
-class BitsPacket:
-    """A BITS_POST request and its ack. Frames and times come from the HTTP messages; each
-    frame number counts in the capture file its `*_capture` index names (rotated captures)."""
-
-    exchange: int
-    connection: int
-    client: str  # "ip:port"
-    client_ip: str
-    server: str  # "ip:port"
-    server_ip: str
-    method: str
-    target: str
-    version: str
-    host: str | None
-    packet_type: PacketType | None
-    type_raw: str | None
-    session_id: str | None
-    content_range: ContentRange | None
-    content_length: int | None
-    body_length: int
-    body_sha256: str | None
-    content_name: str | None
-    user_agent: str | None
-    offered_protocols: tuple[str, ...]
-    request_frame: int
-    request_last_frame: int
-    request_offset: int  # stream offset of the request: with `connection`, names its body chunks
-    sent_ns: int
-    # the ack; all None when the capture holds no response
-    status: int | None = None
-    reason: str | None = None
-    response_frame: int | None = None
-    acked_ns: int | None = None
-    ack_type_raw: str | None = None
-    ack_session_id: str | None = None
-    protocol: str | None = None
-    received_offset: int | None = None
-    error_code: int | None = None
-    error_context: int | None = None
-    reply_url: str | None = None
-    host_id: str | None = None
-    fallback_timeout_s: int | None = None
-    flags: frozenset[str] = frozenset()
-    anomalies: list[Anomaly] = field(default_factory=list)
-    request_capture: int = 0  # of request_frame
-    request_last_capture: int = 0  # of request_last_frame
-    response_capture: int | None = None  # of response_frame
-
-    @property
-    def answered(self) -> bool:
-        return self.status is not None
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status in SUCCESS
-
-    @property
-    def is_final_ack(self) -> bool:
-        """A fragment ack saying the whole entity is in: 200 with N == TOTAL."""
-        return (
-            self.packet_type is PacketType.FRAGMENT and self.succeeded
-            and self.content_range is not None
-            and self.received_offset == self.content_range.total
-        )
-
-    @property
-    def session_not_found(self) -> bool:
-        return self.error_code == p.BG_E_SESSION_NOT_FOUND.code
-
-    @property
-    def frames(self) -> tuple[int, ...]:
-        return tuple(f for f in (self.request_frame, self.response_frame) if f is not None)
-
-    @property
-    def captures(self) -> tuple[int, ...]:
-        """The capture index of each of `frames`."""
-        return tuple(c for c in (self.request_capture, self.response_capture) if c is not None)
-
-    @property
-    def places(self) -> tuple[tuple[int, int], ...]:
-        """(capture index, frame number) of each of `frames`."""
-        return tuple(zip(self.captures, self.frames))
-
-    @property
-    def timestamps(self) -> tuple[int, ...]:
-        return tuple(t for t in (self.sent_ns, self.acked_ns) if t is not None)
-
-    @property
-    def label(self) -> str:
-        name = self.packet_type.value if self.packet_type else repr(self.type_raw)
-        if self.content_range is not None:
-            name += f" {self.content_range}"
-        return name
-
-    def flag(self, code: str, message: str, **extra: Any) -> None:
-        self.anomalies.append(anomaly(
-            code, message, session_id=self.session_id, frames=self.frames, captures=self.captures,
-            timestamps=self.timestamps, connection=self.connection, **extra,
-        ))
-
-
-@dataclass(slots=True)
-class Download:
-    """A GET/HEAD sent with a BITS user agent (download job or upload-reply fetch)."""
-
-    exchange: int
-    connection: int
-    client: str
-    client_ip: str
-    server: str
-    method: str
-    target: str
-    host: str | None
-    user_agent: str
-    status: int | None
-    bytes: int
-    range: str | None
-    frame: int
-    sent_ns: int
-    capture: int = 0  # of frame
-
-
-@dataclass(slots=True)
-class Classified:
-    """What one exchange turned out to be; at most one of packet/download is set."""
-
-    packet: BitsPacket | None = None
-    download: Download | None = None
-    anomalies: list[Anomaly] = field(default_factory=list)  # those with no packet to hold them
-
-
-class _Fields:
-    """One message's headers indexed once: case-insensitive, first value wins (as Headers.get)."""
-
-    __slots__ = ("_first", "_items")
-
-    def __init__(self, headers: Any) -> None:
-        self._items: list[tuple[str, str]] = list(headers.items())
-        self._first: dict[str, str] = {}
-        for name, value in self._items:
-            self._first.setdefault(name.lower(), value)
-
-    def get(self, name: str) -> str | None:
-        return self._first.get(name.lower())
-
-    def items(self) -> list[tuple[str, str]]:
-        return self._items
-
-    def has_bits_headers(self) -> bool:
-        return any(name.startswith(p.BITS_HEADER_PREFIX) for name in self._first)
-
-
-def _endpoints(exchange: Any) -> tuple[str, str, str, str]:
-    conn = exchange.connection
-    (caddr, cport), (saddr, sport) = conn.client, conn.server
-    caddr, saddr = bytes(caddr), bytes(saddr)
-    return (format_endpoint(caddr, cport), format_addr(caddr),
-            format_endpoint(saddr, sport), format_addr(saddr))
-
-
-def classify(exchange: Any) -> Classified:
-    """Sort one Exchange (analyzer.exchanges contract) into BITS packet, download or other."""
-    request, response = exchange.request, exchange.response
-    out = Classified()
-    if request is None:
-        if response is not None and _Fields(response.headers).has_bits_headers():
-            out.anomalies.append(anomaly(
-                "orphan-response",
-                f"HTTP {response.status} response carrying BITS headers with no request in the capture",
-                frames=(response.first_frame,), captures=(response.first_capture,),
-                timestamps=(response.first_ts_ns,), connection=exchange.connection.id,
-            ))
-        return out
-    method = (request.method or "").upper()
-    h = _Fields(request.headers)
-    user_agent = h.get(Header.USER_AGENT)
-    if not is_bits_method(method):
-        if h.has_bits_headers():
-            out.anomalies.append(anomaly(
-                "wrong-method-or-version",
-                f"{request.method} {request.target} carries BITS headers; BITS requests use {p.METHOD}",
-                frames=(request.first_frame,), captures=(request.first_capture,),
-                timestamps=(request.first_ts_ns,), connection=exchange.connection.id,
-            ))
-        if method in DOWNLOAD_METHODS and user_agent and user_agent.startswith(p.USER_AGENT_PREFIX):
-            out.download = _download(exchange, method, user_agent, h)
-            basic = _basic_credentials(request, h)
-            if basic is not None:
-                out.anomalies.append(anomaly("basic-auth-cleartext", basic, frames=(request.first_frame,),
-                                             captures=(request.first_capture,), timestamps=(request.first_ts_ns,),
-                                             connection=exchange.connection.id))
-        return out
-    out.packet = _packet(exchange, h)
-    return out
-
-
-def _download(exchange: Any, method: str, user_agent: str, h: _Fields) -> Download:
-    request, response = exchange.request, exchange.response
-    client, client_ip, server, _ = _endpoints(exchange)
-    return Download(
-        exchange=exchange.index, connection=exchange.connection.id, client=client,
-        client_ip=client_ip, server=server, method=method, target=request.target,
-        host=h.get(Header.HOST), user_agent=user_agent,
-        status=response.status if response else None,
-        bytes=response.body_length if response else 0,
-        range=h.get("Range"), frame=request.first_frame, sent_ns=request.first_ts_ns,
-        capture=request.first_capture,
-    )
-
-
-def _packet(exchange: Any, h: _Fields) -> BitsPacket:
-    request, response = exchange.request, exchange.response
-    client, client_ip, server, server_ip = _endpoints(exchange)
-    type_raw = h.get(Header.PACKET_TYPE)
-    session_id = h.get(Header.SESSION_ID)
-    range_raw = h.get(Header.CONTENT_RANGE)
-    length_raw = h.get(Header.CONTENT_LENGTH)
-    protocols_raw = h.get(Header.SUPPORTED_PROTOCOLS)
-    pkt = BitsPacket(
-        exchange=exchange.index, connection=exchange.connection.id, client=client,
-        client_ip=client_ip, server=server, server_ip=server_ip, method=_shared(request.method),
-        target=_shared(request.target), version=_shared(request.version or ""), host=_shared(h.get(Header.HOST)),
-        packet_type=PacketType.parse(type_raw), type_raw=_shared(type_raw),
-        session_id=_shared(session_id.strip()) if session_id is not None else None,
-        content_range=p.parse_content_range(range_raw) if range_raw is not None else None,
-        content_length=p.parse_decimal(length_raw) if length_raw is not None else None,
-        body_length=request.body_length, body_sha256=request.body_sha256,
-        content_name=_shared(h.get(Header.CONTENT_NAME)), user_agent=_shared(h.get(Header.USER_AGENT)),
-        offered_protocols=tuple(p.split_protocols(protocols_raw)) if protocols_raw else (),
-        request_frame=request.first_frame, request_last_frame=request.last_frame,
-        request_capture=request.first_capture, request_last_capture=request.last_capture,
-        request_offset=request.stream_offset, sent_ns=request.first_ts_ns,
-        flags=frozenset(exchange.flags) if exchange.flags else NO_FLAGS,
-    )
-    ack = _Fields(response.headers) if response is not None else None
-    if ack is not None:
-        _read_ack(pkt, response, ack)
-    _check_request(pkt, h, range_raw, length_raw)
-    basic = _basic_credentials(request, h)
-    if basic is not None:
-        pkt.flag("basic-auth-cleartext", basic)
-    if ack is not None:
-        _check_ack(pkt, response, ack)
-    _check_capture(pkt, exchange)
-    return pkt
-
-
-NO_FLAGS: frozenset[str] = frozenset()  # shared: an empty frozenset costs 216 bytes a packet
-
-
-def _shared(value: str | None) -> str | None:
-    """Packets are kept for the whole run: one copy of each repeated header value."""
-    return sys.intern(value) if value is not None else None
-
-
 @dataclass(frozen=True, slots=True)
 class AckFields:
     """The BITS headers of a response, parsed; None when absent or unparsable."""
@@ -342,28 +87,362 @@ def parse_ack(get: Callable[[str], str | None]) -> AckFields:
     )
 
 
+def _error_code_raw(get: Callable[[str], str | None]) -> str | None:
+    """BITS-Error-Code (Win32, every implementation) or BITS-Error (MC-BUP): accept both."""
+    value = get(Header.ERROR_CODE)
+    return value if value is not None else get(Header.ERROR_CODE_MCBUP)
+
+
+NO_ACK = AckFields(None, None, None, None, None, None, None, None, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """A connection's two endpoints, formatted once and shared by every packet on it."""
+
+    client: str  # "ip:port"
+    client_ip: str
+    server: str  # "ip:port"
+    server_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFields:
+    """What a BITS_POST's start line and headers say that repeats from packet to packet of a
+    session (everything but the range, the length and the body): one shared copy of each."""
+
+    method: str
+    target: str
+    version: str
+    host: str | None
+    packet_type: PacketType | None
+    type_raw: str | None
+    session_id: str | None  # stripped
+    content_name: str | None
+    user_agent: str | None
+    offered_protocols: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class BitsPacket:
+    """A BITS_POST request and its ack. Frames and times come from the HTTP messages; each
+    frame number counts in the capture file its `*_capture` index names (rotated captures).
+
+    Packets are kept until the end of the run, so what repeats lives in shared records
+    (`peers`, `request`, `ack`) and the properties below read through them."""
+
+    exchange: int
+    connection: int
+    peers: Peers
+    request: RequestFields
+    content_range: ContentRange | None
+    content_length: int | None
+    body_length: int
+    body_digest: bytes | None  # sha256; None when the body is partial
+    request_frame: int
+    request_last_frame: int
+    request_offset: int  # stream offset of the request: with `connection`, names its body chunks
+    sent_ns: int
+    flags: frozenset[str]
+    request_capture: int  # of request_frame
+    request_last_capture: int  # of request_last_frame
+    # the ack; all None when the capture holds no response
+    status: int | None = None
+    reason: str | None = None
+    ack: AckFields = NO_ACK  # shared by acks alike; its received_offset is always None: see `received_offset`
+    received_offset: int | None = None
+    response_frame: int | None = None
+    response_capture: int | None = None  # of response_frame
+    acked_ns: int | None = None
+    anomalies: tuple[Anomaly, ...] = ()
+
+    # the fields of the shared records, read as the packet's own
+    client = property(attrgetter("peers.client"))
+    client_ip = property(attrgetter("peers.client_ip"))
+    server = property(attrgetter("peers.server"))
+    server_ip = property(attrgetter("peers.server_ip"))
+    method = property(attrgetter("request.method"))
+    target = property(attrgetter("request.target"))
+    version = property(attrgetter("request.version"))
+    host = property(attrgetter("request.host"))
+    packet_type = property(attrgetter("request.packet_type"))
+    type_raw = property(attrgetter("request.type_raw"))
+    session_id = property(attrgetter("request.session_id"))
+    content_name = property(attrgetter("request.content_name"))
+    user_agent = property(attrgetter("request.user_agent"))
+    offered_protocols = property(attrgetter("request.offered_protocols"))
+    ack_type_raw = property(attrgetter("ack.type_raw"))
+    ack_session_id = property(attrgetter("ack.session_id"))
+    protocol = property(attrgetter("ack.protocol"))
+    error_code = property(attrgetter("ack.error_code"))
+    error_context = property(attrgetter("ack.error_context"))
+    reply_url = property(attrgetter("ack.reply_url"))
+    host_id = property(attrgetter("ack.host_id"))
+    fallback_timeout_s = property(attrgetter("ack.fallback_timeout_s"))
+
+    @property
+    def body_sha256(self) -> str | None:
+        """Hex, as HttpMessage gives it."""
+        return self.body_digest.hex() if self.body_digest is not None else None
+
+    @property
+    def answered(self) -> bool:
+        return self.status is not None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in SUCCESS
+
+    @property
+    def is_final_ack(self) -> bool:
+        """A fragment ack saying the whole entity is in: 200 with N == TOTAL."""
+        return (
+            self.request.packet_type is PacketType.FRAGMENT and self.status in SUCCESS
+            and self.content_range is not None
+            and self.received_offset == self.content_range.total
+        )
+
+    @property
+    def session_not_found(self) -> bool:
+        return self.ack.error_code == p.BG_E_SESSION_NOT_FOUND.code
+
+    @property
+    def frames(self) -> tuple[int, ...]:
+        if self.response_frame is None:
+            return (self.request_frame,)
+        return (self.request_frame, self.response_frame)
+
+    @property
+    def captures(self) -> tuple[int, ...]:
+        """The capture index of each of `frames`."""
+        if self.response_capture is None:
+            return (self.request_capture,)
+        return (self.request_capture, self.response_capture)
+
+    @property
+    def places(self) -> tuple[tuple[int, int], ...]:
+        """(capture index, frame number) of each of `frames`."""
+        return tuple(zip(self.captures, self.frames))
+
+    @property
+    def timestamps(self) -> tuple[int, ...]:
+        if self.acked_ns is None:
+            return (self.sent_ns,)
+        return (self.sent_ns, self.acked_ns)
+
+    @property
+    def label(self) -> str:
+        request = self.request
+        name = request.packet_type.value if request.packet_type else repr(request.type_raw)
+        if self.content_range is not None:
+            name += f" {self.content_range}"
+        return name
+
+    def flag(self, code: str, message: str, **extra: Any) -> None:
+        self.anomalies += (anomaly(
+            code, message, session_id=self.request.session_id, frames=self.frames, captures=self.captures,
+            timestamps=self.timestamps, connection=self.connection, **extra,
+        ),)
+
+
+@dataclass(slots=True)
+class Download:
+    """A GET/HEAD sent with a BITS user agent (download job or upload-reply fetch)."""
+
+    exchange: int
+    connection: int
+    client: str
+    client_ip: str
+    server: str
+    method: str
+    target: str
+    host: str | None
+    user_agent: str
+    status: int | None
+    bytes: int
+    range: str | None
+    frame: int
+    sent_ns: int
+    capture: int = 0  # of frame
+
+
+@dataclass(slots=True)
+class Classified:
+    """What one exchange turned out to be; at most one of packet/download is set."""
+
+    packet: BitsPacket | None = None
+    download: Download | None = None
+    anomalies: list[Anomaly] = field(default_factory=list)  # those with no packet to hold them
+
+
+class _Fields:
+    """One message's headers indexed once: case-insensitive, first value wins (as Headers.get)."""
+
+    __slots__ = ("by_name", "_items")
+
+    def __init__(self, headers: Any) -> None:
+        self._items: list[tuple[str, str]] = list(headers)
+        # reversed, so that the first of repeated names is the one left in the dict
+        self.by_name: dict[str, str] = {name.lower(): value for name, value in reversed(self._items)}
+
+    def get(self, name: str) -> str | None:
+        return self.by_name.get(name.lower())
+
+    def items(self) -> list[tuple[str, str]]:
+        return self._items
+
+    def has_bits_headers(self) -> bool:
+        return any(name.startswith(p.BITS_HEADER_PREFIX) for name in self.by_name)
+
+
+# Shared records are made once per distinct input; the caches are bounded, so a capture of
+# endless distinct values costs a miss per packet, never unbounded memory.
+_SHARED_RECORDS = 8192
+
+
+@functools.lru_cache(maxsize=_SHARED_RECORDS)
+def _peers(client: tuple[bytes, int], server: tuple[bytes, int]) -> Peers:
+    (caddr, cport), (saddr, sport) = client, server
+    caddr, saddr = bytes(caddr), bytes(saddr)
+    return Peers(format_endpoint(caddr, cport), format_addr(caddr), format_endpoint(saddr, sport), format_addr(saddr))
+
+
+def _connection_peers(connection: Any) -> Peers:
+    return _peers(connection.client, connection.server)
+
+
+_REQUEST_HEADERS = (Header.HOST, Header.PACKET_TYPE, Header.SESSION_ID, Header.CONTENT_NAME, Header.USER_AGENT,
+                    Header.SUPPORTED_PROTOCOLS)
+_REQUEST_KEYS = tuple(name.lower() for name in _REQUEST_HEADERS)
+
+
+@functools.lru_cache(maxsize=_SHARED_RECORDS)
+def _request_fields(method: str, target: str, version: str, values: tuple[str | None, ...]) -> RequestFields:
+    """The fields of one combination of start line and `_REQUEST_HEADERS` values."""
+    host, type_raw, session_id, content_name, user_agent, protocols_raw = map(_shared, values)
+    return RequestFields(
+        method=_shared(method), target=_shared(target), version=_shared(version), host=host,
+        packet_type=PacketType.parse(type_raw), type_raw=type_raw,
+        session_id=_shared(session_id.strip()) if session_id is not None else None,
+        content_name=content_name, user_agent=user_agent,
+        offered_protocols=tuple(map(_shared, p.split_protocols(protocols_raw))) if protocols_raw else (),
+    )
+
+
+# Every header parse_ack reads but the received offset, which changes with every fragment.
+_ACK_HEADERS = (Header.PACKET_TYPE, Header.SESSION_ID, Header.PROTOCOL, Header.ERROR_CODE, Header.ERROR_CODE_MCBUP,
+                Header.ERROR_CONTEXT, Header.REPLY_URL, Header.HOST_ID, Header.HOST_ID_FALLBACK_TIMEOUT)
+_ACK_KEYS = tuple(name.lower() for name in _ACK_HEADERS)
+_CONTENT_RANGE = Header.CONTENT_RANGE.lower()
+_CONTENT_LENGTH = Header.CONTENT_LENGTH.lower()
+_RECEIVED_CONTENT_RANGE = Header.RECEIVED_CONTENT_RANGE.lower()
+
+
+@functools.lru_cache(maxsize=_SHARED_RECORDS)
+def _ack_fields(values: tuple[str | None, ...]) -> AckFields:
+    """parse_ack over one combination of `_ACK_HEADERS` values (so received_offset is None)."""
+    return parse_ack(dict(zip(_ACK_HEADERS, map(_shared, values))).get)
+
+
+def classify(exchange: Any) -> Classified:
+    """Sort one Exchange (analyzer.exchanges contract) into BITS packet, download or other."""
+    request, response = exchange.request, exchange.response
+    if request is None:
+        if response is not None and _Fields(response.headers).has_bits_headers():
+            return Classified(anomalies=[anomaly(
+                "orphan-response",
+                f"HTTP {response.status} response carrying BITS headers with no request in the capture",
+                frames=(response.first_frame,), captures=(response.first_capture,),
+                timestamps=(response.first_ts_ns,), connection=exchange.connection.id,
+            )])
+        return Classified()
+    h = _Fields(request.headers)
+    if is_bits_method(request.method):
+        return Classified(packet=_packet(exchange, h))
+    out = Classified()
+    if h.has_bits_headers():
+        out.anomalies.append(anomaly(
+            "wrong-method-or-version",
+            f"{request.method} {request.target} carries BITS headers; BITS requests use {p.METHOD}",
+            frames=(request.first_frame,), captures=(request.first_capture,),
+            timestamps=(request.first_ts_ns,), connection=exchange.connection.id,
+        ))
+    method = (request.method or "").upper()
+    user_agent = h.get(Header.USER_AGENT)
+    if method in DOWNLOAD_METHODS and user_agent and user_agent.startswith(p.USER_AGENT_PREFIX):
+        out.download = _download(exchange, method, user_agent, h)
+        basic = _basic_credentials(request, h)
+        if basic is not None:
+            out.anomalies.append(anomaly("basic-auth-cleartext", basic, frames=(request.first_frame,),
+                                         captures=(request.first_capture,), timestamps=(request.first_ts_ns,),
+                                         connection=exchange.connection.id))
+    return out
+
+
+def _download(exchange: Any, method: str, user_agent: str, h: _Fields) -> Download:
+    request, response = exchange.request, exchange.response
+    peers = _connection_peers(exchange.connection)
+    return Download(
+        exchange=exchange.index, connection=exchange.connection.id, client=peers.client,
+        client_ip=peers.client_ip, server=peers.server, method=method, target=request.target,
+        host=h.get(Header.HOST), user_agent=user_agent,
+        status=response.status if response else None,
+        bytes=response.body_length if response else 0,
+        range=h.get("Range"), frame=request.first_frame, sent_ns=request.first_ts_ns,
+        capture=request.first_capture,
+    )
+
+
+def _packet(exchange: Any, h: _Fields) -> BitsPacket:
+    request, response = exchange.request, exchange.response
+    by_name = h.by_name
+    range_raw = by_name.get(_CONTENT_RANGE)
+    length_raw = by_name.get(_CONTENT_LENGTH)
+    body_length = request.body_length
+    content_length = p.parse_decimal(length_raw) if length_raw is not None else None
+    if content_length == body_length:
+        content_length = body_length  # one int object for both
+    pkt = BitsPacket(
+        exchange.index, exchange.connection.id, _connection_peers(exchange.connection),
+        _request_fields(request.method, request.target, request.version or "", tuple(map(by_name.get, _REQUEST_KEYS))),
+        p.parse_content_range(range_raw) if range_raw is not None else None,
+        content_length, body_length,
+        bytes.fromhex(request.body_sha256) if request.body_sha256 is not None else None,
+        request.first_frame, request.last_frame, request.stream_offset, request.first_ts_ns,
+        frozenset(exchange.flags) if exchange.flags else NO_FLAGS,
+        request.first_capture, request.last_capture,
+    )
+    ack = _Fields(response.headers) if response is not None else None
+    if ack is not None:
+        _read_ack(pkt, response, ack)
+    _check_request(pkt, h, range_raw, length_raw)
+    basic = _basic_credentials(request, h)
+    if basic is not None:
+        pkt.flag("basic-auth-cleartext", basic)
+    if ack is not None:
+        _check_ack(pkt, response, ack)
+    _check_capture(pkt, exchange)
+    return pkt
+
+
+NO_FLAGS: frozenset[str] = frozenset()  # shared: an empty frozenset costs 216 bytes a packet
+
+
+def _shared(value: str | None) -> str | None:
+    """One copy of each repeated header value."""
+    return sys.intern(value) if value is not None else None
+
+
 def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     pkt.status = response.status
     pkt.reason = _shared(response.reason)
     pkt.response_frame = response.first_frame
     pkt.response_capture = response.first_capture
     pkt.acked_ns = response.first_ts_ns
-    ack = parse_ack(h.get)
-    pkt.ack_type_raw = _shared(ack.type_raw)
-    pkt.ack_session_id = _shared(ack.session_id)
-    pkt.protocol = ack.protocol
-    pkt.received_offset = ack.received_offset
-    pkt.error_code = ack.error_code
-    pkt.error_context = ack.error_context
-    pkt.reply_url = ack.reply_url
-    pkt.host_id = ack.host_id
-    pkt.fallback_timeout_s = ack.fallback_timeout_s
-
-
-def _error_code_raw(get: Callable[[str], str | None]) -> str | None:
-    """BITS-Error-Code (Win32, every implementation) or BITS-Error (MC-BUP): accept both."""
-    value = get(Header.ERROR_CODE)
-    return value if value is not None else get(Header.ERROR_CODE_MCBUP)
+    by_name = h.by_name
+    pkt.ack = _ack_fields(tuple(map(by_name.get, _ACK_KEYS)))
+    received = by_name.get(_RECEIVED_CONTENT_RANGE)
+    pkt.received_offset = p.parse_decimal(received) if received is not None else None
 
 
 # --- request checks ---------------------------------------------------------------------------

@@ -43,22 +43,6 @@ class Verdict(str, enum.Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(slots=True)
-class FragmentRecord:
-    request_frame: int
-    request_last_frame: int
-    response_frame: int | None
-    connection: int
-    range: p.ContentRange | None
-    body_length: int
-    status: int | None
-    received_offset: int | None
-    sent_ns: int
-    acked_ns: int | None
-    request_capture: int = 0  # capture file index of request_frame
-    response_capture: int | None = None  # of response_frame
-
-
 @dataclass
 class Session:
     id: str | None  # as the Create ack issued it (or as first seen); None for a refused Create
@@ -80,7 +64,6 @@ class Session:
     total: int | None = None
     acknowledged: int = 0  # high-water mark of the received offsets the server acknowledged
     bytes_sent: int = 0
-    fragments: list[FragmentRecord] = field(default_factory=list)
     first_ns: int = 0
     last_ns: int = 0
     connections: list[int] = field(default_factory=list)
@@ -95,6 +78,11 @@ class Session:
     @property
     def created(self) -> bool:
         return bool(self.packets) and self.packets[0].packet_type is PacketType.CREATE_SESSION
+
+    @property
+    def fragments(self) -> list[BitsPacket]:
+        """The Fragment packets, in the order the client sent them (once `finish` ran)."""
+        return [pkt for pkt in self.packets if pkt.packet_type is PacketType.FRAGMENT]
 
     @property
     def url_key(self) -> tuple[str, str | None, str]:
@@ -287,7 +275,7 @@ class _SessionWalk:
         self.progress_ns: list[tuple[int, int, int]] = []
         self.stuck = 0
         self.stuck_flagged = False
-        self.seen_bodies: dict[tuple[int, int], tuple[str, BitsPacket]] = {}
+        self.seen_bodies: dict[tuple[int, int], tuple[bytes, BitsPacket]] = {}
         self.close_incomplete = False
         self.too_large: Anomaly | None = None  # waiting for the client's next, smaller fragment
         self.too_large_size = 0
@@ -365,11 +353,6 @@ class _SessionWalk:
         s = self.s
         rng = pkt.content_range
         s.bytes_sent += pkt.body_length
-        s.fragments.append(FragmentRecord(
-            pkt.request_frame, pkt.request_last_frame, pkt.response_frame, pkt.connection, rng,
-            pkt.body_length, pkt.status, pkt.received_offset, pkt.sent_ns, pkt.acked_ns,
-            pkt.request_capture, pkt.response_capture,
-        ))
         if rng is None:
             return
         self._shrink(pkt, rng)
@@ -419,13 +402,13 @@ class _SessionWalk:
 
     def _same_range_resend(self, pkt: BitsPacket, rng: p.ContentRange) -> None:
         """Exact resends whose body hash differs: byte-level overlaps are extract.py's job."""
-        if pkt.body_sha256 is None:
+        if pkt.body_digest is None:
             return
         key = (rng.first, rng.last)
         earlier = self.seen_bodies.get(key)
         if earlier is None:
-            self.seen_bodies[key] = (pkt.body_sha256, pkt)
-        elif earlier[0] != pkt.body_sha256:
+            self.seen_bodies[key] = (pkt.body_digest, pkt)
+        elif earlier[0] != pkt.body_digest:
             self.s.flag("resend-conflict", f"resent {rng} differs from the copy first sent in frame {earlier[1].request_frame}",
                         [earlier[1], pkt])
 
