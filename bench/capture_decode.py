@@ -1,8 +1,10 @@
 """Throughput of the per-packet loop: capture reading and decoding, in frames per second.
 
 Writes a pcap of N Ethernet/IPv4/TCP frames (default 200 000, 200-byte payloads) to a
-temporary directory, as pcap and as pcapng, then times: our CaptureReader alone, CaptureReader +
-Decoder, and scapy's raw reader alone (the reader the house first chose, for comparison).
+temporary directory, as pcap and as pcapng, then times: our CaptureReader alone (as Frames and
+as the plain records the pipeline reads), records + Decoder.decode_into (the pipeline's
+per-packet loop, segments handed to a function that does nothing), Frames + Decoder.decode (the
+general path, frame by frame), and scapy's raw reader alone (the reader the house first chose).
 
     .venv/bin/python bench/capture_decode.py [N]
 """
@@ -65,11 +67,23 @@ def main() -> None:
             measure(kind, path, count, scapy_reader)
 
 
+def ignore(*segment_fields) -> None:
+    pass
+
+
 def measure(kind: str, path: Path, count: int, scapy_reader: type) -> None:
-    def read_only() -> int:
+    def read_frames() -> int:
         return sum(1 for _ in CaptureReader(path))
 
+    def read_records() -> int:
+        return sum(1 for _ in CaptureReader(path).records())
+
     def read_and_decode() -> int:
+        decoder = Decoder(str(path))
+        decoder.decode_into(CaptureReader(path).records(), ignore)
+        return decoder.stats["tcp"]
+
+    def read_and_decode_frames() -> int:
         decode = Decoder(str(path)).decode
         return sum(1 for frame in CaptureReader(path) if decode(frame) is not None)
 
@@ -77,8 +91,10 @@ def measure(kind: str, path: Path, count: int, scapy_reader: type) -> None:
         with scapy_reader(str(path)) as reader:
             return sum(1 for _ in reader)
 
-    timed(f"{kind}: CaptureReader", count, read_only)
-    timed(f"{kind}: CaptureReader + Decoder", count, read_and_decode)
+    timed(f"{kind}: CaptureReader, Frames", count, read_frames)
+    timed(f"{kind}: CaptureReader.records()", count, read_records)
+    timed(f"{kind}: records + Decoder.decode_into", count, read_and_decode)
+    timed(f"{kind}: Frames + Decoder.decode (general)", count, read_and_decode_frames)
     timed(f"{kind}: scapy {scapy_reader.__name__}", count, scapy_read_only)
 
 
