@@ -95,9 +95,9 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from analyzer.analysis import analyze
-    from analyzer.report import render_html, render_text
-    from analyzer.report.json import (build_report, filter_report, jsonl_records, severity_at_least,
-                                      write_json, write_jsonl)
+    from analyzer.report import render_text, write_html
+    from analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records,
+                                      packet_source, severity_at_least, write_json, write_jsonl)
 
     # Every output is opened before the analysis, so a bad path costs nothing but a message.
     with contextlib.ExitStack() as outputs:
@@ -113,18 +113,19 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         with progress_bar(not args.no_progress) as hook:
             analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
                                stall_after_s=args.stall_after)
-        report = build_report(analysis, session_filter=args.session,
-                              with_packets=bool(json_out or jsonl_out or html_out))
+        # Without the packets: each writer gets them a session at a time from `packets`.
+        report = build_report(analysis, session_filter=args.session, with_packets=False)
         if args.session and not report["sessions"]:
             print(f"bits-analyze: no session {args.session} in the capture", file=err)
             return EXIT_USAGE
         filtered = filter_report(report, args.min_severity)
+        packets = packet_source(analysis, filtered)
         if json_out:
-            write_json(filtered, json_out)
+            write_json(filtered, json_out, packets)
         if jsonl_out:
-            write_jsonl(jsonl_records(filtered), jsonl_out)
+            write_jsonl(jsonl_records(filtered, packets), jsonl_out)
         if html_out:
-            html_out.write(render_html(filtered))
+            write_html(filtered, html_out, complete_sessions(filtered, packets))
     text_on_terminal = False
     if "-" not in (args.json, args.jsonl):
         text_on_terminal = out.isatty()

@@ -10,7 +10,8 @@ Policy). Nothing needs JavaScript: the severity filter is CSS, tooltips are SVG 
 from __future__ import annotations
 
 import html
-from typing import Iterable
+import io
+from typing import IO, Iterable
 
 from analyzer.report.presentation import (
     SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, frame_name,
@@ -106,14 +107,24 @@ def _e(value: object) -> str:
 
 def render_html(report: dict) -> str:
     """The whole page as one string."""
-    sessions = report.get("sessions") or []
+    page = io.StringIO()
+    write_html(report, page)
+    return page.getvalue()
+
+
+def write_html(report: dict, out: IO[str], sessions: Iterable[dict] | None = None) -> None:
+    """Write the page to `out` part by part. The timelines draw `sessions` when given (the
+    report's sessions with their packets, in the same order, made one at a time for a report
+    whose own session records leave the packets out), else the report's own."""
+    sessions_table = report.get("sessions") or []
     anomalies = all_anomalies(report)
-    ids = short_ids([s.get("id") for s in sessions] + [a.get("session") for a in anomalies])
-    anchors = {s.get("id"): f"s-{n}" for n, s in enumerate(sessions) if s.get("id") is not None}
+    ids = short_ids([s.get("id") for s in sessions_table] + [a.get("session") for a in anomalies])
+    anchors = {s.get("id"): f"s-{n}" for n, s in enumerate(sessions_table) if s.get("id") is not None}
     clock = Clock(report)
     files = ", ".join(printable(c.get("file")) for c in report.get("captures") or [])
     tool = report.get("tool") or {}
-    out = [
+    several = several_captures(report)
+    out.write("".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">",
         "<meta name=\"referrer\" content=\"no-referrer\">",
@@ -123,18 +134,17 @@ def render_html(report: dict) -> str:
         "<h1>BITS upload report</h1>",
         f"<p class=\"sub\">{_e(tool.get('name') or 'bits-analyze')} {_e(tool.get('version') or '')}"
         f" · report schema {_e(report.get('version'))} · {len(report.get('captures') or [])} capture(s)</p>",
-    ]
-    out += _summary(report)
-    out += _captures(report, clock)
-    out += _sessions_table(sessions, ids, anchors, clock)
-    several = several_captures(report)
-    out += _anomalies(anomalies, ids, anchors, clock, several)
-    out += _problems(report.get("problems") or [])
-    out += _downloads(report.get("downloads") or [], clock)
-    out += _timelines(sessions, ids, clock, several)
-    out += _counters(report)
-    out.append("</main></body></html>\n")
-    return "".join(out)
+    ]))
+    for part in (_summary(report), _captures(report, clock), _sessions_table(sessions_table, ids, anchors, clock),
+                 _anomalies(anomalies, ids, anchors, clock, several), _problems(report.get("problems") or []),
+                 _downloads(report.get("downloads") or [], clock)):
+        out.write("".join(part))
+    if sessions_table:
+        out.write("".join(_timelines_heading()))
+        for index, session in enumerate(sessions_table if sessions is None else sessions):
+            out.write(_session_section(index, session, ids, clock, several))
+    out.write("".join(_counters(report)))
+    out.write("</main></body></html>\n")
 
 
 # --- summary, captures ------------------------------------------------------------------------
@@ -345,17 +355,12 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 74, 16, 34, 30
 _PLOT_W, _PLOT_H = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
 
-def _timelines(sessions: list[dict], ids: dict[str, str], clock: Clock, several: bool) -> list[str]:
-    if not sessions:
-        return []
-    out = ["<h2 id=\"timelines\">Session timelines</h2>",
-           "<div class=\"legend-wrap\"><p class=\"note\">Time runs left to right from the session's first "
-           "packet; height is the byte offset in the file (0 at the bottom, the file size at the top). "
-           "Each fragment is a box from its request to its response, covering its byte range. "
-           "Hover any mark for details.</p>", _LEGEND, "</div>"]
-    for index, session in enumerate(sessions):
-        out.append(_session_section(index, session, ids, clock, several))
-    return out
+def _timelines_heading() -> list[str]:
+    return ["<h2 id=\"timelines\">Session timelines</h2>",
+            "<div class=\"legend-wrap\"><p class=\"note\">Time runs left to right from the session's first "
+            "packet; height is the byte offset in the file (0 at the bottom, the file size at the top). "
+            "Each fragment is a box from its request to its response, covering its byte range. "
+            "Hover any mark for details.</p>", _LEGEND, "</div>"]
 
 
 def _legend() -> str:

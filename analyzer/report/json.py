@@ -2,12 +2,19 @@
 
 Every other format renders this dict, so this module is the only one that reads the analysis
 model; `session_filter` and `min_severity` are applied here, once, for all formats.
+
+The sessions' packet records are most of a report (a capture of many small requests holds
+hundreds of thousands), so bits-analyze never holds them all: it builds the report without
+them (`with_packets=False`) and hands the writers a `PacketSource`, which builds one session's
+packet records when the writer reaches that session.
 """
 
 from __future__ import annotations
 
 import json
-from typing import IO, Any, Iterable, Iterator
+import math
+from json.encoder import encode_basestring_ascii as _quote
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from analyzer import __version__
 from analyzer.analysis import Analysis
@@ -68,7 +75,7 @@ def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
         response = {
             "status": pkt.status, "reason": pkt.reason, "frame": pkt.response_frame,
             "capture": pkt.response_capture,
-            **_times("", pkt.acked_ns), "packet_type": pkt.ack_type_raw,
+            "time": iso(pkt.acked_ns), "ts": epoch(pkt.acked_ns), "packet_type": pkt.ack_type_raw,
             "session_id": pkt.ack_session_id, "received": pkt.received_offset,
             "error_code": None if pkt.error_code is None else p.format_hresult(pkt.error_code),
             "error_name": _hresult_name(pkt.error_code),
@@ -82,7 +89,7 @@ def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
         "request": {
             "method": pkt.method, "target": pkt.target, "frame": pkt.request_frame,
             "capture": pkt.request_capture, "last_frame": pkt.request_last_frame,
-            "last_capture": pkt.request_last_capture, **_times("", pkt.sent_ns),
+            "last_capture": pkt.request_last_capture, "time": iso(pkt.sent_ns), "ts": epoch(pkt.sent_ns),
             "range": None if rng is None else {"first": rng.first, "last": rng.last, "total": rng.total},
             "content_length": pkt.content_length, "body_length": pkt.body_length,
             "body_sha256": pkt.body_sha256,
@@ -92,7 +99,7 @@ def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
     }
 
 
-def _packet_codes(session: Session, anomalies: list[Anomaly]) -> dict[tuple[int, int], list[str]]:
+def _packet_codes(anomalies: list[Anomaly]) -> dict[tuple[int, int], list[str]]:
     """Anomaly codes per packet, matched by the packet's (capture, frame) places."""
     by_place: dict[tuple[int, int], list[str]] = {}
     for item in anomalies:
@@ -103,15 +110,28 @@ def _packet_codes(session: Session, anomalies: list[Anomaly]) -> dict[tuple[int,
     return by_place
 
 
-def session_record(session: Session, anomalies: list[Anomaly], with_packets: bool = True) -> dict[str, Any]:
-    duration = (session.last_ns - session.first_ns) / 1e9 if session.last_ns and session.first_ns else 0.0
-    by_place = _packet_codes(session, anomalies)
-    packets = []
-    for pkt in session.packets if with_packets else ():
+def _kept(anomalies: list[Anomaly], min_severity: str) -> list[Anomaly]:
+    return [a for a in anomalies if severity_at_least(a.severity.value, min_severity)]
+
+
+def packet_records(session: Session, min_severity: str = "info") -> list[dict[str, Any]]:
+    """The session's packet records; each lists the codes of the anomalies raised at it, only
+    codes that some anomaly of the session at `min_severity` or worse has (as `filter_report`)."""
+    shown = {a.code for a in _kept(session.anomalies, min_severity)}
+    by_place = _packet_codes(session.anomalies) if shown else {}
+    frames = {frame for _, frame in by_place}  # a cheap first look: most packets have no anomaly
+    records = []
+    for pkt in session.packets:
         codes: list[str] = []
-        for place in pkt.places:
-            codes += [c for c in by_place.get(place, []) if c not in codes]
-        packets.append(packet_record(pkt, codes))
+        if pkt.request_frame in frames or pkt.response_frame in frames:
+            for place in pkt.places:
+                codes += [c for c in by_place.get(place, ()) if c not in codes and c in shown]
+        records.append(packet_record(pkt, codes))
+    return records
+
+
+def session_record(session: Session, with_packets: bool = True) -> dict[str, Any]:
+    duration = (session.last_ns - session.first_ns) / 1e9 if session.last_ns and session.first_ns else 0.0
     entity = session.entity
     extracted = None
     if entity is not None:
@@ -130,8 +150,9 @@ def session_record(session: Session, anomalies: list[Anomaly], with_packets: boo
         **_times("first_", session.first_ns or None), **_times("last_", session.last_ns or None),
         "duration_s": duration,
         "throughput_bps": session.acknowledged / duration if duration > 0 else None,
-        "connections": list(session.connections), "packets": packets,
-        "anomalies": [anomaly_record(a) for a in anomalies], "extracted": extracted,
+        "connections": list(session.connections),
+        "packets": packet_records(session) if with_packets else [],
+        "anomalies": [anomaly_record(a) for a in session.anomalies], "extracted": extracted,
     }
 
 
@@ -142,14 +163,23 @@ def download_record(item: Download) -> dict[str, Any]:
             "capture": item.capture}
 
 
+def _wanted(session_filter: str | None) -> str | None:
+    return session_key(session_filter) if session_filter else None
+
+
+def _selected(analysis: Analysis, session_filter: str | None) -> list[Session]:
+    wanted = _wanted(session_filter)
+    return [s for s in analysis.bits.sessions if wanted is None or s.key == wanted]
+
+
 def build_report(analysis: Analysis, *, session_filter: str | None = None,
                  with_packets: bool = True) -> dict[str, Any]:
     """The schema-v1 dict. `session_filter` keeps one session (id compared like the protocol).
     Without `with_packets` the sessions' packet lists stay empty: the text report does not show
-    them, and on captures of many small requests they are most of the report's memory."""
-    wanted = session_key(session_filter) if session_filter else None
-    sessions = [s for s in analysis.bits.sessions if wanted is None or s.key == wanted]
-    session_records = [session_record(s, s.anomalies, with_packets) for s in sessions]
+    them, and the other writers take them from a `PacketSource`, one session at a time."""
+    wanted = _wanted(session_filter)
+    sessions = _selected(analysis, session_filter)
+    session_records = [session_record(s, with_packets) for s in sessions]
     loose = [] if wanted else analysis.bits.anomalies
     counts = {severity: 0 for severity in SEVERITY_ORDER}
     for item in [a for s in sessions for a in s.anomalies] + loose:
@@ -189,16 +219,79 @@ def filter_report(report: dict[str, Any], min_severity: str) -> dict[str, Any]:
             "sessions": sessions, "anomalies": keep(report["anomalies"])}
 
 
-def write_json(report: dict[str, Any], out: IO[str]) -> None:
-    json.dump(report, out, indent=2)
-    out.write("\n")
+#: The packet records of the session at an index of the report's `sessions`.
+PacketSource = Callable[[int], list[dict[str, Any]]]
 
 
-def jsonl_records(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The report as one record a line, in the order schema.md gives."""
+def packet_source(analysis: Analysis, report: dict[str, Any]) -> PacketSource:
+    """The packet records of `report`'s sessions (built from `analysis` without packets, filtered
+    or not), built when a writer asks for them, as `filter_report` would have left them."""
+    sessions = _selected(analysis, report["filter"]["session"])
+    min_severity = report["filter"]["min_severity"]
+    return lambda index: packet_records(sessions[index], min_severity)
+
+
+def complete_sessions(report: dict[str, Any], packets: PacketSource | None) -> Iterator[dict[str, Any]]:
+    """The report's session records, each with its packets from `packets` (when given) while
+    the caller holds it."""
+    for index, session in enumerate(report["sessions"]):
+        yield session if packets is None else {**session, "packets": packets(index)}
+
+
+def write_json(report: dict[str, Any], out: IO[str], packets: PacketSource | None = None) -> None:
+    """`json.dump(report, out, indent=2)` and a newline, byte for byte, written a session at a
+    time (with its packets from `packets` when given)."""
+    for index, (key, value) in enumerate(report.items()):
+        out.write(("{\n  " if index == 0 else ",\n  ") + _quote(key) + ": ")
+        if key == "sessions" and value:
+            for number, session in enumerate(complete_sessions(report, packets)):
+                out.write(("[\n    " if number == 0 else ",\n    ") + _indented(session, "\n    "))
+            out.write("\n  ]")
+        else:
+            out.write(_indented(value, "\n  "))
+    out.write("\n}\n" if report else "{}\n")
+
+
+def _indented(value: Any, indent: str) -> str:
+    """`json.dumps(value, indent=2)` for a value nested at `indent` (a newline and the spaces of
+    its depth), byte for byte. The json module indents with its pure-Python encoder; this does
+    the report's types itself, about twice as fast, and leaves anything else to json."""
+    kind = type(value)
+    if kind is str:
+        return _quote(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is dict:
+        if not value:
+            return "{}"
+        inner = indent + "  "
+        try:
+            items = [_quote(key) + ": " + _indented(item, inner) for key, item in value.items()]
+        except TypeError:  # a key that is not a string: json's own rules
+            return json.dumps(value, indent=2).replace("\n", indent)
+        return "{" + inner + ("," + inner).join(items) + indent + "}"
+    if kind is list:
+        if not value:
+            return "[]"
+        inner = indent + "  "
+        return "[" + inner + ("," + inner).join([_indented(item, inner) for item in value]) + indent + "]"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value, indent=2).replace("\n", indent)  # NaN, infinities, subclasses, tuples...
+
+
+def jsonl_records(report: dict[str, Any], packets: PacketSource | None = None) -> Iterator[dict[str, Any]]:
+    """The report as one record a line, in the order schema.md gives (each session with its
+    packets from `packets` when given)."""
     yield from ({"record": "capture", **c} for c in report["captures"])
     yield from ({"record": "problem", **p_} for p_ in report["problems"])
-    yield from ({"record": "session", **s} for s in report["sessions"])
+    yield from ({"record": "session", **s} for s in complete_sessions(report, packets))
     yield from ({"record": "anomaly", **a} for a in report["anomalies"])
     yield from ({"record": "download", **d} for d in report["downloads"])
     yield {"record": "summary", "schema": report["schema"], "version": report["version"], **report["summary"]}
