@@ -287,7 +287,7 @@ class UploadService:
         if refused is not None:
             return refused
         try:
-            session = self.table.create(destination, url_path, PROTOCOL_GUID)
+            session = self.table.create(destination, url_path, PROTOCOL_GUID, hashed=self.options.reply)
         except OSError as exc:
             return self._os_error_ack(exc, None)
         headers = [(Header.PROTOCOL, session.protocol), (Header.ACCEPT_ENCODING, "identity")]
@@ -359,7 +359,7 @@ class UploadService:
 
     def _append(self, session: Session, body: Body) -> None:
         """Stream the body onto the request file; on any failure roll back to the last ack."""
-        digest = session.digest.copy()
+        digest = session.digest.copy() if session.digest is not None else None
         written = session.received
         fd = os.open(session.data_file, os.O_WRONLY)
         try:
@@ -370,7 +370,8 @@ class UploadService:
                     while view:
                         count = os.write(fd, view)
                         view = view[count:]
-                    digest.update(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
                     written += len(chunk)
             except BaseException:
                 os.ftruncate(fd, session.received)

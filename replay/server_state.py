@@ -91,7 +91,9 @@ class Session:
     state: State = State.INIT
     total: int | None = None
     received: int = 0  # next byte wanted: the contiguous high-water mark
-    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    # sha256 of bytes 0..received, kept only when a receipt will carry it (upload-reply mode):
+    # hashing costs more CPU than receiving and storing the bytes.
+    digest: "hashlib._Hash | None" = None
     reply_url: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,12 +123,13 @@ class SessionTable:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def create(self, destination: Path, url_path: str, protocol: str) -> Session:
-        """A new session with an empty request file (OSError if it cannot be made)."""
+    def create(self, destination: Path, url_path: str, protocol: str, hashed: bool = False) -> Session:
+        """A new session with an empty request file (OSError if it cannot be made); `hashed`:
+        keep the sha256 of the bytes received."""
         session_id = new_session_id()
         data_dir, reply_dir = state_paths(self.root, session_id)
         session = Session(session_id, destination, url_path, data_dir, reply_dir, protocol,
-                          last_activity=self.clock())
+                          last_activity=self.clock(), digest=hashlib.sha256() if hashed else None)
         data_dir.mkdir(parents=True)
         try:
             session.data_file.touch(exist_ok=False)
