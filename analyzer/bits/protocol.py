@@ -168,6 +168,8 @@ def is_guid(value: str) -> bool:
 def same_id(a: str, b: str) -> bool:
     """Session ids are opaque, but GUID-shaped ones compare case-insensitively."""
     a, b = a.strip(), b.strip()
+    if a == b:
+        return True
     if is_guid(a) and is_guid(b):
         return a.lower() == b.lower()
     return a == b
