@@ -32,6 +32,7 @@ def is_bits_method(method: str | None) -> bool:
     return (method or "").upper() == p.METHOD
 
 
+@functools.lru_cache(maxsize=8192)  # every packet of a session asks again
 def session_key(session_id: str) -> str:
     """The key sessions are filed under: GUID-shaped ids case-insensitively, others verbatim."""
     sid = session_id.strip()
@@ -278,18 +279,19 @@ class Classified:
 class _Fields:
     """One message's headers indexed once: case-insensitive, first value wins (as Headers.get)."""
 
-    __slots__ = ("by_name", "_items")
+    __slots__ = ("by_name", "_headers")
 
     def __init__(self, headers: Any) -> None:
-        self._items: list[tuple[str, str]] = list(headers)
+        self._headers = headers
         # reversed, so that the first of repeated names is the one left in the dict
-        self.by_name: dict[str, str] = {name.lower(): value for name, value in reversed(self._items)}
+        self.by_name: dict[str, str] = {name.lower(): value for name, value in reversed(list(headers))}
 
     def get(self, name: str) -> str | None:
+        """Any case; the hot paths look `by_name` up with names lowercased once (`_key`)."""
         return self.by_name.get(name.lower())
 
-    def items(self) -> list[tuple[str, str]]:
-        return self._items
+    def items(self) -> Any:
+        return self._headers
 
     def has_bits_headers(self) -> bool:
         return any(name.startswith(p.BITS_HEADER_PREFIX) for name in self.by_name)
@@ -336,6 +338,7 @@ _ACK_KEYS = tuple(name.lower() for name in _ACK_HEADERS)
 _CONTENT_RANGE = Header.CONTENT_RANGE.lower()
 _CONTENT_LENGTH = Header.CONTENT_LENGTH.lower()
 _RECEIVED_CONTENT_RANGE = Header.RECEIVED_CONTENT_RANGE.lower()
+_CONTENT_ENCODING = Header.CONTENT_ENCODING.lower()
 
 
 @functools.lru_cache(maxsize=_SHARED_RECORDS)
@@ -425,14 +428,6 @@ def _packet(exchange: Any, h: _Fields) -> BitsPacket:
     return pkt
 
 
-NO_FLAGS: frozenset[str] = frozenset()  # shared: an empty frozenset costs 216 bytes a packet
-
-
-def _shared(value: str | None) -> str | None:
-    """One copy of each repeated header value."""
-    return sys.intern(value) if value is not None else None
-
-
 def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     pkt.status = response.status
     pkt.reason = _shared(response.reason)
@@ -445,52 +440,66 @@ def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
     pkt.received_offset = p.parse_decimal(received) if received is not None else None
 
 
+NO_FLAGS: frozenset[str] = frozenset()  # shared: an empty frozenset costs 216 bytes a packet
+
+
+def _shared(value: str | None) -> str | None:
+    """One copy of each repeated header value."""
+    return sys.intern(value) if value is not None else None
+
+
 # --- request checks ---------------------------------------------------------------------------
 
-_REQUIRED: dict[PacketType, tuple[str, ...]] = {
-    PacketType.PING: (Header.CONTENT_LENGTH,),
-    PacketType.CREATE_SESSION: (Header.SUPPORTED_PROTOCOLS, Header.CONTENT_LENGTH),
-    PacketType.FRAGMENT: (Header.SESSION_ID, Header.CONTENT_RANGE, Header.CONTENT_LENGTH),
-    PacketType.CLOSE_SESSION: (Header.SESSION_ID, Header.CONTENT_LENGTH),
-    PacketType.CANCEL_SESSION: (Header.SESSION_ID, Header.CONTENT_LENGTH),
+# (name, the name lowercased as _Fields.by_name keys it)
+_REQUIRED: dict[PacketType, tuple[tuple[str, str], ...]] = {
+    kind: tuple((name, name.lower()) for name in names) for kind, names in {
+        PacketType.PING: (Header.CONTENT_LENGTH,),
+        PacketType.CREATE_SESSION: (Header.SUPPORTED_PROTOCOLS, Header.CONTENT_LENGTH),
+        PacketType.FRAGMENT: (Header.SESSION_ID, Header.CONTENT_RANGE, Header.CONTENT_LENGTH),
+        PacketType.CLOSE_SESSION: (Header.SESSION_ID, Header.CONTENT_LENGTH),
+        PacketType.CANCEL_SESSION: (Header.SESSION_ID, Header.CONTENT_LENGTH),
+    }.items()
 }
+_CREDENTIALS = tuple((name, name.lower()) for name in ("Authorization", "Proxy-Authorization"))
 
 
 def _check_request(pkt: BitsPacket, h: _Fields, range_raw: str | None, length_raw: str | None) -> None:
-    if pkt.version.upper() != "HTTP/1.1":
-        pkt.flag("wrong-method-or-version", f"{pkt.method} sent as {pkt.version or 'an unknown version'}; BITS requires HTTP/1.1")
-    if pkt.packet_type is None or pkt.packet_type is PacketType.ACK:
-        what = "no BITS-Packet-Type header" if pkt.type_raw is None else f"BITS-Packet-Type {pkt.type_raw!r} is not a request type"
+    fields = pkt.request
+    kind = fields.packet_type
+    if fields.version != "HTTP/1.1" and fields.version.upper() != "HTTP/1.1":
+        pkt.flag("wrong-method-or-version", f"{fields.method} sent as {fields.version or 'an unknown version'}; BITS requires HTTP/1.1")
+    if kind is None or kind is PacketType.ACK:
+        what = "no BITS-Packet-Type header" if fields.type_raw is None else f"BITS-Packet-Type {fields.type_raw!r} is not a request type"
         pkt.flag("unknown-packet-type", f"{p.METHOD} with {what}")
         return
-    missing = [name for name in _REQUIRED[pkt.packet_type] if h.get(name) is None]
+    by_name = h.by_name
+    missing = [name for name, key in _REQUIRED[kind] if key not in by_name]
     if missing:
-        pkt.flag("missing-header", f"{pkt.packet_type.value} lacks {', '.join(missing)}")
+        pkt.flag("missing-header", f"{kind.value} lacks {', '.join(missing)}")
     if length_raw is not None and pkt.content_length is None:
         pkt.flag("length-mismatch", f"Content-Length {length_raw!r} is not a decimal length")
-    if pkt.packet_type in p.BODYLESS_PACKETS:
-        if pkt.body_length or pkt.content_length:
-            pkt.flag("unexpected-body", f"{pkt.packet_type.value} carries a body "
-                     f"(Content-Length {length_raw}, {pkt.body_length} body bytes)")
-    elif pkt.packet_type is PacketType.FRAGMENT:
+    if kind is PacketType.FRAGMENT:
         _check_fragment(pkt, h, range_raw)
+    elif kind in p.BODYLESS_PACKETS and (pkt.body_length or pkt.content_length):
+        pkt.flag("unexpected-body", f"{kind.value} carries a body "
+                 f"(Content-Length {length_raw}, {pkt.body_length} body bytes)")
     _check_limits(pkt, h)
-    if pkt.packet_type is PacketType.CREATE_SESSION:
-        odd = [g for g in pkt.offered_protocols if not p.is_guid(g)]
+    if kind is PacketType.CREATE_SESSION:
+        odd = [g for g in fields.offered_protocols if not p.is_guid(g)]
         if odd:
             pkt.flag("nonstandard-id", f"offered protocol id(s) {', '.join(odd)} not in {{8-4-4-4-12}} form")
 
 
 def _check_fragment(pkt: BitsPacket, h: _Fields, range_raw: str | None) -> None:
-    if range_raw is not None and pkt.content_range is None:
+    rng, content_length = pkt.content_range, pkt.content_length
+    if range_raw is not None and rng is None:
         pkt.flag("range-malformed", f"Content-Range {range_raw!r} is not `bytes S-E/T` with S <= E < T")
-    rng = pkt.content_range
-    if rng is not None and pkt.content_length is not None and pkt.content_length != rng.length:
-        pkt.flag("length-mismatch", f"Content-Length {pkt.content_length} but {rng} holds {rng.length} bytes")
-    if (pkt.content_length is not None and pkt.body_length != pkt.content_length
+    if rng is not None and content_length is not None and content_length != rng.length:
+        pkt.flag("length-mismatch", f"Content-Length {content_length} but {rng} holds {rng.length} bytes")
+    if (content_length is not None and pkt.body_length != content_length
             and "partial" not in pkt.flags and "gap" not in pkt.flags):
-        pkt.flag("length-mismatch", f"body of {pkt.body_length} bytes but Content-Length {pkt.content_length}")
-    encoding = h.get(Header.CONTENT_ENCODING)
+        pkt.flag("length-mismatch", f"body of {pkt.body_length} bytes but Content-Length {content_length}")
+    encoding = h.by_name.get(_CONTENT_ENCODING)
     if encoding is not None and encoding.strip().lower() != "identity":
         pkt.flag("content-encoding", f"fragment sent with Content-Encoding {encoding!r}; only identity is allowed")
 
@@ -499,23 +508,24 @@ def _check_limits(pkt: BitsPacket, h: _Fields) -> None:
     for name, value in h.items():
         if len(value) > p.MAX_HEADER_VALUE:
             pkt.flag("header-limits", f"{name} value of {len(value)} characters exceeds {p.MAX_HEADER_VALUE}")
-    name = pkt.content_name
+    fields = pkt.request
+    name = fields.content_name
     if name is not None:
-        bad = sorted(set(name) & p.CONTENT_NAME_FORBIDDEN)
         if len(name) > p.MAX_CONTENT_NAME:
             pkt.flag("header-limits", f"Content-Name of {len(name)} characters exceeds {p.MAX_CONTENT_NAME}")
-        if bad:
+        if not p.CONTENT_NAME_FORBIDDEN.isdisjoint(name):
+            bad = sorted(set(name) & p.CONTENT_NAME_FORBIDDEN)
             pkt.flag("header-limits", f"Content-Name {name[:80]!r} contains forbidden {''.join(bad)!r}")
-    if pkt.session_id is not None and len(pkt.session_id) > p.MAX_SESSION_ID:
-        pkt.flag("header-limits", f"BITS-Session-Id of {len(pkt.session_id)} characters exceeds {p.MAX_SESSION_ID}")
-    if len(pkt.offered_protocols) > p.MAX_SUPPORTED_PROTOCOLS:
-        pkt.flag("header-limits", f"{len(pkt.offered_protocols)} protocol GUIDs offered; Windows parses at most {p.MAX_SUPPORTED_PROTOCOLS}")
+    if fields.session_id is not None and len(fields.session_id) > p.MAX_SESSION_ID:
+        pkt.flag("header-limits", f"BITS-Session-Id of {len(fields.session_id)} characters exceeds {p.MAX_SESSION_ID}")
+    if len(fields.offered_protocols) > p.MAX_SUPPORTED_PROTOCOLS:
+        pkt.flag("header-limits", f"{len(fields.offered_protocols)} protocol GUIDs offered; Windows parses at most {p.MAX_SUPPORTED_PROTOCOLS}")
 
 
 def _basic_credentials(request: Any, h: _Fields) -> str | None:
     """A message when the request carries Basic credentials (plain HTTP: we could read them)."""
-    for header in ("Authorization", "Proxy-Authorization"):
-        value = h.get(header)
+    for header, key in _CREDENTIALS:
+        value = h.by_name.get(key)
         if value is not None and value.strip().lower().startswith("basic"):
             return f"{header}: Basic credentials sent in clear text on {request.method} {request.target}"
     return None
@@ -531,63 +541,70 @@ def _check_capture(pkt: BitsPacket, exchange: Any) -> None:
 # --- ack checks -------------------------------------------------------------------------------
 
 def _check_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
-    status = pkt.status
+    status, ack, fields = pkt.status, pkt.ack, pkt.request
     is_bits_ack = status in SUCCESS or status == RESYNC or h.has_bits_headers()
-    if is_bits_ack and PacketType.parse(pkt.ack_type_raw) is not PacketType.ACK:
-        got = "no BITS-Packet-Type" if pkt.ack_type_raw is None else f"BITS-Packet-Type {pkt.ack_type_raw!r}"
+    if is_bits_ack and PacketType.parse(ack.type_raw) is not PacketType.ACK:
+        got = "no BITS-Packet-Type" if ack.type_raw is None else f"BITS-Packet-Type {ack.type_raw!r}"
         pkt.flag("ack-malformed", f"HTTP {status} answer to {pkt.label} has {got}, not Ack")
     if is_bits_ack and response.body_length:
         pkt.flag("ack-malformed", f"HTTP {status} answer to {pkt.label} carries a {response.body_length}-byte body")
-    if (pkt.ack_session_id is not None and pkt.session_id is not None
-            and not p.same_id(pkt.ack_session_id, pkt.session_id)):
-        pkt.flag("ack-session-mismatch", f"ack carries BITS-Session-Id {pkt.ack_session_id} for a request of {pkt.session_id}")
+    if (ack.session_id is not None and fields.session_id is not None
+            and not p.same_id(ack.session_id, fields.session_id)):
+        pkt.flag("ack-session-mismatch", f"ack carries BITS-Session-Id {ack.session_id} for a request of {fields.session_id}")
     _check_errors(pkt, h)
-    if pkt.packet_type is PacketType.CREATE_SESSION:
+    if fields.packet_type is PacketType.CREATE_SESSION:
         _check_create_ack(pkt)
-    elif pkt.packet_type is PacketType.FRAGMENT:
+    elif fields.packet_type is PacketType.FRAGMENT:
         _check_fragment_ack(pkt, h)
-    if pkt.reply_url is not None and not pkt.is_final_ack:
-        pkt.flag("reply-url-misplaced", f"BITS-Reply-URL {pkt.reply_url[:120]!r} on the ack of {pkt.label}, which does not complete the entity")
-    for name, value, limit in ((Header.REPLY_URL, pkt.reply_url, p.MAX_REPLY_URL), (Header.HOST_ID, pkt.host_id, p.MAX_HOST_ID)):
+    if ack.reply_url is not None and not pkt.is_final_ack:
+        pkt.flag("reply-url-misplaced", f"BITS-Reply-URL {ack.reply_url[:120]!r} on the ack of {pkt.label}, which does not complete the entity")
+    for name, value, limit in ((Header.REPLY_URL, ack.reply_url, p.MAX_REPLY_URL), (Header.HOST_ID, ack.host_id, p.MAX_HOST_ID)):
         if value is not None and len(value) > limit:
             pkt.flag("header-limits", f"{name} of {len(value)} characters exceeds {limit}")
-    if pkt.fallback_timeout_s is not None and pkt.host_id is None:
-        pkt.flag("host-id-ignored", f"BITS-Host-Id-Fallback-Timeout {pkt.fallback_timeout_s} given without a BITS-Host-Id")
+    if ack.fallback_timeout_s is not None and ack.host_id is None:
+        pkt.flag("host-id-ignored", f"BITS-Host-Id-Fallback-Timeout {ack.fallback_timeout_s} given without a BITS-Host-Id")
     if status in AUTH_CHALLENGES:
         pkt.flag("auth-challenge", f"HTTP {status} {pkt.reason or ''} challenge to {pkt.label}".replace("  ", " "))
-    elif status == TOO_LARGE_STATUS or pkt.error_code == p.BG_E_TOO_LARGE.code:
+    elif status == TOO_LARGE_STATUS or ack.error_code == p.BG_E_TOO_LARGE.code:
         size = f" ({pkt.content_range.length} bytes)" if pkt.content_range else ""
         pkt.flag("fragment-too-large", f"HTTP {status} to {pkt.label}{size}: too large for the server")
     elif status == RESYNC:
         pkt.flag("out-of-sync", f"416 to {pkt.label}: the server wants offset {pkt.received_offset}")
 
 
+_ERROR_CODE, _ERROR_CODE_MCBUP, _ERROR_CONTEXT = (
+    Header.ERROR_CODE.lower(), Header.ERROR_CODE_MCBUP.lower(), Header.ERROR_CONTEXT.lower())
+
+
 def _check_errors(pkt: BitsPacket, h: _Fields) -> None:
     status = pkt.status or 0
-    code_raw = _error_code_raw(h.get)
-    context_raw = h.get(Header.ERROR_CONTEXT)
-    header_name = Header.ERROR_CODE if h.get(Header.ERROR_CODE) is not None else Header.ERROR_CODE_MCBUP
-    if code_raw is not None and pkt.error_code is None:
+    ack = pkt.ack
+    by_name = h.by_name
+    header_name, code_raw = Header.ERROR_CODE, by_name.get(_ERROR_CODE)
+    if code_raw is None:
+        header_name, code_raw = Header.ERROR_CODE_MCBUP, by_name.get(_ERROR_CODE_MCBUP)
+    context_raw = by_name.get(_ERROR_CONTEXT)
+    if code_raw is not None and ack.error_code is None:
         pkt.flag("error-header-misuse", f"{header_name} {code_raw!r} is not a hex HRESULT")
-    if context_raw is not None and pkt.error_context is None:
+    if context_raw is not None and ack.error_context is None:
         pkt.flag("error-header-misuse", f"BITS-Error-Context {context_raw!r} is not hex")
     if status in SUCCESS and (code_raw is not None or context_raw is not None):
         pkt.flag("error-header-misuse", f"HTTP {status} success ack carries BITS error headers "
                  f"({header_name} {code_raw!r}, BITS-Error-Context {context_raw!r})")
     if context_raw is not None and code_raw is None:
         pkt.flag("error-header-misuse", f"BITS-Error-Context {context_raw} without an error code")
-    if pkt.error_context is not None and pkt.error_context not in p.WIRE_ERROR_CONTEXTS:
-        pkt.flag("error-header-misuse", f"BITS-Error-Context 0x{pkt.error_context:X} is neither 0x5 (remote file) nor 0x7 (remote application)")
+    if ack.error_context is not None and ack.error_context not in p.WIRE_ERROR_CONTEXTS:
+        pkt.flag("error-header-misuse", f"BITS-Error-Context 0x{ack.error_context:X} is neither 0x5 (remote file) nor 0x7 (remote application)")
     if status in SUCCESS or status == RESYNC or status in AUTH_CHALLENGES or status == TOO_LARGE_STATUS:
         return
     failed = status >= 400
-    if not failed and not pkt.error_code:
+    if not failed and not ack.error_code:
         return
-    if pkt.error_code:
-        h_result = p.describe_hresult(pkt.error_code)
+    if ack.error_code:
+        h_result = p.describe_hresult(ack.error_code)
         detail = f"{h_result}: {h_result.meaning}"
-        if pkt.error_context is not None:
-            detail += f", context 0x{pkt.error_context:X}"
+        if ack.error_context is not None:
+            detail += f", context 0x{ack.error_context:X}"
     else:
         detail = "no BITS error code"
     severity = Severity.ERROR if failed else Severity.WARNING
@@ -616,7 +633,7 @@ def _check_create_ack(pkt: BitsPacket) -> None:
 def _check_fragment_ack(pkt: BitsPacket, h: _Fields) -> None:
     if pkt.status not in SUCCESS and pkt.status != RESYNC:
         return
-    raw = h.get(Header.RECEIVED_CONTENT_RANGE)
+    raw = h.by_name.get(_RECEIVED_CONTENT_RANGE)
     rng = pkt.content_range
     if pkt.received_offset is None:
         what = "no BITS-Received-Content-Range" if raw is None else f"BITS-Received-Content-Range {raw!r} (not decimal)"

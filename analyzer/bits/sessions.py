@@ -133,11 +133,11 @@ class SessionTracker:
 
     def on_exchange(self, exchange: Any) -> None:
         self._counts["http_exchanges"] += 1
-        self._see_time(exchange.connection.first_ts_ns)
+        times = [exchange.connection.first_ts_ns]
         for message in (exchange.request, exchange.response):
             if message is not None:
-                self._see_time(message.first_ts_ns)
-                self._see_time(message.last_ts_ns)
+                times += (message.first_ts_ns, message.last_ts_ns)
+        self._see_times(times)
         found = classify(exchange)
         self._loose.extend(found.anomalies)
         if found.download is not None:
@@ -152,11 +152,15 @@ class SessionTracker:
             self.extractor.settle(found.packet)
         self._file(found.packet)
 
-    def _see_time(self, ts: int | None) -> None:
-        if ts is None:
+    def _see_times(self, times: list[int | None]) -> None:
+        known = [ts for ts in times if ts is not None]
+        if not known:
             return
-        self._first_ns = ts if self._first_ns is None else min(self._first_ns, ts)
-        self._last_ns = ts if self._last_ns is None else max(self._last_ns, ts)
+        first, last = min(known), max(known)
+        if self._first_ns is None or first < self._first_ns:
+            self._first_ns = first
+        if self._last_ns is None or last > self._last_ns:
+            self._last_ns = last
 
     def _file(self, pkt: BitsPacket) -> None:
         if pkt.packet_type is PacketType.CREATE_SESSION:
