@@ -162,3 +162,35 @@ def test_narrow_terminal_keeps_the_essentials_within_its_width():
         assert session["url"] in text and session["verdict"] in text
     for anomaly in [a for s in report["sessions"] for a in s["anomalies"]] + report["anomalies"]:
         assert f"{anomaly['severity']} {anomaly['code']} " in text
+
+
+def wide_character_report() -> dict:
+    report = fx.many_sessions(12)
+    for n, session in enumerate(report["sessions"]):
+        session["url"] = ["/uploads/報告書-月次.bin", "/up/😀😀😀.log", "/u/x", "/uploads/" + "長" * 30][n % 4]
+        session["client"] = "[2001:db8:85a3::8a2e:370:7334]:50412" if n == 5 else session["client"]
+    return report
+
+
+@pytest.mark.parametrize("make", [fx.corpus_report, lambda: fx.many_sessions(30), fx.hostile_report,
+                                  fx.sparse_report, wide_character_report])
+def test_tables_of_one_line_rows_read_as_rich_lays_them_out_row_by_row(make, monkeypatch):
+    """Without colour, rows that each fit on one line go to rich as one row of multi-line cells
+    (fast); the page must be what rich's row-by-row layout gives, at every width."""
+    import analyzer.report.text as text
+
+    report = make()
+    fits = text._one_line_rows
+    taken = []
+    monkeypatch.setattr(text, "_one_line_rows", lambda *args: taken.append(fits(*args)) or taken[-1])
+
+    def page(width: int) -> str:
+        console = Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
+        render_text(report, console, color=False)
+        return console.file.getvalue()
+
+    widths = range(60, 150, 3)
+    fast = [page(width) for width in widths]
+    monkeypatch.setattr(text, "_one_line_rows", lambda *args: False)
+    assert fast == [page(width) for width in widths]
+    assert True in taken and False in taken
