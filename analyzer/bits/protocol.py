@@ -199,7 +199,7 @@ def parse_content_range(value: str) -> ContentRange | None:
     match = _CONTENT_RANGE.fullmatch(value)
     if match is None:
         return None
-    first, last, total = (int(g) for g in match.groups())
+    first, last, total = map(int, match.groups())
     if first > last or last >= total:
         return None
     return ContentRange(first, last, total)
