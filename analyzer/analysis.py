@@ -35,9 +35,11 @@ def analyze(
     stall_after_s: float | None = None,
 ) -> Analysis:
     """Read every capture and reconstruct the BITS sessions in them."""
-    extractor = Extractor(extract_dir) if extract_dir is not None else None
+    sources = list(sources)
+    several = len(sources) > 1  # messages then name frames `capture:frame`, as the reports do
+    extractor = Extractor(extract_dir, several_captures=several) if extract_dir is not None else None
     options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
-    tracker = SessionTracker(extractor, **options)
+    tracker = SessionTracker(extractor, several_captures=several, **options)
     run = read_exchanges(sources, tracker.on_exchange,
                          on_body=extractor.on_body if extractor else None, progress=progress)
     starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]

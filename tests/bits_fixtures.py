@@ -44,6 +44,7 @@ class Wire:
         self.tracker = SessionTracker(self.extractor, **tracker_options)
         self.now = START_NS
         self.frame = 0
+        self.capture = 0  # the capture file the frames count in
         self.index = 0
         self.connections: list[Connection] = []
         self.offsets: dict[int, int] = {}
@@ -57,6 +58,11 @@ class Wire:
         self.offsets[conn.id] = 0
         self.conn = conn
         return conn
+
+    def rotate(self) -> None:
+        """The capture goes on in the next file, whose frames count from 1 again."""
+        self.capture += 1
+        self.frame = 0
 
     def wait(self, seconds: float) -> None:
         self.now += int(seconds * S)
@@ -80,6 +86,7 @@ class Wire:
                 True, method, target, version, None, None, Headers(headers), len(body),
                 hashlib.sha256(body).hexdigest() if "partial" not in flags else None,
                 frame, frame, self.now, self.now, "partial" in flags, self.offsets[conn.id],
+                first_capture=self.capture, last_capture=self.capture,
             )
             self.offsets[conn.id] += 200 + len(body)
             if self.extractor is not None and body:
@@ -94,7 +101,8 @@ class Wire:
             # overlap: the ack comes after the next request has left
             acked = self.now + (S if overlap else int(ack_after * S))
             response = HttpMessage(False, None, None, "HTTP/1.1", status, "OK" if status < 300 else "Error",
-                                   Headers(ack or []), response_body, None, frame, frame, acked, acked)
+                                   Headers(ack or []), response_body, None, frame, frame, acked, acked,
+                                   first_capture=self.capture, last_capture=self.capture)
             if not overlap:
                 self.now = acked
         elif not orphan:

@@ -429,3 +429,14 @@ def test_packets_outside_sessions_are_fingerprinted_once_per_client_and_agent() 
     summary = w.finish()
     fingerprint, = [a for a in summary.anomalies if a.code == "client-fingerprint"]
     assert "curl/8.5" in fingerprint.message and "192.0.2.10" in fingerprint.message
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_refused_creates_keyed_by_their_frame_in_its_file(several: bool) -> None:
+    """Frame numbers restart in each file of a rotated capture: the key names the file too."""
+    w = Wire(several_captures=several)
+    w.create(status=403)
+    w.rotate()
+    w.create(status=403)
+    keys = [s.key for s in w.finish().sessions]
+    assert keys == (["refused-create@1:1", "refused-create@2:1"] if several else ["refused-create@1", "refused-create@1"])

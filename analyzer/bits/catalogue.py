@@ -128,3 +128,9 @@ def anomaly(
         tuple(t for t in timestamps if t is not None), connection,
         tuple(capture for capture, _ in places),
     )
+
+
+def frame_name(capture: int | None, frame: int | None, several: bool) -> str:
+    """A frame as a message sentence names it: `431`, or `2:431` (frame 431 of the second capture
+    file) when the run reads several files: the reports write frames the same way."""
+    return f"{(capture or 0) + 1}:{frame}" if several else f"{frame}"

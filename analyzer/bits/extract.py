@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from analyzer.bits import protocol as p
-from analyzer.bits.catalogue import Anomaly, anomaly
+from analyzer.bits.catalogue import Anomaly, anomaly, frame_name
 from analyzer.bits.packets import BitsPacket, session_key
 from analyzer.bits.protocol import Header, PacketType
 from analyzer.problems import Problem
@@ -120,8 +120,9 @@ class _Inflight:
 class _Spool:
     """One session's temp file and its coverage map (pieces sorted, never overlapping)."""
 
-    def __init__(self, dir_fd: int, temp_name: str, session_id: str, generation: int) -> None:
+    def __init__(self, dir_fd: int, temp_name: str, session_id: str, generation: int, several_captures: bool) -> None:
         self.dir_fd = dir_fd
+        self.several_captures = several_captures  # messages then name frames `capture:frame`
         self.generation = generation
         self.temp_name = temp_name
         self.fd = os.open(temp_name, _OPEN_FLAGS, 0o644, dir_fd=dir_fd)
@@ -195,8 +196,8 @@ class _Spool:
             state = "acknowledged, kept" if acknowledged else "unacknowledged, replaced by the resend"
             self.anomalies.append(anomaly(
                 "resend-conflict",
-                f"bytes {first}-{end - 1} resent in frame {inflight.place[1]} differ from the copy first sent in frame "
-                f"{place[1]} ({state}); first differing byte {differs}",
+                f"bytes {first}-{end - 1} resent in frame {frame_name(*inflight.place, self.several_captures)} differ from "
+                f"the copy first sent in frame {frame_name(*place, self.several_captures)} ({state}); first differing byte {differs}",
                 session_id=self.session_id, frames=(place[1], inflight.place[1]),
                 captures=(place[0], inflight.place[0]), timestamps=(inflight.ts_ns,),
                 connection=inflight.connection,
@@ -264,8 +265,9 @@ class _Spool:
 class Extractor:
     """Writes each session's entity into `out_dir` as its fragments pass (see module doc)."""
 
-    def __init__(self, out_dir: str | os.PathLike) -> None:
+    def __init__(self, out_dir: str | os.PathLike, *, several_captures: bool = False) -> None:
         os.makedirs(out_dir, exist_ok=True)
+        self.several_captures = several_captures
         self.out_dir = os.fspath(out_dir)
         self._dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
         self._spools: dict[str, _Spool] = {}  # by session key: the current session of that id
@@ -324,7 +326,7 @@ class Extractor:
         if spool is None:
             try:
                 spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{self._temp_files}.tmp", session_id,
-                               self._generation.get(key, 0))
+                               self._generation.get(key, 0), self.several_captures)
                 self._temp_files += 1
             except OSError as error:
                 self.problems.append(Problem("extract-write-failed", f"temp file for session {session_id}: {error}"))

@@ -19,11 +19,11 @@ import heapq
 import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
 
 from analyzer.bits import protocol as p
-from analyzer.bits.catalogue import Anomaly, anomaly
+from analyzer.bits.catalogue import Anomaly, anomaly, frame_name
 from analyzer.bits.machine import Answer, Sent, State, answer, sent, step
 from analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify, host_name, session_key
 from analyzer.bits.protocol import PacketType
@@ -117,8 +117,10 @@ class SessionTracker:
         stall_after_s: float = DEFAULT_STALL_AFTER_S,
         joined_window_s: float = DEFAULT_JOINED_WINDOW_S,
         no_progress_after: int = DEFAULT_NO_PROGRESS_AFTER,
+        several_captures: bool = False,
     ) -> None:
         self.extractor = extractor
+        self.several_captures = several_captures  # messages then name frames `capture:frame`
         self.stall_after_ns = int(stall_after_s * NS)
         self.joined_window_ns = int(joined_window_s * NS)
         self.no_progress_after = no_progress_after
@@ -152,6 +154,15 @@ class SessionTracker:
             self.extractor.settle(found.packet)
         self._file(found.packet)
 
+    def request_frame_name(self, pkt: BitsPacket) -> str:
+        return frame_name(pkt.request_capture, pkt.request_frame, self.several_captures)
+
+    def response_frame_name(self, pkt: BitsPacket) -> str:
+        """The ack's frame, or the request's when the capture lacks the ack."""
+        if pkt.response_frame is None:
+            return self.request_frame_name(pkt)
+        return frame_name(pkt.response_capture, pkt.response_frame, self.several_captures)
+
     def _see_times(self, times: list[int | None]) -> None:
         known = [ts for ts in times if ts is not None]
         if not known:
@@ -173,7 +184,7 @@ class SessionTracker:
                         self.extractor.session_reissued(session.key)
                 self._open[session.key] = session
             elif pkt.answered and pkt.status not in AUTH_CHALLENGES:
-                self._new_session(None, pkt, key=f"refused-create@{pkt.request_frame}")
+                self._new_session(None, pkt, key=f"refused-create@{self.request_frame_name(pkt)}")
             else:
                 self._stray.append(pkt)
                 return
@@ -202,7 +213,7 @@ class SessionTracker:
         end = capture_end_ns if capture_end_ns is not None else (self._last_ns or 0)
         for session in self._sessions:
             _SessionWalk(self, session, start, end).run()
-        _cross_session_checks(self._sessions, self._downloads)
+        _cross_session_checks(self._sessions, self._downloads, self.request_frame_name)
         if self.extractor is not None:
             self._attach_entities()
         for session in self._sessions:
@@ -272,8 +283,8 @@ class _SessionWalk:
         self.tentative: int | None = None  # E+1 of a fragment whose ack the capture lacks
         self.last_ack: int | None = None
         self.final_range: p.ContentRange | None = None
-        self.complete_frame: int | None = None
-        self.end_frame: int | None = None
+        self.complete_frame: str | None = None  # as messages name it
+        self.end_frame: str | None = None
         self.cancel_ns: int | None = None
         # requests that raised the high-water mark: (sent, acknowledged, new offset)
         self.progress_ns: list[tuple[int, int, int]] = []
@@ -323,12 +334,12 @@ class _SessionWalk:
             if event_answer is Answer.COMPLETED and s.completed_ns is None:
                 s.completed_ns = pkt.acked_ns
                 self.final_range = pkt.content_range
-                self.complete_frame = pkt.response_frame
+                self.complete_frame = self.t.response_frame_name(pkt)
             if event_answer is Answer.NOT_FOUND and s.not_found_ns is None:
                 s.not_found_ns = pkt.acked_ns
             if transition.next is not state and transition.next in (State.CLOSED, State.CANCELLED, State.EXPIRED, State.REFUSED):
                 s.ended_ns = pkt.acked_ns or pkt.sent_ns
-                self.end_frame = pkt.response_frame or pkt.request_frame
+                self.end_frame = self.t.response_frame_name(pkt)
             state = transition.next
         s.state = state
         self._concurrency()
@@ -395,7 +406,8 @@ class _SessionWalk:
         """fragment-too-large also tells what the client sent next (it should shrink)."""
         if self.too_large is not None:
             verb = "shrank" if rng.length < self.too_large_size else "did not shrink"
-            self.too_large.message += f"; the client {verb} its next fragment to {rng.length} bytes (frame {pkt.request_frame})"
+            self.too_large.message += (f"; the client {verb} its next fragment to {rng.length} bytes "
+                                       f"(frame {self.t.request_frame_name(pkt)})")
             places = sorted({*self.too_large.places, (pkt.request_capture, pkt.request_frame)})
             self.too_large.captures = tuple(capture for capture, _ in places)
             self.too_large.frames = tuple(frame for _, frame in places)
@@ -413,7 +425,7 @@ class _SessionWalk:
         if earlier is None:
             self.seen_bodies[key] = (pkt.body_digest, pkt)
         elif earlier[0] != pkt.body_digest:
-            self.s.flag("resend-conflict", f"resent {rng} differs from the copy first sent in frame {earlier[1].request_frame}",
+            self.s.flag("resend-conflict", f"resent {rng} differs from the copy first sent in frame {self.t.request_frame_name(earlier[1])}",
                         [earlier[1], pkt])
 
     def _concurrency(self) -> None:
@@ -509,7 +521,8 @@ class _SessionWalk:
             s.verdict, s.verdict_reason = Verdict.UNKNOWN, "the capture ends before the final fragment was acknowledged"
 
 
-def _cross_session_checks(sessions: list[Session], downloads: list[Download]) -> None:
+def _cross_session_checks(sessions: list[Session], downloads: list[Download],
+                          frame_of: Callable[[BitsPacket], str]) -> None:
     """duplicate-create and session-recreated: sessions of one client for one URL, in time order."""
     by_url: dict[tuple[str, str | None, str], list[Session]] = {}
     for s in sorted((s for s in sessions if s.id is not None or s.created), key=lambda s: s.first_ns):
@@ -523,7 +536,7 @@ def _cross_session_checks(sessions: list[Session], downloads: list[Download]) ->
             if still_open:
                 other = still_open[0][2]
                 s.flag("duplicate-create", f"second Create-Session from {s.client_ip} for {s.url} while session "
-                       f"{other.id} (created frame {other.packets[0].request_frame}) is still open"
+                       f"{other.id} (created frame {frame_of(other.packets[0])}) is still open"
                        + (f", with {len(still_open) - 1} more" if len(still_open) > 1 else ""), [s.packets[0]])
             if s.state is not State.REFUSED:
                 ends = [t for t in (s.ended_ns, s.not_found_ns) if t is not None]
