@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
-from analyzer.bits.protocol import Header, parse_content_range
+from analyzer.bits.protocol import Header, PacketType, parse_content_range
 from bits_fixtures import SID, SID2, Wire, codes, payload
 
 T = 12_000
@@ -385,3 +385,25 @@ def test_hash_past_the_total_is_not_used(tmp_path: Path, monkeypatch: pytest.Mon
     w.fragment(SID, T, T + 999, T + 1000)  # a later fragment claims a larger total; the file is cut to T
     session, read_back = finish_counting_read_back(w, monkeypatch)
     assert read_back == T and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"packet_type": "FRAGMENT"}, {"packet_type": " fragment "}, {"packet_type": "Fragmen"},
+    {"packet_type": "Close-Session"}, {"content_range": "bytes 10-5/100"}, {"content_range": "5120-10239/12000"},
+    {"session": "  " + SID + "  "}, {"session": "upload-42"},
+])
+def test_extractor_sees_the_fragments_classify_sees(variant: dict, tmp_path: Path) -> None:
+    """The extractor stores a body when classify calls its request a Fragment with a session id
+    and a valid range, under that id and range: it reads the head with the packets layer's parse."""
+    w = Wire(tmp_path)
+    session = variant.get("session", SID)
+    w.fragment(session, *FRAGS[1], T, packet_type=variant.get("packet_type", "Fragment"),
+               content_range=variant.get("content_range"))
+    summary = w.finish()
+    pkt = next(p for s in summary.sessions for p in s.packets)
+    entity = next((s.entity for s in summary.sessions if s.entity is not None), None)
+    if pkt.packet_type is PacketType.FRAGMENT and pkt.content_range is not None:
+        assert entity is not None and entity.session_id == pkt.session_id == session.strip()
+        assert [(c.first, c.last) for c in entity.coverage] == [(pkt.content_range.first, pkt.content_range.last)]
+    else:
+        assert entity is None and [f for f in files(tmp_path) if not f.startswith(".")] == []

@@ -38,10 +38,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from analyzer.bits import protocol as p
 from analyzer.bits.catalogue import Anomaly, anomaly, frame_name
-from analyzer.bits.packets import BitsPacket, session_key
-from analyzer.bits.protocol import Header, PacketType
+from analyzer.bits.packets import BitsPacket, fragment_head, session_key
 from analyzer.problems import Problem
 
 PARTIAL_SUFFIX = ".partial"
@@ -300,17 +298,11 @@ class Extractor:
                                          frame=inflight.place[1], connection=inflight.connection))
 
     def _start(self, key: tuple[int, int], connection: Any, message: Any) -> _Inflight | None:
-        if (message.method or "").upper() != p.METHOD:
+        fragment = fragment_head(message)
+        if fragment is None:
             return None
-        headers = message.headers
-        if PacketType.parse(headers.get(Header.PACKET_TYPE)) is not PacketType.FRAGMENT:
-            return None
-        session_id = headers.get(Header.SESSION_ID)
-        range_raw = headers.get(Header.CONTENT_RANGE)
-        rng = p.parse_content_range(range_raw) if range_raw is not None else None
-        if not session_id or rng is None:
-            return None
-        spool = self._spool(session_id.strip())
+        session_id, rng = fragment
+        spool = self._spool(session_id)
         if spool is None:
             return None
         if spool.total is None:

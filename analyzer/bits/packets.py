@@ -331,6 +331,10 @@ def _request_fields(method: str, target: str, version: str, values: tuple[str | 
     )
 
 
+def _request_fields_of(request: Any, h: _Fields) -> RequestFields:
+    return _request_fields(request.method, request.target, request.version or "", tuple(map(h.by_name.get, _REQUEST_KEYS)))
+
+
 # Every header parse_ack reads but the received offset, which changes with every fragment.
 _ACK_HEADERS = (Header.PACKET_TYPE, Header.SESSION_ID, Header.PROTOCOL, Header.ERROR_CODE, Header.ERROR_CODE_MCBUP,
                 Header.ERROR_CONTEXT, Header.REPLY_URL, Header.HOST_ID, Header.HOST_ID_FALLBACK_TIMEOUT)
@@ -382,6 +386,21 @@ def classify(exchange: Any) -> Classified:
     return out
 
 
+def fragment_head(request: Any) -> tuple[str, ContentRange] | None:
+    """The session id (stripped) and range of a Fragment request, parsed as `classify` parses
+    them, from its head alone (the extractor stores the body before the exchange completes);
+    None for any other request and for a Fragment without both."""
+    if not is_bits_method(request.method):
+        return None
+    h = _Fields(request.headers)
+    fields = _request_fields_of(request, h)
+    range_raw = h.by_name.get(_CONTENT_RANGE)
+    if fields.packet_type is not PacketType.FRAGMENT or not fields.session_id or range_raw is None:
+        return None
+    rng = p.parse_content_range(range_raw)
+    return (fields.session_id, rng) if rng is not None else None
+
+
 def _download(exchange: Any, method: str, user_agent: str, h: _Fields) -> Download:
     request, response = exchange.request, exchange.response
     peers = _connection_peers(exchange.connection)
@@ -406,8 +425,7 @@ def _packet(exchange: Any, h: _Fields) -> BitsPacket:
     if content_length == body_length:
         content_length = body_length  # one int object for both
     pkt = BitsPacket(
-        exchange.index, exchange.connection.id, _connection_peers(exchange.connection),
-        _request_fields(request.method, request.target, request.version or "", tuple(map(by_name.get, _REQUEST_KEYS))),
+        exchange.index, exchange.connection.id, _connection_peers(exchange.connection), _request_fields_of(request, h),
         p.parse_content_range(range_raw) if range_raw is not None else None,
         content_length, body_length,
         bytes.fromhex(request.body_sha256) if request.body_sha256 is not None else None,
