@@ -26,6 +26,10 @@ Policies, all chosen to keep the stream going rather than stall it:
 - Connection ids follow tshark's tcp.stream: a new id on a 4-tuple's first packet, and when a
   SYN (without ACK) carries an ISN other than that side's recorded base (port reuse). A SYN
   retransmitted with the same ISN, even after a RST, stays in its connection, as in tshark.
+  A closed connection's 4-tuple is remembered for `CLOSED_LINGER_NS` of capture time after its
+  last packet (TIME_WAIT at its longest), then forgotten, as the endpoints forget it: a later
+  packet without a SYN starts a new connection where tshark would still count it in the old
+  one. This keeps memory flat over a long capture of many short connections.
 - Roles: the SYN sender is the client, the SYN-ACK sender the server. Mid-stream the roles are
   a provisional guess (the side with the lower port is the server; on equal ports, the first
   packet's receiver) that the sink, which can read the application data, may correct with
@@ -58,6 +62,9 @@ _MAX_WINDOW = 1 << 30
 _SLOW_FLAGS = FIN | SYN | RST
 #: ACKs for bytes not yet seen after which the bytes count as lost (late data has had its chance).
 PENDING_ACKS = 32
+#: How long a closed connection's 4-tuple stays known, in capture time after its last packet:
+#: TIME_WAIT at its longest, 2 MSL (RFC 9293).
+CLOSED_LINGER_NS = 240 * 1_000_000_000
 # Buffered runs per direction; past it, like past max_buffer, the oldest hole becomes a gap
 # (keeps sorted-list inserts cheap against captures of many tiny scattered segments).
 _MAX_CHUNKS = 1 << 13
@@ -162,7 +169,7 @@ class _Half:
         self.buffered = 0
         self.fin_offset: int | None = None
         self.fin_done = False
-        self.history: deque[bytes | memoryview] = deque(maxlen=history)
+        self.history: deque[bytes] | None = deque(maxlen=history)  # None once closed
         # The peer acknowledged up to this offset; bytes below it not yet seen form a pending gap.
         self.acked_to = 0
         self.unseen_acks = 0  # ACKs of the pending gap so far
@@ -192,6 +199,7 @@ class TcpReassembler:
         self._history = history
         self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
         self._open: dict[int, Connection] = {}
+        self._closed: deque[Connection] = deque()  # in the order they closed, until forgotten
         self._closed_totals = dict.fromkeys(_TOTALS, 0)
         self.connection_count = 0
 
@@ -500,10 +508,22 @@ class TcpReassembler:
                     self._sink.on_fin(conn, half.direction, frame, ts_ns)
             half.synced = False
             half.expect = -1
-            half.history.clear()
+            half.history = None  # a closed connection takes no more data; its 4-tuple stays known
         del self._open[conn.id]
         _add_totals(self._closed_totals, conn)
         self._sink.on_close(conn)
+        self._closed.append(conn)
+        self._forget_closed(ts_ns)
+
+    def _forget_closed(self, now_ns: int) -> None:
+        """Drop the 4-tuples of connections closed and silent for CLOSED_LINGER_NS."""
+        closed = self._closed
+        while closed and now_ns - closed[0].last_ts_ns > CLOSED_LINGER_NS:
+            conn = closed.popleft()
+            for key, half in ((conn.client + conn.server, conn._halves[CLIENT]),
+                              (conn.server + conn.client, conn._halves[SERVER])):
+                if self._halves.get(key) is half:  # not yet taken over by a new connection
+                    del self._halves[key]
 
 
 _TOTALS = ("gaps", "gap_bytes", "conflicts", "conflict_bytes", "keepalives", "after_fin_bytes",

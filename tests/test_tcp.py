@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from analyzer.capture import CaptureReader
 from analyzer.decode import Decoder, Segment
-from analyzer.tcp import ACK, CLIENT, FIN, PENDING_ACKS, RST, SERVER, SYN, Connection, TcpReassembler
+from analyzer.tcp import (
+    ACK, CLIENT, CLOSED_LINGER_NS, FIN, PENDING_ACKS, RST, SERVER, SYN, Connection, TcpReassembler,
+)
 
 PSH = 0x08
 MASK = 0xFFFFFFFF
@@ -282,6 +284,29 @@ def test_both_fins_close_before_finish_and_late_packets_stay_in_the_connection()
     assert sink.events[-1] == ("close", 0)
     r.finish()
     assert len(sink.kinds("close")) == 1 and r.connection_count == 1
+
+
+def test_a_closed_connection_is_forgotten_after_time_wait_and_only_then():
+    """Late packets join their closed connection for CLOSED_LINGER_NS; when a connection closes
+    after that, the 4-tuple is forgotten and a stray ACK on it is a new connection."""
+    first, other, third = Flow(cport=40000), Flow(cport=40001), Flow(cport=40002)
+
+    def closing(f: Flow, at_ns: int) -> list[Segment]:
+        segments = f.handshake() + [f.c(0, b"x", flags=ACK | FIN), f.s(0, flags=ACK | FIN, ack=2)]
+        return [s._replace(ts_ns=at_ns) for s in segments]
+
+    late = first.c(2, flags=ACK, ack=1)
+    sink, r = run(closing(first, 0) + closing(other, CLOSED_LINGER_NS) + [late._replace(ts_ns=CLOSED_LINGER_NS)]
+                  + closing(third, 2 * CLOSED_LINGER_NS + 1) + [late._replace(ts_ns=2 * CLOSED_LINGER_NS + 1)])
+    assert sink.conns[0].last_ts_ns == CLOSED_LINGER_NS  # the ACK within the linger joined connection 0
+    assert r.connection_count == 4
+    assert sink.conns[3].client == (CLIENT_IP, 40000) and not sink.conns[3].handshake_seen
+
+
+def test_closed_connections_keep_no_history() -> None:
+    f = Flow()
+    sink, r = run(f.handshake() + [f.c(0, b"abc"), f.c(3, b"", flags=ACK | FIN), f.s(0, flags=ACK | FIN, ack=4)])
+    assert all(half.history is None for half in sink.conns[0]._halves)
 
 
 def test_rst_closes_and_flushes_buffered_data_with_its_hole():
