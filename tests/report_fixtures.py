@@ -387,3 +387,21 @@ def sparse_report() -> dict:
 def empty_report() -> dict:
     return report(captures=[capture("captures/no-bits.pcap", frames=3, exchanges=0)], sessions=[])
 
+
+
+ID_RETRIES = "{9A8B7C6D-5E4F-4A3B-8C2D-1E0F9A8B7C6D}"
+
+
+def idle_retries() -> dict:
+    """An upload that stops twice and is taken up again by BITS's retry 10 and 20 minutes later;
+    between the tries nothing is on the wire."""
+    builder = SessionBuilder(ID_RETRIES, url="/uploads/retried.bin", content_name="retried.bin")
+    builder.create()
+    builder.upload(1024 * KIB, 64 * KIB, stop=256 * KIB)
+    builder.clock += 600.0
+    builder.upload(1024 * KIB, 64 * KIB, start=256 * KIB, stop=640 * KIB)
+    builder.clock += 1200.0
+    builder.upload(1024 * KIB, 64 * KIB, start=640 * KIB)
+    builder.close()
+    return report(captures=[capture("captures/retries.pcap", frames=400, last=T0 + 1805.0)],
+                  sessions=[builder.build(state="closed", verdict="delivered")])

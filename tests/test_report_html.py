@@ -226,3 +226,35 @@ def test_chromium_renders_the_page(tmp_path):
         assert "Uncaught" not in run.stderr
         assert "Content Security Policy" not in run.stderr  # nothing tried to load or run
     assert html.escape("<script>alert(4)</script>", quote=False) in dom.stdout
+
+
+def test_idle_stretches_are_cut_out_of_the_time_axis():
+    """Retries 10 and 20 minutes apart: the tries fill the plot, each wait is a narrow break."""
+    page = render_html(fx.idle_retries())
+    (svg,) = timelines(page)
+    breaks = [el for el in svg.iter("rect") if el.get("class") == "idle"]
+    assert len(breaks) == 2
+    spans = sorted((float(el.get("x")), float(el.get("x")) + float(el.get("width"))) for el in breaks)
+    fragments = [el for el in svg.iter("rect") if el.get("class") == "f-ok"]
+    assert len(fragments) == 16
+    lefts = [float(el.get("x")) for el in fragments]
+    assert lefts == sorted(lefts)
+    for el in fragments:  # no fragment in a break
+        left, right = float(el.get("x")), float(el.get("x")) + float(el.get("width"))
+        assert all(right <= a + 0.1 or left >= b - 0.1 for a, b in spans)
+    # The three tries: 4, 6 and 6 fragments, each try spread over a good part of the plot.
+    tries = [[x for x in lefts if x < spans[0][0]], [x for x in lefts if spans[0][1] <= x < spans[1][0]],
+             [x for x in lefts if x >= spans[1][1]]]
+    assert [len(t) for t in tries] == [4, 6, 6]
+    assert all(max(t) - min(t) > 150 for t in tries)
+    titles = " ".join(el.text or "" for el in svg.iter("title"))
+    assert "10 m 00 s without a packet" in titles and "20 m 00 s without a packet" in titles
+    labels = [el.text for el in svg.iter("text") if (el.text or "").startswith("+")]
+    assert labels[0] == "+0 ms" and labels[-1] == "+30 m 00 s"
+    assert "The time axis skips 2 idle stretches (the longest 20 m 00 s)" in page
+
+
+def test_short_sessions_keep_a_linear_time_axis():
+    page = render_html(fx.corpus_report())
+    assert all(el.get("class") != "idle" for svg in timelines(page) for el in svg.iter("rect"))
+    assert "idle stretch" not in page

@@ -9,6 +9,7 @@ Policy). Nothing needs JavaScript: the severity filter is CSS, tooltips are SVG 
 
 from __future__ import annotations
 
+import bisect
 import html
 import io
 from typing import IO, Iterable
@@ -87,6 +88,7 @@ svg text{font:11px system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;fi
 .ev-close{stroke:#3d4551;stroke-width:1.5}.ev-err{stroke:var(--bad);stroke-width:2}
 .m-error{fill:var(--bad)}.m-warning{fill:var(--warn)}.m-info{fill:var(--info)}
 .tot{stroke:#3d4551;stroke-dasharray:2 3}
+.idle{fill:#eef1f4;stroke:#c3c9d1;stroke-dasharray:2 2}.axisbreak{fill:none;stroke:#3d4551;stroke-width:1.5}
 svg.legend{display:block;margin:6px 0 10px;max-width:100%}
 .legend-wrap{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:6px 12px}
 ul.anoms{margin:8px 0 0;padding-left:18px}ul.anoms li{margin:2px 0}
@@ -379,6 +381,8 @@ def _legend() -> str:
         "<rect class=\"m-error\" x=\"3\" y=\"-7\" width=\"9\" height=\"9\"/>", "error",
         "<path class=\"m-warning\" d=\"M8 -8L13 2H3Z\"/>", "warning",
         "<circle class=\"m-info\" cx=\"8\" cy=\"-3\" r=\"4.5\"/>", "info",
+        "<rect class=\"idle\" x=\"3\" y=\"-9\" width=\"10\" height=\"12\"/><path class=\"axisbreak\" "
+        "d=\"M3 3l2.5 5l5 -10l2.5 5\"/>", "idle time cut out",
     ]
     parts, x, y = [], 0, 16
     for shape, label in zip(items[::2], items[1::2]):
@@ -443,15 +447,55 @@ def _session_section(index: int, session: dict, ids: dict[str, str], clock: Cloc
             + "</section>")
 
 
-class _Scale:
-    """Session time → x, byte offset → y, inside the plot area."""
+#: A stretch without any mark at least this long, and this share of the session, is cut out of
+#: the time axis down to a break of BREAK_W pixels: retries minutes apart would otherwise leave
+#: what happened a few pixels wide. The longest MAX_BREAKS are cut.
+IDLE_MIN_S = 5.0
+IDLE_SHARE = 0.05
+BREAK_W = 14
+MAX_BREAKS = 12
 
-    def __init__(self, t0: float, t1: float, top_offset: int) -> None:
-        self.t0, self.span = t0, max(t1 - t0, 1e-6)
+
+def _idle_stretches(times: list[float], span: float) -> list[tuple[float, float]]:
+    """The stretches between consecutive marks (`times`, sorted) to cut out of the time axis."""
+    idle = [(a, b) for a, b in zip(times, times[1:]) if b - a >= max(IDLE_MIN_S, IDLE_SHARE * span)]
+    cut = sorted(sorted(idle, key=lambda gap: gap[0] - gap[1])[:MAX_BREAKS])
+    return cut if sum(b - a for a, b in cut) < span else []  # all idle: nothing to make room for
+
+
+class _Scale:
+    """Session time → x, byte offset → y, inside the plot area. The time axis is linear but
+    for the idle stretches it cuts out (`breaks`, (first, last) times)."""
+
+    def __init__(self, stamps: list[float], top_offset: int) -> None:
+        times = sorted(set(stamps)) or [0.0, 1.0]
+        self.t0, self.span = times[0], max(times[-1] - times[0], 1e-6)
         self.top = max(top_offset, 1)
+        self.breaks = _idle_stretches(times, self.span)
+        # The axis in pieces (first time, duration, first x, width, is a break): the active ones
+        # share the plot's width in proportion to their duration, the breaks get BREAK_W each.
+        per_second = (_PLOT_W - BREAK_W * len(self.breaks)) / (self.span - sum(b - a for a, b in self.breaks))
+        self.pieces: list[tuple[float, float, float, float, bool]] = []
+        start, x = self.t0, float(_LEFT)
+        for a, b in self.breaks:
+            self.pieces.append((start, a - start, x, (a - start) * per_second, False))
+            x += (a - start) * per_second
+            self.pieces.append((a, b - a, x, BREAK_W, True))
+            start, x = b, x + BREAK_W
+        self.pieces.append((start, self.span - (start - self.t0), x, _LEFT + _PLOT_W - x, False))
+        self._starts = [piece[0] for piece in self.pieces]
 
     def x(self, ts: float | None) -> float:
-        return _LEFT + _PLOT_W * (((ts if ts is not None else self.t0) - self.t0) / self.span)
+        ts = ts if ts is not None else self.t0
+        start, duration, x, width, _ = self.pieces[max(bisect.bisect_right(self._starts, ts) - 1, 0)]
+        return x + width * ((ts - start) / duration) if duration > 0 else x
+
+    def time(self, x: float) -> float | None:
+        """The time at `x`; None inside a break."""
+        for start, duration, left, width, cut in self.pieces:
+            if left <= x <= left + width:
+                return None if cut else start + duration * ((x - left) / width) if width > 0 else start
+        return None
 
     def y(self, offset: float) -> float:
         return _TOP + _PLOT_H * (1 - min(max(offset, 0), self.top) / self.top)
@@ -464,14 +508,14 @@ def _timeline(session: dict, clock: Clock, several: bool) -> tuple[str, list[str
               if t is not None]
     stamps += [a.get("ts") for a in session.get("anomalies") or [] if a.get("ts") is not None]
     stamps += [t for t in (session.get("first_ts"), session.get("last_ts")) if t is not None]
-    t0, t1 = (min(stamps), max(stamps)) if stamps else (0.0, 1.0)
     fragments = [p for p in packets if (p.get("request") or {}).get("range")]
     ranges_top = max(((p["request"]["range"].get("last") or 0) + 1 for p in fragments), default=0)
     total = session.get("total")
-    scale = _Scale(t0, t1, max(total or 0, ranges_top))
+    scale = _Scale(stamps, max(total or 0, ranges_top))
     notes: list[str] = []
     body: list[str] = [f"<rect class=\"plot\" x=\"{_LEFT}\" y=\"{_TOP}\" width=\"{_PLOT_W}\" height=\"{_PLOT_H}\"/>"]
     body += _axes(scale, total, bool(fragments))
+    body += _breaks(scale, notes)
     body += _fragment_marks(fragments, scale, notes, several)
     body += _ack_line(fragments, scale, several)
     body += _events(packets, scale, notes, several)
@@ -495,11 +539,30 @@ def _axes(scale: _Scale, total: int | None, has_fragments: bool) -> list[str]:
     elif total is None:
         out.append(f"<text x=\"{_LEFT + 8}\" y=\"{_TOP + 12}\">file size never given</text>")
     for step in range(6):
-        ts = scale.t0 + scale.span * step / 5
-        x = scale.x(ts)
+        x = _LEFT + _PLOT_W * step / 5
+        ts = scale.time(x)
+        if ts is None:  # in a break, which says its own length
+            continue
         anchor = "start" if step == 0 else "end" if step == 5 else "middle"
         out.append(f"<line class=\"grid\" x1=\"{x:.1f}\" y1=\"{_TOP}\" x2=\"{x:.1f}\" y2=\"{_TOP + _PLOT_H}\"/>"
                    f"<text x=\"{x:.1f}\" y=\"{_H - 10}\" text-anchor=\"{anchor}\">+{_e(human_duration(ts - scale.t0))}</text>")
+    return out
+
+
+def _breaks(scale: _Scale, notes: list[str]) -> list[str]:
+    """Each idle stretch cut out of the time axis: a pale band across the plot and a zigzag on
+    the axis, its length in the tooltip."""
+    out = []
+    for start, end in scale.breaks:
+        x = scale.x(start)
+        title = f"{human_duration(end - start)} without a packet: cut out of the time axis"
+        out.append(f"<g><rect class=\"idle\" x=\"{x:.1f}\" y=\"{_TOP}\" width=\"{BREAK_W}\" height=\"{_PLOT_H}\"/>"
+                   f"<path class=\"axisbreak\" d=\"M{x:.1f} {_TOP + _PLOT_H}l{BREAK_W / 4:.1f} 5l{BREAK_W / 2:.1f} -10"
+                   f"l{BREAK_W / 4:.1f} 5\"/><title>{_e(title)}</title></g>")
+    if scale.breaks:
+        longest = max(end - start for start, end in scale.breaks)
+        notes.append(f"The time axis skips {len(scale.breaks)} idle stretch{'es' if len(scale.breaks) > 1 else ''} "
+                     f"(the longest {human_duration(longest)}), each drawn as a narrow shaded band with a zigzag on the axis.")
     return out
 
 
