@@ -36,6 +36,7 @@ from typing import Any
 from analyzer.clock import iso
 from analyzer.decode import format_endpoint, split_frame
 from analyzer.http import (
+    NO_HEADERS,
     BodyChunk,
     Headers,
     HttpParser,
@@ -51,6 +52,7 @@ from analyzer.tcp import CLIENT, SERVER, Connection
 #: one consumer call per ~45 packets instead of one per packet, and no view of a capture chunk
 #: escapes to a consumer that might keep it). Bounded: one block per direction in a body.
 BODY_BLOCK = 64 * 1024
+_EMPTY_SHA256 = hashlib.sha256().hexdigest()  # most responses have no body: no digest made for them
 
 
 @dataclass(eq=False)
@@ -64,7 +66,7 @@ class HttpMessage:
     status: int | None  # responses only
     reason: str | None  # responses only
     headers: Headers
-    body_length: int = 0
+    body_length: int = 0  # set, like the digest, when the message ends
     body_sha256: str | None = None  # hex; None while parsing and when partial
     first_frame: int = 0  # the frames that carried the first and last byte
     last_frame: int = 0
@@ -111,7 +113,7 @@ class _Direction:
         self.parser = parser
         self.current: _Pending | None = None  # the exchange of the message being parsed
         self.message: HttpMessage | None = None  # the message being parsed
-        self.digest: Any = None  # hashlib sha256 of its body so far
+        self.digest: Any = None  # hashlib sha256 of its body so far (made at its first byte)
         self.unsent = bytearray()  # body bytes not yet handed to on_body
         self.unsent_offset = 0  # where in the body they begin
         self.mark_next: set[str] = set()  # flags for the next message in this direction
@@ -174,14 +176,15 @@ class ExchangeAssembler:
         if side.parser.feed_body(data, frame, ts_ns):  # the bulk of a body: no events needed
             self._body(conn, side, data)
         else:
-            self._handle(conn, direction, side.parser.feed(data, frame, ts_ns))
+            self._handle(conn, state, side, side.parser.feed(data, frame, ts_ns))
 
     def on_gap(self, conn: Connection, direction: int, size: int, frame: int, ts_ns: int) -> None:
         self._mark(conn, direction, "gap")
-        side = self._state(conn).directions[direction]
+        state = self._state(conn)
+        side = state.directions[direction]
         if side.unsent:
             self._send_body(conn, side)
-        self._handle(conn, direction, side.parser.gap(size, frame, ts_ns))
+        self._handle(conn, state, side, side.parser.gap(size, frame, ts_ns))
         if side.message is not None:  # the parser kept its place in the body
             side.unsent_offset = side.parser.body_offset
         if not side.parser.in_message:  # whole messages may have been lost: pairing is suspect
@@ -214,8 +217,9 @@ class ExchangeAssembler:
                 connection=conn.id))
 
     def on_fin(self, conn: Connection, direction: int, frame: int, ts_ns: int) -> None:
-        side = self._state(conn).directions[direction]
-        self._handle(conn, direction, side.parser.eof(frame, ts_ns))
+        state = self._state(conn)
+        side = state.directions[direction]
+        self._handle(conn, state, side, side.parser.eof(frame, ts_ns))
 
     def on_rst(self, conn: Connection, direction: int, frame: int, ts_ns: int) -> None:
         self._state(conn).aborted = True
@@ -224,8 +228,8 @@ class ExchangeAssembler:
         state = self._connections.get(conn.id)
         if state is None:
             return
-        for direction, side in enumerate(state.directions):
-            self._handle(conn, direction,
+        for side in state.directions:
+            self._handle(conn, state, side,
                          side.parser.eof(conn.last_frame, conn.last_ts_ns, clean=not state.aborted))
         for pending in state.open:
             if pending.request is not None and pending.response is None:
@@ -264,11 +268,8 @@ class ExchangeAssembler:
         else:
             side.mark_next.add(flag)
 
-    def _handle(self, conn: Connection, direction: int, events: list) -> None:
-        if not events:
-            return
-        state = self._connections[conn.id]
-        side = state.directions[direction]
+    def _handle(self, conn: Connection, state: _ConnectionState, side: _Direction,
+                events: list) -> None:
         for event in events:
             if type(event) is BodyChunk:
                 self._body(conn, side, event.data)
@@ -283,9 +284,10 @@ class ExchangeAssembler:
                                           offset=event.offset, connection=conn.id))
 
     def _body(self, conn: Connection, side: _Direction, data: bytes | memoryview) -> None:
-        message = side.message
-        message.body_length += len(data)
-        side.digest.update(data)
+        digest = side.digest
+        if digest is None:
+            digest = side.digest = hashlib.sha256()
+        digest.update(data)
         if self._on_body is not None:
             side.unsent += data
             if len(side.unsent) >= BODY_BLOCK:
@@ -299,17 +301,18 @@ class ExchangeAssembler:
     def _start(self, side: _Direction, pending: _Pending, message: HttpMessage) -> None:
         side.current = pending
         side.message = message
-        side.digest = hashlib.sha256()
         side.unsent_offset = 0
-        pending.flags |= side.mark_next
-        side.mark_next = set()
+        if side.mark_next:
+            pending.flags |= side.mark_next
+            side.mark_next = set()
 
     def _request_head(self, state: _ConnectionState, side: _Direction, head: RequestHead) -> None:
         state.roles_provisional = False
         capture, frame = split_frame(head.frame)
         message = HttpMessage(True, head.method, head.target, head.version, None, None,
                               head.headers, first_frame=frame, first_ts_ns=head.ts_ns,
-                              stream_offset=head.offset, first_capture=capture)
+                              stream_offset=head.offset, trailers=NO_HEADERS,
+                              first_capture=capture)
         pending = _Pending(message)
         state.waiting.append(pending)
         state.open.append(pending)
@@ -322,7 +325,8 @@ class ExchangeAssembler:
         capture, frame = split_frame(head.frame)
         message = HttpMessage(False, None, None, head.version, head.status, head.reason,
                               head.headers, first_frame=frame, first_ts_ns=head.ts_ns,
-                              stream_offset=head.offset, first_capture=capture)
+                              stream_offset=head.offset, trailers=NO_HEADERS,
+                              first_capture=capture)
         if state.waiting:
             pending = state.waiting[0]
         else:  # nothing asked for it: an orphan, whose 1xx responses gather on it too
@@ -344,12 +348,13 @@ class ExchangeAssembler:
         message, pending = side.message, side.current
         message.last_capture, message.last_frame = split_frame(end.frame)
         message.last_ts_ns = end.ts_ns
+        message.body_length = end.body_length
         message.partial = end.partial
         message.trailers = end.trailers
         if end.partial:
             pending.flags.add("partial")
         else:
-            message.body_sha256 = side.digest.hexdigest()
+            message.body_sha256 = _EMPTY_SHA256 if side.digest is None else side.digest.hexdigest()
         side.current = side.message = side.digest = None
         if message.is_request:
             pending.request_done = True

@@ -147,6 +147,9 @@ class ParseError(NamedTuple):
 
 
 Event = RequestHead | ResponseHead | BodyChunk | MessageEnd | ParseError
+# The events made for every message are built as plain tuples of their class: a NamedTuple's
+# own constructor is a Python function, and this is the hot path.
+_new_event = tuple.__new__
 _Handler = Callable[[memoryview, int, int, list], int]
 
 
@@ -215,13 +218,11 @@ class HttpParser:
         itself as the one BodyChunk that `feed` would have returned. Otherwise take nothing and
         return False (call `feed`). Saves the event machinery on most packets of a large body."""
         size = len(data)
-        if size >= self._remaining or self._state.__func__ not in _BULK_STATES:
+        if size >= self._remaining:  # also between messages and in heads, where it is 0
             return False
         self._remaining -= size
         self._body_length += size
         self._base += size
-        self._frame = frame
-        self._ts = ts_ns
         self._last = (frame, ts_ns)
         return True
 
@@ -276,6 +277,8 @@ class HttpParser:
         self._partial = False
         self._body_length = 0
         self._body_skipped = 0  # body bytes lost in gaps
+        # Bytes left of the Content-Length body or the chunk being read: nonzero only in
+        # _in_body and _in_chunk_data, which is what lets feed_body test it alone.
         self._remaining = 0
         self._first = (self._frame, self._ts, self._base)  # frame, ts, offset of first byte
         self._last = (self._frame, self._ts)  # frame, ts of the last byte so far
@@ -284,7 +287,8 @@ class HttpParser:
 
     def _end_message(self, events: list, trailers: Headers = NO_HEADERS) -> None:
         frame, ts = self._last
-        events.append(MessageEnd(frame, ts, self._body_length, self._partial, trailers))
+        events.append(_new_event(MessageEnd, (frame, ts, self._body_length, self._partial,
+                                              trailers)))
         self._reset_message()
         self._buf.clear()
         self._state = self._idle
@@ -313,7 +317,27 @@ class HttpParser:
         if pos < end:
             self._first = (self._frame, self._ts, self._base + pos)
             self._state = self._start_line
+            pos = self._whole_head(mv, pos, end, events)
         return pos
+
+    def _whole_head(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        """The usual case: a valid head wholly inside this feed, parsed straight from the view.
+        Returns `pos` unchanged when the head goes on past this feed or is not valid: the
+        buffering path (`_start_line`, `_head_fields`) then reads it and reports what is wrong."""
+        found = _BLOCK_END.search(mv, pos, min(end, pos + MAX_HEAD + 1))
+        if found is None:
+            return pos
+        head = bytes(mv[pos:found.end()])
+        line_end = head.index(b"\n") + 1  # the block end begins at the start line's LF or later
+        if line_end > MAX_START_LINE + 1:
+            return pos
+        start = self._start_re.fullmatch(head, 0, line_end)
+        if start is None:
+            return pos
+        self._last = (self._frame, self._ts)
+        self._take_start_line(start)
+        self._head_complete(head[line_end:].decode("latin-1"), events)
+        return pos + len(head)
 
     def _start_line(self, mv: memoryview, pos: int, end: int, events: list) -> int:
         buf = self._buf
@@ -341,6 +365,10 @@ class HttpParser:
             self._error(events, f"not a {kind}: {line[:80]!r}", self._first[2],
                         at_line_start=True)
             return
+        self._take_start_line(match)
+        self._state = self._head_fields
+
+    def _take_start_line(self, match: re.Match) -> None:
         if self.role == "request":
             method, target, version = match.groups()
             self._request_line = (method.decode("ascii"), target.decode("latin-1"),
@@ -349,13 +377,13 @@ class HttpParser:
             version, status, reason = match.groups()
             self._status_line = (version.decode("ascii"), int(status),
                                  (reason or b"").decode("latin-1").strip())
-        self._state = self._head_fields
 
     def _head_fields(self, mv: memoryview, pos: int, end: int, events: list) -> int:
         stop = self._read_block(mv, pos, end, events)
         if stop is None or self._state != self._head_fields:
             return end if stop is None else stop
-        self._head_complete(events)
+        block = bytes(self._buf)
+        self._head_complete(block[block.index(b"\n") + 1:].decode("latin-1"), events)
         return stop
 
     def _read_block(self, mv: memoryview, pos: int, end: int, events: list) -> int | None:
@@ -385,13 +413,13 @@ class HttpParser:
         buf += mv[pos:stop]
         return stop
 
-    def _parse_fields(self, block: bytes, events: list) -> Headers:
+    def _parse_fields(self, block: str, events: list) -> Headers:
+        """The fields of a header or trailer block (decoded latin-1: byte for character, so it
+        splits as the bytes would), up to and including its empty line."""
         fields: list[tuple[str, str]] = []
-        # One latin-1 decode for the block (byte for character, so it splits the same); strip
-        # only ASCII whitespace, as bytes.strip() would (str.strip() also takes \xa0, \x85...).
-        for line in block.decode("latin-1").split("\n"):
-            if line.endswith("\r"):
-                line = line[:-1]
+        # Strip only ASCII whitespace, as bytes.strip() would (str.strip() also takes \xa0...).
+        for line in block.split("\n"):
+            line = line.removesuffix("\r")
             if not line:
                 continue
             if line[0] in " \t":  # obs-fold: a continuation of the previous value
@@ -402,27 +430,28 @@ class HttpParser:
                 events.append(ParseError(f"continuation line without a field: {_raw(line)}",
                                          self._first[2], self._frame))
                 continue
-            colon = line.find(":")
-            if colon <= 0:
+            name, colon, value = line.partition(":")
+            if not (name and colon):
                 events.append(ParseError(f"malformed header line: {_raw(line)}",
                                          self._first[2], self._frame))
                 continue
-            fields.append((line[:colon].rstrip(_ASCII_SPACE), line[colon + 1:].strip(" \t")))
+            fields.append((name.rstrip(_ASCII_SPACE), value.strip(" \t")))
         return Headers(fields)
 
-    def _head_complete(self, events: list) -> None:
-        block = bytes(self._buf)
-        headers = self._parse_fields(block[block.index(b"\n") + 1:], events)
+    def _head_complete(self, fields: str, events: list) -> None:
+        """The head is read: its start line taken, `fields` the block after it."""
+        headers = self._parse_fields(fields, events)
         frame, ts, offset = self._first
         self._head_seen = True
         self._buf.clear()
         if self._request_line is not None:
             method, target, version = self._request_line
-            events.append(RequestHead(method, target, version, headers, frame, ts, offset))
+            events.append(_new_event(RequestHead,
+                                     (method, target, version, headers, frame, ts, offset)))
             self._frame_body(headers, events, request=True, bodiless=False)
             return
         version, status, reason = self._status_line
-        head = ResponseHead(version, status, reason, headers, frame, ts, offset)
+        head = _new_event(ResponseHead, (version, status, reason, headers, frame, ts, offset))
         events.append(head)
         if head.informational:
             self._end_message(events)
@@ -436,8 +465,16 @@ class HttpParser:
             self._end_message(events)
             return
         offset = self._first[2]
-        codings = [c.strip().lower() for v in headers.get_all("transfer-encoding")
-                   for c in v.split(",") if c.strip()]
+        encodings: list[str] = []
+        content_lengths: list[str] = []
+        for name, value in headers:  # one pass, not a lookup per framing field
+            name = name.lower()
+            if name == "content-length":
+                content_lengths.append(value)
+            elif name == "transfer-encoding":
+                encodings.append(value)
+        codings = ([c.strip().lower() for c in ",".join(encodings).split(",") if c.strip()]
+                   if encodings else ())
         if codings:
             if codings[-1] == "chunked":
                 self._state = self._chunk_size
@@ -447,11 +484,12 @@ class HttpParser:
             else:
                 self._state = self._until_close
             return
-        lengths = {v.strip() for h in headers.get_all("content-length") for v in h.split(",")}
-        if lengths:
+        if content_lengths:
+            # Every comma-separated value of every field must be the same number.
+            lengths = set(map(str.strip, ",".join(content_lengths).split(",")))
             value = lengths.pop()
             if lengths or not _DIGITS.fullmatch(value):
-                self._error(events, f"invalid Content-Length: {headers.get_all('content-length')}",
+                self._error(events, f"invalid Content-Length: {content_lengths}",
                             offset, at_line_start=False)
                 return
             self._remaining = int(value)
@@ -467,7 +505,7 @@ class HttpParser:
     def _take_body(self, mv: memoryview, pos: int, end: int, events: list) -> int:
         """Pass on what is there of the `_remaining` body bytes; where they stop."""
         stop = min(end, pos + self._remaining)
-        events.append(BodyChunk(mv[pos:stop], self._frame, self._ts))
+        events.append(_new_event(BodyChunk, (mv[pos:stop], self._frame, self._ts)))
         self._body_length += stop - pos
         self._remaining -= stop - pos
         self._last = (self._frame, self._ts)
@@ -480,7 +518,7 @@ class HttpParser:
         return stop
 
     def _until_close(self, mv: memoryview, pos: int, end: int, events: list) -> int:
-        events.append(BodyChunk(mv[pos:end], self._frame, self._ts))
+        events.append(_new_event(BodyChunk, (mv[pos:end], self._frame, self._ts)))
         self._body_length += end - pos
         self._last = (self._frame, self._ts)
         return end
@@ -535,7 +573,7 @@ class HttpParser:
         stop = self._read_block(mv, pos, end, events)
         if stop is None or self._state != self._trailers:
             return end if stop is None else stop
-        self._end_message(events, self._parse_fields(bytes(self._buf), events))
+        self._end_message(events, self._parse_fields(self._buf.decode("latin-1"), events))
         return stop
 
     def _resync(self, mv: memoryview, pos: int, end: int, events: list) -> int:
@@ -612,6 +650,3 @@ def start_line_role(data: bytes | bytearray | memoryview) -> Literal["request", 
         return "request"
     return None
 
-
-#: States whose next `_remaining` bytes are body data: what `feed_body` may take.
-_BULK_STATES = (HttpParser._in_body, HttpParser._in_chunk_data)
