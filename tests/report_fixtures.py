@@ -170,10 +170,12 @@ def report(*, captures: list[dict], sessions: list[dict], anomalies: list[dict] 
 
 
 def download(url: str, *, ts: float, status: int = 206, size: int = 4096,
-             client: str = "127.0.0.1:50414", method: str = "GET") -> dict:
+             client: str = "127.0.0.1:50414", method: str = "GET", frame: int = 240,
+             session: str | None = None) -> dict:
     return {"client": client, "server": "127.0.0.1:8080", "method": method, "url": url,
-            "status": status, "bytes": size, "user_agent": "Microsoft BITS/7.8",
-            "first_time": iso(ts), "first_ts": ts}
+            "host": "127.0.0.1:8080", "status": status, "bytes": size,
+            "range": None if status == 200 else f"bytes=0-{size - 1}", "user_agent": "Microsoft BITS/7.8",
+            "frame": frame, "capture": 0, "time": iso(ts), "ts": ts, "session": session}
 
 
 # --- the scenarios ------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def upload_reply() -> dict:
 
 def reply_download() -> dict:
     return download("/upload-reply/BITS-Sessions/Replies/%7BC85B4E0A-5B3B-4F0E-9E2A-1C3D5E7F9A11%7D/responsefile.bin",
-                    ts=T0 + 2.33, client="127.0.0.1:50440", size=1337, status=200)
+                    ts=T0 + 2.33, client="127.0.0.1:50440", size=1337, status=200, frame=205, session=ID_REPLY)
 
 
 def before_capture() -> dict:

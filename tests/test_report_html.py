@@ -258,3 +258,23 @@ def test_short_sessions_keep_a_linear_time_axis():
     page = render_html(fx.corpus_report())
     assert all(el.get("class") != "idle" for svg in timelines(page) for el in svg.iter("rect"))
     assert "idle stretch" not in page
+
+
+def test_reply_fetch_is_drawn_on_its_sessions_timeline():
+    report = fx.corpus_report()
+    page = render_html(report)
+    by_label = {svg.get("aria-label"): svg for svg in timelines(page)}
+    for session_id, svg in ((s["id"], by_label[f"timeline of session {s['id']}"]) for s in report["sessions"]):
+        fetches = [g for g in svg.iter("g") if any(el.get("class") == "ev ev-fetch" for el in g)]
+        if session_id != fx.ID_REPLY:
+            assert fetches == []
+            continue
+        (fetch,) = fetches
+        assert fetch.find("title").text.startswith("reply fetched: GET /upload-reply/BITS-Sessions/Replies/")
+        assert "at frame 1:205; 200, 1.31 KiB" in fetch.find("title").text  # two captures: file 1
+        assert fetch.find("text").text == "GET"
+        # Between the final fragment's ack and the Close, as on the wire.
+        x = float(fetch.find("line").get("x1"))
+        close = next(g for g in svg.iter("g") if any(el.get("class") == "ev ev-close" for el in g))
+        assert x < float(close.find("line").get("x1"))
+    assert "127.0.0.1:50440" in page and "11:10:42.330" in page  # the downloads table has its time

@@ -122,3 +122,29 @@ def test_a_session_is_written_before_the_next_ones_packets_are_built(analyses: d
     assert asked == [0, 1]
     assert [len(s["packets"]) for s in json.loads(out.getvalue())["sessions"]] == [
         len(s["packets"]) for s in build_report(analysis)["sessions"]]
+
+
+def test_downloads_say_when_and_which_sessions_reply_they_fetch(analyses: dict) -> None:
+    """upload-reply.pcap: the client fetches its reply (HEAD, then GET) before Close."""
+    report = build_report(analyses["upload-reply.pcap"])
+    (session,) = report["sessions"]
+    assert [d["method"] for d in report["downloads"]] == ["HEAD", "GET"]
+    close = next(p for p in session["packets"] if p["type"] == "Close-Session")
+    for download in report["downloads"]:
+        assert download["session"] == session["id"]
+        assert session["first_ts"] < download["ts"] < close["request"]["ts"]
+        assert download["time"].startswith(session["first_time"][:19].rsplit(":", 1)[0])
+    for name in ("gap.pcap", "two-sessions-interleaved.pcap"):
+        assert build_report(analyses[name])["downloads"] == []
+
+
+def test_a_download_of_another_client_or_path_is_no_reply(analyses: dict) -> None:
+    from dataclasses import replace
+
+    from analyzer.report.json import _reply_sessions
+
+    bits = analyses["upload-reply.pcap"].bits
+    fetch = bits.downloads[-1]
+    others = [replace(fetch, client_ip="192.0.2.9"), replace(fetch, target="/uploads/other.bin"),
+              replace(fetch, sent_ns=bits.sessions[0].first_ns - 1)]
+    assert _reply_sessions(bits.sessions, [fetch, *others]) == [bits.sessions[0].id, None, None, None]

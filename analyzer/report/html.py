@@ -85,7 +85,7 @@ svg text{font:11px system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;fi
 .ackline{fill:none;stroke:var(--ok);stroke-width:1.5}
 .ack{fill:var(--ok);stroke:#fff;stroke-width:.8}.ack416{fill:var(--warn);stroke:#6b4700;stroke-width:.8}
 .ev{stroke:#7c8591;stroke-width:1;stroke-dasharray:4 3}.ev-cancel{stroke:var(--cancel);stroke-width:2;stroke-dasharray:6 3}
-.ev-close{stroke:#3d4551;stroke-width:1.5}.ev-err{stroke:var(--bad);stroke-width:2}
+.ev-close{stroke:#3d4551;stroke-width:1.5}.ev-fetch{stroke:var(--ok);stroke-width:2;stroke-dasharray:1 3}.ev-err{stroke:var(--bad);stroke-width:2}
 .m-error{fill:var(--bad)}.m-warning{fill:var(--warn)}.m-info{fill:var(--info)}
 .tot{stroke:#3d4551;stroke-dasharray:2 3}
 .idle{fill:#eef1f4;stroke:#c3c9d1;stroke-dasharray:2 2}.axisbreak{fill:none;stroke:#3d4551;stroke-width:1.5}
@@ -143,8 +143,9 @@ def write_html(report: dict, out: IO[str], sessions: Iterable[dict] | None = Non
         out.write("".join(part))
     if sessions_table:
         out.write("".join(_timelines_heading()))
+        fetches = _reply_fetches(sessions_table, report.get("downloads") or [])
         for index, session in enumerate(sessions_table if sessions is None else sessions):
-            out.write(_session_section(index, session, ids, clock, several))
+            out.write(_session_section(index, session, fetches.get(index, []), ids, clock, several))
     out.write("".join(_counters(report)))
     out.write("</main></body></html>\n")
 
@@ -323,7 +324,7 @@ def _downloads(downloads: list[dict], clock: Clock) -> list[str]:
         out.append(_row(("mono", _e(download.get("client"))), ("mono", _e(download.get("server"))),
                         ("", _e(download.get("method"))), ("wrap", _e(download.get("url"))),
                         ("num", _e(_or_dash(download.get("status")))), ("num", _e(human_size(download.get("bytes")))),
-                        ("", _e(download.get("user_agent"))), ("", _e(clock.time(download.get("first_ts"))))))
+                        ("", _e(download.get("user_agent"))), ("", _e(clock.time(download.get("ts"))))))
     out.append("</tbody></table>")
     return out
 
@@ -378,6 +379,7 @@ def _legend() -> str:
         "<line class=\"ev ev-close\" x1=\"8\" y1=\"-10\" x2=\"8\" y2=\"4\"/>", "close",
         "<line class=\"ev ev-cancel\" x1=\"8\" y1=\"-10\" x2=\"8\" y2=\"4\"/>", "cancel",
         "<line class=\"ev ev-err\" x1=\"8\" y1=\"-10\" x2=\"8\" y2=\"4\"/>", "error response",
+        "<line class=\"ev ev-fetch\" x1=\"8\" y1=\"-10\" x2=\"8\" y2=\"4\"/>", "reply fetched (GET/HEAD)",
         "<rect class=\"m-error\" x=\"3\" y=\"-7\" width=\"9\" height=\"9\"/>", "error",
         "<path class=\"m-warning\" d=\"M8 -8L13 2H3Z\"/>", "warning",
         "<circle class=\"m-info\" cx=\"8\" cy=\"-3\" r=\"4.5\"/>", "info",
@@ -428,10 +430,29 @@ def _acknowledged(session: dict) -> str:
     return f"{acknowledged:,} of {of} bytes {percent(acknowledged, total)}"
 
 
-def _session_section(index: int, session: dict, ids: dict[str, str], clock: Clock, several: bool) -> str:
+def _reply_fetches(sessions: list[dict], downloads: list[dict]) -> dict[int, list[dict]]:
+    """The downloads that fetch a session's reply, by the session's index: the download names
+    the session by id, and of the sessions with that id (servers that derive ids reuse them)
+    the one begun last before it."""
+    by_id: dict[str, list[int]] = {}
+    for index, session in enumerate(sessions):
+        by_id.setdefault(session.get("id"), []).append(index)
+    fetches: dict[int, list[dict]] = {}
+    for download in downloads:
+        if download.get("session") is None:
+            continue
+        begun = [index for index in by_id.get(download["session"], ())
+                 if (sessions[index].get("first_ts") or 0) <= (download.get("ts") or 0)]
+        if begun:
+            fetches.setdefault(begun[-1], []).append(download)
+    return fetches
+
+
+def _session_section(index: int, session: dict, fetches: list[dict], ids: dict[str, str], clock: Clock,
+                     several: bool) -> str:
     sid = session.get("id")
     before = " <span class=\"note\">already running when the capture began</span>" if session.get("before_capture") else ""
-    svg, notes = _timeline(session, clock, several)
+    svg, notes = _timeline(session, fetches, clock, several)
     anomalies = sorted(session.get("anomalies") or [], key=anomaly_order)
     listed = "".join(
         f"<li><span class=\"badge s-{a.get('severity') if a.get('severity') in SEVERITIES else 'error'}\">"
@@ -501,13 +522,15 @@ class _Scale:
         return _TOP + _PLOT_H * (1 - min(max(offset, 0), self.top) / self.top)
 
 
-def _timeline(session: dict, clock: Clock, several: bool) -> tuple[str, list[str]]:
-    """The session's SVG and the notes that say what was simplified."""
+def _timeline(session: dict, fetches: list[dict], clock: Clock, several: bool) -> tuple[str, list[str]]:
+    """The session's SVG (with the downloads in `fetches` that fetched its reply) and the notes
+    that say what was simplified."""
     packets = session.get("packets") or []
     stamps = [t for p in packets for t in ((p.get("request") or {}).get("ts"), (p.get("response") or {}).get("ts"))
               if t is not None]
     stamps += [a.get("ts") for a in session.get("anomalies") or [] if a.get("ts") is not None]
     stamps += [t for t in (session.get("first_ts"), session.get("last_ts")) if t is not None]
+    stamps += [d.get("ts") for d in fetches if d.get("ts") is not None]
     fragments = [p for p in packets if (p.get("request") or {}).get("range")]
     ranges_top = max(((p["request"]["range"].get("last") or 0) + 1 for p in fragments), default=0)
     total = session.get("total")
@@ -519,6 +542,7 @@ def _timeline(session: dict, clock: Clock, several: bool) -> tuple[str, list[str
     body += _fragment_marks(fragments, scale, notes, several)
     body += _ack_line(fragments, scale, several)
     body += _events(packets, scale, notes, several)
+    body += _fetches(fetches, scale, several)
     body += _anomaly_marks(session.get("anomalies") or [], scale, clock, notes, several)
     label = printable(session.get("id")) or "session"
     svg = (f"<svg class=\"timeline\" viewBox=\"0 0 {_W} {_H}\" width=\"{_W}\" height=\"{_H}\" role=\"img\" "
@@ -705,6 +729,19 @@ def _events(packets: list[dict], scale: _Scale, notes: list[str], several: bool)
                    f"{_label(x, label)}<title>{_e(title)}</title></g>")
     if len(events) > MAX_MARKERS:
         notes.append(f"{len(events):,} non-fragment packets; the first {MAX_MARKERS} are drawn.")
+    return out
+
+
+def _fetches(fetches: list[dict], scale: _Scale, several: bool) -> list[str]:
+    """The reply's download requests (upload-reply), as event lines labelled with their method."""
+    out = []
+    for fetch in fetches[:MAX_MARKERS]:
+        x = scale.x(fetch.get("ts"))
+        title = (f"reply fetched: {printable(fetch.get('method'))} {printable(fetch.get('url'))} at frame "
+                 f"{_frame(fetch, several)}; {_or_dash(fetch.get('status'))}, {human_size(fetch.get('bytes'))}")
+        out.append(f"<g><line class=\"ev ev-fetch\" x1=\"{x:.1f}\" y1=\"{_TOP - 8}\" x2=\"{x:.1f}\" "
+                   f"y2=\"{_TOP + _PLOT_H}\"/>{_label(x, printable(fetch.get('method')) or '?')}"
+                   f"<title>{_e(title)}</title></g>")
     return out
 
 

@@ -345,7 +345,7 @@ def _downloads(downloads: list[dict], palette: _Palette, clock: Clock, width: in
     rows = [(_text(download.get("client")), _text(download.get("method")),
              _text(clip(printable(download.get("url")), URL_LIMIT)),
              Text(str(download.get("status") or "—")), Text(human_size(download.get("bytes"))),
-             _text(download.get("user_agent")), Text(clock.time(download.get("first_ts"))))
+             _text(download.get("user_agent")), Text(clock.time(download.get("ts"))))
             for download in downloads]
     _add_rows(table, rows, palette, width)
     return table
