@@ -1,6 +1,8 @@
-"""The one per-packet loop: capture → frames → segments → streams → HTTP exchanges.
+"""The per-packet pipeline: capture → frames → segments → streams → HTTP exchanges.
 
-Everything above this module works per message. The capture files of a run are read in the
+The loop over the packets is Decoder.decode_into: it takes the capture's records and hands each
+TCP segment's fields to TcpReassembler.receive, which calls the exchange assembler with stream
+data. Everything above this module works per message. The capture files of a run are read in the
 order given as one capture: one TCP reassembler and one exchange assembler see them all, so
 connections, messages and BITS sessions span rotated captures. Frame numbers stay those of
 their file; the messages say which file (`HttpMessage.first_capture`, `last_capture`, indices
