@@ -56,12 +56,13 @@ class FragmentLoop:
         self.offset = offset  # the acknowledged offset: where the next fragment starts
         self.stop = total if stop is None else min(stop, total)
         self.end = total if end is None else end
+        if min_fragment < 1:
+            raise ValueError(f"the smallest fragment must be at least 1 byte, not {min_fragment}")
         self.min_fragment = min_fragment
-        self.shrunk: int | None = None  # the fragment size after a 413
+        self.shrunk: int | None = None  # the largest fragment after a 413
         self.budget = MAX_RESEND_FACTOR * self.end + min_fragment
         self.without_progress = 0
         self.recreated = 0
-        self._asked = 0  # the size of the last fragment asked for (before the end cut it)
         self._sent: ContentRange | None = None
 
     @property
@@ -70,8 +71,11 @@ class FragmentLoop:
 
     def next_range(self, size: int) -> ContentRange:
         """The next fragment: `size` bytes (fewer after a 413, or at the end) from the offset."""
-        self._asked = self.shrunk or size
-        self._sent = ContentRange(self.offset, min(self.offset + self._asked, self.end) - 1, self.total)
+        if size < 1:
+            raise ValueError(f"a fragment holds at least 1 byte, not {size}")
+        if self.shrunk is not None:
+            size = min(size, self.shrunk)
+        self._sent = ContentRange(self.offset, min(self.offset + size, self.end) - 1, self.total)
         return self._sent
 
     def lost(self) -> Step:
@@ -89,9 +93,11 @@ class FragmentLoop:
                 raise GiveUp(f"the server forgot the session {MAX_RECREATES} times: giving up")
             return Step.NEW_SESSION
         if status == TOO_LARGE_STATUS:
-            if self._asked <= self.min_fragment:
-                raise GiveUp(f"413 for a {self._asked}-byte fragment: cannot shrink further")
-            self.shrunk = max(self.min_fragment, self._asked // 2)
+            # Halve what was sent, not what was asked for: the end may have cut it shorter,
+            # and a 413 is never answered by the same range again.
+            if sent.length <= self.min_fragment:
+                raise GiveUp(f"413 for a {sent.length}-byte fragment: cannot shrink further")
+            self.shrunk = max(self.min_fragment, sent.length // 2)
             return Step.SEND
         if not follows_offset(status):
             raise GiveUp(f"the server refused {sent}: HTTP {status}")

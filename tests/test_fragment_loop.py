@@ -5,6 +5,8 @@ against the real server is tested in test_client.py and test_replay_send.py."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analyzer.bits.protocol import MIN_FRAGMENT, ContentRange
 from replay.fragment_loop import (
@@ -148,3 +150,131 @@ def test_refusals_and_unusable_offsets_give_up(status: int, received: int | None
     loop.next_range(10_000)
     with pytest.raises(GiveUp, match=says):
         loop.answer(status, received, False)
+
+
+def test_413_on_a_fragment_the_end_cut_short_never_resends_the_same_range() -> None:
+    """A 10 KiB file sent in 64 KiB fragments to a server that takes at most 8 KiB: the first
+    fragment is the whole file, cut by the end. After its 413 the next one must be shorter
+    (it once halved the 64 KiB asked for and resent the same 10 KiB twice)."""
+    loop = FragmentLoop(10 * KIB, 0)
+    sent = run(loop, Server(largest=8 * KIB), 64 * KIB)
+    assert [r.length for r in sent] == [10 * KIB, 5 * KIB, 5 * KIB]
+
+
+def test_413_on_a_last_fragment_no_longer_than_the_smallest_gives_up_at_once() -> None:
+    loop = FragmentLoop(MIN_FRAGMENT + 100, MIN_FRAGMENT)
+    loop.next_range(64 * KIB)
+    with pytest.raises(GiveUp, match="413 for a 100-byte fragment"):
+        loop.answer(413, None, False)
+
+
+def test_after_a_413_a_smaller_fragment_asked_for_stays_smaller() -> None:
+    """The adaptive replay asks for each captured fragment's size: a short captured fragment
+    after a 413 is not blown up to the shrunk size (it once was: `size` was replaced)."""
+    loop = FragmentLoop(200 * KIB, 0)
+    loop.next_range(64 * KIB)
+    loop.answer(413, None, False)
+    assert loop.next_range(64 * KIB).length == 32 * KIB
+    assert loop.next_range(KIB).length == KIB
+
+
+@pytest.mark.parametrize("min_fragment, size", [(0, 10), (5, 0)])
+def test_sizes_below_one_byte_are_refused(min_fragment: int, size: int) -> None:
+    """A smallest fragment of 0 bytes once made a 413 loop forever (0 halves to 0, read as
+    'not shrunk'); a fragment of 0 bytes has no Content-Range."""
+    with pytest.raises(ValueError):
+        FragmentLoop(100, 0, min_fragment=min_fragment).next_range(size)
+
+
+# --- property: any server, scripted answer by answer -------------------------------------------
+
+# What the simulated server does with one fragment: `take` is the honest reference server
+# (append at its offset, 416 with it otherwise); the others are what a broken, forgetful or
+# hostile server may answer, with N drawn from around the file.
+ANSWERS = st.one_of(
+    st.just(("take",)), st.just(("413",)), st.just(("forget",)), st.just(("lost",)),
+    st.just(("refuse",)), st.just(("no-offset",)),
+    st.tuples(st.sampled_from(["ack", "resync"]), st.integers(0, 3100)),
+)
+
+
+@st.composite
+def loops(draw) -> tuple[FragmentLoop, int, int, int, int]:
+    total = draw(st.integers(1, 3000))
+    offset = draw(st.integers(0, total))
+    min_fragment = draw(st.integers(1, 64))
+    size = draw(st.integers(1, 700))
+    if draw(st.booleans()):  # the client: up to the file's end, perhaps stopping early
+        stop = draw(st.none() | st.integers(1, total))
+        loop = FragmentLoop(total, offset, stop=stop, min_fragment=min_fragment)
+    else:  # the adaptive replay: only the bytes the capture holds, up to `end`
+        end = draw(st.integers(1, total))
+        loop = FragmentLoop(total, offset, stop=end, end=end, min_fragment=min_fragment)
+    return loop, total, loop.stop, loop.end, size
+
+
+@settings(max_examples=400, deadline=None)
+@given(loops(), st.lists(ANSWERS, max_size=60))
+def test_any_server_either_gets_every_byte_or_the_loop_gives_up_within_its_limits(setup, script) -> None:
+    loop, total, stop, end, size = setup
+    have = min(loop.offset, total)  # the server's own offset
+    answers = iter(script)
+    sent_acked = forgotten = no_progress = steps = 0
+    refused_413: ContentRange | None = None
+    why = None
+    while not loop.done:
+        steps += 1
+        assert steps < 5_000, "the loop never ends"
+        before = loop.offset
+        wanted = loop.next_range(size)
+        assert wanted.total == total and wanted.first == before
+        assert 0 <= wanted.first <= wanted.last < end and wanted.length <= size
+        if refused_413 is not None:
+            assert wanted.length < refused_413.length, "resent a range the server refused as too large"
+        refused_413 = None
+        kind, *n = next(answers, ("take",))
+        try:
+            if kind == "take":
+                if wanted.first <= have:
+                    have = max(have, wanted.last + 1)
+                step = loop.answer(200 if wanted.first <= have else 416, have, False)
+            elif kind == "413":
+                refused_413 = wanted
+                step = loop.answer(413, None, False)
+            elif kind == "forget":
+                have = 0
+                forgotten += 1
+                step = loop.answer(500, None, True)
+            elif kind == "lost":
+                step = loop.lost()
+            elif kind == "refuse":
+                step = loop.answer(500, None, False)
+            elif kind == "no-offset":
+                step = loop.answer(200, None, False)
+            else:
+                step = loop.answer(200 if kind == "ack" else 416, n[0], False)
+        except GiveUp as exc:
+            why = (kind, wanted, str(exc))
+            break
+        if kind in ("take", "ack", "resync"):
+            sent_acked += wanted.length
+            assert loop.offset == (have if kind == "take" else n[0])
+        moved = kind in ("take", "ack", "resync") and loop.offset > before
+        no_progress = 0 if moved else no_progress + (kind not in ("413", "forget"))
+        assert (step is Step.NEW_SESSION) == (kind == "forget")
+        if step is Step.NEW_SESSION:
+            loop.restart()
+            assert loop.offset == 0 and loop.without_progress == 0
+            no_progress = 0
+    if why is None:  # finished: the server acknowledged every byte up to `stop`
+        assert loop.offset >= stop
+        return
+    kind, wanted, message = why
+    assert (
+        kind in ("refuse", "no-offset")
+        or (kind in ("ack", "resync") and n[0] > total)
+        or (kind == "413" and wanted.length <= loop.min_fragment)
+        or (kind == "forget" and forgotten > MAX_RECREATES)
+        or sent_acked + wanted.length > MAX_RESEND_FACTOR * end + loop.min_fragment
+        or no_progress + 1 >= MAX_ATTEMPTS_WITHOUT_PROGRESS
+    ), f"gave up without reason: {message}"
