@@ -25,6 +25,10 @@ RESYNC = 416
 AUTH_CHALLENGES = frozenset({401, 407})
 TOO_LARGE_STATUS = 413
 DOWNLOAD_METHODS = frozenset({"GET", "HEAD"})
+# Packets are kept for the whole run, so what repeats from packet to packet is made once per
+# distinct input and shared. The caches are bounded: a capture of endless distinct values costs
+# a miss per packet, never unbounded memory.
+_SHARED_RECORDS = 8192
 
 
 def is_bits_method(method: str | None) -> bool:
@@ -32,7 +36,7 @@ def is_bits_method(method: str | None) -> bool:
     return (method or "").upper() == p.METHOD
 
 
-@functools.lru_cache(maxsize=8192)  # every packet of a session asks again
+@functools.lru_cache(maxsize=_SHARED_RECORDS)  # every packet of a session asks again
 def session_key(session_id: str) -> str:
     """The key sessions are filed under: GUID-shaped ids case-insensitively, others verbatim."""
     sid = session_id.strip()
@@ -150,7 +154,7 @@ class BitsPacket:
     # the ack; all None when the capture holds no response
     status: int | None = None
     reason: str | None = None
-    ack: AckFields = NO_ACK  # shared by acks alike; its received_offset is always None: see `received_offset`
+    ack: AckFields = NO_ACK  # shared by acks with the same headers, so its received_offset is None: see below
     received_offset: int | None = None
     response_frame: int | None = None
     response_capture: int | None = None  # of response_frame
@@ -295,11 +299,6 @@ class _Fields:
 
     def has_bits_headers(self) -> bool:
         return any(name.startswith(p.BITS_HEADER_PREFIX) for name in self.by_name)
-
-
-# Shared records are made once per distinct input; the caches are bounded, so a capture of
-# endless distinct values costs a miss per packet, never unbounded memory.
-_SHARED_RECORDS = 8192
 
 
 @functools.lru_cache(maxsize=_SHARED_RECORDS)
