@@ -134,7 +134,8 @@ class PlannedSession:
     """One of the analyzer's sessions (or a connection that had none), in capture order."""
 
     # The captured session id, `ID (generation N)` when the server had issued it before, the
-    # analyzer's `refused-create@FRAME` for a Create that drew no session, or `connection-N`.
+    # analyzer's `refused-create@FRAME` (`@CAPTURE:FRAME` with several captures) for a Create
+    # that drew no session, or `connection-N`.
     key: str
     requests: list[PlannedRequest] = field(default_factory=list)
     session_id: str | None = None  # as the analyzer names the session; None when it has no id
@@ -208,9 +209,11 @@ class _SpoolingBody:
 class _Planner:
     """Consumes the pipeline's exchanges and body chunks."""
 
-    def __init__(self, spool: BodySpool) -> None:
+    def __init__(self, spool: BodySpool, several_captures: bool) -> None:
         self.spool = spool
-        self.tracker = SessionTracker()  # the analyzer's sessions, which the plan follows
+        # The analyzer's sessions, which the plan follows; with several captures their keys
+        # name frames `capture:frame`, as bits-analyze does.
+        self.tracker = SessionTracker(several_captures=several_captures)
         self.bodies: dict[tuple[int, int], _SpoolingBody] = {}  # by (connection, stream offset)
         self.requests: list[PlannedRequest] = []
         self.strings: dict[tuple[str, str], tuple[str, str]] = {}
@@ -320,8 +323,9 @@ def build_plan(
 
     Unknown selected ids are reported as problems of kind `unknown-session-selected`.
     """
+    sources = list(sources)
     spool = BodySpool()
-    planner = _Planner(spool)
+    planner = _Planner(spool, several_captures=len(sources) > 1)
     try:
         result = read_exchanges(sources, planner.on_exchange, planner.on_body)
     except BaseException:

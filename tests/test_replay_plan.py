@@ -354,3 +354,23 @@ def test_acks_are_read_alike_by_analyzer_replay_and_client(tmp_path: Path) -> No
                 summary.error_context) == analyzer
         assert (response.session_id, response.host_id, response.received_offset,
                 response.error_code, response.error_context) == analyzer
+
+
+def test_refused_creates_in_several_files_keep_the_analyzers_keys(tmp_path: Path) -> None:
+    """Two rotated files, each with a refused Create at frame 4: bits-analyze names them
+    `refused-create@1:4` and `refused-create@2:4`; the plan once called both `refused-create@4`,
+    so selecting one replayed both."""
+    from analyzer.analysis import analyze
+
+    paths = []
+    for number in range(2):
+        conv = Conversation()
+        conv.send(number, 0, request("Create-Session"), 100 * number)
+        conv.send(number, 1, ack(400, error="0x80070057", reason="Bad Request"), 100 * number + 1)
+        paths.append(conv.write(tmp_path / f"{number}.pcap"))
+    keys = [s.key for s in analyze(paths).bits.sessions]
+    assert keys == ["refused-create@1:4", "refused-create@2:4"]
+    with build_plan(paths) as plan:
+        assert [s.key for s in plan.sessions] == keys
+    with build_plan(paths, [keys[1]]) as plan:
+        assert [(s.key, s.requests[0].file) for s in plan.sessions] == [(keys[1], 1)]
