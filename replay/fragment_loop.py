@@ -37,6 +37,15 @@ class GiveUp(Exception):
     """The upload cannot go on; the message says why."""
 
 
+def count_recreation(recreated: int) -> int:
+    """One more session the server forgot, on top of `recreated`; GiveUp past MAX_RECREATES.
+    For the loop, and for a caller that finds the session forgotten outside it (at Close)."""
+    recreated += 1
+    if recreated > MAX_RECREATES:
+        raise GiveUp(f"the server forgot the session {MAX_RECREATES} times: giving up")
+    return recreated
+
+
 class Step(enum.Enum):
     SEND = "send"  # send the next fragment
     NEW_SESSION = "new-session"  # the server forgot the session: create one, then restart()
@@ -51,7 +60,8 @@ class FragmentLoop:
     """
 
     def __init__(self, total: int, offset: int, *, stop: int | None = None,
-                 end: int | None = None, min_fragment: int = MIN_FRAGMENT) -> None:
+                 end: int | None = None, min_fragment: int = MIN_FRAGMENT,
+                 recreated: int = 0) -> None:
         self.total = total
         self.offset = offset  # the acknowledged offset: where the next fragment starts
         self.stop = total if stop is None else min(stop, total)
@@ -62,7 +72,7 @@ class FragmentLoop:
         self.shrunk: int | None = None  # the largest fragment after a 413
         self.budget = MAX_RESEND_FACTOR * self.end + min_fragment
         self.without_progress = 0
-        self.recreated = 0
+        self.recreated = recreated  # sessions forgotten in this upload, earlier loops included
         self._sent: ContentRange | None = None
 
     @property
@@ -88,9 +98,7 @@ class FragmentLoop:
         sent = self._sent
         assert sent is not None, "answer() before next_range()"
         if session_not_found:
-            self.recreated += 1
-            if self.recreated > MAX_RECREATES:
-                raise GiveUp(f"the server forgot the session {MAX_RECREATES} times: giving up")
+            self.recreated = count_recreation(self.recreated)
             return Step.NEW_SESSION
         if status == TOO_LARGE_STATUS:
             # Halve what was sent, not what was asked for: the end may have cut it shorter,

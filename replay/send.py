@@ -38,7 +38,7 @@ from analyzer.bits.protocol import (
     same_id,
 )
 from replay.compare import AckSummary, Difference, compare, summarize
-from replay.fragment_loop import FragmentLoop, GiveUp, Step
+from replay.fragment_loop import FragmentLoop, GiveUp, Step, count_recreation
 from replay.plan import Body, Plan, PlannedRequest, PlannedSession
 
 MODES = ("faithful", "adaptive")
@@ -424,6 +424,7 @@ class _SessionReplay:
         self.host: str = options.target.netloc
         self.shift = 0.0  # how late the session started (concurrency cap), added to every due time
         self.offset: int | None = None  # adaptive: the live server's received offset
+        self.recreated = 0  # adaptive: sessions recreated after the server forgot them, in all
 
     # -- header rewriting
 
@@ -612,6 +613,10 @@ class _SessionReplay:
                         and self.offset is not None):
                     self.result.notes.append("session not found at Close: recreating it and "
                                              "uploading again")
+                    try:
+                        self.recreated = count_recreation(self.recreated)
+                    except GiveUp as why:
+                        raise Fault(str(why)) from None
                     self._recreate(request)
                     self._upload([r for r in requests if r.packet_type is PacketType.FRAGMENT
                                   and r.range is not None], from_offset=0)
@@ -678,7 +683,8 @@ class _SessionReplay:
             offset = self.offset
         else:
             offset = fragments[0].range.first
-        loop = FragmentLoop(fragments[0].range.total, offset, stop=end, end=end)
+        loop = FragmentLoop(fragments[0].range.total, offset, stop=end, end=end,
+                            recreated=self.recreated)
         slot = 0
         while not loop.done:
             # The n-th fragment sent takes the n-th captured one's size, time and connection.
@@ -699,6 +705,7 @@ class _SessionReplay:
                 step = loop.answer(ack.status, ack.received, _is_session_not_found(ack))
             except GiveUp as why:
                 raise Fault(str(why)) from None
+            self.recreated = loop.recreated
             if step is Step.NEW_SESSION:
                 self._recreate(captured)
                 loop.restart()

@@ -278,3 +278,13 @@ def test_any_server_either_gets_every_byte_or_the_loop_gives_up_within_its_limit
         or sent_acked + wanted.length > MAX_RESEND_FACTOR * end + loop.min_fragment
         or no_progress + 1 >= MAX_ATTEMPTS_WITHOUT_PROGRESS
     ), f"gave up without reason: {message}"
+
+
+def test_sessions_forgotten_in_earlier_loops_count_towards_the_limit() -> None:
+    loop = FragmentLoop(30 * KIB, 0, recreated=MAX_RECREATES - 1)
+    loop.next_range(10 * KIB)
+    assert loop.answer(500, None, True) is Step.NEW_SESSION and loop.recreated == MAX_RECREATES
+    loop.restart()
+    loop.next_range(10 * KIB)
+    with pytest.raises(GiveUp, match=f"forgot the session {MAX_RECREATES} times"):
+        loop.answer(500, None, True)

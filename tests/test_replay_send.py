@@ -385,3 +385,35 @@ def test_an_ipv6_target(tmp_path: Path) -> None:
         result = replay(plan, Options(target=Target.parse(srv.url), speed=0))
     assert result.faults == 0 and result.differences == 0
     assert (srv.root / "up" / "file.bin").read_bytes() == data
+
+
+def test_adaptive_gives_up_after_the_server_forgot_the_session_too_often_in_all(tmp_path: Path) -> None:
+    """The recreation limit holds for the whole session, not for each upload loop: twice during
+    the fragments, once at Close, once more in the upload after it is one too many (the limit
+    once restarted with every fragment run, and the recreation at Close was never counted)."""
+    from analyzer.bits.protocol import PacketType
+    from replay.fragment_loop import MAX_RECREATES
+    from replay.server import error_ack
+
+    assert MAX_RECREATES == 3
+    forget = {PacketType.FRAGMENT: {1, 2, 6}, PacketType.CLOSE_SESSION: {1}}
+    seen = {PacketType.FRAGMENT: 0, PacketType.CLOSE_SESSION: 0}
+    data = payload(3000, 12)
+    conv = Conversation()
+    upload(conv, 0, SID_A, data, 1000, start_ms=0)
+    with BitsServer(tmp_path / "root", log=None) as forgetful, \
+            build_plan([conv.write(tmp_path / "forgotten.pcap")]) as plan:
+        handle = forgetful.service.handle
+
+        def answer(packet: PacketType, request):
+            if packet in seen:
+                seen[packet] += 1
+                if seen[packet] in forget[packet]:
+                    return error_ack(500, BG_E_SESSION_NOT_FOUND, "forgotten")
+            return handle(packet, request)
+
+        forgetful.service.handle = answer
+        result = replay(plan, options_for(forgetful, mode="adaptive"))
+    session = result.sessions[0]
+    assert [o.label for o in session.outcomes].count("Create-Session (recreated)") == MAX_RECREATES
+    assert session.fault and f"forgot the session {MAX_RECREATES} times" in session.fault
