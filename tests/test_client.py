@@ -399,3 +399,26 @@ def test_connection_dropped_by_the_server_is_resumed_with_ping(serve, source):
     assert client.log[broken + 1].packet_type == "Ping" and client.log[broken + 1].connection == 1
     assert client.log[broken + 2].header(Header.CONTENT_RANGE) == client.log[broken].header(Header.CONTENT_RANGE)
     assert sha256(stored(server)) == sha256(path)
+
+
+def test_reply_receipt_hashes_exactly_the_bytes_stored_after_cuts_and_overlaps(serve, source):
+    """Upload-reply mode is the one mode the server hashes in: a fragment cut mid-body (rolled
+    back), a resend of other bytes over received ones (the first copy kept) and a fragment
+    straddling the offset (only its new bytes kept) all leave the receipt's sha256 equal to
+    the file's."""
+    server = serve(reply=True)
+    path = source(60_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    client.send_file(path, FRAGMENT, until=FRAGMENT)
+    assert client.fragment(path, FRAGMENT, 2 * FRAGMENT - 1, cut_after=3000) is None
+    other = random.Random(98).randbytes(FRAGMENT)
+    assert client.fragment(path, 0, FRAGMENT - 1, body=other).received_offset == FRAGMENT
+    straddling = client.fragment(path, FRAGMENT // 2, 2 * FRAGMENT - 1)
+    assert straddling.status == 200 and straddling.received_offset == 2 * FRAGMENT
+    client.send_file(path, FRAGMENT)
+    receipt = json.loads(client.fetch_reply())
+    assert receipt == {"session_id": client.session_id, "path": "/up/payload.bin",
+                       "size": 60_000, "sha256": sha256(path)}
+    client.close()
+    assert sha256(stored(server)) == sha256(path)
