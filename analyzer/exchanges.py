@@ -3,11 +3,12 @@
 `ExchangeAssembler` is the `StreamSink` the TCP reassembler feeds. Per connection it runs one
 request parser (client→server) and one response parser (server→client), tells the response
 parser each request's method in order, and pairs final responses with requests first in,
-first out (HTTP/1.1 answers in request order). Body bytes stream through `on_body` in blocks
-of BODY_BLOCK (the last one at the message's end, before its exchange is emitted), each with
-its offset in the body: bytes lost in a capture gap are skipped, never shifted into, so a block
-after a gap lies where it belongs (a block never spans a gap). Only lengths and SHA-256 digests
-are kept.
+first out (HTTP/1.1 answers in request order). Request body bytes stream through `on_body`
+in blocks of BODY_BLOCK (the last one at the message's end, before its exchange is emitted),
+each with its offset in the body: bytes lost in a capture gap are skipped, never shifted into,
+so a block after a gap lies where it belongs (a block never spans a gap). Response bodies are
+only hashed: what a client uploads is what consumers store or replay. Only lengths and SHA-256
+digests are kept.
 
 An Exchange is emitted when its response has ended and its request has ended too (a server
 may answer before the request body is complete). At connection close, requests still
@@ -49,10 +50,11 @@ from analyzer.problems import Problem, ProblemLog
 from analyzer.tcp import CLIENT, SERVER, Connection
 
 #: Body bytes are handed to `on_body` in blocks of about this size (a copy of each payload, but
-#: one consumer call per ~45 packets instead of one per packet, and no view of a capture chunk
-#: escapes to a consumer that might keep it). Bounded: one block per direction in a body.
+#: one consumer call and one hash update per ~45 packets instead of one per packet, and no view
+#: of a capture chunk escapes to a consumer that might keep it). Bounded: one block per
+#: connection. Bodies nobody streams are hashed packet by packet: no copy at all.
 BODY_BLOCK = 64 * 1024
-_EMPTY_SHA256 = hashlib.sha256().hexdigest()  # most responses have no body: no digest made for them
+_EMPTY_SHA256 = hashlib.sha256().hexdigest()
 
 
 @dataclass(eq=False)
@@ -77,6 +79,10 @@ class HttpMessage:
     trailers: Headers = field(default_factory=Headers)
     first_capture: int = 0  # index of the capture file first_frame / last_frame number a frame of
     last_capture: int = 0   # (runs over several rotated files; 0 for one file)
+
+
+#: on_body(connection, request, block, offset of the block in the body)
+BodyConsumer = Callable[[Connection, HttpMessage, "bytes | memoryview", int], None]
 
 
 @dataclass(eq=False)
@@ -107,13 +113,15 @@ class _Pending:
 class _Direction:
     """Parsing state of one direction of one connection."""
 
-    __slots__ = ("parser", "current", "message", "digest", "unsent", "unsent_offset", "mark_next")
+    __slots__ = ("parser", "on_body", "current", "message", "digest", "unsent", "unsent_offset",
+                 "mark_next")
 
-    def __init__(self, parser: HttpParser) -> None:
+    def __init__(self, parser: HttpParser, on_body: BodyConsumer | None) -> None:
         self.parser = parser
+        self.on_body = on_body  # None: this direction's bodies are only hashed
         self.current: _Pending | None = None  # the exchange of the message being parsed
         self.message: HttpMessage | None = None  # the message being parsed
-        self.digest: Any = None  # hashlib sha256 of its body so far (made at its first byte)
+        self.digest: Any = None  # hashlib sha256 of its body so far, None before its first byte
         self.unsent = bytearray()  # body bytes not yet handed to on_body
         self.unsent_offset = 0  # where in the body they begin
         self.mark_next: set[str] = set()  # flags for the next message in this direction
@@ -122,9 +130,9 @@ class _Direction:
 class _ConnectionState:
     __slots__ = ("directions", "waiting", "open", "aborted", "roles_provisional")
 
-    def __init__(self, midstream: bool) -> None:
-        self.directions = (_Direction(HttpParser("request", start_midstream=midstream)),
-                           _Direction(HttpParser("response", start_midstream=midstream)))
+    def __init__(self, midstream: bool, on_body: BodyConsumer | None) -> None:
+        self.directions = (_Direction(HttpParser("request", start_midstream=midstream), on_body),
+                           _Direction(HttpParser("response", start_midstream=midstream), None))
         self.waiting: deque[_Pending] = deque()  # requests whose final response has not begun
         self.open: list[_Pending] = []  # every exchange not yet emitted, oldest first
         self.aborted = False
@@ -136,10 +144,11 @@ class _ConnectionState:
         so far were scanned by the wrong parser, so new parsers start where the streams are."""
         old_request, old_response = self.directions
         new = []
-        for role, old in (("request", old_response), ("response", old_request)):
+        for role, old, on_body in (("request", old_response, old_request.on_body),
+                                   ("response", old_request, None)):
             parser = HttpParser(role, start_midstream=True)
             parser.gap(old.parser.position, frame, ts_ns)  # nothing to parse before here
-            side = _Direction(parser)
+            side = _Direction(parser, on_body)
             side.mark_next = old.mark_next
             new.append(side)
         self.directions = (new[0], new[1])
@@ -149,10 +158,11 @@ class ExchangeAssembler:
     """A StreamSink turning both directions of each connection into Exchange records."""
 
     def __init__(self, on_exchange: Callable[[Exchange], None],
-                 on_body: Callable[[Connection, HttpMessage, memoryview | bytes, int], None] | None = None,
-                 first_index: int = 0) -> None:
-        """`first_index`: the index of the first Exchange (to number on across capture files,
-        pass the previous assembler's `next_index`)."""
+                 on_body: BodyConsumer | None = None, first_index: int = 0) -> None:
+        """`on_body(connection, request, block, body_offset)`: each block of each request body
+        (the request's length and digest are filled in at its end). `first_index`: the index of
+        the first Exchange (to number on across capture files, pass the previous assembler's
+        `next_index`)."""
         self._on_exchange = on_exchange
         self._on_body = on_body
         self._connections: dict[int, _ConnectionState] = {}
@@ -242,7 +252,7 @@ class ExchangeAssembler:
     def _state(self, conn: Connection) -> _ConnectionState:
         state = self._connections.get(conn.id)
         if state is None:
-            state = _ConnectionState(midstream=not conn.handshake_seen)
+            state = _ConnectionState(not conn.handshake_seen, self._on_body)
             self._connections[conn.id] = state
         return state
 
@@ -284,18 +294,17 @@ class ExchangeAssembler:
                                           offset=event.offset, connection=conn.id))
 
     def _body(self, conn: Connection, side: _Direction, data: bytes | memoryview) -> None:
-        digest = side.digest
-        if digest is None:
-            digest = side.digest = hashlib.sha256()
-        digest.update(data)
-        if self._on_body is not None:
+        if side.on_body is None:
+            _hash(side, data)
+        else:
             side.unsent += data
             if len(side.unsent) >= BODY_BLOCK:
                 self._send_body(conn, side)
 
     def _send_body(self, conn: Connection, side: _Direction) -> None:
         block, side.unsent = side.unsent, bytearray()  # the consumer may keep the block
-        self._on_body(conn, side.message, block, side.unsent_offset)
+        _hash(side, block)
+        side.on_body(conn, side.message, block, side.unsent_offset)
         side.unsent_offset += len(block)
 
     def _start(self, side: _Direction, pending: _Pending, message: HttpMessage) -> None:
@@ -374,6 +383,13 @@ class ExchangeAssembler:
         capture, frame = split_frame(problem.frame)
         file = self.captures[capture] if capture < len(self.captures) else None
         self.problems.report(replace(problem, frame=frame, file=file))
+
+
+def _hash(side: _Direction, data: bytes | memoryview) -> None:
+    digest = side.digest
+    if digest is None:  # made at the first body byte: most responses have none
+        digest = side.digest = hashlib.sha256()
+    digest.update(data)
 
 
 def first_message(exchange: Exchange) -> HttpMessage:
