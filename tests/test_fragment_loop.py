@@ -178,6 +178,15 @@ def test_after_a_413_a_smaller_fragment_asked_for_stays_smaller() -> None:
     assert loop.next_range(KIB).length == KIB
 
 
+def test_an_end_past_the_total_never_sends_bytes_past_the_file() -> None:
+    """The adaptive replay ends its loop after the last captured fragment; a capture whose
+    client changed the total (bytes 1000-2999/3000 after bytes 0-999/2000) once made it send
+    `bytes 1000-2999/2000`, a range no server can parse."""
+    loop = FragmentLoop(2000, 0, stop=3000, end=3000)
+    sent = run(loop, Server(), 1500)
+    assert [str(r) for r in sent] == ["bytes 0-1499/2000", "bytes 1500-1999/2000"] and loop.done
+
+
 @pytest.mark.parametrize("min_fragment, size", [(0, 10), (5, 0)])
 def test_sizes_below_one_byte_are_refused(min_fragment: int, size: int) -> None:
     """A smallest fragment of 0 bytes once made a 413 loop forever (0 halves to 0, read as
@@ -207,8 +216,9 @@ def loops(draw) -> tuple[FragmentLoop, int, int, int, int]:
     if draw(st.booleans()):  # the client: up to the file's end, perhaps stopping early
         stop = draw(st.none() | st.integers(1, total))
         loop = FragmentLoop(total, offset, stop=stop, min_fragment=min_fragment)
-    else:  # the adaptive replay: only the bytes the capture holds, up to `end`
-        end = draw(st.integers(1, total))
+    else:  # the adaptive replay: only the bytes the capture holds, up to `end` (past the
+        # total when a captured fragment changed it)
+        end = draw(st.integers(1, total + 500))
         loop = FragmentLoop(total, offset, stop=end, end=end, min_fragment=min_fragment)
     return loop, total, loop.stop, loop.end, size
 
@@ -228,7 +238,7 @@ def test_any_server_either_gets_every_byte_or_the_loop_gives_up_within_its_limit
         before = loop.offset
         wanted = loop.next_range(size)
         assert wanted.total == total and wanted.first == before
-        assert 0 <= wanted.first <= wanted.last < end and wanted.length <= size
+        assert 0 <= wanted.first <= wanted.last < min(end, total) and wanted.length <= size
         if refused_413 is not None:
             assert wanted.length < refused_413.length, "resent a range the server refused as too large"
         refused_413 = None
@@ -275,7 +285,7 @@ def test_any_server_either_gets_every_byte_or_the_loop_gives_up_within_its_limit
         or (kind in ("ack", "resync") and n[0] > total)
         or (kind == "413" and wanted.length <= loop.min_fragment)
         or (kind == "forget" and forgotten > MAX_RECREATES)
-        or sent_acked + wanted.length > MAX_RESEND_FACTOR * end + loop.min_fragment
+        or sent_acked + wanted.length > MAX_RESEND_FACTOR * min(end, total) + loop.min_fragment
         or no_progress + 1 >= MAX_ATTEMPTS_WITHOUT_PROGRESS
     ), f"gave up without reason: {message}"
 

@@ -417,3 +417,29 @@ def test_adaptive_gives_up_after_the_server_forgot_the_session_too_often_in_all(
     session = result.sessions[0]
     assert [o.label for o in session.outcomes].count("Create-Session (recreated)") == MAX_RECREATES
     assert session.fault and f"forgot the session {MAX_RECREATES} times" in session.fault
+
+
+def test_adaptive_upload_keeps_inside_the_first_total_when_the_client_changed_it(tmp_path: Path, server) -> None:
+    """The captured client sent bytes 0-999/2000, then bytes 1000-2999/3000 (refused). The
+    adaptive replay uploads the 2000-byte file it began, in valid ranges (it once sent
+    `bytes 1000-2999/2000`, which the server refused as malformed)."""
+    data = payload(3000, 13)
+    conv = Conversation()
+    conv.send(0, 0, request("Create-Session"), 0)
+    conv.send(0, 1, ack(session=SID_A), 1)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data[:1000],
+                            content_range="bytes 0-999/2000"), 10)
+    conv.send(0, 1, ack(session=SID_A, received=1000), 11)
+    conv.send(0, 0, request("Fragment", session=SID_A, body=data[1000:],
+                            content_range="bytes 1000-2999/3000"), 20)
+    conv.send(0, 1, ack(400, session=SID_A, error="0x80070057", reason="Bad Request"), 21)
+    conv.send(0, 0, request("Close-Session", session=SID_A), 30)
+    conv.send(0, 1, ack(session=SID_A), 31)
+    with build_plan([conv.write(tmp_path / "changed.pcap")]) as plan:
+        result = replay(plan, options_for(server, mode="adaptive"))
+    session = result.sessions[0]
+    assert session.fault is None, session.fault
+    assert [(o.label, o.live.status) for o in session.outcomes] == [
+        ("Create-Session", 200), ("Fragment bytes 0-999/2000", 200),
+        ("Fragment bytes 1000-1999/2000", 200), ("Close-Session", 200)]
+    assert (server.root / "up" / "file.bin").read_bytes() == data[:2000]
