@@ -294,16 +294,21 @@ class ExchangeAssembler:
                                           offset=event.offset, connection=conn.id))
 
     def _body(self, conn: Connection, side: _Direction, data: bytes | memoryview) -> None:
-        if side.on_body is None:
-            _hash(side, data)
-        else:
+        if side.on_body is not None:
             side.unsent += data
             if len(side.unsent) >= BODY_BLOCK:
                 self._send_body(conn, side)
+        elif side.digest is not None:  # once per packet of a large body: kept to one test
+            side.digest.update(data)
+        else:  # the digest is made at the first body byte: most responses have none
+            side.digest = hashlib.sha256(data)
 
     def _send_body(self, conn: Connection, side: _Direction) -> None:
         block, side.unsent = side.unsent, bytearray()  # the consumer may keep the block
-        _hash(side, block)
+        if side.digest is not None:
+            side.digest.update(block)
+        else:
+            side.digest = hashlib.sha256(block)
         side.on_body(conn, side.message, block, side.unsent_offset)
         side.unsent_offset += len(block)
 
@@ -383,13 +388,6 @@ class ExchangeAssembler:
         capture, frame = split_frame(problem.frame)
         file = self.captures[capture] if capture < len(self.captures) else None
         self.problems.report(replace(problem, frame=frame, file=file))
-
-
-def _hash(side: _Direction, data: bytes | memoryview) -> None:
-    digest = side.digest
-    if digest is None:  # made at the first body byte: most responses have none
-        digest = side.digest = hashlib.sha256()
-    digest.update(data)
 
 
 def first_message(exchange: Exchange) -> HttpMessage:
