@@ -75,7 +75,8 @@ def main() -> None:
     seconds = min(best_of(1, tracker.finish) for tracker in trackers)
     print(f"  finish                 {seconds / n * 1e6:6.2f} us/exchange")
 
-    del trackers, exchanges
+    del trackers
+    exchanges.clear()
     gc.collect()
     tracemalloc.start()
     tracker = SessionTracker()
