@@ -198,10 +198,11 @@ def test_sizes_below_one_byte_are_refused(min_fragment: int, size: int) -> None:
 # --- property: any server, scripted answer by answer -------------------------------------------
 
 # What the simulated server does with one fragment: `take` is the honest reference server
-# (append at its offset, 416 with it otherwise); the others are what a broken, forgetful or
-# hostile server may answer, with N drawn from around the file.
+# (append at its offset, 416 with it otherwise), `creep` one that keeps only the fragment's
+# first byte; the others are what a broken, forgetful or hostile server may answer, with N
+# drawn from around the file.
 ANSWERS = st.one_of(
-    st.just(("take",)), st.just(("413",)), st.just(("forget",)), st.just(("lost",)),
+    st.just(("take",)), st.just(("creep",)), st.just(("413",)), st.just(("forget",)), st.just(("lost",)),
     st.just(("refuse",)), st.just(("no-offset",)),
     st.tuples(st.sampled_from(["ack", "resync"]), st.integers(0, 3100)),
 )
@@ -224,11 +225,11 @@ def loops(draw) -> tuple[FragmentLoop, int, int, int, int]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(loops(), st.lists(ANSWERS, max_size=60))
+@given(loops(), st.lists(st.tuples(ANSWERS, st.integers(1, 20)), max_size=30))  # (answer, times)
 def test_any_server_either_gets_every_byte_or_the_loop_gives_up_within_its_limits(setup, script) -> None:
     loop, total, stop, end, size = setup
     have = min(loop.offset, total)  # the server's own offset
-    answers = iter(script)
+    answers = iter([answer for answer, times in script for _ in range(times)])
     sent_acked = forgotten = no_progress = steps = 0
     refused_413: ContentRange | None = None
     why = None
@@ -244,9 +245,9 @@ def test_any_server_either_gets_every_byte_or_the_loop_gives_up_within_its_limit
         refused_413 = None
         kind, *n = next(answers, ("take",))
         try:
-            if kind == "take":
+            if kind in ("take", "creep"):
                 if wanted.first <= have:
-                    have = max(have, wanted.last + 1)
+                    have = max(have, wanted.last + 1 if kind == "take" else wanted.first + 1)
                 step = loop.answer(200 if wanted.first <= have else 416, have, False)
             elif kind == "413":
                 refused_413 = wanted
@@ -266,12 +267,15 @@ def test_any_server_either_gets_every_byte_or_the_loop_gives_up_within_its_limit
         except GiveUp as exc:
             why = (kind, wanted, str(exc))
             break
-        if kind in ("take", "ack", "resync"):
+        if kind in ("take", "creep", "ack", "resync"):
             sent_acked += wanted.length
-            assert loop.offset == (have if kind == "take" else n[0])
-        moved = kind in ("take", "ack", "resync") and loop.offset > before
+            assert loop.offset == (have if kind in ("take", "creep") else n[0])
+        moved = kind in ("take", "creep", "ack", "resync") and loop.offset > before
         no_progress = 0 if moved else no_progress + (kind not in ("413", "forget"))
         assert (step is Step.NEW_SESSION) == (kind == "forget")
+        # ... and it went on only within its limits
+        assert sent_acked <= MAX_RESEND_FACTOR * min(end, total) + loop.min_fragment
+        assert no_progress < MAX_ATTEMPTS_WITHOUT_PROGRESS and forgotten <= MAX_RECREATES
         if step is Step.NEW_SESSION:
             loop.restart()
             assert loop.offset == 0 and loop.without_progress == 0
