@@ -537,8 +537,10 @@ class BitsClient:
             cut_after=cut_after,
             abandon=abandon,
         )
-        if response is not None and follows_offset(response.status) and response.received_offset is not None:
-            self.offset = response.received_offset
+        received = response.received_offset if response is not None else None
+        # An offset past the total is not progress: send_file gives up on it (fragment_loop).
+        if received is not None and received <= total and follows_offset(response.status):
+            self.offset = received
             if response.reply_url:
                 self.reply_url = response.reply_url
         if response is not None:

@@ -422,3 +422,26 @@ def test_reply_receipt_hashes_exactly_the_bytes_stored_after_cuts_and_overlaps(s
                        "size": 60_000, "sha256": sha256(path)}
     client.close()
     assert sha256(stored(server)) == sha256(path)
+
+
+def test_an_offset_beyond_the_total_is_not_taken_as_progress(serve, source):
+    """A server acking N past the file's end makes send_file give up, and the client does not
+    keep that N as its offset (it once did: the next send_file then found nothing left to send
+    and Close discarded the upload)."""
+    from replay.server import Ack
+
+    server = serve()
+    path = source(20_000)
+    client = BitsClient(server.url + "up/payload.bin")
+    client.create_session()
+    handle = server.service.handle
+    server.service.handle = lambda packet, request: (
+        Ack(416, session_id=client.session_id, received=30_000) if packet is PacketType.FRAGMENT
+        else handle(packet, request))
+    with pytest.raises(UploadError, match="no usable received offset"):
+        client.send_file(path, FRAGMENT)
+    assert client.offset == 0
+    server.service.handle = handle
+    assert client.send_file(path, FRAGMENT) == 20_000
+    client.close()
+    assert sha256(stored(server)) == sha256(path)
