@@ -178,4 +178,5 @@ def answer(packet: BitsPacket) -> Answer:
 
 def step(state: State, event_sent: Sent, event_answer: Answer) -> Transition:
     """The table's transition; a (state, event) the table lacks leaves the state unchanged."""
-    return TRANSITIONS.get((state, event_sent, event_answer), Transition(state))
+    found = TRANSITIONS.get((state, event_sent, event_answer))
+    return found if found is not None else Transition(state)

@@ -412,7 +412,7 @@ class _SessionWalk:
             self.too_large.captures = tuple(capture for capture, _ in places)
             self.too_large.frames = tuple(frame for _, frame in places)
             self.too_large = None
-        found = next((a for a in pkt.anomalies if a.code == "fragment-too-large"), None)
+        found = next((a for a in pkt.anomalies if a.code == "fragment-too-large"), None) if pkt.anomalies else None
         if found is not None:
             self.too_large, self.too_large_size = found, rng.length
 
