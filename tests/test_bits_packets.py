@@ -317,3 +317,17 @@ def test_numbers_past_the_int_digit_limit_are_malformed() -> None:
     assert p.parse_content_range(f"bytes 0-{huge}/{huge}") is None
     assert p.parse_decimal(huge) is None
     assert p.parse_content_range("bytes 0-99999999999999999998/99999999999999999999").total == 10**20 - 1
+
+
+def test_packets_of_a_session_share_what_repeats() -> None:
+    """Packets are kept for the whole run: a session's fragments on one connection hold one copy
+    of the endpoints, of the repeated request fields and of the ack fields."""
+    w = Wire()
+    first, second = (packet_of(w.fragment(SID, a, b, T)) for a, b in ((0, 5119), (5120, 10239)))
+    assert first.peers is second.peers and first.request is second.request and first.ack is second.ack
+    assert (first.received_offset, second.received_offset) == (5120, 10240)  # not in the shared ack
+    assert first.content_range != second.content_range and first.body_digest != second.body_digest
+    w.connect()
+    third = packet_of(w.fragment(SID, 10240, T - 1, T))
+    assert third.peers is not first.peers and third.client != first.client and third.server == first.server
+    assert third.request is first.request
