@@ -53,7 +53,8 @@ class Step(enum.Enum):
 
 class FragmentLoop:
     """Fragments of a `total`-byte file from `offset` until the server has acknowledged `stop`
-    bytes (default: all). No fragment reaches past byte `end` nor the file's end.
+    bytes (default and at most: `end`). No fragment reaches past byte `end` (default: the
+    file's end) nor the file's end.
 
     Per fragment: `next_range(size)`, send it, then `answer(...)` or, when no answer came,
     `lost()`.
@@ -64,10 +65,10 @@ class FragmentLoop:
                  recreated: int = 0) -> None:
         self.total = total
         self.offset = offset  # the acknowledged offset: where the next fragment starts
-        self.stop = total if stop is None else min(stop, total)
         # A caller's end past the total (a captured client that changed it) would make ranges
-        # no server can parse.
+        # no server can parse; a stop past the end could only be reached by empty ones.
         self.end = total if end is None else min(end, total)
+        self.stop = self.end if stop is None else min(stop, self.end)
         if min_fragment < 1:
             raise ValueError(f"the smallest fragment must be at least 1 byte, not {min_fragment}")
         self.min_fragment = min_fragment

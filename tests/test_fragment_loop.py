@@ -187,6 +187,14 @@ def test_an_end_past_the_total_never_sends_bytes_past_the_file() -> None:
     assert [str(r) for r in sent] == ["bytes 0-1499/2000", "bytes 1500-1999/2000"] and loop.done
 
 
+def test_a_stop_past_the_end_ends_at_the_end() -> None:
+    """Bytes past `end` are never sent, so the loop cannot wait for them (it once went on with
+    empty ranges, `bytes 1000-999/2000`, until it gave up)."""
+    loop = FragmentLoop(2000, 0, stop=1500, end=1000)
+    assert [str(r) for r in run(loop, Server(), 600)] == ["bytes 0-599/2000", "bytes 600-999/2000"]
+    assert loop.done
+
+
 @pytest.mark.parametrize("min_fragment, size", [(0, 10), (5, 0)])
 def test_sizes_below_one_byte_are_refused(min_fragment: int, size: int) -> None:
     """A smallest fragment of 0 bytes once made a 413 loop forever (0 halves to 0, read as
@@ -220,7 +228,8 @@ def loops(draw) -> tuple[FragmentLoop, int, int, int, int]:
     else:  # the adaptive replay: only the bytes the capture holds, up to `end` (past the
         # total when a captured fragment changed it)
         end = draw(st.integers(1, total + 500))
-        loop = FragmentLoop(total, offset, stop=end, end=end, min_fragment=min_fragment)
+        stop = draw(st.none() | st.integers(1, total) | st.just(end))
+        loop = FragmentLoop(total, offset, stop=stop, end=end, min_fragment=min_fragment)
     return loop, total, loop.stop, loop.end, size
 
 
