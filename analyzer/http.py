@@ -8,7 +8,8 @@ Why it is shaped this way:
 - Body bytes are the bulk of BITS traffic (fragments of MiBs), so they leave as `BodyChunk`
   slices (memoryviews) of the buffer given to `feed` - no copy, no per-byte Python work. A
   consumer that keeps a chunk beyond the call must copy it.
-- Only the message head is buffered, and only up to `MAX_HEAD` bytes.
+- Only a message head is buffered, only when it spans feeds (the usual head, wholly in one
+  packet, is parsed straight from it), and only up to `MAX_HEAD` bytes.
 - Captures lose bytes: after `gap()` a message whose length is known keeps its framing (and
   ends `partial`); otherwise it ends `partial` at once and the parser scans forward for the
   next start line (`TOKEN SP target SP HTTP/1.x` or `HTTP/1.x NNN`), at the start of a line or

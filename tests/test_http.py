@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -164,6 +165,31 @@ def test_any_split_of_responses_gives_the_same_events(data: st.DataObject) -> No
     assert [e[2] for e in whole if e[0] == "response"] == [100, 200, 200, 204, 200]
     assert [e[1] for e in whole if e[0] == "body"] == [
         b"wiki", b"until the end\r\nHTTP/1.1 200 OK\r\n\r\n"]
+
+
+ODD_HEADS = [  # each read whole from one feed, then byte by byte through the buffered path
+    b"GET /a HTTP/1.1\r\n\r\n",
+    b"GET /b HTTP/1.0\n\n",
+    b"GET /c HTTP/1.1\r\nX-A: 1\nX-B:2\r\n\r\n",
+    b"GET /d HTTP/1.1\r\nX-Fold: a\r\n\t b \r\n\r\n",
+    b"GET /e HTTP/1.1\r\n folded first\r\nNo colon\r\n:x\r\nName : v \r\nX-CR: a\rb\r\n\r\n",
+    b"GET  /f  HTTP/1.1  \r\n\r\n",
+    b"GET /g HTTP/1.1\r\nContent-Length: 3, 3\r\nX:\xa0v\xa0\r\n\r\nabc",
+    b"get /h http/1.1\r\n\r\nGET /i HTTP/1.1\r\n\r\n",
+    b"GET /j HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"GET /k HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nxyz",
+    b"X" * 20000 + b" /long HTTP/1.1\r\n\r\nGET /after HTTP/1.1\r\n\r\n",
+    b"GET /big HTTP/1.1\r\n" + b"X-Filler: " + b"a" * (MAX_HEAD - 40) + b"\r\n\r\nGET /z HTTP/1.1\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("head", ODD_HEADS, ids=range(len(ODD_HEADS)))
+def test_a_head_read_whole_gives_what_the_buffered_path_gives(head: bytes) -> None:
+    whole = HttpParser("request")
+    by_byte = HttpParser("request")
+    expected = normalise(feed_pieces(by_byte, [head[i:i + 1] for i in range(len(head))])
+                         + by_byte.eof(0, 0))
+    assert normalise(whole.feed(head, 1, 0) + whole.eof(0, 0)) == expected
 
 
 def test_chunked_split_at_every_byte_boundary() -> None:
