@@ -611,12 +611,12 @@ class _SessionReplay:
                 self.learn(request, ack)
                 if (_is_session_not_found(ack) and request.packet_type is PacketType.CLOSE_SESSION
                         and self.offset is not None):
-                    self.result.notes.append("session not found at Close: recreating it and "
-                                             "uploading again")
                     try:
                         self.recreated = count_recreation(self.recreated)
                     except GiveUp as why:
                         raise Fault(str(why)) from None
+                    self.result.notes.append("session not found at Close: recreating it and "
+                                             "uploading again")
                     self._recreate(request)
                     self._upload([r for r in requests if r.packet_type is PacketType.FRAGMENT
                                   and r.range is not None], from_offset=0)
