@@ -62,7 +62,7 @@ def main() -> None:
         def assemble() -> None:
             conn = SimpleNamespace(id=0, handshake_seen=True, last_frame=0, last_ts_ns=0)
             done = []
-            assembler = ExchangeAssembler(done.append, lambda conn, message, chunk: None)
+            assembler = ExchangeAssembler(done.append, lambda conn, message, block, offset: None)
             for number, piece in enumerate(client):
                 assembler.on_data(conn, 0, piece, number, 0)
             for number, piece in enumerate(server):
