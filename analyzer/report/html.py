@@ -480,7 +480,7 @@ MAX_BREAKS = 12
 def _idle_stretches(times: list[float], span: float) -> list[tuple[float, float]]:
     """The stretches between consecutive marks (`times`, sorted) to cut out of the time axis."""
     idle = [(a, b) for a, b in zip(times, times[1:]) if b - a >= max(IDLE_MIN_S, IDLE_SHARE * span)]
-    cut = sorted(sorted(idle, key=lambda gap: gap[0] - gap[1])[:MAX_BREAKS])
+    cut = sorted(sorted(idle, key=lambda gap: gap[0] - gap[1])[:MAX_BREAKS])  # the longest, in time order
     return cut if sum(b - a for a, b in cut) < span else []  # all idle: nothing to make room for
 
 
@@ -515,7 +515,9 @@ class _Scale:
         """The time at `x`; None inside a break."""
         for start, duration, left, width, cut in self.pieces:
             if left <= x <= left + width:
-                return None if cut else start + duration * ((x - left) / width) if width > 0 else start
+                if cut:
+                    return None
+                return start + duration * ((x - left) / width) if width > 0 else start
         return None
 
     def y(self, offset: float) -> float:
