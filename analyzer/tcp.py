@@ -26,10 +26,11 @@ Policies, all chosen to keep the stream going rather than stall it:
 - Connection ids follow tshark's tcp.stream: a new id on a 4-tuple's first packet, and when a
   SYN (without ACK) carries an ISN other than that side's recorded base (port reuse). A SYN
   retransmitted with the same ISN, even after a RST, stays in its connection, as in tshark.
-  A closed connection's 4-tuple is remembered for `CLOSED_LINGER_NS` of capture time after its
-  last packet (TIME_WAIT at its longest), then forgotten, as the endpoints forget it: a later
-  packet without a SYN starts a new connection where tshark would still count it in the old
-  one. This keeps memory flat over a long capture of many short connections.
+  A closed connection is kept for `CLOSED_LINGER_NS` of capture time after its last packet
+  (TIME_WAIT at its longest), then dropped; its 4-tuple stays known with only each side's ISN,
+  because tshark never forgets one: a later packet on it (a stray ACK, the SYN resent) still
+  counts as that connection and is dropped, and only a SYN with another ISN opens a new one.
+  Keeps memory nearly flat over a long capture of many short connections, ids as tshark's.
 - Roles: the SYN sender is the client, the SYN-ACK sender the server. Mid-stream the roles are
   a provisional guess (the side with the lower port is the server; on equal ports, the first
   packet's receiver) that the sink, which can read the application data, may correct with
@@ -62,8 +63,8 @@ _MAX_WINDOW = 1 << 30
 _SLOW_FLAGS = FIN | SYN | RST
 #: ACKs for bytes not yet seen after which the bytes count as lost (late data has had its chance).
 PENDING_ACKS = 32
-#: How long a closed connection's 4-tuple stays known, in capture time after its last packet:
-#: TIME_WAIT at its longest, 2 MSL (RFC 9293).
+#: How long a closed connection is kept, in capture time after its last packet: TIME_WAIT at
+#: its longest, 2 MSL (RFC 9293). Its 4-tuple stays known after that (see the module doc).
 CLOSED_LINGER_NS = 240 * 1_000_000_000
 # Buffered runs per direction; past it, like past max_buffer, the oldest hole becomes a gap
 # (keeps sorted-list inserts cheap against captures of many tiny scattered segments).
@@ -200,6 +201,9 @@ class TcpReassembler:
         self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
         self._open: dict[int, Connection] = {}
         self._closed: deque[Connection] = deque()  # in the order they closed, until forgotten
+        # The 4-tuples of forgotten connections, each direction's with its wire_base (tshark's
+        # base_seq): what decides whether a later SYN opens a new connection.
+        self._forgotten: dict[tuple[bytes, int, bytes, int], int | None] = {}
         self._closed_totals = dict.fromkeys(_TOTALS, 0)
         self.connection_count = 0
 
@@ -251,6 +255,8 @@ class TcpReassembler:
     def _receive_slow(self, half: _Half | None, frame: int, ts_ns: int, src: bytes, sport: int, dst: bytes,
                       dport: int, seq: int, ack: int, flags: int, payload: memoryview, missing: int) -> None:
         if half is None:
+            if self._forgotten and self._of_forgotten(src, sport, dst, dport, seq, ack, flags):
+                return
             half = self._new_connection(src, sport, dst, dport, flags, frame, ts_ns)
         elif flags & (SYN | ACK) == SYN and half.wire_base is not None and seq != half.wire_base:
             if not half.conn.closed:
@@ -315,6 +321,24 @@ class TcpReassembler:
         if half.acked_to > half.offset and (start >= half.acked_to or flags & FIN):
             self._declare_pending(half, frame, ts_ns)  # later data or the FIN passed the hole
         self._settle(half, frame, ts_ns)
+
+    def _of_forgotten(self, src: bytes, sport: int, dst: bytes, dport: int, seq: int, ack: int, flags: int) -> bool:
+        """Whether a packet belongs to a forgotten connection, as tshark decides: anything on its
+        4-tuple but a SYN with another ISN; it is then dropped like any packet of a closed
+        connection. Otherwise the 4-tuple is free for the new connection."""
+        forgotten = self._forgotten
+        key, reverse = (src, sport, dst, dport), (dst, dport, src, sport)
+        if key not in forgotten:
+            return False
+        base = forgotten[key]
+        if flags & (SYN | ACK) == SYN and base is not None and seq != base:
+            del forgotten[key], forgotten[reverse]
+            return False
+        if base is None:  # as _receive_slow records it for a known connection
+            forgotten[key] = seq if flags & SYN else (seq - 1) & _SEQ_MASK
+        if flags & ACK and forgotten[reverse] is None:
+            forgotten[reverse] = (ack - 1) & _SEQ_MASK
+        return True
 
     def _new_connection(self, src: bytes, sport: int, dst: bytes, dport: int, flags: int, frame: int,
                         ts_ns: int) -> _Half:
@@ -516,7 +540,7 @@ class TcpReassembler:
         self._forget_closed(ts_ns)
 
     def _forget_closed(self, now_ns: int) -> None:
-        """Drop the 4-tuples of connections closed and silent for CLOSED_LINGER_NS."""
+        """Drop connections closed and silent for CLOSED_LINGER_NS; keep their 4-tuples."""
         closed = self._closed
         while closed and now_ns - closed[0].last_ts_ns > CLOSED_LINGER_NS:
             conn = closed.popleft()
@@ -524,6 +548,7 @@ class TcpReassembler:
                               (conn.server + conn.client, conn._halves[SERVER])):
                 if self._halves.get(key) is half:  # not yet taken over by a new connection
                     del self._halves[key]
+                    self._forgotten[key] = half.wire_base
 
 
 _TOTALS = ("gaps", "gap_bytes", "conflicts", "conflict_bytes", "keepalives", "after_fin_bytes",

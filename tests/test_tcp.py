@@ -286,21 +286,26 @@ def test_both_fins_close_before_finish_and_late_packets_stay_in_the_connection()
     assert len(sink.kinds("close")) == 1 and r.connection_count == 1
 
 
-def test_a_closed_connection_is_forgotten_after_time_wait_and_only_then():
+def test_a_closed_connection_keeps_its_late_packets_after_time_wait():
     """Late packets join their closed connection for CLOSED_LINGER_NS; when a connection closes
-    after that, the 4-tuple is forgotten and a stray ACK on it is a new connection."""
+    after that, the connection is dropped but its 4-tuple still counts as it (as tshark counts
+    it): a stray ACK or its SYN resent opens nothing, a SYN with another ISN a new connection."""
     first, other, third = Flow(cport=40000), Flow(cport=40001), Flow(cport=40002)
 
     def closing(f: Flow, at_ns: int) -> list[Segment]:
         segments = f.handshake() + [f.c(0, b"x", flags=ACK | FIN), f.s(0, flags=ACK | FIN, ack=2)]
         return [s._replace(ts_ns=at_ns) for s in segments]
 
-    late = first.c(2, flags=ACK, ack=1)
+    late, resent_syn = first.c(2, flags=ACK, ack=1), first.syn()
+    after = 2 * CLOSED_LINGER_NS + 1
+    reuse = Flow(cport=40000, client_isn=first.cisn + 7)
     sink, r = run(closing(first, 0) + closing(other, CLOSED_LINGER_NS) + [late._replace(ts_ns=CLOSED_LINGER_NS)]
-                  + closing(third, 2 * CLOSED_LINGER_NS + 1) + [late._replace(ts_ns=2 * CLOSED_LINGER_NS + 1)])
+                  + closing(third, after) + [late._replace(ts_ns=after), resent_syn._replace(ts_ns=after)]
+                  + [s._replace(ts_ns=after) for s in reuse.handshake() + [reuse.c(0, b"new")]])
     assert sink.conns[0].last_ts_ns == CLOSED_LINGER_NS  # the ACK within the linger joined connection 0
-    assert r.connection_count == 4
-    assert sink.conns[3].client == (CLIENT_IP, 40000) and not sink.conns[3].handshake_seen
+    assert r.connection_count == 4  # the stray ACK and the resent SYN after it opened nothing
+    assert sink.conns[3].client == (CLIENT_IP, 40000) and sink.conns[3].handshake_seen
+    assert sink.streams[(3, CLIENT)] == b"new"
 
 
 def test_closed_connections_keep_no_history() -> None:
@@ -631,6 +636,40 @@ def test_connection_ids_match_tshark_tcp_stream(tmp_path: Path):
     ours, _, r = _our_streams(_frames_to_segments(path))
     assert ours == _tshark_streams(path)
     assert r.connection_count == 10
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
+def test_connection_ids_match_tshark_after_minutes_of_silence(tmp_path: Path):
+    """tshark never forgets a 4-tuple: packets of a connection closed minutes ago (a stray ACK,
+    its SYN resent) stay in its stream, and the connections after them keep their numbers."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from craft import pcap_bytes
+
+    records = []
+
+    def add(segs: list[Segment], at_s: int) -> None:
+        for s in segs:
+            packet = (Ether() / IP(src=".".join(map(str, s.src)), dst=".".join(map(str, s.dst)))
+                      / TCP(sport=s.sport, dport=s.dport, seq=s.seq, ack=s.ack, flags=s.flags) / bytes(s.payload))
+            records.append((at_s * 1_000_000_000 + len(records), packet))
+
+    linger_s = CLOSED_LINGER_NS // 1_000_000_000
+    flows = [Flow(cport=port) for port in (40000, 40001, 40002, 40003)]
+    for at_s, flow in zip((0, linger_s + 10, 2 * linger_s + 20, 3 * linger_s), flows):
+        add(flow.handshake() + [flow.c(0, b"x", flags=ACK | FIN), flow.s(0, flags=ACK | FIN, ack=2)], at_s)
+        if flow is flows[1]:
+            add([flows[0].c(2, flags=ACK, ack=1)], at_s + 1)  # 4-tuple 0 forgotten by now: a stray ACK
+        if flow is flows[2]:
+            add([flows[0].syn(), flows[1].c(2, flags=RST, ack=1)], at_s + 1)  # SYN resent, stray RST
+    path = tmp_path / "silence.pcap"
+    path.write_bytes(pcap_bytes(records))
+
+    sink, r = run(_frames_to_segments(path))
+    theirs = _tshark_streams(path)
+    assert {conn.id: theirs[conn.first_frame - 1] for conn in sink.conns.values()} == {i: i for i in range(4)}
+    assert r.connection_count == len(set(theirs)) == 4
 
 
 def _serve(server: socket.socket, replies: list[bytes], received: list[bytes]) -> None:
