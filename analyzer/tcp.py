@@ -200,7 +200,8 @@ class TcpReassembler:
         self._history = history
         self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
         self._open: dict[int, Connection] = {}
-        self._closed: deque[Connection] = deque()  # in the order they closed, until forgotten
+        # Closed connections until forgotten, with their last packet's time when queued.
+        self._closed: deque[tuple[int, Connection]] = deque()
         # The 4-tuples of forgotten connections, each direction's with its wire_base (tshark's
         # base_seq): what decides whether a later SYN opens a new connection.
         self._forgotten: dict[tuple[bytes, int, bytes, int], int | None] = {}
@@ -536,14 +537,17 @@ class TcpReassembler:
         del self._open[conn.id]
         _add_totals(self._closed_totals, conn)
         self._sink.on_close(conn)
-        self._closed.append(conn)
+        self._closed.append((conn.last_ts_ns, conn))
         self._forget_closed(ts_ns)
 
     def _forget_closed(self, now_ns: int) -> None:
         """Drop connections closed and silent for CLOSED_LINGER_NS; keep their 4-tuples."""
         closed = self._closed
-        while closed and now_ns - closed[0].last_ts_ns > CLOSED_LINGER_NS:
-            conn = closed.popleft()
+        while closed and now_ns - closed[0][0] > CLOSED_LINGER_NS:
+            _, conn = closed.popleft()
+            if now_ns - conn.last_ts_ns <= CLOSED_LINGER_NS:  # late packets came: queued again,
+                closed.append((conn.last_ts_ns, conn))      # not holding up the ones behind it
+                continue
             for key, half in ((conn.client + conn.server, conn._halves[CLIENT]),
                               (conn.server + conn.client, conn._halves[SERVER])):
                 if self._halves.get(key) is half:  # not yet taken over by a new connection

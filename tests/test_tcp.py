@@ -308,6 +308,23 @@ def test_a_closed_connection_keeps_its_late_packets_after_time_wait():
     assert sink.streams[(3, CLIENT)] == b"new"
 
 
+def test_a_closed_connection_still_talking_does_not_keep_the_others() -> None:
+    """A closed connection whose peer keeps sending (a RST it ignored, keep-alives) stays known;
+    the connections that close after it are still dropped once silent for CLOSED_LINGER_NS,
+    or memory grows with every connection of the capture."""
+    zombie = Flow(cport=39999)
+    step = CLOSED_LINGER_NS // 20
+    segments = [s._replace(ts_ns=0) for s in zombie.handshake() + [zombie.s(0, flags=RST | ACK)]]
+    for n in range(1, 200):
+        flow = Flow(cport=40000 + n)
+        segments += [s._replace(ts_ns=n * step) for s in flow.handshake()
+                     + [flow.c(0, b"x", flags=ACK | FIN), flow.s(0, flags=ACK | FIN, ack=2)]]
+        segments.append(zombie.c(0, b"?", ack=0)._replace(ts_ns=n * step))
+    sink, r = run(segments)
+    assert sink.conns[0].last_ts_ns == 199 * step  # every late packet joined the closed connection
+    assert len(r._closed) <= 22  # the last CLOSED_LINGER_NS of closed connections, and the talker
+
+
 def test_closed_connections_keep_no_history() -> None:
     f = Flow()
     sink, r = run(f.handshake() + [f.c(0, b"abc"), f.c(3, b"", flags=ACK | FIN), f.s(0, flags=ACK | FIN, ack=4)])
