@@ -19,12 +19,11 @@ from typing import BinaryIO, Callable, Iterable
 
 from analyzer.capture import CaptureReader, Frame
 from analyzer.decode import Decoder
-from analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage, first_message
+from analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
 from analyzer.problems import Problem
-from analyzer.tcp import Connection, TcpReassembler
+from analyzer.tcp import TcpReassembler
 
 ExchangeConsumer = Callable[[Exchange], None]
-BodyConsumer = Callable[[Connection, HttpMessage, "bytes | memoryview", int], None]  # chunk, body offset
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)
 
 

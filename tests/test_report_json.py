@@ -141,10 +141,12 @@ def test_downloads_say_when_and_which_sessions_reply_they_fetch(analyses: dict) 
 def test_a_download_of_another_client_or_path_is_no_reply(analyses: dict) -> None:
     from dataclasses import replace
 
-    from analyzer.report.json import _reply_sessions
+    from analyzer.bits.sessions import _link_reply_fetches
 
     bits = analyses["upload-reply.pcap"].bits
     fetch = bits.downloads[-1]
     others = [replace(fetch, client_ip="192.0.2.9"), replace(fetch, target="/uploads/other.bin"),
               replace(fetch, sent_ns=bits.sessions[0].first_ns - 1)]
-    assert _reply_sessions(bits.sessions, [fetch, *others]) == [bits.sessions[0].id, None, None, None]
+    downloads = [replace(fetch, reply_of=None), *others]
+    _link_reply_fetches(bits.sessions, downloads)
+    assert [d.reply_of for d in downloads] == [bits.sessions[0].id, None, None, None]

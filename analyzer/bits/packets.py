@@ -269,6 +269,7 @@ class Download:
     frame: int
     sent_ns: int
     capture: int = 0  # of frame
+    reply_of: str | None = None  # the upload-reply session whose reply this fetches (set by the tracker)
 
 
 @dataclass(slots=True)

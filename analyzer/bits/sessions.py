@@ -549,6 +549,7 @@ def _cross_session_checks(sessions: list[Session], downloads: list[Download],
                 successor.flag("session-recreated", f"new session {successor.id} for {successor.url} after session "
                                f"{gone.id} drew BG_E_SESSION_NOT_FOUND", [successor.packets[0]])
     _reply_fetched_after_close(sessions, downloads)
+    _link_reply_fetches(sessions, downloads)
 
 
 def _reply_path(upload_url: str, reply_url: str) -> str:
@@ -571,3 +572,16 @@ def _reply_fetched_after_close(sessions: list[Session], downloads: list[Download
                     session_id=s.id, frames=(download.frame,), captures=(download.capture,), timestamps=(download.sent_ns,),
                     connection=download.connection,
                 ))
+
+
+def _link_reply_fetches(sessions: list[Session], downloads: list[Download]) -> None:
+    """Name on each download the upload-reply session whose reply it fetches: same client
+    address, the reply URL's path, the latest such session begun before it."""
+    replies: dict[str, list[Session]] = {}
+    for session in sessions:
+        if session.reply_url:
+            replies.setdefault(session.client_ip, []).append(session)
+    for download in downloads:
+        fetched = [s for s in replies.get(download.client_ip, ()) if s.first_ns <= download.sent_ns
+                   and _reply_path(s.url, download.target) == _reply_path(s.url, s.reply_url)]
+        download.reply_of = fetched[-1].id if fetched else None

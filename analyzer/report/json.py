@@ -22,7 +22,7 @@ from analyzer.clock import epoch, iso
 from analyzer.bits import protocol as p
 from analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
 from analyzer.bits.packets import BitsPacket, Download, session_key
-from analyzer.bits.sessions import Session, _reply_path
+from analyzer.bits.sessions import Session
 from analyzer.pipeline import CaptureStats
 from analyzer.problems import Problem
 
@@ -156,26 +156,11 @@ def session_record(session: Session, with_packets: bool = True) -> dict[str, Any
     }
 
 
-def download_record(item: Download, session_id: str | None = None) -> dict[str, Any]:
+def download_record(item: Download) -> dict[str, Any]:
     return {"client": item.client, "server": item.server, "method": item.method, "url": item.target,
             "host": item.host, "status": item.status, "bytes": item.bytes, "range": item.range,
             "user_agent": item.user_agent, "frame": item.frame,
-            "capture": item.capture, "time": iso(item.sent_ns), "ts": epoch(item.sent_ns), "session": session_id}
-
-
-def _reply_sessions(sessions: list[Session], downloads: list[Download]) -> list[str | None]:
-    """For each download, the id of the upload-reply session whose reply it fetches: same
-    client address, the reply URL's path, the latest such session begun before it."""
-    replies: dict[str, list[Session]] = {}
-    for session in sessions:
-        if session.reply_url:
-            replies.setdefault(session.client_ip, []).append(session)
-    found = []
-    for item in downloads:
-        fetched = [s for s in replies.get(item.client_ip, ()) if s.first_ns <= item.sent_ns
-                   and _reply_path(s.url, item.target) == _reply_path(s.url, s.reply_url)]
-        found.append(fetched[-1].id if fetched else None)
-    return found
+            "capture": item.capture, "time": iso(item.sent_ns), "ts": epoch(item.sent_ns), "session": item.reply_of}
 
 
 def _wanted(session_filter: str | None) -> str | None:
@@ -213,9 +198,7 @@ def build_report(analysis: Analysis, *, session_filter: str | None = None,
         },
         "sessions": session_records,
         "anomalies": [anomaly_record(a) for a in loose],
-        "downloads": [] if wanted else [
-            download_record(d, session) for d, session in
-            zip(analysis.bits.downloads, _reply_sessions(analysis.bits.sessions, analysis.bits.downloads))],
+        "downloads": [] if wanted else [download_record(d) for d in analysis.bits.downloads],
     }
 
 
