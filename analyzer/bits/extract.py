@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,10 @@ class _Inflight:
     conflicts: dict[tuple[tuple[int, int], bool], list[int]] = field(default_factory=dict)
 
 
+_START = operator.attrgetter("start")
+_END = operator.attrgetter("end")
+
+
 class _Spool:
     """One session's temp file and its coverage map (pieces sorted, never overlapping)."""
 
@@ -136,11 +141,17 @@ class _Spool:
 
     def store(self, pos: int, data: memoryview, inflight: _Inflight) -> None:
         end = pos + len(data)
+        pieces = self.pieces
+        j = len(pieces) if not pieces or pieces[-1].end <= pos else bisect.bisect_right(pieces, pos, key=_END)
+        if j == len(pieces) or pieces[j].start >= end:  # nothing stored there yet: most fragments
+            self._write(pos, data, inflight)
+            pieces.insert(j, _Piece(pos, end, inflight.place, False, inflight.key))
+            self._merge(j, j + 1)
+            return
         segments: list[tuple[int, int, _Piece | None]] = []
         cursor = pos
-        j = bisect.bisect_right(self.pieces, pos, key=lambda pc: pc.end)
-        while j < len(self.pieces) and self.pieces[j].start < end:
-            piece = self.pieces[j]
+        while j < len(pieces) and pieces[j].start < end:
+            piece = pieces[j]
             if piece.start > cursor:
                 segments.append((cursor, piece.start, None))
             segments.append((max(piece.start, cursor), min(piece.end, end), piece))
@@ -204,7 +215,7 @@ class _Spool:
 
     def assign(self, new: _Piece) -> None:
         """Make `new` the owner of [new.start, new.end), splitting what it covers."""
-        i = bisect.bisect_right(self.pieces, new.start, key=lambda pc: pc.end)
+        i = bisect.bisect_right(self.pieces, new.start, key=_END)
         j = i
         replacement: list[_Piece] = []
         while j < len(self.pieces) and self.pieces[j].start < new.end:
@@ -215,33 +226,46 @@ class _Spool:
                 replacement.append(_Piece(new.end, old.end, old.place, old.acknowledged, old.owner))
             j += 1
         replacement.append(new)
-        replacement.sort(key=lambda pc: pc.start)
+        replacement.sort(key=_START)
         self.pieces[i:j] = replacement
-        at = i + replacement.index(new)
-        if at + 1 < len(self.pieces):
-            after = self.pieces[at + 1]
-            if after.start == new.end and after.same_origin(new):
-                new.end = after.end
-                del self.pieces[at + 1]
-        if at > 0:
-            before = self.pieces[at - 1]
-            if before.end == new.start and before.same_origin(new):
-                before.end = new.end
-                del self.pieces[at]
+        self._merge(i, i + len(replacement))
+
+    def _merge(self, lo: int, hi: int) -> None:
+        """Join same-origin neighbours among pieces[lo - 1:hi + 1] (the pieces just changed and those beside them)."""
+        pieces = self.pieces
+        i = max(lo, 1)
+        while i <= hi and i < len(pieces):
+            before, piece = pieces[i - 1], pieces[i]
+            if before.end == piece.start and before.same_origin(piece):
+                before.end = piece.end
+                del pieces[i]
+                hi -= 1
+            else:
+                i += 1
 
     def settle(self, inflight: _Inflight, acknowledged_below: int) -> None:
-        self.report_conflicts(inflight)
+        if inflight.conflicts:
+            self.report_conflicts(inflight)
         if self._streamer == inflight.key:
             if acknowledged_below >= self._tentative_end:  # every byte fed is now acknowledged
                 self.hashed, self.hashed_end = self._tentative, self._tentative_end
             self._drop_tentative()
-        lo = bisect.bisect_right(self.pieces, inflight.first, key=lambda pc: pc.end)
-        hi = bisect.bisect_left(self.pieces, inflight.last + 1, key=lambda pc: pc.start)
-        for piece in [pc for pc in self.pieces[lo:hi] if pc.owner == inflight.key]:
-            if piece.start < acknowledged_below:
-                self.assign(_Piece(piece.start, min(piece.end, acknowledged_below), piece.place, True, None))
-            if piece.end > acknowledged_below:
-                self.assign(_Piece(max(piece.start, acknowledged_below), piece.end, piece.place, False, None))
+        pieces = self.pieces
+        lo = bisect.bisect_right(pieces, inflight.first, key=_END)
+        hi = bisect.bisect_left(pieces, inflight.last + 1, key=_START)
+        i = lo
+        while i < hi:  # the fragment's pieces change state in place: the map's order and extent stay
+            piece = pieces[i]
+            if piece.owner == inflight.key:
+                piece.owner = None
+                if piece.end <= acknowledged_below:
+                    piece.acknowledged = True
+                elif piece.start < acknowledged_below:
+                    pieces.insert(i + 1, _Piece(acknowledged_below, piece.end, piece.place, False, None))
+                    piece.end, piece.acknowledged = acknowledged_below, True
+                    i, hi = i + 1, hi + 1
+            i += 1
+        self._merge(lo, hi)
 
     def coverage(self) -> list[CoveredRange]:
         runs: list[tuple[int, int, bool, dict[tuple[int, int], None]]] = []  # places kept unique, in order
