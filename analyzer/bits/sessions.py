@@ -133,7 +133,10 @@ class SessionTracker:
         self._first_ns: int | None = None
         self._last_ns: int | None = None
 
-    def on_exchange(self, exchange: Any) -> None:
+    def on_exchange(self, exchange: Any) -> BitsPacket | None:
+        """File one Exchange. Returns the BITS packet it made (filed in a session, or set aside
+        as a Ping, a challenged or unanswered Create, or a request without a session id), None
+        for a download or other HTTP."""
         self._counts["http_exchanges"] += 1
         times = [exchange.connection.first_ts_ns]
         for message in (exchange.request, exchange.response):
@@ -145,14 +148,23 @@ class SessionTracker:
         if found.download is not None:
             self._counts["downloads"] += 1
             self._downloads.append(found.download)
-        if found.packet is None:
+        packet = found.packet
+        if packet is None:
             if found.download is None:
                 self._counts["other_http"] += 1
-            return
+            return None
         self._counts["bits_exchanges"] += 1
-        if self.extractor is not None and found.packet.packet_type is PacketType.FRAGMENT:
-            self.extractor.settle(found.packet)
-        self._file(found.packet)
+        if self.extractor is not None and packet.packet_type is PacketType.FRAGMENT:
+            self.extractor.settle(packet)
+        self._file(packet)
+        return packet
+
+    def sessions(self) -> list[Session]:
+        """The sessions filed so far, in the order they began, unanalysed: each has its key, id,
+        generation, client, server, URL and packets (in filing order), which is all a reader
+        that only groups needs (the replay planner); the rest of each session is filled in, and
+        its packets put in send order, by `finish`, which such a reader can skip."""
+        return list(self._sessions)
 
     def request_frame_name(self, pkt: BitsPacket) -> str:
         return frame_name(pkt.request_capture, pkt.request_frame, self.several_captures)
