@@ -32,13 +32,17 @@ MAX_HEAD = 64 * 1024  # a header (or trailer) block longer than this is an error
 MAX_START_LINE = 16 * 1024  # BITS URLs reach 2,200 chars; leave room for proxies' absolute form
 MAX_CHUNK_LINE = 4 * 1024  # chunk size plus extensions
 
-_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") +([^\r\n]+?) +(HTTP/1\.[0-9]) *\r?\n")
-_STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) +([0-9]{3})(?:[ \t]([^\r\n]*))?\r?\n")
-_START_LINE = {"request": _REQUEST_LINE, "response": _STATUS_LINE}
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# Heads are matched as text decoded latin-1 (byte for character, so the patterns match as they
+# would on the bytes); the bytes spellings serve start_line_role, which sees raw bytes.
+_REQUEST_LINE_TEXT = re.compile(r"(" + _TOKEN + r") +([^\r\n]+?) +(HTTP/1\.[0-9]) *\r?\n")
+_STATUS_LINE_TEXT = re.compile(r"(HTTP/1\.[0-9]) +([0-9]{3})(?:[ \t]([^\r\n]*))?\r?\n")
+_START_LINE = {"request": _REQUEST_LINE_TEXT, "response": _STATUS_LINE_TEXT}
+_REQUEST_LINE = re.compile(_REQUEST_LINE_TEXT.pattern.encode("ascii"))
+_STATUS_LINE = re.compile(_STATUS_LINE_TEXT.pattern.encode("ascii"))
 _REQUEST_ANCHOR = re.compile(rb" HTTP/1\.[0-9] *\r?\n")
 _STATUS_ANCHOR = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}")
-_TOKEN_AT_END = re.compile(_TOKEN + rb"\Z")
+_TOKEN_AT_END = re.compile(_TOKEN.encode("ascii") + rb"\Z")
 _MAX_METHOD = 64
 #: Methods recognised when resynchronising inside junk: registered HTTP and WebDAV methods, BITS.
 _KNOWN_METHODS = (b"BITS_POST", b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT",
@@ -61,24 +65,27 @@ class Headers:
     """Header fields in wire order, names in their raw case, values decoded latin-1.
 
     Iterating yields (name, value) pairs; lookups are case-insensitive.
+    `by_name` maps each lowercased name to its first value (read it, never change it): the
+    index `get` uses, made once per head, for consumers that look names up lowercased once.
     """
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "by_name")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields = list(fields)
+        self.by_name = _first_values(self._fields)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of `name` (any case), or `default`."""
-        name = name.lower()
-        for field, value in self._fields:
-            if field.lower() == name:
-                return value
-        return default
+        return self.by_name.get(name.lower(), default)
 
     def get_all(self, name: str) -> list[str]:
         """Every value of `name` (any case), in wire order."""
         name = name.lower()
+        if name not in self.by_name:
+            return []
+        if len(self.by_name) == len(self._fields):  # no name repeats
+            return [self.by_name[name]]
         return [value for field, value in self._fields if field.lower() == name]
 
     def items(self) -> list[tuple[str, str]]:
@@ -98,6 +105,20 @@ class Headers:
 
     def __repr__(self) -> str:
         return f"Headers({self._fields!r})"
+
+
+def _first_values(fields: list[tuple[str, str]]) -> dict[str, str]:
+    """Lowercased name -> first value; one entry per field when no name repeats."""
+    # reversed, so that the first of a repeated name is the value left in the dict
+    return {name.lower(): value for name, value in reversed(fields)}
+
+
+def _headers(fields: list[tuple[str, str]]) -> Headers:
+    """Headers over a list the parser made for it alone (no copy)."""
+    headers = object.__new__(Headers)
+    headers._fields = fields
+    headers.by_name = _first_values(fields)
+    return headers
 
 
 NO_HEADERS = Headers()
@@ -328,8 +349,8 @@ class HttpParser:
         found = _BLOCK_END.search(mv, pos, min(end, pos + MAX_HEAD + 1))
         if found is None:
             return pos
-        head = bytes(mv[pos:found.end()])
-        line_end = head.index(b"\n") + 1  # the block end begins at the start line's LF or later
+        head = str(mv[pos:found.end()], "latin-1")
+        line_end = head.index("\n") + 1  # the block end begins at the start line's LF or later
         if line_end > MAX_START_LINE + 1:
             return pos
         start = self._start_re.fullmatch(head, 0, line_end)
@@ -337,7 +358,7 @@ class HttpParser:
             return pos
         self._last = (self._frame, self._ts)
         self._take_start_line(start)
-        self._head_complete(head[line_end:].decode("latin-1"), events)
+        self._head_complete(head, line_end, events)
         return pos + len(head)
 
     def _start_line(self, mv: memoryview, pos: int, end: int, events: list) -> int:
@@ -359,11 +380,10 @@ class HttpParser:
         return stop
 
     def _start_line_complete(self, events: list) -> None:
-        line = bytes(self._buf)
-        match = self._start_re.fullmatch(line)
+        match = self._start_re.fullmatch(self._buf.decode("latin-1"))
         if match is None:
             kind = "request line" if self.role == "request" else "status line"
-            self._error(events, f"not a {kind}: {line[:80]!r}", self._first[2],
+            self._error(events, f"not a {kind}: {bytes(self._buf[:80])!r}", self._first[2],
                         at_line_start=True)
             return
         self._take_start_line(match)
@@ -371,20 +391,17 @@ class HttpParser:
 
     def _take_start_line(self, match: re.Match) -> None:
         if self.role == "request":
-            method, target, version = match.groups()
-            self._request_line = (method.decode("ascii"), target.decode("latin-1"),
-                                  version.decode("ascii"))
+            self._request_line = match.groups()
         else:
             version, status, reason = match.groups()
-            self._status_line = (version.decode("ascii"), int(status),
-                                 (reason or b"").decode("latin-1").strip())
+            self._status_line = (version, int(status), (reason or "").strip())
 
     def _head_fields(self, mv: memoryview, pos: int, end: int, events: list) -> int:
         stop = self._read_block(mv, pos, end, events)
         if stop is None or self._state != self._head_fields:
             return end if stop is None else stop
-        block = bytes(self._buf)
-        self._head_complete(block[block.index(b"\n") + 1:].decode("latin-1"), events)
+        head = self._buf.decode("latin-1")
+        self._head_complete(head, head.index("\n") + 1, events)
         return stop
 
     def _read_block(self, mv: memoryview, pos: int, end: int, events: list) -> int | None:
@@ -414,12 +431,13 @@ class HttpParser:
         buf += mv[pos:stop]
         return stop
 
-    def _parse_fields(self, block: str, events: list) -> Headers:
-        """The fields of a header or trailer block (decoded latin-1: byte for character, so it
-        splits as the bytes would), up to and including its empty line."""
+    def _parse_fields(self, text: str, start: int, events: list) -> Headers:
+        """The fields of the header or trailer block that begins at `start` of `text` (decoded
+        latin-1: byte for character, so it splits as the bytes would) and runs to its end,
+        the empty line included."""
         fields: list[tuple[str, str]] = []
         # Strip only ASCII whitespace, as bytes.strip() would (str.strip() also takes \xa0...).
-        for line in block.split("\n"):
+        for line in text[start:].split("\n"):
             line = line.removesuffix("\r")
             if not line:
                 continue
@@ -437,11 +455,11 @@ class HttpParser:
                                          self._first[2], self._frame))
                 continue
             fields.append((name.rstrip(_ASCII_SPACE), value.strip(" \t")))
-        return Headers(fields)
+        return _headers(fields)
 
-    def _head_complete(self, fields: str, events: list) -> None:
-        """The head is read: its start line taken, `fields` the block after it."""
-        headers = self._parse_fields(fields, events)
+    def _head_complete(self, head: str, fields_start: int, events: list) -> None:
+        """The head is read: its start line taken, its fields beginning at `fields_start`."""
+        headers = self._parse_fields(head, fields_start, events)
         frame, ts, offset = self._first
         self._head_seen = True
         self._buf.clear()
@@ -466,14 +484,8 @@ class HttpParser:
             self._end_message(events)
             return
         offset = self._first[2]
-        encodings: list[str] = []
-        content_lengths: list[str] = []
-        for name, value in headers:  # one pass, not a lookup per framing field
-            name = name.lower()
-            if name == "content-length":
-                content_lengths.append(value)
-            elif name == "transfer-encoding":
-                encodings.append(value)
+        encodings = headers.get_all("transfer-encoding")
+        content_lengths = headers.get_all("content-length")
         codings = ([c.strip().lower() for c in ",".join(encodings).split(",") if c.strip()]
                    if encodings else ())
         if codings:
@@ -574,7 +586,7 @@ class HttpParser:
         stop = self._read_block(mv, pos, end, events)
         if stop is None or self._state != self._trailers:
             return end if stop is None else stop
-        self._end_message(events, self._parse_fields(self._buf.decode("latin-1"), events))
+        self._end_message(events, self._parse_fields(self._buf.decode("latin-1"), 0, events))
         return stop
 
     def _resync(self, mv: memoryview, pos: int, end: int, events: list) -> int:

@@ -19,6 +19,7 @@ from analyzer.bits import protocol as p
 from analyzer.bits.catalogue import Anomaly, Severity, anomaly
 from analyzer.bits.protocol import ContentRange, Header, PacketType
 from analyzer.decode import format_addr, format_endpoint
+from analyzer.http import Headers
 
 SUCCESS = frozenset({200, 201})
 RESYNC = 416
@@ -281,25 +282,8 @@ class Classified:
     anomalies: list[Anomaly] = field(default_factory=list)  # those with no packet to hold them
 
 
-class _Fields:
-    """One message's headers indexed once: case-insensitive, first value wins (as Headers.get)."""
-
-    __slots__ = ("by_name", "_headers")
-
-    def __init__(self, headers: Any) -> None:
-        self._headers = headers
-        # reversed, so that the first of repeated names is the one left in the dict
-        self.by_name: dict[str, str] = {name.lower(): value for name, value in reversed(list(headers))}
-
-    def get(self, name: str) -> str | None:
-        """Any case; the hot paths look `by_name` up with names lowercased once (`_key`)."""
-        return self.by_name.get(name.lower())
-
-    def items(self) -> Any:
-        return self._headers
-
-    def has_bits_headers(self) -> bool:
-        return any(name.startswith(p.BITS_HEADER_PREFIX) for name in self.by_name)
+def _has_bits_headers(headers: Headers) -> bool:
+    return any(name.startswith(p.BITS_HEADER_PREFIX) for name in headers.by_name)
 
 
 @functools.lru_cache(maxsize=_SHARED_RECORDS)
@@ -331,7 +315,7 @@ def _request_fields(method: str, target: str, version: str, values: tuple[str | 
     )
 
 
-def _request_fields_of(request: Any, h: _Fields) -> RequestFields:
+def _request_fields_of(request: Any, h: Headers) -> RequestFields:
     return _request_fields(request.method, request.target, request.version or "", tuple(map(h.by_name.get, _REQUEST_KEYS)))
 
 
@@ -355,7 +339,7 @@ def classify(exchange: Any) -> Classified:
     """Sort one Exchange (analyzer.exchanges contract) into BITS packet, download or other."""
     request, response = exchange.request, exchange.response
     if request is None:
-        if response is not None and _Fields(response.headers).has_bits_headers():
+        if response is not None and _has_bits_headers(response.headers):
             return Classified(anomalies=[anomaly(
                 "orphan-response",
                 f"HTTP {response.status} response carrying BITS headers with no request in the capture",
@@ -363,11 +347,11 @@ def classify(exchange: Any) -> Classified:
                 timestamps=(response.first_ts_ns,), connection=exchange.connection.id,
             )])
         return Classified()
-    h = _Fields(request.headers)
+    h = request.headers
     if is_bits_method(request.method):
         return Classified(packet=_packet(exchange, h))
     out = Classified()
-    if h.has_bits_headers():
+    if _has_bits_headers(h):
         out.anomalies.append(anomaly(
             "wrong-method-or-version",
             f"{request.method} {request.target} carries BITS headers; BITS requests use {p.METHOD}",
@@ -392,7 +376,7 @@ def fragment_head(request: Any) -> tuple[str, ContentRange] | None:
     None for any other request and for a Fragment without both."""
     if not is_bits_method(request.method):
         return None
-    h = _Fields(request.headers)
+    h = request.headers
     fields = _request_fields_of(request, h)
     range_raw = h.by_name.get(_CONTENT_RANGE)
     if fields.packet_type is not PacketType.FRAGMENT or not fields.session_id or range_raw is None:
@@ -401,7 +385,7 @@ def fragment_head(request: Any) -> tuple[str, ContentRange] | None:
     return (fields.session_id, rng) if rng is not None else None
 
 
-def _download(exchange: Any, method: str, user_agent: str, h: _Fields) -> Download:
+def _download(exchange: Any, method: str, user_agent: str, h: Headers) -> Download:
     request, response = exchange.request, exchange.response
     peers = _connection_peers(exchange.connection)
     return Download(
@@ -415,7 +399,7 @@ def _download(exchange: Any, method: str, user_agent: str, h: _Fields) -> Downlo
     )
 
 
-def _packet(exchange: Any, h: _Fields) -> BitsPacket:
+def _packet(exchange: Any, h: Headers) -> BitsPacket:
     request, response = exchange.request, exchange.response
     by_name = h.by_name
     range_raw = by_name.get(_CONTENT_RANGE)
@@ -433,7 +417,7 @@ def _packet(exchange: Any, h: _Fields) -> BitsPacket:
         frozenset(exchange.flags) if exchange.flags else NO_FLAGS,
         request.first_capture, request.last_capture,
     )
-    ack = _Fields(response.headers) if response is not None else None
+    ack = response.headers if response is not None else None
     if ack is not None:
         _read_ack(pkt, response, ack)
     _check_request(pkt, h, range_raw, length_raw)
@@ -446,7 +430,7 @@ def _packet(exchange: Any, h: _Fields) -> BitsPacket:
     return pkt
 
 
-def _read_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
+def _read_ack(pkt: BitsPacket, response: Any, h: Headers) -> None:
     pkt.status = response.status
     pkt.reason = _shared(response.reason)
     pkt.response_frame = response.first_frame
@@ -468,7 +452,7 @@ def _shared(value: str | None) -> str | None:
 
 # --- request checks ---------------------------------------------------------------------------
 
-# (name, the name lowercased as _Fields.by_name keys it)
+# (name, the name lowercased as Headers.by_name keys it)
 _REQUIRED: dict[PacketType, tuple[tuple[str, str], ...]] = {
     kind: tuple((name, name.lower()) for name in names) for kind, names in {
         PacketType.PING: (Header.CONTENT_LENGTH,),
@@ -481,7 +465,7 @@ _REQUIRED: dict[PacketType, tuple[tuple[str, str], ...]] = {
 _CREDENTIALS = tuple((name, name.lower()) for name in ("Authorization", "Proxy-Authorization"))
 
 
-def _check_request(pkt: BitsPacket, h: _Fields, range_raw: str | None, length_raw: str | None) -> None:
+def _check_request(pkt: BitsPacket, h: Headers, range_raw: str | None, length_raw: str | None) -> None:
     fields = pkt.request
     kind = fields.packet_type
     if fields.version != "HTTP/1.1" and fields.version.upper() != "HTTP/1.1":
@@ -508,7 +492,7 @@ def _check_request(pkt: BitsPacket, h: _Fields, range_raw: str | None, length_ra
             pkt.flag("nonstandard-id", f"offered protocol id(s) {', '.join(odd)} not in {{8-4-4-4-12}} form")
 
 
-def _check_fragment(pkt: BitsPacket, h: _Fields, range_raw: str | None) -> None:
+def _check_fragment(pkt: BitsPacket, h: Headers, range_raw: str | None) -> None:
     rng, content_length = pkt.content_range, pkt.content_length
     if range_raw is not None and rng is None:
         pkt.flag("range-malformed", f"Content-Range {range_raw!r} is not `bytes S-E/T` with S <= E < T")
@@ -522,8 +506,8 @@ def _check_fragment(pkt: BitsPacket, h: _Fields, range_raw: str | None) -> None:
         pkt.flag("content-encoding", f"fragment sent with Content-Encoding {encoding!r}; only identity is allowed")
 
 
-def _check_limits(pkt: BitsPacket, h: _Fields) -> None:
-    for name, value in h.items():
+def _check_limits(pkt: BitsPacket, h: Headers) -> None:
+    for name, value in h:
         if len(value) > p.MAX_HEADER_VALUE:
             pkt.flag("header-limits", f"{name} value of {len(value)} characters exceeds {p.MAX_HEADER_VALUE}")
     fields = pkt.request
@@ -540,7 +524,7 @@ def _check_limits(pkt: BitsPacket, h: _Fields) -> None:
         pkt.flag("header-limits", f"{len(fields.offered_protocols)} protocol GUIDs offered; Windows parses at most {p.MAX_SUPPORTED_PROTOCOLS}")
 
 
-def _basic_credentials(request: Any, h: _Fields) -> str | None:
+def _basic_credentials(request: Any, h: Headers) -> str | None:
     """A message when the request carries Basic credentials (plain HTTP: we could read them)."""
     for header, key in _CREDENTIALS:
         value = h.by_name.get(key)
@@ -558,9 +542,9 @@ def _check_capture(pkt: BitsPacket, exchange: Any) -> None:
 
 # --- ack checks -------------------------------------------------------------------------------
 
-def _check_ack(pkt: BitsPacket, response: Any, h: _Fields) -> None:
+def _check_ack(pkt: BitsPacket, response: Any, h: Headers) -> None:
     status, ack, fields = pkt.status, pkt.ack, pkt.request
-    is_bits_ack = status in SUCCESS or status == RESYNC or h.has_bits_headers()
+    is_bits_ack = status in SUCCESS or status == RESYNC or _has_bits_headers(h)
     if is_bits_ack and PacketType.parse(ack.type_raw) is not PacketType.ACK:
         got = "no BITS-Packet-Type" if ack.type_raw is None else f"BITS-Packet-Type {ack.type_raw!r}"
         pkt.flag("ack-malformed", f"HTTP {status} answer to {pkt.label} has {got}, not Ack")
@@ -594,7 +578,7 @@ _ERROR_CODE, _ERROR_CODE_MCBUP, _ERROR_CONTEXT = (
     Header.ERROR_CODE.lower(), Header.ERROR_CODE_MCBUP.lower(), Header.ERROR_CONTEXT.lower())
 
 
-def _check_errors(pkt: BitsPacket, h: _Fields) -> None:
+def _check_errors(pkt: BitsPacket, h: Headers) -> None:
     status = pkt.status or 0
     ack = pkt.ack
     by_name = h.by_name
@@ -648,7 +632,7 @@ def _check_create_ack(pkt: BitsPacket) -> None:
         pkt.flag("protocol-mismatch", f"BITS-Protocol {pkt.protocol} on a failed (HTTP {pkt.status}) Create-Session ack")
 
 
-def _check_fragment_ack(pkt: BitsPacket, h: _Fields) -> None:
+def _check_fragment_ack(pkt: BitsPacket, h: Headers) -> None:
     if pkt.status not in SUCCESS and pkt.status != RESYNC:
         return
     raw = h.by_name.get(_RECEIVED_CONTENT_RANGE)
