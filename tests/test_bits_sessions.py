@@ -440,3 +440,32 @@ def test_refused_creates_keyed_by_their_frame_in_its_file(several: bool) -> None
     w.create(status=403)
     keys = [s.key for s in w.finish().sessions]
     assert keys == (["refused-create@1:1", "refused-create@2:1"] if several else ["refused-create@1", "refused-create@1"])
+
+
+def _grouping(sessions: list) -> list[tuple[str, str | None, int, list[int]]]:
+    return [(s.key, s.id, s.generation, sorted(pkt.exchange for pkt in s.packets)) for s in sessions]
+
+
+def test_on_exchange_returns_the_packet_and_sessions_group_as_finish_does() -> None:
+    """The replay planner takes packets from on_exchange and groups by sessions() without
+    finish: both must agree with the analysis (an id issued again is a new generation; a Ping
+    and a challenged Create are packets filed in no session; a download or other HTTP none)."""
+    w = Wire()
+    returned = {}
+    file = w.tracker.on_exchange
+    w.tracker.on_exchange = lambda exchange: returned.setdefault(exchange.index, file(exchange))
+    aside = {w.ping().index, w.create(status=401).index}
+    w.upload(SID)
+    w.connect()
+    w.upload(SID2, seed=1)
+    not_bits = {w.exchange("HEAD", "/big.iso", [("User-Agent", UA), ("Host", "x")]).index,
+                w.exchange("GET", "/index.html", [("User-Agent", "curl/8"), ("Host", "x")]).index}
+    w.upload(SID.upper(), seed=2)  # the server issues SID again
+    assert {index for index, pkt in returned.items() if pkt is None} == not_bits
+    assert all(pkt.exchange == index for index, pkt in returned.items() if pkt is not None)
+    grouped = _grouping(w.tracker.sessions())
+    assert [(key, generation) for key, _, generation, _ in grouped] == [
+        (SID.lower(), 0), (SID2.lower(), 0), (SID.lower(), 1)]
+    filed = [index for *_, indices in grouped for index in indices]
+    assert sorted(filed) == sorted(set(returned) - not_bits - aside)
+    assert grouped == _grouping(w.finish().sessions)
