@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from analyzer.bits.packets import parse_ack
+from analyzer.bits.packets import AckFields, parse_ack
 from analyzer.bits.protocol import describe_hresult, format_hresult
 
 
@@ -50,12 +50,18 @@ def summarize(status: int, get: Callable[[str], str | None]) -> AckSummary:
     """Summarise a response from its status and a case-insensitive header lookup, read as the
     analyzer reads acks (analyzer.bits.packets.parse_ack)."""
     ack = parse_ack(get)
+    return summarize_ack(status, ack, ack.received_offset)
+
+
+def summarize_ack(status: int, ack: AckFields, received: int | None) -> AckSummary:
+    """Summarise an ack the analyzer already parsed (a BitsPacket's `status`, `ack` and
+    `received_offset`: its shared `ack` record leaves the offset to the packet)."""
     return AckSummary(
         status=status,
         packet_type=ack.type_raw.strip() if ack.type_raw is not None else None,
         error_code=ack.error_code,
         error_context=ack.error_context,
-        received=ack.received_offset,
+        received=received,
         reply_url=ack.reply_url is not None,
         session_id=ack.session_id,
         host_id=ack.host_id,

@@ -19,52 +19,62 @@ connection with none at all forms its own group, named `connection-N`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
 from analyzer.bits.packets import is_bits_method
-from analyzer.bits.protocol import (
-    ContentRange,
-    Header,
-    PacketType,
-    parse_content_range,
-    same_id,
-)
+from analyzer.bits.protocol import ContentRange, Header, PacketType, same_id
 from analyzer.bits.sessions import Session, SessionTracker
 from analyzer.pipeline import read_exchanges
 from analyzer.problems import Problem
-from replay.compare import AckSummary, summarize
+from replay.compare import AckSummary, summarize_ack
 
 if TYPE_CHECKING:
     from analyzer.exchanges import Exchange, HttpMessage
     from analyzer.tcp import Connection
 
 SPOOL_CHUNK = 1 << 16
+#: Appended bytes are written out in batches of about this size: many small bodies (1 KiB
+#: fragments) would otherwise cost a system call each.
+SPOOL_BATCH = 1 << 20
 
 
 class BodySpool:
-    """Request bodies appended to one anonymous temporary file; read back in chunks."""
+    """Request bodies appended to one anonymous temporary file; read back in chunks.
+    Appending is for one thread (the planner); once it is done, any number may read."""
 
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile(prefix="bits-replay-")
-        self._size = 0
+        self._size = 0  # the bytes appended, written or not
+        self._pending = bytearray()  # appended bytes not yet written: the last of them
 
     def append(self, data: bytes | memoryview) -> int:
-        """Write `data` at the end; returns its offset in the spool."""
+        """Add `data` at the end; returns its offset in the spool."""
         offset = self._size
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._file.fileno(), view, self._size)
-            view = view[written:]
-            self._size += written
+        self._pending += data
+        self._size += len(data)
+        if len(self._pending) >= SPOOL_BATCH:
+            self.flush()
         return offset
+
+    def flush(self) -> None:
+        """Write out what `append` holds back (`read` does so itself)."""
+        view = memoryview(self._pending)
+        position = self._size - len(view)
+        while view:
+            written = os.pwrite(self._file.fileno(), view, position)
+            view = view[written:]
+            position += written
+        view.release()
+        self._pending.clear()
 
     def read(self, body: "Body", skip: int = 0, take: int | None = None,
              chunk: int = SPOOL_CHUNK) -> Iterator[bytes]:
         """Bytes skip..skip+take of a body, in chunks (pread: safe from several threads)."""
+        if self._pending:
+            self.flush()
         remaining = body.length - skip if take is None else take
         for start, length in body.extents:
             if skip >= length:
@@ -199,11 +209,10 @@ class Plan:
         self.close()
 
 
-@dataclass
+@dataclass(slots=True)
 class _SpoolingBody:
     extents: list[list[int]] = field(default_factory=list)
     length: int = 0
-    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
 
 
 class _Planner:
@@ -224,44 +233,48 @@ class _Planner:
         replayed as complete, and `body_offset` is not needed to place them."""
         if not head.is_request or not is_bits_method(head.method):
             return
-        entry = self.bodies.setdefault((connection.id, head.stream_offset), _SpoolingBody())
+        key = (connection.id, head.stream_offset)
+        entry = self.bodies.get(key)
+        if entry is None:
+            entry = self.bodies[key] = _SpoolingBody()
+        size = len(chunk)
         offset = self.spool.append(chunk)
-        if entry.extents and entry.extents[-1][0] + entry.extents[-1][1] == offset:
-            entry.extents[-1][1] += len(chunk)
+        extents = entry.extents
+        if extents and extents[-1][0] + extents[-1][1] == offset:
+            extents[-1][1] += size
         else:
-            entry.extents.append([offset, len(chunk)])
-        entry.length += len(chunk)
-        entry.digest.update(chunk)
+            extents.append([offset, size])
+        entry.length += size
 
     def on_exchange(self, exchange: Exchange) -> None:
-        self.tracker.on_exchange(exchange)
+        # The tracker makes a packet of every BITS_POST: the plan reads the fields it parsed
+        # (type, range, ack) from it rather than parsing them again.
+        packet = self.tracker.on_exchange(exchange)
         request = exchange.request
-        if request is None or not is_bits_method(request.method):
+        if packet is None or request is None or not is_bits_method(request.method):
             return
         shared = self.strings.setdefault
         # Names and most values repeat request after request: keep one copy of each.
         headers = [shared((name, value), (name, value)) for name, value in request.headers]
-        type_raw = request.headers.get(Header.PACKET_TYPE)
-        packet_type = PacketType.parse(type_raw)
-        range_text = request.headers.get(Header.CONTENT_RANGE)
         response = exchange.response
         self.requests.append(PlannedRequest(
-            exchange=exchange.index,
-            file=request.first_capture,
-            connection=exchange.connection.id,
-            frame=request.first_frame,
-            ts_ns=request.first_ts_ns,
+            exchange=packet.exchange,
+            file=packet.request_capture,
+            connection=packet.connection,
+            frame=packet.request_frame,
+            ts_ns=packet.sent_ns,
             done_ts_ns=response.last_ts_ns if response else request.last_ts_ns,
-            method=request.method,
-            target=request.target,
+            method=packet.method,
+            target=packet.target,
             version=request.version,
             headers=headers,
-            packet_type=packet_type,
-            packet_type_raw=type_raw,
-            session_id=request.headers.get(Header.SESSION_ID),
-            range=parse_content_range(range_text) if range_text is not None else None,
-            body=self._body(exchange.connection.id, request),
-            response=summarize(response.status, response.headers.get) if response else None,
+            packet_type=packet.packet_type,
+            packet_type_raw=packet.type_raw,
+            session_id=request.headers.get(Header.SESSION_ID),  # unstripped, as sent
+            range=packet.content_range,
+            body=self._body(packet.connection, request),
+            response=(summarize_ack(packet.status, packet.ack, packet.received_offset)
+                      if packet.status is not None else None),
         ))
 
     def _body(self, connection: int, request: HttpMessage) -> Body | None:
@@ -270,9 +283,10 @@ class _Planner:
             if request.body_length or request.partial:
                 return Body((), 0, False, None)
             return None
+        # The assembler hashed the very bytes it streamed here (request.body_sha256).
         complete = not request.partial and entry.length == request.body_length
         return Body(tuple((o, n) for o, n in entry.extents), entry.length, complete,
-                    entry.digest.hexdigest() if complete else None)
+                    request.body_sha256 if complete else None)
 
 
 def _planned(session: Session) -> PlannedSession:
@@ -331,9 +345,11 @@ def build_plan(
     except BaseException:
         spool.close()
         raise
+    spool.flush()
     problems = list(result.problems)
     planner.requests.sort(key=lambda r: (r.ts_ns, r.exchange))
-    grouped = group_sessions(planner.requests, planner.tracker.finish().sessions)
+    # Grouping needs the sessions as filed, not the analysis `finish` would make of them.
+    grouped = group_sessions(planner.requests, planner.tracker.sessions())
     if sessions is not None:
         wanted = list(sessions)
 

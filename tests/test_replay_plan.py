@@ -19,7 +19,7 @@ import craft
 from analyzer.bits.protocol import PROTOCOL_GUID, PacketType
 from analyzer.bits.sessions import Session, SessionTracker
 from analyzer.pipeline import read_exchanges
-from replay.plan import build_plan
+from replay.plan import SPOOL_BATCH, Body, BodySpool, build_plan
 
 SERVER_PORT = 8080
 MSS = 1400
@@ -374,3 +374,21 @@ def test_refused_creates_in_several_files_keep_the_analyzers_keys(tmp_path: Path
         assert [s.key for s in plan.sessions] == keys
     with build_plan(paths, [keys[1]]) as plan:
         assert [(s.key, s.requests[0].file) for s in plan.sessions] == [(keys[1], 1)]
+
+
+def test_spool_reads_what_it_holds_back_and_what_it_wrote() -> None:
+    """Appends are written in batches: a body still held back, one written out, and one
+    straddling a batch boundary all read back whole, before and after more appends."""
+    spool = BodySpool()
+    try:
+        small = os.urandom(1000)
+        first = Body(((spool.append(small), len(small)),), len(small), True, None)
+        assert b"".join(spool.read(first)) == small  # read while held back
+        big = os.urandom(SPOOL_BATCH + 12345)
+        straddling = Body(((spool.append(big), len(big)),), len(big), True, None)
+        tail = b"tail"
+        last = Body(((spool.append(tail), len(tail)),), len(tail), True, None)
+        assert b"".join(spool.read(straddling, 10, 5000, chunk=777)) == big[10:5010]
+        assert [b"".join(spool.read(body)) for body in (first, straddling, last)] == [small, big, tail]
+    finally:
+        spool.close()
