@@ -407,3 +407,62 @@ def test_extractor_sees_the_fragments_classify_sees(variant: dict, tmp_path: Pat
         assert [(c.first, c.last) for c in entity.coverage] == [(pkt.content_range.first, pkt.content_range.last)]
     else:
         assert entity is None and [f for f in files(tmp_path) if not f.startswith(".")] == []
+
+
+# --- write-behind: small contiguous chunks reach the file as one pwrite per run ----------------
+
+def counting_pwrite(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list[tuple[int, int]]:
+    """Records each pwrite as (offset, size); the `fail_at`-th call (0-based) fails with ENOSPC."""
+    calls: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        calls.append((offset, len(data)))
+        if len(calls) - 1 == fail_at:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return calls
+
+
+def test_small_contiguous_chunks_are_written_in_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_pwrite(monkeypatch)
+    w = Wire(tmp_path)
+    w.create()
+    for first, last in FRAGS:
+        w.fragment(SID, first, last, T, chunks=7)
+    w.fragment(SID, *FRAGS[0], T, status=None)  # an unanswered resend waits in memory beside the run
+    session = w.finish().sessions[0]
+    assert calls == [(0, T)]
+    assert session.entity.complete and (tmp_path / NAME).read_bytes() == payload(T)
+
+
+def test_a_run_breaks_where_the_writes_stop_continuing_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_pwrite(monkeypatch)
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[1], T)
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[2], T)
+    w.fragment(SID, 3000, 11999, T, seed=9, status=500, received=None)  # replaces nothing: all acknowledged
+    session = w.finish().sessions[0]
+    assert calls == [(5120, 5120), (0, 5120), (10240, 1760)]
+    assert session.entity.complete and (tmp_path / NAME).read_bytes() == payload(T)
+    assert "resend-conflict" in codes(session.anomalies)
+
+
+def test_a_failed_run_is_a_problem_and_its_bytes_are_not_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counting_pwrite(monkeypatch, fail_at=0)
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, *FRAGS[0], T)
+    w.fragment(SID, *FRAGS[2], T)  # does not continue the run: the first run is written now, and fails
+    w.fragment(SID, *FRAGS[1], T)
+    session = w.finish().sessions[0]
+    problem, = w.extractor.problems
+    assert problem.kind == "extract-write-failed" and "bytes 0-5119 are lost" in problem.message
+    entity = session.entity
+    assert not entity.complete and entity.acknowledged_bytes == T - 5120
+    assert [(c.first, c.last, c.acknowledged) for c in entity.coverage] == [(5120, 11999, True)]
+    assert (tmp_path / (NAME + PARTIAL_SUFFIX)).read_bytes()[5120:] == payload(T)[5120:]

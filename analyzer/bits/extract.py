@@ -33,6 +33,7 @@ directory, follows a symlink or replaces an existing file.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import operator
 import os
@@ -50,6 +51,11 @@ _WINDOWS_RESERVED = frozenset(
     {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(1, 10)} | {f"lpt{i}" for i in range(1, 10)}
 )
 _UNSAFE = frozenset('<>:"|?*')
+# Small contiguous writes wait in memory and reach the file as one pwrite per run: a capture of
+# 1 KiB fragments otherwise costs a system call per fragment. Larger chunks go straight through.
+WRITE_BEHIND_BYTES = 4 << 20  # waiting over all sessions at most
+RUN_BYTES = 256 << 10  # one session's waiting run at most
+DIRECT_WRITE_BYTES = 16 << 10
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -116,6 +122,14 @@ class _Inflight:
     conflicts: dict[tuple[tuple[int, int], bool], list[int]] = field(default_factory=dict)
 
 
+class _WriteBehind:
+    """The bytes waiting to be written, over all spools (see WRITE_BEHIND_BYTES)."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.spools: dict[_Spool, None] = {}  # those that may hold a waiting run
+
+
 _START = operator.attrgetter("start")
 _END = operator.attrgetter("end")
 
@@ -123,8 +137,13 @@ _END = operator.attrgetter("end")
 class _Spool:
     """One session's temp file and its coverage map (pieces sorted, never overlapping)."""
 
-    def __init__(self, dir_fd: int, temp_name: str, session_id: str, generation: int, several_captures: bool) -> None:
+    def __init__(self, dir_fd: int, temp_name: str, session_id: str, generation: int, several_captures: bool,
+                 behind: _WriteBehind) -> None:
         self.dir_fd = dir_fd
+        self.behind = behind
+        self.waiting = bytearray()  # stored bytes not written yet: the run [waiting_at, waiting_at + len)
+        self.waiting_at = 0
+        self.write_errors: list[str] = []
         self.several_captures = several_captures  # messages then name frames `capture:frame`
         self.generation = generation
         self.temp_name = temp_name
@@ -174,8 +193,19 @@ class _Spool:
         """Store provisional bytes, feeding the tentative hash when they continue it."""
         if self._streamer not in (None, inflight.key) and pos < self._tentative_end:
             self._drop_tentative()  # the streamed bytes are being replaced
-        if os.pwrite(self.fd, chunk, pos) != len(chunk):
-            return  # a short write: the file no longer continues what was fed
+        waiting = self.waiting
+        if waiting and (pos != self.waiting_at + len(waiting) or len(waiting) >= RUN_BYTES):
+            self.flush()
+            waiting = self.waiting
+        if len(chunk) >= DIRECT_WRITE_BYTES:
+            self.flush()
+            self._pwrite(chunk, pos)
+        else:
+            if not waiting:
+                self.waiting_at = pos
+                self.behind.spools[self] = None
+            waiting += chunk
+            self.behind.waiting += len(chunk)
         if self._streamer == inflight.key and pos == self._tentative_end:
             self._tentative.update(chunk)
             self._tentative_end += len(chunk)
@@ -185,12 +215,40 @@ class _Spool:
             self._tentative_end = pos + len(chunk)
             self._streamer = inflight.key
 
+    def _pwrite(self, data: bytes | bytearray | memoryview, pos: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, pos)
+            if written <= 0:
+                raise OSError(errno.EIO, f"short write at byte {pos}")
+            view, pos = view[written:], pos + written
+
+    def flush(self) -> None:
+        """Write the waiting run. When that fails its bytes leave the map (they are not in the file),
+        hashes that covered them are dropped, and the error waits in `write_errors` for the extractor
+        (the write that forced the flush still goes on)."""
+        run, at = self.waiting, self.waiting_at
+        if not run:
+            return
+        self.waiting = bytearray()
+        self.behind.waiting -= len(run)
+        try:
+            self._pwrite(run, at)
+        except OSError as error:
+            self._clear(at, at + len(run))
+            if self.hashed_end > at:
+                self.hashed, self.hashed_end = hashlib.sha256(), 0
+            if self._tentative_end > at:
+                self._drop_tentative()
+            self.write_errors.append(f"{error.strerror or error}; bytes {at}-{at + len(run) - 1} are lost")
+
     def _drop_tentative(self) -> None:
         self._streamer = self._tentative = None
         self._tentative_end = self.hashed_end
 
     def _compare(self, a: int, b: int, chunk: memoryview, piece: _Piece, inflight: _Inflight) -> None:
         """Read the stored copy back; the overlap with each earlier copy is reported once."""
+        self.flush()
         stored = os.pread(self.fd, b - a, a)
         differs = -1 if stored == chunk else a + next(i for i, (x, y) in enumerate(zip(stored, chunk)) if x != y)
         seen = inflight.conflicts.setdefault((piece.place, piece.acknowledged), [a, b, differs])
@@ -215,20 +273,26 @@ class _Spool:
 
     def assign(self, new: _Piece) -> None:
         """Make `new` the owner of [new.start, new.end), splitting what it covers."""
-        i = bisect.bisect_right(self.pieces, new.start, key=_END)
-        j = i
-        replacement: list[_Piece] = []
-        while j < len(self.pieces) and self.pieces[j].start < new.end:
-            old = self.pieces[j]
-            if old.start < new.start:
-                replacement.append(_Piece(old.start, new.start, old.place, old.acknowledged, old.owner))
-            if old.end > new.end:
-                replacement.append(_Piece(new.end, old.end, old.place, old.acknowledged, old.owner))
+        at = self._clear(new.start, new.end)
+        self.pieces.insert(at, new)
+        self._merge(at, at + 1)
+
+    def _clear(self, start: int, end: int) -> int:
+        """Unmap [start, end), cutting the pieces at its edges; returns where the range now sits."""
+        pieces = self.pieces
+        i = j = bisect.bisect_right(pieces, start, key=_END)
+        while j < len(pieces) and pieces[j].start < end:
             j += 1
-        replacement.append(new)
-        replacement.sort(key=_START)
-        self.pieces[i:j] = replacement
-        self._merge(i, i + len(replacement))
+        if i == j:
+            return i
+        first, last = pieces[i], pieces[j - 1]
+        kept = []
+        if first.start < start:
+            kept.append(_Piece(first.start, start, first.place, first.acknowledged, first.owner))
+        if last.end > end:
+            kept.append(_Piece(end, last.end, last.place, last.acknowledged, last.owner))
+        pieces[i:j] = kept
+        return i + (first.start < start)
 
     def _merge(self, lo: int, hi: int) -> None:
         """Join same-origin neighbours among pieces[lo - 1:hi + 1] (the pieces just changed and those beside them)."""
@@ -297,6 +361,7 @@ class Extractor:
         self._generation: dict[str, int] = {}
         self._temp_files = 0
         self._inflight: dict[tuple[int, int], _Inflight] = {}
+        self._behind = _WriteBehind()
         self.problems: list[Problem] = []
 
     def on_body(self, connection: Any, message: Any, chunk: bytes | memoryview, body_offset: int) -> None:
@@ -320,6 +385,23 @@ class Extractor:
         except OSError as error:
             self.problems.append(Problem("extract-write-failed", f"writing session {inflight.spool.session_id}: {error}",
                                          frame=inflight.place[1], connection=inflight.connection))
+        if inflight.spool.write_errors:
+            self._report_write_errors(inflight.spool)
+        if self._behind.waiting > WRITE_BEHIND_BYTES:
+            self._flush_all()
+
+    def _flush_all(self) -> None:
+        for spool in self._behind.spools:
+            spool.flush()
+            if spool.write_errors:
+                self._report_write_errors(spool)
+        self._behind.spools.clear()
+
+    def _report_write_errors(self, spool: _Spool) -> None:
+        """Runs written late fail apart from the fragment at hand: the message names the bytes."""
+        for message in spool.write_errors:
+            self.problems.append(Problem("extract-write-failed", f"writing session {spool.session_id}: {message}"))
+        spool.write_errors.clear()
 
     def _start(self, key: tuple[int, int], connection: Any, message: Any) -> _Inflight | None:
         fragment = fragment_head(message)
@@ -342,7 +424,7 @@ class Extractor:
         if spool is None:
             try:
                 spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{self._temp_files}.tmp", session_id,
-                               self._generation.get(key, 0), self.several_captures)
+                               self._generation.get(key, 0), self.several_captures, self._behind)
                 self._temp_files += 1
             except OSError as error:
                 self.problems.append(Problem("extract-write-failed", f"temp file for session {session_id}: {error}"))
@@ -375,6 +457,7 @@ class Extractor:
         for inflight in self._inflight.values():  # fragments whose exchange never came
             inflight.spool.settle(inflight, inflight.first)
         self._inflight.clear()
+        self._flush_all()
         entities: dict[str, ExtractedEntity] = {}
         for spool in self._retired + list(self._spools.values()):
             key = (session_key(spool.session_id), spool.generation)
