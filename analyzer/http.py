@@ -54,6 +54,17 @@ _CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r?\n")
 _DIGITS = re.compile(r"[0-9]{1,20}")  # bounded: int() refuses over 4,300 digits
 _NO_BODY_STATUS = frozenset({204, 304})
 _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
+# Start lines and header lines already parsed, shared by all parsers: the heads of one client
+# or server repeat most lines message after message (target, session id, agent, host), so a
+# line seen before costs one lookup, and what it holds are the same string objects each time,
+# whose hashes later lookups (the BITS layer's caches) find already made. A field line parses
+# the same wherever it stands (continuation lines, which depend on the line before, are never
+# kept). Bounded in count and line length; cleared when full, so endless distinct lines cost a
+# miss each, never unbounded memory.
+_KNOWN_START_LINES: dict[str, dict[str, tuple]] = {"request": {}, "response": {}}
+_KNOWN_FIELDS: dict[str, tuple[str, str]] = {}
+_MAX_KNOWN_LINES = 4096
+_MAX_KNOWN_LINE = 512
 
 
 def _raw(line: str) -> str:
@@ -105,6 +116,13 @@ class Headers:
 
     def __repr__(self) -> str:
         return f"Headers({self._fields!r})"
+
+
+def _remember(known: dict[str, tuple], line: str, parsed: tuple) -> None:
+    if len(line) <= _MAX_KNOWN_LINE:
+        if len(known) >= _MAX_KNOWN_LINES:
+            known.clear()
+        known[line] = parsed
 
 
 def _first_values(fields: list[tuple[str, str]]) -> dict[str, str]:
@@ -185,6 +203,7 @@ class HttpParser:
             raise ValueError(f"role must be 'request' or 'response', not {role!r}")
         self.role = role
         self._start_re = _START_LINE[role]
+        self._known_start_lines = _KNOWN_START_LINES[role]
         self._pending_methods: deque[str] = deque()
         self._base = 0  # stream offset of the first byte of the buffer being fed
         self._frame = 0
@@ -304,8 +323,8 @@ class HttpParser:
         self._remaining = 0
         self._first = (self._frame, self._ts, self._base)  # frame, ts, offset of first byte
         self._last = (self._frame, self._ts)  # frame, ts of the last byte so far
-        self._request_line: tuple[str, str, str] | None = None
-        self._status_line: tuple[str, int, str] | None = None
+        # (method, target, version) of a request, (version, status, reason) of a response
+        self._start_fields: tuple | None = None
 
     def _end_message(self, events: list, trailers: Headers = NO_HEADERS) -> None:
         frame, ts = self._last
@@ -353,11 +372,10 @@ class HttpParser:
         line_end = head.index("\n") + 1  # the block end begins at the start line's LF or later
         if line_end > MAX_START_LINE + 1:
             return pos
-        start = self._start_re.fullmatch(head, 0, line_end)
-        if start is None:
+        self._start_fields = self._read_start_line(head[:line_end])
+        if self._start_fields is None:
             return pos
         self._last = (self._frame, self._ts)
-        self._take_start_line(start)
         self._head_complete(head, line_end, events)
         return pos + len(head)
 
@@ -380,21 +398,28 @@ class HttpParser:
         return stop
 
     def _start_line_complete(self, events: list) -> None:
-        match = self._start_re.fullmatch(self._buf.decode("latin-1"))
-        if match is None:
+        self._start_fields = self._read_start_line(self._buf.decode("latin-1"))
+        if self._start_fields is None:
             kind = "request line" if self.role == "request" else "status line"
             self._error(events, f"not a {kind}: {bytes(self._buf[:80])!r}", self._first[2],
                         at_line_start=True)
             return
-        self._take_start_line(match)
         self._state = self._head_fields
 
-    def _take_start_line(self, match: re.Match) -> None:
-        if self.role == "request":
-            self._request_line = match.groups()
-        else:
-            version, status, reason = match.groups()
-            self._status_line = (version, int(status), (reason or "").strip())
+    def _read_start_line(self, line: str) -> tuple | None:
+        """The fields of a start line (`_start_fields`), or None when it is not one."""
+        fields = self._known_start_lines.get(line)
+        if fields is None:
+            match = self._start_re.fullmatch(line)
+            if match is None:
+                return None
+            if self.role == "request":
+                fields = match.groups()
+            else:
+                version, status, reason = match.groups()
+                fields = (version, int(status), (reason or "").strip())
+            _remember(self._known_start_lines, line, fields)
+        return fields
 
     def _head_fields(self, mv: memoryview, pos: int, end: int, events: list) -> int:
         stop = self._read_block(mv, pos, end, events)
@@ -436,9 +461,13 @@ class HttpParser:
         latin-1: byte for character, so it splits as the bytes would) and runs to its end,
         the empty line included."""
         fields: list[tuple[str, str]] = []
-        # Strip only ASCII whitespace, as bytes.strip() would (str.strip() also takes \xa0...).
-        for line in text[start:].split("\n"):
-            line = line.removesuffix("\r")
+        known = _KNOWN_FIELDS
+        for raw in text[start:].split("\n"):
+            field = known.get(raw)
+            if field is not None:
+                fields.append(field)
+                continue
+            line = raw.removesuffix("\r")
             if not line:
                 continue
             if line[0] in " \t":  # obs-fold: a continuation of the previous value
@@ -454,7 +483,10 @@ class HttpParser:
                 events.append(ParseError(f"malformed header line: {_raw(line)}",
                                          self._first[2], self._frame))
                 continue
-            fields.append((name.rstrip(_ASCII_SPACE), value.strip(" \t")))
+            # Strip only ASCII whitespace, as bytes.strip() would (str.strip() also takes \xa0).
+            field = (name.rstrip(_ASCII_SPACE), value.strip(" \t"))
+            fields.append(field)
+            _remember(known, raw, field)
         return _headers(fields)
 
     def _head_complete(self, head: str, fields_start: int, events: list) -> None:
@@ -463,13 +495,13 @@ class HttpParser:
         frame, ts, offset = self._first
         self._head_seen = True
         self._buf.clear()
-        if self._request_line is not None:
-            method, target, version = self._request_line
+        if self.role == "request":
+            method, target, version = self._start_fields
             events.append(_new_event(RequestHead,
                                      (method, target, version, headers, frame, ts, offset)))
             self._frame_body(headers, events, request=True, bodiless=False)
             return
-        version, status, reason = self._status_line
+        version, status, reason = self._start_fields
         head = _new_event(ResponseHead, (version, status, reason, headers, frame, ts, offset))
         events.append(head)
         if head.informational:
