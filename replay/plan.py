@@ -20,9 +20,10 @@ connection with none at all forms its own group, named `connection-N`.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Sequence
 
 from analyzer.bits.packets import is_bits_method
 from analyzer.bits.protocol import ContentRange, Header, PacketType, same_id
@@ -121,7 +122,7 @@ class PlannedRequest:
     method: str
     target: str
     version: str
-    headers: list[tuple[str, str]]
+    headers: Sequence[tuple[str, str]]  # the plan's own are tuples
     packet_type: PacketType | None
     packet_type_raw: str | None
     session_id: str | None  # the BITS-Session-Id it carried
@@ -254,8 +255,10 @@ class _Planner:
         if packet is None or request is None or not is_bits_method(request.method):
             return
         shared = self.strings.setdefault
-        # Names and most values repeat request after request: keep one copy of each.
-        headers = [shared((name, value), (name, value)) for name, value in request.headers]
+        # Names and most values repeat request after request: keep one copy of each (and of
+        # the raw session id), in a tuple (smaller than a list).
+        headers = tuple([shared((name, value), (name, value)) for name, value in request.headers])
+        session_id = request.headers.get(Header.SESSION_ID)
         response = exchange.response
         self.requests.append(PlannedRequest(
             exchange=packet.exchange,
@@ -270,7 +273,7 @@ class _Planner:
             headers=headers,
             packet_type=packet.packet_type,
             packet_type_raw=packet.type_raw,
-            session_id=request.headers.get(Header.SESSION_ID),  # unstripped, as sent
+            session_id=sys.intern(session_id) if session_id is not None else None,  # unstripped, as sent
             range=packet.content_range,
             body=self._body(packet.connection, request),
             response=(summarize_ack(packet.status, packet.ack, packet.received_offset)
@@ -285,7 +288,7 @@ class _Planner:
             return None
         # The assembler hashed the very bytes it streamed here (request.body_sha256).
         complete = not request.partial and entry.length == request.body_length
-        return Body(tuple((o, n) for o, n in entry.extents), entry.length, complete,
+        return Body(tuple(map(tuple, entry.extents)), entry.length, complete,
                     request.body_sha256 if complete else None)
 
 
