@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from analyzer import http
 from analyzer.http import (
     MAX_HEAD,
     BodyChunk,
@@ -92,6 +93,64 @@ def test_headers_keep_order_and_case_and_look_up_case_insensitively() -> None:
     assert "content-length" in headers and "nope" not in headers
     assert list(headers) == [("Content-Length", "5"), ("X-A", "1"), ("x-a", "2")]
     assert len(headers) == 3
+
+
+_NAMES = st.sampled_from(["Content-Length", "content-length", "CONTENT-LENGTH", "X-A", "x-a",
+                          "BITS-Session-Id", "Caf\xe9", "CAF\xc9", "\xdf"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_NAMES, st.text(max_size=3)), max_size=8), _NAMES)
+def test_header_lookups_are_the_first_and_every_value_in_wire_order(fields, name) -> None:
+    """get/get_all/in/by_name as a scan of the fields would answer, repeated names in any case
+    included; the fields themselves stay as given."""
+    headers = Headers(fields)
+    matching = [value for field, value in fields if field.lower() == name.lower()]
+    assert headers.get(name) == (matching[0] if matching else None)
+    assert headers.get(name, "default") == (matching[0] if matching else "default")
+    assert headers.get_all(name) == matching
+    assert (name in headers) == bool(matching)
+    assert headers.by_name.get(name.lower()) == (matching[0] if matching else None)
+    assert list(headers) == fields and headers.items() == fields and len(headers) == len(fields)
+    assert headers == Headers(fields) and headers != Headers(fields[::-1] + [("Z", "")])
+
+
+def test_parsed_headers_look_up_as_built_ones() -> None:
+    head = b"GET / HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nCaf\xe9: 3\r\nX-A: 4\r\n\r\n"
+    headers = HttpParser("request").feed(head, 1, 0)[0].headers
+    assert headers == Headers([("X-A", "1"), ("x-a", "2"), ("Caf\xe9", "3"), ("X-A", "4")])
+    assert headers.get_all("X-a") == ["1", "2", "4"] and headers.get("CAF\xc9") == "3"
+    assert headers.by_name == {"x-a": "1", "caf\xe9": "3"}
+
+
+def test_lines_seen_before_parse_as_the_first_time() -> None:
+    """Start and header lines seen in earlier heads are not parsed again: the events are those
+    of a first reading, and a line that a later head continues (obs-fold) is continued there
+    only."""
+    plain = b"BITS_POST /u HTTP/1.1\r\nX-Id: {a} \r\nContent-Length: 1\r\n\r\nx"
+    folded = b"BITS_POST /u HTTP/1.1\r\nX-Id: {a} \r\n  more\r\nContent-Length: 0\r\n\r\n"
+    stream = plain + folded + plain
+    events = HttpParser("request").feed(stream, 1, 0)
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.headers.get("x-id") for h in heads] == ["{a}", "{a} more", "{a}"]
+    assert bodies(events) == [b"x", b"", b"x"]
+    assert normalise(HttpParser("request").feed(stream, 1, 0)) == normalise(events)
+    responses = HttpParser("response").feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2
+                                            + b"HTTP/1.1 200  OK \r\nContent-Length: 0\r\n\r\n", 1, 0)
+    assert [(e.status, e.reason) for e in responses if isinstance(e, ResponseHead)] == [(200, "OK")] * 3
+
+
+def test_endless_distinct_and_long_lines_parse_alike() -> None:
+    """More distinct lines than are kept, and lines too long to keep, read as any others; what
+    is kept stays bounded."""
+    long_value = "v" * 3000
+    stream = b"".join(f"GET /{n} HTTP/1.1\r\nX-N: {n}\r\nX-Long: {long_value}{n}\r\n\r\n".encode()
+                      for n in range(6000))
+    heads = [e for e in HttpParser("request").feed(stream, 1, 0) if isinstance(e, RequestHead)]
+    assert [(h.target, h.headers.get("x-n"), h.headers.get("x-long")) for h in heads] == [
+        (f"/{n}", str(n), f"{long_value}{n}") for n in range(6000)]
+    for kept in (http._KNOWN_FIELDS, *http._KNOWN_START_LINES.values()):
+        assert len(kept) <= http._MAX_KNOWN_LINES and max(map(len, kept)) <= http._MAX_KNOWN_LINE
 
 
 def test_content_length_request_and_latin1_values() -> None:
