@@ -23,6 +23,7 @@ are informational and do not consume the pending request method.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -504,7 +505,7 @@ class HttpParser:
         version, status, reason = self._start_fields
         head = _new_event(ResponseHead, (version, status, reason, headers, frame, ts, offset))
         events.append(head)
-        if head.informational:
+        if 100 <= status < 200:  # informational
             self._end_message(events)
             return
         method = self._pending_methods.popleft() if self._pending_methods else None
@@ -516,10 +517,11 @@ class HttpParser:
             self._end_message(events)
             return
         offset = self._first[2]
-        encodings = headers.get_all("transfer-encoding")
-        content_lengths = headers.get_all("content-length")
-        codings = ([c.strip().lower() for c in ",".join(encodings).split(",") if c.strip()]
-                   if encodings else ())
+        by_name = headers.by_name
+        codings: list[str] = []
+        if "transfer-encoding" in by_name:
+            encodings = ",".join(headers.get_all("transfer-encoding")).split(",")
+            codings = [c.strip().lower() for c in encodings if c.strip()]
         if codings:
             if codings[-1] == "chunked":
                 self._state = self._chunk_size
@@ -529,15 +531,14 @@ class HttpParser:
             else:
                 self._state = self._until_close
             return
-        if content_lengths:
-            # Every comma-separated value of every field must be the same number.
-            lengths = set(map(str.strip, ",".join(content_lengths).split(",")))
-            value = lengths.pop()
-            if lengths or not _DIGITS.fullmatch(value):
+        if "content-length" in by_name:
+            content_lengths = headers.get_all("content-length")
+            length = _content_length(",".join(content_lengths))
+            if length is None:
                 self._error(events, f"invalid Content-Length: {content_lengths}",
                             offset, at_line_start=False)
                 return
-            self._remaining = int(value)
+            self._remaining = length
             if self._remaining:
                 self._state = self._in_body
             else:
@@ -683,6 +684,15 @@ class HttpParser:
                 method = method[len(method) - len(known):] if known else method
             return line_begin + len(before) - len(method)
         return None
+
+
+@functools.lru_cache(maxsize=1024)  # a sender repeats its few lengths
+def _content_length(value: str) -> int | None:
+    """The length Content-Length `value` (its fields joined by commas) gives: every
+    comma-separated number must be the same. None when it gives none."""
+    lengths = set(map(str.strip, value.split(",")))
+    length = lengths.pop()
+    return int(length) if not lengths and _DIGITS.fullmatch(length) else None
 
 
 def start_line_role(data: bytes | bytearray | memoryview) -> Literal["request", "response"] | None:
