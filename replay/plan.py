@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from analyzer.tcp import Connection
 
 SPOOL_CHUNK = 1 << 16
-#: Appended bytes are written out in batches of about this size: many small bodies (1 KiB
-#: fragments) would otherwise cost a system call each.
+#: Small appends are written out in batches of about this size: many small bodies (1 KiB
+#: fragments) would otherwise cost a system call each. Appends of SPOOL_CHUNK or more (the
+#: assembler's blocks of large bodies) are written at once, not copied into a batch.
 SPOOL_BATCH = 1 << 20
 
 
@@ -48,28 +49,32 @@ class BodySpool:
 
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile(prefix="bits-replay-")
-        self._size = 0  # the bytes appended, written or not
-        self._pending = bytearray()  # appended bytes not yet written: the last of them
+        self._written = 0  # bytes in the file
+        self._pending = bytearray()  # appended after those, not yet written
 
     def append(self, data: bytes | memoryview) -> int:
         """Add `data` at the end; returns its offset in the spool."""
-        offset = self._size
-        self._pending += data
-        self._size += len(data)
-        if len(self._pending) >= SPOOL_BATCH:
+        offset = self._written + len(self._pending)
+        if len(data) >= SPOOL_CHUNK:
             self.flush()
+            self._write(data)
+        else:
+            self._pending += data
+            if len(self._pending) >= SPOOL_BATCH:
+                self.flush()
         return offset
 
     def flush(self) -> None:
         """Write out what `append` holds back (`read` does so itself)."""
-        view = memoryview(self._pending)
-        position = self._size - len(view)
-        while view:
-            written = os.pwrite(self._file.fileno(), view, position)
-            view = view[written:]
-            position += written
-        view.release()
-        self._pending.clear()
+        pending, self._pending = self._pending, bytearray()
+        self._write(pending)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        done = 0
+        with memoryview(data) as view:
+            while done < len(view):
+                done += os.pwrite(self._file.fileno(), view[done:], self._written + done)
+        self._written += done
 
     def read(self, body: "Body", skip: int = 0, take: int | None = None,
              chunk: int = SPOOL_CHUNK) -> Iterator[bytes]:

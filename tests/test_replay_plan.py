@@ -377,18 +377,22 @@ def test_refused_creates_in_several_files_keep_the_analyzers_keys(tmp_path: Path
 
 
 def test_spool_reads_what_it_holds_back_and_what_it_wrote() -> None:
-    """Appends are written in batches: a body still held back, one written out, and one
-    straddling a batch boundary all read back whole, before and after more appends."""
+    """Small appends are written in batches, large ones at once: bodies still held back,
+    written with a batch, or written alone all read back whole, in any order."""
     spool = BodySpool()
+
+    def add(data: bytes) -> Body:
+        return Body(((spool.append(data), len(data)),), len(data), True, None)
+
     try:
-        small = os.urandom(1000)
-        first = Body(((spool.append(small), len(small)),), len(small), True, None)
-        assert b"".join(spool.read(first)) == small  # read while held back
-        big = os.urandom(SPOOL_BATCH + 12345)
-        straddling = Body(((spool.append(big), len(big)),), len(big), True, None)
-        tail = b"tail"
-        last = Body(((spool.append(tail), len(tail)),), len(tail), True, None)
-        assert b"".join(spool.read(straddling, 10, 5000, chunk=777)) == big[10:5010]
-        assert [b"".join(spool.read(body)) for body in (first, straddling, last)] == [small, big, tail]
+        first = os.urandom(1000)
+        bodies = {add(first): first}
+        assert b"".join(spool.read(next(iter(bodies)))) == first  # read while held back
+        for size in (4000,) * (SPOOL_BATCH // 4000 + 5) + (SPOOL_BATCH + 12345, 3, 70_000, 5):
+            data = os.urandom(size)
+            bodies[add(data)] = data
+        large = next(body for body in bodies if body.length > SPOOL_BATCH)
+        assert b"".join(spool.read(large, 10, 5000, chunk=777)) == bodies[large][10:5010]
+        assert [b"".join(spool.read(body)) for body in reversed(bodies)] == list(reversed(bodies.values()))
     finally:
         spool.close()
