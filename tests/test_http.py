@@ -462,6 +462,24 @@ def test_bad_framing_is_reported_not_raised() -> None:
     assert [e.partial for e in events if isinstance(e, MessageEnd)] == [True, True, False, False]
 
 
+@pytest.mark.parametrize("lengths, body", [
+    (["3"], b"abc"), (["003"], b"abc"), ([" 3 ,3"], b"abc"), (["3", "3, 3"], b"abc"), (["0"], b""),
+    (["3", "4"], None), (["3, 4"], None), (["+3"], None), (["\xb3"], None), (["-1"], None),
+    (["1" * 21], None), ([""], None), (["3", ""], None)])
+def test_content_length_values(lengths: list[str], body: bytes | None) -> None:
+    """Every comma-separated value of every Content-Length field must be the same decimal
+    number (ASCII digits only: "\xb3" is a digit to str.isdigit); read twice, to cover a value
+    seen before."""
+    head = "POST /a HTTP/1.1\r\n" + "".join(f"Content-Length: {v}\r\n" for v in lengths) + "\r\n"
+    for _ in range(2):
+        events = HttpParser("request").feed(head.encode("latin-1") + b"abc", 1, 0)
+        if body is None:
+            assert [e.message for e in events if isinstance(e, ParseError)] == [
+                f"invalid Content-Length: {[v.strip(' ') for v in lengths]}"]
+        else:
+            assert bodies(events) == [body] and not [e for e in events if isinstance(e, ParseError)]
+
+
 def test_truncated_message_at_eof_is_partial() -> None:
     parser = HttpParser("request")
     parser.feed(b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc", 1, 0)
