@@ -3,7 +3,8 @@
 The pipeline calls `Extractor.on_body` with each request body chunk (ExchangeAssembler's
 on_body) and the session tracker calls `settle` with each parsed Fragment once its ack is in.
 Nothing is buffered whole: each chunk is written at its offset into one sparse temp file per
-session, inside the output directory, as it passes.
+session, inside the output directory, as it passes (small chunks that continue each other wait in
+memory, a bounded run per session, and reach the file in one write).
 
 Design (why one file plus a coverage map, not a staging file per fragment): the coverage map
 records for every stored byte range the fragment (request frame) it came from and whether the
@@ -204,7 +205,7 @@ class _Spool:
             if not waiting:
                 self.waiting_at = pos
                 self.behind.spools[self] = None
-            waiting += chunk
+            self.waiting += chunk
             self.behind.waiting += len(chunk)
         if self._streamer == inflight.key and pos == self._tentative_end:
             self._tentative.update(chunk)
