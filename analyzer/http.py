@@ -63,7 +63,7 @@ _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
 # kept). Bounded in count and line length; cleared when full, so endless distinct lines cost a
 # miss each, never unbounded memory.
 _KNOWN_START_LINES: dict[str, dict[str, tuple]] = {"request": {}, "response": {}}
-_KNOWN_FIELDS: dict[str, tuple[str, str]] = {}
+_KNOWN_FIELDS: dict[str, tuple[tuple[str, str], str]] = {}  # line -> (field, lowercased name)
 _MAX_KNOWN_LINES = 4096
 _MAX_KNOWN_LINE = 512
 
@@ -132,11 +132,11 @@ def _first_values(fields: list[tuple[str, str]]) -> dict[str, str]:
     return {name.lower(): value for name, value in reversed(fields)}
 
 
-def _headers(fields: list[tuple[str, str]]) -> Headers:
-    """Headers over a list the parser made for it alone (no copy)."""
+def _headers(fields: list[tuple[str, str]], by_name: dict[str, str]) -> Headers:
+    """Headers over a list and its index the parser made for it alone (no copies)."""
     headers = object.__new__(Headers)
     headers._fields = fields
-    headers.by_name = _first_values(fields)
+    headers.by_name = by_name
     return headers
 
 
@@ -462,33 +462,41 @@ class HttpParser:
         latin-1: byte for character, so it splits as the bytes would) and runs to its end,
         the empty line included."""
         fields: list[tuple[str, str]] = []
+        by_name: dict[str, str] = {}
+        folded = False
         known = _KNOWN_FIELDS
         for raw in text[start:].split("\n"):
-            field = known.get(raw)
-            if field is not None:
-                fields.append(field)
-                continue
-            line = raw.removesuffix("\r")
-            if not line:
-                continue
-            if line[0] in " \t":  # obs-fold: a continuation of the previous value
-                if fields:
-                    name, value = fields[-1]
-                    fields[-1] = (name, f"{value} {line.strip(_ASCII_SPACE)}".strip())
+            entry = known.get(raw)
+            if entry is None:
+                line = raw.removesuffix("\r")
+                if not line:
                     continue
-                events.append(ParseError(f"continuation line without a field: {_raw(line)}",
-                                         self._first[2], self._frame))
-                continue
-            name, colon, value = line.partition(":")
-            if not (name and colon):
-                events.append(ParseError(f"malformed header line: {_raw(line)}",
-                                         self._first[2], self._frame))
-                continue
-            # Strip only ASCII whitespace, as bytes.strip() would (str.strip() also takes \xa0).
-            field = (name.rstrip(_ASCII_SPACE), value.strip(" \t"))
+                if line[0] in " \t":  # obs-fold: a continuation of the previous value
+                    if fields:
+                        name, value = fields[-1]
+                        fields[-1] = (name, f"{value} {line.strip(_ASCII_SPACE)}".strip())
+                        folded = True
+                        continue
+                    events.append(ParseError(f"continuation line without a field: {_raw(line)}",
+                                             self._first[2], self._frame))
+                    continue
+                name, colon, value = line.partition(":")
+                if not (name and colon):
+                    events.append(ParseError(f"malformed header line: {_raw(line)}",
+                                             self._first[2], self._frame))
+                    continue
+                # Strip only ASCII whitespace, as bytes.strip() would (str.strip() also takes
+                # \xa0...).
+                name = name.rstrip(_ASCII_SPACE)
+                entry = ((name, value.strip(" \t")), name.lower())
+                _remember(known, raw, entry)
+            field, key = entry
             fields.append(field)
-            _remember(known, raw, field)
-        return _headers(fields)
+            if key not in by_name:
+                by_name[key] = field[1]
+        if folded:  # the value continued may be the first of its name
+            by_name = _first_values(fields)
+        return _headers(fields, by_name)
 
     def _head_complete(self, head: str, fields_start: int, events: list) -> None:
         """The head is read: its start line taken, its fields beginning at `fields_start`."""
