@@ -315,6 +315,12 @@ def _request_fields(method: str, target: str, version: str, values: tuple[str | 
     )
 
 
+# Sessions of one file size send the same ranges and lengths (and get the same offsets back):
+# each distinct value is parsed once, and its ContentRange (immutable) shared.
+_content_range = functools.lru_cache(maxsize=_SHARED_RECORDS)(p.parse_content_range)
+_decimal = functools.lru_cache(maxsize=_SHARED_RECORDS)(p.parse_decimal)
+
+
 def _request_fields_of(request: Any, h: Headers) -> RequestFields:
     return _request_fields(request.method, request.target, request.version or "", tuple(map(h.by_name.get, _REQUEST_KEYS)))
 
@@ -381,7 +387,7 @@ def fragment_head(request: Any) -> tuple[str, ContentRange] | None:
     range_raw = h.by_name.get(_CONTENT_RANGE)
     if fields.packet_type is not PacketType.FRAGMENT or not fields.session_id or range_raw is None:
         return None
-    rng = p.parse_content_range(range_raw)
+    rng = _content_range(range_raw)
     return (fields.session_id, rng) if rng is not None else None
 
 
@@ -405,12 +411,12 @@ def _packet(exchange: Any, h: Headers) -> BitsPacket:
     range_raw = by_name.get(_CONTENT_RANGE)
     length_raw = by_name.get(_CONTENT_LENGTH)
     body_length = request.body_length
-    content_length = p.parse_decimal(length_raw) if length_raw is not None else None
+    content_length = _decimal(length_raw) if length_raw is not None else None
     if content_length == body_length:
         content_length = body_length  # one int object for both
     pkt = BitsPacket(
         exchange.index, exchange.connection.id, _connection_peers(exchange.connection), _request_fields_of(request, h),
-        p.parse_content_range(range_raw) if range_raw is not None else None,
+        _content_range(range_raw) if range_raw is not None else None,
         content_length, body_length,
         bytes.fromhex(request.body_sha256) if request.body_sha256 is not None else None,
         request.first_frame, request.last_frame, request.stream_offset, request.first_ts_ns,
@@ -439,7 +445,7 @@ def _read_ack(pkt: BitsPacket, response: Any, h: Headers) -> None:
     by_name = h.by_name
     pkt.ack = _ack_fields(tuple(map(by_name.get, _ACK_KEYS)))
     received = by_name.get(_RECEIVED_CONTENT_RANGE)
-    pkt.received_offset = p.parse_decimal(received) if received is not None else None
+    pkt.received_offset = _decimal(received) if received is not None else None
 
 
 NO_FLAGS: frozenset[str] = frozenset()  # shared: an empty frozenset costs 216 bytes a packet
