@@ -331,3 +331,18 @@ def test_packets_of_a_session_share_what_repeats() -> None:
     third = packet_of(w.fragment(SID, 10240, T - 1, T))
     assert third.peers is not first.peers and third.client != first.client and third.server == first.server
     assert third.request is first.request
+
+
+def test_values_seen_before_read_as_the_first_time() -> None:
+    """Ranges, lengths and offsets repeat across sessions of one file size: a repeated value,
+    well-formed or not, gives what it gave the first time, in each packet."""
+    w = Wire()
+    for _ in range(2):
+        pkts = [packet_of(w.fragment(sid, 0, 9, 10)) for sid in (SID, SID2)]
+        assert [(x.content_range, x.content_length, x.received_offset) for x in pkts] == [
+            (ContentRange(0, 9, 10), 10, 10)] * 2
+        bad = [packet_of(w.fragment(sid, 0, 9, 10, content_range="bytes 9-0/10", content_length=9,
+                                    received="x1")) for sid in (SID, SID2)]
+        assert [(x.content_range, x.content_length, x.received_offset) for x in bad] == [(None, 9, None)] * 2
+        assert all({"range-malformed", "length-mismatch", "ack-offset-invalid"} <= set(codes(x.anomalies))
+                   for x in bad)
