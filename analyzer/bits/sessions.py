@@ -1,10 +1,11 @@
 """BITS sessions keyed by the id the Create-Session ack issues, followed across connections.
 
-`SessionTracker.on_exchange` takes every Exchange as the pipeline emits it; `finish` walks each
-session's packets in the order the client sent them through the state table (machine.py),
-adds the checks that need a session's history (ranges, offsets, timing, hosts) or several
-sessions (duplicate-create, session-recreated), and gives each session its delivery verdict
-(bits-protocol.md section 9):
+`SessionTracker.on_exchange` takes every Exchange as the pipeline emits it (and returns the BITS
+packet it made); `sessions()` gives the sessions as filed, for a reader that only groups packets
+(the replay planner); `finish` walks each session's packets in the order the client sent them
+through the state table (machine.py), adds the checks that need a session's history (ranges,
+offsets, timing, hosts) or several sessions (duplicate-create, session-recreated), and gives
+each session its delivery verdict (bits-protocol.md section 9):
 
 - delivered: the final fragment drew 200 with N = TOTAL and no Cancel was sent before it;
 - not-delivered: cancelled before the final fragment, closed incomplete, Create refused, the
