@@ -107,7 +107,7 @@ class _Piece:
     owner: tuple[int, int] | None  # in-flight fragment (connection, request offset)
 
     def same_origin(self, other: "_Piece") -> bool:
-        return (self.place, self.acknowledged, self.owner) == (other.place, other.acknowledged, other.owner)
+        return self.place == other.place and self.acknowledged == other.acknowledged and self.owner == other.owner
 
 
 @dataclass(slots=True)
