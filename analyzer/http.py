@@ -65,7 +65,7 @@ _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
 _KNOWN_START_LINES: dict[str, dict[str, tuple]] = {"request": {}, "response": {}}
 _KNOWN_FIELDS: dict[str, tuple[tuple[str, str], str]] = {}  # line -> (field, lowercased name)
 _MAX_KNOWN_LINES = 4096
-_MAX_KNOWN_LINE = 512
+_MAX_KNOWN_LINE = 256  # so each kind of line kept holds at most ~3 MB
 
 
 def _raw(line: str) -> str:
