@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from analyzer.bits import extract
 from analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
 from analyzer.bits.protocol import Header, PacketType, parse_content_range
 from bits_fixtures import SID, SID2, Wire, codes, payload
@@ -466,3 +469,110 @@ def test_a_failed_run_is_a_problem_and_its_bytes_are_not_claimed(tmp_path: Path,
     assert not entity.complete and entity.acknowledged_bytes == T - 5120
     assert [(c.first, c.last, c.acknowledged) for c in entity.coverage] == [(5120, 11999, True)]
     assert (tmp_path / (NAME + PARTIAL_SUFFIX)).read_bytes()[5120:] == payload(T)[5120:]
+
+
+# --- a bounded number of open temp files ------------------------------------------------------
+
+def sid(i: int) -> str:
+    return f"{{{i:08X}-1D2E-4F6A-9B8C-0D1E2F3A4B5C}}"
+
+
+def interleaved_uploads(w: Wire, sessions: int, total: int = T) -> None:
+    """Every session created first, then their fragments taking turns, with resends (read back)
+    and an out-of-order fragment, so each temp file is closed and reopened on the way."""
+    for i in range(sessions):
+        w.create(sid(i))
+    for first, last in [FRAGS[1], FRAGS[0], (3000, 7999), FRAGS[2]]:
+        for i in range(sessions):
+            w.fragment(sid(i), first, min(last, total - 1), total, seed=i, chunks=3)
+    for i in range(sessions):
+        w.close(sid(i))
+
+
+def spool_fds(directory: Path) -> int:
+    """Descriptors of this process open on temp files in `directory`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += target.startswith(str(directory)) and os.path.basename(target).startswith(".bitstrace-")
+    return count
+
+
+def test_a_bounded_number_of_temp_files_stay_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unbounded = tmp_path / "unbounded"
+    w = Wire(unbounded)
+    interleaved_uploads(w, 6)
+    assert len(w.finish().sessions) == 6 and w.extractor.problems == []
+
+    bounded = tmp_path / "bounded"
+    monkeypatch.setattr(extract, "MAX_OPEN_SPOOLS", 2)
+    real_open = os.open
+    most_open, reopened = [0], [0]
+
+    def watching_open(path, flags, *args, **kw):
+        fd = real_open(path, flags, *args, **kw)
+        reopened[0] += str(path).startswith(".bitstrace-") and not flags & os.O_CREAT
+        most_open[0] = max(most_open[0], spool_fds(bounded))
+        return fd
+
+    w = Wire(bounded)
+    monkeypatch.setattr(os, "open", watching_open)
+    interleaved_uploads(w, 6)
+    summary = w.finish()
+    monkeypatch.undo()
+    assert w.extractor.problems == [] and all(s.entity.complete for s in summary.sessions)
+    assert most_open[0] == 2 and reopened[0] > 6
+    assert files(bounded) == files(unbounded) and len(files(bounded)) == 6
+    for name in files(unbounded):
+        assert (bounded / name).read_bytes() == (unbounded / name).read_bytes()
+    assert sorted((bounded / name).read_bytes() for name in files(bounded)) == sorted(payload(T, i) for i in range(6))
+
+
+LOW_LIMIT_RUN = """
+import resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+sys.path.insert(0, sys.argv[2])
+from bits_fixtures import Wire
+from test_extract import interleaved_uploads
+w = Wire(Path(sys.argv[1]))
+interleaved_uploads(w, 200, total=600)
+summary = w.finish()
+print(sum(s.entity is not None and s.entity.complete for s in summary.sessions), len(w.extractor.problems))
+"""
+
+
+def test_more_sessions_than_the_open_file_limit(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", LOW_LIMIT_RUN, str(tmp_path), str(Path(__file__).parent)],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.split() == ["200", "0"]
+    assert len(files(tmp_path)) == 200
+    assert (tmp_path / f"{sid(7).strip('{}')}_report.bin").read_bytes() == payload(600, 7)
+
+
+def test_a_temp_file_replaced_while_closed_loses_only_its_entity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(extract, "MAX_OPEN_SPOOLS", 1)
+    w = Wire(tmp_path)
+    w.create(sid(0))
+    w.fragment(sid(0), *FRAGS[0], T)
+    w.create(sid(1))
+    w.fragment(sid(1), *FRAGS[0], T, seed=1)  # session 1's temp file takes the one place: session 0's is closed
+    temp = tmp_path / ".bitstrace-{}-0.tmp".format(os.getpid())
+    assert temp.exists()
+    temp.unlink()
+    temp.write_bytes(b"someone else's file")
+    for first, last in FRAGS[1:]:
+        w.fragment(sid(0), first, last, T)
+        w.fragment(sid(1), first, last, T, seed=1)
+    summary = w.finish()
+    problem, = w.extractor.problems
+    assert problem.kind == "extract-temp-file-lost"
+    assert sid(0) in problem.message and str(temp) in problem.message and "replaced" in problem.message
+    first, second = summary.sessions
+    assert first.entity is None and second.entity.complete
+    assert files(tmp_path) == [temp.name, f"{sid(1).strip('{}')}_report.bin"]
+    assert temp.read_bytes() == b"someone else's file"  # left alone: not ours
+    assert (tmp_path / f"{sid(1).strip('{}')}_report.bin").read_bytes() == payload(T, 1)

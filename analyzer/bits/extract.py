@@ -29,6 +29,13 @@ Anything else keeps the `.partial` suffix; its coverage map says which ranges ar
 acknowledged, provisional or missing. All files are opened relative to the output directory's
 descriptor with O_NOFOLLOW|O_EXCL and published with link(2), so no name ever leaves the
 directory, follows a symlink or replaces an existing file.
+
+Only a bounded number of temp files stay open (MAX_OPEN_SPOOLS, least recently used closed
+first), so a capture of any number of sessions fits the open-file limit. A closed temp file is
+reopened by name when next needed; since the directory may be writable by others, the reopened
+file must be the one created (device, inode, and the size it had when closed). A temp file that
+cannot be reopened or was replaced loses its entity (a Problem says so), and the rest goes on.
+The descriptor is held while publishing, so the linked name is checked to be the same file.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ import errno
 import hashlib
 import operator
 import os
+import resource
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +67,13 @@ WRITE_BEHIND_BYTES = 4 << 20  # waiting over all sessions at most
 RUN_BYTES = 256 << 10  # one session's waiting run at most
 DIRECT_WRITE_BYTES = 16 << 10
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_REOPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# Temp files open at once. The common default soft limit on open files is 1,024, shared with the
+# capture files, stdio and whatever embeds the analyzer; 128 stays far below it while the sessions
+# in flight at one moment of a capture (those that take turns writing) rarely exceed it, and the
+# write-behind runs mean a closed file is reopened once per run, not once per chunk. A lower soft
+# limit lowers the bound to a quarter of it.
+MAX_OPEN_SPOOLS = 128
 
 
 def sanitise(part: str, limit: int = MAX_NAME_BYTES) -> str:
@@ -131,6 +147,24 @@ class _WriteBehind:
         self.spools: dict[_Spool, None] = {}  # those that may hold a waiting run
 
 
+class _OpenFiles:
+    """The spools whose temp file is open, least recently used first (see MAX_OPEN_SPOOLS)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spools: OrderedDict[_Spool, None] = OrderedDict()
+
+    def make_room(self) -> None:
+        while len(self.spools) >= self.limit:
+            spool, _ = self.spools.popitem(last=False)
+            spool.close()
+
+
+def open_spool_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_OPEN_SPOOLS if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN_SPOOLS, soft // 4))
+
+
 _START = operator.attrgetter("start")
 _END = operator.attrgetter("end")
 
@@ -139,16 +173,23 @@ class _Spool:
     """One session's temp file and its coverage map (pieces sorted, never overlapping)."""
 
     def __init__(self, dir_fd: int, temp_name: str, session_id: str, generation: int, several_captures: bool,
-                 behind: _WriteBehind) -> None:
+                 behind: _WriteBehind, open_files: _OpenFiles) -> None:
         self.dir_fd = dir_fd
         self.behind = behind
+        self.open_files = open_files
         self.waiting = bytearray()  # stored bytes not written yet: the run [waiting_at, waiting_at + len)
         self.waiting_at = 0
         self.write_errors: list[str] = []
         self.several_captures = several_captures  # messages then name frames `capture:frame`
         self.generation = generation
         self.temp_name = temp_name
-        self.fd = os.open(temp_name, _OPEN_FLAGS, 0o644, dir_fd=dir_fd)
+        open_files.make_room()
+        self.fd: int | None = os.open(temp_name, _OPEN_FLAGS, 0o644, dir_fd=dir_fd)
+        open_files.spools[self] = None
+        st = os.fstat(self.fd)
+        self.identity = (st.st_dev, st.st_ino)
+        self._closed_size = 0
+        self.lost: str | None = None  # why the temp file is no longer ours to use or publish
         self.session_id = session_id
         self.total: int | None = None
         self.pieces: list[_Piece] = []
@@ -158,6 +199,51 @@ class _Spool:
         self._tentative: Any = None  # `hashed` extended by the bytes `_streamer` wrote from hashed_end
         self._tentative_end = 0
         self._streamer: tuple[int, int] | None = None
+
+    def descriptor(self) -> int:
+        """The temp file's descriptor, reopening it (as the same file) if it was closed for room."""
+        fd = self.fd
+        if fd is not None:
+            self.open_files.spools.move_to_end(self)
+            return fd
+        if self.lost is not None:
+            raise OSError(errno.ESTALE, self.lost)
+        self.open_files.make_room()
+        try:
+            fd = os.open(self.temp_name, _REOPEN_FLAGS, dir_fd=self.dir_fd)
+        except OSError as error:
+            self.lost = f"could not be reopened ({error.strerror or error})"
+            raise
+        st = os.fstat(fd)
+        # an inode number is free for reuse once our file is gone, so the size must match too
+        if (st.st_dev, st.st_ino) != self.identity or st.st_size != self._closed_size:
+            os.close(fd)
+            self.lost = "was replaced by another file"
+            raise OSError(errno.ESTALE, self.lost)
+        self.fd = fd
+        self.open_files.spools[self] = None
+        return fd
+
+    def close(self) -> None:
+        fd = self.fd
+        if fd is None:
+            return
+        self.fd = None
+        self.open_files.spools.pop(self, None)
+        try:
+            self._closed_size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def is_named_by(self, name: str) -> bool:
+        """Whether `name` in the directory is this spool's file (the descriptor is held: no inode reuse)."""
+        if self.fd is None:
+            return False
+        try:
+            st = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity
 
     def store(self, pos: int, data: memoryview, inflight: _Inflight) -> None:
         end = pos + len(data)
@@ -219,7 +305,7 @@ class _Spool:
     def _pwrite(self, data: bytes | bytearray | memoryview, pos: int) -> None:
         view = memoryview(data)
         while view:
-            written = os.pwrite(self.fd, view, pos)
+            written = os.pwrite(self.descriptor(), view, pos)
             if written <= 0:
                 raise OSError(errno.EIO, f"short write at byte {pos}")
             view, pos = view[written:], pos + written
@@ -236,6 +322,8 @@ class _Spool:
         try:
             self._pwrite(run, at)
         except OSError as error:
+            if self.lost is not None:
+                return  # the whole entity is lost, and reported as such
             self._clear(at, at + len(run))
             if self.hashed_end > at:
                 self.hashed, self.hashed_end = hashlib.sha256(), 0
@@ -250,7 +338,7 @@ class _Spool:
     def _compare(self, a: int, b: int, chunk: memoryview, piece: _Piece, inflight: _Inflight) -> None:
         """Read the stored copy back; the overlap with each earlier copy is reported once."""
         self.flush()
-        stored = os.pread(self.fd, b - a, a)
+        stored = os.pread(self.descriptor(), b - a, a)
         differs = -1 if stored == chunk else a + next(i for i, (x, y) in enumerate(zip(stored, chunk)) if x != y)
         seen = inflight.conflicts.setdefault((piece.place, piece.acknowledged), [a, b, differs])
         seen[0], seen[1] = min(seen[0], a), max(seen[1], b)
@@ -363,6 +451,7 @@ class Extractor:
         self._temp_files = 0
         self._inflight: dict[tuple[int, int], _Inflight] = {}
         self._behind = _WriteBehind()
+        self._open_files = _OpenFiles(open_spool_limit())
         self.problems: list[Problem] = []
 
     def on_body(self, connection: Any, message: Any, chunk: bytes | memoryview, body_offset: int) -> None:
@@ -376,6 +465,8 @@ class Extractor:
             inflight = self._start(key, connection, message)
             if inflight is None:
                 return
+        if inflight.spool.lost is not None:
+            return
         data = memoryview(chunk).cast("B")
         pos = inflight.first + body_offset
         end = min(pos + len(data), inflight.last + 1)
@@ -384,8 +475,9 @@ class Extractor:
         try:
             inflight.spool.store(pos, data[:end - pos], inflight)
         except OSError as error:
-            self.problems.append(Problem("extract-write-failed", f"writing session {inflight.spool.session_id}: {error}",
-                                         frame=inflight.place[1], connection=inflight.connection))
+            if inflight.spool.lost is None:
+                self.problems.append(Problem("extract-write-failed", f"writing session {inflight.spool.session_id}: {error}",
+                                             frame=inflight.place[1], connection=inflight.connection))
         if inflight.spool.write_errors:
             self._report_write_errors(inflight.spool)
         if self._behind.waiting > WRITE_BEHIND_BYTES:
@@ -425,7 +517,7 @@ class Extractor:
         if spool is None:
             try:
                 spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{self._temp_files}.tmp", session_id,
-                               self._generation.get(key, 0), self.several_captures, self._behind)
+                               self._generation.get(key, 0), self.several_captures, self._behind, self._open_files)
                 self._temp_files += 1
             except OSError as error:
                 self.problems.append(Problem("extract-write-failed", f"temp file for session {session_id}: {error}"))
@@ -466,13 +558,15 @@ class Extractor:
             try:
                 entities[key] = self._publish(spool, session_id, content_name)
             except OSError as error:
-                self.problems.append(Problem("extract-write-failed", f"publishing session {session_id}: {error}"))
-            finally:
-                os.close(spool.fd)
-                try:
-                    os.unlink(spool.temp_name, dir_fd=self._dir_fd)
-                except FileNotFoundError:
-                    pass
+                if spool.lost is None:
+                    self.problems.append(Problem("extract-write-failed", f"publishing session {session_id}: {error}"))
+            if spool.lost is not None:  # the file under the temp name is not ours to remove
+                self.problems.append(Problem(
+                    "extract-temp-file-lost", f"session {session_id}: temp file "
+                    f"{os.path.join(self.out_dir, spool.temp_name)} {spool.lost}; its entity is not published"))
+            elif spool.is_named_by(spool.temp_name):
+                os.unlink(spool.temp_name, dir_fd=self._dir_fd)
+            spool.close()
         self._spools.clear()
         self._retired.clear()
         os.close(self._dir_fd)
@@ -484,11 +578,16 @@ class Extractor:
         complete = total is not None and acked == total and all(
             pc.acknowledged for pc in spool.pieces if pc.start < total)
         digest = None
+        fd = spool.descriptor()  # held from here on: the file linked below is checked to be this one
         if complete:
             assert total is not None
-            os.ftruncate(spool.fd, total)
+            os.ftruncate(fd, total)
             digest = self._sha256(spool, total)
         name = self._link(spool, entity_name(session_id, content_name), "" if complete else PARTIAL_SUFFIX)
+        if not spool.is_named_by(name):
+            os.unlink(name, dir_fd=self._dir_fd)
+            spool.lost = "was replaced by another file"
+            raise OSError(errno.ESTALE, spool.lost)
         return ExtractedEntity(
             session_id=session_id, path=os.path.join(self.out_dir, name), complete=complete, total=total,
             acknowledged_bytes=acked, sha256=digest, coverage=spool.coverage(), anomalies=spool.anomalies,
@@ -511,7 +610,7 @@ class Extractor:
         streamed prefix runs past `size`: a hash cannot be cut back)."""
         digest, offset = (spool.hashed.copy(), spool.hashed_end) if spool.hashed_end <= size else (hashlib.sha256(), 0)
         while offset < size:
-            block = os.pread(spool.fd, min(1 << 20, size - offset), offset)
+            block = os.pread(spool.descriptor(), min(1 << 20, size - offset), offset)
             if not block:
                 break
             digest.update(block)
