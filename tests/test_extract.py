@@ -576,3 +576,27 @@ def test_a_temp_file_replaced_while_closed_loses_only_its_entity(tmp_path: Path,
     assert files(tmp_path) == [temp.name, f"{sid(1).strip('{}')}_report.bin"]
     assert temp.read_bytes() == b"someone else's file"  # left alone: not ours
     assert (tmp_path / f"{sid(1).strip('{}')}_report.bin").read_bytes() == payload(T, 1)
+
+
+def test_a_session_that_cannot_be_written_is_named_once_and_the_rest_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk fails every later fragment again: one problem per session, then a count."""
+    failed = []
+
+    def full(fd: int, data, offset: int) -> int:
+        failed.append(offset)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    w = Wire(tmp_path)
+    for sid in (SID, SID2):
+        w.create(session=sid)
+        for first, last in FRAGS * 3:  # resends meet bytes whose write failed
+            w.fragment(sid, first, last, T, chunks=1)
+    w.finish()
+    problems = w.extractor.problems
+    named = [p for p in problems if "session" in p.message and "only counted" not in p.message]
+    assert sorted(SID.lower() in p.message.lower() or SID2.lower() in p.message.lower() for p in named) == [True, True]
+    assert {p.kind for p in problems} == {"extract-write-failed"}
+    counted, = [p for p in problems if "only counted" in p.message]
+    assert len(failed) > 2 and counted.message.startswith(f"{len(failed) - 2:,} more")

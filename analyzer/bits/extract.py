@@ -254,6 +254,15 @@ class _Spool:
             pieces.insert(j, _Piece(pos, end, inflight.place, False, inflight.key))
             self._merge(j, j + 1)
             return
+        # Bytes met here may still wait in memory; a run that then fails to write leaves the map,
+        # so the map is read only after the flush.
+        self.flush()
+        j = bisect.bisect_right(pieces, pos, key=_END)
+        if j == len(pieces) or pieces[j].start >= end:
+            self._write(pos, data, inflight)
+            pieces.insert(j, _Piece(pos, end, inflight.place, False, inflight.key))
+            self._merge(j, j + 1)
+            return
         segments: list[tuple[int, int, _Piece | None]] = []
         cursor = pos
         while j < len(pieces) and pieces[j].start < end:
@@ -339,6 +348,8 @@ class _Spool:
         """Read the stored copy back; the overlap with each earlier copy is reported once."""
         self.flush()
         stored = os.pread(self.descriptor(), b - a, a)
+        if len(stored) != b - a:
+            return  # the stored copy never reached the file (a failed write): nothing to compare
         differs = -1 if stored == chunk else a + next(i for i, (x, y) in enumerate(zip(stored, chunk)) if x != y)
         seen = inflight.conflicts.setdefault((piece.place, piece.acknowledged), [a, b, differs])
         seen[0], seen[1] = min(seen[0], a), max(seen[1], b)
@@ -453,6 +464,18 @@ class Extractor:
         self._behind = _WriteBehind()
         self._open_files = _OpenFiles(open_spool_limit())
         self.problems: list[Problem] = []
+        self._named: set[tuple[str, str]] = set()  # (kind, session id) already in `problems`
+        self._repeated: dict[str, int] = {}  # kind -> problems counted, not listed
+
+    def _problem(self, kind: str, session_id: str, message: str, **place: Any) -> None:
+        # A session that cannot be written fails again at each later fragment: the first failure
+        # names it, the rest are counted (a full disk would otherwise list one line per fragment).
+        named = (kind, session_key(session_id))
+        if named in self._named:
+            self._repeated[kind] = self._repeated.get(kind, 0) + 1
+            return
+        self._named.add(named)
+        self.problems.append(Problem(kind, message, **place))
 
     def on_body(self, connection: Any, message: Any, chunk: bytes | memoryview, body_offset: int) -> None:
         """ExchangeAssembler's on_body hook: one body chunk of `message`, at `body_offset` in its body
@@ -476,8 +499,9 @@ class Extractor:
             inflight.spool.store(pos, data[:end - pos], inflight)
         except OSError as error:
             if inflight.spool.lost is None:
-                self.problems.append(Problem("extract-write-failed", f"writing session {inflight.spool.session_id}: {error}",
-                                             frame=inflight.place[1], connection=inflight.connection))
+                self._problem("extract-write-failed", inflight.spool.session_id,
+                              f"writing session {inflight.spool.session_id}: {error}",
+                              frame=inflight.place[1], connection=inflight.connection)
         if inflight.spool.write_errors:
             self._report_write_errors(inflight.spool)
         if self._behind.waiting > WRITE_BEHIND_BYTES:
@@ -493,7 +517,7 @@ class Extractor:
     def _report_write_errors(self, spool: _Spool) -> None:
         """Runs written late fail apart from the fragment at hand: the message names the bytes."""
         for message in spool.write_errors:
-            self.problems.append(Problem("extract-write-failed", f"writing session {spool.session_id}: {message}"))
+            self._problem("extract-write-failed", spool.session_id, f"writing session {spool.session_id}: {message}")
         spool.write_errors.clear()
 
     def _start(self, key: tuple[int, int], connection: Any, message: Any) -> _Inflight | None:
@@ -520,7 +544,7 @@ class Extractor:
                                self._generation.get(key, 0), self.several_captures, self._behind, self._open_files)
                 self._temp_files += 1
             except OSError as error:
-                self.problems.append(Problem("extract-write-failed", f"temp file for session {session_id}: {error}"))
+                self._problem("extract-write-failed", session_id, f"temp file for session {session_id}: {error}")
                 return None
             self._spools[key] = spool
         return spool
@@ -559,7 +583,7 @@ class Extractor:
                 entities[key] = self._publish(spool, session_id, content_name)
             except OSError as error:
                 if spool.lost is None:
-                    self.problems.append(Problem("extract-write-failed", f"publishing session {session_id}: {error}"))
+                    self._problem("extract-write-failed", session_id, f"publishing session {session_id}: {error}")
             if spool.lost is not None:  # the file under the temp name is not ours to remove
                 self.problems.append(Problem(
                     "extract-temp-file-lost", f"session {session_id}: temp file "
@@ -570,6 +594,8 @@ class Extractor:
         self._spools.clear()
         self._retired.clear()
         os.close(self._dir_fd)
+        for kind, count in self._repeated.items():
+            self.problems.append(Problem(kind, f"{count:,} more {kind} problems of sessions named above; only counted"))
         return entities
 
     def _publish(self, spool: _Spool, session_id: str, content_name: str | None) -> ExtractedEntity:
