@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from typing import Iterator, Sequence, TextIO
+from typing import Callable, Iterator, Sequence, TextIO
 
 from analyzer import __version__
 from analyzer.pipeline import ProgressHook, read_exchanges
@@ -121,16 +121,17 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         filtered = filter_report(report, args.min_severity)
         packets = packet_source(analysis, filtered)
         if json_out:
-            write_json(filtered, json_out, packets)
+            _write(args.json, lambda: write_json(filtered, json_out, packets), json_out)
         if jsonl_out:
-            write_jsonl(jsonl_records(filtered, packets), jsonl_out)
+            _write(args.jsonl, lambda: write_jsonl(jsonl_records(filtered, packets), jsonl_out), jsonl_out)
         if html_out:
-            write_html(filtered, html_out, complete_sessions(filtered, packets))
+            _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
+                   html_out)
     text_on_terminal = False
     if "-" not in (args.json, args.jsonl):
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
-        render_text(report, out, min_severity=args.min_severity, color=color)
+        _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
     if not text_on_terminal:  # on a terminal the report's own problems table says it
         report_problems(analysis.problems, err)
     if args.fail_on:
@@ -141,13 +142,38 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if analysis.complete else EXIT_INCOMPLETE
 
 
+class OutputFailed(Exception):
+    """Writing an output failed midway (a full disk...): the half-written output is named."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(f"cannot write {'standard output' if path == '-' else path}: {error.strerror or error}")
+        self.path = path
+
+
+def _write(path: str, write: Callable[[], None], stream: TextIO) -> None:
+    """Run `write` and flush `stream` (a full disk shows at the latest there, not in close)."""
+    try:
+        write()
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OutputFailed(path, error) from error
+
+
 @contextlib.contextmanager
 def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
     if path == "-":
         yield stdout
         return
-    with open(path, "w", encoding="utf-8") as stream:
+    stream = open(path, "w", encoding="utf-8")
+    try:
         yield stream
+    except BaseException:
+        with contextlib.suppress(OSError):  # the buffer that failed fails again: the first error tells
+            stream.close()
+        raise
+    stream.close()
 
 
 def _positive_seconds(value: str) -> float:
@@ -170,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.http:
             return run_http(args, sys.stdout, sys.stderr)
         return run_report(args, sys.stdout, sys.stderr)
+    except OutputFailed as failure:
+        print(f"bits-analyze: {failure}", file=sys.stderr)
+        if failure.path == "-":  # what stdout still buffers would fail again in Python's flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_USAGE
     except BrokenPipeError:
         # `bits-analyze x.pcap | head` is normal use, not an error; nothing more can be written,
         # and Python's own flush at exit must not fail either.

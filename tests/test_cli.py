@@ -88,6 +88,24 @@ def test_outputs_are_checked_before_the_analysis(tmp_path: Path) -> None:
         assert run.stdout == b""  # nothing analysed, nothing half-written
 
 
+@pytest.mark.parametrize("option", ["--json", "--jsonl", "--html"])
+def test_a_full_disk_while_writing_a_report_is_a_message_not_a_fail_on_status(option: str) -> None:
+    """/dev/full takes the open and fails the writes: status 1 would read as --fail-on's verdict."""
+    run = bits_analyze(option, "/dev/full", CLEAN)
+    assert b"Traceback" not in run.stderr, run.stderr.decode()
+    assert run.stderr.decode().startswith("bits-analyze: cannot write /dev/full: No space left on device")
+    assert run.returncode == 2
+
+
+def test_a_full_disk_on_standard_output_is_a_message() -> None:
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "analyzer.cli", "--json", "-", str(CLEAN)],
+                             stdout=full, stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
+    assert b"Traceback" not in run.stderr and b"Exception ignored" not in run.stderr, run.stderr.decode()
+    assert run.stderr.decode().startswith("bits-analyze: cannot write standard output: No space left")
+    assert run.returncode == 2
+
+
 @pytest.mark.parametrize("args", [["--json", "-", "--jsonl", "-"], ["--stall-after", "nan"],
                                   ["--stall-after", "-5"]])
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
