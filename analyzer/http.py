@@ -584,15 +584,16 @@ class HttpParser:
         lf = _LF.search(mv, pos, min(end, pos + room))
         stop = min(end, pos + room) if lf is None else lf.end()
         buf += mv[pos:stop]
+        line_start = self._base + stop - len(buf)  # the line may have begun in earlier feeds
         if lf is None:
             if len(buf) > MAX_CHUNK_LINE:
                 self._error(events, f"chunk size line longer than {MAX_CHUNK_LINE} bytes",
-                            self._base + pos, at_line_start=False)
+                            line_start, at_line_start=False)
             return stop
         match = _CHUNK_SIZE.fullmatch(buf)
         if match is None:
             self._error(events, f"invalid chunk size line: {bytes(buf[:80])!r}",
-                        self._base + pos, at_line_start=True)
+                        line_start, at_line_start=True)
             return stop
         self._remaining = int(match.group(1), 16)
         if self._remaining:

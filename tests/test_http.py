@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from analyzer import http
 from analyzer.http import (
+    MAX_CHUNK_LINE,
     MAX_HEAD,
     BodyChunk,
     Headers,
@@ -249,6 +250,23 @@ def test_a_head_read_whole_gives_what_the_buffered_path_gives(head: bytes) -> No
     expected = normalise(feed_pieces(by_byte, [head[i:i + 1] for i in range(len(head))])
                          + by_byte.eof(0, 0))
     assert normalise(whole.feed(head, 1, 0) + whole.eof(0, 0)) == expected
+
+
+BAD_CHUNK_LINE_STREAM = (
+    b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nnot a size\r\n"
+    b"PUT /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * (MAX_CHUNK_LINE + 8)
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_a_bad_chunk_size_line_is_reported_where_it_begins_in_any_split(data: st.DataObject) -> None:
+    stream = BAD_CHUNK_LINE_STREAM
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=40)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    errors = [e for e in feed_pieces(HttpParser("request"), pieces) if isinstance(e, ParseError)]
+    assert [e.offset for e in errors] == [stream.index(b"not a size"),
+                                          stream.index(b"1" * MAX_CHUNK_LINE)]
 
 
 def test_chunked_split_at_every_byte_boundary() -> None:
