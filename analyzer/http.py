@@ -418,7 +418,7 @@ class HttpParser:
                 fields = match.groups()
             else:
                 version, status, reason = match.groups()
-                fields = (version, int(status), (reason or "").strip())
+                fields = (version, int(status), (reason or "").strip(_ASCII_SPACE))
             _remember(self._known_start_lines, line, fields)
         return fields
 

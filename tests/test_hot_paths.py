@@ -159,6 +159,18 @@ def test_header_values_keep_non_ascii_whitespace() -> None:
     assert list(events[0].headers) == [("X-A", "v\xa0"), ("X-B", "w")]
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_reasons_keep_non_ascii_whitespace(split: bool) -> None:
+    """Only ASCII whitespace is stripped from a reason phrase, as bytes.strip() did before heads
+    were decoded as text (str.strip() would also take \\xa0 and \\x85)."""
+    head = b"HTTP/1.1 200 \xa0OK\x85 \r\n\r\n"
+    parser = HttpParser("response")
+    parser.expect_response_to("HEAD")
+    pieces = [head[i:i + 1] for i in range(len(head))] if split else [head]
+    events = [event for piece in pieces for event in parser.feed(piece, 1, 0)]
+    assert events[0].reason == "\xa0OK\x85"
+
+
 def test_on_body_blocks_carry_every_body_byte_in_order() -> None:
     capture = CAPTURES / "clean-multi-fragment.pcap"
     bodies: dict[int, hashlib._Hash] = {}
