@@ -471,6 +471,25 @@ def test_a_failed_run_is_a_problem_and_its_bytes_are_not_claimed(tmp_path: Path,
     assert (tmp_path / (NAME + PARTIAL_SUFFIX)).read_bytes()[5120:] == payload(T)[5120:]
 
 
+def test_a_run_failing_while_a_fragment_lands_on_new_bytes_keeps_the_map_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counting_pwrite(monkeypatch, fail_at=1)
+    w = Wire(tmp_path)
+    w.create()
+    w.fragment(SID, 10240, 11999, T)  # its run is written when the next fragment starts elsewhere
+    w.fragment(SID, 0, 4999, T)  # waits in memory before the first fragment's piece
+    w.fragment(SID, 6000, 9999, T)  # lands between the two: the waiting run is written now, and fails
+    w.fragment(SID, 0, 4999, T, status=None)  # a resend meets the map where the run's bytes were
+    session = w.finish().sessions[0]
+    problem, = w.extractor.problems
+    assert "bytes 0-4999 are lost" in problem.message
+    assert [(c.first, c.last, c.acknowledged) for c in session.entity.coverage] == [
+        (0, 4999, False), (6000, 9999, True), (10240, 11999, True)]
+    assert session.entity.acknowledged_bytes == 4000 + 1760
+    stored = (tmp_path / (NAME + PARTIAL_SUFFIX)).read_bytes()
+    assert stored[6000:10000] == payload(T)[6000:10000] and stored[10240:] == payload(T)[10240:]
+
+
 # --- a bounded number of open temp files ------------------------------------------------------
 
 def sid(i: int) -> str:

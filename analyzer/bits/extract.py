@@ -250,18 +250,14 @@ class _Spool:
         pieces = self.pieces
         j = len(pieces) if not pieces or pieces[-1].end <= pos else bisect.bisect_right(pieces, pos, key=_END)
         if j == len(pieces) or pieces[j].start >= end:  # nothing stored there yet: most fragments
-            self._write(pos, data, inflight)
-            pieces.insert(j, _Piece(pos, end, inflight.place, False, inflight.key))
-            self._merge(j, j + 1)
+            self._add(pos, data, inflight)
             return
         # Bytes met here may still wait in memory; a run that then fails to write leaves the map,
         # so the map is read only after the flush.
         self.flush()
         j = bisect.bisect_right(pieces, pos, key=_END)
         if j == len(pieces) or pieces[j].start >= end:
-            self._write(pos, data, inflight)
-            pieces.insert(j, _Piece(pos, end, inflight.place, False, inflight.key))
-            self._merge(j, j + 1)
+            self._add(pos, data, inflight)
             return
         segments: list[tuple[int, int, _Piece | None]] = []
         cursor = pos
@@ -284,6 +280,15 @@ class _Spool:
                     continue
             self._write(a, chunk, inflight)
             self.assign(_Piece(a, b, inflight.place, False, inflight.key))
+
+    def _add(self, pos: int, data: memoryview, inflight: _Inflight) -> None:
+        """Store bytes where nothing is mapped. The place in the map is found after the write: a
+        waiting run the write flushes may fail and leave the map, moving what lies after it."""
+        self._write(pos, data, inflight)
+        pieces = self.pieces
+        j = len(pieces) if not pieces or pieces[-1].end <= pos else bisect.bisect_right(pieces, pos, key=_END)
+        pieces.insert(j, _Piece(pos, pos + len(data), inflight.place, False, inflight.key))
+        self._merge(j, j + 1)
 
     def _write(self, pos: int, chunk: memoryview, inflight: _Inflight) -> None:
         """Store provisional bytes, feeding the tentative hash when they continue it."""
