@@ -116,6 +116,29 @@ def test_header_lookups_are_the_first_and_every_value_in_wire_order(fields, name
     assert headers == Headers(fields) and headers != Headers(fields[::-1] + [("Z", "")])
 
 
+_FIELD_LINES = st.one_of(
+    st.tuples(_NAMES, st.sampled_from([":", " :", ": "]), st.sampled_from(["1", " 2 ", "", "v\xa0"]))
+    .map("".join),
+    st.sampled_from([" folded", "\tmore ", "no colon", ":no name"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_FIELD_LINES, st.sampled_from(["\r\n", "\n"])), max_size=8), st.booleans())
+def test_parsed_heads_index_their_fields_as_a_scan_would(lines, whole) -> None:
+    """by_name/get/get_all of a parsed head (repeated names in any case, folded values, lines
+    seen before) answer as a scan of its fields, read whole or byte by byte."""
+    head = ("GET / HTTP/1.1\r\n" + "".join(map("".join, lines)) + "\r\n").encode("latin-1")
+    pieces = [head] if whole else [head[i:i + 1] for i in range(len(head))]
+    [request] = [e for e in feed_pieces(HttpParser("request"), pieces) if isinstance(e, RequestHead)]
+    headers = request.headers
+    fields = headers.items()
+    assert headers.by_name == {name.lower(): value for name, value in reversed(fields)}
+    for name in {name for name, _ in fields} | {"X-A"}:
+        matching = [value for field, value in fields if field.lower() == name.lower()]
+        assert headers.get_all(name) == matching
+        assert headers.get(name) == (matching[0] if matching else None) == headers.get(name.lower())
+
+
 def test_parsed_headers_look_up_as_built_ones() -> None:
     head = b"GET / HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nCaf\xe9: 3\r\nX-A: 4\r\n\r\n"
     headers = HttpParser("request").feed(head, 1, 0)[0].headers
