@@ -8,7 +8,7 @@ from typing import BinaryIO, Iterable
 
 from analyzer.bits.extract import Extractor
 from analyzer.bits.sessions import BitsSummary, SessionTracker
-from analyzer.pipeline import ProgressHook, RunResult, read_exchanges
+from analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
 from analyzer.problems import Problem
 
 
@@ -37,7 +37,8 @@ def analyze(
     """Read every capture and reconstruct the BITS sessions in them."""
     sources = list(sources)
     several = len(sources) > 1  # messages then name frames `capture:frame`, as the reports do
-    extractor = Extractor(extract_dir, several_captures=several) if extract_dir is not None else None
+    extractor = (Extractor(extract_dir, several_captures=several, capture_names=[display_name(s) for s in sources])
+                 if extract_dir is not None else None)
     options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
     tracker = SessionTracker(extractor, several_captures=several, **options)
     run = read_exchanges(sources, tracker.on_exchange,

@@ -54,7 +54,8 @@ class RunResult:
         return all(c.complete for c in self.captures)
 
 
-def _display_name(source: str | os.PathLike | BinaryIO) -> str:
+def display_name(source: str | os.PathLike | BinaryIO) -> str:
+    """How problems and reports name a capture source."""
     if isinstance(source, (str, os.PathLike)):
         return "<stdin>" if str(source) == "-" else os.fspath(source)
     return getattr(source, "name", "<stream>")  # file objects: their name if they have one
@@ -86,7 +87,7 @@ def read_exchanges(
     tcp_before = reassembler.stats  # totals when the current file began
     stats = None
     for index, source in enumerate(sources):
-        name = _display_name(source)
+        name = display_name(source)
         stats = CaptureStats(file=name)
         result.captures.append(stats)
         assembler.captures.append(name)

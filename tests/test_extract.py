@@ -619,3 +619,22 @@ def test_a_session_that_cannot_be_written_is_named_once_and_the_rest_counted(
     assert {p.kind for p in problems} == {"extract-write-failed"}
     counted, = [p for p in problems if "only counted" in p.message]
     assert len(failed) > 2 and counted.message.startswith(f"{len(failed) - 2:,} more")
+
+
+def test_a_failed_write_names_the_capture_file_of_its_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotated captures: frame numbers start again in each file, so the problem names the file too."""
+    w = Wire(tmp_path)
+    w.extractor.several_captures, w.extractor.capture_names = True, ["first.pcap", "second.pcap"]
+    w.create()
+    w.fragment(SID, 0, 19999, 40000, chunks=1)
+    w.rotate()
+
+    def full(fd: int, data, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    second = w.fragment(SID, 20000, 39999, 40000, chunks=1)
+    w.finish()
+    problem, = [p for p in w.extractor.problems if p.frame is not None]
+    assert (problem.file, problem.frame) == ("second.pcap", second.request.first_frame)
+    assert str(problem).startswith("second.pcap")

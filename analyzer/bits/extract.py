@@ -48,7 +48,7 @@ import os
 import resource
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from analyzer.bits.catalogue import Anomaly, anomaly, frame_name
 from analyzer.bits.packets import BitsPacket, fragment_head, session_key
@@ -456,9 +456,11 @@ class _Spool:
 class Extractor:
     """Writes each session's entity into `out_dir` as its fragments pass (see module doc)."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, several_captures: bool = False) -> None:
+    def __init__(self, out_dir: str | os.PathLike, *, several_captures: bool = False,
+                 capture_names: Sequence[str] = ()) -> None:
         os.makedirs(out_dir, exist_ok=True)
         self.several_captures = several_captures
+        self.capture_names = capture_names  # by capture index: problems name the file of their frame
         self.out_dir = os.fspath(out_dir)
         self._dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
         self._spools: dict[str, _Spool] = {}  # by session key: the current session of that id
@@ -471,6 +473,9 @@ class Extractor:
         self.problems: list[Problem] = []
         self._named: set[tuple[str, str]] = set()  # (kind, session id) already in `problems`
         self._repeated: dict[str, int] = {}  # kind -> problems counted, not listed
+
+    def _capture_name(self, index: int) -> str | None:
+        return self.capture_names[index] if index < len(self.capture_names) else None
 
     def _problem(self, kind: str, session_id: str, message: str, **place: Any) -> None:
         # A session that cannot be written fails again at each later fragment: the first failure
@@ -506,7 +511,8 @@ class Extractor:
             if inflight.spool.lost is None:
                 self._problem("extract-write-failed", inflight.spool.session_id,
                               f"writing session {inflight.spool.session_id}: {error}",
-                              frame=inflight.place[1], connection=inflight.connection)
+                              frame=inflight.place[1], connection=inflight.connection,
+                              file=self._capture_name(inflight.place[0]))
         if inflight.spool.write_errors:
             self._report_write_errors(inflight.spool)
         if self._behind.waiting > WRITE_BEHIND_BYTES:
