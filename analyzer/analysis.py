@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
-from analyzer.bits.extract import Extractor
-from analyzer.bits.sessions import BitsSummary, SessionTracker
-from analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
-from analyzer.problems import Problem
+from bitstrace.analyzer.bits.extract import Extractor
+from bitstrace.analyzer.bits.sessions import BitsSummary, SessionTracker
+from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
+from bitstrace.analyzer.problems import Problem
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import BinaryIO, NamedTuple
 
 import construct as cs
 
-from analyzer.problems import Problem, ProblemLog
+from bitstrace.analyzer.problems import Problem, ProblemLog
 
 LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1

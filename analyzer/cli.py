@@ -15,10 +15,10 @@ import os
 import sys
 from typing import Callable, Iterator, Sequence, TextIO
 
-from analyzer import __version__
-from analyzer.pipeline import ProgressHook, read_exchanges
-from analyzer.problems import Problem
-from analyzer.report.json import SEVERITY_ORDER as SEVERITIES
+from bitstrace import __version__
+from bitstrace.analyzer.pipeline import ProgressHook, read_exchanges
+from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.report.json import SEVERITY_ORDER as SEVERITIES
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -79,7 +79,7 @@ def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
 
 
 def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from analyzer.exchanges import exchange_to_json
+    from bitstrace.analyzer.exchanges import exchange_to_json
 
     # Several files: each record names the file its frame numbers count in.
     names = ["<stdin>" if path == "-" else path for path in args.captures] if len(args.captures) > 1 else None
@@ -94,9 +94,9 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from analyzer.analysis import analyze
-    from analyzer.report import render_text, write_html
-    from analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records,
+    from bitstrace.analyzer.analysis import analyze
+    from bitstrace.analyzer.report import render_text, write_html
+    from bitstrace.analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records,
                                       packet_source, severity_at_least, write_json, write_jsonl)
 
     # Every output is opened before the analysis, so a bad path costs nothing but a message.

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import NamedTuple
 
-from analyzer.capture import (
+from bitstrace.analyzer.capture import (
     LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2,
     LINKTYPE_LOOP, LINKTYPE_NULL, LINKTYPE_RAW, Frame, FrameFields, new_frame,
 )
-from analyzer.problems import Problem, ProblemLog
+from bitstrace.analyzer.problems import Problem, ProblemLog
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 

@@ -34,9 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from analyzer.clock import iso
-from analyzer.decode import format_endpoint, split_frame
-from analyzer.http import (
+from bitstrace.analyzer.clock import iso
+from bitstrace.analyzer.decode import format_endpoint, split_frame
+from bitstrace.analyzer.http import (
     NO_HEADERS,
     BodyChunk,
     Headers,
@@ -46,8 +46,8 @@ from analyzer.http import (
     ResponseHead,
     start_line_role,
 )
-from analyzer.problems import Problem, ProblemLog
-from analyzer.tcp import CLIENT, SERVER, Connection
+from bitstrace.analyzer.problems import Problem, ProblemLog
+from bitstrace.analyzer.tcp import CLIENT, SERVER, Connection
 
 #: Body bytes are handed to `on_body` in blocks of about this size (a copy of each payload, but
 #: one consumer call and one hash update per ~45 packets instead of one per packet, and no view

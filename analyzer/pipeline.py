@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import BinaryIO, Callable, Iterable
 
-from analyzer.capture import CaptureReader, Frame
-from analyzer.decode import Decoder
-from analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
-from analyzer.problems import Problem
-from analyzer.tcp import TcpReassembler
+from bitstrace.analyzer.capture import CaptureReader, Frame
+from bitstrace.analyzer.decode import Decoder
+from bitstrace.analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
+from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.tcp import TcpReassembler
 
 ExchangeConsumer = Callable[[Exchange], None]
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)

@@ -44,7 +44,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from analyzer.decode import Segment
+    from bitstrace.analyzer.decode import Segment
 
 CLIENT = 0
 SERVER = 1

@@ -16,9 +16,9 @@ import sys
 import time
 import tracemalloc
 
-from analyzer.bits.packets import classify
-from analyzer.bits.sessions import SessionTracker
-from analyzer.pipeline import read_exchanges
+from bitstrace.analyzer.bits.packets import classify
+from bitstrace.analyzer.bits.sessions import SessionTracker
+from bitstrace.analyzer.pipeline import read_exchanges
 
 
 class _Enough(Exception):

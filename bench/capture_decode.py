@@ -21,8 +21,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import RawPcapNgReader, RawPcapReader
 
-from analyzer.capture import CaptureReader
-from analyzer.decode import Decoder
+from bitstrace.analyzer.capture import CaptureReader
+from bitstrace.analyzer.decode import Decoder
 
 
 def write_capture(path: Path, count: int, pcapng: bool) -> None:

@@ -16,8 +16,8 @@ import sys
 import time
 from types import SimpleNamespace
 
-from analyzer.exchanges import ExchangeAssembler
-from analyzer.http import HttpParser
+from bitstrace.analyzer.exchanges import ExchangeAssembler
+from bitstrace.analyzer.http import HttpParser
 
 MiB = 1 << 20
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from replay.client import BitsClient  # noqa: E402
-from replay.server import BitsServer  # noqa: E402
+from bitstrace.replay.client import BitsClient  # noqa: E402
+from bitstrace.replay.server import BitsServer  # noqa: E402
 from captures.netns import run_in_namespace, wait_for  # noqa: E402
 from captures.seeded_file import write_seeded_file  # noqa: E402
 

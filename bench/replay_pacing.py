@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from replay.plan import build_plan  # noqa: E402
-from replay.send import Options, Target, replay  # noqa: E402
-from replay.server import BitsServer  # noqa: E402
+from bitstrace.replay.plan import build_plan  # noqa: E402
+from bitstrace.replay.send import Options, Target, replay  # noqa: E402
+from bitstrace.replay.server import BitsServer  # noqa: E402
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 

@@ -103,7 +103,7 @@ def frames_in(capture: Path, manifest: dict) -> int:
     entry = manifest.get(capture.stem)
     if entry and entry.get("bytes") == capture.stat().st_size:
         return entry["packets"]
-    from analyzer.capture import CaptureReader  # a capture not made by make_captures.py
+    from bitstrace.analyzer.capture import CaptureReader  # a capture not made by make_captures.py
     return sum(1 for _ in CaptureReader(capture))
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 import time
 
-from analyzer.decode import Segment
-from analyzer.tcp import ACK, SYN, TcpReassembler
+from bitstrace.analyzer.decode import Segment
+from bitstrace.analyzer.tcp import ACK, SYN, TcpReassembler
 
 CLIENT, SERVER = (bytes([192, 0, 2, 1]), 40000), (bytes([192, 0, 2, 2]), 80)
 SIZE = 1460

@@ -36,9 +36,9 @@ from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analyzer.bits.protocol import Header, PacketType, parse_content_range  # noqa: E402
-from replay.client import BitsClient, Transaction  # noqa: E402
-from replay.server import BitsServer  # noqa: E402
+from bitstrace.analyzer.bits.protocol import Header, PacketType, parse_content_range  # noqa: E402
+from bitstrace.replay.client import BitsClient, Transaction  # noqa: E402
+from bitstrace.replay.server import BitsServer  # noqa: E402
 from captures.netns import READY_TIMEOUT, run_in_namespace, wait_for  # noqa: E402
 from captures.seeded_file import write_seeded_file  # noqa: E402
 

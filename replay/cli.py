@@ -34,11 +34,11 @@ from typing import Iterator, Sequence, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from analyzer import __version__
-from analyzer.bits.protocol import format_hresult
-from replay.arguments import finite, seconds, whole
-from replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
-from replay.send import (
+from bitstrace import __version__
+from bitstrace.analyzer.bits.protocol import format_hresult
+from bitstrace.replay.arguments import finite, seconds, whole
+from bitstrace.replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
+from bitstrace.replay.send import (
     MODES,
     Options,
     Outcome,

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
-from analyzer.bits.packets import SUCCESS, AckFields, parse_ack
-from analyzer.bits.protocol import (
+from bitstrace.analyzer.bits.packets import SUCCESS, AckFields, parse_ack
+from bitstrace.analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     METHOD,
     MIN_FRAGMENT,
@@ -39,7 +39,7 @@ from analyzer.bits.protocol import (
     Header,
     PacketType,
 )
-from replay.fragment_loop import FragmentLoop, GiveUp, Step, follows_offset
+from bitstrace.replay.fragment_loop import FragmentLoop, GiveUp, Step, follows_offset
 
 #: BITS 10.x (Windows 10/11), qmgr.dll 7.8.
 DEFAULT_USER_AGENT = USER_AGENT_PREFIX + "7.8"

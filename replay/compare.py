@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from analyzer.bits.packets import AckFields, parse_ack
-from analyzer.bits.protocol import describe_hresult, format_hresult
+from bitstrace.analyzer.bits.packets import AckFields, parse_ack
+from bitstrace.analyzer.bits.protocol import describe_hresult, format_hresult
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import enum
 
-from analyzer.bits.packets import RESYNC, SUCCESS, TOO_LARGE_STATUS
-from analyzer.bits.protocol import MIN_FRAGMENT, ContentRange
+from bitstrace.analyzer.bits.packets import RESYNC, SUCCESS, TOO_LARGE_STATUS
+from bitstrace.analyzer.bits.protocol import MIN_FRAGMENT, ContentRange
 
 #: Attempts in a row that leave the acknowledged offset where it was (answers, or connections
 #: lost before one) before the loop gives up: the real client's BG_E_NO_PROGRESS, counted in

@@ -25,16 +25,16 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Sequence
 
-from analyzer.bits.packets import is_bits_method
-from analyzer.bits.protocol import ContentRange, Header, PacketType, same_id
-from analyzer.bits.sessions import Session, SessionTracker
-from analyzer.pipeline import read_exchanges
-from analyzer.problems import Problem
-from replay.compare import AckSummary, summarize_ack
+from bitstrace.analyzer.bits.packets import is_bits_method
+from bitstrace.analyzer.bits.protocol import ContentRange, Header, PacketType, same_id
+from bitstrace.analyzer.bits.sessions import Session, SessionTracker
+from bitstrace.analyzer.pipeline import read_exchanges
+from bitstrace.analyzer.problems import Problem
+from bitstrace.replay.compare import AckSummary, summarize_ack
 
 if TYPE_CHECKING:
-    from analyzer.exchanges import Exchange, HttpMessage
-    from analyzer.tcp import Connection
+    from bitstrace.analyzer.exchanges import Exchange, HttpMessage
+    from bitstrace.analyzer.tcp import Connection
 
 SPOOL_CHUNK = 1 << 16
 #: Small appends are written out in batches of about this size: many small bodies (1 KiB

@@ -28,8 +28,8 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, Protocol
 from urllib.parse import urlsplit
 
-from analyzer.bits.packets import SUCCESS
-from analyzer.bits.protocol import (
+from bitstrace.analyzer.bits.packets import SUCCESS
+from bitstrace.analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     METHOD,
     PROTOCOL_GUID,
@@ -37,9 +37,9 @@ from analyzer.bits.protocol import (
     PacketType,
     same_id,
 )
-from replay.compare import AckSummary, Difference, compare, summarize
-from replay.fragment_loop import FragmentLoop, GiveUp, Step, count_recreation
-from replay.plan import Body, Plan, PlannedRequest, PlannedSession
+from bitstrace.replay.compare import AckSummary, Difference, compare, summarize
+from bitstrace.replay.fragment_loop import FragmentLoop, GiveUp, Step, count_recreation
+from bitstrace.replay.plan import Body, Plan, PlannedRequest, PlannedSession
 
 MODES = ("faithful", "adaptive")
 #: Bound on what is read of a response body (acks have none; a garbage server may send plenty).

@@ -9,7 +9,7 @@ packet on stderr, and stops cleanly on SIGINT/SIGTERM. ``bits-server --help`` li
 
 Library API (for tests and the replayer)::
 
-    from replay.server import BitsServer
+    from bitstrace.replay.server import BitsServer
     with BitsServer(root, overlap="reject", reply=True) as server:   # started on enter
         server.url              # "http://127.0.0.1:PORT/"
         server.records          # PacketRecord per packet, in completion order
@@ -60,8 +60,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Literal, NamedTuple, TextIO
 
-from analyzer import __version__
-from analyzer.bits.protocol import (
+from bitstrace import __version__
+from bitstrace.analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     BG_E_TOO_LARGE,
     DEFAULT_SESSION_TIMEOUT,
@@ -85,9 +85,9 @@ from analyzer.bits.protocol import (
     parse_decimal,
     split_protocols,
 )
-from replay.arguments import seconds, whole
-from replay.paths import UnsafePath, check_inside, reply_target, reply_url, upload_path, url_directory
-from replay.server_state import ENDED, Event, Session, SessionTable, State
+from bitstrace.replay.arguments import seconds, whole
+from bitstrace.replay.paths import UnsafePath, check_inside, reply_target, reply_url, upload_path, url_directory
+from bitstrace.replay.server_state import ENDED, Event, Session, SessionTable, State
 
 CHUNK = 64 * 1024
 #: An unread body up to this size (or the fragment limit) is drained to keep the connection;

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from analyzer.bits.protocol import is_guid
+from bitstrace.analyzer.bits.protocol import is_guid
 
-from replay.paths import REPLY_FILE, REQUEST_FILE, state_paths
+from bitstrace.replay.paths import REPLY_FILE, REQUEST_FILE, state_paths
 
 
 class State(enum.Enum):

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from analyzer.bits.extract import Extractor
-from analyzer.bits.protocol import PROTOCOL_GUID, Header
-from analyzer.bits.sessions import BitsSummary, SessionTracker
-from analyzer.exchanges import Exchange, HttpMessage
-from analyzer.http import Headers
-from analyzer.tcp import Connection
+from bitstrace.analyzer.bits.extract import Extractor
+from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, Header
+from bitstrace.analyzer.bits.sessions import BitsSummary, SessionTracker
+from bitstrace.analyzer.exchanges import Exchange, HttpMessage
+from bitstrace.analyzer.http import Headers
+from bitstrace.analyzer.tcp import Connection
 
 SID = "{A0FF5911-4144-45B3-BF27-27AFC8EC8A67}"
 SID2 = "{C85B4E0A-1D2E-4F6A-9B8C-0D1E2F3A4B5C}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
-from analyzer.bits.catalogue import CATALOGUE
+from bitstrace.analyzer.bits.catalogue import CATALOGUE
 
 PROTOCOL = "{7df0354d-249b-430f-820d-3d2a9bef4931}"
 T0 = 1795605040.0  # 2026-11-25T11:10:40Z

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.bits.catalogue import CATALOGUE
-from analyzer.bits.machine import ALL, TRANSITIONS, Answer, Sent, State, Transition, step
+from bitstrace.analyzer.bits.catalogue import CATALOGUE
+from bitstrace.analyzer.bits.machine import ALL, TRANSITIONS, Answer, Sent, State, Transition, step
 
 # The team's protocol reference lives beside the repository (CI lays a copy of shared/ there too).
 SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "bits-protocol.md"

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.bits.catalogue import CATALOGUE, Severity
-from analyzer.bits.packets import classify, session_key
-from analyzer.bits import protocol as p
-from analyzer.bits.protocol import PROTOCOL_GUID, ContentRange, Header, PacketType
+from bitstrace.analyzer.bits.catalogue import CATALOGUE, Severity
+from bitstrace.analyzer.bits.packets import classify, session_key
+from bitstrace.analyzer.bits import protocol as p
+from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, ContentRange, Header, PacketType
 from bits_fixtures import SID, SID2, UA, Wire, codes
 
 T = 12_000

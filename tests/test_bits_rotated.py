@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.analysis import analyze
+from bitstrace.analyzer.analysis import analyze
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 PER_FILE = 25

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.bits.catalogue import CATALOGUE, Severity
-from analyzer.bits.extract import Extractor
-from analyzer.bits.machine import State
-from analyzer.bits.protocol import PROTOCOL_GUID, Header
-from analyzer.bits.sessions import SessionTracker, Verdict
+from bitstrace.analyzer.bits.catalogue import CATALOGUE, Severity
+from bitstrace.analyzer.bits.extract import Extractor
+from bitstrace.analyzer.bits.machine import State
+from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, Header
+from bitstrace.analyzer.bits.sessions import SessionTracker, Verdict
 from bits_fixtures import SID, SID2, UA, Wire, all_codes, codes
 
 T = 12_000  # three fragments: 0-5119, 5120-10239, 10240-11999
@@ -373,7 +373,7 @@ EXPECTED = json.loads((CAPTURES / "expected.json").read_text())["captures"] if (
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_capture_corpus(name: str, tmp_path: Path) -> None:
-    from analyzer.pipeline import read_exchanges
+    from bitstrace.analyzer.pipeline import read_exchanges
 
     expected = EXPECTED[name]
     extractor = Extractor(tmp_path)

@@ -20,8 +20,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 import craft
-from analyzer.capture import CHUNK_SIZE, CaptureReader, Frame
-from analyzer.decode import Decoder
+from bitstrace.analyzer.capture import CHUNK_SIZE, CaptureReader, Frame
+from bitstrace.analyzer.decode import Decoder
 
 SECOND = 1_000_000_000
 T0 = 1_700_000_000 * SECOND
@@ -126,7 +126,7 @@ def test_concatenated_gzip_members():
     assert [f.data for f in frames] == [bytes(p) for p in PACKETS]
 
 
-COUNT_FROM_STDIN = ("import sys; from analyzer.capture import CaptureReader; r = CaptureReader('-'); "
+COUNT_FROM_STDIN = ("import sys; from bitstrace.analyzer.capture import CaptureReader; r = CaptureReader('-'); "
                     "print(r.format, [(f.number, f.ts_ns, len(f.data)) for f in r], r.complete, r.name)")
 
 

@@ -13,10 +13,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from analyzer.analysis import analyze
-from analyzer.bits.protocol import PROTOCOL_GUID, Header
-from analyzer.exchanges import exchange_to_json
-from analyzer.pipeline import read_exchanges
+from bitstrace.analyzer.analysis import analyze
+from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, Header
+from bitstrace.analyzer.exchanges import exchange_to_json
+from bitstrace.analyzer.pipeline import read_exchanges
 from craft import pcap_bytes, write
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.bits.protocol import (
+from bitstrace.analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     E_INVALIDARG,
     PROTOCOL_GUID,
@@ -23,14 +23,14 @@ from analyzer.bits.protocol import (
     Header,
     PacketType,
 )
-from replay.client import (
+from bitstrace.replay.client import (
     CHUNK_SIZE,
     BitsClient,
     FileSlice,
     UploadError,
     resolve_reply_url,
 )
-from replay.server import BitsServer
+from bitstrace.replay.server import BitsServer
 
 FRAGMENT = 16 * 1024
 
@@ -428,7 +428,7 @@ def test_an_offset_beyond_the_total_is_not_taken_as_progress(serve, source):
     """A server acking N past the file's end makes send_file give up, and the client does not
     keep that N as its offset (it once did: the next send_file then found nothing left to send
     and Close discarded the upload)."""
-    from replay.server import Ack
+    from bitstrace.replay.server import Ack
 
     server = serve()
     path = source(20_000)

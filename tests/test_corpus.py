@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.bits.protocol import is_guid
+from bitstrace.analyzer.bits.protocol import is_guid
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 GENERATOR = CAPTURES / "make_captures.py"

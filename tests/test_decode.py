@@ -20,9 +20,9 @@ from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ethe
 from scapy.packet import Packet
 
 import craft
-from analyzer import decode as decode_module
-from analyzer.capture import CaptureReader, Frame
-from analyzer.decode import ACK, FIN, PSH, SYN, Decoder, Segment, format_addr
+from bitstrace.analyzer import decode as decode_module
+from bitstrace.analyzer.capture import CaptureReader, Frame
+from bitstrace.analyzer.decode import ACK, FIN, PSH, SYN, Decoder, Segment, format_addr
 
 T0 = 1_700_000_000_000_000_000
 V4 = dict(src="192.0.2.1", dst="198.51.100.7")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.bits.protocol import Header, parse_content_range
-from analyzer.capture import CaptureReader
-from analyzer.decode import Decoder
+from bitstrace.analyzer.bits.protocol import Header, parse_content_range
+from bitstrace.analyzer.capture import CaptureReader
+from bitstrace.analyzer.decode import Decoder
 
-from analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage, exchange_to_json
-from analyzer.tcp import CLIENT, SERVER, Connection, TcpReassembler
+from bitstrace.analyzer.exchanges import Exchange, ExchangeAssembler, HttpMessage, exchange_to_json
+from bitstrace.analyzer.tcp import CLIENT, SERVER, Connection, TcpReassembler
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 EXPECTED = json.loads((CAPTURES / "expected.json").read_text())["captures"]

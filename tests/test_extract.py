@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.bits import extract
-from analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
-from analyzer.bits.protocol import Header, PacketType, parse_content_range
+from bitstrace.analyzer.bits import extract
+from bitstrace.analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
+from bitstrace.analyzer.bits.protocol import Header, PacketType, parse_content_range
 from bits_fixtures import SID, SID2, Wire, codes, payload
 
 T = 12_000

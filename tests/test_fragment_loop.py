@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.bits.protocol import MIN_FRAGMENT, ContentRange
-from replay.fragment_loop import (
+from bitstrace.analyzer.bits.protocol import MIN_FRAGMENT, ContentRange
+from bitstrace.replay.fragment_loop import (
     MAX_ATTEMPTS_WITHOUT_PROGRESS,
     MAX_RECREATES,
     MAX_RESEND_FACTOR,

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.capture import LINKTYPE_ETHERNET, CaptureReader, Frame
-from analyzer.decode import Decoder, Segment
-from analyzer.exchanges import BODY_BLOCK
-from analyzer.http import BodyChunk, HttpParser
-from analyzer.pipeline import read_exchanges
+from bitstrace.analyzer.capture import LINKTYPE_ETHERNET, CaptureReader, Frame
+from bitstrace.analyzer.decode import Decoder, Segment
+from bitstrace.analyzer.exchanges import BODY_BLOCK
+from bitstrace.analyzer.http import BodyChunk, HttpParser
+from bitstrace.analyzer.pipeline import read_exchanges
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 CORPUS = sorted(p for p in CAPTURES.iterdir() if p.suffix in (".pcap", ".pcapng"))
@@ -195,9 +195,9 @@ def test_on_body_blocks_carry_every_body_byte_in_order() -> None:
 def test_nothing_keeps_a_view_of_the_capture_data_after_a_packet() -> None:
     """A view kept past its packet pins the whole read chunk (64 KiB) it points into; a bytearray
     cannot be resized while any view of it lives, which makes a kept view visible."""
-    from analyzer.decode import ACK, PSH, SYN, Segment
-    from analyzer.exchanges import ExchangeAssembler
-    from analyzer.tcp import TcpReassembler
+    from bitstrace.analyzer.decode import ACK, PSH, SYN, Segment
+    from bitstrace.analyzer.exchanges import ExchangeAssembler
+    from bitstrace.analyzer.tcp import TcpReassembler
 
     client, server = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
     head = b"BITS_POST /u HTTP/1.1\r\nContent-Length: 3000\r\n\r\n"

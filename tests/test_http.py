@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer import http
-from analyzer.http import (
+from bitstrace.analyzer import http
+from bitstrace.analyzer.http import (
     MAX_CHUNK_LINE,
     MAX_HEAD,
     BodyChunk,

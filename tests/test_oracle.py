@@ -20,10 +20,10 @@ from pathlib import Path
 import pyshark
 import pytest
 
-from analyzer.capture import CaptureReader
-from analyzer.decode import Decoder
-from analyzer.pipeline import read_exchanges
-from analyzer.tcp import TcpReassembler
+from bitstrace.analyzer.capture import CaptureReader
+from bitstrace.analyzer.decode import Decoder
+from bitstrace.analyzer.pipeline import read_exchanges
+from bitstrace.analyzer.tcp import TcpReassembler
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 CORPUS = sorted(p for p in CAPTURES.glob("*.pcap*") if p.is_file())

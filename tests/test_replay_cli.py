@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from analyzer import __version__
-from replay.cli import EXIT_FAULT, EXIT_OK, EXIT_USAGE, main
-from replay.plan import build_plan
-from replay.send import Options, Target, dry_run, replay
-from replay.server import BitsServer
+from bitstrace import __version__
+from bitstrace.replay.cli import EXIT_FAULT, EXIT_OK, EXIT_USAGE, main
+from bitstrace.replay.plan import build_plan
+from bitstrace.replay.send import Options, Target, dry_run, replay
+from bitstrace.replay.server import BitsServer
 from test_replay_plan import SID_A, SID_B, Conversation, payload, upload
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
@@ -120,7 +120,7 @@ def test_credentials_outside_latin1_are_sent_as_utf8() -> None:
 @pytest.mark.parametrize("json_output", [False, True])
 def test_a_reader_that_goes_away_is_not_an_error(json_output: bool) -> None:
     """`bits-replay --dry-run x.pcap | head`: the pipe is closed before anything is written."""
-    command = [sys.executable, "-m", "replay.cli", "--dry-run",
+    command = [sys.executable, "-m", "bitstrace.replay.cli", "--dry-run",
                str(CAPTURES / "clean-multi-fragment.pcap"), "--target", "http://127.0.0.1:9/"]
     process = subprocess.Popen(command + (["--json"] if json_output else []),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)

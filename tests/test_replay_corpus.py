@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND
-from replay.plan import build_plan
-from replay.send import Options, Target, replay
-from replay.server import BitsServer
+from bitstrace.analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND
+from bitstrace.replay.plan import build_plan
+from bitstrace.replay.send import Options, Target, replay
+from bitstrace.replay.server import BitsServer
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 CORPUS = sorted(p.name for p in CAPTURES.glob("*.pcap*") if p.is_file())

@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from replay.cli import EXIT_FAULT, main
+from bitstrace.replay.cli import EXIT_FAULT, main
 from test_replay_plan import SID_A, Conversation, payload, upload
 
 FRAGMENT = 1 << 20  # larger than what a loopback socket buffers, so a reset hits mid-send

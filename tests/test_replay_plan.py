@@ -16,10 +16,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 import craft
-from analyzer.bits.protocol import PROTOCOL_GUID, PacketType
-from analyzer.bits.sessions import Session, SessionTracker
-from analyzer.pipeline import read_exchanges
-from replay.plan import SPOOL_BATCH, Body, BodySpool, build_plan
+from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, PacketType
+from bitstrace.analyzer.bits.sessions import Session, SessionTracker
+from bitstrace.analyzer.pipeline import read_exchanges
+from bitstrace.replay.plan import SPOOL_BATCH, Body, BodySpool, build_plan
 
 SERVER_PORT = 8080
 MSS = 1400
@@ -299,7 +299,7 @@ def test_unreadable_capture_is_a_problem_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_lowercase_bits_post_is_planned_as_the_analyzer_counts_it(tmp_path: Path) -> None:
-    from analyzer.bits.packets import classify
+    from bitstrace.analyzer.bits.packets import classify
 
     conv = Conversation()
     data = payload(2000, 5)
@@ -323,8 +323,8 @@ def test_acks_are_read_alike_by_analyzer_replay_and_client(tmp_path: Path) -> No
     """One ack parser: headers that are empty, padded or given under both error-header names
     give the same fields in the analyzer's packets, the replay's captured summaries and the
     client's responses."""
-    from analyzer.bits.packets import classify
-    from replay.client import Response
+    from bitstrace.analyzer.bits.packets import classify
+    from bitstrace.replay.client import Response
 
     odd_acks = [
         [f"BITS-Session-Id:   {SID_A}  ", "BITS-Host-Id:  ", "BITS-Received-Content-Range: 10"],
@@ -360,7 +360,7 @@ def test_refused_creates_in_several_files_keep_the_analyzers_keys(tmp_path: Path
     """Two rotated files, each with a refused Create at frame 4: bits-analyze names them
     `refused-create@1:4` and `refused-create@2:4`; the plan once called both `refused-create@4`,
     so selecting one replayed both."""
-    from analyzer.analysis import analyze
+    from bitstrace.analyzer.analysis import analyze
 
     paths = []
     for number in range(2):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND, MIN_FRAGMENT
-from replay.cli import main
-from replay.plan import build_plan
-from replay.send import Options, Target, TargetError, dry_run, replay
-from replay.server import BitsServer
+from bitstrace.analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND, MIN_FRAGMENT
+from bitstrace.replay.cli import main
+from bitstrace.replay.plan import build_plan
+from bitstrace.replay.send import Options, Target, TargetError, dry_run, replay
+from bitstrace.replay.server import BitsServer
 from test_replay_plan import SID_A, SID_B, Conversation, ack, payload, request, upload
 
 
@@ -391,9 +391,9 @@ def test_adaptive_gives_up_after_the_server_forgot_the_session_too_often_in_all(
     """The recreation limit holds for the whole session, not for each upload loop: twice during
     the fragments, once at Close, once more in the upload after it is one too many (the limit
     once restarted with every fragment run, and the recreation at Close was never counted)."""
-    from analyzer.bits.protocol import PacketType
-    from replay.fragment_loop import MAX_RECREATES
-    from replay.server import error_ack
+    from bitstrace.analyzer.bits.protocol import PacketType
+    from bitstrace.replay.fragment_loop import MAX_RECREATES
+    from bitstrace.replay.server import error_ack
 
     assert MAX_RECREATES == 3
     forget = {PacketType.FRAGMENT: {1, 2, 6}, PacketType.CLOSE_SESSION: {1}}

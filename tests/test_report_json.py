@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import report_fixtures as fx
-from analyzer.analysis import analyze
-from analyzer.report.html import render_html, write_html
-from analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records, packet_source,
+from bitstrace.analyzer.analysis import analyze
+from bitstrace.analyzer.report.html import render_html, write_html
+from bitstrace.analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records, packet_source,
                                   write_json, write_jsonl)
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
@@ -141,7 +141,7 @@ def test_downloads_say_when_and_which_sessions_reply_they_fetch(analyses: dict) 
 def test_a_download_of_another_client_or_path_is_no_reply(analyses: dict) -> None:
     from dataclasses import replace
 
-    from analyzer.bits.sessions import _link_reply_fetches
+    from bitstrace.analyzer.bits.sessions import _link_reply_fetches
 
     bits = analyses["upload-reply.pcap"].bits
     fetch = bits.downloads[-1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import report_fixtures as fx
-from analyzer.report.presentation import (
+from bitstrace.analyzer.report.presentation import (
     all_anomalies, compact_progress, frame_list, human_duration, human_size, percent, printable, short_ids,
 )
 

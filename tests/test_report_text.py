@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 
 import report_fixtures as fx
-from analyzer.bits.catalogue import CATALOGUE
-from analyzer.report.text import render_text
+from bitstrace.analyzer.bits.catalogue import CATALOGUE
+from bitstrace.analyzer.report.text import render_text
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -177,7 +177,7 @@ def wide_character_report() -> dict:
 def test_tables_of_one_line_rows_read_as_rich_lays_them_out_row_by_row(make, monkeypatch):
     """Without colour, rows that each fit on one line go to rich as one row of multi-line cells
     (fast); the page must be what rich's row-by-row layout gives, at every width."""
-    import analyzer.report.text as text
+    import bitstrace.analyzer.report.text as text
 
     report = make()
     fits = text._one_line_rows

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.analysis import analyze
-from analyzer.report.json import build_report
-from analyzer.report.presentation import frame_list
-from analyzer.report.text import render_text
+from bitstrace.analyzer.analysis import analyze
+from bitstrace.analyzer.report.json import build_report
+from bitstrace.analyzer.report.presentation import frame_list
+from bitstrace.analyzer.report.text import render_text
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer.capture import CaptureReader
-from analyzer.decode import Decoder, Segment
-from analyzer.tcp import (
+from bitstrace.analyzer.capture import CaptureReader
+from bitstrace.analyzer.decode import Decoder, Segment
+from bitstrace.analyzer.tcp import (
     ACK, CLIENT, CLOSED_LINGER_NS, FIN, PENDING_ACKS, RST, SERVER, SYN, Connection, TcpReassembler,
 )
 

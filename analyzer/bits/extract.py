@@ -50,9 +50,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from analyzer.bits.catalogue import Anomaly, anomaly, frame_name
-from analyzer.bits.packets import BitsPacket, fragment_head, session_key
-from analyzer.problems import Problem
+from bitstrace.analyzer.bits.catalogue import Anomaly, anomaly, frame_name
+from bitstrace.analyzer.bits.packets import BitsPacket, fragment_head, session_key
+from bitstrace.analyzer.problems import Problem
 
 PARTIAL_SUFFIX = ".partial"
 MAX_NAME_BYTES = 180  # leaves room for the id, a de-duplication counter and the suffix in 255

@@ -17,9 +17,9 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from analyzer.bits import protocol as p
-from analyzer.bits.packets import AUTH_CHALLENGES, RESYNC, BitsPacket
-from analyzer.bits.protocol import PacketType
+from bitstrace.analyzer.bits import protocol as p
+from bitstrace.analyzer.bits.packets import AUTH_CHALLENGES, RESYNC, BitsPacket
+from bitstrace.analyzer.bits.protocol import PacketType
 
 
 class State(str, enum.Enum):

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Callable
 
-from analyzer.bits import protocol as p
-from analyzer.bits.catalogue import Anomaly, Severity, anomaly
-from analyzer.bits.protocol import ContentRange, Header, PacketType
-from analyzer.decode import format_addr, format_endpoint
-from analyzer.http import Headers
+from bitstrace.analyzer.bits import protocol as p
+from bitstrace.analyzer.bits.catalogue import Anomaly, Severity, anomaly
+from bitstrace.analyzer.bits.protocol import ContentRange, Header, PacketType
+from bitstrace.analyzer.decode import format_addr, format_endpoint
+from bitstrace.analyzer.http import Headers
 
 SUCCESS = frozenset({200, 201})
 RESYNC = 416

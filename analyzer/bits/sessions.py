@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
 
-from analyzer.bits import protocol as p
-from analyzer.bits.catalogue import Anomaly, anomaly, frame_name
-from analyzer.bits.machine import Answer, Sent, State, answer, sent, step
-from analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify, host_name, session_key
-from analyzer.bits.protocol import PacketType
+from bitstrace.analyzer.bits import protocol as p
+from bitstrace.analyzer.bits.catalogue import Anomaly, anomaly, frame_name
+from bitstrace.analyzer.bits.machine import Answer, Sent, State, answer, sent, step
+from bitstrace.analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify, host_name, session_key
+from bitstrace.analyzer.bits.protocol import PacketType
 
 if TYPE_CHECKING:
-    from analyzer.bits.extract import ExtractedEntity, Extractor
+    from bitstrace.analyzer.bits.extract import ExtractedEntity, Extractor
 
 NS = 1_000_000_000
 DEFAULT_STALL_AFTER_S = 300  # the client's response timer (bits-protocol.md 5.2.6)

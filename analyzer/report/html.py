@@ -14,7 +14,7 @@ import html
 import io
 from typing import IO, Iterable
 
-from analyzer.report.presentation import (
+from bitstrace.analyzer.report.presentation import (
     SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, frame_name,
     human_duration, human_rate, human_size, percent, printable, several_captures, severity_counts, short_ids,
 )

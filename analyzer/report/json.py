@@ -16,15 +16,15 @@ import math
 from json.encoder import encode_basestring_ascii as _quote
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from analyzer import __version__
-from analyzer.analysis import Analysis
-from analyzer.clock import epoch, iso
-from analyzer.bits import protocol as p
-from analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
-from analyzer.bits.packets import BitsPacket, Download, session_key
-from analyzer.bits.sessions import Session
-from analyzer.pipeline import CaptureStats
-from analyzer.problems import Problem
+from bitstrace import __version__
+from bitstrace.analyzer.analysis import Analysis
+from bitstrace.analyzer.clock import epoch, iso
+from bitstrace.analyzer.bits import protocol as p
+from bitstrace.analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
+from bitstrace.analyzer.bits.packets import BitsPacket, Download, session_key
+from bitstrace.analyzer.bits.sessions import Session
+from bitstrace.analyzer.pipeline import CaptureStats
+from bitstrace.analyzer.problems import Problem
 
 SCHEMA = "bitstrace.report"
 VERSION = 1

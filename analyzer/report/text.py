@@ -18,7 +18,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from analyzer.report.presentation import (
+from bitstrace.analyzer.report.presentation import (
     SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, check_min_severity,
     compact_progress, clip, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
     several_captures, short_ids,
