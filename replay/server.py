@@ -41,26 +41,23 @@ Behaviour (bits-protocol.md 1-7; the state transitions are one table in replay.s
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import errno
 import hmac
 import json
 import os
-import signal
 import socket
 import socketserver
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Literal, NamedTuple, TextIO
 
-from bitstrace import __version__
 from bitstrace.analyzer.bits.protocol import (
     BG_E_SESSION_NOT_FOUND,
     BG_E_TOO_LARGE,
@@ -85,7 +82,6 @@ from bitstrace.analyzer.bits.protocol import (
     parse_decimal,
     split_protocols,
 )
-from bitstrace.replay.arguments import seconds, whole
 from bitstrace.replay.paths import UnsafePath, check_inside, reply_target, reply_url, upload_path, url_directory
 from bitstrace.replay.server_state import ENDED, Event, Session, SessionTable, State
 
@@ -818,107 +814,3 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-# --- command line -------------------------------------------------------------------------------
-#: Exit status, the scheme bits-analyze and bits-replay share: 0 = stopped by SIGINT/SIGTERM (the
-#: way to stop a server, not an interruption of work), 2 = usage error (bad option, a --root that
-#: cannot be a directory, an address that cannot be listened on).
-EXIT_OK, EXIT_USAGE = 0, 2
-#: Longest timeout option: longer waits overflow the platform's time_t.
-MAX_TIMEOUT_S = 10 * 365 * 86400.0
-
-
-def _credentials(value: str) -> tuple[str, str]:
-    user, colon, password = value.partition(":")
-    if not colon or not user:
-        raise argparse.ArgumentTypeError("expected USER:PASSWORD")
-    return user, password
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown where there is one to show: not for flags, nor for options unset by default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bits-server", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter,
-                                epilog="Exit status: 0 stopped by SIGINT/SIGTERM, 2 usage error "
-                                       "(bad option, unusable --root, cannot listen).")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--root", required=True, type=Path, metavar="DIR",
-                   help="directory that uploads land in (created if missing)")
-    p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS", help="address to listen on")
-    p.add_argument("--port", type=whole(0, 65535), default=0, metavar="PORT", help="port; 0 picks a free one")
-    p.add_argument("--overlap", choices=("trim", "reject"), default="trim",
-                   help="fragment overlapping received bytes: keep only new bytes, 200 (trim, IIS) "
-                        "or 416 (reject, MC-BUP)")
-    p.add_argument("--no-overwrite", dest="overwrite", action="store_false",
-                   help="refuse an upload whose destination exists (E_ACCESSDENIED)")
-    p.add_argument("--exists-status", type=int, choices=(409, 403), default=409,
-                   help="status for an existing destination with --no-overwrite (409 Win32, 403 MC-BUP)")
-    p.add_argument("--create-status", type=int, choices=(200, 201), default=200,
-                   help="status of a successful Create-Session ack")
-    p.add_argument("--error-header", choices=tuple(ERROR_HEADERS), default="win32",
-                   help=f"error header name: win32 = {Header.ERROR_CODE}, mcbup = {Header.ERROR_CODE_MCBUP}")
-    p.add_argument("--max-upload-size", type=whole(1, MAX_UPLOAD_SIZE), default=MAX_UPLOAD_SIZE, metavar="BYTES",
-                   help="largest entity (BG_E_TOO_LARGE above it)")
-    p.add_argument("--max-fragment-size", type=whole(1, MAX_UPLOAD_SIZE), default=MAX_FRAGMENT, metavar="BYTES",
-                   help="largest fragment body (413 above it)")
-    p.add_argument("--session-timeout", type=seconds(MAX_TIMEOUT_S), default=DEFAULT_SESSION_TIMEOUT, metavar="SECONDS",
-                   help="time without progress before a session is purged")
-    p.add_argument("--host-id", metavar="NAME", help="BITS-Host-Id to announce on Create acks")
-    p.add_argument("--host-id-fallback-timeout", type=whole(0, int(MAX_TIMEOUT_S)), metavar="SECONDS",
-                   help="BITS-Host-Id-Fallback-Timeout (needs --host-id)")
-    p.add_argument("--reply", action="store_true",
-                   help="upload-reply mode: answer each upload with a JSON receipt (size, sha256)")
-    p.add_argument("--auth", type=_credentials, metavar="USER:PASSWORD",
-                   help="require HTTP Basic credentials (401 challenge otherwise)")
-    p.add_argument("--idle-timeout", type=seconds(MAX_TIMEOUT_S), default=60.0, metavar="SECONDS",
-                   help="time a connection may stay silent")
-    p.add_argument("--request-timeout", type=seconds(MAX_TIMEOUT_S), default=600.0, metavar="SECONDS",
-                   help="time one request may take")
-    p.add_argument("--quiet", action="store_true", help="no per-packet log on stderr")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    option_names = {f.name for f in fields(ServerOptions)}
-    options = {k: v for k, v in vars(args).items() if k in option_names}
-    try:
-        server = BitsServer(args.root, args.host, args.port, log=None if args.quiet else sys.stderr, **options)
-    except OSError as exc:
-        what = {errno.EEXIST: "it exists and is not a directory",
-                errno.ENOTDIR: "a parent of it is not a directory"}.get(exc.errno, exc.strerror)
-        parser.exit(EXIT_USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {what}\n")
-    except ValueError as exc:  # ServerOptions' own checks (--host-id-fallback-timeout without --host-id)
-        parser.exit(EXIT_USAGE, f"bits-server: {exc}\n")
-    try:
-        server.start()
-    except OSError as exc:
-        parser.exit(EXIT_USAGE, f"bits-server: cannot listen on {args.host} port {args.port}: "
-                                f"{exc.strerror or exc}\n")
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        print(f"bits-server: listening on {server.url}", flush=True)
-    except BrokenPipeError:  # nobody reads stdout (`| head -0`): serve all the same
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    stop.wait()
-    server.stop()
-    print("bits-server: stopped", file=sys.stderr, flush=True)
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ GUID = "{7df0354d-249b-430f-820d-3d2a9bef4931}"
 
 
 def bits_analyze(*args: str | os.PathLike, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bitstrace.analyzer.cli", *map(str, args)], input=stdin,
+    return subprocess.run([sys.executable, "-m", "bitstrace.cli.analyze", *map(str, args)], input=stdin,
                           capture_output=True, cwd=ROOT, timeout=120)
 
 
@@ -99,7 +99,7 @@ def test_a_full_disk_while_writing_a_report_is_a_message_not_a_fail_on_status(op
 
 def test_a_full_disk_on_standard_output_is_a_message() -> None:
     with open("/dev/full", "w") as full:
-        run = subprocess.run([sys.executable, "-m", "bitstrace.analyzer.cli", "--json", "-", str(CLEAN)],
+        run = subprocess.run([sys.executable, "-m", "bitstrace.cli.analyze", "--json", "-", str(CLEAN)],
                              stdout=full, stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
     assert b"Traceback" not in run.stderr and b"Exception ignored" not in run.stderr, run.stderr.decode()
     assert run.stderr.decode().startswith("bits-analyze: cannot write standard output: No space left")
@@ -122,7 +122,7 @@ def test_unknown_session_is_said() -> None:
 
 def test_closed_pipe_is_normal_use() -> None:
     for args in ([], ["--http"], ["--json", "-"]):
-        proc = subprocess.Popen([sys.executable, "-m", "bitstrace.analyzer.cli", *args, str(CLEAN)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "bitstrace.cli.analyze", *args, str(CLEAN)], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdout.read(10)
         proc.stdout.close()
@@ -176,7 +176,7 @@ def test_failed_extraction_says_incomplete(tmp_path: Path) -> None:
 def test_unreadable_inputs_are_named_and_the_rest_analysed(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("not a capture\n")
-    run = subprocess.run([sys.executable, "-m", "bitstrace.analyzer.cli", "--color", "never", ".", "notes.txt", str(CLEAN)],
+    run = subprocess.run([sys.executable, "-m", "bitstrace.cli.analyze", "--color", "never", ".", "notes.txt", str(CLEAN)],
                          capture_output=True, cwd=tmp_path, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     out = run.stdout.decode()

@@ -55,14 +55,14 @@ def test_capture_matches_expected(name: str, tmp_path: Path) -> None:
 
 def test_clean_capture_has_no_anomaly_and_cli_exit_status() -> None:
     capture = ROOT / "captures" / "clean-multi-fragment.pcap"
-    clean = subprocess.run([sys.executable, "-m", "bitstrace.analyzer.cli", "--fail-on", "warning", str(capture)],
+    clean = subprocess.run([sys.executable, "-m", "bitstrace.cli.analyze", "--fail-on", "warning", str(capture)],
                            capture_output=True, text=True)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "1 BITS upload session: 1 delivered" in clean.stdout
     assert "No anomalies." in clean.stdout
 
     broken = ROOT / "captures" / "fragment-after-cancel.pcap"
-    failing = subprocess.run([sys.executable, "-m", "bitstrace.analyzer.cli", "--fail-on", "error", "--json", "-",
+    failing = subprocess.run([sys.executable, "-m", "bitstrace.cli.analyze", "--fail-on", "error", "--json", "-",
                               str(broken)], capture_output=True, text=True)
     assert failing.returncode == 1
     report = json.loads(failing.stdout)
@@ -75,7 +75,7 @@ def test_session_filter_and_min_severity() -> None:
     full = build_report(analyze([capture]))
     assert len(full["sessions"]) == 2
     wanted = full["sessions"][1]["id"]
-    run = subprocess.run([sys.executable, "-m", "bitstrace.analyzer.cli", "--json", "-", "--session", wanted.lower(),
+    run = subprocess.run([sys.executable, "-m", "bitstrace.cli.analyze", "--json", "-", "--session", wanted.lower(),
                           "--min-severity", "error", str(capture)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     only = json.loads(run.stdout)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bitstrace import __version__
-from bitstrace.replay.cli import EXIT_FAULT, EXIT_OK, EXIT_USAGE, main
+from bitstrace.cli.common import Exit
+from bitstrace.cli.replay import main
 from bitstrace.replay.plan import build_plan
 from bitstrace.replay.send import Options, Target, dry_run, replay
 from bitstrace.replay.server import BitsServer
@@ -38,7 +39,7 @@ def capture(tmp_path_factory) -> Path:
 ])
 def test_unusable_targets_are_usage_errors(capture: Path, target: str, says: str) -> None:
     err = io.StringIO()
-    assert main([str(capture), "--target", target], out=io.StringIO(), err=err) == EXIT_USAGE
+    assert main([str(capture), "--target", target], out=io.StringIO(), err=err) == Exit.USAGE
     assert err.getvalue().startswith(f"bits-replay: --target {target!r}")
     assert says in err.getvalue() and err.getvalue().count("\n") == 1
 
@@ -52,7 +53,7 @@ def test_numbers_must_be_finite_and_in_range(capture: Path, option: str, value: 
                                              capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
         main([str(capture), "--target", "http://127.0.0.1:9/", option, value])
-    assert stop.value.code == EXIT_USAGE
+    assert stop.value.code == Exit.USAGE
     err = capsys.readouterr().err
     assert f"error: argument {option}: {value!r}" in err and "Traceback" not in err
 
@@ -67,10 +68,10 @@ def test_unreadable_capture_is_exit_3_and_unknown_session_exit_2(capture: Path,
                                                                  tmp_path: Path) -> None:
     err = io.StringIO()
     missing = tmp_path / "missing.pcap"
-    assert main([str(missing), "--target", "http://127.0.0.1:9/"], out=io.StringIO(), err=err) == EXIT_FAULT
+    assert main([str(missing), "--target", "http://127.0.0.1:9/"], out=io.StringIO(), err=err) == Exit.INCOMPLETE
     assert "cannot open" in err.getvalue()
     assert main([str(capture), "--target", "http://127.0.0.1:9/", "--session", "{nope}",
-                 "--dry-run"], out=io.StringIO(), err=io.StringIO()) == EXIT_USAGE
+                 "--dry-run"], out=io.StringIO(), err=io.StringIO()) == Exit.USAGE
 
 
 class _BrokenObserver:
@@ -120,20 +121,20 @@ def test_credentials_outside_latin1_are_sent_as_utf8() -> None:
 @pytest.mark.parametrize("json_output", [False, True])
 def test_a_reader_that_goes_away_is_not_an_error(json_output: bool) -> None:
     """`bits-replay --dry-run x.pcap | head`: the pipe is closed before anything is written."""
-    command = [sys.executable, "-m", "bitstrace.replay.cli", "--dry-run",
+    command = [sys.executable, "-m", "bitstrace.cli.replay", "--dry-run",
                str(CAPTURES / "clean-multi-fragment.pcap"), "--target", "http://127.0.0.1:9/"]
     process = subprocess.Popen(command + (["--json"] if json_output else []),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()
     err = process.stderr.read().decode()
-    assert process.wait(60) == EXIT_OK, err
+    assert process.wait(60) == Exit.OK, err
     assert err == ""
 
 
 def test_json_output_is_one_document(capture: Path) -> None:
     out = io.StringIO()
     assert main([str(capture), "--target", "http://127.0.0.1:9/", "--dry-run", "--json"],
-                out=out, err=io.StringIO()) == EXIT_OK
+                out=out, err=io.StringIO()) == Exit.OK
     assert json.loads(out.getvalue())["dry_run"] is True
 
 
@@ -148,7 +149,7 @@ class _FailingOutput(io.StringIO):
         raise self.error
 
 
-@pytest.mark.parametrize("error, code", [(KeyboardInterrupt, 130), (BrokenPipeError, EXIT_OK)])
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt, 130), (BrokenPipeError, Exit.OK)])
 @pytest.mark.parametrize("json_output", [False, True])
 def test_output_interrupted_or_cut_short(capture: Path, error: type[BaseException], code: int,
                                          json_output: bool) -> None:

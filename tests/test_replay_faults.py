@@ -14,7 +14,8 @@ from typing import Callable
 
 import pytest
 
-from bitstrace.replay.cli import EXIT_FAULT, main
+from bitstrace.cli.common import Exit
+from bitstrace.cli.replay import main
 from test_replay_plan import SID_A, Conversation, payload, upload
 
 FRAGMENT = 1 << 20  # larger than what a loopback socket buffers, so a reset hits mid-send
@@ -124,7 +125,7 @@ def test_target_down(capture: Path) -> None:
         port = probe.getsockname()[1]
     code, report, err = run(capture, f"http://127.0.0.1:{port}/")
     fault, packets = fault_of(report)
-    assert code == EXIT_FAULT and "Traceback" not in err
+    assert code == Exit.INCOMPLETE and "Traceback" not in err
     assert fault == f"cannot connect to 127.0.0.1:{port}: connection refused (nothing listens there)"
     assert len(packets) == 1 and packets[0]["fault"] == fault and not packets[0]["sent"]
     assert report["summary"]["packets_sent"] == 0
@@ -135,7 +136,7 @@ def test_connection_reset_mid_fragment(capture: Path) -> None:
     with FakeServer(close_mid_body) as fake:
         code, report, err = run(capture, fake.url)
     fault, packets = fault_of(report)
-    assert code == EXIT_FAULT and "Traceback" not in err
+    assert code == Exit.INCOMPLETE and "Traceback" not in err
     assert fault.startswith(f"127.0.0.1:{fake.port} reset the connection after ")
     assert fault.endswith(f"of {FRAGMENT} body bytes")
     assert_reported_so_far(packets)
@@ -145,7 +146,7 @@ def test_server_that_stops_answering(capture: Path) -> None:
     with FakeServer(never_answer) as fake:
         code, report, err = run(capture, fake.url, "--timeout", "0.5")
     fault, packets = fault_of(report)
-    assert code == EXIT_FAULT and "Traceback" not in err
+    assert code == Exit.INCOMPLETE and "Traceback" not in err
     assert fault == f"127.0.0.1:{fake.port} did not answer within 0.5 s"
     assert_reported_so_far(packets)
 
@@ -154,7 +155,7 @@ def test_server_that_answers_garbage(capture: Path) -> None:
     with FakeServer(answer_garbage) as fake:
         code, report, err = run(capture, fake.url)
     fault, packets = fault_of(report)
-    assert code == EXIT_FAULT and "Traceback" not in err
+    assert code == Exit.INCOMPLETE and "Traceback" not in err
     assert fault == f"127.0.0.1:{fake.port} answered something that is not HTTP: 'SSH-2.0-OpenSSH_9.2\\r\\n'"
     assert_reported_so_far(packets)
 
@@ -163,7 +164,7 @@ def test_text_output_names_the_fault(capture: Path) -> None:
     with FakeServer(answer_garbage) as fake:
         out, err = io.StringIO(), io.StringIO()
         code = main([str(capture), "--target", fake.url, "--speed", "0"], out=out, err=err)
-    assert code == EXIT_FAULT and "Traceback" not in err.getvalue()
+    assert code == Exit.INCOMPLETE and "Traceback" not in err.getvalue()
     assert "answered something that is not HTTP" in out.getvalue()
     assert "1 fault(s)" in out.getvalue()
 

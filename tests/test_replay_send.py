@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bitstrace.analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND, MIN_FRAGMENT
-from bitstrace.replay.cli import main
+from bitstrace.cli.replay import main
 from bitstrace.replay.plan import build_plan
 from bitstrace.replay.send import Options, Target, TargetError, dry_run, replay
 from bitstrace.replay.server import BitsServer

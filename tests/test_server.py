@@ -38,7 +38,8 @@ from bitstrace.analyzer.bits.protocol import (
 from bitstrace.replay.paths import STATE_DIR, UnsafePath, reply_target, upload_path
 from bitstrace import __version__
 from bitstrace.analyzer.bits.protocol import MAX_FRAGMENT
-from bitstrace.replay.server import BitsServer, ServerOptions, main
+from bitstrace.cli.server import main
+from bitstrace.replay.server import BitsServer, ServerOptions
 from bitstrace.replay.server_state import TRANSITIONS, Event, IllegalTransition, Session, State
 
 OTHER_GUID = "{11111111-2222-3333-4444-555555555555}"
@@ -892,7 +893,7 @@ def test_options_are_validated() -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_cli_prints_its_url_serves_and_stops_on_a_signal(root: Path, signum: int) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bitstrace.replay.server", "--root", str(root), "--port", "0", "--create-status", "201"],
+        [sys.executable, "-m", "bitstrace.cli.server", "--root", str(root), "--port", "0", "--create-status", "201"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         line = process.stdout.readline()
@@ -968,7 +969,7 @@ def test_cli_serves_with_nobody_reading_its_stdout(root: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "bitstrace.replay.server", "--root", str(root), "--port", str(port), "--quiet"],
+        [sys.executable, "-m", "bitstrace.cli.server", "--root", str(root), "--port", str(port), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     process.stdout.close()
     try:

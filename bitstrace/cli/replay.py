@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from typing import Iterator, Sequence, TextIO
 
@@ -36,7 +35,7 @@ from rich.table import Table
 
 from bitstrace import __version__
 from bitstrace.analyzer.bits.protocol import format_hresult
-from bitstrace.replay.arguments import finite, seconds, whole
+from bitstrace.cli.common import Exit, OutputConsole, credentials, discard_further_output, finite, seconds, whole
 from bitstrace.replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
 from bitstrace.replay.send import (
     MODES,
@@ -51,7 +50,6 @@ from bitstrace.replay.send import (
     replay,
 )
 
-EXIT_OK, EXIT_DIFF, EXIT_USAGE, EXIT_FAULT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: Longest --timeout: socket timeouts beyond the platform's time_t overflow.
 MAX_TIMEOUT = 86400.0
 SCHEMA = "bitstrace.replay"
@@ -84,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=seconds(MAX_TIMEOUT), default=30.0, metavar="SECONDS",
                         help="how long to wait for the server at any step (default 30, at most "
                              f"{MAX_TIMEOUT:g})")
-    parser.add_argument("--auth", metavar="USER:PASS",
+    parser.add_argument("--auth", type=credentials, metavar="USER:PASS",
                         help="Basic credentials replacing the captured ones")
     parser.add_argument("--follow-host-id", action="store_true",
                         help="use a BITS-Host-Id as Host header, only if it resolves to the "
@@ -275,14 +273,8 @@ def progress_display(enabled: bool, plan: Plan, err: TextIO) -> Iterator[_Progre
 # --- main --------------------------------------------------------------------------------------
 
 def _options(args: argparse.Namespace) -> Options:
-    auth = None
-    if args.auth is not None:
-        user, colon, password = args.auth.partition(":")
-        if not colon:
-            raise TargetError("--auth must be USER:PASS")
-        auth = (user, password)
     return Options(target=Target.parse(args.target), mode=args.mode, speed=args.speed,
-                   concurrency=args.concurrency, timeout=args.timeout, auth=auth,
+                   concurrency=args.concurrency, timeout=args.timeout, auth=args.auth,
                    follow_host_id=args.follow_host_id, strip_prefix=args.strip_prefix,
                    verify_tls=not args.insecure)
 
@@ -302,31 +294,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     try:
         return _run(args, out, err)
     except BrokenPipeError:
-        _discard_further_output(out)
-        return EXIT_OK
+        discard_further_output(out)
+        return Exit.OK
     except KeyboardInterrupt:  # while printing; the replay itself reports its results so far
         print("bits-replay: interrupted", file=err)
-        return EXIT_INTERRUPTED
-
-
-def _discard_further_output(out: TextIO) -> None:
-    """The reader went away (`| head`): what is still buffered, and flushed at exit, goes to
-    /dev/null instead of raising BrokenPipeError again."""
-    try:
-        fd = out.fileno()
-    except (AttributeError, OSError, ValueError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
-
-
-class _OutputConsole(Console):
-    """rich exits with status 1 on a broken pipe; here it is the reader's choice, not an error."""
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        raise BrokenPipeError
+        return Exit.INTERRUPTED
 
 
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -334,23 +306,23 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         options = _options(args)
     except TargetError as exc:
         print(f"bits-replay: {exc}", file=err)
-        return EXIT_USAGE
+        return Exit.USAGE
     sources = [sys.stdin.buffer if c == "-" else c for c in args.captures]
     try:
         plan = build_plan(sources, args.session)
     except KeyboardInterrupt:
         print("bits-replay: interrupted while reading the captures; nothing was sent", file=err)
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
     with plan:
         for problem in plan.problems:
             print(f"bits-replay: {problem}", file=err)
         if not plan.sessions:
             print("bits-replay: no BITS session to replay", file=err)
             if not plan.complete:
-                return EXIT_FAULT
-            return EXIT_USAGE if args.session else EXIT_OK
+                return Exit.INCOMPLETE
+            return Exit.USAGE if args.session else Exit.OK
         notes = auth_notes(plan, options)
-        console = _OutputConsole(file=out, width=160 if not out.isatty() else None,
+        console = OutputConsole(file=out, width=160 if not out.isatty() else None,
                                  soft_wrap=False)
         if args.dry_run:
             described = dry_run(plan, options)
@@ -361,7 +333,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 for note in notes:
                     console.print(f"note: {note}", highlight=False)
                 render_dry_run(described, console)
-            return EXIT_OK if plan.complete else EXIT_FAULT
+            return Exit.OK if plan.complete else Exit.INCOMPLETE
         with progress_display(not args.no_progress and not args.json, plan, err) as observer:
             result = replay(plan, options, observer)
         if result.interrupted:
@@ -371,12 +343,12 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         else:
             render_text(result, notes, console)
     if result.interrupted:
-        return EXIT_INTERRUPTED
+        return Exit.INTERRUPTED
     if result.faults or not plan.complete:
-        return EXIT_FAULT
+        return Exit.INCOMPLETE
     if args.fail_on_diff and result.differences:
-        return EXIT_DIFF
-    return EXIT_OK
+        return Exit.FINDINGS
+    return Exit.OK
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import sys
+from importlib import resources
 from typing import Callable, Iterator, Sequence, TextIO
 
 from bitstrace import __version__
+from bitstrace.cli.common import Exit, discard_further_output, seconds
 from bitstrace.analyzer.pipeline import ProgressHook, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.report.json import SEVERITY_ORDER as SEVERITIES
-
-EXIT_OK, EXIT_FAIL_ON, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave out anomalies below this severity (default: info, i.e. all)")
     sel.add_argument("--fail-on", choices=("error", "warning"),
                      help="exit with status 1 when an anomaly of this severity or worse is found")
-    sel.add_argument("--stall-after", type=_positive_seconds, metavar="SECONDS", default=None,
+    sel.add_argument("--stall-after", type=seconds(), metavar="SECONDS", default=None,
                      help="flag 'stalled' after this long without progress (default 300)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour in the text report (auto: only on a terminal)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     parser.add_argument("--version", action="version", version=f"bits-analyze {__version__}")
+    parser.add_argument("--schema", action=_PrintSchema,
+                        help="print the JSON report's schema document (Markdown) and exit")
     return parser
+
+
+class _PrintSchema(argparse.Action):
+    """Like --version: answers without captures. The document ships inside the package."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        schema = resources.files("bitstrace.analyzer.report").joinpath("schema.md")
+        sys.stdout.write(schema.read_text(encoding="utf-8"))
+        parser.exit(Exit.OK)
 
 
 @contextlib.contextmanager
@@ -90,7 +104,7 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     with progress_bar(not args.no_progress) as hook:
         result = read_exchanges(args.captures, emit, progress=hook)
     report_problems(result.problems, err)
-    return EXIT_OK if result.complete else EXIT_INCOMPLETE
+    return Exit.OK if result.complete else Exit.INCOMPLETE
 
 
 def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -109,7 +123,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 os.makedirs(args.extract, exist_ok=True)
         except OSError as error:
             print(f"bits-analyze: cannot write {error.filename}: {error.strerror}", file=err)
-            return EXIT_USAGE
+            return Exit.USAGE
         with progress_bar(not args.no_progress) as hook:
             analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
                                stall_after_s=args.stall_after)
@@ -117,7 +131,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         report = build_report(analysis, session_filter=args.session, with_packets=False)
         if args.session and not report["sessions"]:
             print(f"bits-analyze: no session {args.session} in the capture", file=err)
-            return EXIT_USAGE
+            return Exit.USAGE
         filtered = filter_report(report, args.min_severity)
         packets = packet_source(analysis, filtered)
         if json_out:
@@ -138,8 +152,8 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         found = [a["severity"] for s in report["sessions"] for a in s["anomalies"]]
         found += [a["severity"] for a in report["anomalies"]]
         if any(severity_at_least(severity, args.fail_on) for severity in found):
-            return EXIT_FAIL_ON
-    return EXIT_OK if analysis.complete else EXIT_INCOMPLETE
+            return Exit.FINDINGS
+    return Exit.OK if analysis.complete else Exit.INCOMPLETE
 
 
 class OutputFailed(Exception):
@@ -176,13 +190,6 @@ def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
     stream.close()
 
 
-def _positive_seconds(value: str) -> float:
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"needs a number of seconds above 0, not {value!r}")
-    return seconds
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     # The analysis allocates many long-lived records (one per BITS packet) and few cycles; the
     # default thresholds make the collector rescan them all again and again (measured on the
@@ -198,16 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_report(args, sys.stdout, sys.stderr)
     except OutputFailed as failure:
         print(f"bits-analyze: {failure}", file=sys.stderr)
-        if failure.path == "-":  # what stdout still buffers would fail again in Python's flush at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_USAGE
+        if failure.path == "-":
+            discard_further_output(sys.stdout)
+        return Exit.USAGE
     except BrokenPipeError:
-        # `bits-analyze x.pcap | head` is normal use, not an error; nothing more can be written,
-        # and Python's own flush at exit must not fail either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        # `bits-analyze x.pcap | head` is normal use, not an error.
+        discard_further_output(sys.stdout)
+        return Exit.OK
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":
