@@ -21,6 +21,7 @@ from bitstrace.analyzer.capture import CaptureReader, Frame
 from bitstrace.analyzer.decode import Decoder
 from bitstrace.analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.selection import FrameSelection
 from bitstrace.analyzer.tcp import TcpReassembler
 
 ExchangeConsumer = Callable[[Exchange], None]
@@ -78,9 +79,10 @@ def read_exchanges(
     on_exchange: ExchangeConsumer,
     on_body: BodyConsumer | None = None,
     progress: ProgressHook | None = None,
+    selection: FrameSelection | None = None,
 ) -> RunResult:
     """Run the captures, in order, through one pipeline, calling `on_exchange` for each HTTP
-    exchange."""
+    exchange. `selection` keeps only some frames (a filter, a time range, a count)."""
     result = RunResult()
     assembler = ExchangeAssembler(_counting(on_exchange, result.captures), on_body)
     reassembler = TcpReassembler(assembler)
@@ -94,7 +96,8 @@ def read_exchanges(
         reader = CaptureReader(source, name=name)
         decoder = Decoder(file=name, capture=index)
         size = _file_size(source)
-        records = reader.records()
+        records = reader.records() if selection is None else selection.apply(reader.records())
+        unfilterable = dict(selection.unfilterable) if selection is not None else {}
         first = next(records, None)
         last = None
         if first is not None:
@@ -116,6 +119,10 @@ def read_exchanges(
         stats.connections = stats.tcp["connections"]  # first seen in this file
         result.problems.extend(reader.problems)
         result.problems.extend(decoder.problems)
+        if selection is not None:
+            result.problems.extend(
+                Problem("filter-not-applicable", f"frames of link type {link_type} left out: {why}", file=name)
+                for link_type, why in selection.unfilterable.items() if link_type not in unfilterable)
         if progress is not None:
             progress(name, reader.bytes_read, size)
         last_before, tcp_before = tcp_before, reassembler.stats

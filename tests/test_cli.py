@@ -186,3 +186,121 @@ def test_unreadable_inputs_are_named_and_the_rest_analysed(tmp_path: Path) -> No
     assert "1 BITS upload session: 1 delivered" in out
     assert "cannot open: Is a directory" in run.stderr.decode()
     assert "not a pcap or pcapng file" in run.stderr.decode()
+
+
+# --- tcpdump's and tshark's habits ---------------------------------------------------------------
+
+TWO = ROOT / "captures" / "two-sessions-interleaved.pcap"
+
+
+def report_of(*args: str | os.PathLike) -> dict:
+    run = bits_analyze("--json", "-", *args)
+    assert run.returncode in (0, 3), run.stderr.decode()
+    return json.loads(run.stdout)
+
+
+def test_r_reads_captures_as_tcpdump_takes_them() -> None:
+    assert report_of("-r", CLEAN)["sessions"] == report_of(CLEAN)["sessions"]
+    both = report_of("-r", CLEAN, TWO)
+    assert [c["file"] for c in both["captures"]] == [str(CLEAN), str(TWO)]
+    assert bits_analyze().returncode == 2 and b"no capture given" in bits_analyze().stderr
+
+
+def test_bpf_filter_keeps_what_libpcap_keeps() -> None:
+    everything = report_of(TWO)
+    assert report_of("-f", "tcp", TWO)["sessions"] == everything["sessions"]
+    assert report_of("-f", "not tcp", TWO)["summary"]["sessions"] == 0
+    # One client's port: only that client's session is left, whole.
+    first = everything["sessions"][0]
+    port = first["client"].rsplit(":", 1)[1]
+    kept = report_of("-f", f"tcp port {port}", TWO)
+    assert [s["id"] for s in kept["sessions"]] == [first["id"]]
+    assert kept["sessions"][0]["verdict"] == first["verdict"]
+    # The frames kept are the frames tcpdump keeps with the same expression.
+    listed = subprocess.run(["tcpdump", "-nn", "-r", str(TWO), f"tcp port {port}"], capture_output=True, text=True)
+    if listed.returncode == 0:
+        assert kept["captures"][0]["decoder"]["frames"] == len(listed.stdout.splitlines())
+
+
+def test_a_filter_that_does_not_compile_is_a_usage_error() -> None:
+    run = bits_analyze("-f", "tcp prot 80", CLEAN)
+    assert run.returncode == 2 and b"Traceback" not in run.stderr
+    assert b"filter 'tcp prot 80'" in run.stderr and b"syntax error" in run.stderr
+
+
+def test_count_and_time_bounds_cut_the_frames_read() -> None:
+    assert report_of("-c", "10", CLEAN)["captures"][0]["frames"] == 10
+    whole = report_of(CLEAN)
+    start, end = whole["captures"][0]["first_ts"], whole["captures"][0]["last_ts"]
+    middle = (start + end) / 2
+    later = report_of("--from", f"{middle:.6f}", CLEAN)
+    assert later["captures"][0]["first_ts"] >= middle
+    earlier = report_of("--to", f"{middle:.6f}", CLEAN)
+    assert earlier["captures"][0]["last_ts"] <= middle
+    iso = whole["captures"][0]["first_time"]
+    assert report_of("--from", iso, CLEAN)["sessions"] == whole["sessions"]
+    bad = bits_analyze("--from", "yesterday", CLEAN)
+    assert bad.returncode == 2 and b"neither seconds since the epoch nor an ISO 8601 time" in bad.stderr
+
+
+def test_session_ids_as_people_type_them() -> None:
+    full = report_of(CLEAN)["sessions"][0]["id"]
+    for typed in (full, full.lower(), full.strip("{}"), full[1:9].lower(), full[:5]):
+        assert [s["id"] for s in report_of("--session", typed, CLEAN)["sessions"]] == [full], typed
+    unknown = bits_analyze("--session", "ffff", CLEAN)
+    assert unknown.returncode == 2 and f"they hold {full}".encode() in unknown.stderr
+
+
+def test_an_ambiguous_session_prefix_lists_the_candidates() -> None:
+    from bitstrace.cli.common import SessionChoiceError, choose_session
+
+    ids = [s["id"] for s in report_of(TWO)["sessions"]]
+    assert choose_session(ids[1][1:12], ids) == ids[1]
+    twins = [ids[0], "{" + ids[0][1:5] + "0000-0000-0000-0000-000000000000}"]
+    with pytest.raises(SessionChoiceError, match="matches 2 sessions") as raised:
+        choose_session(ids[0][1:5], twins)
+    assert all(i in str(raised.value) for i in twins)
+    assert choose_session(ids[0], twins) == ids[0]  # a whole id is never ambiguous
+
+
+def test_an_input_named_twice_is_read_once() -> None:
+    run = bits_analyze("--json", "-", CLEAN, ROOT / "captures" / ".." / "captures" / CLEAN.name)
+    assert run.returncode == 0
+    assert len(json.loads(run.stdout)["captures"]) == 1
+    assert b"is named twice" in run.stderr
+
+
+@pytest.mark.parametrize("option", [["--json", "out.json"], ["--html", "out.html"], ["--extract", "out"],
+                                    ["--session", "ab"]])
+def test_http_with_a_report_option_is_a_usage_error(option: list[str], tmp_path: Path) -> None:
+    run = bits_analyze("--http", *[str(tmp_path / o) if o.startswith("out") else o for o in option], CLEAN)
+    assert run.returncode == 2 and b"--http prints the HTTP exchanges" in run.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreadable_only_input_prints_no_empty_report(tmp_path: Path) -> None:
+    run = bits_analyze("--color", "never", tmp_path / "missing.pcap")
+    assert run.returncode == 3 and run.stdout == b""
+    assert b"cannot open" in run.stderr
+
+
+def test_quiet_leaves_only_the_file_outputs(tmp_path: Path) -> None:
+    run = bits_analyze("-q", "--json", tmp_path / "r.json", CLEAN)
+    assert run.returncode == 0 and run.stdout == b""
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["sessions"] == 1
+
+
+def test_ctrl_c_is_said() -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "bitstrace.cli.analyze", "-"], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(CLEAN.read_bytes()[:4096])  # a capture still arriving
+    proc.stdin.flush()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"interrupted" in err and b"Traceback" not in err

@@ -16,8 +16,10 @@ from importlib import resources
 from typing import Callable, Iterator, Sequence, TextIO
 
 from bitstrace import __version__
-from bitstrace.cli.common import Exit, discard_further_output, seconds
-from bitstrace.analyzer.pipeline import ProgressHook, read_exchanges
+from bitstrace.analyzer.selection import FrameSelection, SelectionError, parse_time
+from bitstrace.cli.common import (Exit, SessionChoiceError, choose_session, discard_further_output, distinct_sources,
+                                  seconds, whole)
+from bitstrace.analyzer.pipeline import ProgressHook, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.report.json import SEVERITY_ORDER as SEVERITIES
 
@@ -27,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bits-analyze",
         description="Reconstruct BITS upload sessions from pcap/pcapng captures and flag anomalies.",
     )
-    parser.add_argument("captures", nargs="+", metavar="CAPTURE",
+    parser.add_argument("captures", nargs="*", metavar="CAPTURE",
                         help="pcap or pcapng file, gzip-compressed or not; '-' reads standard input")
+    parser.add_argument("-r", dest="read_files", action="append", default=[], metavar="FILE",
+                        help="a capture to read, as tcpdump and tshark take it (repeatable; read "
+                             "before the positional ones)")
     parser.add_argument("--http", action="store_true",
                         help="print every HTTP exchange as JSON Lines instead of the BITS report")
     out = parser.add_argument_group("reports (the text report goes to standard output unless it is taken)")
@@ -36,14 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--jsonl", metavar="FILE", help="write the report as JSON Lines to FILE, '-' for stdout")
     out.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
     out.add_argument("--extract", metavar="DIR", help="rebuild each session's uploaded file into DIR")
+    frames = parser.add_argument_group("frames read (tcpdump's selections)")
+    frames.add_argument("-f", "--filter", metavar="EXPR",
+                        help="a BPF filter, as tcpdump takes it (libpcap compiles it), e.g. "
+                             "'host 10.0.0.5 and tcp port 443'")
+    frames.add_argument("-c", "--count", type=whole(1), metavar="N",
+                        help="read only the first N frames (that pass the filter), over all captures")
+    frames.add_argument("--from", dest="start", metavar="TIME",
+                        help="leave out frames before TIME (ISO 8601, UTC unless an offset is "
+                             "given, or seconds since the epoch)")
+    frames.add_argument("--to", dest="end", metavar="TIME", help="leave out frames after TIME")
     sel = parser.add_argument_group("selection and exit status")
-    sel.add_argument("--session", metavar="ID", help="report only this session (id as in the Create ack)")
+    sel.add_argument("--session", metavar="ID",
+                     help="report only this session: its id or any unique prefix of it, braces "
+                          "optional, any case")
     sel.add_argument("--min-severity", choices=SEVERITIES, default="info",
                      help="leave out anomalies below this severity (default: info, i.e. all)")
     sel.add_argument("--fail-on", choices=("error", "warning"),
                      help="exit with status 1 when an anomaly of this severity or worse is found")
     sel.add_argument("--stall-after", type=seconds(), metavar="SECONDS", default=None,
                      help="flag 'stalled' after this long without progress (default 300)")
+    out.add_argument("-q", "--quiet", action="store_true",
+                     help="no text report (the file outputs and the problems on stderr remain)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour in the text report (auto: only on a terminal)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -72,12 +91,16 @@ def progress_bar(enabled: bool) -> Iterator[ProgressHook | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TaskProgressColumn, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), transient=True,
-                  console=__import__("rich.console").console.Console(stderr=True)) as bar:
-        tasks: dict[str, int] = {}
+    # Percentage and time left only mean something when the size is known (not on a pipe):
+    # rich leaves both columns empty for a task without a total.
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                  console=Console(stderr=True)) as bar:
+        tasks: dict[str, TaskID] = {}
 
         def hook(name: str, done: int, total: int | None) -> None:
             if name not in tasks:
@@ -93,16 +116,16 @@ def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
 
 
 def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from bitstrace.analyzer.exchanges import exchange_to_json
+    from bitstrace.analyzer.exchanges import Exchange, exchange_to_json
 
     # Several files: each record names the file its frame numbers count in.
-    names = ["<stdin>" if path == "-" else path for path in args.captures] if len(args.captures) > 1 else None
+    names = [display_name(path) for path in args.captures] if len(args.captures) > 1 else None
 
-    def emit(exchange) -> None:
+    def emit(exchange: Exchange) -> None:
         out.write(json.dumps(exchange_to_json(exchange, names), separators=(",", ":")) + "\n")
 
     with progress_bar(not args.no_progress) as hook:
-        result = read_exchanges(args.captures, emit, progress=hook)
+        result = read_exchanges(args.captures, emit, progress=hook, selection=args.selection)
     report_problems(result.problems, err)
     return Exit.OK if result.complete else Exit.INCOMPLETE
 
@@ -126,12 +149,16 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return Exit.USAGE
         with progress_bar(not args.no_progress) as hook:
             analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
-                               stall_after_s=args.stall_after)
+                               stall_after_s=args.stall_after, selection=args.selection)
+        session = None
+        if args.session:
+            try:
+                session = choose_session(args.session, [s.id for s in analysis.bits.sessions if s.id])
+            except SessionChoiceError as error:
+                print(f"bits-analyze: {error}", file=err)
+                return Exit.USAGE
         # Without the packets: each writer gets them a session at a time from `packets`.
-        report = build_report(analysis, session_filter=args.session, with_packets=False)
-        if args.session and not report["sessions"]:
-            print(f"bits-analyze: no session {args.session} in the capture", file=err)
-            return Exit.USAGE
+        report = build_report(analysis, session_filter=session, with_packets=False)
         filtered = filter_report(report, args.min_severity)
         packets = packet_source(analysis, filtered)
         if json_out:
@@ -142,7 +169,8 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
                    html_out)
     text_on_terminal = False
-    if "-" not in (args.json, args.jsonl):
+    nothing_read = all(c.frames == 0 and not c.complete for c in analysis.run.captures)
+    if "-" not in (args.json, args.jsonl) and not args.quiet and not nothing_read:
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
         _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
@@ -199,6 +227,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json == "-" and args.jsonl == "-":
         parser.error("--json - and --jsonl - would interleave on standard output: send one to a file")
+    if args.http:
+        taken = [option for option, value in (("--json", args.json), ("--jsonl", args.jsonl), ("--html", args.html),
+                                              ("--extract", args.extract), ("--session", args.session),
+                                              ("--fail-on", args.fail_on), ("-q", args.quiet)) if value]
+        if taken:
+            parser.error(f"--http prints the HTTP exchanges instead of the BITS report: it cannot go with "
+                         f"{', '.join(taken)}")
+    args.captures = distinct_sources(args.read_files + args.captures, sys.stderr, "bits-analyze")
+    if not args.captures:
+        parser.error("no capture given: name one (or -r FILE, or '-' for standard input)")
+    try:
+        args.selection = (FrameSelection(args.filter, parse_time(args.start) if args.start else None,
+                                         parse_time(args.end) if args.end else None, args.count)
+                          if args.filter or args.start or args.end or args.count else None)
+    except SelectionError as error:
+        parser.error(str(error))
     try:
         if args.http:
             return run_http(args, sys.stdout, sys.stderr)
@@ -213,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         discard_further_output(sys.stdout)
         return Exit.OK
     except KeyboardInterrupt:
+        print("bits-analyze: interrupted; no report was written", file=sys.stderr)
         return Exit.INTERRUPTED
 
 

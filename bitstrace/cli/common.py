@@ -106,3 +106,62 @@ def credentials(text: str) -> tuple[str, str]:
     if not colon or not user:
         raise argparse.ArgumentTypeError("expected USER:PASSWORD")
     return user, password
+
+
+def distinct_sources(sources: list[str], err: TextIO, program: str) -> list[str]:
+    """The captures named, each once: a file named twice (under any path) is read once, with a
+    warning, since reading it twice would show every session twice. Order is kept."""
+    kept: list[str] = []
+    seen: dict[tuple[int, int], str] = {}
+    for source in sources:
+        if source == "-":
+            if "-" in kept:
+                print(f"{program}: standard input is named twice; it is read once", file=err)
+                continue
+            kept.append(source)
+            continue
+        try:
+            status = os.stat(source)
+        except OSError:  # the reader names the problem with its place
+            kept.append(source)
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in seen:
+            print(f"{program}: {source} is named twice (as {seen[identity]}); it is read once", file=err)
+            continue
+        seen[identity] = source
+        kept.append(source)
+    return kept
+
+
+class SessionChoiceError(ValueError):
+    """`--session` names no session, or several."""
+
+
+#: Candidates listed when a --session prefix is unknown or ambiguous.
+MAX_CANDIDATES = 20
+
+
+def _bare(session_id: str) -> str:
+    return session_id.strip().strip("{}").upper()
+
+
+def choose_session(wanted: str, known: list[str]) -> str:
+    """The one session id in `known` that `wanted` names: the whole id or any prefix of it,
+    braces optional, any case (as people type ids read from the text report)."""
+    prefix = _bare(wanted)
+    distinct = list(dict.fromkeys(known))
+    matches = [session_id for session_id in distinct if _bare(session_id).startswith(prefix)] if prefix else []
+    exact = [session_id for session_id in matches if _bare(session_id) == prefix]
+    if len(exact) == 1 or len(matches) == 1:
+        return (exact or matches)[0]
+
+    def listed(ids: list[str]) -> str:
+        more = len(ids) - MAX_CANDIDATES
+        return ", ".join(ids[:MAX_CANDIDATES]) + (f" and {more} more" if more > 0 else "")
+
+    if matches:
+        raise SessionChoiceError(f"--session {wanted} matches {len(matches)} sessions: {listed(matches)}")
+    if not distinct:
+        raise SessionChoiceError(f"no session {wanted}: the captures hold no BITS session")
+    raise SessionChoiceError(f"no session {wanted} in the captures; they hold {listed(distinct)}")
