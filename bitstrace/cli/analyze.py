@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Callable, Iterator, Sequence, TextIO
 
 from bitstrace import __version__
+from bitstrace.analyzer.report.logs import FORMATS as LOG_FORMATS
 from bitstrace.analyzer.selection import FrameSelection, SelectionError, parse_time
 from bitstrace.cli.common import (Exit, SessionChoiceError, choose_session, discard_further_output, distinct_sources,
                                   seconds, whole)
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--jsonl", metavar="FILE", help="write the report as JSON Lines to FILE, '-' for stdout")
     out.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
     out.add_argument("--extract", metavar="DIR", help="rebuild each session's uploaded file into DIR")
+    out.add_argument("--logs", metavar="DIR",
+                     help="write one log per record type into DIR (captures, sessions, packets, "
+                          "anomalies, problems, downloads), as Zeek writes its logs")
+    out.add_argument("--logs-format", choices=LOG_FORMATS, default="zeek",
+                     help="zeek: TSV with #fields/#types headers (default); csv: a header row")
     frames = parser.add_argument_group("frames read (tcpdump's selections)")
     frames.add_argument("-f", "--filter", metavar="EXPR",
                         help="a BPF filter, as tcpdump takes it (libpcap compiles it), e.g. "
@@ -142,8 +148,9 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             json_out = outputs.enter_context(_output(args.json, out)) if args.json else None
             jsonl_out = outputs.enter_context(_output(args.jsonl, out)) if args.jsonl else None
             html_out = outputs.enter_context(_output(args.html, out)) if args.html else None
-            if args.extract:
-                os.makedirs(args.extract, exist_ok=True)
+            for directory in (args.extract, args.logs):
+                if directory:
+                    os.makedirs(directory, exist_ok=True)
         except OSError as error:
             print(f"bits-analyze: cannot write {error.filename}: {error.strerror}", file=err)
             return Exit.USAGE
@@ -168,6 +175,13 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if html_out:
             _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
                    html_out)
+        if args.logs:
+            from bitstrace.analyzer.report.logs import log_rows, write_logs
+
+            try:
+                write_logs(log_rows(filtered, packets), args.logs, args.logs_format)
+            except OSError as error:
+                raise OutputFailed(error.filename or args.logs, error) from error
     text_on_terminal = False
     nothing_read = all(c.frames == 0 and not c.complete for c in analysis.run.captures)
     if "-" not in (args.json, args.jsonl) and not args.quiet and not nothing_read:
@@ -229,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--json - and --jsonl - would interleave on standard output: send one to a file")
     if args.http:
         taken = [option for option, value in (("--json", args.json), ("--jsonl", args.jsonl), ("--html", args.html),
-                                              ("--extract", args.extract), ("--session", args.session),
+                                              ("--extract", args.extract), ("--logs", args.logs), ("--session", args.session),
                                               ("--fail-on", args.fail_on), ("-q", args.quiet)) if value]
         if taken:
             parser.error(f"--http prints the HTTP exchanges instead of the BITS report: it cannot go with "
