@@ -145,3 +145,16 @@ def test_logs_directory_that_cannot_be_made_is_a_usage_error(tmp_path: Path) -> 
     blocker.write_text("")
     result = run("--logs", blocker / "logs", CAPTURES[0])
     assert result.returncode == 2 and b"cannot write" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_zeek_escaping_keeps_each_value_in_its_field(tmp_path: Path) -> None:
+    from bitstrace.analyzer.report.logs import write_logs
+
+    record = {"file": "a\tb\\c, d", "kind": "-", "message": "", "frame": None, "offset": 3,
+              "connection": 0, "fatal": True}
+    write_logs([("problems", record)], tmp_path)
+    fields, _, rows = read_zeek(tmp_path / "problems.log")
+    (row,) = rows
+    value = dict(zip(fields, row))
+    assert value["capture_file"] == "a\\x09b\\x5cc, d" and unescape(value["capture_file"]) == record["file"]
+    assert (value["kind"], value["message"], value["frame"], value["fatal"]) == ("\\x2d", "(empty)", "-", "T")

@@ -144,24 +144,26 @@ class _CsvWriter:
         self.writer.writerow([_csv(_value(record, c.path), c.zeek_type) for c in self.columns])
 
 
-def _escape(text: str) -> str:
-    """Zeek's escaping: the separators, backslash and non-printable characters as \\xNN."""
-    if text == "" or text == "-" or text == "(empty)":
+def _escape(text: str, in_container: bool) -> str:
+    """Zeek's escaping: tab, backslash and non-printable characters as \\xNN, and the set
+    separator inside a list; a value that reads as unset or empty is escaped too."""
+    if text in ("", "-", "(empty)"):
         return {"": "(empty)", "-": "\\x2d", "(empty)": "\\x28empty)"}[text]
-    if text.isprintable() and "\\" not in text and "," not in text:
+    special = "\\," if in_container else "\\"
+    if text.isprintable() and not any(ch in special for ch in text):
         return text
-    return "".join(ch if ch.isprintable() and ch not in "\\," else "".join(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(ch if ch.isprintable() and ch not in special else "".join(f"\\x{b:02x}" for b in ch.encode())
                    for ch in text)
 
 
-def _scalar(value: Any, zeek_type: str) -> str:
+def _scalar(value: Any, zeek_type: str, in_container: bool = False) -> str:
     if isinstance(value, bool):
         return "T" if value else "F"
     if zeek_type in ("time", "interval") and isinstance(value, (int, float)):
         return f"{value:.6f}"
     if isinstance(value, float):
         return repr(value)
-    return _escape(str(value))
+    return _escape(str(value), in_container)
 
 
 def _zeek(value: Any, zeek_type: str) -> str:
@@ -169,7 +171,7 @@ def _zeek(value: Any, zeek_type: str) -> str:
         return "-"
     if isinstance(value, (list, tuple)):
         inner = zeek_type[len("vector["):-1] if zeek_type.startswith("vector[") else "string"
-        return ",".join("-" if v is None else _scalar(v, inner) for v in value) if value else "(empty)"
+        return ",".join("-" if v is None else _scalar(v, inner, True) for v in value) if value else "(empty)"
     return _scalar(value, zeek_type)
 
 
