@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--jsonl", metavar="FILE", help="write the report as JSON Lines to FILE, '-' for stdout")
     out.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
     out.add_argument("--extract", metavar="DIR", help="rebuild each session's uploaded file into DIR")
+    out.add_argument("--annotate", metavar="OUT.pcapng",
+                     help="write the input frames unchanged into a pcapng file, with a comment on "
+                          "every frame an anomaly or a session boundary names (Wireshark's "
+                          "frame.comment)")
     out.add_argument("--logs", metavar="DIR",
                      help="write one log per record type into DIR (captures, sessions, packets, "
                           "anomalies, problems, downloads), as Zeek writes its logs")
@@ -148,6 +152,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             json_out = outputs.enter_context(_output(args.json, out)) if args.json else None
             jsonl_out = outputs.enter_context(_output(args.jsonl, out)) if args.jsonl else None
             html_out = outputs.enter_context(_output(args.html, out)) if args.html else None
+            annotated = outputs.enter_context(open(args.annotate, "wb")) if args.annotate else None
             for directory in (args.extract, args.logs):
                 if directory:
                     os.makedirs(directory, exist_ok=True)
@@ -175,6 +180,17 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if html_out:
             _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
                    html_out)
+        if annotated:
+            from bitstrace.analyzer.report.annotate import comments_by_frame, write_annotated
+
+            notes = comments_by_frame(filtered, complete_sessions(filtered, packets))
+            try:
+                again = make_selection(args)
+                analysis.problems.extend(write_annotated(args.captures, notes, annotated,
+                                                         again.apply if again else None))
+                annotated.flush()
+            except OSError as error:
+                raise OutputFailed(args.annotate, error) from error
         if args.logs:
             from bitstrace.analyzer.report.logs import log_rows, write_logs
 
@@ -232,6 +248,14 @@ def _output(path: str, stdout: TextIO) -> Iterator[TextIO]:
     stream.close()
 
 
+def make_selection(args: argparse.Namespace) -> FrameSelection | None:
+    """The frames to read, from -f, -c, --from and --to (None: every frame)."""
+    if not (args.filter or args.start or args.end or args.count):
+        return None
+    return FrameSelection(args.filter, parse_time(args.start) if args.start else None,
+                          parse_time(args.end) if args.end else None, args.count)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # The analysis allocates many long-lived records (one per BITS packet) and few cycles; the
     # default thresholds make the collector rescan them all again and again (measured on the
@@ -243,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--json - and --jsonl - would interleave on standard output: send one to a file")
     if args.http:
         taken = [option for option, value in (("--json", args.json), ("--jsonl", args.jsonl), ("--html", args.html),
-                                              ("--extract", args.extract), ("--logs", args.logs), ("--session", args.session),
+                                              ("--extract", args.extract), ("--logs", args.logs),
+                                              ("--annotate", args.annotate), ("--session", args.session),
                                               ("--fail-on", args.fail_on), ("-q", args.quiet)) if value]
         if taken:
             parser.error(f"--http prints the HTTP exchanges instead of the BITS report: it cannot go with "
@@ -252,11 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.captures:
         parser.error("no capture given: name one (or -r FILE, or '-' for standard input)")
     try:
-        args.selection = (FrameSelection(args.filter, parse_time(args.start) if args.start else None,
-                                         parse_time(args.end) if args.end else None, args.count)
-                          if args.filter or args.start or args.end or args.count else None)
+        args.selection = make_selection(args)
     except SelectionError as error:
         parser.error(str(error))
+    if args.annotate and "-" in args.captures:
+        parser.error("--annotate reads the captures a second time: standard input cannot be read twice")
     try:
         if args.http:
             return run_http(args, sys.stdout, sys.stderr)
