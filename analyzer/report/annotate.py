@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 from bitstrace.analyzer.capture import CaptureReader, FrameFields
@@ -21,7 +21,7 @@ from bitstrace.analyzer.problems import Problem
 
 Place = tuple[int, int]  # (capture index, frame number)
 #: Frames of a file after a selection (a filter, a time range, a count): what the analysis read.
-FrameSource = Callable[[Iterable[FrameFields]], Iterable[FrameFields]]
+FrameSource = Callable[[Iterator[FrameFields]], Iterator[FrameFields]]
 
 
 def comments_by_frame(report: Mapping[str, Any], sessions: Iterable[Mapping[str, Any]]) -> dict[Place, list[str]]:
@@ -66,7 +66,7 @@ def write_annotated(sources: Sequence[str | os.PathLike[str]], notes: Mapping[Pl
         reader = CaptureReader(source)
         writer.section([f"bitstrace annotations of {os.fspath(source)}"])
         interfaces: dict[int, int] = {}
-        records: Iterable[FrameFields] = reader.records()
+        records: Iterator[FrameFields] = reader.records()
         if select is not None:
             records = select(records)
         for number, ts_ns, link_type, data, original in records:
