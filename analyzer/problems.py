@@ -35,7 +35,7 @@ class Problem:
 PROBLEMS_PER_KIND = 10
 
 
-class ProblemLog(list):
+class ProblemLog(list[Problem]):
     """A list of Problems that keeps the first few of each kind and only counts the rest.
 
     When a kind passes its limit, one Problem says so; `counts` holds the full tallies.

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = BitsServer(args.root, args.host, args.port, log=None if args.quiet else sys.stderr, **options)
     except OSError as exc:
-        what = {errno.EEXIST: "it exists and is not a directory",
-                errno.ENOTDIR: "a parent of it is not a directory"}.get(exc.errno, exc.strerror)
+        reasons = {errno.EEXIST: "it exists and is not a directory", errno.ENOTDIR: "a parent of it is not a directory"}
+        what = reasons.get(exc.errno or 0) or exc.strerror or str(exc)
         parser.exit(Exit.USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {what}\n")
     except ValueError as exc:  # ServerOptions' own checks (--host-id-fallback-timeout without --host-id)
         parser.exit(Exit.USAGE, f"bits-server: {exc}\n")
