@@ -96,7 +96,7 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from bitstrace.analyzer.analysis import analyze
     from bitstrace.analyzer.report import render_text, write_html
-    from bitstrace.analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records,
+    from bitstrace.analyzer.report.json import (build_report, sessions_with_packets, filter_report, jsonl_records,
                                       packet_source, severity_at_least, write_json, write_jsonl)
 
     # Every output is opened before the analysis, so a bad path costs nothing but a message.
@@ -125,7 +125,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if jsonl_out:
             _write(args.jsonl, lambda: write_jsonl(jsonl_records(filtered, packets), jsonl_out), jsonl_out)
         if html_out:
-            _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
+            _write(args.html, lambda: write_html(filtered, html_out, sessions_with_packets(filtered, packets)),
                    html_out)
     text_on_terminal = False
     if "-" not in (args.json, args.jsonl):
