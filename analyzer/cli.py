@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pcap or pcapng file, gzip-compressed or not; '-' reads standard input")
     parser.add_argument("--http", action="store_true",
                         help="print every HTTP exchange as JSON Lines instead of the BITS report")
-    out = parser.add_argument_group("reports (the text report goes to standard output unless it is taken)")
+    out = parser.add_argument_group("reports (without --json, --jsonl or --html the text report goes to standard output)")
     out.add_argument("--json", metavar="FILE", help="write the JSON report (schema v1) to FILE, '-' for stdout")
     out.add_argument("--jsonl", metavar="FILE", help="write the report as JSON Lines to FILE, '-' for stdout")
     out.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
@@ -128,7 +128,9 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             _write(args.html, lambda: write_html(filtered, html_out, sessions_with_packets(filtered, packets)),
                    html_out)
     text_on_terminal = False
-    if "-" not in (args.json, args.jsonl):
+    # A report format asked for is the output (to a file or stdout): the text is not rendered.
+    # --extract alone still gets it: its Extracted files table says which files are whole.
+    if not (args.json or args.jsonl or args.html):
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
         _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
