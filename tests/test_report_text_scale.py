@@ -169,11 +169,13 @@ def test_incomplete_extracted_files_come_first() -> None:
     assert "10 more complete extracted files not shown; --json for all." in table
 
 
-def test_a_small_report_is_not_capped() -> None:
-    report = fx.many_sessions(TABLE_ROWS)
-    text = text_of(report)
+def test_a_small_report_is_not_capped_and_one_row_more_is_said() -> None:
+    text = text_of(fx.many_sessions(TABLE_ROWS))
     assert len(session_rows(text)) == TABLE_ROWS
     assert "not shown" not in text
+    one_more = text_of(fx.many_sessions(TABLE_ROWS + 1))
+    assert len(session_rows(one_more)) == TABLE_ROWS
+    assert "1 more healthy session (delivered, no warning or error) not shown; --json for all." in one_more
 
 
 @pytest.mark.parametrize("option", ["--json", "--jsonl", "--html"])

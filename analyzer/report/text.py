@@ -84,9 +84,9 @@ def render_text(report: Report, console_or_file: Console | IO[str], *, min_sever
         _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width,
                    several_captures(report)),
     ]
-    extracted = [(s, e) for s in sessions if (e := s.get("extracted"))]
-    if extracted:
-        parts.append(_extracted(extracted, ids, palette, console.width))
+    files = [(s, extracted) for s in sessions if (extracted := s.get("extracted"))]
+    if files:
+        parts.append(_extracted(files, ids, palette, console.width))
     if report.get("downloads"):
         parts.append(_downloads(report["downloads"], palette, clock, console.width))
     parts.append(_counts(report, palette))
@@ -175,8 +175,10 @@ def _first_rows(items: Sequence[_Row], first: Callable[[_Row], bool]) -> tuple[l
     return [items[index] for index in sorted(kept)], left_picked, len(items) - len(kept) - left_picked
 
 
-def _left_out(count: int, what: str, palette: _Palette) -> Text:
-    return Text(f"{count:,} more {what} not shown; --json for all.", style=palette["warning"])
+def _left_out(count: int, singular: str, plural: str, palette: _Palette, detail: str = "") -> Text:
+    """`N more ... not shown`: the line under a table that reached TABLE_ROWS."""
+    return Text(f"{count:,} more {singular if count == 1 else plural}{detail} not shown; --json for all.",
+                style=palette["warning"])
 
 
 # --- captures and summary ---------------------------------------------------------------------
@@ -273,7 +275,7 @@ def _session_cells(session: SessionRecord, ids: dict[str, str], palette: _Palett
         "Start": Text(clock.time(session.get("first_ts"))),
         "Time": Text(human_duration(session.get("duration_s"), compact=True)),
         "Rate": Text(human_rate(session.get("throughput_bps"), compact=True)),
-        "E/W/I": _severity_counts(session.get("anomalies") or [], palette),
+        "E/W/I": _severity_cell(session.get("anomalies") or [], palette),
     }
 
 
@@ -303,10 +305,11 @@ def _sessions(sessions: list[SessionRecord], ids: dict[str, str], palette: _Pale
     _add_rows(table, rows, palette, width)
     parts: list[RenderableType] = [table]
     if flagged_left:
-        parts.append(_left_out(flagged_left, "sessions that need a look (not delivered, or a warning or an error)",
-                               palette))
+        parts.append(_left_out(flagged_left, "session that needs a look", "sessions that need a look", palette,
+                               " (not delivered, or a warning or an error)"))
     if healthy_left:
-        parts.append(_left_out(healthy_left, "healthy sessions (delivered, no warning or error)", palette))
+        parts.append(_left_out(healthy_left, "healthy session", "healthy sessions", palette,
+                               " (delivered, no warning or error)"))
     legend = "E/W/I: anomalies by severity (error/warning/info)"
     if any(s.get("before_capture") for s in listed):
         legend += "; * already running when the capture began"
@@ -315,7 +318,8 @@ def _sessions(sessions: list[SessionRecord], ids: dict[str, str], palette: _Pale
     return Group(*parts, Text(legend, style=palette["dim"]))
 
 
-def _severity_counts(anomalies: Iterable[AnomalyRecord], palette: _Palette) -> Text:
+def _severity_cell(anomalies: Iterable[AnomalyRecord], palette: _Palette) -> Text:
+    """`2/0/1`: the anomalies by severity, error/warning/info."""
     counts = severity_counts(anomalies)
     text = Text()
     for index, severity in enumerate(SEVERITIES):
@@ -341,7 +345,7 @@ def _anomalies(shown: list[AnomalyRecord], hidden: int, min_severity: str, ids: 
     listed, left = ordered[:TABLE_ROWS], ordered[TABLE_ROWS:]
     if left:
         counted = ", ".join(f"{number:,} {severity}" for severity, number in severity_counts(left).items() if number)
-        notes.insert(0, _left_out(len(left), f"anomalies ({counted})", palette))
+        notes.insert(0, _left_out(len(left), "anomaly", "anomalies", palette, f" ({counted})"))
     rows = [_anomaly_cells(anomaly, ids, palette, clock, several) for anomaly in listed]
     table: RenderableType
     if width < NARROW:
@@ -381,23 +385,24 @@ def _anomaly_cells(anomaly: AnomalyRecord, ids: dict[str, str], palette: _Palett
 
 # --- downloads, counts, problems ---------------------------------------------------------------
 
-def _extracted(extracted: list[tuple[SessionRecord, ExtractedRecord]], ids: dict[str, str], palette: _Palette,
+def _extracted(files: list[tuple[SessionRecord, ExtractedRecord]], ids: dict[str, str], palette: _Palette,
                width: int) -> RenderableType:
-    table = _table(palette, title=f"Extracted files ({len(extracted)})")
+    """The extracted files (each with its session), the incomplete ones first."""
+    table = _table(palette, title=f"Extracted files ({len(files)})")
     table.add_column("Session", no_wrap=True)
     table.add_column("File", overflow="fold", ratio=1)
     table.add_column("Complete", no_wrap=True)
     table.add_column("SHA-256", overflow="fold", max_width=64)
-    listed, partial_left, complete_left = _first_rows(extracted, lambda pair: not pair[1].get("complete"))
+    listed, partial_left, complete_left = _first_rows(files, lambda file: not file[1].get("complete"))
     rows = []
-    for session, entity in listed:
-        complete = bool(entity.get("complete"))
-        rows.append((_text(_short_id(session.get("id"), ids)), _text(entity.get("path")),
+    for session, extracted in listed:
+        complete = bool(extracted.get("complete"))
+        rows.append((_text(_short_id(session.get("id"), ids)), _text(extracted.get("path")),
                      Text("yes" if complete else "NO", style=palette["ok"] if complete else palette["bad"]),
-                     _text(entity.get("sha256") or "—")))
+                     _text(extracted.get("sha256") or "—")))
     _add_rows(table, rows, palette, width)
-    notes = ([_left_out(partial_left, "incomplete extracted files", palette)] if partial_left else []) + \
-            ([_left_out(complete_left, "complete extracted files", palette)] if complete_left else [])
+    notes = [_left_out(count, f"{kind} extracted file", f"{kind} extracted files", palette)
+             for count, kind in ((partial_left, "incomplete"), (complete_left, "complete")) if count]
     return Group(table, *notes) if notes else table
 
 
@@ -418,7 +423,7 @@ def _downloads(downloads: list[DownloadRecord], palette: _Palette, clock: Clock,
             for download in listed]
     _add_rows(table, rows, palette, width)
     if len(downloads) > len(listed):
-        return Group(table, _left_out(len(downloads) - len(listed), "downloads", palette))
+        return Group(table, _left_out(len(downloads) - len(listed), "download", "downloads", palette))
     return table
 
 
