@@ -168,8 +168,9 @@ def _first_rows(items: Sequence[_Row], first: Callable[[_Row], bool]) -> tuple[l
     how many of each kind were left out (picked, others)."""
     if len(items) <= TABLE_ROWS:
         return list(items), 0, 0
-    picked = [index for index, item in enumerate(items) if first(item)]
-    others = [index for index, item in enumerate(items) if not first(item)]
+    chosen = [first(item) for item in items]
+    picked = [index for index, pick in enumerate(chosen) if pick]
+    others = [index for index, pick in enumerate(chosen) if not pick]
     kept = picked[:TABLE_ROWS] + others[:max(TABLE_ROWS - len(picked), 0)]
     left_picked = max(len(picked) - TABLE_ROWS, 0)
     return [items[index] for index in sorted(kept)], left_picked, len(items) - len(kept) - left_picked
