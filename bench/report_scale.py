@@ -6,8 +6,9 @@ report against `--json -` on a capture of 30,000 one-fragment sessions.
 The capture is captures/single-fragment.pcap's real session replicated with new session ids and
 client ports (captures/replicate_session.py: 570,000 frames, 237 MB, about 9 MB gzip-compressed),
 made in a scratch directory unless --capture names one (made there if missing). Each mode runs
-`--runs` times, in turn; the table gives the median wall time, the peak RSS of the process
-(GNU time's %M) and the lines of output. --code runs another checkout's code instead of this
+`--runs` times, in turn; the table gives the median wall time, the median CPU time (user +
+system: on a machine shared with other work it moves less than the wall time), the peak RSS of
+the process (GNU time's %M) and the lines of output. --code runs another checkout's code instead of this
 one's: DIR is a tree shaped like the installed package (DIR/bitstrace/{analyzer,replay,...}, as
 .ci/typecheck links one in .venv/typecheck), put first on PYTHONPATH.
 """
@@ -15,7 +16,6 @@ one's: DIR is a tree shaped like the installed package (DIR/bitstrace/{analyzer,
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -26,24 +26,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from captures.replicate_session import write_replicated  # noqa: E402
+
 GNU_TIME = "/usr/bin/time"
 MODES = {"text": [], "json": ["--json", "-"]}
 
 
 def replicate(path: Path, sessions: int) -> None:
-    spec = importlib.util.spec_from_file_location("replicate_session", ROOT / "captures" / "replicate_session.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
     started = time.perf_counter()
-    frames = module.write_replicated(path, sessions)
+    frames = write_replicated(path, sessions)
     print(f"made {path}: {sessions:,} sessions, {frames:,} frames, {path.stat().st_size / 1e6:.1f} MB, "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
-def run_once(arguments: list[str], code: Path | None) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS (bytes) and lines written of one bits-analyze run."""
+def run_once(arguments: list[str], code: Path | None) -> tuple[float, float, int, int]:
+    """Wall seconds, CPU seconds, peak RSS (bytes) and lines written of one bits-analyze run."""
     environment = dict(os.environ)
     if code is not None:
         environment["PYTHONPATH"] = str(code) + os.pathsep + environment.get("PYTHONPATH", "")
@@ -51,14 +50,15 @@ def run_once(arguments: list[str], code: Path | None) -> tuple[float, int, int]:
     with tempfile.NamedTemporaryFile("r") as rss, tempfile.TemporaryFile("w+b") as out:
         started = time.perf_counter()
         # cwd: outside the repository, so `bitstrace` comes from the install (or from --code)
-        done = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss.name, *command], stdin=subprocess.DEVNULL,
+        done = subprocess.run([GNU_TIME, "-f", "%U %S %M", "-o", rss.name, *command], stdin=subprocess.DEVNULL,
                               stdout=out, stderr=subprocess.PIPE, env=environment, cwd=tempfile.gettempdir())
         elapsed = time.perf_counter() - started
         if done.returncode not in (0, 3):
             raise RuntimeError(f"bits-analyze exited {done.returncode}:\n{done.stderr.decode(errors='replace')[-2000:]}")
         out.seek(0)
         lines = sum(block.count(b"\n") for block in iter(lambda: out.read(1 << 20), b""))
-        return elapsed, int(rss.read().split()[-1]) * 1024, lines
+        user, system, peak_kib = rss.read().split()[-3:]
+        return elapsed, float(user) + float(system), int(peak_kib) * 1024, lines
 
 
 def main() -> int:
@@ -72,19 +72,20 @@ def main() -> int:
         capture = args.capture or Path(scratch) / f"{args.sessions}-sessions.pcap.gz"
         if not capture.exists():
             replicate(capture, args.sessions)
-        results: dict[str, list[tuple[float, int, int]]] = {mode: [] for mode in MODES}
+        results: dict[str, list[tuple[float, float, int, int]]] = {mode: [] for mode in MODES}
         for round_number in range(1, args.runs + 1):
             for mode, options in MODES.items():
-                seconds, rss, lines = run_once([*options, str(capture.resolve())], args.code)
-                results[mode].append((seconds, rss, lines))
-                print(f"  round {round_number}: {mode} {seconds:.1f} s, {rss / 1e6:.0f} MB, {lines:,} lines",
-                      file=sys.stderr, flush=True)
+                seconds, cpu, rss, lines = run_once([*options, str(capture.resolve())], args.code)
+                results[mode].append((seconds, cpu, rss, lines))
+                print(f"  round {round_number}: {mode} {seconds:.1f} s ({cpu:.1f} s CPU), {rss / 1e6:.0f} MB, "
+                      f"{lines:,} lines", file=sys.stderr, flush=True)
     print(f"{capture.name}: {args.sessions:,} sessions" + (f" (code: {args.code})" if args.code else ""))
-    print(f"  {'report':<8} {'median s':>9} {'runs (s)':<24} {'peak RSS':>9} {'lines':>9}")
+    print(f"  {'report':<8} {'median s':>9} {'runs (s)':<24} {'CPU s':>7} {'peak RSS':>9} {'lines':>11}")
     for mode, runs in results.items():
-        seconds = [s for s, _, _ in runs]
+        seconds = [run[0] for run in runs]
         print(f"  {mode:<8} {statistics.median(seconds):>9.1f} {' '.join(f'{s:.1f}' for s in seconds):<24} "
-              f"{max(r for _, r, _ in runs) / 1e6:>7.0f}MB {runs[-1][2]:>9,}")
+              f"{statistics.median(run[1] for run in runs):>7.1f} {max(run[2] for run in runs) / 1e6:>7.0f}MB "
+              f"{runs[-1][3]:>11,}")
     return 0
 
 
