@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
 from bitstrace.analyzer.bits.extract import Extractor
-from bitstrace.analyzer.bits.sessions import BitsSummary, SessionTracker
+from bitstrace.analyzer.bits.sessions import DEFAULT_STALL_AFTER_S, BitsSummary, SessionTracker
+from bitstrace.analyzer.exchanges import Exchange
 from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.selection import FrameSelection
@@ -29,9 +30,9 @@ class Analysis:
 
 
 def analyze(
-    sources: Iterable[str | os.PathLike | BinaryIO],
+    sources: Iterable[str | os.PathLike[str] | BinaryIO],
     *,
-    extract_dir: str | os.PathLike | None = None,
+    extract_dir: str | os.PathLike[str] | None = None,
     progress: ProgressHook | None = None,
     stall_after_s: float | None = None,
     selection: FrameSelection | None = None,
@@ -41,9 +42,13 @@ def analyze(
     several = len(sources) > 1  # messages then name frames `capture:frame`, as the reports do
     extractor = (Extractor(extract_dir, several_captures=several, capture_names=[display_name(s) for s in sources])
                  if extract_dir is not None else None)
-    options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
-    tracker = SessionTracker(extractor, several_captures=several, **options)
-    run = read_exchanges(sources, tracker.on_exchange,
+    tracker = SessionTracker(extractor, several_captures=several,
+                             stall_after_s=DEFAULT_STALL_AFTER_S if stall_after_s is None else stall_after_s)
+
+    def file_exchange(exchange: Exchange) -> None:  # the packet on_exchange returns is not wanted here
+        tracker.on_exchange(exchange)
+
+    run = read_exchanges(sources, file_exchange,
                          on_body=extractor.on_body if extractor else None, progress=progress,
                          selection=selection)
     starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]

@@ -12,6 +12,7 @@ Tools:
 - walk:     bench/record_walk.py: a Python loop that only walks the pcap records (one
             struct.unpack_from each, nothing else): the floor of any pure-Python per-packet loop.
 - analyze:  `bits-analyze CAPTURE` (the full BITS text report, to /dev/null).
+- json:     `bits-analyze --json - CAPTURE` (the JSON report instead of the text, to /dev/null).
 - extract:  the same with `--extract DIR` (every uploaded file rebuilt; DIR emptied between runs).
 - write:    `cp CAPTURE DIR`: writing about as many bytes as extraction writes, the yardstick
             for what --extract may add.
@@ -46,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data"
 DEFAULT_CAPTURES = ("small", "large", "many")
-TOOLS = ("read", "walk", "analyze", "extract", "write", "tshark")
+TOOLS = ("read", "walk", "analyze", "json", "extract", "write", "tshark")
 REPLAY_CONCURRENCY = (1, 2, 4)
 TSHARK_OPTIONS = ["-o", "tcp.desegment_tcp_streams:TRUE", "-o", "http.desegment_headers:TRUE",
                   "-o", "http.desegment_body:TRUE"]
@@ -114,6 +115,7 @@ def bench(capture: Path, tools: list[str], runs: int, scratch: Path) -> dict[str
         "read": ["cat", str(capture)],
         "walk": [sys.executable, str(HERE / "record_walk.py"), str(capture)],
         "analyze": [analyze, "--no-progress", str(capture)],
+        "json": [analyze, "--no-progress", "--json", "-", str(capture)],
         "extract": [analyze, "--no-progress", "--extract", str(extract_dir), str(capture)],
         "write": ["cp", str(capture), str(extract_dir)],
     }

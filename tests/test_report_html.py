@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import report_fixtures as fx
-from bitstrace.analyzer.report.html import MAX_FRAGMENT_BARS, render_html
+from bitstrace.analyzer.report.html import render_html
+from bitstrace.analyzer.report.timeline import MAX_FRAGMENT_BARS
 
 VOID = {"meta", "br", "input", "link", "img", "hr", "col", "wbr", "source", "area", "base", "embed", "track"}
 SVG_LEAVES = {"rect", "circle", "line", "path", "polyline", "polygon"}  # written self-closed

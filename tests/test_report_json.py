@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import report_fixtures as fx
 from bitstrace.analyzer.analysis import analyze
 from bitstrace.analyzer.report.html import render_html, write_html
-from bitstrace.analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records, packet_source,
+from bitstrace.analyzer.report.json import (build_report, sessions_with_packets, filter_report, jsonl_records, packet_source,
                                   write_json, write_jsonl)
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
@@ -79,7 +79,7 @@ def test_streamed_writers_write_the_whole_report(analyses: dict, name: str, min_
     write_jsonl(jsonl_records(whole), expected_lines)
     assert lines.getvalue() == expected_lines.getvalue()
     page = io.StringIO()
-    write_html(outline, page, complete_sessions(outline, packets))
+    write_html(outline, page, sessions_with_packets(outline, packets))
     assert page.getvalue() == render_html(whole)
 
 

@@ -18,13 +18,14 @@ from typing import Any, BinaryIO
 from bitstrace.analyzer.capture import CaptureReader, FrameFields
 from bitstrace.analyzer.pcapng_writer import PcapngWriter
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.report.schema import AnomalyRecord, Report, SessionRecord
 
 Place = tuple[int, int]  # (capture index, frame number)
 #: Frames of a file after a selection (a filter, a time range, a count): what the analysis read.
 FrameSource = Callable[[Iterator[FrameFields]], Iterator[FrameFields]]
 
 
-def comments_by_frame(report: Mapping[str, Any], sessions: Iterable[Mapping[str, Any]]) -> dict[Place, list[str]]:
+def comments_by_frame(report: Report, sessions: Iterable[SessionRecord]) -> dict[Place, list[str]]:
     """What to say at each frame: session boundaries, then anomalies, worst first as the report
     lists them. `sessions` are the report's sessions with their packets."""
     notes: dict[Place, list[str]] = defaultdict(list)
@@ -34,13 +35,13 @@ def comments_by_frame(report: Mapping[str, Any], sessions: Iterable[Mapping[str,
         if packets:
             first, last = packets[0], packets[-1]
             request = first["request"]
-            notes[(request["capture"], request["frame"])].append(
-                f"bitstrace session {label} begins: {first['type'] or first['type_raw']} {session['url']} "
-                f"from {session['client']}")
+            _note(notes, request["capture"], request["frame"],
+                  f"bitstrace session {label} begins: {first['type'] or first['type_raw']} {session['url']} "
+                  f"from {session['client']}")
             end = last["response"] or last["request"]
-            notes[(end["capture"], end["frame"])].append(
-                f"bitstrace session {label} ends here in the capture: {session['state']}, "
-                f"{session['verdict']} ({session['verdict_reason']})")
+            _note(notes, end["capture"], end["frame"],
+                  f"bitstrace session {label} ends here in the capture: {session['state']}, "
+                  f"{session['verdict']} ({session['verdict_reason']})")
         for item in session["anomalies"]:
             _anomaly_notes(item, notes)
     for item in report["anomalies"]:
@@ -48,12 +49,16 @@ def comments_by_frame(report: Mapping[str, Any], sessions: Iterable[Mapping[str,
     return notes
 
 
-def _anomaly_notes(item: Mapping[str, Any], notes: dict[Place, list[str]]) -> None:
+def _anomaly_notes(item: AnomalyRecord, notes: dict[Place, list[str]]) -> None:
     session = f" [session {item['session']}]" if item.get("session") else ""
     text = f"bitstrace {item['severity']} {item['code']}: {item['message']}{session}"
     for capture, frame in zip(item.get("captures") or [0] * len(item["frames"]), item["frames"]):
-        if text not in notes[(capture, frame)]:
-            notes[(capture, frame)].append(text)
+        _note(notes, capture, frame, text)
+
+
+def _note(notes: dict[Place, list[str]], capture: int | None, frame: int | None, text: str) -> None:
+    if frame is not None and text not in notes[(capture or 0, frame)]:
+        notes[(capture or 0, frame)].append(text)
 
 
 def write_annotated(sources: Sequence[str | os.PathLike[str]], notes: Mapping[Place, Sequence[str]],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from json.encoder import encode_basestring_ascii as _quote
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from bitstrace import __version__
 from bitstrace.analyzer.analysis import Analysis
@@ -22,45 +22,47 @@ from bitstrace.analyzer.clock import epoch, iso
 from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
 from bitstrace.analyzer.bits.packets import BitsPacket, Download, session_key
-from bitstrace.analyzer.bits.sessions import Session
+from bitstrace.analyzer.bits.sessions import Session, Verdict
 from bitstrace.analyzer.pipeline import CaptureStats
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.report.schema import (
+    AnomalyRecord, CaptureRecord, DownloadRecord, ExtractedRecord, PacketRecord, ProblemRecord, Report,
+    ResponseRecord, SessionRecord,
+)
 
 SCHEMA = "bitstrace.report"
 VERSION = 1
 SEVERITY_ORDER = tuple(severity.value for severity in Severity)  # worst first
 
 
-def _times(prefix: str, ts_ns: int | None) -> dict[str, Any]:
-    return {f"{prefix}time": iso(ts_ns), f"{prefix}ts": epoch(ts_ns)}
-
-
 def severity_at_least(severity: str, minimum: str) -> bool:
     return SEVERITY_ORDER.index(severity) <= SEVERITY_ORDER.index(minimum)
 
 
-def capture_record(stats: CaptureStats) -> dict[str, Any]:
+def capture_record(stats: CaptureStats) -> CaptureRecord:
     return {
         "file": stats.file, "format": stats.format, "frames": stats.frames, "bytes": stats.bytes_read,
-        **_times("first_", stats.first_ts_ns), **_times("last_", stats.last_ts_ns),
+        "first_time": iso(stats.first_ts_ns), "first_ts": epoch(stats.first_ts_ns),
+        "last_time": iso(stats.last_ts_ns), "last_ts": epoch(stats.last_ts_ns),
         "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
         "decoder": stats.decoder, "tcp": stats.tcp,
     }
 
 
-def problem_record(problem: Problem) -> dict[str, Any]:
+def problem_record(problem: Problem) -> ProblemRecord:
     return {"kind": problem.kind, "message": problem.message, "file": problem.file,
             "frame": problem.frame, "offset": problem.offset, "connection": problem.connection,
             "fatal": problem.fatal}
 
 
-def anomaly_record(item: Anomaly) -> dict[str, Any]:
+def anomaly_record(item: Anomaly) -> AnomalyRecord:
     kind = CATALOGUE[item.code]
     first = item.timestamps[0] if item.timestamps else None
     return {
         "code": item.code, "severity": item.severity.value, "meaning": kind.meaning, "spec": kind.rule,
         "message": item.message, "session": item.session_id, "connection": item.connection,
-        "frames": list(item.frames), "captures": [capture for capture, _ in item.places], **_times("", first),
+        "frames": list(item.frames), "captures": [capture for capture, _ in item.places],
+        "time": iso(first), "ts": epoch(first),
     }
 
 
@@ -68,9 +70,9 @@ def _hresult_name(code: int | None) -> str | None:
     return None if code is None else p.describe_hresult(code).name
 
 
-def packet_record(pkt: BitsPacket, codes: list[str]) -> dict[str, Any]:
+def packet_record(pkt: BitsPacket, codes: list[str]) -> PacketRecord:
     rng = pkt.content_range
-    response = None
+    response: ResponseRecord | None = None
     if pkt.answered:
         response = {
             "status": pkt.status, "reason": pkt.reason, "frame": pkt.response_frame,
@@ -114,7 +116,7 @@ def _kept(anomalies: list[Anomaly], min_severity: str) -> list[Anomaly]:
     return [a for a in anomalies if severity_at_least(a.severity.value, min_severity)]
 
 
-def packet_records(session: Session, min_severity: str = "info") -> list[dict[str, Any]]:
+def packet_records(session: Session, min_severity: str = "info") -> list[PacketRecord]:
     """The session's packet records; each lists the codes of the anomalies raised at it, only
     codes that some anomaly of the session at `min_severity` or worse has (as `filter_report`)."""
     shown = {a.code for a in _kept(session.anomalies, min_severity)}
@@ -130,10 +132,10 @@ def packet_records(session: Session, min_severity: str = "info") -> list[dict[st
     return records
 
 
-def session_record(session: Session, with_packets: bool = True) -> dict[str, Any]:
+def session_record(session: Session, with_packets: bool = True) -> SessionRecord:
     duration = (session.last_ns - session.first_ns) / 1e9 if session.last_ns and session.first_ns else 0.0
     entity = session.entity
-    extracted = None
+    extracted: ExtractedRecord | None = None
     if entity is not None:
         extracted = {
             "path": entity.path, "complete": entity.complete, "sha256": entity.sha256,
@@ -143,11 +145,12 @@ def session_record(session: Session, with_packets: bool = True) -> dict[str, Any
     return {
         "id": session.id, "client": session.client, "server": session.server, "host": session.host,
         "url": session.url, "content_name": session.content_name, "protocol": session.protocol,
-        "user_agent": session.user_agent, "state": session.state.value, "verdict": session.verdict.value,
+        "user_agent": session.user_agent, "state": session.state.value, "verdict": Verdict(session.verdict).value,
         "verdict_reason": session.verdict_reason, "before_capture": session.before_capture,
         "reply_url": session.reply_url, "total": session.total, "acknowledged": session.acknowledged,
         "bytes_sent": session.bytes_sent, "fragments": len(session.fragments),
-        **_times("first_", session.first_ns or None), **_times("last_", session.last_ns or None),
+        "first_time": iso(session.first_ns or None), "first_ts": epoch(session.first_ns or None),
+        "last_time": iso(session.last_ns or None), "last_ts": epoch(session.last_ns or None),
         "duration_s": duration,
         "throughput_bps": session.acknowledged / duration if duration > 0 else None,
         "connections": list(session.connections),
@@ -156,7 +159,7 @@ def session_record(session: Session, with_packets: bool = True) -> dict[str, Any
     }
 
 
-def download_record(item: Download) -> dict[str, Any]:
+def download_record(item: Download) -> DownloadRecord:
     return {"client": item.client, "server": item.server, "method": item.method, "url": item.target,
             "host": item.host, "status": item.status, "bytes": item.bytes, "range": item.range,
             "user_agent": item.user_agent, "frame": item.frame,
@@ -173,7 +176,7 @@ def _selected(analysis: Analysis, session_filter: str | None) -> list[Session]:
 
 
 def build_report(analysis: Analysis, *, session_filter: str | None = None,
-                 with_packets: bool = True) -> dict[str, Any]:
+                 with_packets: bool = True) -> Report:
     """The schema-v1 dict. `session_filter` keeps one session (id compared like the protocol).
     Without `with_packets` the sessions' packet lists stay empty: the text report does not show
     them, and the other writers take them from a `PacketSource`, one session at a time."""
@@ -181,10 +184,11 @@ def build_report(analysis: Analysis, *, session_filter: str | None = None,
     sessions = _selected(analysis, session_filter)
     session_records = [session_record(s, with_packets) for s in sessions]
     loose = [] if wanted else analysis.bits.anomalies
-    counts = {severity: 0 for severity in SEVERITY_ORDER}
+    counts = dict.fromkeys(SEVERITY_ORDER, 0)
     for item in [a for s in sessions for a in s.anomalies] + loose:
         counts[item.severity.value] += 1
-    verdicts = [s.verdict.value for s in sessions]
+    verdicts = [Verdict(s.verdict).value for s in sessions]
+    tally = analysis.bits.counts
     return {
         "schema": SCHEMA, "version": VERSION,
         "tool": {"name": "bits-analyze", "version": __version__},
@@ -194,7 +198,9 @@ def build_report(analysis: Analysis, *, session_filter: str | None = None,
         "summary": {
             "sessions": len(sessions), "delivered": verdicts.count("delivered"),
             "not_delivered": verdicts.count("not-delivered"), "unknown": verdicts.count("unknown"),
-            "anomalies": counts, **analysis.bits.counts,
+            "anomalies": {"error": counts["error"], "warning": counts["warning"], "info": counts["info"]},
+            "http_exchanges": tally["http_exchanges"], "bits_exchanges": tally["bits_exchanges"],
+            "other_http": tally["other_http"], "downloads": tally["downloads"],
         },
         "sessions": session_records,
         "anomalies": [anomaly_record(a) for a in loose],
@@ -202,28 +208,28 @@ def build_report(analysis: Analysis, *, session_filter: str | None = None,
     }
 
 
-def filter_report(report: dict[str, Any], min_severity: str) -> dict[str, Any]:
+def filter_report(report: Report, min_severity: str) -> Report:
     """The report with anomalies below `min_severity` left out of the lists; the summary still
     counts every anomaly, so it reads the same in every format."""
-    def keep(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def keep(items: list[AnomalyRecord]) -> list[AnomalyRecord]:
         return [a for a in items if severity_at_least(a["severity"], min_severity)]
 
-    sessions = []
+    sessions: list[SessionRecord] = []
     for session in report["sessions"]:
         anomalies = keep(session["anomalies"])
         codes = {a["code"] for a in anomalies}
-        packets = [{**pkt, "anomalies": [c for c in pkt["anomalies"] if c in codes]}
-                   for pkt in session["packets"]]
+        packets: list[PacketRecord] = [{**pkt, "anomalies": [c for c in pkt["anomalies"] if c in codes]}
+                                       for pkt in session["packets"]]
         sessions.append({**session, "anomalies": anomalies, "packets": packets})
     return {**report, "filter": {**report["filter"], "min_severity": min_severity},
             "sessions": sessions, "anomalies": keep(report["anomalies"])}
 
 
 #: The packet records of the session at an index of the report's `sessions`.
-PacketSource = Callable[[int], list[dict[str, Any]]]
+PacketSource = Callable[[int], list[PacketRecord]]
 
 
-def packet_source(analysis: Analysis, report: dict[str, Any]) -> PacketSource:
+def packet_source(analysis: Analysis, report: Report) -> PacketSource:
     """The packet records of `report`'s sessions (built from `analysis` without packets, filtered
     or not), built when a writer asks for them, as `filter_report` would have left them."""
     sessions = _selected(analysis, report["filter"]["session"])
@@ -231,20 +237,20 @@ def packet_source(analysis: Analysis, report: dict[str, Any]) -> PacketSource:
     return lambda index: packet_records(sessions[index], min_severity)
 
 
-def complete_sessions(report: dict[str, Any], packets: PacketSource | None) -> Iterator[dict[str, Any]]:
+def sessions_with_packets(report: Report, packets: PacketSource | None) -> Iterator[SessionRecord]:
     """The report's session records, each with its packets from `packets` (when given) while
     the caller holds it."""
     for index, session in enumerate(report["sessions"]):
         yield session if packets is None else {**session, "packets": packets(index)}
 
 
-def write_json(report: dict[str, Any], out: IO[str], packets: PacketSource | None = None) -> None:
+def write_json(report: Report, out: IO[str], packets: PacketSource | None = None) -> None:
     """`json.dump(report, out, indent=2)` and a newline, byte for byte, written a session at a
     time (with its packets from `packets` when given)."""
     for index, (key, value) in enumerate(report.items()):
         out.write(("{\n  " if index == 0 else ",\n  ") + _quote(key) + ": ")
         if key == "sessions" and value:
-            for number, session in enumerate(complete_sessions(report, packets)):
+            for number, session in enumerate(sessions_with_packets(report, packets)):
                 out.write(("[\n    " if number == 0 else ",\n    ") + _indented(session, "\n    "))
             out.write("\n  ]")
         else:
@@ -252,7 +258,7 @@ def write_json(report: dict[str, Any], out: IO[str], packets: PacketSource | Non
     out.write("\n}\n" if report else "{}\n")
 
 
-def _indented(value: Any, indent: str) -> str:
+def _indented(value: Any, indent: str) -> str:  # Any: a JSON value of any shape, told apart by type()
     """`json.dumps(value, indent=2)` for a value nested at `indent` (a newline and the spaces of
     its depth), byte for byte. The json module indents with its pure-Python encoder; this does
     the report's types itself, about twice as fast, and leaves anything else to json."""
@@ -286,17 +292,17 @@ def _indented(value: Any, indent: str) -> str:
     return json.dumps(value, indent=2).replace("\n", indent)  # NaN, infinities, subclasses, tuples...
 
 
-def jsonl_records(report: dict[str, Any], packets: PacketSource | None = None) -> Iterator[dict[str, Any]]:
+def jsonl_records(report: Report, packets: PacketSource | None = None) -> Iterator[dict[str, object]]:
     """The report as one record a line, in the order schema.md gives (each session with its
     packets from `packets` when given)."""
     yield from ({"record": "capture", **c} for c in report["captures"])
     yield from ({"record": "problem", **p_} for p_ in report["problems"])
-    yield from ({"record": "session", **s} for s in complete_sessions(report, packets))
+    yield from ({"record": "session", **s} for s in sessions_with_packets(report, packets))
     yield from ({"record": "anomaly", **a} for a in report["anomalies"])
     yield from ({"record": "download", **d} for d in report["downloads"])
     yield {"record": "summary", "schema": report["schema"], "version": report["version"], **report["summary"]}
 
 
-def write_jsonl(records: Iterable[dict[str, Any]], out: IO[str]) -> None:
+def write_jsonl(records: Iterable[Mapping[str, object]], out: IO[str]) -> None:
     for record in records:
         out.write(json.dumps(record, separators=(",", ":")) + "\n")

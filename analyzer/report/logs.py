@@ -19,7 +19,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, NamedTuple
 
-from bitstrace.analyzer.report.json import PacketSource, complete_sessions
+from bitstrace.analyzer.report.json import PacketSource, sessions_with_packets
+from bitstrace.analyzer.report.schema import Report
 
 FORMATS = ("zeek", "csv")
 
@@ -92,8 +93,7 @@ def _value(record: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
-def log_rows(report: Mapping[str, Any], packets: PacketSource | None = None
-             ) -> Iterator[tuple[str, Mapping[str, Any]]]:
+def log_rows(report: Report, packets: PacketSource | None = None) -> Iterator[tuple[str, Mapping[str, Any]]]:
     """(log name, record) for every row of every log, one session's packets at a time."""
     files = [capture["file"] for capture in report["captures"]]
 
@@ -104,7 +104,7 @@ def log_rows(report: Mapping[str, Any], packets: PacketSource | None = None
         yield "captures", capture
     for problem in report["problems"]:
         yield "problems", problem
-    for session in complete_sessions(report, packets):
+    for session in sessions_with_packets(report, packets):
         yield "sessions", {**session, "anomaly_count": len(session["anomalies"])}
         for packet in session["packets"]:
             request = packet["request"] or {}

@@ -1,15 +1,18 @@
-"""What the human-facing renderings (text, HTML) share: severity order, display-safe strings,
-human sizes and durations, short session ids, the worst-first anomaly order.
+"""What the human-facing renderings (text, HTML and its timelines) share: severity order,
+display-safe strings, human sizes and durations, short session ids, the worst-first anomaly order.
 
-Everything here reads the report dict of schema version 1 (schema.md) and nothing else.
+Everything here reads the report of schema version 1 (schema.md, schema.py) and nothing else.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import html
 import math
 import unicodedata
-from typing import Any, Iterable
+from typing import Iterable
+
+from bitstrace.analyzer.report.schema import AnomalyRecord, Report, SessionRecord
 
 SEVERITIES = ("error", "warning", "info")
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
@@ -27,7 +30,7 @@ def check_min_severity(min_severity: str) -> int:
     return _RANK[min_severity]
 
 
-def printable(value: Any) -> str:
+def printable(value: object) -> str:
     """A capture string made safe to show: control characters (ANSI escapes, NUL, C1 codes)
     and invisible format characters (bidi overrides that reorder what the reader sees) become
     visible escapes such as `\\x1b` or `\\u202e`. Captures are hostile input."""
@@ -47,6 +50,15 @@ def printable(value: Any) -> str:
         else:
             out.append(char)
     return "".join(out)
+
+
+def escaped(value: object) -> str:
+    """`printable` and HTML-escaped, for text and attribute values alike."""
+    return html.escape(printable(value), quote=True)
+
+
+def or_dash(value: object) -> object:
+    return "—" if value is None else value
 
 
 def clip(text: str, limit: int) -> str:
@@ -118,7 +130,7 @@ def percent(part: int | None, whole: int | None) -> str:
     return f"{share:.0f}%"
 
 
-def compact_progress(session: dict) -> str:
+def compact_progress(session: SessionRecord) -> str:
     """`512K/1.00M 50%`: the acknowledged share of the file, for a narrow column."""
     acknowledged, total = session.get("acknowledged") or 0, session.get("total")
     share = percent(acknowledged, total)
@@ -153,7 +165,7 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-def all_anomalies(report: dict) -> list[dict]:
+def all_anomalies(report: Report) -> list[AnomalyRecord]:
     """Every anomaly of the report (the sessions' and the session-less ones), worst first:
     error, warning, info; then by time (untimed last); then by first frame."""
     found = [a for s in report.get("sessions") or () for a in s.get("anomalies") or ()]
@@ -161,7 +173,7 @@ def all_anomalies(report: dict) -> list[dict]:
     return sorted(found, key=anomaly_order)
 
 
-def anomaly_order(anomaly: dict) -> tuple:
+def anomaly_order(anomaly: AnomalyRecord) -> tuple[int, bool, float, int, int]:
     ts = anomaly.get("ts")
     frames = anomaly.get("frames") or []
     captures = anomaly.get("captures") or []
@@ -169,20 +181,21 @@ def anomaly_order(anomaly: dict) -> tuple:
             captures[0] if captures else 0, frames[0] if frames else 0)
 
 
-def severity_counts(anomalies: Iterable[dict]) -> dict[str, int]:
+def severity_counts(anomalies: Iterable[AnomalyRecord]) -> dict[str, int]:
+    """Anomalies by severity; an unknown severity counts as an error (as `severity_rank`)."""
     counts = dict.fromkeys(SEVERITIES, 0)
     for anomaly in anomalies:
-        severity = anomaly.get("severity")
+        severity = anomaly.get("severity") or "error"
         counts[severity if severity in counts else "error"] += 1
     return counts
 
 
-def several_captures(report: dict) -> bool:
+def several_captures(report: Report) -> bool:
     """Whether the report's frames need their file named (`2:431`)."""
     return len(report.get("captures") or ()) > 1
 
 
-def capture_legend(report: dict) -> str | None:
+def capture_legend(report: Report) -> str | None:
     """`frames N:F are frame F of capture #N: #1 a.pcap, #2 b.pcap` when the report has several
     captures, else None."""
     if not several_captures(report):
@@ -216,7 +229,7 @@ def frame_list(frames: Iterable[int] | None, limit: int = 6, captures: Iterable[
     return ", ".join(parts)
 
 
-def anomaly_frames(anomaly: dict, several: bool) -> str:
+def anomaly_frames(anomaly: AnomalyRecord, several: bool) -> str:
     """An anomaly's frames for display (`frame_list`), naming their files when `several`."""
     frames = anomaly.get("frames") or []
     captures = (anomaly.get("captures") or [0] * len(frames)) if several else None
@@ -227,9 +240,9 @@ class Clock:
     """Formats the report's timestamps: time of day (UTC) when everything happened on one day
     (the date is in the capture header), the full date and time otherwise."""
 
-    def __init__(self, report: dict) -> None:
-        stamps = [c.get(k) for c in report.get("captures") or () for k in ("first_ts", "last_ts")]
-        stamps += [s.get(k) for s in report.get("sessions") or () for k in ("first_ts", "last_ts")]
+    def __init__(self, report: Report) -> None:
+        stamps = [ts for c in report.get("captures") or () for ts in (c.get("first_ts"), c.get("last_ts"))]
+        stamps += [ts for s in report.get("sessions") or () for ts in (s.get("first_ts"), s.get("last_ts"))]
         days = {self._utc(ts).date() for ts in stamps if ts is not None}
         self.one_day = len(days) <= 1
 

@@ -4,15 +4,20 @@ Read by network and support engineers and by auditors, in a terminal or in a log
 line per capture, the sessions table, the anomalies worst first, downloads and counts, problems.
 Colour only when asked for; without it the output holds no escape codes at all and keeps a
 fixed width of 120 columns when it does not go to a terminal, so it reads the same in a log.
+
+A table holds at most TABLE_ROWS rows, so a capture of thousands of sessions still gives a page
+a person reads (and renders in a moment): the sessions that need a look (not delivered, or with
+a warning or an error) come first, then the healthy ones fill the rows left, and a line says
+how many of each were left out. The JSON and HTML reports hold every row.
 """
 
 from __future__ import annotations
 
-from typing import IO, Iterable, Sequence
+from typing import IO, Callable, Iterable, Sequence, TypedDict, TypeVar
 
 from rich import box
 from rich.cells import cell_len
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, Group, JustifyMethod, OverflowMethod, RenderableType
 from rich.padding import Padding
 from rich.style import Style
 from rich.table import Table
@@ -23,11 +28,15 @@ from bitstrace.analyzer.report.presentation import (
     compact_progress, clip, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
     several_captures, short_ids,
 )
+from bitstrace.analyzer.report.schema import (
+    AnomalyRecord, DownloadRecord, ExtractedRecord, ProblemRecord, Report, SessionRecord,
+)
 
 LOG_WIDTH = 120
 WIDE = 140  # room for the sessions' start times
 NARROW = 100  # below this the anomalies are a list, not a table
 URL_LIMIT = 200  # longer URLs are cut in the table; --json has them whole
+TABLE_ROWS = 200  # rows of a table at most; a line says what was left out
 
 _STYLES = {
     "heading": "bold",
@@ -53,10 +62,11 @@ class _Palette:
         return Style.parse(_STYLES[name]) if self.color else Style.null()
 
 
-def render_text(report: dict, console_or_file: Console | IO[str], *, min_severity: str = "info",
+def render_text(report: Report, console_or_file: Console | IO[str], *, min_severity: str = "info",
                 color: bool) -> None:
     """Write the report for people. `console_or_file` is a rich Console or a text file; anomalies
-    below `min_severity` ("error" > "warning" > "info") are left out (and counted as such)."""
+    below `min_severity` ("error" > "warning" > "info") are left out (and counted as such), and
+    each table keeps to TABLE_ROWS rows (and says what it left out)."""
     threshold = check_min_severity(min_severity)
     console = _console(console_or_file, color)
     palette = _Palette(color)
@@ -74,9 +84,9 @@ def render_text(report: dict, console_or_file: Console | IO[str], *, min_severit
         _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width,
                    several_captures(report)),
     ]
-    extracted = [s for s in sessions if s.get("extracted")]
-    if extracted:
-        parts.append(_extracted(extracted, ids, palette, console.width))
+    files = [(s, extracted) for s in sessions if (extracted := s.get("extracted"))]
+    if files:
+        parts.append(_extracted(files, ids, palette, console.width))
     if report.get("downloads"):
         parts.append(_downloads(report["downloads"], palette, clock, console.width))
     parts.append(_counts(report, palette))
@@ -150,9 +160,31 @@ def _one_line_rows(table: Table, columns: list[tuple[Text, ...]], width: int) ->
     return needed <= width
 
 
+_Row = TypeVar("_Row")
+
+
+def _first_rows(items: Sequence[_Row], first: Callable[[_Row], bool]) -> tuple[list[_Row], int, int]:
+    """At most TABLE_ROWS of `items`, in their order: those `first` picks before the others; and
+    how many of each kind were left out (picked, others)."""
+    if len(items) <= TABLE_ROWS:
+        return list(items), 0, 0
+    chosen = [first(item) for item in items]
+    picked = [index for index, pick in enumerate(chosen) if pick]
+    others = [index for index, pick in enumerate(chosen) if not pick]
+    kept = picked[:TABLE_ROWS] + others[:max(TABLE_ROWS - len(picked), 0)]
+    left_picked = max(len(picked) - TABLE_ROWS, 0)
+    return [items[index] for index in sorted(kept)], left_picked, len(items) - len(kept) - left_picked
+
+
+def _left_out(count: int, singular: str, plural: str, palette: _Palette, detail: str = "") -> Text:
+    """`N more ... not shown`: the line under a table that reached TABLE_ROWS."""
+    return Text(f"{count:,} more {singular if count == 1 else plural}{detail} not shown; --json for all.",
+                style=palette["warning"])
+
+
 # --- captures and summary ---------------------------------------------------------------------
 
-def _captures(report: dict, palette: _Palette, clock: Clock) -> RenderableType:
+def _captures(report: Report, palette: _Palette, clock: Clock) -> RenderableType:
     problems = report.get("problems") or []
     lines = []
     for capture in report.get("captures") or []:
@@ -180,17 +212,18 @@ def _captures(report: dict, palette: _Palette, clock: Clock) -> RenderableType:
     return Group(*lines) if lines else Text("no capture read")
 
 
-def _summary(report: dict, palette: _Palette) -> Text:
-    summary = report.get("summary") or {}
+def _summary(report: Report, palette: _Palette) -> Text:
+    summary = report["summary"]
     counts = summary.get("anomalies") or {}
     line = Text(f"{_plural(summary.get('sessions', 0), 'BITS upload session')}: ", style=palette["heading"])
-    for key, label, style in (("delivered", "delivered", "ok"), ("not_delivered", "not delivered", "bad"),
-                              ("unknown", "unknown", "unknown")):
-        number = summary.get(key, 0)
+    for number, label, style in ((summary.get("delivered", 0), "delivered", "ok"),
+                                 (summary.get("not_delivered", 0), "not delivered", "bad"),
+                                 (summary.get("unknown", 0), "unknown", "unknown")):
         line.append(f"{number} {label}", palette[style] if number else Style.null())
-        line.append(", " if key != "unknown" else "   anomalies: ")
+        line.append(", " if label != "unknown" else "   anomalies: ")
+    by_severity = {"error": counts.get("error", 0), "warning": counts.get("warning", 0), "info": counts.get("info", 0)}
     for severity in SEVERITIES:
-        number = counts.get(severity, 0)
+        number = by_severity[severity]
         line.append(_plural(number, severity) if severity != "info" else f"{number} info",
                     palette[severity] if number else Style.null())
         line.append(", " if severity != "info" else "")
@@ -199,9 +232,20 @@ def _summary(report: dict, palette: _Palette) -> Text:
 
 # --- sessions ----------------------------------------------------------------------------------
 
+class _ColumnOptions(TypedDict, total=False):
+    """What `Table.add_column` takes, of what the sessions table sets."""
+
+    no_wrap: bool
+    overflow: OverflowMethod
+    justify: JustifyMethod
+    min_width: int
+    max_width: int
+    ratio: int
+
+
 #: The sessions table's columns: header, the console width from which it is shown (narrow
 #: terminals keep the essentials), column options.
-_SESSION_COLUMNS: tuple[tuple[str, int, dict], ...] = (
+_SESSION_COLUMNS: tuple[tuple[str, int, _ColumnOptions], ...] = (
     ("Session", 0, {"no_wrap": True}),
     ("Client", 100, {"overflow": "fold", "min_width": 15, "max_width": 23}),
     ("URL", 0, {"overflow": "fold", "ratio": 1, "min_width": 20}),
@@ -216,9 +260,9 @@ _SESSION_COLUMNS: tuple[tuple[str, int, dict], ...] = (
 )
 
 
-def _session_cells(session: dict, ids: dict[str, str], palette: _Palette, clock: Clock) -> dict[str, Text]:
+def _session_cells(session: SessionRecord, ids: dict[str, str], palette: _Palette, clock: Clock) -> dict[str, Text]:
     verdict = session.get("verdict") or "unknown"
-    name = _text(ids.get(session.get("id"), "(no id)"))
+    name = _text(_short_id(session.get("id"), ids))
     if session.get("before_capture"):
         name.append("*", palette["dim"])
     return {
@@ -232,32 +276,51 @@ def _session_cells(session: dict, ids: dict[str, str], palette: _Palette, clock:
         "Start": Text(clock.time(session.get("first_ts"))),
         "Time": Text(human_duration(session.get("duration_s"), compact=True)),
         "Rate": Text(human_rate(session.get("throughput_bps"), compact=True)),
-        "E/W/I": _severity_counts(session.get("anomalies") or [], palette),
+        "E/W/I": _severity_cell(session.get("anomalies") or [], palette),
     }
 
 
-def _sessions(sessions: list[dict], ids: dict[str, str], palette: _Palette, clock: Clock,
+def _short_id(session_id: str | None, ids: dict[str, str]) -> str:
+    return "(no id)" if session_id is None else ids.get(session_id, "(no id)")
+
+
+def _needs_a_look(session: SessionRecord) -> bool:
+    """Not delivered, or with an anomaly worse than info."""
+    return (session.get("verdict") != "delivered"
+            or any(severity_rank(a.get("severity")) < severity_rank("info") for a in session.get("anomalies") or ()))
+
+
+def _sessions(sessions: list[SessionRecord], ids: dict[str, str], palette: _Palette, clock: Clock,
               width: int) -> RenderableType:
     if not sessions:
         return Text("No BITS upload sessions in the capture.")
     table = _table(palette, title=f"Sessions ({len(sessions)})")
-    shown = [(header, options) for header, from_width, options in _SESSION_COLUMNS if width >= from_width]
-    for header, options in shown:
+    columns = [(header, options) for header, from_width, options in _SESSION_COLUMNS if width >= from_width]
+    for header, options in columns:
         table.add_column(header, **options)
+    listed, flagged_left, healthy_left = _first_rows(sessions, _needs_a_look)
     rows = []
-    for session in sessions:
+    for session in listed:
         cells = _session_cells(session, ids, palette, clock)
-        rows.append([cells[header] for header, _ in shown])
+        rows.append([cells[header] for header, _ in columns])
     _add_rows(table, rows, palette, width)
+    parts: list[RenderableType] = [table]
+    if flagged_left:
+        parts.append(_left_out(flagged_left, "session that needs a look", "sessions that need a look", palette,
+                               " (not delivered, or a warning or an error)"))
+    if healthy_left:
+        parts.append(_left_out(healthy_left, "healthy session", "healthy sessions", palette,
+                               " (delivered, no warning or error)"))
     legend = "E/W/I: anomalies by severity (error/warning/info)"
-    if any(s.get("before_capture") for s in sessions):
+    if any(s.get("before_capture") for s in listed):
         legend += "; * already running when the capture began"
-    if len(shown) < len(_SESSION_COLUMNS) - 1:
+    if len(columns) < len(_SESSION_COLUMNS) - 1:
         legend += f"; a wider terminal ({LOG_WIDTH}+ columns) shows more columns"
-    return Group(table, Text(legend, style=palette["dim"]))
+    return Group(*parts, Text(legend, style=palette["dim"]))
 
 
-def _severity_counts(anomalies: Iterable[dict], palette: _Palette) -> Text:
+def _severity_cell(anomalies: Iterable[AnomalyRecord], palette: _Palette) -> Text:
+    """`2/0/1`: the anomalies by severity, error/warning/info."""
     counts = severity_counts(anomalies)
     text = Text()
     for index, severity in enumerate(SEVERITIES):
@@ -270,15 +333,22 @@ def _severity_counts(anomalies: Iterable[dict], palette: _Palette) -> Text:
 
 # --- anomalies ---------------------------------------------------------------------------------
 
-def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str, str],
+def _anomalies(shown: list[AnomalyRecord], hidden: int, min_severity: str, ids: dict[str, str],
                palette: _Palette, clock: Clock, width: int, several: bool) -> RenderableType:
-    note = Text(f"{_plural(hidden, 'anomaly', 'anomalies')} below {min_severity} not shown.",
-                style=palette["dim"]) if hidden else None
+    notes: list[RenderableType] = []
+    if hidden:
+        notes.append(Text(f"{_plural(hidden, 'anomaly', 'anomalies')} below {min_severity} not shown.",
+                          style=palette["dim"]))
     if not shown:
-        message = Text("No anomalies." if not hidden else "No anomalies at this severity.")
-        return Group(message, note) if note else message
+        return Group(Text("No anomalies at this severity."), *notes) if notes else Text("No anomalies.")
     title = f"Anomalies ({len(shown)}), worst first"
-    rows = [_anomaly_cells(anomaly, ids, palette, clock, several) for anomaly in sorted(shown, key=anomaly_order)]
+    ordered = sorted(shown, key=anomaly_order)
+    listed, left = ordered[:TABLE_ROWS], ordered[TABLE_ROWS:]
+    if left:
+        counted = ", ".join(f"{number:,} {severity}" for severity, number in severity_counts(left).items() if number)
+        notes.insert(0, _left_out(len(left), "anomaly", "anomalies", palette, f" ({counted})"))
+    rows = [_anomaly_cells(anomaly, ids, palette, clock, several) for anomaly in listed]
+    table: RenderableType
     if width < NARROW:
         # A table's message column would be a few characters wide: one heading line per
         # anomaly instead, its message indented below.
@@ -286,7 +356,7 @@ def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str,
         for severity, code, where, frames, time, message in rows:
             lines.append(Text.assemble(severity, " ", code, " ", where, f" frames {frames.plain} at {time.plain}"))
             lines.append(Padding(message, (0, 0, 0, 4)))
-        table: RenderableType = Group(*lines)
+        table = Group(*lines)
     else:
         table = _table(palette, title=title)
         table.add_column("Severity", no_wrap=True)
@@ -296,10 +366,10 @@ def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str,
         table.add_column("Time", no_wrap=True)
         table.add_column("Message", overflow="fold", ratio=1)
         _add_rows(table, rows, palette, width)
-    return Group(table, note) if note else table
+    return Group(table, *notes) if notes else table
 
 
-def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock: Clock,
+def _anomaly_cells(anomaly: AnomalyRecord, ids: dict[str, str], palette: _Palette, clock: Clock,
                    several: bool) -> tuple[Text, ...]:
     severity = anomaly.get("severity") or "?"
     session = anomaly.get("session")
@@ -316,24 +386,28 @@ def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock:
 
 # --- downloads, counts, problems ---------------------------------------------------------------
 
-def _extracted(sessions: list[dict], ids: dict[str, str], palette: _Palette, width: int) -> Table:
-    table = _table(palette, title=f"Extracted files ({len(sessions)})")
+def _extracted(files: list[tuple[SessionRecord, ExtractedRecord]], ids: dict[str, str], palette: _Palette,
+               width: int) -> RenderableType:
+    """The extracted files (each with its session), the incomplete ones first."""
+    table = _table(palette, title=f"Extracted files ({len(files)})")
     table.add_column("Session", no_wrap=True)
     table.add_column("File", overflow="fold", ratio=1)
     table.add_column("Complete", no_wrap=True)
     table.add_column("SHA-256", overflow="fold", max_width=64)
+    listed, partial_left, complete_left = _first_rows(files, lambda file: not file[1].get("complete"))
     rows = []
-    for session in sessions:
-        extracted = session["extracted"]
+    for session, extracted in listed:
         complete = bool(extracted.get("complete"))
-        rows.append((_text(ids.get(session.get("id"), "(no id)")), _text(extracted.get("path")),
+        rows.append((_text(_short_id(session.get("id"), ids)), _text(extracted.get("path")),
                      Text("yes" if complete else "NO", style=palette["ok"] if complete else palette["bad"]),
                      _text(extracted.get("sha256") or "—")))
     _add_rows(table, rows, palette, width)
-    return table
+    notes = [_left_out(count, f"{kind} extracted file", f"{kind} extracted files", palette)
+             for count, kind in ((partial_left, "incomplete"), (complete_left, "complete")) if count]
+    return Group(table, *notes) if notes else table
 
 
-def _downloads(downloads: list[dict], palette: _Palette, clock: Clock, width: int) -> Table:
+def _downloads(downloads: list[DownloadRecord], palette: _Palette, clock: Clock, width: int) -> RenderableType:
     table = _table(palette, title=f"Downloads ({len(downloads)})")
     table.add_column("Client", overflow="fold", max_width=23)
     table.add_column("Method", no_wrap=True)
@@ -342,17 +416,20 @@ def _downloads(downloads: list[dict], palette: _Palette, clock: Clock, width: in
     table.add_column("Bytes", no_wrap=True, justify="right")
     table.add_column("User-Agent", overflow="fold", max_width=24)
     table.add_column("Time", no_wrap=True)
+    listed = downloads[:TABLE_ROWS]
     rows = [(_text(download.get("client")), _text(download.get("method")),
              _text(clip(printable(download.get("url")), URL_LIMIT)),
              Text(str(download.get("status") or "—")), Text(human_size(download.get("bytes"))),
              _text(download.get("user_agent")), Text(clock.time(download.get("ts"))))
-            for download in downloads]
+            for download in listed]
     _add_rows(table, rows, palette, width)
+    if len(downloads) > len(listed):
+        return Group(table, _left_out(len(downloads) - len(listed), "download", "downloads", palette))
     return table
 
 
-def _counts(report: dict, palette: _Palette) -> RenderableType:
-    summary = report.get("summary") or {}
+def _counts(report: Report, palette: _Palette) -> RenderableType:
+    summary = report["summary"]
     lines = [_heading("Counts", palette),
              Text(f"HTTP exchanges {summary.get('http_exchanges', 0):,}: "
                   f"{summary.get('bits_exchanges', 0):,} BITS, {summary.get('other_http', 0):,} other "
@@ -361,8 +438,8 @@ def _counts(report: dict, palette: _Palette) -> RenderableType:
         line = Text.assemble(_text(capture.get("file") or "-", palette["dim"]))
         line.append(f": {_plural(capture.get('connections') or 0, 'TCP connection')}, "
                     f"{_plural(capture.get('exchanges') or 0, 'HTTP exchange')}")
-        for layer in ("decoder", "tcp"):
-            counters = {k: v for k, v in (capture.get(layer) or {}).items() if v}
+        for layer, every in (("decoder", capture.get("decoder") or {}), ("tcp", capture.get("tcp") or {})):
+            counters = {k: v for k, v in every.items() if v}
             if counters:
                 line.append(f"; {layer} " + ", ".join(f"{printable(k)} {v:,}" if isinstance(v, int)
                                                        else f"{printable(k)} {printable(v)}"
@@ -371,7 +448,7 @@ def _counts(report: dict, palette: _Palette) -> RenderableType:
     return Group(*lines)
 
 
-def _problems(problems: list[dict], palette: _Palette) -> RenderableType:
+def _problems(problems: list[ProblemRecord], palette: _Palette) -> RenderableType:
     table = _table(palette, title=f"Problems reading the input ({len(problems)})")
     table.add_column("Kind", no_wrap=True)
     table.add_column("Where", overflow="fold", max_width=40)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "before the positional ones)")
     parser.add_argument("--http", action="store_true",
                         help="print every HTTP exchange as JSON Lines instead of the BITS report")
-    out = parser.add_argument_group("reports (the text report goes to standard output unless it is taken)")
+    out = parser.add_argument_group("reports (without --json, --jsonl, --html or --logs the text report goes to standard output)")
     out.add_argument("--json", metavar="FILE", help="write the JSON report (schema v1) to FILE, '-' for stdout")
     out.add_argument("--jsonl", metavar="FILE", help="write the report as JSON Lines to FILE, '-' for stdout")
     out.add_argument("--html", metavar="FILE", help="write a self-contained HTML report to FILE")
@@ -143,7 +143,7 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from bitstrace.analyzer.analysis import analyze
     from bitstrace.analyzer.report import render_text, write_html
-    from bitstrace.analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records,
+    from bitstrace.analyzer.report.json import (build_report, sessions_with_packets, filter_report, jsonl_records,
                                       packet_source, severity_at_least, write_json, write_jsonl)
 
     # Every output is opened before the analysis, so a bad path costs nothing but a message.
@@ -178,12 +178,12 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if jsonl_out:
             _write(args.jsonl, lambda: write_jsonl(jsonl_records(filtered, packets), jsonl_out), jsonl_out)
         if html_out:
-            _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
+            _write(args.html, lambda: write_html(filtered, html_out, sessions_with_packets(filtered, packets)),
                    html_out)
         if annotated:
             from bitstrace.analyzer.report.annotate import comments_by_frame, write_annotated
 
-            notes = comments_by_frame(filtered, complete_sessions(filtered, packets))
+            notes = comments_by_frame(filtered, sessions_with_packets(filtered, packets))
             try:
                 again = make_selection(args)
                 analysis.problems.extend(write_annotated(args.captures, notes, annotated,
@@ -200,7 +200,9 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 raise OutputFailed(error.filename or args.logs, error) from error
     text_on_terminal = False
     nothing_read = all(c.frames == 0 and not c.complete for c in analysis.run.captures)
-    if "-" not in (args.json, args.jsonl) and not args.quiet and not nothing_read:
+    # A report format asked for is the output (to a file or stdout): the text is not rendered.
+    # --extract and --annotate alone still get it: it says which files are whole, what was found.
+    if not (args.json or args.jsonl or args.html or args.logs or args.quiet or nothing_read):
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
         _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
