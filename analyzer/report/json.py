@@ -40,7 +40,8 @@ def severity_at_least(severity: str, minimum: str) -> bool:
 
 
 def capture_record(stats: CaptureStats) -> dict[str, Any]:
-    return {
+    point = {} if stats.capture_point is None else {"capture_point": stats.capture_point}  # directories only
+    return {**point,
         "file": stats.file, "format": stats.format, "frames": stats.frames, "bytes": stats.bytes_read,
         **_times("first_", stats.first_ts_ns), **_times("last_", stats.last_ts_ns),
         "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
@@ -140,8 +141,9 @@ def session_record(session: Session, with_packets: bool = True) -> dict[str, Any
             "coverage": [{"first": r.first, "last": r.last, "frames": list(r.frames),
                           "captures": list(r.captures), "acknowledged": r.acknowledged} for r in entity.coverage],
         }
+    point = {"capture_points": list(session.capture_points)} if session.capture_points else {}  # directories only
     return {
-        "id": session.id, "client": session.client, "server": session.server, "host": session.host,
+        **point, "id": session.id, "client": session.client, "server": session.server, "host": session.host,
         "url": session.url, "content_name": session.content_name, "protocol": session.protocol,
         "user_agent": session.user_agent, "state": session.state.value, "verdict": session.verdict.value,
         "verdict_reason": session.verdict_reason, "before_capture": session.before_capture,
