@@ -158,7 +158,7 @@ def run_dask(client: Any, units: Sequence[Unit], progress: UnitProgress | None =
     failures: list[Failure] = []
     done_bytes = 0
     try:
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):
             i = index[future.key]
             try:
                 results[i] = future.result()
