@@ -79,6 +79,9 @@ class Segment(NamedTuple):
 
 #: Where the per-packet loop hands a Segment's fields, as arguments: TcpReassembler.receive.
 SegmentReceiver = Callable[[int, int, bytes, int, bytes, int, int, int, int, int, memoryview, int], None]
+#: A partition filter on a segment's (frame, src, sport, dst, dport), asked before `receive`:
+#: a unit of a partitioned run passes on only its own connections (analyzer/partition.py).
+SegmentFilter = Callable[[int, bytes, int, bytes, int], bool]
 
 
 # The BITS layer formats the endpoints of every packet, and a capture holds few distinct ones:
@@ -132,9 +135,12 @@ class _Datagram:
 class Decoder:
     """Decode frames one at a time; `decode` returns a Segment for TCP and None otherwise."""
 
-    def __init__(self, file: str | None = None, capture: int = 0) -> None:
-        """`capture`: this file's index in a run over several files (numbers the segments)."""
+    def __init__(self, file: str | None = None, capture: int = 0, keep: SegmentFilter | None = None) -> None:
+        """`capture`: this file's index in a run over several files (numbers the segments).
+        `keep`: only segments it accepts reach `receive`; every frame is still decoded and
+        counted, so the statistics and problems are those of the whole file."""
         self.file = file
+        self.keep = keep
         self._frame_base = capture * CAPTURE_FRAME_SPAN
         self.stats: dict[str, int] = dict.fromkeys((
             "frames", "tcp", "non_ip", "non_tcp", "ip_fragments", "reassembled_datagrams",
@@ -163,6 +169,7 @@ class Decoder:
         """
         frame_base = self._frame_base
         decode = self.decode
+        keep = self.keep
         fast = 0
         record = None
         for record in records:
@@ -175,11 +182,13 @@ class Decoder:
                 if (ethertype == _ETHERTYPE_IPV4 and version_ihl == 0x45 and protocol == _PROTO_TCP
                         and not fragment & 0x3FFF and 54 <= start <= end <= len(data) and end <= orig_len):
                     fast += 1
-                    receive(frame_base + number, ts_ns, src, sport, dst, dport, seq, ack, flags, window,
-                            data[start:end], 0)
+                    if keep is None or keep(frame_base + number, src, sport, dst, dport):
+                        receive(frame_base + number, ts_ns, src, sport, dst, dport, seq, ack, flags, window,
+                                data[start:end], 0)
                     continue
             segment = decode(new_frame(record))
-            if segment is not None:
+            if segment is not None and (keep is None or keep(segment.frame, segment.src, segment.sport,
+                                                             segment.dst, segment.dport)):
                 receive(*segment)
         self.stats["frames"] += fast
         self.stats["tcp"] += fast

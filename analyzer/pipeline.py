@@ -18,11 +18,11 @@ from itertools import chain, islice
 from typing import BinaryIO, Callable, Iterable
 
 from bitstrace.analyzer.capture import CaptureReader, Frame
-from bitstrace.analyzer.decode import Decoder
+from bitstrace.analyzer.decode import Decoder, SegmentFilter
 from bitstrace.analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.selection import FrameSelection
-from bitstrace.analyzer.tcp import TcpReassembler
+from bitstrace.analyzer.tcp import StreamSink, TcpReassembler
 
 ExchangeConsumer = Callable[[Exchange], None]
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)
@@ -43,6 +43,7 @@ class CaptureStats:
     tcp: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     exchanges: int = 0
+    capture_point: str | None = None  # the directory it was found in (analyzer/sources.py)
 
 
 @dataclass
@@ -80,12 +81,24 @@ def read_exchanges(
     on_body: BodyConsumer | None = None,
     progress: ProgressHook | None = None,
     selection: FrameSelection | None = None,
+    *,
+    keep: SegmentFilter | None = None,
+    first_capture: int = 0,
+    tap: Callable[[StreamSink], StreamSink] | None = None,
+    before_finish: Callable[[], None] | None = None,
 ) -> RunResult:
     """Run the captures, in order, through one pipeline, calling `on_exchange` for each HTTP
-    exchange. `selection` keeps only some frames (a filter, a time range, a count)."""
+    exchange. `selection` keeps only some frames (a filter, a time range, a count).
+
+    The hooks of a partitioned run (analyzer/partition.py): `keep` passes on only some
+    connections' segments (Decoder), `first_capture` is the index of the first source among
+    all the run's files (frames and messages name their file by it), `tap` wraps the stream
+    sink the reassembler feeds (to see every connection open), `before_finish` is called when
+    the last frame is read, before the connections still open are flushed."""
     result = RunResult()
-    assembler = ExchangeAssembler(_counting(on_exchange, result.captures), on_body)
-    reassembler = TcpReassembler(assembler)
+    assembler = ExchangeAssembler(_counting(on_exchange, result.captures, first_capture), on_body)
+    assembler.captures.extend([""] * first_capture)  # other units' files: never named here
+    reassembler = TcpReassembler(assembler if tap is None else tap(assembler))
     tcp_before = reassembler.stats  # totals when the current file began
     stats = None
     for index, source in enumerate(sources):
@@ -94,7 +107,7 @@ def read_exchanges(
         result.captures.append(stats)
         assembler.captures.append(name)
         reader = CaptureReader(source, name=name)
-        decoder = Decoder(file=name, capture=index)
+        decoder = Decoder(file=name, capture=first_capture + index, keep=keep)
         size = _file_size(source)
         records = reader.records() if selection is None else selection.apply(reader.records())
         unfilterable = dict(selection.unfilterable) if selection is not None else {}
@@ -126,6 +139,8 @@ def read_exchanges(
         if progress is not None:
             progress(name, reader.bytes_read, size)
         last_before, tcp_before = tcp_before, reassembler.stats
+    if before_finish is not None:
+        before_finish()
     reassembler.finish()
     if stats is not None:  # what is still missing at the end of the run counts in the last file
         stats.tcp = _since(reassembler.stats, last_before)
@@ -137,9 +152,9 @@ def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {key: value - before[key] for key, value in now.items()}
 
 
-def _counting(on_exchange: ExchangeConsumer, captures: list[CaptureStats]) -> ExchangeConsumer:
+def _counting(on_exchange: ExchangeConsumer, captures: list[CaptureStats], first_capture: int) -> ExchangeConsumer:
     def counted(exchange: Exchange) -> None:
-        captures[first_message(exchange).first_capture].exchanges += 1
+        captures[first_message(exchange).first_capture - first_capture].exchanges += 1
         on_exchange(exchange)
 
     return counted

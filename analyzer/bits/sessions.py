@@ -26,7 +26,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.catalogue import Anomaly, anomaly, frame_name
 from bitstrace.analyzer.bits.machine import Answer, Sent, State, answer, sent, step
-from bitstrace.analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify, host_name, session_key
+from bitstrace.analyzer.bits.packets import (AUTH_CHALLENGES, BitsPacket, Classified, Download, classify, host_name,
+                                              session_key)
 from bitstrace.analyzer.bits.protocol import PacketType
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Session:
     ended_ns: int | None = None  # closed, cancelled, expired or refused
     not_found_ns: int | None = None  # first BG_E_SESSION_NOT_FOUND answer
     generation: int = 0  # how many earlier sessions had this id (servers that derive ids reuse them)
+    capture_points: list[str] = field(default_factory=list)  # directories its packets were captured in
 
     @property
     def created(self) -> bool:
@@ -98,6 +100,15 @@ class Session:
             code, message, session_id=self.id, frames=frames, captures=captures, timestamps=times,
             connection=packets[-1].connection if packets else None,
         ))
+
+
+def exchange_times(exchange: Any) -> list[int | None]:
+    """The times an exchange shows: what bounds the capture when no file says."""
+    times = [exchange.connection.first_ts_ns]
+    for message in (exchange.request, exchange.response):
+        if message is not None:
+            times += (message.first_ts_ns, message.last_ts_ns)
+    return times
 
 
 @dataclass
@@ -138,13 +149,13 @@ class SessionTracker:
         """File one Exchange. Returns the BITS packet it made (filed in a session, or set aside
         as a Ping, a challenged or unanswered Create, or a request without a session id), None
         for a download or other HTTP."""
+        return self.file_classified(classify(exchange), exchange_times(exchange))
+
+    def file_classified(self, found: Classified, times: list[int | None]) -> BitsPacket | None:
+        """on_exchange after `classify`: a partitioned run classifies in its units and files
+        their results here, in the order one process would have met the exchanges."""
         self._counts["http_exchanges"] += 1
-        times = [exchange.connection.first_ts_ns]
-        for message in (exchange.request, exchange.response):
-            if message is not None:
-                times += (message.first_ts_ns, message.last_ts_ns)
         self._see_times(times)
-        found = classify(exchange)
         self._loose.extend(found.anomalies)
         if found.download is not None:
             self._counts["downloads"] += 1

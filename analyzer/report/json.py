@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from json.encoder import encode_basestring_ascii as _quote
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, cast
 
 from bitstrace import __version__
 from bitstrace.analyzer.analysis import Analysis
@@ -40,13 +40,16 @@ def severity_at_least(severity: str, minimum: str) -> bool:
 
 
 def capture_record(stats: CaptureStats) -> CaptureRecord:
-    return {
+    record: CaptureRecord = {
         "file": stats.file, "format": stats.format, "frames": stats.frames, "bytes": stats.bytes_read,
         "first_time": iso(stats.first_ts_ns), "first_ts": epoch(stats.first_ts_ns),
         "last_time": iso(stats.last_ts_ns), "last_ts": epoch(stats.last_ts_ns),
         "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
         "decoder": stats.decoder, "tcp": stats.tcp,
     }
+    if stats.capture_point is None:
+        return record
+    return cast(CaptureRecord, {"capture_point": stats.capture_point, **record})  # directories only, first
 
 
 def problem_record(problem: Problem) -> ProblemRecord:
@@ -142,7 +145,7 @@ def session_record(session: Session, with_packets: bool = True) -> SessionRecord
             "coverage": [{"first": r.first, "last": r.last, "frames": list(r.frames),
                           "captures": list(r.captures), "acknowledged": r.acknowledged} for r in entity.coverage],
         }
-    return {
+    record: SessionRecord = {
         "id": session.id, "client": session.client, "server": session.server, "host": session.host,
         "url": session.url, "content_name": session.content_name, "protocol": session.protocol,
         "user_agent": session.user_agent, "state": session.state.value, "verdict": Verdict(session.verdict).value,
@@ -157,6 +160,9 @@ def session_record(session: Session, with_packets: bool = True) -> SessionRecord
         "packets": packet_records(session) if with_packets else [],
         "anomalies": [anomaly_record(a) for a in session.anomalies], "extracted": extracted,
     }
+    if not session.capture_points:
+        return record
+    return cast(SessionRecord, {"capture_points": list(session.capture_points), **record})  # directories only, first
 
 
 def download_record(item: Download) -> DownloadRecord:

@@ -15,7 +15,7 @@ whatever a report holds, including values this version does not know.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 
 class ToolRecord(TypedDict):
@@ -31,6 +31,7 @@ class FilterRecord(TypedDict):
 
 
 class CaptureRecord(TypedDict):
+    capture_point: NotRequired[str]  # only when the input names directories: the directory read
     file: str
     format: str  # pcap | pcapng; "" when the file was not read as a capture
     frames: int  # how many frames the file held
@@ -153,6 +154,7 @@ class ExtractedRecord(TypedDict):
 
 
 class SessionRecord(TypedDict):
+    capture_points: NotRequired[list[str]]  # only when the input names directories
     id: str | None
     client: str
     server: str

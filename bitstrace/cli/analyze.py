@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour in the text report (auto: only on a terminal)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    from bitstrace.cli.parallel import add_arguments
+
+    add_arguments(parser)
     parser.add_argument("--version", action="version", version=f"bits-analyze {__version__}")
     parser.add_argument("--schema", action=_PrintSchema,
                         help="print the JSON report's schema document (Markdown) and exit")
@@ -159,9 +162,19 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except OSError as error:
             print(f"bits-analyze: cannot write {error.filename}: {error.strerror}", file=err)
             return Exit.USAGE
-        with progress_bar(not args.no_progress) as hook:
-            analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
-                               stall_after_s=args.stall_after, selection=args.selection)
+        if args.partitioned:  # a directory, --jobs or --dask: bitstrace/cli/parallel.py
+            from bitstrace.analyzer.engines import EngineError
+            from bitstrace.cli.parallel import run_analysis
+
+            try:
+                analysis = run_analysis(args, err, None)
+            except EngineError as error:
+                print(f"bits-analyze: {error}", file=err)
+                return Exit.USAGE
+        else:
+            with progress_bar(not args.no_progress) as hook:
+                analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
+                                   stall_after_s=args.stall_after, selection=args.selection)
         session = None
         if args.session:
             try:
@@ -284,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if args.annotate and "-" in args.captures:
         parser.error("--annotate reads the captures a second time: standard input cannot be read twice")
+    from bitstrace.cli.parallel import check_arguments
+
+    check_arguments(args, parser)
     try:
         if args.http:
             return run_http(args, sys.stdout, sys.stderr)
