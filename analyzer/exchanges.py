@@ -10,6 +10,17 @@ so a block after a gap lies where it belongs (a block never spans a gap). Respon
 only hashed: what a client uploads is what consumers store or replay. Only lengths and SHA-256
 digests are kept.
 
+Pairing goes by stream order alone, never by timestamps: on a connection whose handshake was
+seen, a response that reaches the assembler before its request (the two directions recorded on
+clocks apart) is held by the response parser until the request comes (`await_requests`), so it
+pairs with it, framed by its method. After a gap in the client's stream that may have swallowed
+whole requests, responses are no longer held: one whose request was lost is an orphan.
+
+A server that writes bytes its framing did not announce (a body after `Content-Length: 0`)
+costs no answer: the parser skips them to the next status line, and the response after them
+carries their count and frame (`HttpMessage.extra_before`, `extra_frame`); extra bytes before
+the end of a connection become a Problem.
+
 An Exchange is emitted when its response has ended and its request has ended too (a server
 may answer before the request body is complete). At connection close, requests still
 waiting are emitted with the flag "no-response".
@@ -39,6 +50,7 @@ from bitstrace.analyzer.decode import format_endpoint, split_frame
 from bitstrace.analyzer.http import (
     NO_HEADERS,
     BodyChunk,
+    ExtraBytes,
     Headers,
     HttpParser,
     MessageEnd,
@@ -79,6 +91,11 @@ class HttpMessage:
     trailers: Headers = field(default_factory=Headers)
     first_capture: int = 0  # index of the capture file first_frame / last_frame number a frame of
     last_capture: int = 0   # (runs over several rotated files; 0 for one file)
+    # responses: bytes skipped just before this one, after the previous response had ended
+    # (they belong to no message), and the frame (of capture file extra_capture) of the first
+    extra_before: int = 0
+    extra_frame: int = 0
+    extra_capture: int = 0
 
 
 #: on_body(connection, request, block, offset of the block in the body)
@@ -114,7 +131,7 @@ class _Direction:
     """Parsing state of one direction of one connection."""
 
     __slots__ = ("parser", "on_body", "current", "message", "digest", "unsent", "unsent_offset",
-                 "mark_next")
+                 "mark_next", "extra")
 
     def __init__(self, parser: HttpParser, on_body: BodyConsumer | None) -> None:
         self.parser = parser
@@ -125,14 +142,18 @@ class _Direction:
         self.unsent = bytearray()  # body bytes not yet handed to on_body
         self.unsent_offset = 0  # where in the body they begin
         self.mark_next: set[str] = set()  # flags for the next message in this direction
+        self.extra: ExtraBytes | None = None  # extra bytes waiting for the response after them
 
 
 class _ConnectionState:
     __slots__ = ("directions", "waiting", "open", "aborted", "roles_provisional")
 
     def __init__(self, midstream: bool, on_body: BodyConsumer | None) -> None:
+        # Mid-stream, the first responses may answer requests sent before the capture began:
+        # those are orphans, so responses are held for their requests only from the handshake.
         self.directions = (_Direction(HttpParser("request", start_midstream=midstream), on_body),
-                           _Direction(HttpParser("response", start_midstream=midstream), None))
+                           _Direction(HttpParser("response", start_midstream=midstream,
+                                                 await_requests=not midstream), None))
         self.waiting: deque[_Pending] = deque()  # requests whose final response has not begun
         self.open: list[_Pending] = []  # every exchange not yet emitted, oldest first
         self.aborted = False
@@ -199,6 +220,9 @@ class ExchangeAssembler:
             side.unsent_offset = side.parser.body_offset
         if not side.parser.in_message:  # whole messages may have been lost: pairing is suspect
             side.mark_next.add("gap")
+            if direction == CLIENT:  # a response whose request was lost must not wait for the next
+                server = state.directions[SERVER]
+                self._handle(conn, state, server, server.parser.release())
 
     def on_conflict(self, conn: Connection, direction: int, offset: int, size: int,
                     frame: int) -> None:
@@ -241,6 +265,11 @@ class ExchangeAssembler:
         for side in state.directions:
             self._handle(conn, state, side,
                          side.parser.eof(conn.last_frame, conn.last_ts_ns, clean=not state.aborted))
+            if side.extra is not None:
+                self._add_problem(Problem(
+                    "http-extra-bytes", f"{side.extra.size} bytes after the last response belong "
+                    "to no message", frame=side.extra.frame, offset=side.extra.offset,
+                    connection=conn.id))
         for pending in state.open:
             if pending.request is not None and pending.response is None:
                 pending.flags.add("no-response")
@@ -286,9 +315,11 @@ class ExchangeAssembler:
             elif type(event) is MessageEnd:
                 self._message_end(conn, state, side, event)
             elif type(event) is RequestHead:
-                self._request_head(state, side, event)
+                self._request_head(conn, state, side, event)
             elif type(event) is ResponseHead:
                 self._response_head(state, side, event)
+            elif type(event) is ExtraBytes:
+                side.extra = event
             else:
                 self._add_problem(Problem("http-parse-error", event.message, frame=event.frame,
                                           offset=event.offset, connection=conn.id))
@@ -320,7 +351,8 @@ class ExchangeAssembler:
             pending.flags |= side.mark_next
             side.mark_next = set()
 
-    def _request_head(self, state: _ConnectionState, side: _Direction, head: RequestHead) -> None:
+    def _request_head(self, conn: Connection, state: _ConnectionState, side: _Direction,
+                      head: RequestHead) -> None:
         state.roles_provisional = False
         capture, frame = split_frame(head.frame)
         message = HttpMessage(True, head.method, head.target, head.version, None, None,
@@ -330,8 +362,11 @@ class ExchangeAssembler:
         pending = _Pending(message)
         state.waiting.append(pending)
         state.open.append(pending)
-        state.directions[SERVER].parser.expect_response_to(head.method)
         self._start(side, pending, message)
+        server = state.directions[SERVER]
+        held = server.parser.expect_response_to(head.method)
+        if held:  # the response came first: it pairs now
+            self._handle(conn, state, server, held)
 
     def _response_head(self, state: _ConnectionState, side: _Direction,
                        head: ResponseHead) -> None:
@@ -341,6 +376,10 @@ class ExchangeAssembler:
                               head.headers, first_frame=frame, first_ts_ns=head.ts_ns,
                               stream_offset=head.offset, trailers=NO_HEADERS,
                               first_capture=capture)
+        if side.extra is not None:
+            message.extra_before = side.extra.size
+            message.extra_capture, message.extra_frame = split_frame(side.extra.frame)
+            side.extra = None
         if state.waiting:
             pending = state.waiting[0]
         else:  # nothing asked for it: an orphan, whose 1xx responses gather on it too

@@ -15,6 +15,17 @@ Why it is shaped this way:
   next start line (`TOKEN SP target SP HTTP/1.x` or `HTTP/1.x NNN`), at the start of a line or
   right after the gap.
 
+- A server may write more than it announced (a body after `Content-Length: 0`): bytes after a
+  complete response that do not begin a status line are skipped up to the next `HTTP/1.x NNN`
+  and reported as one `ExtraBytes` event (their count, where they began), so the answers after
+  them keep their places.
+- A response's framing depends on its request's method (HEAD), and with the two directions
+  recorded on clocks apart a response can reach the parser before its request. With
+  `await_requests`, a final response that arrives when no request method is pending is held
+  (its head and what follows, up to `MAX_HELD` bytes) until `expect_response_to` names the
+  method; `expect_response_to` then returns the events of what was held. A gap, the end of the
+  stream, `release()` or the cap lets it go framed without a method (an orphan).
+
 Framing follows RFC 9112 section 6.3: Transfer-Encoding (final coding chunked) wins over
 Content-Length; a response without either is read until the connection closes; requests
 without either have no body; responses to HEAD, 1xx, 204 and 304 have no body. 1xx responses
@@ -32,6 +43,10 @@ from typing import Literal, NamedTuple
 MAX_HEAD = 64 * 1024  # a header (or trailer) block longer than this is an error
 MAX_START_LINE = 16 * 1024  # BITS URLs reach 2,200 chars; leave room for proxies' absolute form
 MAX_CHUNK_LINE = 4 * 1024  # chunk size plus extensions
+#: Bytes held after a response that came before its request (await_requests): what the server
+#: can send within a clock skew before the request shows up. Past it the response is framed
+#: without its method.
+MAX_HELD = 1024 * 1024
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # Heads are matched as text decoded latin-1 (byte for character, so the patterns match as they
@@ -181,13 +196,22 @@ class MessageEnd(NamedTuple):
     trailers: Headers = NO_HEADERS  # chunked trailer fields
 
 
+class ExtraBytes(NamedTuple):
+    """Bytes after a complete response that begin no message (a body its framing did not
+    announce); the next response begins right after them."""
+
+    size: int
+    offset: int  # stream offset of the first extra byte
+    frame: int  # the frame that carried it
+
+
 class ParseError(NamedTuple):
     message: str
     offset: int  # stream offset where the problem was found
     frame: int
 
 
-Event = RequestHead | ResponseHead | BodyChunk | MessageEnd | ParseError
+Event = RequestHead | ResponseHead | BodyChunk | MessageEnd | ExtraBytes | ParseError
 # The events made for every message are built as plain tuples of their class: a NamedTuple's
 # own constructor is a Python function, and this is the hot path.
 _new_event = tuple.__new__
@@ -197,9 +221,12 @@ _Handler = Callable[[memoryview, int, int, list], int]
 class HttpParser:
     """Parses one direction of an HTTP/1.x connection. See the module docstring."""
 
-    def __init__(self, role: Literal["request", "response"], start_midstream: bool = False) -> None:
+    def __init__(self, role: Literal["request", "response"], start_midstream: bool = False,
+                 await_requests: bool = False) -> None:
         """`start_midstream`: the capture began inside the connection, so the first bytes may be
-        the middle of a message: look for a start line instead of reporting garbage."""
+        the middle of a message: look for a start line instead of reporting garbage.
+        `await_requests` (response role): hold a final response that no `expect_response_to`
+        announced until one does (see the module docstring)."""
         if role not in _START_LINE:
             raise ValueError(f"role must be 'request' or 'response', not {role!r}")
         self.role = role
@@ -211,6 +238,16 @@ class HttpParser:
         self._ts = 0
         self._buf = bytearray()  # the head being read, or a line being scanned
         self._state: _Handler = self._idle
+        self._await_requests = await_requests and role == "response"
+        # A held response: its head's fields and frames, and the bytes fed after it as
+        # (bytes, frame, ts, stream offset of their first byte).
+        self._held_head: tuple | None = None
+        self._held: list[tuple[bytes, int, int, int]] = []
+        self._held_size = 0
+        # (stream offset, frame) of the first byte after a complete response that began no
+        # status line: the start of extra bytes, reported when the next status line is found.
+        self._extra: tuple[int, int] | None = None
+        self._after_response = False  # a response has just ended: what follows should be one
         self._reset_message()
         if start_midstream:
             self._start_resync(at_line_start=True)
@@ -238,9 +275,24 @@ class HttpParser:
         lost in gaps included: where the next BodyChunk lies in the body."""
         return self._body_length + self._body_skipped
 
-    def expect_response_to(self, method: str) -> None:
-        """(response role) The next final response answers a request with `method`."""
+    def expect_response_to(self, method: str) -> list[Event]:
+        """(response role) The next final response answers a request with `method`. Returns the
+        events of a response held for it (await_requests), else nothing."""
         self._pending_methods.append(method)
+        if self._held_head is None:
+            return []
+        events: list[Event] = []
+        self._release(events)
+        return events
+
+    def release(self) -> list[Event]:
+        """Stop holding responses for their requests: a held one is framed without its method
+        (an orphan, the caller decides), and later ones are not held."""
+        self._await_requests = False
+        events: list[Event] = []
+        if self._held_head is not None:
+            self._release(events)
+        return events
 
     def feed(self, data: bytes | bytearray | memoryview, frame: int, ts_ns: int) -> list[Event]:
         """Parse the next bytes of the stream; returns the events they complete."""
@@ -271,8 +323,12 @@ class HttpParser:
     def gap(self, size: int, frame: int, ts_ns: int) -> list[Event]:
         """`size` bytes of the stream are missing at the current position."""
         events: list[Event] = []
+        if self._held_head is not None:  # what was held may never be answered for
+            self._release(events)
         self._frame = frame
         self._ts = ts_ns
+        self._extra = None  # what follows the gap is no longer known to follow a response
+        self._after_response = False
         state = self._state
         if state in (self._in_body, self._in_chunk_data) and size < self._remaining:
             self._remaining -= size
@@ -298,8 +354,17 @@ class HttpParser:
     def eof(self, frame: int, ts_ns: int, clean: bool = True) -> list[Event]:
         """The direction has ended (`clean=False`: by a reset). Idempotent."""
         events: list[Event] = []
+        if self._held_head is not None:
+            self._release(events)
         self._frame = frame
         self._ts = ts_ns
+        if self._after_response and self._state == self._start_line and self._extra is None:
+            self._extra = (self._first[2], self._first[0])  # a line that never ended
+        if self._extra is not None:
+            self._buf.clear()
+            start, first_frame = self._extra
+            events.append(ExtraBytes(self._base - start, start, first_frame))
+            self._extra = None
         if self._state == self._until_close:
             self._partial |= not clean
             self._end_message(events)
@@ -334,6 +399,7 @@ class HttpParser:
         self._reset_message()
         self._buf.clear()
         self._state = self._idle
+        self._after_response = self.role == "response"
 
     def _error(self, events: list, message: str, offset: int, at_line_start: bool) -> None:
         """Report broken framing; end the message in progress and look for the next one."""
@@ -341,6 +407,7 @@ class HttpParser:
         if self._head_seen:
             self._partial = True
             self._end_message(events)
+        self._after_response = False
         self._start_resync(at_line_start)
 
     def _start_resync(self, at_line_start: bool) -> None:
@@ -389,8 +456,11 @@ class HttpParser:
             buf += mv[pos:stop]
             self._last = (self._frame, self._ts)
             if len(buf) > MAX_START_LINE:
-                self._error(events, f"start line longer than {MAX_START_LINE} bytes",
-                            self._first[2], at_line_start=False)
+                if self._after_response:
+                    self._skip_extra(events)
+                else:
+                    self._error(events, f"start line longer than {MAX_START_LINE} bytes",
+                                self._first[2], at_line_start=False)
             return stop
         stop = lf.end()
         buf += mv[pos:stop]
@@ -400,12 +470,40 @@ class HttpParser:
 
     def _start_line_complete(self, events: list) -> None:
         self._start_fields = self._read_start_line(self._buf.decode("latin-1"))
+        if self._start_fields is None and self._after_response:
+            self._skip_extra(events)
+            return
         if self._start_fields is None:
             kind = "request line" if self.role == "request" else "status line"
             self._error(events, f"not a {kind}: {bytes(self._buf[:80])!r}", self._first[2],
                         at_line_start=True)
             return
         self._state = self._head_fields
+
+    def _skip_extra(self, events: list) -> None:
+        """After a complete response, the buffered line is no status line: extra bytes. A status
+        line glued to their end (no line feed between) is taken from the buffer; otherwise the
+        line is skipped and the status line searched for after it."""
+        buf = self._buf
+        frame, ts, line_start = self._first
+        if self._extra is None:
+            self._extra = (line_start, frame)
+        found = _STATUS_ANCHOR.search(buf, 1)
+        if found is not None and buf.endswith(b"\n"):
+            fields = self._read_start_line(buf[found.start():].decode("latin-1"))
+            if fields is not None:
+                start = line_start + found.start()
+                extra_start, extra_frame = self._extra
+                events.append(ExtraBytes(start - extra_start, extra_start, extra_frame))
+                self._extra = None
+                del buf[:found.start()]
+                if start >= self._base:  # the status line began in this feed
+                    frame, ts = self._frame, self._ts
+                self._first = (frame, ts, start)
+                self._start_fields = fields
+                self._state = self._head_fields
+                return
+        self._start_resync(at_line_start=buf.endswith(b"\n"))
 
     def _read_start_line(self, line: str) -> tuple | None:
         """The fields of a start line (`_start_fields`), or None when it is not one."""
@@ -511,6 +609,16 @@ class HttpParser:
             self._frame_body(headers, events, request=True, bodiless=False)
             return
         version, status, reason = self._start_fields
+        if self._await_requests and not self._pending_methods:
+            self._held_head = (version, status, reason, headers, self._first, self._last)
+            self._held_size = 0
+            self._state = self._awaiting_request
+            return
+        self._response_head(version, status, reason, headers, events)
+
+    def _response_head(self, version: str, status: int, reason: str, headers: Headers,
+                       events: list) -> None:
+        frame, ts, offset = self._first
         head = _new_event(ResponseHead, (version, status, reason, headers, frame, ts, offset))
         events.append(head)
         if 100 <= status < 200:  # informational
@@ -519,6 +627,30 @@ class HttpParser:
         method = self._pending_methods.popleft() if self._pending_methods else None
         self._frame_body(headers, events, request=False,
                          bodiless=method == "HEAD" or status in _NO_BODY_STATUS)
+
+    def _awaiting_request(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+        self._held.append((bytes(mv[pos:end]), self._frame, self._ts, self._base + pos))
+        self._held_size += end - pos
+        if self._held_size > MAX_HELD:
+            self._release(events)
+        return end
+
+    def _release(self, events: list) -> None:
+        """Frame the held response (with the method now pending, if any) and parse what came
+        after it, each piece with its own frame, time and offset."""
+        assert self._held_head is not None
+        version, status, reason, headers, self._first, self._last = self._held_head
+        held = self._held
+        self._held_head, self._held, self._held_size = None, [], 0
+        self._state = self._idle  # as a head ends; _response_head sets the body's state
+        self._response_head(version, status, reason, headers, events)
+        frame, ts, base = self._frame, self._ts, self._base
+        for data, self._frame, self._ts, self._base in held:
+            mv = memoryview(data)
+            pos, end = 0, len(mv)
+            while pos < end:
+                pos = self._state(mv, pos, end, events)
+        self._frame, self._ts, self._base = frame, ts, base
 
     def _frame_body(self, headers: Headers, events: list, request: bool, bodiless: bool) -> None:
         if bodiless:
@@ -642,10 +774,12 @@ class HttpParser:
                 self._first = (frame, ts, offset + start)
                 del carry[:start]
                 self._state = self._start_line
+                self._extra_end(events)
                 return pos
             carry.clear()
             self._first = (self._frame, self._ts, self._base + pos + start - lead)
             self._state = self._start_line
+            self._extra_end(events)
             return pos + start - lead
         # Keep the bytes after the last line feed: a start line may begin among them.
         keep = max(0, len(window) - MAX_START_LINE)
@@ -662,6 +796,14 @@ class HttpParser:
             self._carry_first = (frame, ts, offset + keep)
         carry[:] = window[keep:]
         return end
+
+    def _extra_end(self, events: list) -> None:
+        """The resynchronisation found a start line: extra bytes, if it began after a response,
+        end where it begins."""
+        if self._extra is not None:
+            extra_start, extra_frame = self._extra
+            events.append(ExtraBytes(self._first[2] - extra_start, extra_start, extra_frame))
+            self._extra = None
 
     def _find_start(self, window: bytes | memoryview) -> int | None:
         """Where the first start line in `window` begins; `window` may begin mid-line.
