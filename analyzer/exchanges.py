@@ -43,17 +43,19 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from bitstrace.analyzer.clock import iso
 from bitstrace.analyzer.decode import format_endpoint, split_frame
 from bitstrace.analyzer.http import (
     NO_HEADERS,
     BodyChunk,
+    Event,
     ExtraBytes,
     Headers,
     HttpParser,
     MessageEnd,
+    ParseError,
     RequestHead,
     ResponseHead,
     start_line_role,
@@ -99,7 +101,7 @@ class HttpMessage:
 
 
 #: on_body(connection, request, block, offset of the block in the body)
-BodyConsumer = Callable[[Connection, HttpMessage, "bytes | memoryview", int], None]
+BodyConsumer = Callable[[Connection, HttpMessage, "bytes | bytearray | memoryview", int], None]
 
 
 @dataclass(eq=False)
@@ -165,8 +167,9 @@ class _ConnectionState:
         so far were scanned by the wrong parser, so new parsers start where the streams are."""
         old_request, old_response = self.directions
         new = []
-        for role, old, on_body in (("request", old_response, old_request.on_body),
-                                   ("response", old_request, None)):
+        roles: tuple[tuple[Literal["request", "response"], _Direction, BodyConsumer | None], ...] = (
+            ("request", old_response, old_request.on_body), ("response", old_request, None))
+        for role, old, on_body in roles:
             parser = HttpParser(role, start_midstream=True)
             parser.gap(old.parser.position, frame, ts_ns)  # nothing to parse before here
             side = _Direction(parser, on_body)
@@ -263,6 +266,7 @@ class ExchangeAssembler:
         if state is None:
             return
         for side in state.directions:
+            self._handle(conn, state, side, side.parser.release())  # no request is to come
             self._handle(conn, state, side,
                          side.parser.eof(conn.last_frame, conn.last_ts_ns, clean=not state.aborted))
             if side.extra is not None:
@@ -308,7 +312,7 @@ class ExchangeAssembler:
             side.mark_next.add(flag)
 
     def _handle(self, conn: Connection, state: _ConnectionState, side: _Direction,
-                events: list) -> None:
+                events: list[Event]) -> None:
         for event in events:
             if type(event) is BodyChunk:
                 self._body(conn, side, event.data)
@@ -320,7 +324,7 @@ class ExchangeAssembler:
                 self._response_head(state, side, event)
             elif type(event) is ExtraBytes:
                 side.extra = event
-            else:
+            elif type(event) is ParseError:
                 self._add_problem(Problem("http-parse-error", event.message, frame=event.frame,
                                           offset=event.offset, connection=conn.id))
 
@@ -340,6 +344,7 @@ class ExchangeAssembler:
             side.digest.update(block)
         else:
             side.digest = hashlib.sha256(block)
+        assert side.on_body is not None and side.message is not None  # bodies of a message are sent
         side.on_body(conn, side.message, block, side.unsent_offset)
         side.unsent_offset += len(block)
 
@@ -399,6 +404,7 @@ class ExchangeAssembler:
         if side.unsent:
             self._send_body(conn, side)
         message, pending = side.message, side.current
+        assert message is not None and pending is not None  # a message ends after its head
         message.last_capture, message.last_frame = split_frame(end.frame)
         message.last_ts_ns = end.ts_ns
         message.body_length = end.body_length
@@ -424,14 +430,16 @@ class ExchangeAssembler:
         self._on_exchange(exchange)
 
     def _add_problem(self, problem: Problem) -> None:
-        capture, frame = split_frame(problem.frame)
+        capture, frame = split_frame(problem.frame or 0)
         file = self.captures[capture] if capture < len(self.captures) else None
         self.problems.report(replace(problem, frame=frame, file=file))
 
 
 def first_message(exchange: Exchange) -> HttpMessage:
     """The message of `exchange` that began first: its request, else its first response."""
-    return exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
+    first = exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
+    assert first is not None  # an exchange holds a message
+    return first
 
 
 def message_to_json(message: HttpMessage, captures: Sequence[str] | None = None) -> dict[str, Any]:

@@ -70,7 +70,8 @@ SCENARIOS = {
     "header-limits": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, content_name="dir/report.bin")),
     "wrong-method-or-version": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, version="HTTP/1.0")),
     "content-encoding": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, headers=[("Content-Encoding", "gzip")])),
-    "concurrent-requests": lambda w: (w.create(), w.fragment(SID, *FRAGS[0], T, overlap=True), w.fragment(SID, *FRAGS[1], T)),
+    # on a second connection: on one connection a BITS client waits for each ack (skew.py)
+    "concurrent-requests": lambda w: (w.create(), w.fragment(SID, *FRAGS[0], T, overlap=True), w.connect(), w.fragment(SID, *FRAGS[1], T)),
     "reply-url-misplaced": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, ack=[(Header.REPLY_URL, "/replies/x.bin")])),
     "host-id-ignored": lambda w: (w.create(ack=_host_id_ack()), w.fragment(SID, *FRAGS[0], T)),
     "host-redirect": lambda w: (w.create(ack=_host_id_ack()), w.fragment(SID, *FRAGS[0], T, host="node7.example")),
@@ -83,6 +84,9 @@ SCENARIOS = {
     "client-fingerprint": lambda w: w.create(user_agent="python-requests/2.31"),
     "stalled": lambda w: (begun(w), w.wait(400), w.fragment(SID, *FRAGS[1], T)),
     "capture-gap": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, flags={"gap"})),
+    "response-overrun": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, extra_before=37)),
+    "ack-beyond-sent": lambda w: (begun(w), w.fragment(SID, *FRAGS[2], T)),
+    "ack-session-id-absent": lambda w: (whole(w), w.close(echo=False)),
 }
 
 
@@ -120,11 +124,22 @@ def test_windows_like_clean_upload_is_silent() -> None:
     assert session.protocol == PROTOCOL_GUID and session.host == "uploads.example"
 
 
-def test_iis_acks_without_session_id_are_silent() -> None:
+def test_iis_acks_without_session_id_are_noted_only_on_close_and_cancel() -> None:
     w = Wire()
     w.upload(echo=False)
     w.ping()
-    assert all_codes(w.finish()) == []
+    summary = w.finish()
+    assert all_codes(summary) == ["ack-session-id-absent"]
+    [note] = summary.sessions[0].anomalies
+    assert note.severity is Severity.INFO and "Close-Session" in note.message
+    w = Wire()
+    begun(w)
+    w.cancel(echo=False)
+    assert all_codes(w.finish()) == ["ack-session-id-absent"]
+    w = Wire()
+    begun(w)
+    w.cancel(echo=False, status=500)  # only success acks must carry it
+    assert "ack-session-id-absent" not in all_codes(w.finish())
 
 
 def test_spec_sample_single_fragment_with_pings_and_201_create() -> None:
@@ -135,7 +150,7 @@ def test_spec_sample_single_fragment_with_pings_and_201_create() -> None:
     w.ping()
     w.close(echo=False)
     summary = w.finish()
-    assert all_codes(summary) == []
+    assert all_codes(summary) == ["ack-session-id-absent"]  # the sample's Close ack has none
     assert summary.sessions[0].verdict == Verdict.DELIVERED
     assert summary.sessions[0].content_name == "rfc2119.txt"
 

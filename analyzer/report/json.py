@@ -23,6 +23,7 @@ from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
 from bitstrace.analyzer.bits.packets import BitsPacket, Download, session_key
 from bitstrace.analyzer.bits.sessions import Session
+from bitstrace.analyzer.bits.skew import ClockSkew
 from bitstrace.analyzer.pipeline import CaptureStats
 from bitstrace.analyzer.problems import Problem
 
@@ -39,12 +40,23 @@ def severity_at_least(severity: str, minimum: str) -> bool:
     return SEVERITY_ORDER.index(severity) <= SEVERITY_ORDER.index(minimum)
 
 
-def capture_record(stats: CaptureStats) -> dict[str, Any]:
+def capture_record(stats: CaptureStats, skew: ClockSkew | None = None) -> dict[str, Any]:
     return {
         "file": stats.file, "format": stats.format, "frames": stats.frames, "bytes": stats.bytes_read,
         **_times("first_", stats.first_ts_ns), **_times("last_", stats.last_ts_ns),
         "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
-        "decoder": stats.decoder, "tcp": stats.tcp,
+        "decoder": stats.decoder, "tcp": stats.tcp, "clock_skew": skew_record(skew),
+    }
+
+
+def skew_record(skew: ClockSkew | None) -> dict[str, Any] | None:
+    """The capture's clock skew note: null when its BITS exchanges show none."""
+    if skew is None or not skew.detected:
+        return None
+    return {
+        "answers_before_requests": skew.answers_before_requests, "behind_s": skew.behind_ns / 1e9,
+        "answers_after_next_request": skew.answers_after_next_request, "ahead_s": skew.ahead_ns / 1e9,
+        "offset_s": skew.offset_ns / 1e9,
     }
 
 
@@ -189,7 +201,8 @@ def build_report(analysis: Analysis, *, session_filter: str | None = None,
         "schema": SCHEMA, "version": VERSION,
         "tool": {"name": "bits-analyze", "version": __version__},
         "filter": {"session": session_filter, "min_severity": "info"},
-        "captures": [capture_record(c) for c in analysis.run.captures],
+        "captures": [capture_record(c, analysis.bits.clock_skew.get(index))
+                     for index, c in enumerate(analysis.run.captures)],
         "problems": [problem_record(problem) for problem in analysis.problems],
         "summary": {
             "sessions": len(sessions), "delivered": verdicts.count("delivered"),

@@ -89,6 +89,20 @@ def human_rate(bytes_per_second: float | None, *, compact: bool = False) -> str:
     return f"{(compact_size if compact else human_size)(bytes_per_second)}/s"
 
 
+def skew_sentence(skew: dict[str, Any]) -> str:
+    """The capture's `clock_skew` note as one sentence (for a note that is not null)."""
+    if skew["offset_s"] < 0:
+        evidence = (f"{skew['answers_before_requests']} answers are stamped before their requests began, "
+                    f"by up to {human_duration(skew['behind_s'])}")
+        direction = "behind"
+    else:
+        evidence = (f"{skew['answers_after_next_request']} answers are stamped after the client's next "
+                    f"request on their connection, by up to {human_duration(skew['ahead_s'])}")
+        direction = "ahead of"
+    return (f"{evidence}: the server→client timestamps run {direction} the client→server ones by at "
+            f"least {human_duration(abs(skew['offset_s']))} (session timings are corrected by it)")
+
+
 def human_duration(seconds: float | None, *, compact: bool = False) -> str:
     """`850 ms`, `12.4 s`, `3 m 05 s`, `2 h 03 m`, `3 d 04 h` (`850ms`, `3m05s` compact)."""
     if seconds is None:
@@ -118,7 +132,7 @@ def percent(part: int | None, whole: int | None) -> str:
     return f"{share:.0f}%"
 
 
-def compact_progress(session: dict) -> str:
+def compact_progress(session: dict[str, Any]) -> str:
     """`512K/1.00M 50%`: the acknowledged share of the file, for a narrow column."""
     acknowledged, total = session.get("acknowledged") or 0, session.get("total")
     share = percent(acknowledged, total)
@@ -153,7 +167,7 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-def all_anomalies(report: dict) -> list[dict]:
+def all_anomalies(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every anomaly of the report (the sessions' and the session-less ones), worst first:
     error, warning, info; then by time (untimed last); then by first frame."""
     found = [a for s in report.get("sessions") or () for a in s.get("anomalies") or ()]
@@ -161,7 +175,7 @@ def all_anomalies(report: dict) -> list[dict]:
     return sorted(found, key=anomaly_order)
 
 
-def anomaly_order(anomaly: dict) -> tuple:
+def anomaly_order(anomaly: dict[str, Any]) -> tuple[Any, ...]:
     ts = anomaly.get("ts")
     frames = anomaly.get("frames") or []
     captures = anomaly.get("captures") or []
@@ -169,7 +183,7 @@ def anomaly_order(anomaly: dict) -> tuple:
             captures[0] if captures else 0, frames[0] if frames else 0)
 
 
-def severity_counts(anomalies: Iterable[dict]) -> dict[str, int]:
+def severity_counts(anomalies: Iterable[dict[str, Any]]) -> dict[str, int]:
     counts = dict.fromkeys(SEVERITIES, 0)
     for anomaly in anomalies:
         severity = anomaly.get("severity")
@@ -177,12 +191,12 @@ def severity_counts(anomalies: Iterable[dict]) -> dict[str, int]:
     return counts
 
 
-def several_captures(report: dict) -> bool:
+def several_captures(report: dict[str, Any]) -> bool:
     """Whether the report's frames need their file named (`2:431`)."""
     return len(report.get("captures") or ()) > 1
 
 
-def capture_legend(report: dict) -> str | None:
+def capture_legend(report: dict[str, Any]) -> str | None:
     """`frames N:F are frame F of capture #N: #1 a.pcap, #2 b.pcap` when the report has several
     captures, else None."""
     if not several_captures(report):
@@ -216,7 +230,7 @@ def frame_list(frames: Iterable[int] | None, limit: int = 6, captures: Iterable[
     return ", ".join(parts)
 
 
-def anomaly_frames(anomaly: dict, several: bool) -> str:
+def anomaly_frames(anomaly: dict[str, Any], several: bool) -> str:
     """An anomaly's frames for display (`frame_list`), naming their files when `several`."""
     frames = anomaly.get("frames") or []
     captures = (anomaly.get("captures") or [0] * len(frames)) if several else None
@@ -227,7 +241,7 @@ class Clock:
     """Formats the report's timestamps: time of day (UTC) when everything happened on one day
     (the date is in the capture header), the full date and time otherwise."""
 
-    def __init__(self, report: dict) -> None:
+    def __init__(self, report: dict[str, Any]) -> None:
         stamps = [c.get(k) for c in report.get("captures") or () for k in ("first_ts", "last_ts")]
         stamps += [s.get(k) for s in report.get("sessions") or () for k in ("first_ts", "last_ts")]
         days = {self._utc(ts).date() for ts in stamps if ts is not None}
