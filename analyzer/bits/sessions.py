@@ -446,7 +446,7 @@ class _SessionWalk:
                 self.stuck_flagged = True
                 what = "resends or 416s"
                 if self.stuck_unanswered:
-                    what = f"resends, 416s or sends at the acknowledged offset ({self.stuck_unanswered} unanswered)"
+                    what = f"resends, 416s or unanswered sends at the acknowledged offset ({self.stuck_unanswered} unanswered)"
                 s.flag("no-progress", f"{self.stuck} {what} in a row without the offset advancing past "
                        f"{s.acknowledged} (last: {pkt.label})", [pkt])
 
