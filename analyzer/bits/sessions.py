@@ -327,6 +327,7 @@ class _SessionWalk:
         # server can have received), and the spans sent beyond a hole, as (first, end) pairs.
         self.sent_prefix = 0
         self.sent_beyond: list[tuple[int, int]] = []
+        self.capture_lost = False  # a capture gap may have swallowed requests: what was sent is unknown
         self.close_incomplete = False
         self.too_large: Anomaly | None = None  # waiting for the client's next, smaller fragment
         self.too_large_size = 0
@@ -351,6 +352,7 @@ class _SessionWalk:
             self._joined(first)
         for pkt in self.packets:
             s.anomalies.extend(pkt.anomalies)
+            self.capture_lost = self.capture_lost or "gap" in pkt.flags
             event_sent = sent(pkt, state, self.final_range)
             if event_sent is None:
                 continue
@@ -426,7 +428,7 @@ class _SessionWalk:
         self.tentative = rng.last + 1 if event_answer is Answer.UNANSWERED else None
         offset = pkt.received_offset
         if (event_answer in (Answer.ACKED, Answer.COMPLETED) and offset is not None and s.created
-                and self.sent_prefix < offset <= rng.total):
+                and not self.capture_lost and self.sent_prefix < offset <= rng.total):
             s.flag("ack-beyond-sent", f"HTTP {pkt.status} ack to {pkt.label} acknowledges offset {offset}, but the "
                    f"fragments sent so far hold bytes 0-{self.sent_prefix - 1} without a hole: the server "
                    f"acknowledged bytes {self.sent_prefix}-{offset - 1} it cannot have received", [pkt])
