@@ -25,6 +25,7 @@ import enum
 import heapq
 import math
 import posixpath
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
@@ -34,7 +35,7 @@ from bitstrace.analyzer.bits.catalogue import Anomaly, anomaly, frame_name
 from bitstrace.analyzer.bits.machine import Answer, Sent, State, answer, sent, step
 from bitstrace.analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify, host_name, session_key
 from bitstrace.analyzer.bits.protocol import PacketType
-from bitstrace.analyzer.bits.skew import NO_SKEW, ClockSkew, measure
+from bitstrace.analyzer.bits.skew import NO_SKEW, ClockSkew, SkewMeter
 
 if TYPE_CHECKING:
     from bitstrace.analyzer.bits.extract import ExtractedEntity, Extractor
@@ -141,7 +142,8 @@ class SessionTracker:
         self._counts = {"http_exchanges": 0, "bits_exchanges": 0, "other_http": 0, "downloads": 0}
         self._first_ns: int | None = None
         self._last_ns: int | None = None
-        self.clock_skew: dict[int, ClockSkew] = {}  # measured by finish
+        self._skew = SkewMeter()
+        self.clock_skew: dict[int, ClockSkew] = self._skew.skews  # by capture file index, where seen
 
     def on_exchange(self, exchange: Any) -> BitsPacket | None:
         """File one Exchange. Returns the BITS packet it made (filed in a session, or set aside
@@ -164,6 +166,7 @@ class SessionTracker:
                 self._counts["other_http"] += 1
             return None
         self._counts["bits_exchanges"] += 1
+        self._skew.observe(packet)
         if self.extractor is not None and packet.packet_type is PacketType.FRAGMENT:
             self.extractor.settle(packet)
         self._file(packet)
@@ -239,8 +242,6 @@ class SessionTracker:
         """Analyse every session. Capture bounds default to the earliest/latest time seen."""
         start = capture_start_ns if capture_start_ns is not None else (self._first_ns or 0)
         end = capture_end_ns if capture_end_ns is not None else (self._last_ns or 0)
-        self.clock_skew = measure(pkt for packets in ([s.packets for s in self._sessions] + [self._stray])
-                                  for pkt in packets)
         for session in self._sessions:
             _SessionWalk(self, session, start, end).run()
         _cross_session_checks(self._sessions, self._downloads, self.request_frame_name)
@@ -316,7 +317,9 @@ class _SessionWalk:
         self.complete_frame: str | None = None  # as messages name it
         self.end_frame: str | None = None
         self.cancelled_first = False  # a Cancel-Session was sent before the final fragment was acknowledged
-        self.ack_ns = tracker.ack_ns
+        # with no skew measured, an ack's time is its stamp: read it at C speed
+        self.ack_ns: Callable[[BitsPacket], int | None] = (tracker.ack_ns if tracker.clock_skew
+                                                           else attrgetter("acked_ns"))
         # requests that raised the high-water mark: (sent, acknowledged, new offset)
         self.progress_ns: list[tuple[int, int, int]] = []
         self.stuck = 0
@@ -427,8 +430,8 @@ class _SessionWalk:
                             and self.expected is not None and rng.first == self.expected)
         self.tentative = rng.last + 1 if event_answer is Answer.UNANSWERED else None
         offset = pkt.received_offset
-        if (event_answer in (Answer.ACKED, Answer.COMPLETED) and offset is not None and s.created
-                and not self.capture_lost and self.sent_prefix < offset <= rng.total):
+        if (offset is not None and self.sent_prefix < offset <= rng.total and not self.capture_lost
+                and event_answer in (Answer.ACKED, Answer.COMPLETED) and s.created):
             s.flag("ack-beyond-sent", f"HTTP {pkt.status} ack to {pkt.label} acknowledges offset {offset}, but the "
                    f"fragments sent so far hold bytes 0-{self.sent_prefix - 1} without a hole: the server "
                    f"acknowledged bytes {self.sent_prefix}-{offset - 1} it cannot have received", [pkt])
@@ -455,14 +458,14 @@ class _SessionWalk:
     def _sent(self, pkt: BitsPacket, rng: p.ContentRange) -> None:
         """Add the fragment's bytes on the wire to what the server can have received: its body as
         seen (all of its range when the capture, not the client, lost some of it)."""
-        seen = rng.length if "gap" in pkt.flags else min(pkt.body_length, rng.length)
-        if not seen:
+        first, length = rng.first, rng.length
+        end = first + (length if "gap" in pkt.flags or pkt.body_length > length else pkt.body_length)
+        if first > self.sent_prefix:
+            if end > first:
+                self.sent_beyond.append((first, end))
             return
-        end = rng.first + seen
-        if rng.first > self.sent_prefix:
-            self.sent_beyond.append((rng.first, end))
-            return
-        self.sent_prefix = max(self.sent_prefix, end)
+        if end > self.sent_prefix:
+            self.sent_prefix = end
         if self.sent_beyond:
             self.sent_beyond.sort()
             while self.sent_beyond and self.sent_beyond[0][0] <= self.sent_prefix:

@@ -16,7 +16,6 @@ evidence is the report's capture-level note, not a protocol anomaly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bitstrace.analyzer.bits.packets import BitsPacket
@@ -47,24 +46,34 @@ class ClockSkew:
         return server_ns - self.offset_ns
 
 
-def measure(packets: Iterable[BitsPacket]) -> dict[int, ClockSkew]:
-    """The skew evidence per capture file index (of the request), for files that show some."""
-    skews: dict[int, ClockSkew] = {}
-    by_connection: dict[int, list[BitsPacket]] = {}
-    for pkt in packets:
-        by_connection.setdefault(pkt.connection, []).append(pkt)
-        if pkt.acked_ns is not None and pkt.acked_ns < pkt.sent_ns:
-            skew = skews.setdefault(pkt.request_capture, ClockSkew())
+class SkewMeter:
+    """Collects the evidence packet by packet, as the tracker files them: the packets of a
+    connection come in stream order, so each is compared with the one before it there."""
+
+    __slots__ = ("skews", "_last")
+
+    def __init__(self) -> None:
+        self.skews: dict[int, ClockSkew] = {}  # by capture file index of the request, where seen
+        self._last: dict[int, BitsPacket] = {}  # connection id -> its latest packet
+
+    def observe(self, pkt: BitsPacket) -> None:
+        acked, sent = pkt.acked_ns, pkt.sent_ns
+        if acked is not None and acked < sent:
+            skew = self._skew(pkt.request_capture)
             skew.answers_before_requests += 1
-            skew.behind_ns = max(skew.behind_ns, pkt.sent_ns - pkt.acked_ns)
-    for mine in by_connection.values():
-        mine.sort(key=lambda pkt: pkt.request_offset)  # stream order
-        for before, after in zip(mine, mine[1:]):
-            if before.acked_ns is not None and before.acked_ns > after.sent_ns:
-                skew = skews.setdefault(after.request_capture, ClockSkew())
-                skew.answers_after_next_request += 1
-                skew.ahead_ns = max(skew.ahead_ns, before.acked_ns - after.sent_ns)
-    return skews
+            skew.behind_ns = max(skew.behind_ns, sent - acked)
+        before = self._last.get(pkt.connection)
+        self._last[pkt.connection] = pkt
+        if before is not None and before.acked_ns is not None and before.acked_ns > sent:
+            skew = self._skew(pkt.request_capture)
+            skew.answers_after_next_request += 1
+            skew.ahead_ns = max(skew.ahead_ns, before.acked_ns - sent)
+
+    def _skew(self, capture: int) -> ClockSkew:
+        skew = self.skews.get(capture)
+        if skew is None:
+            skew = self.skews[capture] = ClockSkew()
+        return skew
 
 
 NO_SKEW = ClockSkew()
