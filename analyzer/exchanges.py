@@ -10,6 +10,17 @@ so a block after a gap lies where it belongs (a block never spans a gap). Respon
 only hashed: what a client uploads is what consumers store or replay. Only lengths and SHA-256
 digests are kept.
 
+Pairing goes by stream order alone, never by timestamps: on a connection whose handshake was
+seen, a response that reaches the assembler before its request (the two directions recorded on
+clocks apart) is held by the response parser until the request comes (`await_requests`), so it
+pairs with it, framed by its method. After a gap in the client's stream that may have swallowed
+whole requests, responses are no longer held: one whose request was lost is an orphan.
+
+A server that writes bytes its framing did not announce (a body after `Content-Length: 0`)
+costs no answer: the parser skips them to the next status line, and the response after them
+carries their count and frame (`HttpMessage.extra_before`, `extra_frame`); extra bytes before
+the end of a connection become a Problem.
+
 An Exchange is emitted when its response has ended and its request has ended too (a server
 may answer before the request body is complete). At connection close, requests still
 waiting are emitted with the flag "no-response".
@@ -32,16 +43,19 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from bitstrace.analyzer.clock import iso
 from bitstrace.analyzer.decode import format_endpoint, split_frame
 from bitstrace.analyzer.http import (
     NO_HEADERS,
     BodyChunk,
+    Event,
+    ExtraBytes,
     Headers,
     HttpParser,
     MessageEnd,
+    ParseError,
     RequestHead,
     ResponseHead,
     start_line_role,
@@ -79,10 +93,15 @@ class HttpMessage:
     trailers: Headers = field(default_factory=Headers)
     first_capture: int = 0  # index of the capture file first_frame / last_frame number a frame of
     last_capture: int = 0   # (runs over several rotated files; 0 for one file)
+    # responses: bytes skipped just before this one, after the previous response had ended
+    # (they belong to no message), and the frame (of capture file extra_capture) of the first
+    extra_before: int = 0
+    extra_frame: int = 0
+    extra_capture: int = 0
 
 
 #: on_body(connection, request, block, offset of the block in the body)
-BodyConsumer = Callable[[Connection, HttpMessage, "bytes | memoryview", int], None]
+BodyConsumer = Callable[[Connection, HttpMessage, "bytes | bytearray | memoryview", int], None]
 
 
 @dataclass(eq=False)
@@ -114,7 +133,7 @@ class _Direction:
     """Parsing state of one direction of one connection."""
 
     __slots__ = ("parser", "on_body", "current", "message", "digest", "unsent", "unsent_offset",
-                 "mark_next")
+                 "mark_next", "extra")
 
     def __init__(self, parser: HttpParser, on_body: BodyConsumer | None) -> None:
         self.parser = parser
@@ -125,14 +144,18 @@ class _Direction:
         self.unsent = bytearray()  # body bytes not yet handed to on_body
         self.unsent_offset = 0  # where in the body they begin
         self.mark_next: set[str] = set()  # flags for the next message in this direction
+        self.extra: ExtraBytes | None = None  # extra bytes waiting for the response after them
 
 
 class _ConnectionState:
     __slots__ = ("directions", "waiting", "open", "aborted", "roles_provisional")
 
     def __init__(self, midstream: bool, on_body: BodyConsumer | None) -> None:
+        # Mid-stream, the first responses may answer requests sent before the capture began:
+        # those are orphans, so responses are held for their requests only from the handshake.
         self.directions = (_Direction(HttpParser("request", start_midstream=midstream), on_body),
-                           _Direction(HttpParser("response", start_midstream=midstream), None))
+                           _Direction(HttpParser("response", start_midstream=midstream,
+                                                 await_requests=not midstream), None))
         self.waiting: deque[_Pending] = deque()  # requests whose final response has not begun
         self.open: list[_Pending] = []  # every exchange not yet emitted, oldest first
         self.aborted = False
@@ -144,8 +167,9 @@ class _ConnectionState:
         so far were scanned by the wrong parser, so new parsers start where the streams are."""
         old_request, old_response = self.directions
         new = []
-        for role, old, on_body in (("request", old_response, old_request.on_body),
-                                   ("response", old_request, None)):
+        roles: tuple[tuple[Literal["request", "response"], _Direction, BodyConsumer | None], ...] = (
+            ("request", old_response, old_request.on_body), ("response", old_request, None))
+        for role, old, on_body in roles:
             parser = HttpParser(role, start_midstream=True)
             parser.gap(old.parser.position, frame, ts_ns)  # nothing to parse before here
             side = _Direction(parser, on_body)
@@ -199,6 +223,9 @@ class ExchangeAssembler:
             side.unsent_offset = side.parser.body_offset
         if not side.parser.in_message:  # whole messages may have been lost: pairing is suspect
             side.mark_next.add("gap")
+            if direction == CLIENT:  # a response whose request was lost must not wait for the next
+                server = state.directions[SERVER]
+                self._handle(conn, state, server, server.parser.release())
 
     def on_conflict(self, conn: Connection, direction: int, offset: int, size: int,
                     frame: int) -> None:
@@ -239,8 +266,14 @@ class ExchangeAssembler:
         if state is None:
             return
         for side in state.directions:
+            self._handle(conn, state, side, side.parser.release())  # no request is to come
             self._handle(conn, state, side,
                          side.parser.eof(conn.last_frame, conn.last_ts_ns, clean=not state.aborted))
+            if side.extra is not None:
+                self._add_problem(Problem(
+                    "http-extra-bytes", f"{side.extra.size} bytes after the last response belong "
+                    "to no message", frame=side.extra.frame, offset=side.extra.offset,
+                    connection=conn.id))
         for pending in state.open:
             if pending.request is not None and pending.response is None:
                 pending.flags.add("no-response")
@@ -279,17 +312,19 @@ class ExchangeAssembler:
             side.mark_next.add(flag)
 
     def _handle(self, conn: Connection, state: _ConnectionState, side: _Direction,
-                events: list) -> None:
+                events: list[Event]) -> None:
         for event in events:
             if type(event) is BodyChunk:
                 self._body(conn, side, event.data)
             elif type(event) is MessageEnd:
                 self._message_end(conn, state, side, event)
             elif type(event) is RequestHead:
-                self._request_head(state, side, event)
+                self._request_head(conn, state, side, event)
             elif type(event) is ResponseHead:
                 self._response_head(state, side, event)
-            else:
+            elif type(event) is ExtraBytes:
+                side.extra = event
+            elif type(event) is ParseError:
                 self._add_problem(Problem("http-parse-error", event.message, frame=event.frame,
                                           offset=event.offset, connection=conn.id))
 
@@ -309,6 +344,7 @@ class ExchangeAssembler:
             side.digest.update(block)
         else:
             side.digest = hashlib.sha256(block)
+        assert side.on_body is not None and side.message is not None  # bodies of a message are sent
         side.on_body(conn, side.message, block, side.unsent_offset)
         side.unsent_offset += len(block)
 
@@ -320,7 +356,8 @@ class ExchangeAssembler:
             pending.flags |= side.mark_next
             side.mark_next = set()
 
-    def _request_head(self, state: _ConnectionState, side: _Direction, head: RequestHead) -> None:
+    def _request_head(self, conn: Connection, state: _ConnectionState, side: _Direction,
+                      head: RequestHead) -> None:
         state.roles_provisional = False
         capture, frame = split_frame(head.frame)
         message = HttpMessage(True, head.method, head.target, head.version, None, None,
@@ -330,8 +367,11 @@ class ExchangeAssembler:
         pending = _Pending(message)
         state.waiting.append(pending)
         state.open.append(pending)
-        state.directions[SERVER].parser.expect_response_to(head.method)
         self._start(side, pending, message)
+        server = state.directions[SERVER]
+        held = server.parser.expect_response_to(head.method)
+        if held:  # the response came first: it pairs now
+            self._handle(conn, state, server, held)
 
     def _response_head(self, state: _ConnectionState, side: _Direction,
                        head: ResponseHead) -> None:
@@ -341,6 +381,10 @@ class ExchangeAssembler:
                               head.headers, first_frame=frame, first_ts_ns=head.ts_ns,
                               stream_offset=head.offset, trailers=NO_HEADERS,
                               first_capture=capture)
+        if side.extra is not None:
+            message.extra_before = side.extra.size
+            message.extra_capture, message.extra_frame = split_frame(side.extra.frame)
+            side.extra = None
         if state.waiting:
             pending = state.waiting[0]
         else:  # nothing asked for it: an orphan, whose 1xx responses gather on it too
@@ -360,6 +404,7 @@ class ExchangeAssembler:
         if side.unsent:
             self._send_body(conn, side)
         message, pending = side.message, side.current
+        assert message is not None and pending is not None  # a message ends after its head
         message.last_capture, message.last_frame = split_frame(end.frame)
         message.last_ts_ns = end.ts_ns
         message.body_length = end.body_length
@@ -385,14 +430,16 @@ class ExchangeAssembler:
         self._on_exchange(exchange)
 
     def _add_problem(self, problem: Problem) -> None:
-        capture, frame = split_frame(problem.frame)
+        capture, frame = split_frame(problem.frame or 0)
         file = self.captures[capture] if capture < len(self.captures) else None
         self.problems.report(replace(problem, frame=frame, file=file))
 
 
 def first_message(exchange: Exchange) -> HttpMessage:
     """The message of `exchange` that began first: its request, else its first response."""
-    return exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
+    first = exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
+    assert first is not None  # an exchange holds a message
+    return first
 
 
 def message_to_json(message: HttpMessage, captures: Sequence[str] | None = None) -> dict[str, Any]:

@@ -15,6 +15,17 @@ Why it is shaped this way:
   next start line (`TOKEN SP target SP HTTP/1.x` or `HTTP/1.x NNN`), at the start of a line or
   right after the gap.
 
+- A server may write more than it announced (a body after `Content-Length: 0`): bytes after a
+  complete response that do not begin a status line are skipped up to the next `HTTP/1.x NNN`
+  and reported as one `ExtraBytes` event (their count, where they began), so the answers after
+  them keep their places.
+- A response's framing depends on its request's method (HEAD), and with the two directions
+  recorded on clocks apart a response can reach the parser before its request. With
+  `await_requests`, a final response that arrives when no request method is pending is held
+  (its head and what follows, up to `MAX_HELD` bytes) until `expect_response_to` names the
+  method; `expect_response_to` then returns the events of what was held. A gap, the end of the
+  stream, `release()` or the cap lets it go framed without a method (an orphan).
+
 Framing follows RFC 9112 section 6.3: Transfer-Encoding (final coding chunked) wins over
 Content-Length; a response without either is read until the connection closes; requests
 without either have no body; responses to HEAD, 1xx, 204 and 304 have no body. 1xx responses
@@ -27,11 +38,15 @@ import functools
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 MAX_HEAD = 64 * 1024  # a header (or trailer) block longer than this is an error
 MAX_START_LINE = 16 * 1024  # BITS URLs reach 2,200 chars; leave room for proxies' absolute form
 MAX_CHUNK_LINE = 4 * 1024  # chunk size plus extensions
+#: Bytes held after a response that came before its request (await_requests): what the server
+#: can send within a clock skew before the request shows up. Past it the response is framed
+#: without its method.
+MAX_HELD = 1024 * 1024
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # Heads are matched as text decoded latin-1 (byte for character, so the patterns match as they
@@ -62,7 +77,7 @@ _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
 # the same wherever it stands (continuation lines, which depend on the line before, are never
 # kept). Bounded in count and line length; cleared when full, so endless distinct lines cost a
 # miss each, never unbounded memory.
-_KNOWN_START_LINES: dict[str, dict[str, tuple]] = {"request": {}, "response": {}}
+_KNOWN_START_LINES: dict[str, dict[str, tuple[Any, ...]]] = {"request": {}, "response": {}}
 _KNOWN_FIELDS: dict[str, tuple[tuple[str, str], str]] = {}  # line -> (field, lowercased name)
 _MAX_KNOWN_LINES = 4096
 _MAX_KNOWN_LINE = 256  # so each kind of line kept holds at most ~3 MB
@@ -119,7 +134,7 @@ class Headers:
         return f"Headers({self._fields!r})"
 
 
-def _remember(known: dict[str, tuple], line: str, parsed: tuple) -> None:
+def _remember(known: dict[str, Any], line: str, parsed: tuple[Any, ...]) -> None:
     if len(line) <= _MAX_KNOWN_LINE:
         if len(known) >= _MAX_KNOWN_LINES:
             known.clear()
@@ -181,25 +196,48 @@ class MessageEnd(NamedTuple):
     trailers: Headers = NO_HEADERS  # chunked trailer fields
 
 
+class ExtraBytes(NamedTuple):
+    """Bytes after a complete response that begin no message (a body its framing did not
+    announce); the next response begins right after them."""
+
+    size: int
+    offset: int  # stream offset of the first extra byte
+    frame: int  # the frame that carried it
+
+
 class ParseError(NamedTuple):
     message: str
     offset: int  # stream offset where the problem was found
     frame: int
 
 
-Event = RequestHead | ResponseHead | BodyChunk | MessageEnd | ParseError
+Event = RequestHead | ResponseHead | BodyChunk | MessageEnd | ExtraBytes | ParseError
 # The events made for every message are built as plain tuples of their class: a NamedTuple's
 # own constructor is a Python function, and this is the hot path.
 _new_event = tuple.__new__
-_Handler = Callable[[memoryview, int, int, list], int]
+_Handler = Callable[[memoryview, int, int, list[Event]], int]
 
 
 class HttpParser:
     """Parses one direction of an HTTP/1.x connection. See the module docstring."""
 
-    def __init__(self, role: Literal["request", "response"], start_midstream: bool = False) -> None:
+    # per-message state, set by _reset_message
+    _head_seen: bool
+    _partial: bool
+    _body_length: int
+    _body_skipped: int
+    _remaining: int
+    _first: tuple[int, int, int]
+    _last: tuple[int, int]
+    _at_line_start: bool
+    _carry_first: tuple[int, int, int]
+
+    def __init__(self, role: Literal["request", "response"], start_midstream: bool = False,
+                 await_requests: bool = False) -> None:
         """`start_midstream`: the capture began inside the connection, so the first bytes may be
-        the middle of a message: look for a start line instead of reporting garbage."""
+        the middle of a message: look for a start line instead of reporting garbage.
+        `await_requests` (response role): hold a final response that no `expect_response_to`
+        announced until one does (see the module docstring)."""
         if role not in _START_LINE:
             raise ValueError(f"role must be 'request' or 'response', not {role!r}")
         self.role = role
@@ -211,6 +249,17 @@ class HttpParser:
         self._ts = 0
         self._buf = bytearray()  # the head being read, or a line being scanned
         self._state: _Handler = self._idle
+        self._await_requests = await_requests and role == "response"
+        # A held response: its head's fields and frames, and the bytes fed after it as
+        # (bytes, frame, ts, stream offset of their first byte).
+        self._held_head: tuple[Any, ...] | None = None
+        self._held: list[tuple[bytes, int, int, int]] = []
+        self._held_size = 0
+        self._eof_pending: tuple[int, int, bool] | None = None  # an end that came while holding
+        # (stream offset, frame) of the first byte after a complete response that began no
+        # status line: the start of extra bytes, reported when the next status line is found.
+        self._extra: tuple[int, int] | None = None
+        self._after_response = False  # a response has just ended: what follows should be one
         self._reset_message()
         if start_midstream:
             self._start_resync(at_line_start=True)
@@ -238,9 +287,28 @@ class HttpParser:
         lost in gaps included: where the next BodyChunk lies in the body."""
         return self._body_length + self._body_skipped
 
-    def expect_response_to(self, method: str) -> None:
-        """(response role) The next final response answers a request with `method`."""
+    def expect_response_to(self, method: str) -> list[Event]:
+        """(response role) The next final response answers a request with `method`. Returns the
+        events of a response held for it (await_requests), else nothing."""
         self._pending_methods.append(method)
+        if self._held_head is None:
+            return []
+        events: list[Event] = []
+        self._release(events)
+        if self._held_head is None and self._eof_pending is not None:
+            events += self.eof(*self._eof_pending)
+        return events
+
+    def release(self) -> list[Event]:
+        """Stop holding responses for their requests: a held one is framed without its method
+        (an orphan, the caller decides), and later ones are not held."""
+        self._await_requests = False
+        events: list[Event] = []
+        while self._held_head is not None:
+            self._release(events)
+        if self._eof_pending is not None:
+            events += self.eof(*self._eof_pending)
+        return events
 
     def feed(self, data: bytes | bytearray | memoryview, frame: int, ts_ns: int) -> list[Event]:
         """Parse the next bytes of the stream; returns the events they complete."""
@@ -271,8 +339,12 @@ class HttpParser:
     def gap(self, size: int, frame: int, ts_ns: int) -> list[Event]:
         """`size` bytes of the stream are missing at the current position."""
         events: list[Event] = []
+        while self._held_head is not None:  # what was held may never be answered for
+            self._release(events)
         self._frame = frame
         self._ts = ts_ns
+        self._extra = None  # what follows the gap is no longer known to follow a response
+        self._after_response = False
         state = self._state
         if state in (self._in_body, self._in_chunk_data) and size < self._remaining:
             self._remaining -= size
@@ -296,10 +368,23 @@ class HttpParser:
         return events
 
     def eof(self, frame: int, ts_ns: int, clean: bool = True) -> list[Event]:
-        """The direction has ended (`clean=False`: by a reset). Idempotent."""
+        """The direction has ended (`clean=False`: by a reset). Idempotent. While a response is
+        held for its request (which may still come: the other direction goes on), the end waits
+        for it, or for `release`."""
+        if self._held_head is not None:
+            self._eof_pending = (frame, ts_ns, clean)
+            return []
+        self._eof_pending = None
         events: list[Event] = []
         self._frame = frame
         self._ts = ts_ns
+        if self._after_response and self._state == self._start_line and self._extra is None:
+            self._extra = (self._first[2], self._first[0])  # a line that never ended
+        if self._extra is not None:
+            self._buf.clear()
+            start, first_frame = self._extra
+            events.append(ExtraBytes(self._base - start, start, first_frame))
+            self._extra = None
         if self._state == self._until_close:
             self._partial |= not clean
             self._end_message(events)
@@ -325,22 +410,24 @@ class HttpParser:
         self._first = (self._frame, self._ts, self._base)  # frame, ts, offset of first byte
         self._last = (self._frame, self._ts)  # frame, ts of the last byte so far
         # (method, target, version) of a request, (version, status, reason) of a response
-        self._start_fields: tuple | None = None
+        self._start_fields: tuple[Any, ...] | None = None
 
-    def _end_message(self, events: list, trailers: Headers = NO_HEADERS) -> None:
+    def _end_message(self, events: list[Event], trailers: Headers = NO_HEADERS) -> None:
         frame, ts = self._last
         events.append(_new_event(MessageEnd, (frame, ts, self._body_length, self._partial,
                                               trailers)))
         self._reset_message()
         self._buf.clear()
         self._state = self._idle
+        self._after_response = self.role == "response"
 
-    def _error(self, events: list, message: str, offset: int, at_line_start: bool) -> None:
+    def _error(self, events: list[Event], message: str, offset: int, at_line_start: bool) -> None:
         """Report broken framing; end the message in progress and look for the next one."""
         events.append(ParseError(message, offset, self._frame))
         if self._head_seen:
             self._partial = True
             self._end_message(events)
+        self._after_response = False
         self._start_resync(at_line_start)
 
     def _start_resync(self, at_line_start: bool) -> None:
@@ -352,7 +439,7 @@ class HttpParser:
 
     # -- states: each takes (view, pos, end, events) and returns the new pos ---------------
 
-    def _idle(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _idle(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         # RFC 9112 2.2: ignore empty lines before a start line (clients add one after bodies).
         while pos < end and mv[pos] in b"\r\n":
             pos += 1
@@ -362,7 +449,7 @@ class HttpParser:
             pos = self._whole_head(mv, pos, end, events)
         return pos
 
-    def _whole_head(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _whole_head(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         """The usual case: a valid head wholly inside this feed, parsed straight from the view.
         Returns `pos` unchanged when the head goes on past this feed or is not valid: the
         buffering path (`_start_line`, `_head_fields`) then reads it and reports what is wrong."""
@@ -380,7 +467,7 @@ class HttpParser:
         self._head_complete(head, line_end, events)
         return pos + len(head)
 
-    def _start_line(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _start_line(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         buf = self._buf
         room = MAX_START_LINE + 1 - len(buf)
         lf = _LF.search(mv, pos, min(end, pos + room))
@@ -389,8 +476,11 @@ class HttpParser:
             buf += mv[pos:stop]
             self._last = (self._frame, self._ts)
             if len(buf) > MAX_START_LINE:
-                self._error(events, f"start line longer than {MAX_START_LINE} bytes",
-                            self._first[2], at_line_start=False)
+                if self._after_response:
+                    self._skip_extra(events)
+                else:
+                    self._error(events, f"start line longer than {MAX_START_LINE} bytes",
+                                self._first[2], at_line_start=False)
             return stop
         stop = lf.end()
         buf += mv[pos:stop]
@@ -398,8 +488,11 @@ class HttpParser:
         self._start_line_complete(events)
         return stop
 
-    def _start_line_complete(self, events: list) -> None:
+    def _start_line_complete(self, events: list[Event]) -> None:
         self._start_fields = self._read_start_line(self._buf.decode("latin-1"))
+        if self._start_fields is None and self._after_response:
+            self._skip_extra(events)
+            return
         if self._start_fields is None:
             kind = "request line" if self.role == "request" else "status line"
             self._error(events, f"not a {kind}: {bytes(self._buf[:80])!r}", self._first[2],
@@ -407,7 +500,32 @@ class HttpParser:
             return
         self._state = self._head_fields
 
-    def _read_start_line(self, line: str) -> tuple | None:
+    def _skip_extra(self, events: list[Event]) -> None:
+        """After a complete response, the buffered line is no status line: extra bytes. A status
+        line glued to their end (no line feed between) is taken from the buffer; otherwise the
+        line is skipped and the status line searched for after it."""
+        buf = self._buf
+        frame, ts, line_start = self._first
+        if self._extra is None:
+            self._extra = (line_start, frame)
+        found = _STATUS_ANCHOR.search(buf, 1)
+        if found is not None and buf.endswith(b"\n"):
+            fields = self._read_start_line(buf[found.start():].decode("latin-1"))
+            if fields is not None:
+                start = line_start + found.start()
+                extra_start, extra_frame = self._extra
+                events.append(ExtraBytes(start - extra_start, extra_start, extra_frame))
+                self._extra = None
+                del buf[:found.start()]
+                if start >= self._base:  # the status line began in this feed
+                    frame, ts = self._frame, self._ts
+                self._first = (frame, ts, start)
+                self._start_fields = fields
+                self._state = self._head_fields
+                return
+        self._start_resync(at_line_start=buf.endswith(b"\n"))
+
+    def _read_start_line(self, line: str) -> tuple[Any, ...] | None:
         """The fields of a start line (`_start_fields`), or None when it is not one."""
         fields = self._known_start_lines.get(line)
         if fields is None:
@@ -422,7 +540,7 @@ class HttpParser:
             _remember(self._known_start_lines, line, fields)
         return fields
 
-    def _head_fields(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _head_fields(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         stop = self._read_block(mv, pos, end, events)
         if stop is None or self._state != self._head_fields:
             return end if stop is None else stop
@@ -430,7 +548,7 @@ class HttpParser:
         self._head_complete(head, head.index("\n") + 1, events)
         return stop
 
-    def _read_block(self, mv: memoryview, pos: int, end: int, events: list) -> int | None:
+    def _read_block(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int | None:
         """Append to the buffer up to the empty line ending a header/trailer block.
 
         Returns the position after it, or None when the block goes on in the next feed.
@@ -457,7 +575,7 @@ class HttpParser:
         buf += mv[pos:stop]
         return stop
 
-    def _parse_fields(self, text: str, start: int, events: list) -> Headers:
+    def _parse_fields(self, text: str, start: int, events: list[Event]) -> Headers:
         """The fields of the header or trailer block that begins at `start` of `text` (decoded
         latin-1: byte for character, so it splits as the bytes would) and runs to its end,
         the empty line included."""
@@ -498,19 +616,30 @@ class HttpParser:
             by_name = _first_values(fields)
         return _headers(fields, by_name)
 
-    def _head_complete(self, head: str, fields_start: int, events: list) -> None:
+    def _head_complete(self, head: str, fields_start: int, events: list[Event]) -> None:
         """The head is read: its start line taken, its fields beginning at `fields_start`."""
         headers = self._parse_fields(head, fields_start, events)
         frame, ts, offset = self._first
         self._head_seen = True
         self._buf.clear()
         if self.role == "request":
-            method, target, version = self._start_fields
+            method, target, version = self._start_fields or ("", "", "")
             events.append(_new_event(RequestHead,
                                      (method, target, version, headers, frame, ts, offset)))
             self._frame_body(headers, events, request=True, bodiless=False)
             return
-        version, status, reason = self._start_fields
+        version, status, reason = self._start_fields or ("", 0, "")
+        if self._await_requests and not self._pending_methods:
+            self._held_head = (version, status, reason, headers, self._first, self._last)
+            self._held_size = 0
+            self._head_seen = False  # not given out yet
+            self._state = self._awaiting_request
+            return
+        self._response_head(version, status, reason, headers, events)
+
+    def _response_head(self, version: str, status: int, reason: str, headers: Headers,
+                       events: list[Event]) -> None:
+        frame, ts, offset = self._first
         head = _new_event(ResponseHead, (version, status, reason, headers, frame, ts, offset))
         events.append(head)
         if 100 <= status < 200:  # informational
@@ -520,7 +649,32 @@ class HttpParser:
         self._frame_body(headers, events, request=False,
                          bodiless=method == "HEAD" or status in _NO_BODY_STATUS)
 
-    def _frame_body(self, headers: Headers, events: list, request: bool, bodiless: bool) -> None:
+    def _awaiting_request(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
+        self._held.append((bytes(mv[pos:end]), self._frame, self._ts, self._base + pos))
+        self._held_size += end - pos
+        if self._held_size > MAX_HELD:
+            self._release(events)
+        return end
+
+    def _release(self, events: list[Event]) -> None:
+        """Frame the held response (with the method now pending, if any) and parse what came
+        after it, each piece with its own frame, time and offset."""
+        assert self._held_head is not None
+        version, status, reason, headers, self._first, self._last = self._held_head
+        held = self._held
+        self._held_head, self._held, self._held_size = None, [], 0
+        self._state = self._idle  # as a head ends; _response_head sets the body's state
+        self._head_seen = True
+        self._response_head(version, status, reason, headers, events)
+        frame, ts, base = self._frame, self._ts, self._base
+        for data, self._frame, self._ts, self._base in held:
+            mv = memoryview(data)
+            pos, end = 0, len(mv)
+            while pos < end:
+                pos = self._state(mv, pos, end, events)
+        self._frame, self._ts, self._base = frame, ts, base
+
+    def _frame_body(self, headers: Headers, events: list[Event], request: bool, bodiless: bool) -> None:
         if bodiless:
             self._end_message(events)
             return
@@ -556,7 +710,7 @@ class HttpParser:
         else:
             self._state = self._until_close
 
-    def _take_body(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _take_body(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         """Pass on what is there of the `_remaining` body bytes; where they stop."""
         stop = min(end, pos + self._remaining)
         events.append(_new_event(BodyChunk, (mv[pos:stop], self._frame, self._ts)))
@@ -565,19 +719,19 @@ class HttpParser:
         self._last = (self._frame, self._ts)
         return stop
 
-    def _in_body(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _in_body(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         stop = self._take_body(mv, pos, end, events)
         if not self._remaining:
             self._end_message(events)
         return stop
 
-    def _until_close(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _until_close(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         events.append(_new_event(BodyChunk, (mv[pos:end], self._frame, self._ts)))
         self._body_length += end - pos
         self._last = (self._frame, self._ts)
         return end
 
-    def _chunk_size(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _chunk_size(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         buf = self._buf
         self._last = (self._frame, self._ts)
         room = MAX_CHUNK_LINE + 1 - len(buf)
@@ -604,13 +758,13 @@ class HttpParser:
             self._state = self._trailers
         return stop
 
-    def _in_chunk_data(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _in_chunk_data(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         stop = self._take_body(mv, pos, end, events)
         if not self._remaining:
             self._state = self._chunk_data_end
         return stop
 
-    def _chunk_data_end(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _chunk_data_end(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         byte = mv[pos]
         if byte == 0x0A:
             self._buf.clear()
@@ -624,14 +778,14 @@ class HttpParser:
         self._last = (self._frame, self._ts)
         return pos + 1
 
-    def _trailers(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _trailers(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         stop = self._read_block(mv, pos, end, events)
         if stop is None or self._state != self._trailers:
             return end if stop is None else stop
         self._end_message(events, self._parse_fields(self._buf.decode("latin-1"), 0, events))
         return stop
 
-    def _resync(self, mv: memoryview, pos: int, end: int, events: list) -> int:
+    def _resync(self, mv: memoryview, pos: int, end: int, events: list[Event]) -> int:
         carry = self._buf  # the tail of earlier bytes, which may hold the beginning of a start line
         lead = len(carry)
         window = bytes(carry) + bytes(mv[pos:end]) if lead else mv[pos:end]
@@ -642,10 +796,12 @@ class HttpParser:
                 self._first = (frame, ts, offset + start)
                 del carry[:start]
                 self._state = self._start_line
+                self._extra_end(events)
                 return pos
             carry.clear()
             self._first = (self._frame, self._ts, self._base + pos + start - lead)
             self._state = self._start_line
+            self._extra_end(events)
             return pos + start - lead
         # Keep the bytes after the last line feed: a start line may begin among them.
         keep = max(0, len(window) - MAX_START_LINE)
@@ -662,6 +818,14 @@ class HttpParser:
             self._carry_first = (frame, ts, offset + keep)
         carry[:] = window[keep:]
         return end
+
+    def _extra_end(self, events: list[Event]) -> None:
+        """The resynchronisation found a start line: extra bytes, if it began after a response,
+        end where it begins."""
+        if self._extra is not None:
+            extra_start, extra_frame = self._extra
+            events.append(ExtraBytes(self._first[2] - extra_start, extra_start, extra_frame))
+            self._extra = None
 
     def _find_start(self, window: bytes | memoryview) -> int | None:
         """Where the first start line in `window` begins; `window` may begin mid-line.

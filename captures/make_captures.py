@@ -1,6 +1,7 @@
 """Regenerates the capture corpus: real kernel TCP on loopback, recorded with tcpdump.
 
-Each scenario starts the reference server (replay.server.BitsServer), drives it with the client
+Each scenario starts the reference server (replay.server.BitsServer), or for the field cases a
+server that misbehaves on purpose (captures/misbehaving_server.py), drives it with the client
 (replay.client.BitsClient) and records the traffic into one capture file. Everything runs in a
 private network namespace whose loopback has an Ethernet MTU (1500) and no segmentation offload,
 so the captures hold Ethernet-sized segments like a real network would.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bitstrace.analyzer.bits.protocol import Header, PacketType, parse_content_range  # noqa: E402
 from bitstrace.replay.client import BitsClient, Transaction  # noqa: E402
 from bitstrace.replay.server import BitsServer  # noqa: E402
+from captures.misbehaving_server import MisbehavingServer  # noqa: E402
 from captures.netns import READY_TIMEOUT, run_in_namespace, wait_for  # noqa: E402
 from captures.seeded_file import write_seeded_file  # noqa: E402
 
@@ -57,7 +59,7 @@ ATTEMPTS = 3
 class Stage:
     """What a scenario gets: the server, deterministic files, and clients sharing one log."""
 
-    server: BitsServer
+    server: BitsServer | MisbehavingServer
     workdir: Path
     files: dict[str, Path] = field(default_factory=dict)
     clients: list[BitsClient] = field(default_factory=list)
@@ -96,6 +98,7 @@ class Scenario:
     host: str = "127.0.0.1"
     format: str = "pcap"
     nanoseconds: bool = False  # pcap with nanosecond timestamps (magic 0xa1b23c4d)
+    server_class: type = BitsServer  # MisbehavingServer for the field cases
 
     @property
     def filename(self) -> str:
@@ -340,6 +343,27 @@ def malformed_requests(stage: Stage) -> None:
     client.close()
 
 
+@scenario("A third-party server's framing bug (captures/misbehaving_server.py): after the "
+          "`Content-Length: 0` ack of the first fragment it writes a 24-byte HTML body it did not "
+          "announce; the next status line follows it on the same connection. The client skips the "
+          "extra bytes, uploads six 16 KiB fragments of a 90,000-byte file on that connection and closes.",
+          anomalies=("response-overrun",), server_class=MisbehavingServer,
+          server={"overrun": b"<html>Fragment OK</html>", "overrun_after": 1})
+def framing_overrun(stage: Stage) -> None:
+    stage.client("overrun.bin").upload(stage.file("overrun.bin", 90_000, 23), fragment_size=16 * 1024)
+
+
+@scenario("A server that hangs up (captures/misbehaving_server.py): four times it reads fragment "
+          "16384-32767 at the acknowledged offset and closes the connection without answering; each "
+          "time the client Pings on a new connection and sends the same fragment again. The fifth "
+          "time it answers, and the upload of the 50,000-byte file completes.",
+          anomalies=("no-progress", "no-response"), server_class=MisbehavingServer,
+          server={"silent": 4, "silent_at": 16 * 1024})
+def no_progress(stage: Stage) -> None:
+    stage.client("stuck.bin").upload(stage.file("stuck.bin", 50_000, 24), fragment_size=16 * 1024)
+
+
+
 # --- what a scenario did --------------------------------------------------------------------
 def sha256_file(path: Path, limit: int | None = None) -> str:
     """sha256 of the file, or of its first `limit` bytes."""
@@ -471,7 +495,7 @@ def run_scenario(item: Scenario, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bits-{item.name}-") as tmp:
         workdir = Path(tmp)
         root = workdir / "root"
-        server = BitsServer(root, host=item.host, port=0, log=None, **item.server)
+        server = item.server_class(root, host=item.host, port=0, log=None, **item.server)
         server.start()
         port = server.address[1]
         stage = Stage(server, workdir)
@@ -507,7 +531,18 @@ def run_scenario(item: Scenario, out: Path) -> dict:
             "anomalies_exhaustive": item.exhaustive,
             "sessions": describe_sessions(stage, root),
             "size": (out / item.filename).stat().st_size,
+            **misbehaviour(server),
         }
+
+
+def misbehaviour(server: BitsServer | MisbehavingServer) -> dict:
+    """What a misbehaving server did on purpose, from its own records: `unanswered` requests it
+    hung up on, `overruns`: bytes it wrote after acks beyond their Content-Length, per ack in the
+    order sent (nothing for the reference server)."""
+    if not isinstance(server, MisbehavingServer):
+        return {}
+    return {"unanswered": sum(1 for record in server.records if record.status is None),
+            "overruns": [record.extra for record in server.records if record.extra]}
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -548,7 +583,9 @@ def render_readme(document: dict) -> str:
         "",
         "Real BITS upload traffic: the reference server (`replay/server.py`) driven by the client",
         "(`replay/client.py`) over real kernel TCP, recorded with tcpdump; the pcapng file is tcpdump's",
-        "pcap converted with `editcap -F pcapng`.",
+        "pcap converted with `editcap -F pcapng`. The field cases (`framing-overrun`, `no-progress`)",
+        "come from a server that misbehaves on purpose as third-party servers were seen to",
+        "(`captures/misbehaving_server.py`).",
         "Generated by `captures/make_captures.py` (`make captures`, as root); do not edit by hand.",
         "",
         "## Provenance",
@@ -605,6 +642,9 @@ def render_readme(document: dict) -> str:
         "  For every delivered and closed session the generator checked that the server stored a",
         "  file with that sha256.",
         "- `server_port`, `ip_version`, `format`, `size` (bytes) describe the file itself.",
+        "- Captures of the misbehaving server (`captures/misbehaving_server.py`) also have",
+        "  `unanswered` (requests it read and hung up on without answering) and `overruns` (bytes it",
+        "  wrote after acks beyond their `Content-Length: 0`, one entry per such ack), from its records.",
         "",
     ]
     return "\n".join(lines)

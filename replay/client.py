@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import select
 import socket
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ DEFAULT_USER_AGENT = USER_AGENT_PREFIX + "7.8"
 DEFAULT_FRAGMENT_SIZE = 64 * 1024
 CHUNK_SIZE = 64 * 1024
 _MAX_HEAD = 64 * 1024
+_STATUS_START = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}")
 
 
 class ConnectionLost(Exception):
@@ -216,9 +218,23 @@ class _Connection:
             raise ConnectionLost(f"connection closed after {len(data)} of {size} body bytes")
         return data
 
+    def _status_line(self) -> bytes:
+        """The next status line. Bytes before it that a server wrote past its previous response's
+        framing (a body after `Content-Length: 0`) are skipped, up to _MAX_HEAD, as the analyzer
+        skips them."""
+        junk = 0
+        while True:
+            line = self._line()
+            found = _STATUS_START.search(line)
+            if found is not None:
+                return line[found.start():]
+            junk += len(line) + 1
+            if junk > _MAX_HEAD:
+                raise ConnectionLost(f"not an HTTP response: {line[:80]!r}")
+
     def read_response(self, method: str) -> Response:
         while True:
-            status_line = self._line()
+            status_line = self._status_line()
             version, _, rest = status_line.decode("latin-1").partition(" ")
             code, _, reason = rest.partition(" ")
             if not version.startswith("HTTP/") or not code.isdigit():

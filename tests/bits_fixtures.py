@@ -48,6 +48,9 @@ class Wire:
         self.index = 0
         self.connections: list[Connection] = []
         self.offsets: dict[int, int] = {}
+        #: how far the server→client stamps run ahead of the client→server ones (two taps
+        #: whose clocks are apart); negative: behind
+        self.server_clock_ns = 0
         self.connect()
 
     # --- wire mechanics ---------------------------------------------------------------------
@@ -75,7 +78,7 @@ class Wire:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"",
         status: int | None = 200, ack: list[tuple[str, str]] | None = None, response_body: int = 0,
         version: str = "HTTP/1.1", flags: set[str] | None = None, orphan: bool = False,
-        chunks: int = 2, overlap: bool = False, ack_after: float = 0.001,
+        chunks: int = 2, overlap: bool = False, ack_after: float = 0.001, extra_before: int = 0,
     ) -> Exchange:
         conn = self.conn
         flags = set(flags or ())
@@ -100,9 +103,13 @@ class Wire:
             frame = self._next_frame()
             # overlap: the ack comes after the next request has left
             acked = self.now + (S if overlap else int(ack_after * S))
+            stamped = acked + self.server_clock_ns
             response = HttpMessage(False, None, None, "HTTP/1.1", status, "OK" if status < 300 else "Error",
-                                   Headers(ack or []), response_body, None, frame, frame, acked, acked,
+                                   Headers(ack or []), response_body, None, frame, frame, stamped, stamped,
                                    first_capture=self.capture, last_capture=self.capture)
+            if extra_before:  # bytes the previous response did not announce, in a frame of their own
+                response.extra_before, response.extra_frame = extra_before, frame
+                response.first_frame = response.last_frame = self._next_frame()
             if not overlap:
                 self.now = acked
         elif not orphan:

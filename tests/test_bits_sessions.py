@@ -13,7 +13,7 @@ from bitstrace.analyzer.bits.extract import Extractor
 from bitstrace.analyzer.bits.machine import State
 from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, Header
 from bitstrace.analyzer.bits.sessions import SessionTracker, Verdict
-from bits_fixtures import SID, SID2, UA, Wire, all_codes, codes
+from bits_fixtures import SID, SID2, UA, Wire, all_codes, codes, payload
 
 T = 12_000  # three fragments: 0-5119, 5120-10239, 10240-11999
 FRAGS = [(0, 5119), (5120, 10239), (10240, 11999)]
@@ -70,7 +70,8 @@ SCENARIOS = {
     "header-limits": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, content_name="dir/report.bin")),
     "wrong-method-or-version": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, version="HTTP/1.0")),
     "content-encoding": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, headers=[("Content-Encoding", "gzip")])),
-    "concurrent-requests": lambda w: (w.create(), w.fragment(SID, *FRAGS[0], T, overlap=True), w.fragment(SID, *FRAGS[1], T)),
+    # on a second connection: on one connection a BITS client waits for each ack (skew.py)
+    "concurrent-requests": lambda w: (w.create(), w.fragment(SID, *FRAGS[0], T, overlap=True), w.connect(), w.fragment(SID, *FRAGS[1], T)),
     "reply-url-misplaced": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, ack=[(Header.REPLY_URL, "/replies/x.bin")])),
     "host-id-ignored": lambda w: (w.create(ack=_host_id_ack()), w.fragment(SID, *FRAGS[0], T)),
     "host-redirect": lambda w: (w.create(ack=_host_id_ack()), w.fragment(SID, *FRAGS[0], T, host="node7.example")),
@@ -83,6 +84,9 @@ SCENARIOS = {
     "client-fingerprint": lambda w: w.create(user_agent="python-requests/2.31"),
     "stalled": lambda w: (begun(w), w.wait(400), w.fragment(SID, *FRAGS[1], T)),
     "capture-gap": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, flags={"gap"})),
+    "response-overrun": lambda w: (begun(w), w.fragment(SID, *FRAGS[1], T, extra_before=37)),
+    "ack-beyond-sent": lambda w: (begun(w), w.fragment(SID, *FRAGS[2], T)),
+    "ack-session-id-absent": lambda w: (whole(w), w.close(echo=False)),
 }
 
 
@@ -120,11 +124,22 @@ def test_windows_like_clean_upload_is_silent() -> None:
     assert session.protocol == PROTOCOL_GUID and session.host == "uploads.example"
 
 
-def test_iis_acks_without_session_id_are_silent() -> None:
+def test_iis_acks_without_session_id_are_noted_only_on_close_and_cancel() -> None:
     w = Wire()
     w.upload(echo=False)
     w.ping()
-    assert all_codes(w.finish()) == []
+    summary = w.finish()
+    assert all_codes(summary) == ["ack-session-id-absent"]
+    [note] = summary.sessions[0].anomalies
+    assert note.severity is Severity.INFO and "Close-Session" in note.message
+    w = Wire()
+    begun(w)
+    w.cancel(echo=False)
+    assert all_codes(w.finish()) == ["ack-session-id-absent"]
+    w = Wire()
+    begun(w)
+    w.cancel(echo=False, status=500)  # only success acks must carry it
+    assert "ack-session-id-absent" not in all_codes(w.finish())
 
 
 def test_spec_sample_single_fragment_with_pings_and_201_create() -> None:
@@ -135,7 +150,7 @@ def test_spec_sample_single_fragment_with_pings_and_201_create() -> None:
     w.ping()
     w.close(echo=False)
     summary = w.finish()
-    assert all_codes(summary) == []
+    assert all_codes(summary) == ["ack-session-id-absent"]  # the sample's Close ack has none
     assert summary.sessions[0].verdict == Verdict.DELIVERED
     assert summary.sessions[0].content_name == "rfc2119.txt"
 
@@ -469,3 +484,91 @@ def test_on_exchange_returns_the_packet_and_sessions_group_as_finish_does() -> N
     filed = [index for *_, indices in grouped for index in indices]
     assert sorted(filed) == sorted(set(returned) - not_bits - aside)
     assert grouped == _grouping(w.finish().sessions)
+
+
+# --- checks found missing on real peers ---------------------------------------------------------
+
+def test_ack_beyond_sent_names_the_hole_and_only_a_real_one() -> None:
+    w = Wire()
+    begun(w)
+    w.fragment(SID, *FRAGS[2], T)  # 10240-11999 acked 12000: 5120-10239 never sent
+    summary = w.finish()
+    [found] = [a for a in summary.sessions[0].anomalies if a.code == "ack-beyond-sent"]
+    assert "bytes 5120-11999" in found.message and "0-5119" in found.message
+    # out of order but whole: the hole is filled before the ack that covers it
+    w = Wire()
+    w.create()
+    w.fragment(SID, *FRAGS[1], T, status=None)
+    w.fragment(SID, *FRAGS[0], T, received=10240)
+    w.fragment(SID, *FRAGS[2], T)
+    w.close()
+    assert "ack-beyond-sent" not in all_codes(w.finish())
+    # a resend of a cut fragment, then the rest: every byte acked was on the wire
+    w = Wire()
+    begun(w)
+    w.fragment(SID, *FRAGS[1], T, status=None, body=payload_slice(5120, 8000), flags={"partial"})
+    w.fragment(SID, *FRAGS[1], T)
+    w.fragment(SID, *FRAGS[2], T)
+    assert "ack-beyond-sent" not in all_codes(w.finish())
+    # a capture gap may have swallowed the missing fragment: no claim
+    w = Wire()
+    begun(w)
+    w.fragment(SID, *FRAGS[2], T, flags={"gap"})
+    assert "ack-beyond-sent" not in all_codes(w.finish())
+
+
+def payload_slice(first: int, end: int) -> bytes:
+    return payload(T)[first:end]
+
+
+def test_unanswered_sends_at_the_acknowledged_offset_are_no_progress() -> None:
+    w = Wire()
+    begun(w)
+    for _ in range(3):
+        w.fragment(SID, *FRAGS[1], T, status=None)
+        w.connect()
+        w.ping()
+    w.fragment(SID, *FRAGS[1], T)
+    w.fragment(SID, *FRAGS[2], T)
+    w.close()
+    summary = w.finish()
+    [stuck] = [a for a in summary.sessions[0].anomalies if a.code == "no-progress"]
+    assert "(3 unanswered)" in stuck.message and "past 5120" in stuck.message
+    assert summary.sessions[0].verdict == Verdict.DELIVERED
+    # two lost acks are not yet a pattern
+    w = Wire()
+    begun(w)
+    for _ in range(2):
+        w.fragment(SID, *FRAGS[1], T, status=None)
+    w.fragment(SID, *FRAGS[1], T)
+    assert "no-progress" not in all_codes(w.finish())
+
+
+def test_416_without_received_range_says_no_offset_was_named() -> None:
+    w = Wire()
+    begun(w)
+    w.fragment(SID, *FRAGS[1], T, status=416, received=None)
+    summary = w.finish()
+    [resync] = [a for a in summary.sessions[0].anomalies if a.code == "out-of-sync"]
+    assert "names no offset" in resync.message and "None" not in resync.message
+    assert "ack-offset-invalid" in all_codes(summary)
+
+
+@pytest.mark.parametrize("skew_ms", [-500, -20, 20, 500])
+def test_a_skewed_server_clock_changes_no_verdict_or_anomaly(skew_ms: int) -> None:
+    def play(skew_ns: int) -> tuple:
+        w = Wire()
+        w.server_clock_ns = skew_ns
+        whole(w)
+        w.connect()  # the Cancel on a second connection, after the final ack
+        w.cancel()
+        summary = w.finish()
+        session = summary.sessions[0]
+        return session.verdict, session.state, all_codes(summary), summary.clock_skew
+    unskewed = play(0)
+    assert unskewed[3] == {}
+    verdict, state, found, skews = play(skew_ms * 1_000_000)
+    assert (verdict, state, found) == unskewed[:3] == (Verdict.DELIVERED, State.CANCELLED, ["cancel-after-complete"])
+    [skew] = skews.values()
+    assert skew.detected and (skew.offset_ns < 0) == (skew_ms < 0)
+    assert abs(skew.offset_ns) <= abs(skew_ms) * 1_000_000

@@ -59,8 +59,11 @@ def check_capture_matches(directory: Path, name: str, entry: dict, scratch: Path
     capture = directory / name
     magic = PCAP_MAGICS.get(capture.read_bytes()[:4])
     assert magic is not None and magic.split("-")[0] == entry["format"], f"{name}: {magic}"
+    # tshark loses each response that follows bytes an earlier response did not announce (the
+    # server's overruns), which the analyzer recovers (test_field_captures below)
+    responses = entry["responses"] - len(entry.get("overruns", ()))
     assert on_the_wire(capture, entry["server_port"], scratch) == (
-        entry["connections"], entry["exchanges"], entry["responses"]), name
+        entry["connections"], entry["exchanges"], responses), name
 
 
 # --- the committed corpus -------------------------------------------------------------------------

@@ -81,3 +81,25 @@ def test_session_filter_and_min_severity() -> None:
     only = json.loads(run.stdout)
     assert [s["id"] for s in only["sessions"]] == [wanted]
     assert only["summary"]["sessions"] == 1
+
+
+def test_field_captures_report_what_the_server_did() -> None:
+    """The misbehaving server's captures: the bytes it wrote past an ack cost no later answer, and
+    the fragment it never answered is no-progress."""
+    name = "framing-overrun.pcap"
+    report = build_report(analyze([ROOT / "captures" / name]))
+    [session] = report["sessions"]
+    fragments = [pkt for pkt in session["packets"] if pkt["type"] == "Fragment"]
+    assert [pkt["response"]["received"] for pkt in fragments] == [
+        pkt["request"]["range"]["last"] + 1 for pkt in fragments]  # each ack with its own request
+    [overrun] = [a for a in session["anomalies"] if a["code"] == "response-overrun"]
+    assert overrun["message"].startswith(f"{EXPECTED[name]['overruns'][0]} bytes ")
+    assert overrun["frames"][-1] == fragments[1]["response"]["frame"]
+
+    name = "no-progress.pcap"
+    report = build_report(analyze([ROOT / "captures" / name]))
+    [session] = report["sessions"]
+    unanswered = [pkt for pkt in session["packets"] if pkt["type"] == "Fragment" and pkt["response"] is None]
+    assert len(unanswered) == EXPECTED[name]["unanswered"]
+    [stuck] = [a for a in session["anomalies"] if a["code"] == "no-progress"]
+    assert stuck["frames"] == [unanswered[2]["request"]["frame"]]  # the third attempt in a row

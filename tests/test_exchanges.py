@@ -160,7 +160,7 @@ def test_early_response_waits_for_the_end_of_the_request() -> None:
 
 
 def test_orphan_response_and_no_response() -> None:
-    session = Session()
+    session = Session(connection(handshake_seen=False))  # the capture began mid-connection
     session.send(SERVER, reply(200, b"who asked?"))
     session.send(CLIENT, post("/unanswered", b"q"))
     session.fin(CLIENT)
@@ -170,6 +170,69 @@ def test_orphan_response_and_no_response() -> None:
     assert orphan.response.body_sha256 == sha(b"who asked?")
     assert unanswered.response is None and unanswered.flags == {"no-response"}
     assert unanswered.request.target == "/unanswered" and not unanswered.request.partial
+
+
+def test_responses_recorded_before_their_requests_pair_by_stream_order() -> None:
+    """The server's clock runs behind the client's: its answers reach the assembler first. The
+    HEAD answer's Content-Length announces no body, which only its request's method tells."""
+    session = Session()
+    session.send(SERVER, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + reply(200, b"body!"))
+    session.send(SERVER, reply(404, b"extra"))  # answers no request: an orphan at the end
+    session.send(CLIENT, b"HEAD /reply HTTP/1.1\r\nHost: h\r\n\r\n")
+    session.send(CLIENT, b"GET /reply HTTP/1.1\r\nHost: h\r\n\r\n")
+    session.close()
+    head, get, orphan = session.recorder.exchanges
+    assert (head.request.method, head.response.status, head.response.body_length) == ("HEAD", 200, 0)
+    assert (get.request.method, get.response.body_sha256) == ("GET", sha(b"body!"))
+    assert head.flags == get.flags == set()
+    assert orphan.request is None and orphan.flags == {"orphan-response"} and orphan.response.status == 404
+    assert head.response.first_frame == 1 and get.response.stream_offset == 38
+
+
+def test_a_request_lost_in_a_gap_leaves_its_response_an_orphan() -> None:
+    session = Session()
+    session.gap(CLIENT, 300)  # a whole request
+    session.send(SERVER, reply(200, b"first"))
+    session.send(CLIENT, post("/second", b"q"))
+    session.send(SERVER, reply(200, b"second"))
+    session.close()
+    orphan, second = session.recorder.exchanges
+    assert orphan.request is None and "orphan-response" in orphan.flags
+    assert second.request.target == "/second" and second.response.body_sha256 == sha(b"second")
+
+
+@pytest.mark.parametrize("extra", [b"<html>stored</html>", b"<html>\r\nstored\r\n</html>\r\n", b"OK\n" * 9000])
+@pytest.mark.parametrize("split", [False, True])
+def test_extra_bytes_after_an_empty_answer_cost_no_later_answer(extra: bytes, split: bool) -> None:
+    session = Session()
+    for index in range(4):
+        session.send(CLIENT, post(f"/f{index}", b"q"))
+    answers = [reply(200 + index, b"") for index in range(4)]
+    stream = answers[0] + extra + b"".join(answers[1:])
+    pieces = [stream[i:i + 7] for i in range(0, len(stream), 7)] if split else [stream]
+    frames = [session.send(SERVER, piece) for piece in pieces]
+    session.close()
+    exchanges = session.recorder.exchanges
+    assert [(e.request.target, e.response.status) for e in exchanges] == [
+        ("/f0", 200), ("/f1", 201), ("/f2", 202), ("/f3", 203)]
+    assert all(not e.flags for e in exchanges)
+    after = exchanges[1].response
+    assert after.extra_before == len(extra) and after.stream_offset == len(answers[0]) + len(extra)
+    first_extra = frames[len(answers[0]) // 7] if split else frames[0]
+    assert after.extra_frame == first_extra
+    assert [e.response.extra_before for e in exchanges] == [0, len(extra), 0, 0]
+    assert not session.assembler.problems
+
+
+def test_extra_bytes_before_the_end_of_a_connection_are_a_problem() -> None:
+    session = Session()
+    session.send(CLIENT, post("/f0", b"q"))
+    session.send(SERVER, reply(200, b"") + b"trailing junk")
+    session.close()
+    [exchange] = session.recorder.exchanges
+    assert exchange.response.status == 200 and not exchange.flags
+    [problem] = session.assembler.problems
+    assert problem.kind == "http-extra-bytes" and "13 bytes" in problem.message and problem.frame == 2
 
 
 def test_gap_in_body_then_resync_on_next_request() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import shutil
 import subprocess
 from collections import defaultdict
@@ -27,6 +28,7 @@ from bitstrace.analyzer.tcp import TcpReassembler
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 CORPUS = sorted(p for p in CAPTURES.glob("*.pcap*") if p.is_file())
+EXPECTED = json.loads((CAPTURES / "expected.json").read_text())["captures"]
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
 
@@ -138,4 +140,13 @@ def test_response_status_lines_equal_tshark_http(capture: Path, tmp_path: Path) 
                 ours[exchange.connection.id].append((message.status, message.reason))
 
     read_exchanges([capture], collect)
-    assert dict(ours) == tshark_status_lines(rewritten)
+    theirs = tshark_status_lines(rewritten)
+    overruns = EXPECTED.get(capture.name, {}).get("overruns", [])
+    if overruns:  # tshark loses each response after bytes an earlier one did not announce
+        assert set(ours) == set(theirs)
+        assert sum(map(len, ours.values())) == sum(map(len, theirs.values())) + len(overruns)
+        for connection, lines in theirs.items():
+            found = iter(ours[connection])
+            assert all(line in found for line in lines)  # theirs, in order, among ours
+    else:
+        assert dict(ours) == theirs

@@ -58,7 +58,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("name", CORPUS)
+# The reference server answers as the captured one did, except where that one misbehaved on
+# purpose (captures/misbehaving_server.py: its entries say what it did).
+FAITHFUL = [name for name in CORPUS if "overruns" not in EXPECTED.get(name, {})]
+
+
+@pytest.mark.parametrize("name", FAITHFUL)
 def test_faithful_replay_matches_the_capture(name: str, tmp_path: Path) -> None:
     """At the capture's own pace, every live answer is the captured one (clean and anomalous
     captures alike), and every delivered file lands byte for byte."""

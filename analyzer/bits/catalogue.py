@@ -74,6 +74,9 @@ _ROWS: tuple[tuple[str, Severity, str, str], ...] = (
     ("client-fingerprint", I, "User-Agent not `Microsoft BITS/...`, or fragments outside 5 KiB-13 MiB other than the last (MITRE ATT&CK T1197)", "MC-BUP note 10"),
     ("stalled", W, "no progress on a session for longer than a threshold", "MC-BUP 3.1.2"),
     ("capture-gap", W, "bytes of a message missing from the capture; the message is partial", "-"),
+    ("response-overrun", E, "bytes after a response beyond the length its framing announced (a body after Content-Length: 0), before the next status line", "RFC 9112 6.3"),
+    ("ack-beyond-sent", E, "200 ack whose received offset is past the bytes the client had sent without a hole: the server acknowledged bytes it cannot have received", "MC-BUP 2.2.7.2, 3.2.5.2.6"),
+    ("ack-session-id-absent", I, "Close-Session or Cancel-Session success ack without BITS-Session-Id (MC-BUP requires it; IIS omits it)", "MC-BUP 2.2.1.2"),
 )
 
 CATALOGUE: dict[str, AnomalyKind] = {code: AnomalyKind(code, sev, meaning, rule) for code, sev, meaning, rule in _ROWS}

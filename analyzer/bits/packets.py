@@ -307,11 +307,11 @@ def _request_fields(method: str, target: str, version: str, values: tuple[str | 
     """The fields of one combination of start line and `_REQUEST_HEADERS` values."""
     host, type_raw, session_id, content_name, user_agent, protocols_raw = map(_shared, values)
     return RequestFields(
-        method=_shared(method), target=_shared(target), version=_shared(version), host=host,
+        method=sys.intern(method), target=sys.intern(target), version=sys.intern(version), host=host,
         packet_type=PacketType.parse(type_raw), type_raw=type_raw,
         session_id=_shared(session_id.strip()) if session_id is not None else None,
         content_name=content_name, user_agent=user_agent,
-        offered_protocols=tuple(map(_shared, p.split_protocols(protocols_raw))) if protocols_raw else (),
+        offered_protocols=tuple(map(sys.intern, p.split_protocols(protocols_raw))) if protocols_raw else (),
     )
 
 
@@ -345,18 +345,19 @@ def classify(exchange: Any) -> Classified:
     """Sort one Exchange (analyzer.exchanges contract) into BITS packet, download or other."""
     request, response = exchange.request, exchange.response
     if request is None:
+        out = Classified(anomalies=_loose_overrun(exchange))
         if response is not None and _has_bits_headers(response.headers):
-            return Classified(anomalies=[anomaly(
+            out.anomalies.append(anomaly(
                 "orphan-response",
                 f"HTTP {response.status} response carrying BITS headers with no request in the capture",
                 frames=(response.first_frame,), captures=(response.first_capture,),
                 timestamps=(response.first_ts_ns,), connection=exchange.connection.id,
-            )])
-        return Classified()
+            ))
+        return out
     h = request.headers
     if is_bits_method(request.method):
         return Classified(packet=_packet(exchange, h))
-    out = Classified()
+    out = Classified(anomalies=_loose_overrun(exchange))
     if _has_bits_headers(h):
         out.anomalies.append(anomaly(
             "wrong-method-or-version",
@@ -517,13 +518,13 @@ def _check_limits(pkt: BitsPacket, h: Headers) -> None:
         if len(value) > p.MAX_HEADER_VALUE:
             pkt.flag("header-limits", f"{name} value of {len(value)} characters exceeds {p.MAX_HEADER_VALUE}")
     fields = pkt.request
-    name = fields.content_name
-    if name is not None:
-        if len(name) > p.MAX_CONTENT_NAME:
-            pkt.flag("header-limits", f"Content-Name of {len(name)} characters exceeds {p.MAX_CONTENT_NAME}")
-        if not p.CONTENT_NAME_FORBIDDEN.isdisjoint(name):
-            bad = sorted(set(name) & p.CONTENT_NAME_FORBIDDEN)
-            pkt.flag("header-limits", f"Content-Name {name[:80]!r} contains forbidden {''.join(bad)!r}")
+    content_name = fields.content_name
+    if content_name is not None:
+        if len(content_name) > p.MAX_CONTENT_NAME:
+            pkt.flag("header-limits", f"Content-Name of {len(content_name)} characters exceeds {p.MAX_CONTENT_NAME}")
+        if not p.CONTENT_NAME_FORBIDDEN.isdisjoint(content_name):
+            bad = sorted(set(content_name) & p.CONTENT_NAME_FORBIDDEN)
+            pkt.flag("header-limits", f"Content-Name {content_name[:80]!r} contains forbidden {''.join(bad)!r}")
     if fields.session_id is not None and len(fields.session_id) > p.MAX_SESSION_ID:
         pkt.flag("header-limits", f"BITS-Session-Id of {len(fields.session_id)} characters exceeds {p.MAX_SESSION_ID}")
     if len(fields.offered_protocols) > p.MAX_SUPPORTED_PROTOCOLS:
@@ -577,7 +578,37 @@ def _check_ack(pkt: BitsPacket, response: Any, h: Headers) -> None:
         size = f" ({pkt.content_range.length} bytes)" if pkt.content_range else ""
         pkt.flag("fragment-too-large", f"HTTP {status} to {pkt.label}{size}: too large for the server")
     elif status == RESYNC:
-        pkt.flag("out-of-sync", f"416 to {pkt.label}: the server wants offset {pkt.received_offset}")
+        wants = (f"the server wants offset {pkt.received_offset}" if pkt.received_offset is not None
+                 else f"the server names no offset (no valid {Header.RECEIVED_CONTENT_RANGE})")
+        pkt.flag("out-of-sync", f"416 to {pkt.label}: {wants}")
+    if (status in SUCCESS and ack.session_id is None
+            and fields.packet_type in (PacketType.CLOSE_SESSION, PacketType.CANCEL_SESSION)):
+        pkt.flag("ack-session-id-absent", f"HTTP {status} ack to {pkt.label} carries no {Header.SESSION_ID}")
+    if response.extra_before:
+        pkt.anomalies += (_overrun(response, f"this HTTP {status} answer to {pkt.label}", pkt.connection,
+                                   fields.session_id, pkt.places, pkt.timestamps),)
+
+
+def _overrun(response: Any, answer: str, connection: int, session_id: str | None,
+             places: tuple[tuple[int, int], ...], timestamps: tuple[int, ...]) -> Anomaly:
+    """response-overrun: the bytes before `response` that the response before it did not announce."""
+    return anomaly(
+        # The connection is the anomaly's field, not the message's: connection numbers are given
+        # after the fact when a run is split into units (analyzer/partition.py).
+        "response-overrun", f"{response.extra_before} bytes that the previous response on its connection "
+        f"did not announce came before {answer}; the answer was found after them",
+        session_id=session_id, frames=(response.extra_frame, *(frame for _, frame in places)),
+        captures=(response.extra_capture, *(capture for capture, _ in places)), timestamps=timestamps,
+        connection=connection)
+
+
+def _loose_overrun(exchange: Any) -> list[Anomaly]:
+    """response-overrun before the response of an exchange that makes no BITS packet."""
+    response = exchange.response
+    if response is None or not response.extra_before:
+        return []
+    return [_overrun(response, f"this HTTP {response.status} response", exchange.connection.id, None,
+                     ((response.first_capture, response.first_frame),), (response.first_ts_ns,))]
 
 
 _ERROR_CODE, _ERROR_CODE_MCBUP, _ERROR_CONTEXT = (

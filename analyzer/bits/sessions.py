@@ -11,6 +11,12 @@ each session its delivery verdict (bits-protocol.md section 9):
 - not-delivered: cancelled before the final fragment, closed incomplete, Create refused, the
   server forgot the session (BG_E_SESSION_NOT_FOUND), or the last answer was a 4xx refusal;
 - unknown: the capture ends first, or began after the final fragment.
+
+Times of acks are compared with times of requests only on one clock: `finish` measures the skew
+between the capture's two directions (skew.py) and the walk moves each ack's time onto the
+client's clock before comparing (`_SessionWalk.ack_ns`); the order of a session's packets is the
+order of its requests. So a skew between the directions changes timings, never the walk's
+states, verdicts or anomalies.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import enum
 import heapq
 import math
 import posixpath
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
@@ -29,6 +36,7 @@ from bitstrace.analyzer.bits.machine import Answer, Sent, State, answer, sent, s
 from bitstrace.analyzer.bits.packets import (AUTH_CHALLENGES, BitsPacket, Classified, Download, classify, host_name,
                                               session_key)
 from bitstrace.analyzer.bits.protocol import PacketType
+from bitstrace.analyzer.bits.skew import NO_SKEW, ClockSkew, SkewMeter
 
 if TYPE_CHECKING:
     from bitstrace.analyzer.bits.extract import ExtractedEntity, Extractor
@@ -58,7 +66,7 @@ class Session:
     protocol: str | None = None
     user_agent: str | None = None
     state: State = State.CREATING
-    verdict: str = Verdict.UNKNOWN
+    verdict: Verdict = Verdict.UNKNOWN
     verdict_reason: str = ""
     before_capture: bool = False
     reply_url: str | None = None
@@ -94,7 +102,7 @@ class Session:
     def flag(self, code: str, message: str, packets: list[BitsPacket] | tuple[BitsPacket, ...] = (),
              timestamps: tuple[int, ...] = ()) -> None:
         frames = [f for pkt in packets for f in pkt.frames]
-        captures = [c for pkt in packets for c in pkt.captures]
+        captures: list[int | None] = [c for pkt in packets for c in pkt.captures]
         times = list(timestamps) or [t for pkt in packets for t in pkt.timestamps]
         self.anomalies.append(anomaly(
             code, message, session_id=self.id, frames=frames, captures=captures, timestamps=times,
@@ -117,6 +125,7 @@ class BitsSummary:
     downloads: list[Download]
     anomalies: list[Anomaly]  # those that belong to no session
     counts: dict[str, int]
+    clock_skew: dict[int, ClockSkew] = field(default_factory=dict)  # by capture file index, where seen
 
 
 class SessionTracker:
@@ -144,6 +153,8 @@ class SessionTracker:
         self._counts = {"http_exchanges": 0, "bits_exchanges": 0, "other_http": 0, "downloads": 0}
         self._first_ns: int | None = None
         self._last_ns: int | None = None
+        self._skew = SkewMeter()
+        self.clock_skew: dict[int, ClockSkew] = self._skew.skews  # by capture file index, where seen
 
     def on_exchange(self, exchange: Any) -> BitsPacket | None:
         """File one Exchange. Returns the BITS packet it made (filed in a session, or set aside
@@ -166,6 +177,7 @@ class SessionTracker:
                 self._counts["other_http"] += 1
             return None
         self._counts["bits_exchanges"] += 1
+        self._skew.observe(packet)
         if self.extractor is not None and packet.packet_type is PacketType.FRAGMENT:
             self.extractor.settle(packet)
         self._file(packet)
@@ -177,6 +189,12 @@ class SessionTracker:
         that only groups needs (the replay planner); the rest of each session is filled in, and
         its packets put in send order, by `finish`, which such a reader can skip."""
         return list(self._sessions)
+
+    def ack_ns(self, pkt: BitsPacket) -> int | None:
+        """When `pkt`'s ack was stamped, on the clock of the client's stamps (skew removed)."""
+        if pkt.acked_ns is None:
+            return None
+        return self.clock_skew.get(pkt.request_capture, NO_SKEW).client_ns(pkt.acked_ns)
 
     def request_frame_name(self, pkt: BitsPacket) -> str:
         return frame_name(pkt.request_capture, pkt.request_frame, self.several_captures)
@@ -218,9 +236,9 @@ class SessionTracker:
             self._stray.append(pkt)
             return
         key = session_key(pkt.session_id)
-        session = self._open.get(key)
-        if session is None:
-            session = self._open[key] = self._new_session(pkt.session_id, pkt)
+        found = self._open.get(key)
+        session = found if found is not None else self._new_session(pkt.session_id, pkt)
+        self._open[key] = session
         session.packets.append(pkt)
 
     def _new_session(self, session_id: str | None, pkt: BitsPacket, key: str | None = None) -> Session:
@@ -246,7 +264,7 @@ class SessionTracker:
         return BitsSummary(
             sessions=self._sessions, downloads=self._downloads,
             anomalies=_dedup(self._loose + stray_anomalies),
-            counts=dict(self._counts),
+            counts=dict(self._counts), clock_skew=self.clock_skew,
         )
 
     def _attach_entities(self) -> None:
@@ -309,12 +327,21 @@ class _SessionWalk:
         self.final_range: p.ContentRange | None = None
         self.complete_frame: str | None = None  # as messages name it
         self.end_frame: str | None = None
-        self.cancel_ns: int | None = None
+        self.cancelled_first = False  # a Cancel-Session was sent before the final fragment was acknowledged
+        # with no skew measured, an ack's time is its stamp: read it at C speed
+        self.ack_ns: Callable[[BitsPacket], int | None] = (tracker.ack_ns if tracker.clock_skew
+                                                           else attrgetter("acked_ns"))
         # requests that raised the high-water mark: (sent, acknowledged, new offset)
         self.progress_ns: list[tuple[int, int, int]] = []
         self.stuck = 0
         self.stuck_flagged = False
+        self.stuck_unanswered = 0  # of `stuck`: fragments at the acknowledged offset that drew no answer
         self.seen_bodies: dict[tuple[int, int], tuple[bytes, BitsPacket]] = {}
+        # How far from offset 0 the fragments sent so far cover the file without a hole (what the
+        # server can have received), and the spans sent beyond a hole, as (first, end) pairs.
+        self.sent_prefix = 0
+        self.sent_beyond: list[tuple[int, int]] = []
+        self.capture_lost = False  # a capture gap may have swallowed requests: what was sent is unknown
         self.close_incomplete = False
         self.too_large: Anomaly | None = None  # waiting for the client's next, smaller fragment
         self.too_large_size = 0
@@ -325,7 +352,7 @@ class _SessionWalk:
             return
         first = self.packets[0]
         s.first_ns = first.sent_ns
-        s.last_ns = max(max(pkt.timestamps) for pkt in self.packets)
+        s.last_ns = max(max(pkt.sent_ns, self.ack_ns(pkt) or 0) for pkt in self.packets)
         s.connections = sorted({pkt.connection for pkt in self.packets})
         s.user_agent = next((pkt.user_agent for pkt in self.packets if pkt.user_agent), None)
         s.content_name = next((pkt.content_name for pkt in self.packets if pkt.content_name), None)
@@ -334,19 +361,20 @@ class _SessionWalk:
             self.expected = 0
             s.protocol = first.protocol
             s.host_id = first.host_id
-            self.progress_ns.append((first.sent_ns, first.acked_ns or first.sent_ns, 0))
+            self.progress_ns.append((first.sent_ns, self.ack_ns(first) or first.sent_ns, 0))
         else:
             self._joined(first)
         for pkt in self.packets:
             s.anomalies.extend(pkt.anomalies)
+            self.capture_lost = self.capture_lost or "gap" in pkt.flags
             event_sent = sent(pkt, state, self.final_range)
             if event_sent is None:
                 continue
             event_answer = answer(pkt)
             if pkt.packet_type is PacketType.FRAGMENT:
                 self._fragment(pkt, event_sent, event_answer)
-            if pkt.packet_type is PacketType.CANCEL_SESSION and self.cancel_ns is None:
-                self.cancel_ns = pkt.sent_ns
+            if pkt.packet_type is PacketType.CANCEL_SESSION and s.completed_ns is None:
+                self.cancelled_first = True
             transition = step(state, event_sent, event_answer)
             if transition.anomaly:
                 if transition.anomaly == "close-incomplete":
@@ -356,13 +384,13 @@ class _SessionWalk:
                     state=state.value, acked=s.acknowledged, total=s.total if s.total is not None else "?",
                 ), [pkt])
             if event_answer is Answer.COMPLETED and s.completed_ns is None:
-                s.completed_ns = pkt.acked_ns
+                s.completed_ns = self.ack_ns(pkt)
                 self.final_range = pkt.content_range
                 self.complete_frame = self.t.response_frame_name(pkt)
             if event_answer is Answer.NOT_FOUND and s.not_found_ns is None:
-                s.not_found_ns = pkt.acked_ns
+                s.not_found_ns = self.ack_ns(pkt)
             if transition.next is not state and transition.next in (State.CLOSED, State.CANCELLED, State.EXPIRED, State.REFUSED):
-                s.ended_ns = pkt.acked_ns or pkt.sent_ns
+                s.ended_ns = self.ack_ns(pkt) or pkt.sent_ns
                 self.end_frame = self.t.response_frame_name(pkt)
             state = transition.next
         s.state = state
@@ -401,6 +429,7 @@ class _SessionWalk:
             s.flag("total-changed", f"{pkt.label} gives TOTAL {rng.total}; the session's TOTAL is {s.total}", [pkt])
         if self.t.extractor is None:  # with an extractor, bytes are compared one by one
             self._same_range_resend(pkt, rng)
+        self._sent(pkt, rng)
         resend = False
         if self.expected is not None and event_sent is Sent.FRAGMENT:
             if rng.first > self.expected and rng.first != self.tentative:
@@ -408,23 +437,50 @@ class _SessionWalk:
             elif rng.first < self.expected:
                 resend = True
                 s.flag("range-resend", f"{pkt.label} starts before the acknowledged offset {self.expected}", [pkt])
+        unanswered_again = (event_answer is Answer.UNANSWERED and event_sent is Sent.FRAGMENT
+                            and self.expected is not None and rng.first == self.expected)
         self.tentative = rng.last + 1 if event_answer is Answer.UNANSWERED else None
         offset = pkt.received_offset
+        if (offset is not None and self.sent_prefix < offset <= rng.total and not self.capture_lost
+                and event_answer in (Answer.ACKED, Answer.COMPLETED) and s.created):
+            s.flag("ack-beyond-sent", f"HTTP {pkt.status} ack to {pkt.label} acknowledges offset {offset}, but the "
+                   f"fragments sent so far hold bytes 0-{self.sent_prefix - 1} without a hole: the server "
+                   f"acknowledged bytes {self.sent_prefix}-{offset - 1} it cannot have received", [pkt])
         if event_answer in (Answer.ACKED, Answer.COMPLETED, Answer.RESYNC) and offset is not None and offset <= rng.total:
             if self.last_ack is not None and offset < self.last_ack:
                 s.flag("ack-regressed", f"acknowledged offset went back from {self.last_ack} to {offset} on {pkt.label}", [pkt])
             self.last_ack = self.expected = offset
             if offset > s.acknowledged or (offset == 0 and not self.progress_ns):
                 s.acknowledged = max(s.acknowledged, offset)
-                self.progress_ns.append((pkt.sent_ns, pkt.acked_ns or pkt.sent_ns, offset))
-                self.stuck, self.stuck_flagged = 0, False
+                self.progress_ns.append((pkt.sent_ns, self.ack_ns(pkt) or pkt.sent_ns, offset))
+                self.stuck, self.stuck_flagged, self.stuck_unanswered = 0, False, 0
                 return
-        if event_sent is Sent.FRAGMENT and (resend or event_answer is Answer.RESYNC):
+        if event_sent is Sent.FRAGMENT and (resend or unanswered_again or event_answer is Answer.RESYNC):
             self.stuck += 1
+            self.stuck_unanswered += unanswered_again
             if self.stuck >= self.t.no_progress_after and not self.stuck_flagged:
                 self.stuck_flagged = True
-                s.flag("no-progress", f"{self.stuck} resends or 416s in a row without the offset advancing past "
+                what = "resends or 416s"
+                if self.stuck_unanswered:
+                    what = f"resends, 416s or unanswered sends at the acknowledged offset ({self.stuck_unanswered} unanswered)"
+                s.flag("no-progress", f"{self.stuck} {what} in a row without the offset advancing past "
                        f"{s.acknowledged} (last: {pkt.label})", [pkt])
+
+    def _sent(self, pkt: BitsPacket, rng: p.ContentRange) -> None:
+        """Add the fragment's bytes on the wire to what the server can have received: its body as
+        seen (all of its range when the capture, not the client, lost some of it)."""
+        first, length = rng.first, rng.length
+        end = first + (length if "gap" in pkt.flags or pkt.body_length > length else pkt.body_length)
+        if first > self.sent_prefix:
+            if end > first:
+                self.sent_beyond.append((first, end))
+            return
+        if end > self.sent_prefix:
+            self.sent_prefix = end
+        if self.sent_beyond:
+            self.sent_beyond.sort()
+            while self.sent_beyond and self.sent_beyond[0][0] <= self.sent_prefix:
+                self.sent_prefix = max(self.sent_prefix, self.sent_beyond.pop(0)[1])
 
     def _shrink(self, pkt: BitsPacket, rng: p.ContentRange) -> None:
         """fragment-too-large also tells what the client sent next (it should shrink)."""
@@ -454,7 +510,8 @@ class _SessionWalk:
 
     def _concurrency(self) -> None:
         for before, after in zip(self.packets, self.packets[1:]):
-            if before.acked_ns is not None and after.sent_ns < before.acked_ns:
+            acked = self.ack_ns(before)
+            if acked is not None and after.sent_ns < acked:
                 self.s.flag("concurrent-requests", f"{after.label} (connection {after.connection}) sent before "
                             f"{before.label} (connection {before.connection}) was acknowledged", [before, after])
 
@@ -481,13 +538,13 @@ class _SessionWalk:
         origin = host_name(create.host)
         target = s.host_id.strip("[]").lower()
         timeout = create.fallback_timeout_s
-        timer_start = create.acked_ns or create.sent_ns
+        timer_start = self.ack_ns(create) or create.sent_ns
         redirected = ignored = False
         for pkt in self.packets[1:]:
             dest = host_name(pkt.host)
             if dest == target or pkt.server_ip == target:
                 if pkt.answered:
-                    timer_start = pkt.acked_ns or pkt.sent_ns
+                    timer_start = self.ack_ns(pkt) or pkt.sent_ns
                 if not redirected and dest != origin:
                     redirected = True
                     s.flag("host-redirect", f"Create ack gave BITS-Host-Id {s.host_id}; {pkt.label} goes to {pkt.host} ({pkt.server})", [pkt])
@@ -527,9 +584,9 @@ class _SessionWalk:
     def _verdict(self) -> None:
         s = self.s
         last = self.packets[-1]
-        if s.completed_ns is not None and (self.cancel_ns is None or self.cancel_ns > s.completed_ns):
+        if s.completed_ns is not None and not self.cancelled_first:
             s.verdict, s.verdict_reason = Verdict.DELIVERED, f"final fragment acknowledged (frame {self.complete_frame})"
-        elif self.cancel_ns is not None:
+        elif self.cancelled_first:
             s.verdict, s.verdict_reason = Verdict.NOT_DELIVERED, "cancelled before the final fragment was acknowledged"
         elif s.state is State.CLOSED and self.close_incomplete:
             s.verdict, s.verdict_reason = Verdict.NOT_DELIVERED, f"closed with {s.acknowledged} of {s.total} bytes acknowledged"
@@ -607,5 +664,5 @@ def _link_reply_fetches(sessions: list[Session], downloads: list[Download]) -> N
             replies.setdefault(session.client_ip, []).append(session)
     for download in downloads:
         fetched = [s for s in replies.get(download.client_ip, ()) if s.first_ns <= download.sent_ns
-                   and _reply_path(s.url, download.target) == _reply_path(s.url, s.reply_url)]
+                   and _reply_path(s.url, download.target) == _reply_path(s.url, s.reply_url or "")]
         download.reply_of = fetched[-1].id if fetched else None

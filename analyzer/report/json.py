@@ -23,10 +23,11 @@ from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
 from bitstrace.analyzer.bits.packets import BitsPacket, Download, session_key
 from bitstrace.analyzer.bits.sessions import Session, Verdict
+from bitstrace.analyzer.bits.skew import ClockSkew
 from bitstrace.analyzer.pipeline import CaptureStats
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.report.schema import (
-    AnomalyRecord, CaptureRecord, DownloadRecord, ExtractedRecord, PacketRecord, ProblemRecord, Report,
+    AnomalyRecord, CaptureRecord, ClockSkewRecord, DownloadRecord, ExtractedRecord, PacketRecord, ProblemRecord, Report,
     ResponseRecord, SessionRecord,
 )
 
@@ -39,17 +40,28 @@ def severity_at_least(severity: str, minimum: str) -> bool:
     return SEVERITY_ORDER.index(severity) <= SEVERITY_ORDER.index(minimum)
 
 
-def capture_record(stats: CaptureStats) -> CaptureRecord:
+def capture_record(stats: CaptureStats, skew: ClockSkew | None = None) -> CaptureRecord:
     record: CaptureRecord = {
         "file": stats.file, "format": stats.format, "frames": stats.frames, "bytes": stats.bytes_read,
         "first_time": iso(stats.first_ts_ns), "first_ts": epoch(stats.first_ts_ns),
         "last_time": iso(stats.last_ts_ns), "last_ts": epoch(stats.last_ts_ns),
         "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
-        "decoder": stats.decoder, "tcp": stats.tcp,
+        "decoder": stats.decoder, "tcp": stats.tcp, "clock_skew": skew_record(skew),
     }
     if stats.capture_point is None:
         return record
     return cast(CaptureRecord, {"capture_point": stats.capture_point, **record})  # directories only, first
+
+
+def skew_record(skew: ClockSkew | None) -> ClockSkewRecord | None:
+    """The capture's clock skew note: null when its BITS exchanges show none."""
+    if skew is None or not skew.detected:
+        return None
+    return {
+        "answers_before_requests": skew.answers_before_requests, "behind_s": skew.behind_ns / 1e9,
+        "answers_after_next_request": skew.answers_after_next_request, "ahead_s": skew.ahead_ns / 1e9,
+        "offset_s": skew.offset_ns / 1e9,
+    }
 
 
 def problem_record(problem: Problem) -> ProblemRecord:
@@ -199,7 +211,8 @@ def build_report(analysis: Analysis, *, session_filter: str | None = None,
         "schema": SCHEMA, "version": VERSION,
         "tool": {"name": "bits-analyze", "version": __version__},
         "filter": {"session": session_filter, "min_severity": "info"},
-        "captures": [capture_record(c) for c in analysis.run.captures],
+        "captures": [capture_record(c, analysis.bits.clock_skew.get(index))
+                     for index, c in enumerate(analysis.run.captures)],
         "problems": [problem_record(problem) for problem in analysis.problems],
         "summary": {
             "sessions": len(sessions), "delivered": verdicts.count("delivered"),

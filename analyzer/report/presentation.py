@@ -12,7 +12,7 @@ import math
 import unicodedata
 from typing import Iterable
 
-from bitstrace.analyzer.report.schema import AnomalyRecord, Report, SessionRecord
+from bitstrace.analyzer.report.schema import AnomalyRecord, ClockSkewRecord, Report, SessionRecord
 
 SEVERITIES = ("error", "warning", "info")
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
@@ -99,6 +99,20 @@ def human_rate(bytes_per_second: float | None, *, compact: bool = False) -> str:
     if bytes_per_second is None:
         return "—"
     return f"{(compact_size if compact else human_size)(bytes_per_second)}/s"
+
+
+def skew_sentence(skew: ClockSkewRecord) -> str:
+    """The capture's `clock_skew` note as one sentence (for a note that is not null)."""
+    if skew["offset_s"] < 0:
+        evidence = (f"{skew['answers_before_requests']} answers are stamped before their requests began, "
+                    f"by up to {human_duration(skew['behind_s'])}")
+        direction = "behind"
+    else:
+        evidence = (f"{skew['answers_after_next_request']} answers are stamped after the client's next "
+                    f"request on their connection, by up to {human_duration(skew['ahead_s'])}")
+        direction = "ahead of"
+    return (f"{evidence}: the server→client timestamps run {direction} the client→server ones by at "
+            f"least {human_duration(abs(skew['offset_s']))} (session timings are corrected by it)")
 
 
 def human_duration(seconds: float | None, *, compact: bool = False) -> str:

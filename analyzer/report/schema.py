@@ -30,6 +30,16 @@ class FilterRecord(TypedDict):
     min_severity: str  # error | warning | info
 
 
+class ClockSkewRecord(TypedDict):
+    """Evidence that the two directions were stamped by clocks apart (one tap per direction)."""
+
+    answers_before_requests: int
+    behind_s: float
+    answers_after_next_request: int
+    ahead_s: float
+    offset_s: float  # server→client stamps minus client→server ones, at least this much
+
+
 class CaptureRecord(TypedDict):
     capture_point: NotRequired[str]  # only when the input names directories: the directory read
     file: str
@@ -45,6 +55,7 @@ class CaptureRecord(TypedDict):
     exchanges: int
     decoder: dict[str, int]  # counters of the packet decoder
     tcp: dict[str, int]  # counters of the reassembler
+    clock_skew: ClockSkewRecord | None  # null: the BITS exchanges show no skew
 
 
 class ProblemRecord(TypedDict):

@@ -26,7 +26,7 @@ from rich.text import Text
 from bitstrace.analyzer.report.presentation import (
     SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, check_min_severity,
     compact_progress, clip, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
-    several_captures, short_ids,
+    several_captures, short_ids, skew_sentence,
 )
 from bitstrace.analyzer.report.schema import (
     AnomalyRecord, DownloadRecord, ExtractedRecord, ProblemRecord, Report, SessionRecord,
@@ -206,6 +206,9 @@ def _captures(report: Report, palette: _Palette, clock: Clock) -> RenderableType
             if first is not None:
                 line.append(f", {clock.datetime(first)[:-4]} → {clock.time(last)} UTC{span}")
         lines.append(line)
+        skew = capture.get("clock_skew")
+        if skew:
+            lines.append(Text(f"  clock skew: {skew_sentence(skew)}", style=palette["warning"]))
     legend = capture_legend(report)
     if legend:
         lines.append(Text(legend, style=palette["dim"]))
