@@ -13,9 +13,6 @@ which covers slow heads (slowloris) as well as slow bodies.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import socket
 import time
 from collections import deque
@@ -23,6 +20,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Callable, Iterable, Iterator
 
+from bitstrace.analyzer.basic_auth import AUTHORIZATION, credentials_match
 from bitstrace.analyzer.bits.protocol import E_INVALIDARG, MAX_HEADER_VALUE, METHOD, Header, PacketType, parse_decimal
 from bitstrace.analyzer.http import BodyChunk, Event, Headers, HttpParser, MessageEnd, ParseError, RequestHead
 from bitstrace.replay.server.acks import Ack, error_ack
@@ -223,16 +221,9 @@ class Connection:
         credentials = self.options.auth
         if credentials is None:
             return None
-        offered = headers.get("Authorization") or ""
-        scheme, _, token = offered.strip().partition(" ")
-        if scheme.lower() == "basic":
-            try:
-                given = base64.b64decode(token.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                given = b""
-            expected = f"{credentials[0]}:{credentials[1]}".encode("utf-8")
-            if hmac.compare_digest(given, expected):
-                return None
+        offered = headers.get(AUTHORIZATION)
+        if credentials_match(offered, *credentials):
+            return None
         return Ack(401, headers=[("WWW-Authenticate", 'Basic realm="bits-server"')],
                    note="credentials required" if not offered else "bad credentials")
 

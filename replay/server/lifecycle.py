@@ -24,6 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from bitstrace.analyzer.authority import url_authority
 from bitstrace.replay.server.http_front import Connection, response_head
 from bitstrace.replay.server.log import PacketRecord, ServerLog
 from bitstrace.replay.server.options import ServerOptions
@@ -144,8 +145,7 @@ class BitsServer:
 
     @property
     def url(self) -> str:
-        host, port = self.address
-        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        return f"http://{url_authority('http', *self.address)}/"
 
     @property
     def records(self) -> deque[PacketRecord]:

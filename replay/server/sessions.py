@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from bitstrace.analyzer.bits.protocol import is_guid
+from bitstrace.analyzer.bits.protocol import session_key
 from bitstrace.replay.server.paths import REPLIES_DIR, REPLY_FILE, REQUEST_FILE, REQUESTS_DIR, STATE_DIR, state_paths
 
 
@@ -73,11 +73,6 @@ class IllegalTransition(RuntimeError):
 def new_session_id() -> str:
     """A fresh session id as IIS writes it: an uppercase brace GUID."""
     return "{" + str(uuid.uuid4()).upper() + "}"
-
-
-def _key(session_id: str) -> str:
-    session_id = session_id.strip()
-    return session_id.upper() if is_guid(session_id) else session_id
 
 
 class Abortable(Protocol):
@@ -163,13 +158,13 @@ class SessionTable:
             raise
         session.fire(Event.CREATE)
         with self._lock:
-            self._sessions[_key(session_id)] = session
+            self._sessions[session_key(session_id)] = session
             self._per_client[client] += 1
         return session
 
     def get(self, session_id: str) -> Session | None:
         with self._lock:
-            return self._sessions.get(_key(session_id))
+            return self._sessions.get(session_key(session_id))
 
     def touch(self, session: Session) -> None:
         session.last_activity = self.clock()
@@ -178,7 +173,7 @@ class SessionTable:
         """Take the session out of the table (later packets for it find no session); its data
         stays until `end`."""
         with self._lock:
-            if self._sessions.pop(_key(session.id), None) is not None:
+            if self._sessions.pop(session_key(session.id), None) is not None:
                 self._per_client[session.client] -= 1
                 if not self._per_client[session.client]:
                     del self._per_client[session.client]
