@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -1333,3 +1334,67 @@ def test_onedrive_form_post_with_method_override(server: BitsServer, root: Path)
     assert (root / "up" / "onedrive.bin").read_bytes() == b"hello"
     conn.request("POST", "/up/plain.bin", headers={"Content-Length": "0"})  # a plain POST is not BITS
     assert conn.getresponse().status == 501
+
+
+# --- HTTPS (issue 14 item 6) ----------------------------------------------------------------------
+def tls_client(server: BitsServer, version: ssl.TLSVersion | None = None, cadata: str | None = None) -> Client:
+    context = ssl.create_default_context(cadata=cadata or server.certificate_pem.decode("ascii"))
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    client = Client(server)
+    client.conn = http.client.HTTPSConnection(*server.address, timeout=10, context=context)
+    return client
+
+
+@pytest.mark.parametrize("version, secret", [(ssl.TLSVersion.TLSv1_2, "CLIENT_RANDOM "),
+                                             (ssl.TLSVersion.TLSv1_3, "CLIENT_TRAFFIC_SECRET_0 ")],
+                         ids=["TLS 1.2", "TLS 1.3"])
+def test_https_with_a_self_signed_certificate_and_a_key_log(make_server, root: Path, tmp_path: Path,
+                                                            version: ssl.TLSVersion, secret: str) -> None:
+    keylog = tmp_path / "keys.log"
+    server = make_server(tls_self_signed=True, tls_keylog=str(keylog))
+    assert server.url.startswith("https://127.0.0.1:")
+    client = tls_client(server, version)  # verifies the certificate and its 127.0.0.1 name
+    data = payload(200_000, 7)
+    client.upload(data, fragment=70_000)
+    assert client.conn.sock.version() == {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}[version.name]
+    assert (root / "up" / "file.bin").read_bytes() == data
+    lines = keylog.read_text().splitlines()
+    assert any(line.startswith(secret) for line in lines) and oct(keylog.stat().st_mode & 0o777) == "0o600"
+
+
+def test_https_with_a_given_certificate_and_key(make_server, tmp_path: Path) -> None:
+    from bitstrace.replay.server.tls import self_signed_certificate
+
+    certificate, key = self_signed_certificate("127.0.0.1")
+    (tmp_path / "cert.pem").write_bytes(certificate)
+    (tmp_path / "key.pem").write_bytes(key)
+    server = make_server(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"))
+    assert server.certificate_pem is None
+    assert_ack(tls_client(server, cadata=certificate.decode("ascii")).post("Ping"), 200)
+    assert_error(tls_client(server, cadata=certificate.decode("ascii")).create(protocols=OTHER_GUID),
+                 400, E_INVALIDARG.code)
+
+
+def test_plain_http_to_an_https_server_is_dropped_and_logged(root: Path) -> None:
+    log = io.StringIO()
+    with BitsServer(root, log=log, tls_self_signed=True) as server:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(bits_request("/up/x.bin", "Ping"))
+            assert read_all(sock) == b""
+        assert_ack(tls_client(server).post("Ping"), 200)  # still serving
+    assert "TLS failed" in log.getvalue() and "Traceback" not in log.getvalue()
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "bits-server: cannot read '/nonexistent/"),
+    (["--tls-cert", "/nonexistent/cert.pem"], "bits-server: tls_cert and tls_key go together"),
+    (["--tls-keylog", "keys.log"], "bits-server: tls_keylog needs tls_cert/tls_key or tls_self_signed"),
+    (["--tls-self-signed", "--tls-keylog", "/nonexistent/keys.log"], "bits-server: cannot write --tls-keylog"),
+])
+def test_cli_tls_mistakes_are_one_line_and_exit_2(root: Path, arguments: list[str], says: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--root", str(root), *arguments])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(says) and "Traceback" not in err

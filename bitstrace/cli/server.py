@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections at most (default: what the descriptor limit leaves room for, "
                         "at most 512); past it the connection waiting longest for a request is closed, "
                         "or the newcomer answered 503 when all are busy")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain) file (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-self-signed", action="store_true",
+                   help="serve HTTPS with a fresh self-signed certificate (for tests: clients must be told to trust it)")
+    p.add_argument("--tls-keylog", metavar="FILE",
+                   help="append the TLS secrets to FILE in NSS key log format (for bits-analyze --tls-keylog, Wireshark)")
     p.add_argument("--quiet", action="store_true", help="no per-packet log on stderr")
     return p
 
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                    errno.ENOTDIR: "a parent of it is not a directory"}
         what = reasons.get(exc.errno or 0, exc.strerror or str(exc))
         parser.exit(Exit.USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {what}\n")
-    except ValueError as exc:  # ServerOptions' own checks (--host-id-fallback-timeout without --host-id)
+    except ValueError as exc:  # ServerOptions' own checks, TLS files that cannot be used
         parser.exit(Exit.USAGE, f"bits-server: {exc}\n")
     try:
         server.start()

@@ -14,6 +14,7 @@ which covers slow heads (slowloris) as well as slow bodies.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections import deque
 from email.utils import formatdate
@@ -123,6 +124,8 @@ class Connection:
     # --- requests ----------------------------------------------------------------------------
     def serve(self) -> None:
         try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                self._handshake(self.sock)
             while not self._close:
                 head = self._next_head()
                 if head is None:
@@ -136,6 +139,8 @@ class Connection:
                 self._request(head)
         except TimedOut as exc:
             self.log.line(f"bits-server: {self.client} {exc}, connection dropped")
+        except ssl.SSLError as exc:
+            self.log.line(f"bits-server: {self.client} TLS failed: {exc.reason or exc}, connection dropped")
         except ClientGone:
             pass
         except OSError:  # the answer could not be written: the client went away
@@ -144,6 +149,14 @@ class Connection:
             self.shutdown()
             self.sock.close()
             self._on_close(self)
+
+    def _handshake(self, sock: ssl.SSLSocket) -> None:
+        """The TLS handshake, within the idle timeout (a request's deadline starts after it)."""
+        sock.settimeout(self.options.idle_timeout)
+        try:
+            sock.do_handshake()
+        except TimeoutError:
+            raise TimedOut("TLS handshake timeout") from None
 
     def shutdown(self) -> None:
         """Wake the connection's thread (from another thread): its next read ends."""

@@ -16,6 +16,7 @@ import errno
 import os
 import resource
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from bitstrace.replay.server.http_front import Connection, response_head
 from bitstrace.replay.server.log import PacketRecord, ServerLog
 from bitstrace.replay.server.options import ServerOptions
 from bitstrace.replay.server.service import UploadService
+from bitstrace.replay.server.tls import server_context
 from bitstrace.replay.server.sessions import Session
 
 #: Connections at most by default, and descriptors kept back from the limit for session files,
@@ -85,6 +87,13 @@ class BitsServer:
         self.refused_connections = 0  # answered 503: every connection busy
         self.evicted_connections = 0  # displaced at the cap while waiting for a request
         self._host, self._port = host, port
+        self._tls: ssl.SSLContext | None = None
+        #: the self-signed certificate's PEM (tls_self_signed), for clients that must trust it
+        self.certificate_pem: bytes | None = None
+        if self.options.tls:
+            self._tls, self.certificate_pem = server_context(
+                self.options.tls_cert, self.options.tls_key,
+                host if self.options.tls_self_signed else None, self.options.tls_keylog)
         self._listener: socket.socket | None = None
         self._connections: set[Connection] = set()
         self._connections_lock = threading.Lock()
@@ -145,7 +154,8 @@ class BitsServer:
 
     @property
     def url(self) -> str:
-        return f"http://{url_authority('http', *self.address)}/"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{url_authority(scheme, *self.address)}/"
 
     @property
     def records(self) -> deque[PacketRecord]:
@@ -195,6 +205,8 @@ class BitsServer:
                 evicted = min(waiting, key=lambda c: c.waiting_since or 0.0)
                 self._connections.discard(evicted)
                 self.evicted_connections += 1
+            if self._tls is not None:  # the handshake runs on the connection's thread
+                sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             connection = Connection(sock, address, self.service, self.log, self._forget)
             self._connections.add(connection)
         if evicted is not None:
@@ -208,9 +220,14 @@ class BitsServer:
             self._connections.discard(connection)
 
     def _refuse(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        """503 with Connection: close; the socket is closed by the sweeper a moment later."""
+        """503 with Connection: close; the socket is closed by the sweeper a moment later.
+        Over TLS the connection is closed at once: answering would take a handshake on the
+        accept thread, which a slow client could hold."""
         self.log.line(f"bits-server: {address[0]}:{address[1]} refused: {self.connection_cap} connections "
                       f"open, each busy with a request")
+        if self._tls is not None:
+            sock.close()
+            return
         try:
             sock.setblocking(False)
             sock.send(response_head(503, [("Retry-After", "1"), ("Content-Length", "0"), ("Connection", "close")]))

@@ -44,6 +44,10 @@ class ServerOptions:
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     # None: as many as the descriptor limit leaves room for (lifecycle.connection_cap)
     max_connections: int | None = None
+    tls_cert: str | None = None  # PEM certificate (chain) file: serve HTTPS
+    tls_key: str | None = None  # PEM private key file of tls_cert
+    tls_self_signed: bool = False  # serve HTTPS with a fresh self-signed certificate
+    tls_keylog: str | None = None  # append the TLS secrets in NSS key log format to this file
 
     def __post_init__(self) -> None:
         if self.overlap not in ("trim", "reject"):
@@ -58,7 +62,17 @@ class ServerOptions:
             raise ValueError("size limits must be positive")
         if min(self.max_sessions, self.max_sessions_per_client, self.max_connections or 1) < 1:
             raise ValueError("session and connection limits must be positive")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_self_signed and self.tls_cert is not None:
+            raise ValueError("tls_self_signed or tls_cert/tls_key, not both")
+        if self.tls_keylog is not None and not self.tls:
+            raise ValueError("tls_keylog needs tls_cert/tls_key or tls_self_signed")
         if self.host_id_fallback_timeout is not None and self.host_id is None:
             raise ValueError("host_id_fallback_timeout needs host_id")
         if self.host_id is not None and not 0 < len(self.host_id) <= MAX_HOST_ID:
             raise ValueError(f"host_id must be 1-{MAX_HOST_ID} characters")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_self_signed or self.tls_cert is not None
