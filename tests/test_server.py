@@ -1398,3 +1398,14 @@ def test_cli_tls_mistakes_are_one_line_and_exit_2(root: Path, arguments: list[st
         main(["--root", str(root), *arguments])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(says) and "Traceback" not in err
+
+
+def test_a_second_server_on_the_same_root_leaves_the_first_ones_sessions(root: Path) -> None:
+    with BitsServer(root, log=None) as first:
+        session_id = Client(first).session()
+        (session,) = first.sessions()
+        log = io.StringIO()
+        with BitsServer(root, log=log):
+            assert session.data_dir.is_dir()
+        assert "another bits-server uses" in log.getvalue()
+        assert_ack(Client(first).fragment(session_id, b"abc", 0, 3), 200, session_id)

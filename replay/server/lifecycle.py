@@ -1,7 +1,8 @@
 """BitsServer: the server's life (start, stop), its listening socket, accept loop and caps.
 
 At start it checks that the root is writable and removes the session directories an earlier
-run left (sessions live in memory, so none of them can be resumed). One thread accepts; each
+run left (sessions live in memory, so none of them can be resumed), unless another running
+server holds the root's lock. One thread accepts; each
 admitted connection is served on a thread of its own (http_front.Connection). Connections are
 capped (`max_connections`, by default what the descriptor limit leaves room for): at the cap a
 new connection displaces the one that has waited longest for a request (an idle keep-alive
@@ -13,6 +14,7 @@ or memory pauses the accept loop (doubling up to ACCEPT_PAUSE_MAX) instead of sp
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
 import socket
@@ -31,6 +33,7 @@ from bitstrace.replay.server.log import PacketRecord, ServerLog
 from bitstrace.replay.server.options import ServerOptions
 from bitstrace.replay.server.service import UploadService
 from bitstrace.replay.server.tls import server_context
+from bitstrace.replay.server.paths import STATE_DIR
 from bitstrace.replay.server.sessions import Session
 
 #: Connections at most by default, and descriptors kept back from the limit for session files,
@@ -45,6 +48,7 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 REFUSAL_LINGER_S = 1.0
 MAX_LINGERING = 256
 LISTEN_BACKLOG = 128
+ROOT_LOCK = "server.lock"
 
 
 class RootNotWritable(OSError):
@@ -95,6 +99,7 @@ class BitsServer:
                 self.options.tls_cert, self.options.tls_key,
                 host if self.options.tls_self_signed else None, self.options.tls_keylog)
         self._listener: socket.socket | None = None
+        self._root_lock: TextIO | None = None
         self._connections: set[Connection] = set()
         self._connections_lock = threading.Lock()
         self._lingering: deque[tuple[float, socket.socket]] = deque()
@@ -103,7 +108,11 @@ class BitsServer:
 
     # --- life cycle -----------------------------------------------------------------------
     def start(self) -> "BitsServer":
-        orphans = self.service.table.remove_orphans()
+        if self._claim_root():
+            orphans = self.service.table.remove_orphans()
+        else:
+            orphans = []
+            self.log.line(f"bits-server: another bits-server uses {self.root}: its session directories are left alone")
         if orphans:
             shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
             self.log.line(f"bits-server: removed {len(orphans)} session director{'y' if len(orphans) == 1 else 'ies'} "
@@ -138,7 +147,23 @@ class BitsServer:
             connection.shutdown()
         while self._lingering:
             self._lingering.popleft()[1].close()
+        if self._root_lock is not None:
+            self._root_lock.close()  # releases the flock
+            self._root_lock = None
         self._listener = None
+
+    def _claim_root(self) -> bool:
+        """Take the root's lock (a flock on BITS-Sessions/server.lock, released by stop or the
+        process's end, kill -9 included); False when another running server holds it, whose
+        session directories are live, not orphans."""
+        state = self.root / STATE_DIR
+        state.mkdir(exist_ok=True)
+        self._root_lock = open(state / ROOT_LOCK, "a")
+        try:
+            fcntl.flock(self._root_lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
     def __enter__(self) -> "BitsServer":
         return self.start() if self._listener is None else self
