@@ -26,7 +26,7 @@ Behaviour (bits-protocol.md 1-7; the state transitions are one table in replay.s
   lowercase) and issues fresh uppercase brace GUIDs like IIS.
 - A fragment must start at the next offset N: a gap draws 416 with BITS-Received-Content-Range N
   (BITS-Error-Code 0x00000000, context 0x5). An overlap keeps only the new bytes and answers 200
-  (IIS, overlap="trim") or draws 416 (MC-BUP, overlap="reject"). Bodies stream in 64 KiB chunks to
+  (IIS, overlap="trim") or draws 416 (MC-BUP, overlap="reject"). Bodies stream to disk as they arrive (pieces of at most 256 KiB) to
   BITS-Sessions/Requests/{id}/requestfile.bin under the root; a failed or abandoned write is
   rolled back to N. A resent fragment after the last byte is re-acked 200 N=T.
 - Close after the last byte moves the file into place atomically (404 when the temporary file is

@@ -31,7 +31,9 @@ from bitstrace.replay.server.options import ERROR_HEADERS, ServerOptions
 from bitstrace.replay.server.service import ClientGone, Request, UploadService
 
 SERVER_NAME = "bits-server/0.1"
-CHUNK = 64 * 1024
+#: Bytes asked of the socket at once: body pieces go to disk as they arrive, so this bounds what
+#: one connection holds, and a large read takes all the kernel has ready in one call.
+RECV_SIZE = 256 * 1024
 #: An unread body up to this size (or the fragment limit) is drained to keep the connection;
 #: a larger one closes it.
 DRAIN_LIMIT = 1 << 20
@@ -72,22 +74,31 @@ class Connection:
         #: the lifecycle evicts the longest waiting first when the connections are at their cap
         self.waiting_since: float | None = time.monotonic()
         self._deadline: float | None = None  # of the request being read
+        self._timeout: float | None = None  # the socket's, as last set
+        # one buffer for the connection's reads: a fresh object per read of this size costs a
+        # mapping and its page faults each time
+        self._view = memoryview(bytearray(RECV_SIZE))
         self._started = 0.0
         self._close = False
         self._head: RequestHead | None = None
 
     # --- bytes in --------------------------------------------------------------------------
-    def _recv(self) -> bytes:
-        """The next bytes; b"" at the end of the stream; TimedOut past a deadline."""
+    def _recv(self) -> memoryview:
+        """The next bytes, in the connection's buffer (empty at the end of the stream);
+        TimedOut past a deadline. Each call reuses the buffer: when it is made, every event of
+        the last bytes has been taken and every body piece written (the reader asks for more
+        only then)."""
         wait = self.options.idle_timeout
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left <= 0:
                 raise TimedOut("request timeout")
             wait = min(wait, left)
-        self.sock.settimeout(wait)
+        if wait != self._timeout:  # settimeout is a system call: made only when the wait changes
+            self.sock.settimeout(wait)
+            self._timeout = wait
         try:
-            return self.sock.recv(CHUNK)
+            return self._view[:self.sock.recv_into(self._view)]
         except TimeoutError:
             raise TimedOut("request timeout" if wait < self.options.idle_timeout else "idle timeout") from None
         except OSError as exc:
@@ -153,6 +164,7 @@ class Connection:
     def _handshake(self, sock: ssl.SSLSocket) -> None:
         """The TLS handshake, within the idle timeout (a request's deadline starts after it)."""
         sock.settimeout(self.options.idle_timeout)
+        self._timeout = self.options.idle_timeout
         try:
             sock.do_handshake()
         except TimeoutError:
@@ -282,7 +294,9 @@ class Connection:
         self._send(response_head(status, fields) + (payload if send_body else b""))
 
     def _send(self, data: bytes) -> None:
-        self.sock.settimeout(self.options.idle_timeout)
+        if self._timeout != self.options.idle_timeout:
+            self.sock.settimeout(self.options.idle_timeout)
+            self._timeout = self.options.idle_timeout
         self.sock.sendall(data)
 
     def _serve_reply(self, head: RequestHead) -> None:
@@ -335,11 +349,11 @@ class Body:
     def __init__(self, connection: Connection, length: int) -> None:
         self._connection = connection
         self.remaining = length
-        self._left_over: memoryview | bytes = b""  # the part of a piece that skip() did not take
+        self._left_over = memoryview(b"")  # the part of a piece that skip() did not take
 
-    def _piece(self) -> memoryview | bytes:
+    def _piece(self) -> memoryview:
         if self._left_over:
-            piece, self._left_over = self._left_over, b""
+            piece, self._left_over = self._left_over, memoryview(b"")
             return piece
         connection = self._connection
         events = connection.events
@@ -362,7 +376,7 @@ class Body:
                 return data
             events.extend(connection.parser.feed(data, 0, 0))
 
-    def chunks(self) -> Iterator[memoryview | bytes]:
+    def chunks(self) -> Iterator[memoryview]:
         while self.remaining or self._left_over:
             yield self._piece()
 
@@ -370,7 +384,7 @@ class Body:
         while count:
             piece = self._piece()
             if len(piece) > count:
-                self._left_over = memoryview(piece)[count:]
+                self._left_over = piece[count:]
                 return
             count -= len(piece)
 
