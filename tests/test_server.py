@@ -1409,3 +1409,29 @@ def test_a_second_server_on_the_same_root_leaves_the_first_ones_sessions(root: P
             assert session.data_dir.is_dir()
         assert "another bits-server uses" in log.getvalue()
         assert_ack(Client(first).fragment(session_id, b"abc", 0, 3), 200, session_id)
+
+
+# --- the HTTP front: what http.server did, kept -------------------------------------------------------
+def test_pipelined_requests_are_answered_in_order_on_one_connection(server: BitsServer) -> None:
+    session_request = bits_request("/up/p.bin", "Create-Session", f"{Header.SUPPORTED_PROTOCOLS}: {PROTOCOL_GUID}")
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(PING_AFTER + session_request + PING_AFTER)
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)
+    assert statuses == [b"200", b"200", b"200"] and answers.count(b"BITS-Session-Id: {") == 1
+
+
+def test_http_1_0_closes_after_its_answer_and_expect_100_continue_is_honoured(server: BitsServer) -> None:
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(PING_AFTER.replace(b"HTTP/1.1", b"HTTP/1.0") + PING_AFTER)
+        answers = read_all(sock)
+    assert answers.count(b"HTTP/1.1 200 ") == 1 and b"Connection: close" in answers
+    session_id = Client(server).session()
+    head = bits_request("/up/file.bin", "Fragment", f"{Header.SESSION_ID}: {session_id}\n"
+                        "Content-Range: bytes 0-2/3\nExpect: 100-continue").replace(b"Content-Length: 0", b"Content-Length: 3")
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"abc")
+        assert_ack(read_response(sock), 200, session_id)

@@ -186,6 +186,8 @@ class Connection:
         connection = (headers.get("Connection") or "").lower()
         if "close" in connection or (head.version == "HTTP/1.0" and "keep-alive" not in connection):
             self._close = True
+        if headers.get("Transfer-Encoding") is not None:  # never read: nothing after it is either
+            self._close = True
         if (headers.get("Expect") or "").lower() == "100-continue" and head.version != "HTTP/1.0":
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         override = head.method == "POST" and (headers.get(METHOD_OVERRIDE) or "").upper() == METHOD
