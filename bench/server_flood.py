@@ -8,7 +8,8 @@ Starts `bits-server` (default options) as a process of its own on a port picked 
 2. a connection flood: `--slow` connections that each send part of a head and then nothing
    (slowloris), held open; meanwhile `--pings` Pings from a legitimate client, each on a fresh
    connection, one every 0.1 s. Prints the server's descriptors and threads (from /proc) before and during the
-   flood, the Ping latencies and failures, and the server's CPU use during the flood.
+   flood, the Ping latencies and failures, the server's CPU use during the flood, and the
+   latency of a Ping sent right after the slow connections all close at once.
 Everything is bounded in count and time (each step gives up after --limit seconds).
 """
 
@@ -127,6 +128,7 @@ def connection_flood(address: tuple[str, int], pid: int, count: int, pings: int,
     finally:
         for sock in slow:
             sock.close()
+    after_close = ping_latency(address)  # the flood's connections all closing at once
     answered = [latency for latency in latencies if latency is not None]
     print(f"connection flood: {len(slow):,} slow connections opened in {opened:.1f} s"
           + (f" ({failed_opens:,} could not be opened)" if failed_opens else "")
@@ -138,6 +140,8 @@ def connection_flood(address: tuple[str, int], pid: int, count: int, pings: int,
               f"{statistics.median(answered) * 1000:.1f} ms, max {max(answered) * 1000:.1f} ms")
     else:
         print(f"  legitimate Pings: 0/{pings} answered")
+    print("  a Ping right after the slow connections all closed at once: "
+          + (f"{after_close * 1000:.1f} ms" if after_close is not None else "not answered"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ Library API (for tests and the replayer)::
         server.sessions()       # live sessions (replay.server.sessions.Session)
     # or: server = BitsServer(root, port=0, on_packet=callback); server.start(); ...; server.stop()
 
-Keyword options are the fields of ServerOptions. ``on_packet(record)`` is called (from the worker
-thread) for every packet answered; PacketRecord.started/finished are time.monotonic() stamps, so
+Keyword options are the fields of ServerOptions. ``on_packet(record)`` is called (from the
+connection's thread) for every packet answered; PacketRecord.started/finished are time.monotonic() stamps, so
 tests can see which requests were in flight together. ``log`` is a text stream for the log lines
 (default stderr; None for silence).
 
@@ -26,9 +26,10 @@ Behaviour (bits-protocol.md 1-7; the state transitions are one table in replay.s
   lowercase) and issues fresh uppercase brace GUIDs like IIS.
 - A fragment must start at the next offset N: a gap draws 416 with BITS-Received-Content-Range N
   (BITS-Error-Code 0x00000000, context 0x5). An overlap keeps only the new bytes and answers 200
-  (IIS, overlap="trim") or draws 416 (MC-BUP, overlap="reject"). Bodies stream to disk as they arrive (pieces of at most 256 KiB) to
-  BITS-Sessions/Requests/{id}/requestfile.bin under the root; a failed or abandoned write is
-  rolled back to N. A resent fragment after the last byte is re-acked 200 N=T.
+  (IIS, overlap="trim") or draws 416 (MC-BUP, overlap="reject"). Bodies stream to disk as they
+  arrive (pieces of at most 256 KiB), to BITS-Sessions/Requests/{id}/requestfile.bin under the
+  root; a failed or abandoned write is rolled back to N. A resent fragment after the last byte
+  is re-acked 200 N=T.
 - Close after the last byte moves the file into place atomically (404 when the temporary file is
   gone); Close before it discards the data (Win32). Cancel deletes the session's data and reply.
   A Cancel does not wait for a fragment streaming on another connection: that fragment is cut.
@@ -47,7 +48,9 @@ Behaviour (bits-protocol.md 1-7; the state transitions are one table in replay.s
 
 Rooms: options (ServerOptions), sessions (state table), paths (URL to file), service (the BITS
 packets, no sockets), acks (the answer), http_front (a connection: bytes in, answers out,
-timeouts), byte_range, log (PacketRecord), lifecycle (BitsServer: start/stop, accept, caps).
+timeouts), byte_range, log (PacketRecord), tls (HTTPS context), lifecycle (BitsServer:
+start/stop, accept, caps). HTTPS: the tls_* options (tls_cert/tls_key, tls_self_signed,
+tls_keylog); `server.url` then begins with https://.
 """
 
 from bitstrace.replay.server.acks import Ack, error_ack
