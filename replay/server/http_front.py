@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from email.utils import formatdate
@@ -73,6 +74,8 @@ class Connection:
         #: since when the connection has waited for a request (None: one is being handled);
         #: the lifecycle evicts the longest waiting first when the connections are at their cap
         self.waiting_since: float | None = time.monotonic()
+        self._evicted = False
+        self._state_lock = threading.Lock()  # waiting_since against evict()
         self._deadline: float | None = None  # of the request being read
         self._timeout: float | None = None  # the socket's, as last set
         # one buffer for the connection's reads: a fresh object per read of this size costs a
@@ -141,7 +144,10 @@ class Connection:
                 head = self._next_head()
                 if head is None:
                     break
-                self.waiting_since = None
+                with self._state_lock:
+                    if self._evicted:  # its head came in as it was chosen: too late
+                        break
+                    self.waiting_since = None
                 if isinstance(head, ParseError):
                     self._close = True
                     self._send_ack(error_ack(400, E_INVALIDARG, f"malformed request: {head.message}"), None)
@@ -169,6 +175,15 @@ class Connection:
             sock.do_handshake()
         except TimeoutError:
             raise TimedOut("TLS handshake timeout") from None
+
+    def evict(self) -> bool:
+        """Close the connection to make room, if it is still waiting for a request."""
+        with self._state_lock:
+            if self.waiting_since is None:
+                return False
+            self._evicted = True
+        self.shutdown()
+        return True
 
     def shutdown(self) -> None:
         """Wake the connection's thread (from another thread): its next read ends."""

@@ -222,12 +222,13 @@ class BitsServer:
         evicted: Connection | None = None
         with self._connections_lock:
             if len(self._connections) >= self.connection_cap:
-                waiting = [c for c in self._connections if c.waiting_since is not None]
-                if not waiting:
+                waiting = sorted((c for c in self._connections if c.waiting_since is not None),
+                                 key=lambda c: c.waiting_since or 0.0)
+                evicted = next((c for c in waiting if c.evict()), None)
+                if evicted is None:
                     self.refused_connections += 1
                     self._refuse(sock, address)
                     return
-                evicted = min(waiting, key=lambda c: c.waiting_since or 0.0)
                 self._connections.discard(evicted)
                 self.evicted_connections += 1
             if self._tls is not None:  # the handshake runs on the connection's thread
@@ -237,7 +238,6 @@ class BitsServer:
         if evicted is not None:
             self.log.line(f"bits-server: {evicted.client} closed: {self.connection_cap} connections open "
                           f"and it waited longest for a request")
-            evicted.shutdown()
         threading.Thread(target=connection.serve, name=f"bits-server {connection.client}", daemon=True).start()
 
     def _forget(self, connection: Connection) -> None:
