@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except RootNotWritable as exc:
         parser.exit(Exit.USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {exc.strerror}\n")
     except OSError as exc:
-        reasons = {errno.EEXIST: "it exists and is not a directory",
-                   errno.ENOTDIR: "a parent of it is not a directory"}
-        what = reasons.get(exc.errno or 0, exc.strerror or str(exc))
+        reasons = {errno.EEXIST: "it exists and is not a directory", errno.ENOTDIR: "a parent of it is not a directory"}
+        what = reasons.get(exc.errno or 0) or exc.strerror or str(exc)
         parser.exit(Exit.USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {what}\n")
     except ValueError as exc:  # ServerOptions' own checks, TLS files that cannot be used
         parser.exit(Exit.USAGE, f"bits-server: {exc}\n")
