@@ -79,6 +79,9 @@ _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
 # miss each, never unbounded memory.
 _KNOWN_START_LINES: dict[str, dict[str, tuple[Any, ...]]] = {"request": {}, "response": {}}
 _KNOWN_FIELDS: dict[str, tuple[tuple[str, str], str]] = {}  # line -> (field, lowercased name)
+# Strict parsers keep their own: a line the lenient reading accepts may be an error to them.
+_KNOWN_STRICT_FIELDS: dict[str, tuple[tuple[str, str], str]] = {}
+_FIELD_NAME = re.compile(_TOKEN)
 _MAX_KNOWN_LINES = 4096
 _MAX_KNOWN_LINE = 256  # so each kind of line kept holds at most ~3 MB
 
@@ -233,14 +236,19 @@ class HttpParser:
     _carry_first: tuple[int, int, int]
 
     def __init__(self, role: Literal["request", "response"], start_midstream: bool = False,
-                 await_requests: bool = False) -> None:
+                 await_requests: bool = False, strict: bool = False) -> None:
         """`start_midstream`: the capture began inside the connection, so the first bytes may be
         the middle of a message: look for a start line instead of reporting garbage.
         `await_requests` (response role): hold a final response that no `expect_response_to`
-        announced until one does (see the module docstring)."""
+        announced until one does (see the module docstring).
+        `strict`: for a server reading requests (RFC 9112 5.1, 5.2), where a lenient reading is
+        a smuggling risk: whitespace before a field's colon, a field name that is not a token
+        and obsolete line folding are ParseErrors, not read as a capture parser reads them."""
         if role not in _START_LINE:
             raise ValueError(f"role must be 'request' or 'response', not {role!r}")
         self.role = role
+        self.strict = strict
+        self._known_fields = _KNOWN_STRICT_FIELDS if strict else _KNOWN_FIELDS
         self._start_re = _START_LINE[role]
         self._known_start_lines = _KNOWN_START_LINES[role]
         self._pending_methods: deque[str] = deque()
@@ -582,7 +590,7 @@ class HttpParser:
         fields: list[tuple[str, str]] = []
         by_name: dict[str, str] = {}
         folded = False
-        known = _KNOWN_FIELDS
+        known = self._known_fields
         for raw in text[start:].split("\n"):
             entry = known.get(raw)
             if entry is None:
@@ -590,16 +598,16 @@ class HttpParser:
                 if not line:
                     continue
                 if line[0] in " \t":  # obs-fold: a continuation of the previous value
-                    if fields:
+                    if fields and not self.strict:
                         name, value = fields[-1]
                         fields[-1] = (name, f"{value} {line.strip(_ASCII_SPACE)}".strip())
                         folded = True
                         continue
-                    events.append(ParseError(f"continuation line without a field: {_raw(line)}",
-                                             self._first[2], self._frame))
+                    what = "obsolete line folding" if fields else "continuation line without a field"
+                    events.append(ParseError(f"{what}: {_raw(line)}", self._first[2], self._frame))
                     continue
                 name, colon, value = line.partition(":")
-                if not (name and colon):
+                if not (name and colon) or (self.strict and not _FIELD_NAME.fullmatch(name)):
                     events.append(ParseError(f"malformed header line: {_raw(line)}",
                                              self._first[2], self._frame))
                     continue

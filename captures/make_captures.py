@@ -581,7 +581,7 @@ def render_readme(document: dict) -> str:
     lines = [
         "# The capture corpus",
         "",
-        "Real BITS upload traffic: the reference server (`replay/server.py`) driven by the client",
+        "Real BITS upload traffic: the reference server (`replay/server/`) driven by the client",
         "(`replay/client.py`) over real kernel TCP, recorded with tcpdump; the pcapng file is tcpdump's",
         "pcap converted with `editcap -F pcapng`. The field cases (`framing-overrun`, `no-progress`)",
         "come from a server that misbehaves on purpose as third-party servers were seen to",

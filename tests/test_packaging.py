@@ -66,7 +66,7 @@ def test_wheel_holds_one_top_level_package_and_the_schema(tmp_path: Path) -> Non
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"bitstrace"}
     assert "bitstrace/analyzer/report/schema.md" in names and "bitstrace/py.typed" in names
-    assert "bitstrace/analyzer/http.py" in names and "bitstrace/replay/server.py" in names
+    assert "bitstrace/analyzer/http.py" in names and "bitstrace/replay/server/__init__.py" in names
     assert "License-Expression: MIT" in metadata
     from bitstrace import __version__
     assert f"\nVersion: {__version__}\n" in metadata

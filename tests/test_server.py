@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import http.client
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -35,12 +37,12 @@ from bitstrace.analyzer.bits.protocol import (
     format_hresult,
     is_guid,
 )
-from bitstrace.replay.paths import STATE_DIR, UnsafePath, reply_target, upload_path
+from bitstrace.replay.server.paths import STATE_DIR, UnsafePath, reply_target, upload_path
 from bitstrace import __version__
 from bitstrace.analyzer.bits.protocol import MAX_FRAGMENT
 from bitstrace.cli.server import main
 from bitstrace.replay.server import BitsServer, ServerOptions
-from bitstrace.replay.server_state import TRANSITIONS, Event, IllegalTransition, Session, State
+from bitstrace.replay.server.sessions import TRANSITIONS, Event, IllegalTransition, Session, State
 
 OTHER_GUID = "{11111111-2222-3333-4444-555555555555}"
 
@@ -1012,3 +1014,451 @@ def test_resend_cut_before_its_ack_is_logged_as_not_answered(server: BitsServer,
     cut = server.records[-1]
     assert cut.packet == "Fragment" and cut.status is None and "not answered" in cut.note
     assert "no answer" in cut.line()
+
+
+# --- hardening (issue 13) ----------------------------------------------------------------------
+def read_all(sock: socket.socket, limit: float = 10) -> bytes:
+    """Everything the server sends until it closes (bounded in time)."""
+    sock.settimeout(limit)
+    data = b""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+PING_AFTER = bits_request("/up/x.bin", "Ping")
+
+
+@pytest.mark.parametrize("bad_line", ["Transfer-Encoding : chunked", "Content-Length\t: 0", "a line without a colon",
+                                      "X-Folded: one\n  two"])
+def test_malformed_header_lines_are_400_and_close_the_connection(server: BitsServer, bad_line: str) -> None:
+    """RFC 9112 5.1, 5.2: nothing after a malformed head is read as a request (smuggling)."""
+    request = bits_request("/up/x.bin", "Ping", f"Content-Length: 0\n{bad_line}", content_length=False)
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(request + PING_AFTER)
+        answers = read_all(sock)
+    assert answers.startswith(b"HTTP/1.1 400 ") and answers.count(b"HTTP/1.1") == 1
+    assert b"\r\nConnection: close\r\n" in answers and b"BITS-Error-Code: 0x80070057" in answers
+
+
+@pytest.mark.parametrize("garbage", [b"GARBAGE\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+                                     b"GET /\r\n\r\n", b"BITS_POST /x HTTP/2.0\r\n\r\n"])
+def test_garbage_gets_a_real_400_status_line(server: BitsServer, garbage: bytes) -> None:
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(garbage)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:80]
+    assert server.records[-1].status == 400 and "malformed request" in server.records[-1].note
+
+
+def test_sessions_are_capped_per_client_with_a_transient_bits_error(make_server) -> None:
+    server = make_server(max_sessions_per_client=3)
+    client = Client(server)
+    sessions = [client.session(f"/up/{n}.bin") for n in range(3)]
+    refused = client.create("/up/3.bin")
+    assert_ack(refused, 503)
+    assert refused.get(Header.ERROR_CODE) == "0x801901F7" and refused.get(Header.ERROR_CONTEXT) == "0x5"
+    assert refused.get("Retry-After") == "60" and len(server.sessions()) == 3
+    assert "127.0.0.1 holds its maximum of 3 sessions" in server.records[-1].note
+    assert client.cancel(sessions[0]).status == 200
+    assert client.create("/up/3.bin").status == 200  # a freed slot is usable again
+
+
+def test_sessions_are_capped_per_server(make_server) -> None:
+    server = make_server(max_sessions=2, max_sessions_per_client=100)
+    client = Client(server)
+    client.session("/up/a.bin"), client.session("/up/b.bin")
+    refused = client.create("/up/c.bin")
+    assert_ack(refused, 503)
+    assert "the server holds its maximum of 2 sessions" in server.records[-1].note
+
+
+def stalled_fragment(server: BitsServer, session_id: str, size: int = 100_000, sent: int = 100) -> socket.socket:
+    """A connection whose Fragment head is in and whose body stops after `sent` bytes."""
+    sock = socket.create_connection(server.address, timeout=10)
+    head = bits_request("/up/file.bin", "Fragment",
+                        f"{Header.SESSION_ID}: {session_id}\nContent-Range: bytes 0-{size - 1}/{size}")
+    sock.sendall(head.replace(b"Content-Length: 0", f"Content-Length: {size}".encode()) + b"x" * sent)
+    return sock
+
+
+def wait_for(condition, limit: float = 10) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_busy_connections_at_the_cap_refuse_a_newcomer_with_503_and_close(make_server) -> None:
+    server = make_server(max_connections=3, idle_timeout=30)
+    client = Client(server)
+    session_ids = [client.session(f"/up/{n}.bin") for n in range(3)]
+    client.conn.close()
+    assert wait_for(lambda: server.connection_count == 0)
+    busy = [stalled_fragment(server, session_id) for session_id in session_ids]
+    try:
+        assert wait_for(lambda: server.connection_count == 3 and all(
+            s.streaming is not None for s in server.sessions()))
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(PING_AFTER)
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close\r\n" in answer
+        assert server.refused_connections == 1 and server.connection_count == 3
+    finally:
+        for sock in busy:
+            sock.close()
+
+
+def test_slow_heads_beyond_the_cap_do_not_stop_pings(make_server) -> None:
+    """Slowloris: the cap + 50 connections each holding a head open; Pings are still answered."""
+    cap = 20
+    server = make_server(max_connections=cap, idle_timeout=30, request_timeout=30)
+    slow = []
+    try:
+        for _ in range(cap + 50):
+            sock = socket.create_connection(server.address, timeout=10)
+            sock.sendall(b"BITS_POST /up/x.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            slow.append(sock)
+        assert wait_for(lambda: server.evicted_connections >= 50)
+        for _ in range(5):
+            reply = raw_exchange(server, PING_AFTER, timeout=5)
+            assert_ack(reply, 200)
+        assert server.connection_count <= cap
+        closed = 0
+        for sock in slow:
+            sock.settimeout(0.01)
+            try:
+                closed += sock.recv(1) == b""
+            except (TimeoutError, ConnectionResetError):
+                closed += isinstance(sys.exc_info()[1], ConnectionResetError)
+        assert closed >= 50
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_slow_head_hits_the_request_timeout(make_server) -> None:
+    """The request timeout runs from a request's first byte, so a head trickled in one byte at a
+    time within the idle timeout is dropped all the same."""
+    server = make_server(idle_timeout=5, request_timeout=0.5)
+    head = bits_request("/up/x.bin", "Ping")
+    started = time.monotonic()
+    with socket.create_connection(server.address, timeout=10) as sock:
+        closed = False
+        for byte in head[:-4]:  # never completes its head
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.1)
+            try:
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+            if closed or time.monotonic() - started > 8:
+                break
+    assert closed and time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("target, why", [
+    ("/up/" + "n" * 256 + ".bin", "segment over 255 bytes"),
+    ("/" + "/".join(["d" * 250] * 20) + "/f.bin", "over 4095 bytes"),
+    ("/" + "a/" * 1100 + "f.bin", "1100 directories deep"),
+])
+def test_paths_the_filesystem_cannot_hold_are_invalidarg_at_create(server: BitsServer, client: Client, target: str,
+                                                                   why: str) -> None:
+    assert_error(client.create(target), 400, E_INVALIDARG.code)
+    assert why in server.records[-1].note
+    assert not server.sessions()
+
+
+def test_directories_left_by_a_killed_server_are_removed_at_start(root: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "bitstrace.cli.server", "--root", str(root), "--quiet"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().split()[-1]
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {Header.PACKET_TYPE: "Create-Session", Header.SUPPORTED_PROTOCOLS: PROTOCOL_GUID,
+                   "Content-Length": "0"}
+        conn.request("BITS_POST", "/up/file.bin", headers=headers)
+        created = conn.getresponse()
+        created.read()
+        session_id = created.getheader(Header.SESSION_ID)
+        conn.request("BITS_POST", "/up/file.bin", body=b"abc", headers={
+            Header.PACKET_TYPE: "Fragment", Header.SESSION_ID: session_id, "Content-Range": "bytes 0-2/10"})
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    left = root / STATE_DIR / "Requests" / session_id
+    assert (left / "requestfile.bin").read_bytes() == b"abc"
+    log = io.StringIO()
+    with BitsServer(root, log=log):
+        assert not left.exists()
+    assert f"removed 1 session directory left by an earlier run: {session_id}" in log.getvalue()
+
+
+def test_cancel_does_not_wait_for_a_fragment_streaming_on_another_connection(make_server, root: Path) -> None:
+    server = make_server(idle_timeout=30, request_timeout=60)
+    client = Client(server)
+    session_id = client.session()
+    with stalled_fragment(server, session_id) as stalled:
+        assert wait_for(lambda: server.sessions() and server.sessions()[0].streaming is not None)
+        (session,) = server.sessions()
+        started = time.monotonic()
+        client.conn.timeout = 5
+        reply = client.cancel(session_id)
+        assert_ack(reply, 200, session_id)
+        assert time.monotonic() - started < 3
+        assert read_all(stalled, 5) == b""  # the cut fragment gets no answer
+    assert wait_for(lambda: not session.data_dir.exists())
+    assert session.state is State.CANCELLED
+    assert_error(client.fragment(session_id, b"abc", 0, 3), 500, BG_E_SESSION_NOT_FOUND.code)
+
+
+def test_accept_pauses_when_descriptors_run_out(root: Path) -> None:
+    """With every descriptor in use an accept fails at once; the server pauses instead of
+    retrying in a loop that keeps a core busy, and accepts again once descriptors are free."""
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    process = subprocess.Popen([sys.executable, "-m", "bitstrace.cli.server", "--root", str(root),
+                                "--max-connections", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=low_limit)
+    held: list[socket.socket] = []
+    try:
+        port = int(process.stdout.readline().rstrip().rstrip("/").rsplit(":", 1)[1])
+        for _ in range(60):  # more than the server's 48 descriptors
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.3)
+
+        def cpu_seconds() -> float:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before, started = cpu_seconds(), time.monotonic()
+        time.sleep(1.5)
+        used, elapsed = cpu_seconds() - before, time.monotonic() - started
+        assert used < 0.25 * elapsed, f"{used:.2f} s of CPU in {elapsed:.2f} s"
+        for sock in held:
+            sock.close()
+        held.clear()
+        deadline = time.monotonic() + 10
+        while True:  # the connections waiting in the backlog are served first, then a new one
+            try:
+                reply = raw_exchange_to(("127.0.0.1", port), PING_AFTER)
+                break
+            except (ConnectionError, TimeoutError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert_ack(reply, 200)
+    finally:
+        for sock in held:
+            sock.close()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    errors = process.stderr.read()
+    assert "cannot accept connections (Too many open files); pausing accepts" in errors
+    assert "accepting again after" in errors
+
+
+def raw_exchange_to(address: tuple[str, int], request: bytes, timeout: float = 5) -> Reply:
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(request)
+        return read_response(sock)
+
+
+def unwritable_root(tmp_path: Path):
+    """A directory this process cannot create files in: a read-only tmpfs as root, else mode 0555."""
+    directory = tmp_path / "readonly"
+    directory.mkdir()
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(directory)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs: {mounted.stderr.strip()}")
+        return directory, lambda: subprocess.run(["umount", str(directory)], check=False)
+    directory.chmod(0o555)
+    return directory, lambda: directory.chmod(0o755)
+
+
+def test_cli_refuses_a_root_it_cannot_write(tmp_path: Path) -> None:
+    directory, restore = unwritable_root(tmp_path)
+    try:
+        done = subprocess.run([sys.executable, "-m", "bitstrace.cli.server", "--root", str(directory)],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        restore()
+    assert done.returncode == 2 and "Traceback" not in done.stderr and not done.stdout
+    assert done.stderr.startswith(f"bits-server: cannot use --root '{directory}': cannot create files in it (")
+
+
+def test_onedrive_form_post_with_method_override(server: BitsServer, root: Path) -> None:
+    """POST + X-Http-Method-Override: BITS_POST is BITS_POST; its Create is answered 201."""
+    conn = http.client.HTTPConnection(*server.address, timeout=10)
+
+    def post(packet: str, body: bytes = b"", **headers: str) -> http.client.HTTPResponse:
+        conn.request("POST", "/up/onedrive.bin", body=body, headers={
+            "X-Http-Method-Override": "BITS_POST", Header.PACKET_TYPE: packet,
+            "Content-Length": str(len(body)), **{k.replace("_", "-"): v for k, v in headers.items()}})
+        response = conn.getresponse()
+        response.read()
+        return response
+
+    created = post("Create-Session", BITS_Supported_Protocols=PROTOCOL_GUID)
+    assert created.status == 201 and created.getheader(Header.PACKET_TYPE) == "Ack"
+    session_id = created.getheader(Header.SESSION_ID)
+    assert post("Fragment", b"hello", BITS_Session_Id=session_id, Content_Range="bytes 0-4/5").status == 200
+    assert post("Close-Session", BITS_Session_Id=session_id).status == 200
+    assert (root / "up" / "onedrive.bin").read_bytes() == b"hello"
+    conn.request("POST", "/up/plain.bin", headers={"Content-Length": "0"})  # a plain POST is not BITS
+    assert conn.getresponse().status == 501
+
+
+# --- HTTPS (issue 14 item 6) ----------------------------------------------------------------------
+def tls_client(server: BitsServer, version: ssl.TLSVersion | None = None, cadata: str | None = None) -> Client:
+    context = ssl.create_default_context(cadata=cadata or server.certificate_pem.decode("ascii"))
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    client = Client(server)
+    client.conn = http.client.HTTPSConnection(*server.address, timeout=10, context=context)
+    return client
+
+
+@pytest.mark.parametrize("version, secret", [(ssl.TLSVersion.TLSv1_2, "CLIENT_RANDOM "),
+                                             (ssl.TLSVersion.TLSv1_3, "CLIENT_TRAFFIC_SECRET_0 ")],
+                         ids=["TLS 1.2", "TLS 1.3"])
+def test_https_with_a_self_signed_certificate_and_a_key_log(make_server, root: Path, tmp_path: Path,
+                                                            version: ssl.TLSVersion, secret: str) -> None:
+    keylog = tmp_path / "keys.log"
+    server = make_server(tls_self_signed=True, tls_keylog=str(keylog))
+    assert server.url.startswith("https://127.0.0.1:")
+    client = tls_client(server, version)  # verifies the certificate and its 127.0.0.1 name
+    data = payload(200_000, 7)
+    client.upload(data, fragment=70_000)
+    assert client.conn.sock.version() == {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}[version.name]
+    assert (root / "up" / "file.bin").read_bytes() == data
+    lines = keylog.read_text().splitlines()
+    assert any(line.startswith(secret) for line in lines) and oct(keylog.stat().st_mode & 0o777) == "0o600"
+
+
+def test_https_with_a_given_certificate_and_key(make_server, tmp_path: Path) -> None:
+    from bitstrace.replay.server.tls import self_signed_certificate
+
+    certificate, key = self_signed_certificate("127.0.0.1")
+    (tmp_path / "cert.pem").write_bytes(certificate)
+    (tmp_path / "key.pem").write_bytes(key)
+    server = make_server(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"))
+    assert server.certificate_pem is None
+    assert_ack(tls_client(server, cadata=certificate.decode("ascii")).post("Ping"), 200)
+    assert_error(tls_client(server, cadata=certificate.decode("ascii")).create(protocols=OTHER_GUID),
+                 400, E_INVALIDARG.code)
+
+
+def test_plain_http_to_an_https_server_is_dropped_and_logged(root: Path) -> None:
+    log = io.StringIO()
+    with BitsServer(root, log=log, tls_self_signed=True) as server:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(bits_request("/up/x.bin", "Ping"))
+            assert read_all(sock) == b""
+        assert_ack(tls_client(server).post("Ping"), 200)  # still serving
+    assert "TLS failed" in log.getvalue() and "Traceback" not in log.getvalue()
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "bits-server: cannot read '/nonexistent/"),
+    (["--tls-cert", "/nonexistent/cert.pem"], "bits-server: tls_cert and tls_key go together"),
+    (["--tls-keylog", "keys.log"], "bits-server: tls_keylog needs tls_cert/tls_key or tls_self_signed"),
+    (["--tls-self-signed", "--tls-keylog", "/nonexistent/keys.log"], "bits-server: cannot write --tls-keylog"),
+])
+def test_cli_tls_mistakes_are_one_line_and_exit_2(root: Path, arguments: list[str], says: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--root", str(root), *arguments])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(says) and "Traceback" not in err
+
+
+def test_a_second_server_on_the_same_root_leaves_the_first_ones_sessions(root: Path) -> None:
+    with BitsServer(root, log=None) as first:
+        session_id = Client(first).session()
+        (session,) = first.sessions()
+        log = io.StringIO()
+        with BitsServer(root, log=log):
+            assert session.data_dir.is_dir()
+        assert "another bits-server uses" in log.getvalue()
+        assert_ack(Client(first).fragment(session_id, b"abc", 0, 3), 200, session_id)
+
+
+# --- the HTTP front: what http.server did, kept -------------------------------------------------------
+def test_pipelined_requests_are_answered_in_order_on_one_connection(server: BitsServer) -> None:
+    session_request = bits_request("/up/p.bin", "Create-Session", f"{Header.SUPPORTED_PROTOCOLS}: {PROTOCOL_GUID}")
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(PING_AFTER + session_request + PING_AFTER)
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)
+    assert statuses == [b"200", b"200", b"200"] and answers.count(b"BITS-Session-Id: {") == 1
+
+
+def test_http_1_0_closes_after_its_answer_and_expect_100_continue_is_honoured(server: BitsServer) -> None:
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(PING_AFTER.replace(b"HTTP/1.1", b"HTTP/1.0") + PING_AFTER)
+        answers = read_all(sock)
+    assert answers.count(b"HTTP/1.1 200 ") == 1 and b"Connection: close" in answers
+    session_id = Client(server).session()
+    head = bits_request("/up/file.bin", "Fragment", f"{Header.SESSION_ID}: {session_id}\n"
+                        "Content-Range: bytes 0-2/3\nExpect: 100-continue").replace(b"Content-Length: 0", b"Content-Length: 3")
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"abc")
+        assert_ack(read_response(sock), 200, session_id)
+
+
+@settings(max_examples=10, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=2000), min_size=0, max_size=12))
+def test_an_upload_split_at_any_bytes_is_answered_the_same(tmp_path_factory, cuts: list[int]) -> None:
+    """The front frames requests by our parser whatever the TCP pieces: a whole upload sent on
+    one connection in pieces cut anywhere (heads and bodies alike) lands byte-exact."""
+    root = tmp_path_factory.mktemp("split")
+    data = payload(3000, len(cuts))
+    with BitsServer(root, log=None) as server:
+        session_id = Client(server).session("/up/split.bin")
+        wire = b"".join(
+            bits_request("/up/split.bin", "Fragment", f"{Header.SESSION_ID}: {session_id}\n"
+                         f"Content-Range: bytes {first}-{first + 999}/3000", data[first:first + 1000])
+            for first in range(0, 3000, 1000)) + bits_request(
+            "/up/split.bin", "Close-Session", f"{Header.SESSION_ID}: {session_id}")
+        points = sorted({min(cut * 3, len(wire) - 1) for cut in cuts})
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start, stop in zip([0, *points], [*points, len(wire)]):
+                sock.sendall(wire[start:stop])
+                time.sleep(0.002)
+            sock.shutdown(socket.SHUT_WR)
+            answers = read_all(sock)
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"200"] * 4
+        assert re.findall(rb"BITS-Received-Content-Range: (\d+)", answers) == [b"1000", b"2000", b"3000"]
+    assert (root / "up" / "split.bin").read_bytes() == data

@@ -5,7 +5,7 @@
 prints ``bits-server: listening on http://HOST:PORT/`` on stdout when ready, logs one line per
 packet on stderr, and stops cleanly on SIGINT/SIGTERM. Exit status: 0 = stopped by SIGINT/SIGTERM
 (the way to stop a server, not an interruption of work), 2 = usage error (bad option, a --root
-that cannot be a directory, an address that cannot be listened on).
+that cannot be a directory or cannot be written, an address that cannot be listened on).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 from bitstrace import __version__
 from bitstrace.analyzer.bits.protocol import DEFAULT_SESSION_TIMEOUT, MAX_FRAGMENT, MAX_UPLOAD_SIZE, Header
 from bitstrace.cli.common import MAX_TIMEOUT_S, Exit, HelpFormatter, credentials, discard_further_output, seconds, whole
-from bitstrace.replay.server import ERROR_HEADERS, BitsServer, ServerOptions
+from bitstrace.replay.server import ERROR_HEADERS, BitsServer, RootNotWritable, ServerOptions
+from bitstrace.replay.server.options import DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_CLIENT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time a connection may stay silent")
     p.add_argument("--request-timeout", type=seconds(MAX_TIMEOUT_S), default=600.0, metavar="SECONDS",
                    help="time one request may take")
+    p.add_argument("--max-sessions", type=whole(1), default=DEFAULT_MAX_SESSIONS, metavar="COUNT",
+                   help="live sessions at most (a Create over it is 503, BG_E_HTTP_ERROR_503)")
+    p.add_argument("--max-sessions-per-client", type=whole(1), default=DEFAULT_MAX_SESSIONS_PER_CLIENT,
+                   metavar="COUNT", help="live sessions at most from one client address")
+    p.add_argument("--max-connections", type=whole(1), metavar="COUNT",
+                   help="open connections at most (default: what the descriptor limit leaves room for, "
+                        "at most 512); past it the connection waiting longest for a request is closed, "
+                        "or the newcomer answered 503 when all are busy")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain) file (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-self-signed", action="store_true",
+                   help="serve HTTPS with a fresh self-signed certificate (for tests: clients must be told to trust it)")
+    p.add_argument("--tls-keylog", metavar="FILE",
+                   help="append the TLS secrets to FILE in NSS key log format (for bits-analyze --tls-keylog, Wireshark)")
     p.add_argument("--quiet", action="store_true", help="no per-packet log on stderr")
     return p
 
@@ -73,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k in option_names}
     try:
         server = BitsServer(args.root, args.host, args.port, log=None if args.quiet else sys.stderr, **options)
+    except RootNotWritable as exc:
+        parser.exit(Exit.USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {exc.strerror}\n")
     except OSError as exc:
         reasons = {errno.EEXIST: "it exists and is not a directory", errno.ENOTDIR: "a parent of it is not a directory"}
         what = reasons.get(exc.errno or 0) or exc.strerror or str(exc)
         parser.exit(Exit.USAGE, f"bits-server: cannot use --root {str(args.root)!r}: {what}\n")
-    except ValueError as exc:  # ServerOptions' own checks (--host-id-fallback-timeout without --host-id)
+    except ValueError as exc:  # ServerOptions' own checks, TLS files that cannot be used
         parser.exit(Exit.USAGE, f"bits-server: {exc}\n")
     try:
         server.start()

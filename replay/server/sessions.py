@@ -1,9 +1,10 @@
-"""The reference server's session table and per-session state machine (bits-protocol.md 5.1).
+"""bits-server's session table and per-session state machine (bits-protocol.md 5.1).
 
 Every transition the server can make is one row of TRANSITIONS; anything else is a bug in the
 caller and raises. Sessions are keyed by id, never by connection, so they survive reconnects.
 Ended sessions (closed, cancelled, expired) leave the table: a later packet for them is
-answered like an unknown id (BG_E_SESSION_NOT_FOUND).
+answered like an unknown id (BG_E_SESSION_NOT_FOUND). The table counts live sessions per
+client address, for the service's caps.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
-from bitstrace.analyzer.bits.protocol import is_guid
-
-from bitstrace.replay.paths import REPLY_FILE, REQUEST_FILE, state_paths
+from bitstrace.analyzer.bits.protocol import session_key
+from bitstrace.replay.server.paths import REPLIES_DIR, REPLY_FILE, REQUEST_FILE, REQUESTS_DIR, STATE_DIR, state_paths
 
 
 class State(enum.Enum):
@@ -74,9 +75,11 @@ def new_session_id() -> str:
     return "{" + str(uuid.uuid4()).upper() + "}"
 
 
-def _key(session_id: str) -> str:
-    session_id = session_id.strip()
-    return session_id.upper() if is_guid(session_id) else session_id
+class Abortable(Protocol):
+    """A request body that can be cut from another thread (the streaming fragment of a session
+    being cancelled)."""
+
+    def abort(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -95,7 +98,14 @@ class Session:
     # hashing costs more CPU than receiving and storing the bytes.
     digest: "hashlib._Hash | None" = None
     reply_url: str | None = None
+    client: str = ""  # the address that created it (the per-client cap counts by it)
+    # Held by the packet being handled. A Cancel does not wait for it while a fragment's body
+    # streams (`streaming`): it sets `cancel_requested` and aborts the body; the fragment's
+    # holder ends the session. `guard` makes that handshake atomic.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+    streaming: Abortable | None = None
+    cancel_requested: bool = False
 
     @property
     def data_file(self) -> Path:
@@ -121,15 +131,25 @@ class SessionTable:
         self.timeout = timeout
         self.clock = clock
         self._sessions: dict[str, Session] = {}
+        self._per_client: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def create(self, destination: Path, url_path: str, protocol: str, hashed: bool = False) -> Session:
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def held_by(self, client: str) -> int:
+        """Live sessions created from `client`."""
+        return self._per_client[client]
+
+    def create(self, destination: Path, url_path: str, protocol: str, hashed: bool = False,
+               client: str = "") -> Session:
         """A new session with an empty request file (OSError if it cannot be made); `hashed`:
         keep the sha256 of the bytes received."""
         session_id = new_session_id()
         data_dir, reply_dir = state_paths(self.root, session_id)
         session = Session(session_id, destination, url_path, data_dir, reply_dir, protocol,
-                          last_activity=self.clock(), digest=hashlib.sha256() if hashed else None)
+                          last_activity=self.clock(), digest=hashlib.sha256() if hashed else None,
+                          client=client)
         data_dir.mkdir(parents=True)
         try:
             session.data_file.touch(exist_ok=False)
@@ -138,23 +158,53 @@ class SessionTable:
             raise
         session.fire(Event.CREATE)
         with self._lock:
-            self._sessions[_key(session_id)] = session
+            self._sessions[session_key(session_id)] = session
+            self._per_client[client] += 1
         return session
 
     def get(self, session_id: str) -> Session | None:
         with self._lock:
-            return self._sessions.get(_key(session_id))
+            return self._sessions.get(session_key(session_id))
 
     def touch(self, session: Session) -> None:
         session.last_activity = self.clock()
 
+    def forget(self, session: Session) -> None:
+        """Take the session out of the table (later packets for it find no session); its data
+        stays until `end`."""
+        with self._lock:
+            if self._sessions.pop(session_key(session.id), None) is not None:
+                self._per_client[session.client] -= 1
+                if not self._per_client[session.client]:
+                    del self._per_client[session.client]
+
     def end(self, session: Session, event: Event) -> None:
         """Apply a terminal event: drop the session and delete its temporary data and reply."""
         session.fire(event)
-        with self._lock:
-            self._sessions.pop(_key(session.id), None)
+        self.forget(session)
         shutil.rmtree(session.data_dir, ignore_errors=True)
         shutil.rmtree(session.reply_dir, ignore_errors=True)
+
+    def remove_orphans(self) -> list[str]:
+        """Delete the session directories no live session owns (left by a server that was
+        killed: sessions live in memory only, so none can be resumed); their names, sorted."""
+        with self._lock:
+            live = {session.id for session in self._sessions.values()}
+        removed: set[str] = set()
+        for kind in (REQUESTS_DIR, REPLIES_DIR):
+            directory = self.root / STATE_DIR / kind
+            try:
+                entries = list(directory.iterdir())
+            except OSError:  # no state directory yet
+                continue
+            for entry in entries:
+                if entry.name not in live:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    removed.add(entry.name)
+        return sorted(removed)
 
     def expire_idle(self) -> list[Session]:
         """Purge sessions idle longer than the timeout (busy sessions are left for the next sweep)."""

@@ -4,7 +4,9 @@ The URL path is the only thing that names the destination (Content-Name never do
 that could leave the root is refused rather than normalised: `..` and `.` segments, empty
 segments (`//`), backslashes and NUL (raw or percent-encoded), broken percent-encoding or UTF-8,
 symlinks on the way, and the server's own state directory `BITS-Sessions` (which holds the
-temporary request files and the replies; IIS uses the same name).
+temporary request files and the replies; IIS uses the same name). So is a path the filesystem
+cannot hold: a segment over NAME_MAX bytes, the whole over PATH_MAX, or deeper than MAX_DEPTH
+directories (the directory walks recurse per level).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ REPLIES_DIR = "Replies"
 REQUEST_FILE = "requestfile.bin"
 REPLY_FILE = "responsefile.bin"
 
-_MAX_SEGMENT = 255
+#: Directories an upload may sit under: far beyond any real upload URL, and well inside what
+#: pathlib's recursive mkdir and Python's recursion limit can walk.
+MAX_DEPTH = 128
+NAME_MAX = 255  # POSIX's and every common filesystem's; FilesystemLimits reads the root's own
+PATH_MAX = 4096
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _REPLY_PATH = re.compile(
     rf"(?P<dir>/(?:.*/)?){STATE_DIR}/{REPLIES_DIR}/(?P<id>\{{[0-9A-Fa-f-]{{36}}\}})/{re.escape(REPLY_FILE)}",
@@ -61,25 +67,46 @@ def url_directory(path: str) -> str:
     return path[: path.rindex("/") + 1]
 
 
-def upload_path(root: Path, target: str) -> tuple[Path, str]:
+def filesystem_limits(root: Path) -> tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) of the filesystem holding `root`, in bytes."""
+    try:
+        return os.pathconf(root, "PC_NAME_MAX"), os.pathconf(root, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX, PATH_MAX
+
+
+def upload_path(root: Path, target: str, name_max: int = NAME_MAX,
+                path_max: int = PATH_MAX) -> tuple[Path, str]:
     """(destination file, decoded URL path) for an upload target; raises UnsafePath."""
     path = decode_target(target)
     segments = path[1:].split("/")
     if segments[-1] == "":
         raise UnsafePath("the URL names a directory")
+    if len(segments) > MAX_DEPTH + 1:
+        raise UnsafePath(f"the path is {len(segments) - 1} directories deep (at most {MAX_DEPTH})")
     for segment in segments:
         if segment in ("", ".", ".."):
             raise UnsafePath("empty, '.' or '..' segment in the path")
-        if len(segment.encode("utf-8")) > _MAX_SEGMENT:
-            raise UnsafePath("path segment too long")
+        if len(segment.encode("utf-8")) > name_max:
+            raise UnsafePath(f"path segment over {name_max} bytes")
         if segment.casefold() == STATE_DIR.casefold():
             raise UnsafePath(f"{STATE_DIR} is the server's own state directory")
-    check_inside(root, root.joinpath(*segments))
-    return root.joinpath(*segments), path
+    destination = root.joinpath(*segments)
+    if len(os.fsencode(destination)) >= path_max:
+        raise UnsafePath(f"the file's path would be over {path_max - 1} bytes")
+    check_inside(root, destination)
+    return destination, path
 
 
 def check_inside(root: Path, destination: Path) -> None:
     """Refuse a destination reached through a symlink, outside the root, or that is a directory."""
+    try:
+        _check_inside(root, destination)
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on the way
+        raise UnsafePath(f"the path cannot be looked up: {exc.strerror}") from None
+
+
+def _check_inside(root: Path, destination: Path) -> None:
     real_root = Path(os.path.realpath(root))
     current = root
     for part in destination.relative_to(root).parts:
