@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 from bitstrace.analyzer.analysis import Analysis
 from bitstrace.analyzer.bits.catalogue import Anomaly
 from bitstrace.analyzer.bits.extract import ExtractedEntity, Extractor
-from bitstrace.analyzer.bits.packets import BitsPacket, Classified, classify, session_key
+from bitstrace.analyzer.bits.packets import BitsPacket, Classified, classify
 from bitstrace.analyzer.bits.sessions import Session, SessionTracker, exchange_times
 from bitstrace.analyzer.exchanges import Exchange
 from bitstrace.analyzer.pipeline import CaptureStats, RunResult, read_exchanges

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from bitstrace.analyzer.capture import CaptureReader, FrameFields
 from bitstrace.analyzer.pcapng_writer import PcapngWriter

@@ -14,7 +14,7 @@ import sys
 from typing import Iterator, TextIO
 
 from bitstrace.analyzer.analysis import Analysis
-from bitstrace.analyzer.engines import (EngineError, UnitProgress, check_dask_workers, dask_client, dask_threads,
+from bitstrace.analyzer.engines import (UnitProgress, check_dask_workers, dask_client, dask_threads,
                                         run_dask, run_local)
 from bitstrace.analyzer.partition import analyze_units, partition_options, run_in_process
 from bitstrace.analyzer.pipeline import ProgressHook
