@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
-from bitstrace.analyzer.bits.extract import Extractor
+from bitstrace.analyzer.bits.extract import WRITE_FAILURES, Extractor
 from bitstrace.analyzer.bits.sessions import BitsSummary, SessionTracker
+from bitstrace.analyzer.exchanges import Exchange
 from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
 
@@ -24,13 +25,13 @@ class Analysis:
     @property
     def complete(self) -> bool:
         """Every capture read to its end and every extracted file written."""
-        return self.run.complete and not any(p.kind.startswith("extract-") for p in self.problems)
+        return self.run.complete and not any(p.kind in WRITE_FAILURES for p in self.problems)
 
 
 def analyze(
-    sources: Iterable[str | os.PathLike | BinaryIO],
+    sources: Iterable[str | os.PathLike[str] | BinaryIO],
     *,
-    extract_dir: str | os.PathLike | None = None,
+    extract_dir: str | os.PathLike[str] | None = None,
     progress: ProgressHook | None = None,
     stall_after_s: float | None = None,
 ) -> Analysis:
@@ -39,9 +40,12 @@ def analyze(
     several = len(sources) > 1  # messages then name frames `capture:frame`, as the reports do
     extractor = (Extractor(extract_dir, several_captures=several, capture_names=[display_name(s) for s in sources])
                  if extract_dir is not None else None)
-    options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
-    tracker = SessionTracker(extractor, several_captures=several, **options)
-    run = read_exchanges(sources, tracker.on_exchange,
+    tracker = (SessionTracker(extractor, several_captures=several) if stall_after_s is None
+               else SessionTracker(extractor, several_captures=several, stall_after_s=stall_after_s))
+    def on_exchange(exchange: Exchange) -> None:  # the packet the tracker returns is not needed here
+        tracker.on_exchange(exchange)
+
+    run = read_exchanges(sources, on_exchange,
                          on_body=extractor.on_body if extractor else None, progress=progress)
     starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
     ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
