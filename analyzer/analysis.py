@@ -45,11 +45,16 @@ def analyze(
     def on_exchange(exchange: Exchange) -> None:  # the packet the tracker returns is not needed here
         tracker.on_exchange(exchange)
 
-    run = read_exchanges(sources, on_exchange,
-                         on_body=extractor.on_body if extractor else None, progress=progress)
-    starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
-    ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
-    bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)
+    try:
+        run = read_exchanges(sources, on_exchange,
+                             on_body=extractor.on_body if extractor else None, progress=progress)
+        starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
+        ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
+        bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)
+    except BaseException:  # an interrupt, a signal made an exception, a bug: no temp file may stay
+        if extractor is not None:
+            extractor.discard()
+        raise
     if extractor is not None:
         run.problems.extend(extractor.problems)
     return Analysis(run, bits)

@@ -510,14 +510,14 @@ def interleaved_uploads(w: Wire, sessions: int, total: int = T) -> None:
 
 
 def spool_fds(directory: Path) -> int:
-    """Descriptors of this process open on temp files in `directory`."""
+    """Descriptors of this process open on temp files in `directory` (not the run's one lock file)."""
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        count += target.startswith(str(directory)) and os.path.basename(target).startswith(".bitstrace-")
+        count += target.startswith(str(directory)) and os.path.basename(target).startswith(".bitstrace-") and target.endswith(".tmp")
     return count
 
 

@@ -4,7 +4,12 @@ file names Windows cannot hold are never written, temp files never outlive their
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +160,147 @@ def test_entity_name_is_never_reserved(session_id: str, content_name: str | None
     name = entity_name(session_id, content_name)
     assert name and not windows_reserved(name) and not windows_reserved(name + PARTIAL_SUFFIX)
     assert "/" not in name and not name.endswith((" ", "."))
+
+
+# --- 2. temp files never outlive their run --------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+CLEAN = ROOT / "captures" / "clean-multi-fragment.pcap"
+PCAP_HEADER = 24
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith(".bitstrace-"))
+
+
+def pcap_records(path: Path) -> tuple[bytes, list[bytes]]:
+    """The global header and the records of a little-endian pcap."""
+    data = path.read_bytes()
+    records, at = [], PCAP_HEADER
+    while at < len(data):
+        length = int.from_bytes(data[at + 8:at + 12], "little")
+        records.append(data[at:at + 16 + length])
+        at += 16 + length
+    return data[:PCAP_HEADER], records
+
+
+def bits_analyze(*args: str | os.PathLike, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitstrace.analyzer.cli", "--no-progress", *map(str, args)],
+                          capture_output=True, cwd=ROOT, timeout=120, **kw)
+
+
+class MidExtraction:
+    """A real bits-analyze reading standard input, fed the first half of a corpus upload and then
+    kept waiting for the rest: its temp file is on disk, the entity half rebuilt."""
+
+    def __init__(self, out: Path, report: Path) -> None:
+        header, records = pcap_records(CLEAN)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bitstrace.analyzer.cli", "--no-progress", "--extract", str(out),
+             "--json", str(report), "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=ROOT)
+        self.proc.stdin.write(header + b"".join(records[:len(records) // 2]))
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not [n for n in temp_files(out) if n.endswith(".tmp")]:
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no temp file appeared"
+            time.sleep(0.02)
+        self.temps = [n for n in temp_files(out) if n.endswith(".tmp")]
+        assert all(f"-{self.proc.pid}-" in n for n in self.temps)
+
+    def stop(self, signum: int) -> tuple[int, str]:
+        self.proc.send_signal(signum)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.communicate()
+            raise
+        return self.proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM),
+                                           (signal.SIGHUP, 128 + signal.SIGHUP)])
+def test_a_signal_mid_extraction_removes_the_temp_files(tmp_path: Path, signum: int, status: int) -> None:
+    out = tmp_path / "out"
+    run = MidExtraction(out, tmp_path / "report.json")
+    code, err = run.stop(signum)
+    assert code == status, err
+    assert "Traceback" not in err, err
+    assert temp_files(out) == [], err
+
+
+def test_a_killed_run_leaves_temp_files_the_next_run_removes_and_names(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = MidExtraction(out, tmp_path / "report.json")
+    code, _ = run.stop(signal.SIGKILL)  # nothing of the process runs: its files stay
+    assert code == -signal.SIGKILL and set(run.temps) <= set(temp_files(out))
+    left = temp_files(out)
+    after = bits_analyze("--extract", out, "--json", "-", ROOT / "captures" / "single-fragment.pcap")
+    assert after.returncode == 0, after.stderr.decode()
+    assert temp_files(out) == []
+    stale, = [p for p in json.loads(after.stdout)["problems"] if p["kind"] == "extract-stale-temp-removed"]
+    assert f"pid {run.proc.pid}" in stale["message"]
+    assert all(name in stale["message"] for name in left if name.endswith(".tmp"))
+    assert "extract-stale-temp-removed" in after.stderr.decode()  or str(run.proc.pid) in after.stderr.decode()
+
+
+def test_a_live_run_keeps_its_temp_files_while_another_run_uses_the_directory(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = MidExtraction(out, tmp_path / "report.json")
+    try:
+        other = bits_analyze("--extract", out, "--json", "-", ROOT / "captures" / "single-fragment.pcap")
+        assert other.returncode == 0, other.stderr.decode()
+        assert set(first.temps) <= set(temp_files(out))
+        assert "extract-stale-temp-removed" not in other.stdout.decode()
+    finally:
+        code, err = first.stop(signal.SIGTERM)
+    assert temp_files(out) == [], err
+
+
+def test_temp_files_of_a_pid_no_longer_alive_are_removed(tmp_path: Path) -> None:
+    """Left by a run that had no lock file to hold (or lost it): the pid alone tells."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".bitstrace-{gone.pid}-0.tmp").write_bytes(b"x" * 1000)
+    alive = out / f".bitstrace-{os.getpid()}-0.tmp"  # this pytest process: alive, not ours to touch
+    alive.write_bytes(b"y")
+    after = bits_analyze("--extract", out, "--json", "-", ROOT / "captures" / "single-fragment.pcap")
+    assert after.returncode == 0, after.stderr.decode()
+    assert temp_files(out) == [alive.name]
+    stale, = [p for p in json.loads(after.stdout)["problems"] if p["kind"] == "extract-stale-temp-removed"]
+    assert f".bitstrace-{gone.pid}-0.tmp" in stale["message"] and "1,000 bytes" in stale["message"]
+
+
+def test_an_exception_mid_extraction_removes_the_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitstrace.analyzer import analysis
+    from bitstrace.analyzer.bits.sessions import SessionTracker
+
+    real = SessionTracker.on_exchange
+    seen = []
+
+    def failing(self, exchange):
+        seen.append(exchange)
+        if len(seen) == 4:  # fragments are being stored: temp files exist
+            assert temp_files(tmp_path)
+            raise RuntimeError("a bug somewhere above the extractor")
+        return real(self, exchange)
+
+    monkeypatch.setattr(SessionTracker, "on_exchange", failing)
+    with pytest.raises(RuntimeError):
+        analysis.analyze([CLEAN], extract_dir=tmp_path)
+    assert temp_files(tmp_path) == []
+
+
+def test_a_closed_pipe_after_extraction_leaves_no_temp_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "bitstrace.analyzer.cli", "--no-progress", "--extract", str(out),
+                             "--json", "-", str(CLEAN)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
+    assert temp_files(out) == [] and len(os.listdir(out)) == 1

@@ -41,15 +41,28 @@ reopened by name when next needed; since the directory may be writable by others
 file must be the one created (device, inode, and the size it had when closed). A temp file that
 cannot be reopened or was replaced loses its entity (a Problem says so), and the rest goes on.
 The descriptor is held while publishing, so the linked name is checked to be the same file.
+
+Temp files never outlive their run. An interrupted or failed run (a signal the command line turns
+into an exception, any exception) calls `discard`, which removes every temp file this run made
+and is still its own. A run killed outright (kill -9, a crash) cannot, so each run holds an
+exclusive flock(2) on `.bitstrace-PID.lock` in the directory for as long as it lives, and every
+new run first looks for `.bitstrace-PID-N.tmp` files of other runs: when their lock can be taken
+(the kernel drops a lock with its process, so a reused PID cannot fake a live run) or, without a
+lock file, when no process has that PID, the files are removed and a problem names them, their
+size and the PID. They are removed rather than only reported because nothing can resume from them
+(the coverage map lived in the dead process's memory) and they can be large; a live run's files
+are never touched.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import hashlib
 import operator
 import os
+import re
 import resource
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -84,6 +97,11 @@ _REOPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 # write-behind runs mean a closed file is reopened once per run, not once per chunk. A lower soft
 # limit lowers the bound to a quarter of it.
 MAX_OPEN_SPOOLS = 128
+TEMP_PREFIX = ".bitstrace-"
+# a run's files: its temp files `.bitstrace-PID-N.tmp` and its lock `.bitstrace-PID.lock`
+_RUN_FILE = re.compile(r"\.bitstrace-([1-9][0-9]{0,9})(?:-[0-9]+\.tmp|\.lock)")
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+STALE_NAMES_LISTED = 5
 
 
 def windows_reserved(name: str) -> bool:
@@ -517,6 +535,10 @@ class Extractor:
         self.capture_names = capture_names  # by capture index: problems name the file of their frame
         self.out_dir = os.fspath(out_dir)
         self._dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self._pid = os.getpid()
+        self._temp_names: dict[str, tuple[int, int] | None] = {}  # made by this run -> (device, inode)
+        self._lock_fd: int | None = None
+        self._done = False
         self._spools: dict[str, _Spool] = {}  # by session key: the current session of that id
         self._retired: list[_Spool] = []  # earlier sessions whose id a Create ack issued again
         self._generation: dict[str, int] = {}
@@ -527,6 +549,120 @@ class Extractor:
         self.problems: list[Problem] = []
         self._named: set[tuple[str, str]] = set()  # (kind, session id) already in `problems`
         self._repeated: dict[str, int] = {}  # kind -> problems counted, not listed
+        self._remove_stale()
+        self._lock()
+
+    def _lock(self) -> None:
+        """Hold `.bitstrace-PID.lock` for the run: while it is held, other runs leave our temp files."""
+        name = f"{TEMP_PREFIX}{self._pid}.lock"
+        try:
+            fd = os.open(name, _LOCK_FLAGS, 0o644, dir_fd=self._dir_fd)
+        except OSError:
+            return  # other runs then judge our files by our PID alone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held by a process of another PID namespace: theirs
+            return
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        name = f"{TEMP_PREFIX}{self._pid}.lock"
+        try:
+            st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+            here = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+                os.unlink(name, dir_fd=self._dir_fd)
+        except OSError:
+            pass  # gone already: nothing to remove
+        finally:
+            os.close(fd)
+
+    def _run_alive(self, pid: int) -> bool:
+        """Whether the run of `pid` lives: its lock is held, or, without a lock file, the PID is in use."""
+        try:
+            fd = os.open(f"{TEMP_PREFIX}{pid}.lock", os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                         dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            if pid == self._pid:
+                return False  # no other live process has our PID
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except (OSError, OverflowError):
+                return True  # someone else's process, or a PID that cannot be asked: leave the files
+            return True
+        except OSError:
+            return True  # cannot tell: leave the files
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # drops the lock just taken
+        return False
+
+    def _remove_stale(self) -> None:
+        """Remove the temp files of runs that died without cleaning up, and say so (see module doc)."""
+        runs: dict[int, list[tuple[str, int]]] = {}
+        try:
+            with os.scandir(self._dir_fd) as entries:
+                for entry in entries:
+                    match = _RUN_FILE.fullmatch(entry.name)
+                    if match is not None and entry.is_file(follow_symlinks=False):
+                        runs.setdefault(int(match.group(1)), []).append((entry.name, entry.stat(follow_symlinks=False).st_size))
+        except OSError:
+            return
+        for pid, found in sorted(runs.items()):
+            if self._run_alive(pid):
+                continue
+            removed, size, failed = [], 0, []
+            for name, length in sorted(found):
+                try:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as error:
+                    failed.append(f"{name} ({error.strerror or error})")
+                    continue
+                if name.endswith(".tmp"):
+                    removed.append(name)
+                    size += length
+            if not removed and not failed:
+                continue  # only a lock file
+            listed = ", ".join(removed[:STALE_NAMES_LISTED]) + (", …" if len(removed) > STALE_NAMES_LISTED else "")
+            message = (f"removed {len(removed):,} temporary file{'s' if len(removed) != 1 else ''} ({size:,} bytes) "
+                       f"left in {self.out_dir} by an earlier run (pid {pid}) that ended without cleaning up"
+                       f"{': ' + listed if removed else ''}")
+            if failed:
+                message += f"; could not remove {', '.join(failed)}"
+            self.problems.append(Problem("extract-stale-temp-removed", message))
+
+    def discard(self) -> None:
+        """The run stops early (a signal, an exception): remove every temp file it made that is
+        still its own and the lock; nothing more is published. Safe to call more than once."""
+        if self._done:
+            return
+        self._done = True
+        for spool in self._retired + list(self._spools.values()):
+            try:
+                spool.close()
+            except OSError:
+                pass
+        for name, identity in self._temp_names.items():
+            try:
+                st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+                if identity is None or (st.st_dev, st.st_ino) == identity:  # None: made as the run stopped
+                    os.unlink(name, dir_fd=self._dir_fd)
+            except OSError:
+                continue
+        self._temp_names.clear()
+        self._unlock()
+        os.close(self._dir_fd)
 
     def _capture_name(self, index: int) -> str | None:
         return self.capture_names[index] if index < len(self.capture_names) else None
@@ -604,12 +740,25 @@ class Extractor:
         key = session_key(session_id)
         spool = self._spools.get(key)
         if spool is None:
-            try:
-                spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{self._temp_files}.tmp", session_id,
-                               self._generation.get(key, 0), self.several_captures, self._behind, self._open_files)
+            for _ in range(100):  # names a live run of another PID namespace may hold are skipped
+                name = f"{TEMP_PREFIX}{self._pid}-{self._temp_files}.tmp"
                 self._temp_files += 1
-            except OSError as error:
-                self._problem("extract-write-failed", session_id, f"temp file for session {session_id}: {error}")
+                self._temp_names[name] = None  # before it exists: an interrupt in between still removes it
+                try:
+                    spool = _Spool(self._dir_fd, name, session_id, self._generation.get(key, 0),
+                                   self.several_captures, self._behind, self._open_files)
+                except FileExistsError:
+                    del self._temp_names[name]
+                    continue
+                except OSError as error:
+                    del self._temp_names[name]
+                    self._problem("extract-write-failed", session_id, f"temp file for session {session_id}: {error}")
+                    return None
+                self._temp_names[name] = spool.identity
+                break
+            if spool is None:
+                self._problem("extract-write-failed", session_id, f"temp file for session {session_id}: "
+                              f"every name tried exists in {self.out_dir}")
                 return None
             self._spools[key] = spool
         return spool
@@ -656,9 +805,12 @@ class Extractor:
                     f"{os.path.join(self.out_dir, spool.temp_name)} {spool.lost}; its entity is not published"))
             elif spool.is_named_by(spool.temp_name):
                 os.unlink(spool.temp_name, dir_fd=self._dir_fd)
+            self._temp_names.pop(spool.temp_name, None)
             spool.close()
         self._spools.clear()
         self._retired.clear()
+        self._done = True
+        self._unlock()
         os.close(self._dir_fd)
         for kind, count in self._repeated.items():
             self.problems.append(Problem(kind, f"{count:,} more {kind} problems of sessions named above; only counted"))
