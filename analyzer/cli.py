@@ -122,18 +122,26 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_USAGE
         filtered = filter_report(report, args.min_severity)
         packets = packet_source(analysis, filtered)
-        if json_out:
-            _write(args.json, lambda: write_json(filtered, json_out, packets), json_out)
-        if jsonl_out:
-            _write(args.jsonl, lambda: write_jsonl(jsonl_records(filtered, packets), jsonl_out), jsonl_out)
-        if html_out:
-            _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
-                   html_out)
+        try:
+            if json_out:
+                _write(args.json, lambda: write_json(filtered, json_out, packets), json_out)
+            if jsonl_out:
+                _write(args.jsonl, lambda: write_jsonl(jsonl_records(filtered, packets), jsonl_out), jsonl_out)
+            if html_out:
+                _write(args.html, lambda: write_html(filtered, html_out, complete_sessions(filtered, packets)),
+                       html_out)
+        except OutputFailed:
+            report_problems(analysis.problems, err)  # the report that would list them is lost (a full disk
+            raise                                    # fills the extraction first)
     text_on_terminal = False
     if "-" not in (args.json, args.jsonl):
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
-        _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
+        try:
+            _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
+        except OutputFailed:
+            report_problems(analysis.problems, err)
+            raise
     if not text_on_terminal:  # on a terminal the report's own problems table says it
         report_problems(analysis.problems, err)
     if args.fail_on:

@@ -304,3 +304,30 @@ def test_a_closed_pipe_after_extraction_leaves_no_temp_files(tmp_path: Path) -> 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
     assert temp_files(out) == [] and len(os.listdir(out)) == 1
+
+
+# --- 4. a disk that fills: the output that failed and the extraction problems, both named --------
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a 64 KiB tmpfs (needs root): {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_disk_filled_by_extraction_names_the_report_and_the_extraction_problems(tiny_filesystem: Path) -> None:
+    report = tiny_filesystem / "report.json"
+    run = bits_analyze("--extract", tiny_filesystem / "files", "--json", report, CLEAN)
+    err = run.stderr.decode()
+    assert "Traceback" not in err, err
+    assert run.returncode == 2, err
+    assert f"cannot write {report}: No space left on device" in err
+    extraction, = [line for line in err.splitlines() if "writing session {" in line]  # one per session, then counted
+    assert "No space left on device" in extraction
+    assert temp_files(tiny_filesystem / "files") == []
