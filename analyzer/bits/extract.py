@@ -30,10 +30,9 @@ hashed_end, extends a tentative copy as it stores; its ack promotes the copy onl
 acknowledges every byte fed. Anything else (a partial ack, a refusal, another fragment writing
 over the fed bytes, a gap) drops the copy, and publishing reads back only what lies past
 hashed_end.
-The coverage map says which ranges are acknowledged,
-provisional or missing. All files are opened relative to the output directory's
-descriptor with O_NOFOLLOW|O_EXCL and published with link(2), so no name ever leaves the
-directory, follows a symlink or replaces an existing file.
+The coverage map says which ranges are acknowledged, provisional or missing. All files are
+opened relative to the output directory's descriptor with O_NOFOLLOW|O_EXCL and published with
+link(2), so no name ever leaves the directory, follows a symlink or replaces an existing file.
 
 Only a bounded number of temp files stay open (MAX_OPEN_SPOOLS, least recently used closed
 first), so a capture of any number of sessions fits the open-file limit. A closed temp file is
@@ -64,6 +63,7 @@ import operator
 import os
 import re
 import resource
+import signal
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -102,6 +102,7 @@ TEMP_PREFIX = ".bitstrace-"
 _RUN_FILE = re.compile(r"\.bitstrace-([1-9][0-9]{0,9})(?:-[0-9]+\.tmp|\.lock)")
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 STALE_NAMES_LISTED = 5
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def windows_reserved(name: str) -> bool:
@@ -118,8 +119,8 @@ def sanitise(part: str, limit: int = MAX_NAME_BYTES) -> str:
     """One safe path component: last path part only, no control chars, no reserved names."""
     part = part.replace("\\", "/").rsplit("/", 1)[-1]
     part = "".join("_" if ch in _UNSAFE else ch for ch in part if ch.isprintable())
-    part = part.strip(" .").encode("utf-8")[:limit - 1].decode("utf-8", "ignore").rstrip(" .")
-    return _not_reserved(part)
+    part = _not_reserved(part.strip(" ."))
+    return part.encode("utf-8")[:limit].decode("utf-8", "ignore").rstrip(" .")
 
 
 def entity_name(session_id: str, content_name: str | None) -> str:
@@ -648,6 +649,14 @@ class Extractor:
         if self._done:
             return
         self._done = True
+        # a second Ctrl-C (or SIGTERM) while removing would leave the rest: they wait until done
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self._remove_own()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _remove_own(self) -> None:
         for spool in self._retired + list(self._spools.values()):
             try:
                 spool.close()
