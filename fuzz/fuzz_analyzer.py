@@ -3,7 +3,9 @@
     .venv/bin/python fuzz/fuzz_analyzer.py [--minutes 60] [--seed N] [--crashes fuzz/crashes] [--per-input 20]
     .venv/bin/python fuzz/fuzz_analyzer.py --replay fuzz/crashes/crash-….pcap
 
-Each input is one capture of captures/ (pcap and pcapng) changed by one to eight mutations: bytes
+Each input is one capture of captures/ (pcap and pcapng) or one of the hostile seeds below (uploads
+whose TOTAL changes, bytes past the TOTAL), each first as it is, then changed by one to eight
+mutations: bytes
 flipped, an ASCII digit changed (Content-Range, Content-Length, received offsets), a 32-bit field
 set to a boundary value (record lengths, sequence numbers), bytes deleted, inserted or
 duplicated (retransmissions, repeated records), a piece of another capture spliced in, the file
@@ -35,6 +37,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -59,7 +62,62 @@ CONTENT_CHECK_PIECES = 20_000  # past this many acknowledged chunks only coverag
 
 
 def corpus() -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(CAPTURES.iterdir()) if p.suffix in (".pcap", ".pcapng")}
+    """The captures of captures/ and the hostile seeds below, by name."""
+    files = {p.name: p.read_bytes() for p in sorted(CAPTURES.iterdir()) if p.suffix in (".pcap", ".pcapng")}
+    for name, fragments in HOSTILE_SEEDS.items():
+        files[name] = upload_capture(fragments)
+    return files
+
+
+# Uploads the corpus (made by a conformant client) never holds, as (first, last, TOTAL, ack status):
+# the TOTAL changes between fragments, bytes lie past the final TOTAL, the server acknowledges a
+# fragment whose TOTAL changed. Random mutations seldom line such numbers up; from these seeds they
+# vary them.
+HOSTILE_SEEDS: dict[str, list[tuple[int, int, int, int]]] = {
+    "seed-total-grows-over-a-hole.pcap": [(0, 29, 50, 200), (40, 59, 70, 200)],
+    "seed-bytes-past-the-final-total.pcap": [(0, 19, 100, 200), (40, 99, 100, 200), (0, 9, 80, 200)],
+    "seed-total-shrinks.pcap": [(0, 69, 70, 200), (0, 49, 50, 200)],
+    "seed-changed-total-refused.pcap": [(0, 29, 50, 200), (30, 69, 70, 400), (30, 49, 50, 200)],
+}
+SEED_SESSION = "{6B29FC40-CA47-1067-B31D-00DD010662DA}"
+SEED_PROTOCOL = "{7df0354d-249b-430f-820d-3d2a9bef4931}"
+
+
+def upload_capture(fragments: Sequence[tuple[int, int, int, int]]) -> bytes:
+    """A pcap of one TCP connection carrying Create-Session, the fragments and Close-Session, each
+    request and its ack in one segment (Ethernet, IPv4, TCP; checksums are not checked)."""
+    client, server = (bytes([10, 0, 0, 1]), 49152), (bytes([10, 0, 0, 2]), 80)
+    seq = {client: 1000, server: 5000}
+    records: list[bytes] = []
+
+    def segment(src: tuple[bytes, int], dst: tuple[bytes, int], flags: int, data: bytes = b"") -> None:
+        tcp = struct.pack("!HHIIBBHHH", src[1], dst[1], seq[src], seq[dst], 5 << 4, flags, 65535, 0, 0)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(data), 0, 0x4000, 64, 6, 0, src[0], dst[0])
+        frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + tcp + data
+        ts = 1_700_000_000_000_000 + len(records) * 1000  # microseconds
+        records.append(struct.pack("<IIII", ts // 1_000_000, ts % 1_000_000, len(frame), len(frame)) + frame)
+        seq[src] = (seq[src] + len(data) + (flags & 0x03 != 0)) & 0xFFFFFFFF
+
+    def exchange(headers: str, body: bytes, status: int, ack: str) -> None:
+        segment(client, server, 0x18, f"BITS_POST /uploads/seed.bin HTTP/1.1\r\nHost: 10.0.0.2\r\n{headers}"
+                f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        segment(server, client, 0x18, f"HTTP/1.1 {status} {'OK' if status < 300 else 'Error'}\r\n"
+                f"BITS-Packet-Type: Ack\r\n{ack}Content-Length: 0\r\n\r\n".encode())
+
+    segment(client, server, 0x02)
+    seq[server] -= 1
+    segment(server, client, 0x12)
+    segment(client, server, 0x10)
+    sid = f"BITS-Session-Id: {SEED_SESSION}\r\n"
+    exchange(f"BITS-Packet-Type: Create-Session\r\nBITS-Supported-Protocols: {SEED_PROTOCOL}\r\n", b"", 200,
+             f"BITS-Protocol: {SEED_PROTOCOL}\r\n{sid}")
+    for first, last, total, status in fragments:
+        body = bytes((i * 7 + total) & 0xFF for i in range(first, last + 1))
+        received = f"BITS-Received-Content-Range: {last + 1}\r\n" if status == 200 else ""
+        exchange(f"BITS-Packet-Type: Fragment\r\n{sid}Content-Name: seed.bin\r\n"
+                 f"Content-Range: bytes {first}-{last}/{total}\r\n", body, status, sid + received)
+    exchange(f"BITS-Packet-Type: Close-Session\r\n{sid}", b"", 200, sid)
+    return struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1) + b"".join(records)
 
 
 @dataclass(frozen=True)
@@ -234,8 +292,8 @@ def run(minutes: float, seed: int, crashes: Path, per_input_s: float) -> int:
     last_note = time.monotonic()
     print(f"fuzzing {len(names)} corpus captures for {minutes:g} min, seed {seed}, crashes to {crashes}", flush=True)
     while time.monotonic() < deadline:
-        base = rng.choice(names)
-        mutations = random_mutations(rng)
+        base = names[inputs] if inputs < len(names) else rng.choice(names)  # each seed as it is, first
+        mutations = random_mutations(rng) if inputs >= len(names) else []
         data = mutate(files[base], mutations, files)
         inputs += 1
         try:
