@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
-from bitstrace.analyzer.bits.extract import Extractor
+from bitstrace.analyzer.bits.extract import WRITE_FAILURES, Extractor
 from bitstrace.analyzer.bits.sessions import DEFAULT_STALL_AFTER_S, BitsSummary, SessionTracker
 from bitstrace.analyzer.exchanges import Exchange
 from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
@@ -26,7 +26,7 @@ class Analysis:
     @property
     def complete(self) -> bool:
         """Every capture read to its end and every extracted file written."""
-        return self.run.complete and not any(p.kind.startswith("extract-") for p in self.problems)
+        return self.run.complete and not any(p.kind in WRITE_FAILURES for p in self.problems)
 
 
 def analyze(
@@ -48,12 +48,17 @@ def analyze(
     def file_exchange(exchange: Exchange) -> None:  # the packet on_exchange returns is not wanted here
         tracker.on_exchange(exchange)
 
-    run = read_exchanges(sources, file_exchange,
-                         on_body=extractor.on_body if extractor else None, progress=progress,
-                         selection=selection)
-    starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
-    ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
-    bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)
+    try:
+        run = read_exchanges(sources, file_exchange,
+                             on_body=extractor.on_body if extractor else None, progress=progress,
+                             selection=selection)
+        starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
+        ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
+        bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)
+    except BaseException:  # an interrupt, a signal made an exception, a bug: no temp file may stay
+        if extractor is not None:
+            extractor.discard()
+        raise
     if extractor is not None:
         run.problems.extend(extractor.problems)
     return Analysis(run, bits)

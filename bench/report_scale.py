@@ -46,7 +46,7 @@ def run_once(arguments: list[str], code: Path | None) -> tuple[float, float, int
     environment = dict(os.environ)
     if code is not None:
         environment["PYTHONPATH"] = str(code) + os.pathsep + environment.get("PYTHONPATH", "")
-    command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "bitstrace.analyzer.cli", "--no-progress", *arguments]
+    command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "bitstrace.cli.analyze", "--no-progress", *arguments]
     with tempfile.NamedTemporaryFile("r") as rss, tempfile.TemporaryFile("w+b") as out:
         started = time.perf_counter()
         # cwd: outside the repository, so `bitstrace` comes from the install (or from --code)

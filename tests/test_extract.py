@@ -384,8 +384,9 @@ def test_hash_past_the_total_is_not_used(tmp_path: Path, monkeypatch: pytest.Mon
     w = Wire(tmp_path)
     w.create()
     for first, last in FRAGS:
-        w.fragment(SID, first, last, T)
-    w.fragment(SID, T, T + 999, T + 1000)  # a later fragment claims a larger total; the file is cut to T
+        w.fragment(SID, first, last, T + 1000)
+    w.fragment(SID, T, T + 999, T + 1000)  # the streamed hash runs to T + 1000
+    w.fragment(SID, 0, 99, T)  # the last acknowledged fragment gives the final TOTAL: the file is cut to T
     session, read_back = finish_counting_read_back(w, monkeypatch)
     assert read_back == T and session.entity.sha256 == hashlib.sha256(payload(T)).hexdigest()
 
@@ -509,14 +510,14 @@ def interleaved_uploads(w: Wire, sessions: int, total: int = T) -> None:
 
 
 def spool_fds(directory: Path) -> int:
-    """Descriptors of this process open on temp files in `directory`."""
+    """Descriptors of this process open on temp files in `directory` (not the run's one lock file)."""
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        count += target.startswith(str(directory)) and os.path.basename(target).startswith(".bitstrace-")
+        count += target.startswith(str(directory)) and os.path.basename(target).startswith(".bitstrace-") and target.endswith(".tmp")
     return count
 
 

@@ -16,8 +16,13 @@ server acknowledged it.
   resend-conflict) and replaces them.
 - `settle` turns a fragment's provisional bytes below min(E+1, N) acknowledged when its ack is
   200/201; the rest stay provisional, so refused data never counts as delivered.
-At `finish` an entity whose acknowledged coverage spans [0, TOTAL) is complete: it is cut to
-TOTAL, hashed (sha256) and named `<session id without braces>_<sanitised Content-Name>`.
+At `finish` an entity is complete only when acknowledged bytes run without a hole over [0, TOTAL)
+of its final TOTAL: that of the last fragment the server acknowledged (a conformant server refuses a
+fragment whose TOTAL changed, so a refused fragment's TOTAL is not the file's), else that of the
+last fragment seen. Fragments that disagree on TOTAL are a located problem naming every TOTAL and
+the one judged against; nothing past the final TOTAL counts. A complete entity is cut to TOTAL,
+hashed (sha256) and named `<session id without braces>_<sanitised Content-Name>`; any other keeps
+the `.partial` suffix and lists its holes (what of [0, TOTAL) is not acknowledged).
 The hash streams so that publishing need not read the file back: the spool keeps the sha256 of
 the acknowledged prefix [0, hashed_end), which never changes again (acknowledged bytes are never
 overwritten). One in-flight fragment at a time, the one whose write starts exactly at
@@ -25,10 +30,9 @@ hashed_end, extends a tentative copy as it stores; its ack promotes the copy onl
 acknowledges every byte fed. Anything else (a partial ack, a refusal, another fragment writing
 over the fed bytes, a gap) drops the copy, and publishing reads back only what lies past
 hashed_end.
-Anything else keeps the `.partial` suffix; its coverage map says which ranges are
-acknowledged, provisional or missing. All files are opened relative to the output directory's
-descriptor with O_NOFOLLOW|O_EXCL and published with link(2), so no name ever leaves the
-directory, follows a symlink or replaces an existing file.
+The coverage map says which ranges are acknowledged, provisional or missing. All files are
+opened relative to the output directory's descriptor with O_NOFOLLOW|O_EXCL and published with
+link(2), so no name ever leaves the directory, follows a symlink or replaces an existing file.
 
 Only a bounded number of temp files stay open (MAX_OPEN_SPOOLS, least recently used closed
 first), so a capture of any number of sessions fits the open-file limit. A closed temp file is
@@ -36,16 +40,30 @@ reopened by name when next needed; since the directory may be writable by others
 file must be the one created (device, inode, and the size it had when closed). A temp file that
 cannot be reopened or was replaced loses its entity (a Problem says so), and the rest goes on.
 The descriptor is held while publishing, so the linked name is checked to be the same file.
+
+Temp files never outlive their run. An interrupted or failed run (a signal the command line turns
+into an exception, any exception) calls `discard`, which removes every temp file this run made
+and is still its own. A run killed outright (kill -9, a crash) cannot, so each run holds an
+exclusive flock(2) on `.bitstrace-PID.lock` in the directory for as long as it lives, and every
+new run first looks for `.bitstrace-PID-N.tmp` files of other runs: when their lock can be taken
+(the kernel drops a lock with its process, so a reused PID cannot fake a live run) or, without a
+lock file, when no process has that PID, the files are removed and a problem names them, their
+size and the PID. They are removed rather than only reported because nothing can resume from them
+(the coverage map lived in the dead process's memory) and they can be large; a live run's files
+are never touched.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import hashlib
 import operator
 import os
+import re
 import resource
+import signal
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -56,10 +74,15 @@ from bitstrace.analyzer.bits.protocol import session_key
 from bitstrace.analyzer.problems import Problem
 
 PARTIAL_SUFFIX = ".partial"
+# The extractor's problems that mean an entity was not written as captured (the run is incomplete).
+WRITE_FAILURES = frozenset({"extract-write-failed", "extract-temp-file-lost"})
 MAX_NAME_BYTES = 180  # leaves room for the id, a de-duplication counter and the suffix in 255
 MAX_ID_BYTES = 60
+# Win32 "Naming Files, Paths, and Namespaces": device names, alone or before an extension, in any
+# case; CONIN$ and CONOUT$ open the console as well.
 _WINDOWS_RESERVED = frozenset(
-    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(1, 10)} | {f"lpt{i}" for i in range(1, 10)}
+    {"con", "prn", "aux", "nul", "conin$", "conout$"}
+    | {f"{port}{digit}" for port in ("com", "lpt") for digit in (*"0123456789", "\u00b9", "\u00b2", "\u00b3")}
 )
 _UNSAFE = frozenset('<>:"|?*')
 # Small contiguous writes wait in memory and reach the file as one pwrite per run: a capture of
@@ -75,23 +98,39 @@ _REOPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 # write-behind runs mean a closed file is reopened once per run, not once per chunk. A lower soft
 # limit lowers the bound to a quarter of it.
 MAX_OPEN_SPOOLS = 128
+TEMP_PREFIX = ".bitstrace-"
+# a run's files: its temp files `.bitstrace-PID-N.tmp` and its lock `.bitstrace-PID.lock`
+_RUN_FILE = re.compile(r"\.bitstrace-([1-9][0-9]{0,9})(?:-[0-9]+\.tmp|\.lock)")
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+STALE_NAMES_LISTED = 5
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def windows_reserved(name: str) -> bool:
+    """Whether Windows takes `name` for a device: it drops trailing dots and spaces, of the name and
+    of the part before the first dot, and ignores case (`CON`, `con.txt`, `NUL .tar.gz`, `COM1.`)."""
+    return name.rstrip(" .").split(".", 1)[0].rstrip(" ").lower() in _WINDOWS_RESERVED
+
+
+def _not_reserved(name: str) -> str:
+    return "_" + name if windows_reserved(name) else name
 
 
 def sanitise(part: str, limit: int = MAX_NAME_BYTES) -> str:
     """One safe path component: last path part only, no control chars, no reserved names."""
     part = part.replace("\\", "/").rsplit("/", 1)[-1]
     part = "".join("_" if ch in _UNSAFE else ch for ch in part if ch.isprintable())
-    part = part.strip(" .")
-    if part.split(".", 1)[0].lower() in _WINDOWS_RESERVED:
-        part = "_" + part
+    part = _not_reserved(part.strip(" ."))
     return part.encode("utf-8")[:limit].decode("utf-8", "ignore").rstrip(" .")
 
 
 def entity_name(session_id: str, content_name: str | None) -> str:
-    """`<session id without braces>_<sanitised Content-Name>` (just the id without a name)."""
-    sid = sanitise(session_id, MAX_ID_BYTES).strip("{}") or "session"
+    """`<session id without braces>_<sanitised Content-Name>` (just the id without a name). Each part
+    is checked after the braces go, and the joined name again: reserved names are a property of
+    the name that reaches the disk."""
+    sid = sanitise(sanitise(session_id, MAX_ID_BYTES).strip("{}"), MAX_ID_BYTES) or "session"
     name = sanitise(content_name) if content_name else ""
-    return f"{sid}_{name}" if name else sid
+    return _not_reserved(f"{sid}_{name}" if name else sid)
 
 
 @dataclass(slots=True)
@@ -103,16 +142,25 @@ class CoveredRange:
     captures: tuple[int, ...] = ()  # the capture file index of each of `frames`
 
 
+@dataclass(frozen=True, slots=True)
+class Hole:
+    """Bytes of [0, TOTAL) not acknowledged: never sent, lost in a capture gap, or provisional."""
+
+    first: int
+    last: int  # inclusive
+
+
 @dataclass
 class ExtractedEntity:
     session_id: str
     path: str
     complete: bool
-    total: int | None
-    acknowledged_bytes: int
+    total: int | None  # the final TOTAL (see module doc)
+    acknowledged_bytes: int  # below `total`
     sha256: str | None  # of complete entities only
     coverage: list[CoveredRange]
     anomalies: list[Anomaly] = field(default_factory=list)
+    holes: list[Hole] = field(default_factory=list)  # empty exactly when complete
 
 
 @dataclass(slots=True)
@@ -133,6 +181,7 @@ class _Inflight:
     spool: "_Spool"
     first: int
     last: int
+    total: int
     place: tuple[int, int]  # (capture index, request frame)
     ts_ns: int
     connection: int
@@ -192,7 +241,10 @@ class _Spool:
         self._closed_size = 0
         self.lost: str | None = None  # why the temp file is no longer ours to use or publish
         self.session_id = session_id
-        self.total: int | None = None
+        # every TOTAL the fragments gave -> where it first came: ((capture, frame), connection)
+        self.totals: dict[int, tuple[tuple[int, int], int]] = {}
+        self.last_total: int | None = None  # of the last fragment seen
+        self.acknowledged_total: int | None = None  # of the last fragment the server acknowledged
         self.pieces: list[_Piece] = []
         self.anomalies: list[Anomaly] = []
         self.hashed = hashlib.sha256()  # of the file's bytes [0, hashed_end), all acknowledged
@@ -271,13 +323,13 @@ class _Spool:
             j += 1
         if cursor < end:
             segments.append((cursor, end, None))
-        for a, b, piece in segments:
+        for a, b, stored in segments:
             chunk = data[a - pos:b - pos]
-            if piece is not None:
-                if piece.owner == inflight.key:
+            if stored is not None:
+                if stored.owner == inflight.key:
                     continue
-                self._compare(a, b, chunk, piece, inflight)
-                if piece.acknowledged:
+                self._compare(a, b, chunk, stored, inflight)
+                if stored.acknowledged:
                     continue
             self._write(a, chunk, inflight)
             self.assign(_Piece(a, b, inflight.place, False, inflight.key))
@@ -450,20 +502,45 @@ class _Spool:
                              tuple(capture for capture, _ in places))
                 for first, end, acknowledged, places in runs]
 
-    def acknowledged_bytes(self) -> int:
-        return sum(pc.end - pc.start for pc in self.pieces if pc.acknowledged and (self.total is None or pc.start < self.total))
+    @property
+    def total(self) -> int | None:
+        """The final TOTAL (see module doc)."""
+        return self.acknowledged_total if self.acknowledged_total is not None else self.last_total
+
+    def acknowledged_bytes(self, total: int) -> int:
+        return sum(min(pc.end, total) - pc.start for pc in self.pieces if pc.acknowledged and pc.start < total)
+
+    def holes(self, total: int) -> list[Hole]:
+        """What of [0, total) is not acknowledged."""
+        holes = []
+        cursor = 0
+        for piece in self.pieces:
+            if piece.start >= total:
+                break
+            if not piece.acknowledged:
+                continue
+            if piece.start > cursor:
+                holes.append(Hole(cursor, piece.start - 1))
+            cursor = piece.end
+        if cursor < total:
+            holes.append(Hole(cursor, total - 1))
+        return holes
 
 
 class Extractor:
     """Writes each session's entity into `out_dir` as its fragments pass (see module doc)."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, several_captures: bool = False,
+    def __init__(self, out_dir: str | os.PathLike[str], *, several_captures: bool = False,
                  capture_names: Sequence[str] = ()) -> None:
         os.makedirs(out_dir, exist_ok=True)
         self.several_captures = several_captures
         self.capture_names = capture_names  # by capture index: problems name the file of their frame
         self.out_dir = os.fspath(out_dir)
         self._dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self._pid = os.getpid()
+        self._temp_names: dict[str, tuple[int, int] | None] = {}  # made by this run -> (device, inode)
+        self._lock_fd: int | None = None
+        self._done = False
         self._spools: dict[str, _Spool] = {}  # by session key: the current session of that id
         self._retired: list[_Spool] = []  # earlier sessions whose id a Create ack issued again
         self._generation: dict[str, int] = {}
@@ -474,6 +551,128 @@ class Extractor:
         self.problems: list[Problem] = []
         self._named: set[tuple[str, str]] = set()  # (kind, session id) already in `problems`
         self._repeated: dict[str, int] = {}  # kind -> problems counted, not listed
+        self._remove_stale()
+        self._lock()
+
+    def _lock(self) -> None:
+        """Hold `.bitstrace-PID.lock` for the run: while it is held, other runs leave our temp files."""
+        name = f"{TEMP_PREFIX}{self._pid}.lock"
+        try:
+            fd = os.open(name, _LOCK_FLAGS, 0o644, dir_fd=self._dir_fd)
+        except OSError:
+            return  # other runs then judge our files by our PID alone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held by a process of another PID namespace: theirs
+            return
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        name = f"{TEMP_PREFIX}{self._pid}.lock"
+        try:
+            st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+            here = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+                os.unlink(name, dir_fd=self._dir_fd)
+        except OSError:
+            pass  # gone already: nothing to remove
+        finally:
+            os.close(fd)
+
+    def _run_alive(self, pid: int) -> bool:
+        """Whether the run of `pid` lives: its lock is held, or, without a lock file, the PID is in use."""
+        try:
+            fd = os.open(f"{TEMP_PREFIX}{pid}.lock", os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                         dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            if pid == self._pid:
+                return False  # no other live process has our PID
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except (OSError, OverflowError):
+                return True  # someone else's process, or a PID that cannot be asked: leave the files
+            return True
+        except OSError:
+            return True  # cannot tell: leave the files
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # drops the lock just taken
+        return False
+
+    def _remove_stale(self) -> None:
+        """Remove the temp files of runs that died without cleaning up, and say so (see module doc)."""
+        runs: dict[int, list[tuple[str, int]]] = {}
+        try:
+            with os.scandir(self._dir_fd) as entries:
+                for entry in entries:
+                    match = _RUN_FILE.fullmatch(entry.name)
+                    if match is not None and entry.is_file(follow_symlinks=False):
+                        runs.setdefault(int(match.group(1)), []).append((entry.name, entry.stat(follow_symlinks=False).st_size))
+        except OSError:
+            return
+        for pid, found in sorted(runs.items()):
+            if self._run_alive(pid):
+                continue
+            removed, size, failed = [], 0, []
+            for name, length in sorted(found):
+                try:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as error:
+                    failed.append(f"{name} ({error.strerror or error})")
+                    continue
+                if name.endswith(".tmp"):
+                    removed.append(name)
+                    size += length
+            if not removed and not failed:
+                continue  # only a lock file
+            listed = ", ".join(removed[:STALE_NAMES_LISTED]) + (", …" if len(removed) > STALE_NAMES_LISTED else "")
+            message = (f"removed {len(removed):,} temporary file{'s' if len(removed) != 1 else ''} ({size:,} bytes) "
+                       f"left in {self.out_dir} by an earlier run (pid {pid}) that ended without cleaning up"
+                       f"{': ' + listed if removed else ''}")
+            if failed:
+                message += f"; could not remove {', '.join(failed)}"
+            self.problems.append(Problem("extract-stale-temp-removed", message))
+
+    def discard(self) -> None:
+        """The run stops early (a signal, an exception): remove every temp file it made that is
+        still its own and the lock; nothing more is published. Safe to call more than once."""
+        if self._done:
+            return
+        self._done = True
+        # a second Ctrl-C (or SIGTERM) while removing would leave the rest: they wait until done
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self._remove_own()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _remove_own(self) -> None:
+        for spool in self._retired + list(self._spools.values()):
+            try:
+                spool.close()
+            except OSError:
+                pass
+        for name, identity in self._temp_names.items():
+            try:
+                st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+                if identity is None or (st.st_dev, st.st_ino) == identity:  # None: made as the run stopped
+                    os.unlink(name, dir_fd=self._dir_fd)
+            except OSError:
+                continue
+        self._temp_names.clear()
+        self._unlock()
+        os.close(self._dir_fd)
 
     def _capture_name(self, index: int) -> str | None:
         return self.capture_names[index] if index < len(self.capture_names) else None
@@ -540,10 +739,10 @@ class Extractor:
         spool = self._spool(session_id)
         if spool is None:
             return None
-        if spool.total is None:
-            spool.total = rng.total
-        inflight = _Inflight(key, spool, rng.first, rng.last, (message.first_capture, message.first_frame),
-                             message.first_ts_ns, connection.id)
+        place = (message.first_capture, message.first_frame)
+        spool.last_total = rng.total
+        spool.totals.setdefault(rng.total, (place, connection.id))
+        inflight = _Inflight(key, spool, rng.first, rng.last, rng.total, place, message.first_ts_ns, connection.id)
         self._inflight[key] = inflight
         return inflight
 
@@ -551,12 +750,25 @@ class Extractor:
         key = session_key(session_id)
         spool = self._spools.get(key)
         if spool is None:
-            try:
-                spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{self._temp_files}.tmp", session_id,
-                               self._generation.get(key, 0), self.several_captures, self._behind, self._open_files)
+            for _ in range(100):  # names a live run of another PID namespace may hold are skipped
+                name = f"{TEMP_PREFIX}{self._pid}-{self._temp_files}.tmp"
                 self._temp_files += 1
-            except OSError as error:
-                self._problem("extract-write-failed", session_id, f"temp file for session {session_id}: {error}")
+                self._temp_names[name] = None  # before it exists: an interrupt in between still removes it
+                try:
+                    spool = _Spool(self._dir_fd, name, session_id, self._generation.get(key, 0),
+                                   self.several_captures, self._behind, self._open_files)
+                except FileExistsError:
+                    del self._temp_names[name]
+                    continue
+                except OSError as error:
+                    del self._temp_names[name]
+                    self._problem("extract-write-failed", session_id, f"temp file for session {session_id}: {error}")
+                    return None
+                self._temp_names[name] = spool.identity
+                break
+            if spool is None:
+                self._problem("extract-write-failed", session_id, f"temp file for session {session_id}: "
+                              f"every name tried exists in {self.out_dir}")
                 return None
             self._spools[key] = spool
         return spool
@@ -571,6 +783,7 @@ class Extractor:
             limit = inflight.last + 1
             if packet.received_offset is not None:
                 limit = min(limit, packet.received_offset)
+            inflight.spool.acknowledged_total = inflight.total
         inflight.spool.settle(inflight, limit)
 
     def session_reissued(self, key: str) -> None:
@@ -587,7 +800,7 @@ class Extractor:
             inflight.spool.settle(inflight, inflight.first)
         self._inflight.clear()
         self._flush_all()
-        entities: dict[str, ExtractedEntity] = {}
+        entities: dict[tuple[str, int], ExtractedEntity] = {}
         for spool in self._retired + list(self._spools.values()):
             key = (session_key(spool.session_id), spool.generation)
             session_id, content_name = names.get(key, (spool.session_id, None))
@@ -602,9 +815,12 @@ class Extractor:
                     f"{os.path.join(self.out_dir, spool.temp_name)} {spool.lost}; its entity is not published"))
             elif spool.is_named_by(spool.temp_name):
                 os.unlink(spool.temp_name, dir_fd=self._dir_fd)
+            self._temp_names.pop(spool.temp_name, None)
             spool.close()
         self._spools.clear()
         self._retired.clear()
+        self._done = True
+        self._unlock()
         os.close(self._dir_fd)
         for kind, count in self._repeated.items():
             self.problems.append(Problem(kind, f"{count:,} more {kind} problems of sessions named above; only counted"))
@@ -612,13 +828,14 @@ class Extractor:
 
     def _publish(self, spool: _Spool, session_id: str, content_name: str | None) -> ExtractedEntity:
         total = spool.total
-        acked = spool.acknowledged_bytes()
-        complete = total is not None and acked == total and all(
-            pc.acknowledged for pc in spool.pieces if pc.start < total)
+        assert total is not None  # a spool is made for a fragment, which gives a TOTAL
+        if len(spool.totals) > 1:
+            self._total_changed(spool, session_id, total)
+        holes = spool.holes(total)
+        complete = not holes
         digest = None
         fd = spool.descriptor()  # held from here on: the file linked below is checked to be this one
         if complete:
-            assert total is not None
             os.ftruncate(fd, total)
             digest = self._sha256(spool, total)
         name = self._link(spool, entity_name(session_id, content_name), "" if complete else PARTIAL_SUFFIX)
@@ -628,12 +845,25 @@ class Extractor:
             raise OSError(errno.ESTALE, spool.lost)
         return ExtractedEntity(
             session_id=session_id, path=os.path.join(self.out_dir, name), complete=complete, total=total,
-            acknowledged_bytes=acked, sha256=digest, coverage=spool.coverage(), anomalies=spool.anomalies,
+            acknowledged_bytes=spool.acknowledged_bytes(total), sha256=digest, coverage=spool.coverage(),
+            anomalies=spool.anomalies, holes=holes,
         )
+
+    def _total_changed(self, spool: _Spool, session_id: str, total: int) -> None:
+        """Fragments that disagree on TOTAL: which TOTAL the file is judged against is said, never chosen silently."""
+        given = ", then ".join(f"TOTAL {t} (frame {frame_name(*place, self.several_captures)})"
+                               for t, (place, _) in spool.totals.items())
+        judged = ("that of the last acknowledged fragment" if spool.acknowledged_total is not None
+                  else "that of the last fragment; none was acknowledged")
+        (capture, frame), connection = list(spool.totals.values())[1]
+        self.problems.append(Problem(
+            "extract-total-changed", f"session {session_id}: the fragments give {given}; the extracted file is "
+            f"judged against TOTAL {total}, {judged}", file=self._capture_name(capture), frame=frame,
+            connection=connection))
 
     def _link(self, spool: _Spool, base: str, suffix: str) -> str:
         for attempt in range(1, 10_000):
-            name = f"{base}{suffix}" if attempt == 1 else f"{base}-{attempt}{suffix}"
+            name = _not_reserved(f"{base}{suffix}" if attempt == 1 else f"{base}-{attempt}{suffix}")
             try:
                 os.link(spool.temp_name, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd,
                         follow_symlinks=False)

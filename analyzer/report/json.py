@@ -157,6 +157,7 @@ def session_record(session: Session, with_packets: bool = True) -> SessionRecord
             "path": entity.path, "complete": entity.complete, "sha256": entity.sha256,
             "coverage": [{"first": r.first, "last": r.last, "frames": list(r.frames),
                           "captures": list(r.captures), "acknowledged": r.acknowledged} for r in entity.coverage],
+            "holes": [{"first": h.first, "last": h.last} for h in entity.holes],
         }
     record: SessionRecord = {
         "id": session.id, "client": session.client, "server": session.server, "host": session.host,

@@ -11,8 +11,10 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import sys
 from importlib import resources
+from types import FrameType
 from typing import Callable, Iterator, Sequence, TextIO
 
 from bitstrace import __version__
@@ -186,31 +188,35 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         report = build_report(analysis, session_filter=session, with_packets=False)
         filtered = filter_report(report, args.min_severity)
         packets = packet_source(analysis, filtered)
-        if json_out:
-            _write(args.json, lambda: write_json(filtered, json_out, packets), json_out)
-        if jsonl_out:
-            _write(args.jsonl, lambda: write_jsonl(jsonl_records(filtered, packets), jsonl_out), jsonl_out)
-        if html_out:
-            _write(args.html, lambda: write_html(filtered, html_out, sessions_with_packets(filtered, packets)),
-                   html_out)
-        if annotated:
-            from bitstrace.analyzer.report.annotate import comments_by_frame, write_annotated
+        try:
+            if json_out:
+                _write(args.json, lambda: write_json(filtered, json_out, packets), json_out)
+            if jsonl_out:
+                _write(args.jsonl, lambda: write_jsonl(jsonl_records(filtered, packets), jsonl_out), jsonl_out)
+            if html_out:
+                _write(args.html, lambda: write_html(filtered, html_out, sessions_with_packets(filtered, packets)),
+                       html_out)
+            if annotated:
+                from bitstrace.analyzer.report.annotate import comments_by_frame, write_annotated
 
-            notes = comments_by_frame(filtered, sessions_with_packets(filtered, packets))
-            try:
-                again = make_selection(args)
-                analysis.problems.extend(write_annotated(args.captures, notes, annotated,
-                                                         again.apply if again else None))
-                annotated.flush()
-            except OSError as error:
-                raise OutputFailed(args.annotate, error) from error
-        if args.logs:
-            from bitstrace.analyzer.report.logs import log_rows, write_logs
+                notes = comments_by_frame(filtered, sessions_with_packets(filtered, packets))
+                try:
+                    again = make_selection(args)
+                    analysis.problems.extend(write_annotated(args.captures, notes, annotated,
+                                                             again.apply if again else None))
+                    annotated.flush()
+                except OSError as error:
+                    raise OutputFailed(args.annotate, error) from error
+            if args.logs:
+                from bitstrace.analyzer.report.logs import log_rows, write_logs
 
-            try:
-                write_logs(log_rows(filtered, packets), args.logs, args.logs_format)
-            except OSError as error:
-                raise OutputFailed(error.filename or args.logs, error) from error
+                try:
+                    write_logs(log_rows(filtered, packets), args.logs, args.logs_format)
+                except OSError as error:
+                    raise OutputFailed(error.filename or args.logs, error) from error
+        except OutputFailed:
+            report_problems(analysis.problems, err)  # the report that would list them is lost (a full disk
+            raise                                    # fills the extraction first)
     text_on_terminal = False
     nothing_read = all(c.frames == 0 and not c.complete for c in analysis.run.captures)
     # A report format asked for is the output (to a file or stdout): the text is not rendered.
@@ -218,7 +224,11 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not (args.json or args.jsonl or args.html or args.logs or args.quiet or nothing_read):
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
-        _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
+        try:
+            _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
+        except OutputFailed:
+            report_problems(analysis.problems, err)
+            raise
     if not text_on_terminal:  # on a terminal the report's own problems table says it
         report_problems(analysis.problems, err)
     if args.fail_on:
@@ -271,11 +281,20 @@ def make_selection(args: argparse.Namespace) -> FrameSelection | None:
                           parse_time(args.end) if args.end else None, args.count)
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so the extractor removes its temp files on the way out;
+    the exit status is the shell's for that signal."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # The analysis allocates many long-lived records (one per BITS packet) and few cycles; the
     # default thresholds make the collector rescan them all again and again (measured on the
     # benchmark's many-small-requests capture: 19.4 s -> 14.8 s, large capture unchanged).
     gc.set_threshold(100_000, 50, 100)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:  # one set to be ignored (nohup) stays ignored
+            signal.signal(signum, _stop)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.json == "-" and args.jsonl == "-":
