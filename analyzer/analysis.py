@@ -10,6 +10,7 @@ from bitstrace.analyzer.bits.extract import Extractor
 from bitstrace.analyzer.bits.sessions import BitsSummary, SessionTracker
 from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
 
 
 @dataclass
@@ -28,21 +29,23 @@ class Analysis:
 
 
 def analyze(
-    sources: Iterable[str | os.PathLike | BinaryIO],
+    sources: Iterable[str | os.PathLike[str] | BinaryIO],
     *,
-    extract_dir: str | os.PathLike | None = None,
+    extract_dir: str | os.PathLike[str] | None = None,
     progress: ProgressHook | None = None,
     stall_after_s: float | None = None,
+    reorder_window: float | None = None,
 ) -> Analysis:
     """Read every capture and reconstruct the BITS sessions in them."""
     sources = list(sources)
     several = len(sources) > 1  # messages then name frames `capture:frame`, as the reports do
     extractor = (Extractor(extract_dir, several_captures=several, capture_names=[display_name(s) for s in sources])
                  if extract_dir is not None else None)
-    options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
-    tracker = SessionTracker(extractor, several_captures=several, **options)
+    tracker = (SessionTracker(extractor, several_captures=several) if stall_after_s is None
+               else SessionTracker(extractor, several_captures=several, stall_after_s=stall_after_s))
     run = read_exchanges(sources, tracker.on_exchange,
-                         on_body=extractor.on_body if extractor else None, progress=progress)
+                         on_body=extractor.on_body if extractor else None, progress=progress,
+                         reorder_window=REORDER_WINDOW_NS / 1e9 if reorder_window is None else reorder_window)
     starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
     ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
     bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence, TextIO
 from bitstrace import __version__
 from bitstrace.analyzer.pipeline import ProgressHook, read_exchanges
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
 from bitstrace.analyzer.report.json import SEVERITY_ORDER as SEVERITIES
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with status 1 when an anomaly of this severity or worse is found")
     sel.add_argument("--stall-after", type=_positive_seconds, metavar="SECONDS", default=None,
                      help="flag 'stalled' after this long without progress (default 300)")
+    parser.add_argument("--reorder-window", type=_positive_seconds, metavar="SECONDS", default=None,
+                        help="how long, in capture time, a TCP hole waits for late or reordered data "
+                             "before its bytes count as lost (default 2)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour in the text report (auto: only on a terminal)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -58,12 +62,12 @@ def progress_bar(enabled: bool) -> Iterator[ProgressHook | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), transient=True,
                   console=__import__("rich.console").console.Console(stderr=True)) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def hook(name: str, done: int, total: int | None) -> None:
             if name not in tasks:
@@ -79,16 +83,17 @@ def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
 
 
 def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from bitstrace.analyzer.exchanges import exchange_to_json
+    from bitstrace.analyzer.exchanges import Exchange, exchange_to_json
 
     # Several files: each record names the file its frame numbers count in.
     names = ["<stdin>" if path == "-" else path for path in args.captures] if len(args.captures) > 1 else None
 
-    def emit(exchange) -> None:
+    def emit(exchange: Exchange) -> None:
         out.write(json.dumps(exchange_to_json(exchange, names), separators=(",", ":")) + "\n")
 
     with progress_bar(not args.no_progress) as hook:
-        result = read_exchanges(args.captures, emit, progress=hook)
+        result = read_exchanges(args.captures, emit, progress=hook,
+                                reorder_window=args.reorder_window or REORDER_WINDOW_NS / 1e9)
     report_problems(result.problems, err)
     return EXIT_OK if result.complete else EXIT_INCOMPLETE
 
@@ -112,7 +117,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_USAGE
         with progress_bar(not args.no_progress) as hook:
             analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
-                               stall_after_s=args.stall_after)
+                               stall_after_s=args.stall_after, reorder_window=args.reorder_window)
         # Without the packets: each writer gets them a session at a time from `packets`.
         report = build_report(analysis, session_filter=args.session, with_packets=False)
         if args.session and not report["sessions"]:

@@ -176,7 +176,7 @@ class _Half:
     __slots__ = (
         "conn", "direction", "peer", "synced", "from_syn", "wire_base", "next_seq", "expect", "offset",
         "starts", "chunks", "seen", "buffered", "fin_offset", "fin_seen", "fin_done", "history",
-        "acked_to", "ack_marks", "queued",
+        "acked_to", "ack_marks", "queued", "anchored", "tentative_since", "syn_isn",
     )
 
     def __init__(self, conn: Connection, direction: int, history: int) -> None:
@@ -202,6 +202,12 @@ class _Half:
         self.acked_to = 0
         self.ack_marks: deque[list[int]] = deque()
         self.queued = False  # has an entry in the reassembler's deadline heap
+        # Where offset 0 is, is settled (anchored) by a SYN or SYN-ACK. Without one the stream
+        # is held, not delivered, from `tentative_since` for the reordering window: a SYN
+        # recorded late, or earlier bytes recorded after later ones, may still move offset 0.
+        self.anchored = False
+        self.tentative_since = 0
+        self.syn_isn: int | None = None  # the ISN of this side's SYN (or SYN-ACK), once seen
 
     def sync(self, seq: int) -> None:
         self.synced = True
@@ -214,7 +220,8 @@ class _Half:
         return self.offset + delta
 
     def refresh(self) -> None:
-        fast = self.synced and not self.starts and self.fin_offset is None and self.conn.rst is None
+        fast = (self.synced and self.anchored and not self.starts and self.fin_offset is None
+                and self.conn.rst is None)
         self.expect = self.next_seq if fast else -1
 
     def missing_bytes(self) -> bool:
@@ -323,7 +330,8 @@ class TcpReassembler:
             if self._forgotten and self._of_forgotten(src, sport, dst, dport, seq, ack, flags):
                 return
             half = self._new_connection(src, sport, dst, dport, flags, frame, ts_ns)
-        elif flags & (SYN | ACK) == SYN and half.wire_base is not None and seq != half.wire_base:
+        elif (flags & (SYN | ACK) == SYN and half.wire_base is not None and seq != half.wire_base
+              and not self._late_syn(half, seq, ts_ns)):
             if not half.conn.closed:
                 self._close(half.conn, frame, ts_ns)
             half = self._new_connection(src, sport, dst, dport, flags, frame, ts_ns)
@@ -343,16 +351,21 @@ class TcpReassembler:
                     conn.position(CLIENT) or conn.position(SERVER)):
                 conn.swap_roles()  # the SYN (or SYN-ACK) was recorded after the first packets
             conn.handshake_seen = True
+            if half.syn_isn is None:
+                half.syn_isn = half.wire_base = seq
             seq = (seq + 1) & _SEQ_MASK
-            if not half.synced:
-                half.sync(seq)
+            if not half.anchored:
+                self._anchor_at(half, seq, frame, ts_ns)
                 half.from_syn = not flags & ACK
-            if flags & ACK and not peer.synced:
-                peer.sync(ack)  # the SYN-ACK tells where the client's stream starts
+            if flags & ACK and not peer.anchored:
+                self._anchor_at(peer, ack, frame, ts_ns)  # the SYN-ACK tells where the client's stream starts
         elif peer.from_syn and not half.synced and peer.offset == 0 and not (
-                flags & ACK and ack == peer.next_seq):
-            # The SYN awaits its SYN-ACK: an ACK of anything else answers another incarnation
-            # of this 4-tuple (a TIME_WAIT challenge ACK) and is not part of this connection.
+                flags & ACK and (ack == peer.next_seq or (payload or flags & FIN) and (
+                    ack - peer.next_seq) & _SEQ_MASK <= _MAX_WINDOW)):
+            # The SYN awaits its SYN-ACK: a bare ACK of anything else answers another
+            # incarnation of this 4-tuple (a TIME_WAIT challenge ACK) and is not part of this
+            # connection. Data acknowledging bytes ahead is the answer recorded before the
+            # SYN-ACK: held until the SYN-ACK settles where it starts.
             conn.out_of_window[half.direction] += 1
             return
         elif flags & RST and half.from_syn and not peer.synced and half.offset == 0:
@@ -364,11 +377,23 @@ class TcpReassembler:
             if ahead and ahead <= _MAX_WINDOW:
                 self._acknowledged_unseen(peer, ahead, frame, ts_ns)
         if flags & RST:
+            if flags & ACK and not peer.synced and peer.wire_base is not None:
+                # The RST acknowledges bytes of a side not yet seen: they were recorded after it.
+                base = (peer.wire_base + 1) & _SEQ_MASK
+                ahead = (ack - base) & _SEQ_MASK
+                if 0 < ahead <= _MAX_WINDOW:
+                    peer.sync(base)
+                    peer.expect = -1
+                    peer.tentative_since = self._now
+                    self._mark_known(peer, ahead, ts_ns)
             if conn.rst is None:
                 self._reset(half, seq, frame, ts_ns)
             return
         if not half.synced:
             half.sync(seq)
+            half.expect = -1
+            half.tentative_since = self._now
+            self._schedule(half)
         size = len(payload)
         start = half.offset_of(seq)
         if start - half.offset > _MAX_WINDOW:
@@ -442,6 +467,13 @@ class TcpReassembler:
 
     def _accept(self, half: _Half, start: int, data: bytes | memoryview, frame: int, ts_ns: int) -> None:
         """Take `data` found at stream offset `start`: deliver what is next, buffer what is ahead."""
+        if not half.anchored:  # held until offset 0 is settled, wherever it falls
+            self._store(half, start, data, frame)
+            if (half.buffered > self._max_buffer or len(half.starts) > _MAX_CHUNKS
+                    or self._buffered_held + self._history_held > self._max_buffered):
+                self._anchor_at_lowest(half, frame, ts_ns)
+            else:
+                return
         end = start + len(data)
         offset = half.offset
         if start < offset:
@@ -594,6 +626,8 @@ class TcpReassembler:
         missing, or None when nothing is missing."""
         if not half.synced:
             return None
+        if not half.anchored:
+            return half.tentative_since
         offset = half.offset
         marks = half.ack_marks
         while marks and marks[0][0] <= offset:
@@ -634,8 +668,11 @@ class TcpReassembler:
             self._give_way(half, conn.last_frame, conn.last_ts_ns)
 
     def _give_way(self, half: _Half, frame: int, ts_ns: int) -> None:
-        """Declare `half`'s first hole lost and deliver what follows it."""
-        if half.starts:
+        """Declare `half`'s first hole lost and deliver what follows it (for a stream whose
+        offset 0 is still open: settle it at the lowest byte seen)."""
+        if not half.anchored:
+            self._anchor_at_lowest(half, frame, ts_ns)
+        elif half.starts:
             target = half.starts[0]
         else:
             target = half.acked_to if half.fin_offset is None else half.fin_offset
@@ -675,10 +712,10 @@ class TcpReassembler:
             if since + window != when:  # queued early: its true place comes later
                 self._queue(half, since + window)
                 continue
-            if not half.buffered:  # a hole with nothing behind it holds no memory
+            if not half.buffered and half.anchored:  # a hole with nothing behind it holds no memory
                 waiting.append(half)
                 continue
-            size = half.starts[0] - half.offset
+            size = half.starts[0] - half.offset if half.anchored else 0
             self.problems.report(Problem(
                 "reassembly-budget",
                 f"{self._buffered_held + self._history_held} bytes held for reassembly over all connections, "
@@ -689,6 +726,64 @@ class TcpReassembler:
         for half in waiting:
             self._schedule(half)
         self._history_room = budget - self._buffered_held
+
+    def _late_syn(self, half: _Half, seq: int, ts_ns: int) -> bool:
+        """Whether a SYN with an ISN other than the recorded base is this connection's own,
+        recorded after its first packets: this side sent no SYN yet, the connection is young
+        and open, and what was seen of this side lies at or after the SYN's ISN."""
+        conn = half.conn
+        return (half.syn_isn is None and not conn.closed and ts_ns - conn.first_ts_ns <= self._window
+                and half.wire_base is not None and (half.wire_base - seq) & _SEQ_MASK <= _MAX_WINDOW)
+
+    def _anchor_at(self, half: _Half, seq: int, frame: int, ts_ns: int) -> None:
+        """Settle `half`'s offset 0 at sequence number `seq` (the byte after its ISN)."""
+        if not half.synced:
+            half.sync(seq)
+            half.anchored = True
+            return
+        self._rebase(half, half.offset_of(seq))
+        half.anchored = True
+        self._after_anchor(half, frame, ts_ns)
+
+    def _anchor_at_lowest(self, half: _Half, frame: int, ts_ns: int, deliver: bool = True) -> None:
+        """No SYN came: offset 0 is the lowest byte seen (mid-stream start)."""
+        if half.starts and half.starts[0] < half.offset:
+            self._rebase(half, half.starts[0])
+        half.anchored = True
+        if deliver:
+            self._after_anchor(half, frame, ts_ns)
+
+    def _rebase(self, half: _Half, base: int) -> None:
+        """Renumber a held stream so that `base` becomes offset 0; bytes before it are dropped."""
+        half.next_seq = (half.next_seq + base - half.offset) & _SEQ_MASK
+        shift = base - half.offset
+        if shift:
+            half.starts = [start - shift for start in half.starts]
+            half.acked_to = max(half.acked_to - shift, 0)
+            for mark in half.ack_marks:
+                mark[0] -= shift
+            if half.fin_offset is not None:
+                half.fin_offset -= shift
+        starts, chunks = half.starts, half.chunks
+        while starts and starts[0] < half.offset:  # before the ISN: not this stream's bytes
+            head = min(half.offset - starts[0], len(chunks[0]))
+            half.buffered -= head
+            self._buffered_held -= head
+            if head == len(chunks[0]):
+                del starts[0], chunks[0], half.seen[0]
+            else:
+                del chunks[0][:head]
+                starts[0] += head
+        self._history_room = self._max_buffered - self._buffered_held
+
+    def _after_anchor(self, half: _Half, frame: int, ts_ns: int) -> None:
+        self._drain(half, frame, ts_ns)
+        while half.buffered > self._max_buffer or len(half.starts) > _MAX_CHUNKS:
+            self._gap(half, half.starts[0] - half.offset, frame, ts_ns)
+            self._drain(half, frame, ts_ns)
+        self._settle(half, frame, ts_ns)
+        if not half.conn.closed:
+            self._schedule(half)
 
     def _reset(self, half: _Half, seq: int, frame: int, ts_ns: int) -> None:
         """A RST from `half`'s side: close, or, while known bytes are missing, wait for them."""
@@ -733,7 +828,7 @@ class TcpReassembler:
 
     def _settle(self, half: _Half, frame: int, ts_ns: int) -> None:
         """After a change to `half`: pass its FIN if reached; close when both FINs are through."""
-        if half.fin_offset == half.offset and not half.fin_done:
+        if half.fin_offset == half.offset and not half.fin_done and half.anchored:
             half.fin_done = True
             self._sink.on_fin(half.conn, half.direction, frame, ts_ns)
             if half.peer.fin_done:
@@ -747,6 +842,8 @@ class TcpReassembler:
             self._sink.on_rst(conn, rst_half.direction, rst_frame, rst_ts)
         conn.closed = True
         for half in conn._halves:
+            if half.synced and not half.anchored:
+                self._anchor_at_lowest(half, frame, ts_ns, deliver=False)  # the flush delivers
             if half.synced:
                 end = half.starts[-1] + len(half.chunks[-1]) if half.starts else half.offset
                 acked = half.acked_to if half.fin_offset is None else min(half.acked_to, half.fin_offset)
