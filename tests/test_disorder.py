@@ -23,12 +23,11 @@ CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 MS = 1_000_000
 
 CORPUS = sorted(p.name for p in CAPTURES.glob("*.pcap*"))
-# Where the answers' pairing with the requests still follows the interleaving of the two
-# directions (the exchange layer's part of issue 12, item 3): response bodies are compared
-# everywhere else.
-PAIRING_FOLLOWS_INTERLEAVING = ("server-clock", "client-clock", "20ms-skew")
-UPLOAD_REPLY_SHUFFLED = {("upload-reply.pcap", "all-shuffled-within-16"),
-                         ("upload-reply.pcap", "each-direction-shuffled-within-4")}
+# upload-reply.pcap has a HEAD, whose answer announces a Content-Length it does not carry: when
+# the answer is recorded before the request, the exchange layer still frames it without the
+# request (its part of issue 12, item 3), so only there are response bodies not compared.
+ANSWER_NEEDS_REQUEST_FIRST = {"upload-reply.pcap": ("server-clock", "20ms-skew", "all-shuffled-within-16",
+                                                    "each-direction-shuffled-within-4")}
 
 VARIANTS = {
     **{f"server-clock-{ms}ms-behind": (lambda p, d=ms * MS: skew(p, TO_CLIENT, -d)) for ms in (1, 2, 20, 500, 1000)},
@@ -132,7 +131,7 @@ def test_disordered_copy_gives_the_original_streams_and_bodies(name, variant, or
     assert sink.gap_bytes == gap_bytes  # none but the original's own (gap.pcap has a real one)
     copy_requests, copy_responses = bodies(copy)
     assert copy_requests == requests
-    if not variant.startswith(PAIRING_FOLLOWS_INTERLEAVING) and (name, variant) not in UPLOAD_REPLY_SHUFFLED:
+    if not variant.startswith(ANSWER_NEEDS_REQUEST_FIRST.get(name, ())):
         assert copy_responses == responses
 
 
