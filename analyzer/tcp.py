@@ -249,8 +249,11 @@ class TcpReassembler:
         self._mark_span = self._window // _MARKS_PER_WINDOW
         self._max_buffered = max_buffered
         self._buffered_held = 0  # out-of-order bytes over all connections
-        self._history_held = 0  # retransmission history bytes over all connections
-        self._history_room = max_buffered  # what history may hold before the budget is looked at
+        # The budget less the out-of-order bytes and the retransmission histories of all
+        # connections. For the histories it counts what was appended, not what each deque lets
+        # go (that keeps the per-packet path to one subtraction), so it only underestimates; it
+        # is made exact whenever it goes below 0, about once per budget of data delivered.
+        self._room = max_buffered
         self._now = -1 << 62  # the latest capture time seen on the slow path
         # (check time, tie-breaker, half): when to look whether a half's hole has waited long enough.
         self._deadlines: list[tuple[int, int, _Half]] = []
@@ -302,12 +305,9 @@ class TcpReassembler:
             size = len(payload)
             half.offset += size
             half.next_seq = half.expect = (half.expect + size) & _SEQ_MASK
-            history = half.history
-            if len(history) == self._history:
-                size -= len(history[0])
-            history.append(bytes(payload))  # a copy: a view would pin its capture chunk
-            self._history_held += size
-            if self._history_held > self._history_room:
+            half.history.append(bytes(payload))  # a copy: a view would pin its capture chunk
+            self._room -= size
+            if self._room < 0:
                 self._relieve(frame)
             self._on_data(conn, half.direction, payload, frame, ts_ns)
 
@@ -470,7 +470,7 @@ class TcpReassembler:
         if not half.anchored:  # held until offset 0 is settled, wherever it falls
             self._store(half, start, data, frame)
             if (half.buffered > self._max_buffer or len(half.starts) > _MAX_CHUNKS
-                    or self._buffered_held + self._history_held > self._max_buffered):
+                    or self._room < 0):
                 self._anchor_at_lowest(half, frame, ts_ns)
             else:
                 return
@@ -505,7 +505,7 @@ class TcpReassembler:
         while half.buffered > self._max_buffer or len(half.starts) > _MAX_CHUNKS:
             self._gap(half, half.starts[0] - half.offset, frame, ts_ns)
             self._drain(half, frame, ts_ns)
-        if self._buffered_held + self._history_held > self._max_buffered:
+        if self._room < 0:
             self._relieve(frame)
 
     def _store(self, half: _Half, start: int, data: bytes | memoryview, frame: int) -> None:
@@ -537,6 +537,7 @@ class TcpReassembler:
         for piece_start, piece in new:
             half.buffered += len(piece)
             self._buffered_held += len(piece)
+            self._room -= len(piece)
             at = bisect_left(starts, piece_start)
             if at and starts[at - 1] + len(chunks[at - 1]) == piece_start:
                 at -= 1
@@ -549,17 +550,13 @@ class TcpReassembler:
                 chunks[at] += chunks.pop(at + 1)
                 del starts[at + 1]
                 seen[at] = min(seen[at], seen.pop(at + 1))
-        self._history_room = self._max_buffered - self._buffered_held
 
     def _deliver(self, half: _Half, data: bytes | memoryview, frame: int, ts_ns: int) -> None:
         size = len(data)
         half.offset += size
         half.next_seq = (half.next_seq + size) & _SEQ_MASK
-        history = half.history
-        if len(history) == self._history:
-            self._history_held -= len(history[0])
-        history.append(bytes(data))  # a copy: a view would pin its capture chunk
-        self._history_held += size
+        half.history.append(bytes(data))  # a copy: a view would pin its capture chunk
+        self._room -= size
         self._on_data(half.conn, half.direction, data, frame, ts_ns)
 
     def _drain(self, half: _Half, frame: int, ts_ns: int) -> None:
@@ -570,7 +567,7 @@ class TcpReassembler:
             chunk = chunks.pop(0)
             half.buffered -= len(chunk)
             self._buffered_held -= len(chunk)
-            self._history_room = self._max_buffered - self._buffered_held
+            self._room += len(chunk)
             self._deliver(half, memoryview(chunk), frame, ts_ns)
 
     def _gap(self, half: _Half, size: int, frame: int, ts_ns: int) -> None:
@@ -585,7 +582,7 @@ class TcpReassembler:
     def _drop_history(self, half: _Half) -> None:
         history = half.history
         if history:
-            self._history_held -= sum(map(len, history))
+            self._room += sum(map(len, history))
             history.clear()
 
     def _advance_to(self, half: _Half, target: int, frame: int, ts_ns: int) -> None:
@@ -689,18 +686,21 @@ class TcpReassembler:
         """Bring what all connections hold back within `max_buffered`: first the histories of
         the connections silent longest, then the oldest holes, each a located problem."""
         budget = self._max_buffered
-        if self._history_held:
+        history = sum(len(payload) for conn in self._open.values() for half in conn._halves
+                      for payload in half.history)
+        self._room = budget - self._buffered_held - history
+        if history and self._room < 0:
             # Down to 3/4 of the budget, so that a capture of many busy connections sorts them
             # once per quarter of the budget, not at every packet.
             holders = sorted((half for conn in self._open.values() for half in conn._halves if half.history),
                              key=lambda half: half.conn.last_ts_ns)
             for half in holders:
-                if self._buffered_held + self._history_held <= budget - budget // 4:
+                if self._room >= budget // 4:
                     break
                 self._drop_history(half)
         deadlines, window = self._deadlines, self._window
         waiting = []
-        while self._buffered_held + self._history_held > budget and deadlines:
+        while self._room < 0 and deadlines:
             when, _, half = heappop(deadlines)
             half.queued = False
             conn = half.conn
@@ -718,14 +718,13 @@ class TcpReassembler:
             size = half.starts[0] - half.offset if half.anchored else 0
             self.problems.report(Problem(
                 "reassembly-budget",
-                f"{self._buffered_held + self._history_held} bytes held for reassembly over all connections, "
+                f"{budget - self._room} bytes held for reassembly over all connections, "
                 f"past the budget of {budget}: the oldest hole, {size} bytes, is declared lost",
                 file=self.file, frame=frame, offset=half.offset, connection=conn.id))
             self._give_way(half, frame, conn.last_ts_ns)
             self._drop_history(half)  # what the hole let through would only move into the history
         for half in waiting:
             self._schedule(half)
-        self._history_room = budget - self._buffered_held
 
     def _late_syn(self, half: _Half, seq: int, ts_ns: int) -> bool:
         """Whether a SYN with an ISN other than the recorded base is this connection's own,
@@ -769,12 +768,12 @@ class TcpReassembler:
             head = min(half.offset - starts[0], len(chunks[0]))
             half.buffered -= head
             self._buffered_held -= head
+            self._room += head
             if head == len(chunks[0]):
                 del starts[0], chunks[0], half.seen[0]
             else:
                 del chunks[0][:head]
                 starts[0] += head
-        self._history_room = self._max_buffered - self._buffered_held
 
     def _after_anchor(self, half: _Half, frame: int, ts_ns: int) -> None:
         self._drain(half, frame, ts_ns)
@@ -818,13 +817,13 @@ class TcpReassembler:
             seen = half.seen.pop()
             half.buffered -= len(chunk) - keep
             self._buffered_held -= len(chunk) - keep
+            self._room += len(chunk) - keep
             half.conn.after_fin_bytes[half.direction] += len(chunk) - keep
             if keep:
                 starts.append(chunk_start)
                 chunks.append(chunk[:keep])
                 half.seen.append(seen)
                 break
-        self._history_room = self._max_buffered - self._buffered_held
 
     def _settle(self, half: _Half, frame: int, ts_ns: int) -> None:
         """After a change to `half`: pass its FIN if reached; close when both FINs are through."""

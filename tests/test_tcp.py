@@ -490,7 +490,7 @@ def test_a_global_budget_gives_way_the_oldest_hole_as_a_located_problem():
     problems = [p for p in r.problems if p.kind == "reassembly-budget"]
     assert [(p.connection, p.offset, p.file) for p in problems] == [(0, 1, "t.pcap")]
     assert sink.kinds("gap") == [("gap", 0, CLIENT, 9)]
-    assert r._buffered_held + r._history_held <= 2000
+    assert r._room >= 0  # within the budget
 
 
 def test_ack_covering_the_fin_is_not_a_gap():
