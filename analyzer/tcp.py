@@ -220,8 +220,11 @@ class _Half:
         return self.offset + delta
 
     def refresh(self) -> None:
+        # While the peer holds its stream (offset 0 unsettled), this one is not delivered ahead
+        # of it either: the exchange layer sees the two directions in the capture's order.
+        peer = self.peer
         fast = (self.synced and self.anchored and not self.starts and self.fin_offset is None
-                and self.conn.rst is None)
+                and self.conn.rst is None and (peer.anchored or not peer.synced))
         self.expect = self.next_seq if fast else -1
 
     def missing_bytes(self) -> bool:
@@ -376,6 +379,11 @@ class TcpReassembler:
             ahead = (ack - peer.next_seq) & _SEQ_MASK
             if ahead and ahead <= _MAX_WINDOW:
                 self._acknowledged_unseen(peer, ahead, frame, ts_ns)
+            if not peer.anchored and payload and peer.starts and (
+                    peer.offset_of(ack) >= peer.starts[-1] + len(peer.chunks[-1])):
+                # The peer answers all that is held: the conversation is under way, and its
+                # start is as seen (a capture begun mid-stream); deliver before the answer.
+                self._anchor_at_lowest(peer, frame, ts_ns)
         if flags & RST:
             if flags & ACK and not peer.synced and peer.wire_base is not None:
                 # The RST acknowledges bytes of a side not yet seen: they were recorded after it.
@@ -391,7 +399,7 @@ class TcpReassembler:
             return
         if not half.synced:
             half.sync(seq)
-            half.expect = -1
+            half.expect = peer.expect = -1
             half.tentative_since = self._now
             self._schedule(half)
         size = len(payload)
@@ -739,6 +747,7 @@ class TcpReassembler:
         if not half.synced:
             half.sync(seq)
             half.anchored = True
+            half.refresh()
             return
         self._rebase(half, half.offset_of(seq))
         half.anchored = True
@@ -776,6 +785,7 @@ class TcpReassembler:
                 starts[0] += head
 
     def _after_anchor(self, half: _Half, frame: int, ts_ns: int) -> None:
+        half.peer.refresh()
         self._drain(half, frame, ts_ns)
         while half.buffered > self._max_buffer or len(half.starts) > _MAX_CHUNKS:
             self._gap(half, half.starts[0] - half.offset, frame, ts_ns)
