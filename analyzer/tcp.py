@@ -2,9 +2,13 @@
 
 Each connection has two directions (CLIENT: client→server, SERVER: server→client), each
 reassembled on its own. A direction's stream offset 0 is the byte after the ISN when the SYN
-(or the SYN-ACK that acknowledges it) was seen, else the first sequence number seen
-(mid-stream start). Sequence numbers are compared modulo 2^32 relative to the next expected
-byte, so streams cross the 32-bit wrap freely.
+(or the SYN-ACK that acknowledges it) was seen, else the lowest sequence number seen
+(mid-stream start). Until a SYN or SYN-ACK settles it, a direction's bytes are held, not
+delivered (the SYN may be recorded after them, or earlier bytes after later ones): for
+`reorder_window`, until the peer sends data acknowledging all that is held (the answer is then
+delivered after what it answers: while one direction is held, each of the other's packets is
+looked at), or until a cap is reached. Sequence numbers are compared
+modulo 2^32 relative to the next expected byte, so streams cross the 32-bit wrap freely.
 
 Policies, all chosen to keep the stream going rather than stall it:
 - Overlaps keep the first copy seen; where a later copy differs, `on_conflict` names the span
@@ -33,7 +37,8 @@ Policies, all chosen to keep the stream going rather than stall it:
   go first (they only check retransmissions), then the oldest holes give way, each a located
   Problem ("reassembly-budget") in `problems`.
 - FIN is delivered in order at its position; data past it is dropped and counted. The
-  connection closes when both FINs are through, or at a RST (buffered data is flushed first).
+  connection closes when both FINs are through, or at a RST once nothing known is missing
+  (buffered data is flushed first; `on_rst` comes where the streams end).
 - Connection ids follow tshark's tcp.stream: a new id on a 4-tuple's first packet, and when a
   SYN (without ACK) carries an ISN other than that side's recorded base (port reuse). A SYN
   retransmitted with the same ISN, even after a RST, stays in its connection, as in tshark.
@@ -42,7 +47,12 @@ Policies, all chosen to keep the stream going rather than stall it:
   because tshark never forgets one: a later packet on it (a stray ACK, the SYN resent) still
   counts as that connection and is dropped, and only a SYN with another ISN opens a new one.
   Keeps memory nearly flat over a long capture of many short connections, ids as tshark's.
-- Roles: the SYN sender is the client, the SYN-ACK sender the server. Mid-stream the roles are
+  One exception, where tshark's id follows the recording order rather than the connection: a
+  SYN from a side that sent none yet, on a connection younger than `reorder_window`, whose ISN
+  lies before what was seen of that side (its data or the peer's ACKs were recorded first), is
+  that connection's own SYN, not a new connection.
+- Roles: the SYN sender is the client, the SYN-ACK sender the server, even when the SYN or
+  SYN-ACK is recorded after the first packets (as long as no byte was delivered). Mid-stream the roles are
   a provisional guess (the side with the lower port is the server; on equal ports, the first
   packet's receiver) that the sink, which can read the application data, may correct with
   `Connection.swap_roles` (servers often listen on high ports).
@@ -220,8 +230,9 @@ class _Half:
         return self.offset + delta
 
     def refresh(self) -> None:
-        # While the peer holds its stream (offset 0 unsettled), this one is not delivered ahead
-        # of it either: the exchange layer sees the two directions in the capture's order.
+        # While the peer holds its stream (offset 0 unsettled), this one takes the slow path,
+        # which lets the peer's stream go before an answer to it: the exchange layer sees the
+        # two directions in the capture's order.
         peer = self.peer
         fast = (self.synced and self.anchored and not self.starts and self.fin_offset is None
                 and self.conn.rst is None and (peer.anchored or not peer.synced))

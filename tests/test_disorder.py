@@ -5,6 +5,7 @@ truly removes segments must lose exactly those bytes."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -175,6 +176,22 @@ def test_truly_removed_segments_are_exactly_the_gaps(originals, tmp_path):
             position = offset + size
         expected[key] = rebuilt + expected[key][position:]
     assert {k: hashlib.sha256(v).hexdigest() for k, v in expected.items()} == digests(sink)
+
+
+def test_reorder_window_option_decides_how_long_holes_wait(originals, tmp_path, capsys):
+    from bitstrace.analyzer.cli import main
+
+    packets, _, _, (requests, _) = original("clean-multi-fragment.pcap", originals)
+    copy = tmp_path / "shuffled.pcap"
+    write_pcap(copy, shuffle(packets, 8, per_direction=True))
+    assert main(["--http", "--no-progress", str(copy)]) == 0
+    default = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["--http", "--no-progress", "--reorder-window", "0.000001", str(copy)]) == 0
+    hasty = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    def partial(records: list) -> int:
+        return sum(bool(record["request"] and record["request"]["partial"]) for record in records)
+
+    assert partial(default) == 0 and partial(hasty) > 0  # with no time to wait, holes gave up early
 
 
 def _end_of(packets, packet) -> tuple:

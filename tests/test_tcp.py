@@ -479,6 +479,34 @@ def test_syn_and_syn_ack_recorded_after_the_first_packets_give_the_in_order_role
     assert bytes(sink.streams[(0, CLIENT)]) == b"GET" and bytes(sink.streams[(0, SERVER)]) == b"HTTP"
 
 
+def test_data_recorded_before_the_syn_still_starts_at_the_byte_after_the_isn():
+    f = Flow()
+    second, first = f.c(3, b"def"), f.c(0, b"abc")
+    syn, synack, ack = f.syn(), f.synack(), f.c(0, flags=ACK)
+    sink, r = run([second, ack, first, syn, synack, f.s(0, b"ok", ack=6)])
+    assert r.connection_count == 1 and sink.conns[0].handshake_seen
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdef" and bytes(sink.streams[(0, SERVER)]) == b"ok"
+    assert not sink.kinds("gap")
+
+
+def test_a_mid_stream_capture_starts_at_the_lowest_byte_seen_within_the_window():
+    f = Flow()
+    sink, _ = run([f.c(4, b"efgh"), f.c(0, b"abcd"), f.s(0, b"answer", ack=8), f.c(8, b"ijkl", ack=6)])
+    assert bytes(sink.streams[(0, CLIENT)]) == b"abcdefghijkl" and bytes(sink.streams[(0, SERVER)]) == b"answer"
+    data = [e[2] for e in sink.kinds("data")]
+    assert data == [CLIENT, SERVER, CLIENT]  # the held request before its answer, as recorded
+    assert not sink.kinds("gap")
+
+
+def test_a_rst_acknowledging_bytes_of_a_side_not_yet_seen_waits_for_them():
+    f = Flow()
+    segments = [f.syn(), f.c(0, b"req", flags=ACK | PSH), f.c(3, flags=RST | ACK, ack=5),
+                f.synack(), f.s(0, b"reply")]
+    sink, _ = run(segments)
+    assert bytes(sink.streams[(0, SERVER)]) == b"reply" and not sink.kinds("gap")
+    assert [e[0] for e in sink.events[-2:]] == ["rst", "close"]
+
+
 def test_a_global_budget_gives_way_the_oldest_hole_as_a_located_problem():
     flows = [Flow(cport=40000 + i) for i in range(3)]
     sink = RecordingSink()
