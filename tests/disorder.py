@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64sl, Padding, Struct, this
+from construct import Bytes, Const, Int16ul, Int32ul, Int64sl, Padding, Struct, this
 
 from bitstrace.analyzer.capture import CaptureReader
 from bitstrace.analyzer.decode import Decoder

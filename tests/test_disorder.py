@@ -169,7 +169,7 @@ def test_truly_removed_segments_are_exactly_the_gaps(originals, tmp_path):
     expected = {key: bytearray(value) for key, value in full.streams.items()}
     marker = b"\0?GAP?\0"
     for key in expected:
-        holes = sorted((p.stream_offset, p.payload) for p in lost if _end_of(packets, p) == key[2])
+        holes = sorted((p.stream_offset, p.payload) for p in lost if _sender(p) == key[2])
         rebuilt, position = bytearray(), 0
         for offset, size in holes:
             rebuilt += expected[key][position:offset] + marker * size
@@ -194,14 +194,12 @@ def test_reorder_window_option_decides_how_long_holes_wait(originals, tmp_path, 
     assert partial(default) == 0 and partial(hasty) > 0  # with no time to wait, holes gave up early
 
 
-def _end_of(packets, packet) -> tuple:
+def _sender(packet) -> tuple:
     """The sending end (address, port) of a segment, as the StreamSink keys a direction."""
-    from bitstrace.analyzer.decode import Decoder as _Decoder
-
     found = []
 
     def receive(frame, ts_ns, src, sport, *rest) -> None:
         found.append((src, sport))
 
-    _Decoder().decode_into(iter([(1, packet.ts_ns, packet.link_type, packet.data, len(packet.data))]), receive)
+    Decoder().decode_into(iter([(1, packet.ts_ns, packet.link_type, packet.data, len(packet.data))]), receive)
     return found[0]
