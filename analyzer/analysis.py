@@ -12,6 +12,7 @@ from bitstrace.analyzer.exchanges import Exchange
 from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.selection import FrameSelection
+from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
 
 
 @dataclass
@@ -36,6 +37,7 @@ def analyze(
     progress: ProgressHook | None = None,
     stall_after_s: float | None = None,
     selection: FrameSelection | None = None,
+    reorder_window: float | None = None,
 ) -> Analysis:
     """Read every capture and reconstruct the BITS sessions in them."""
     sources = list(sources)
@@ -51,7 +53,8 @@ def analyze(
     try:
         run = read_exchanges(sources, file_exchange,
                              on_body=extractor.on_body if extractor else None, progress=progress,
-                             selection=selection)
+                             selection=selection,
+                             reorder_window=REORDER_WINDOW_NS / 1e9 if reorder_window is None else reorder_window)
         starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
         ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
         bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)

@@ -22,9 +22,9 @@ from bitstrace.analyzer.decode import Decoder, SegmentFilter
 from bitstrace.analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.selection import FrameSelection
-from bitstrace.analyzer.tcp import StreamSink, TcpReassembler
+from bitstrace.analyzer.tcp import MAX_BUFFERED, REORDER_WINDOW_NS, StreamSink, TcpReassembler
 
-ExchangeConsumer = Callable[[Exchange], None]
+ExchangeConsumer = Callable[[Exchange], object]  # what it returns is not used
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)
 
 
@@ -33,7 +33,7 @@ class CaptureStats:
     """What one capture file held, for the report's capture statistics."""
 
     file: str
-    format: str = ""
+    format: str | None = ""  # None: the file was not recognised as a capture
     frames: int = 0
     bytes_read: int = 0
     first_ts_ns: int | None = None
@@ -56,14 +56,14 @@ class RunResult:
         return all(c.complete for c in self.captures)
 
 
-def display_name(source: str | os.PathLike | BinaryIO) -> str:
+def display_name(source: str | os.PathLike[str] | BinaryIO) -> str:
     """How problems and reports name a capture source."""
     if isinstance(source, (str, os.PathLike)):
         return "<stdin>" if str(source) == "-" else os.fspath(source)
     return getattr(source, "name", "<stream>")  # file objects: their name if they have one
 
 
-def _file_size(source: str | os.PathLike | BinaryIO) -> int | None:
+def _file_size(source: str | os.PathLike[str] | BinaryIO) -> int | None:
     if isinstance(source, (str, os.PathLike)) and str(source) != "-":
         try:
             return os.path.getsize(source)
@@ -76,7 +76,7 @@ PROGRESS_EVERY = 1 << 14  # frames between progress callbacks: the per-packet lo
 
 
 def read_exchanges(
-    sources: Iterable[str | os.PathLike | BinaryIO],
+    sources: Iterable[str | os.PathLike[str] | BinaryIO],
     on_exchange: ExchangeConsumer,
     on_body: BodyConsumer | None = None,
     progress: ProgressHook | None = None,
@@ -86,9 +86,13 @@ def read_exchanges(
     first_capture: int = 0,
     tap: Callable[[StreamSink], StreamSink] | None = None,
     before_finish: Callable[[], None] | None = None,
+    reorder_window: float = REORDER_WINDOW_NS / 1e9,
+    max_buffered: int = MAX_BUFFERED,
 ) -> RunResult:
     """Run the captures, in order, through one pipeline, calling `on_exchange` for each HTTP
     exchange. `selection` keeps only some frames (a filter, a time range, a count).
+    `reorder_window` (seconds of capture time) and `max_buffered` (bytes) are the TCP
+    reassembler's: how long a hole waits for late data, and what all connections may hold.
 
     The hooks of a partitioned run (analyzer/partition.py): `keep` passes on only some
     connections' segments (Decoder), `first_capture` is the index of the first source among
@@ -98,7 +102,8 @@ def read_exchanges(
     result = RunResult()
     assembler = ExchangeAssembler(_counting(on_exchange, result.captures, first_capture), on_body)
     assembler.captures.extend([""] * first_capture)  # other units' files: never named here
-    reassembler = TcpReassembler(assembler if tap is None else tap(assembler))
+    reassembler = TcpReassembler(assembler if tap is None else tap(assembler),
+                                 reorder_window=reorder_window, max_buffered=max_buffered)
     tcp_before = reassembler.stats  # totals when the current file began
     stats = None
     for index, source in enumerate(sources):
@@ -107,6 +112,7 @@ def read_exchanges(
         result.captures.append(stats)
         assembler.captures.append(name)
         reader = CaptureReader(source, name=name)
+        reassembler.file = name
         decoder = Decoder(file=name, capture=first_capture + index, keep=keep)
         size = _file_size(source)
         records = reader.records() if selection is None else selection.apply(reader.records())
@@ -144,6 +150,7 @@ def read_exchanges(
     reassembler.finish()
     if stats is not None:  # what is still missing at the end of the run counts in the last file
         stats.tcp = _since(reassembler.stats, last_before)
+    result.problems.extend(reassembler.problems)
     result.problems.extend(assembler.problems)
     return result
 

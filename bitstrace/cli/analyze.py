@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence, TextIO
 
 from bitstrace import __version__
 from bitstrace.analyzer.report.logs import FORMATS as LOG_FORMATS
+from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
 from bitstrace.analyzer.selection import FrameSelection, SelectionError, parse_time
 from bitstrace.cli.common import (Exit, SessionChoiceError, choose_session, discard_further_output, distinct_sources,
                                   seconds, whole)
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave out anomalies below this severity (default: info, i.e. all)")
     sel.add_argument("--fail-on", choices=("error", "warning"),
                      help="exit with status 1 when an anomaly of this severity or worse is found")
+    sel.add_argument("--reorder-window", type=seconds(), metavar="SECONDS", default=None,
+                     help="how long, in capture time, a TCP hole waits for late or reordered data "
+                          "before its bytes count as lost (default 2)")
     sel.add_argument("--stall-after", type=seconds(), metavar="SECONDS", default=None,
                      help="flag 'stalled' after this long without progress (default 300)")
     out.add_argument("-q", "--quiet", action="store_true",
@@ -140,7 +144,8 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(json.dumps(exchange_to_json(exchange, names), separators=(",", ":")) + "\n")
 
     with progress_bar(not args.no_progress) as hook:
-        result = read_exchanges(args.captures, emit, progress=hook, selection=args.selection)
+        result = read_exchanges(args.captures, emit, progress=hook, selection=args.selection,
+                                reorder_window=args.reorder_window or REORDER_WINDOW_NS / 1e9)
     report_problems(result.problems, err)
     return Exit.OK if result.complete else Exit.INCOMPLETE
 
@@ -176,7 +181,8 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         else:
             with progress_bar(not args.no_progress) as hook:
                 analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
-                                   stall_after_s=args.stall_after, selection=args.selection)
+                                   stall_after_s=args.stall_after, selection=args.selection,
+                               reorder_window=args.reorder_window)
         session = None
         if args.session:
             try:
