@@ -10,6 +10,7 @@ from bitstrace.analyzer.bits.extract import Extractor
 from bitstrace.analyzer.bits.sessions import BitsSummary, SessionTracker
 from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.tls import TlsKeys
 
 
 @dataclass
@@ -33,6 +34,7 @@ def analyze(
     extract_dir: str | os.PathLike | None = None,
     progress: ProgressHook | None = None,
     stall_after_s: float | None = None,
+    tls_keys: TlsKeys | None = None,
 ) -> Analysis:
     """Read every capture and reconstruct the BITS sessions in them."""
     sources = list(sources)
@@ -42,7 +44,8 @@ def analyze(
     options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
     tracker = SessionTracker(extractor, several_captures=several, **options)
     run = read_exchanges(sources, tracker.on_exchange,
-                         on_body=extractor.on_body if extractor else None, progress=progress)
+                         on_body=extractor.on_body if extractor else None, progress=progress,
+                         tls_keys=tls_keys)
     starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
     ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
     bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)

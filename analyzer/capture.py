@@ -22,7 +22,7 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import BinaryIO, NamedTuple
 
@@ -54,6 +54,8 @@ _PCAP_MAGIC = {
     0x4D3CB2A1: (">", 1),
 }
 _BLOCK_IDB, _BLOCK_OPB, _BLOCK_SPB, _BLOCK_EPB = 1, 2, 3, 6
+_BLOCK_DSB = 0x0000000A  # Decryption Secrets Block (pcapng draft, section 4.7)
+SECRETS_TLS_KEYLOG = 0x544C534B  # "TLSK": the secrets are NSS key log lines
 _OPTION_IF_TSRESOL, _OPTION_IF_TSOFFSET = 9, 14
 
 
@@ -68,6 +70,21 @@ def _options(int16: cs.Construct) -> cs.Construct:
 
 
 _OPTIONS = {"<": _options(cs.Int16ul), ">": _options(cs.Int16ub)}
+
+
+def _secrets_block(int32: cs.Construct) -> cs.Construct:
+    """The body of a Decryption Secrets Block (after its type and length)."""
+    return cs.Struct(
+        "secrets_type" / int32,
+        "secrets_length" / int32,
+        "secrets" / cs.Bytes(cs.this.secrets_length),
+    )
+
+
+_SECRETS = {"<": _secrets_block(cs.Int32ul), ">": _secrets_block(cs.Int32ub)}
+
+#: on_secrets(secrets type, secrets data, where: "file: offset N"), for each Decryption Secrets Block.
+SecretsConsumer = Callable[[int, bytes, str], None]
 
 
 class Frame(NamedTuple):
@@ -111,7 +128,11 @@ class CaptureReader:
     input is not a capture at all.
     """
 
-    def __init__(self, source: str | os.PathLike | BinaryIO, name: str | None = None) -> None:
+    def __init__(self, source: str | os.PathLike | BinaryIO, name: str | None = None,
+                 on_secrets: SecretsConsumer | None = None) -> None:
+        """`on_secrets` is called with each pcapng Decryption Secrets Block as it is read,
+        before the packets after it are yielded."""
+        self.on_secrets = on_secrets
         self.problems: ProblemLog = ProblemLog()
         self.complete = True
         self.bytes_read = 0
@@ -378,6 +399,8 @@ class CaptureReader:
                     yield number, 0, interface.link_type, view[block + 12:block + 12 + captured], original
                 elif block_type == _BLOCK_IDB:
                     interfaces.append(self._interface(buf[block + 8:body_end], endian, number, self._base + block))
+                elif block_type == _BLOCK_DSB:
+                    self._secrets(buf[block + 8:body_end], endian, number, self._base + block)
         except _Truncated:
             self._fail("truncated-record", "the file ends inside a block (writer stopped mid-block?)",
                        frame=number + 1, offset=self._base)
@@ -386,6 +409,15 @@ class CaptureReader:
                        offset=self._base + pos)
         finally:
             self._close()
+
+    def _secrets(self, body: bytes, endian: str, number: int, offset: int) -> None:
+        try:
+            block = _SECRETS[endian].parse(body)
+        except cs.ConstructError:
+            self._problem("corrupt-block", "decryption secrets block too short for its secrets", number + 1, offset)
+            return
+        if self.on_secrets is not None:
+            self.on_secrets(block.secrets_type, block.secrets, f"{self.name}: decryption secrets block at offset {offset}")
 
     def _interface(self, body: bytes, endian: str, number: int, offset: int) -> _Interface:
         if len(body) < 8:

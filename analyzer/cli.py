@@ -19,6 +19,7 @@ from bitstrace import __version__
 from bitstrace.analyzer.pipeline import ProgressHook, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.report.json import SEVERITY_ORDER as SEVERITIES
+from bitstrace.analyzer.tls import TlsKeys
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with status 1 when an anomaly of this severity or worse is found")
     sel.add_argument("--stall-after", type=_positive_seconds, metavar="SECONDS", default=None,
                      help="flag 'stalled' after this long without progress (default 300)")
+    tls = parser.add_argument_group("TLS (HTTPS) decryption; the capture's own pcapng secrets are always read")
+    tls.add_argument("--tls-keylog", metavar="FILE", action="append", default=[],
+                     help="NSS key log (SSLKEYLOGFILE format); repeatable; SSLKEYLOGFILE is read too when set")
+    tls.add_argument("--tls-rsa-key", metavar="PEM", action="append", default=[],
+                     help="the server's RSA private key, for TLS 1.2 RSA key exchange; repeatable")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour in the text report (auto: only on a terminal)")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -73,6 +79,31 @@ def progress_bar(enabled: bool) -> Iterator[ProgressHook | None]:
         yield hook
 
 
+def tls_keys(args: argparse.Namespace, err: TextIO) -> TlsKeys | None:
+    """The keys of --tls-keylog, SSLKEYLOGFILE and --tls-rsa-key; None (after saying why on
+    `err`) when one cannot be read."""
+    keys = TlsKeys()
+    files = list(args.tls_keylog)
+    from_env = os.environ.get("SSLKEYLOGFILE")
+    if from_env and from_env not in files:
+        print(f"bits-analyze: reading TLS keys from SSLKEYLOGFILE={from_env}", file=err)
+        files.append(from_env)
+    try:
+        for path in files:
+            with open(path, "rb") as keylog:
+                keys.add_keylog(keylog.read(), path)
+        for path in args.tls_rsa_key:
+            with open(path, "rb") as pem:
+                keys.add_rsa_key(pem.read(), path)
+    except OSError as error:
+        print(f"bits-analyze: cannot read {error.filename}: {error.strerror}", file=err)
+        return None
+    except ValueError as error:
+        print(f"bits-analyze: {error}", file=err)
+        return None
+    return keys
+
+
 def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
     for problem in problems:
         print(f"bits-analyze: {problem}", file=err)
@@ -87,8 +118,11 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     def emit(exchange) -> None:
         out.write(json.dumps(exchange_to_json(exchange, names), separators=(",", ":")) + "\n")
 
+    keys = tls_keys(args, err)
+    if keys is None:
+        return EXIT_USAGE
     with progress_bar(not args.no_progress) as hook:
-        result = read_exchanges(args.captures, emit, progress=hook)
+        result = read_exchanges(args.captures, emit, progress=hook, tls_keys=keys)
     report_problems(result.problems, err)
     return EXIT_OK if result.complete else EXIT_INCOMPLETE
 
@@ -99,6 +133,9 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from bitstrace.analyzer.report.json import (build_report, complete_sessions, filter_report, jsonl_records,
                                       packet_source, severity_at_least, write_json, write_jsonl)
 
+    keys = tls_keys(args, err)
+    if keys is None:
+        return EXIT_USAGE
     # Every output is opened before the analysis, so a bad path costs nothing but a message.
     with contextlib.ExitStack() as outputs:
         try:
@@ -112,7 +149,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_USAGE
         with progress_bar(not args.no_progress) as hook:
             analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
-                               stall_after_s=args.stall_after)
+                               stall_after_s=args.stall_after, tls_keys=keys)
         # Without the packets: each writer gets them a session at a time from `packets`.
         report = build_report(analysis, session_filter=args.session, with_packets=False)
         if args.session and not report["sessions"]:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import BinaryIO, Callable, Iterable
 
-from bitstrace.analyzer.capture import CaptureReader, Frame
-from bitstrace.analyzer.decode import Decoder
+from bitstrace.analyzer.capture import SECRETS_TLS_KEYLOG, CaptureReader, Frame
+from bitstrace.analyzer.decode import Decoder, format_endpoint, split_frame
 from bitstrace.analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.tcp import TcpReassembler
+from bitstrace.analyzer.tls import TlsFacts, TlsKeys, undecrypted_summary
 
 ExchangeConsumer = Callable[[Exchange], None]
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)
@@ -42,6 +43,7 @@ class CaptureStats:
     tcp: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     exchanges: int = 0
+    tls: list[TlsFacts] = field(default_factory=list)  # TLS connections first seen in this file
 
 
 @dataclass
@@ -51,7 +53,8 @@ class RunResult:
 
     @property
     def complete(self) -> bool:
-        return all(c.complete for c in self.captures)
+        """Every capture read to its end, and every TLS connection in them decrypted."""
+        return all(c.complete and all(t.decrypted for t in c.tls) for c in self.captures)
 
 
 def display_name(source: str | os.PathLike | BinaryIO) -> str:
@@ -78,11 +81,14 @@ def read_exchanges(
     on_exchange: ExchangeConsumer,
     on_body: BodyConsumer | None = None,
     progress: ProgressHook | None = None,
+    tls_keys: TlsKeys | None = None,
 ) -> RunResult:
     """Run the captures, in order, through one pipeline, calling `on_exchange` for each HTTP
-    exchange."""
+    exchange. TLS connections are decrypted with `tls_keys` and the secrets the captures
+    themselves hold (pcapng Decryption Secrets Blocks)."""
     result = RunResult()
-    assembler = ExchangeAssembler(_counting(on_exchange, result.captures), on_body)
+    keys = tls_keys if tls_keys is not None else TlsKeys()
+    assembler = ExchangeAssembler(_counting(on_exchange, result.captures), on_body, tls_keys=keys)
     reassembler = TcpReassembler(assembler)
     tcp_before = reassembler.stats  # totals when the current file began
     stats = None
@@ -91,7 +97,7 @@ def read_exchanges(
         stats = CaptureStats(file=name)
         result.captures.append(stats)
         assembler.captures.append(name)
-        reader = CaptureReader(source, name=name)
+        reader = CaptureReader(source, name=name, on_secrets=_secrets_into(keys, result.problems))
         decoder = Decoder(file=name, capture=index)
         size = _file_size(source)
         records = reader.records()
@@ -123,7 +129,30 @@ def read_exchanges(
     if stats is not None:  # what is still missing at the end of the run counts in the last file
         stats.tcp = _since(reassembler.stats, last_before)
     result.problems.extend(assembler.problems)
+    _tls_report(assembler.tls_connections, result)
+    result.problems.extend(keys.problems)
     return result
+
+
+def _secrets_into(keys: TlsKeys, problems: list[Problem]) -> Callable[[int, bytes, str], None]:
+    def add(kind: int, secrets: bytes, where: str) -> None:
+        if kind == SECRETS_TLS_KEYLOG:
+            keys.add_keylog(secrets, where)
+        else:
+            problems.append(Problem("unknown-secrets", f"{where}: secrets of type 0x{kind:08X} are not "
+                                    "TLS key log lines; skipped"))
+    return add
+
+
+def _tls_report(connections: list[TlsFacts], result: RunResult) -> None:
+    """Each TLS connection to the capture of its first frame; one problem per capture and
+    (server, SNI, reason) for those that could not be decrypted."""
+    for facts in sorted(connections, key=lambda f: f.connection):
+        capture = split_frame(facts.first_frame)[0]
+        result.captures[min(capture, len(result.captures) - 1)].tls.append(facts)
+    for stats in result.captures:
+        for sentence in undecrypted_summary(stats.tls, format_endpoint):
+            result.problems.append(Problem("tls-undecrypted", sentence, file=stats.file))
 
 
 def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:

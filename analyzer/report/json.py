@@ -23,8 +23,10 @@ from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
 from bitstrace.analyzer.bits.packets import BitsPacket, Download, session_key
 from bitstrace.analyzer.bits.sessions import Session
+from bitstrace.analyzer.decode import format_endpoint
 from bitstrace.analyzer.pipeline import CaptureStats
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.tls import facts_record
 
 SCHEMA = "bitstrace.report"
 VERSION = 1
@@ -40,12 +42,15 @@ def severity_at_least(severity: str, minimum: str) -> bool:
 
 
 def capture_record(stats: CaptureStats) -> dict[str, Any]:
-    return {
+    record = {
         "file": stats.file, "format": stats.format, "frames": stats.frames, "bytes": stats.bytes_read,
         **_times("first_", stats.first_ts_ns), **_times("last_", stats.last_ts_ns),
         "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
         "decoder": stats.decoder, "tcp": stats.tcp,
     }
+    if stats.tls:  # only then: reports of captures without TLS stay as they were (schema.md)
+        record["tls"] = [facts_record(facts, format_endpoint) for facts in stats.tls]
+    return record
 
 
 def problem_record(problem: Problem) -> dict[str, Any]:

@@ -368,7 +368,27 @@ def _counts(report: dict, palette: _Palette) -> RenderableType:
                                                        else f"{printable(k)} {printable(v)}"
                                                        for k, v in counters.items()))
         lines.append(line)
+        if capture.get("tls"):
+            lines.append(_tls_counts(capture["tls"], palette))
     return Group(*lines)
+
+
+def _tls_counts(connections: list[dict], palette: _Palette) -> Text:
+    """TLS connections by version and suite, and how many could not be read (their exchanges
+    are missing from the report)."""
+    kinds: dict[str, int] = {}
+    for item in connections:
+        kind = " ".join(printable(v) for v in (item.get("version"), item.get("cipher_suite")) if v) or "unknown"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    unread = sum(1 for item in connections if not item.get("decrypted"))
+    resumed = sum(1 for item in connections if item.get("resumed"))
+    line = Text(f"  {_plural(len(connections), 'TLS connection')}: " +
+                ", ".join(f"{count:,} {kind}" for kind, count in kinds.items()) +
+                f"; {resumed:,} resumed; {len(connections) - unread:,} decrypted")
+    if unread:
+        line.append(f"; {unread:,} not decrypted: their HTTP exchanges are not in this report",
+                    palette["warning"])
+    return line
 
 
 def _problems(problems: list[dict], palette: _Palette) -> RenderableType:
