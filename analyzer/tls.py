@@ -99,6 +99,7 @@ def _suites() -> dict[int, CipherSuite]:
 
 
 CIPHER_SUITES = _suites()
+_NO_SUITE = CipherSuite("", "gcm", 0, None, "sha256")
 _HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384}
 
@@ -129,7 +130,9 @@ def tls12_prf(secret: bytes, label: bytes, seed: bytes, length: int, digest: str
 
 # -- keys -------------------------------------------------------------------------------------
 
-_KEYLOG_LINE = re.compile(r"([A-Z_0-9]+) ([0-9a-fA-F]{64}) ([0-9a-fA-F]+)")
+# The key is the client random (64 hex digits), or for the label RSA the first 8 bytes of the
+# encrypted premaster secret (16 hex digits), whose secret is then the premaster secret.
+_KEYLOG_LINE = re.compile(r"([A-Z_0-9]+) ([0-9a-fA-F]{64}|[0-9a-fA-F]{16}) ([0-9a-fA-F]+)")
 
 
 class TlsKeys:
@@ -353,6 +356,7 @@ class TlsFacts:
     sni: str | None = None
     resumed: str | None = None  # "session-id", "ticket", "psk" or None
     hello_retry: bool = False
+    encrypt_then_mac: bool = False  # TLS 1.2 CBC suites: RFC 7366 negotiated
     client_random: bytes | None = None
     decrypted: bool = False
     reason: str | None = None  # why not decrypted
@@ -436,7 +440,7 @@ class TlsConnection:
                 self._client_hello(message)
             elif kind == _SERVER_HELLO and direction == 1:
                 self._server_hello(message)
-            elif kind == _CLIENT_KEY_EXCHANGE and direction == 0:
+            elif kind == _CLIENT_KEY_EXCHANGE and direction == 0 and self.suite and self.suite.rsa_key_exchange:
                 self.encrypted_premaster = _Reader(message[4:]).vector(2)
             elif kind == _NEW_SESSION_TICKET and direction == 1 and self.facts.version == TLS12:
                 self._remember_ticket(_Reader(message[4:]))
@@ -487,6 +491,7 @@ class TlsConnection:
                 self.facts.resumed = "psk"
         else:
             self.encrypt_then_mac = self._offered_etm and _EXT_ENCRYPT_THEN_MAC in extensions
+            self.facts.encrypt_then_mac = self.encrypt_then_mac and CIPHER_SUITES.get(suite, _NO_SUITE).cipher == "cbc"
             self.extended_master_secret = self._offered_ems and _EXT_EXTENDED_MASTER_SECRET in extensions
             if session_id and session_id == self.session_id_offered:
                 self.facts.resumed = "ticket" if self.ticket_offered else "session-id"
@@ -541,8 +546,12 @@ class TlsConnection:
             master = self._resumption.get(b"S" + self._session_id)
             if master is None and self._ticket:
                 master = self._resumption.get(b"T" + self._ticket)
-        if master is None and suite.rsa_key_exchange and self.encrypted_premaster and self.keys.rsa_keys:
-            master = self._rsa_master(suite)
+        if master is None and self.encrypted_premaster:
+            logged = self.keys.get(self.encrypted_premaster[:8], "RSA")
+            if logged is not None:
+                master = self._master_from_premaster(logged, suite)
+            elif self.keys.rsa_keys:
+                master = self._rsa_master(suite)
         if master is not None:
             self.master_secret = master
             if self._session_id:
@@ -557,15 +566,18 @@ class TlsConnection:
                 premaster = key.decrypt(self.encrypted_premaster, padding.PKCS1v15())
             except ValueError:
                 continue
-            if len(premaster) != 48:
-                continue
-            if self.extended_master_secret:
-                if self.session_hash is None:
-                    return None
-                return tls12_prf(premaster, b"extended master secret", self.session_hash, 48, suite.prf)
-            return tls12_prf(premaster, b"master secret", self.facts.client_random + self.server_random,
-                             48, suite.prf)
+            if len(premaster) == 48:
+                return self._master_from_premaster(premaster, suite)
         return None
+
+    def _master_from_premaster(self, premaster: bytes, suite: CipherSuite) -> bytes | None:
+        assert self.facts.client_random is not None and self.server_random is not None
+        if self.extended_master_secret:  # RFC 7627
+            if self.session_hash is None:
+                return None
+            return tls12_prf(premaster, b"extended master secret", self.session_hash, 48, suite.prf)
+        return tls12_prf(premaster, b"master secret", self.facts.client_random + self.server_random,
+                         48, suite.prf)
 
     def missing_key_reason(self) -> str:
         """Why a direction waiting for keys never got them."""
@@ -883,7 +895,7 @@ def facts_record(facts: TlsFacts, format_endpoint: Callable[[bytes, int], str]) 
         "connection": facts.connection, "client": format_endpoint(*facts.client),
         "server": format_endpoint(*facts.server), "version": facts.version_name,
         "cipher_suite": facts.suite_name, "sni": facts.sni, "resumed": facts.resumed,
-        "hello_retry": facts.hello_retry,
+        "hello_retry": facts.hello_retry, "encrypt_then_mac": facts.encrypt_then_mac,
         "client_random": None if facts.client_random is None else facts.client_random.hex(),
         "decrypted": facts.decrypted, "reason": facts.reason,
         "records": list(facts.records), "decrypted_bytes": list(facts.decrypted_bytes),

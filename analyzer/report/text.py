@@ -373,7 +373,7 @@ def _counts(report: dict, palette: _Palette) -> RenderableType:
     return Group(*lines)
 
 
-def _tls_counts(connections: list[dict], palette: _Palette) -> Text:
+def _tls_counts(connections: list[dict[str, object]], palette: _Palette) -> Text:
     """TLS connections by version and suite, and how many could not be read (their exchanges
     are missing from the report)."""
     kinds: dict[str, int] = {}
