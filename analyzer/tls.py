@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -416,6 +417,26 @@ class TlsConnection:
         self.directions: tuple[TlsDirection, TlsDirection] = ()  # type: ignore[assignment]  # set by attach
         self.peer_events: PeerEvents | None = None
 
+    def release(self) -> None:
+        """Records that waited for keys (from a secrets block later in the capture, or the
+        other direction's handshake) are read in capture order across both directions, so
+        each request still comes before its answer; their events go to `peer_events`."""
+        if self.peer_events is None:
+            return
+        blocked: set[int] = set()
+        while True:
+            ready = [d for d in self.directions
+                     if d._waiting and d.direction not in blocked and d.may_proceed()]
+            if not ready:
+                return
+            side = min(ready, key=lambda d: (d._waiting[0].frame, d.direction))
+            before = len(side._waiting)
+            events = side.take_waiting()
+            if len(side._waiting) == before and side._waiting:
+                blocked.add(side.direction)
+            if events:
+                self.peer_events(side.direction, events)
+
     def attach(self, request: HttpParser, response: HttpParser) -> tuple[TlsDirection, TlsDirection]:
         self.directions = (TlsDirection(self, 0, request), TlsDirection(self, 1, response))
         return self.directions
@@ -627,7 +648,7 @@ class TlsDirection:
         self.encrypted = False  # this direction has sent protected records
         self.protection: _Protection | None = None
         self.phase = "plain"  # "plain", "handshake", "application" (TLS 1.3), "stopped"
-        self._waiting: list[_Record] = []
+        self._waiting: deque[_Record] = deque()
         self.waiting_bytes = 0
         self.stopped = False
         self._events: list[Event] = []
@@ -660,10 +681,9 @@ class TlsDirection:
         return False  # every byte goes through the record layer
 
     def feed(self, data: bytes | bytearray | memoryview, frame: int, ts_ns: int) -> list[Event]:
-        self._release_peer()
+        if self._waiting or self._peer._waiting:
+            self.connection.release()
         events = self._events = []
-        if self._waiting:
-            self._pump()
         buffer = self._buffer
         if buffer:
             buffer += data
@@ -703,7 +723,8 @@ class TlsDirection:
         return events
 
     def gap(self, size: int, frame: int, ts_ns: int) -> list[Event]:
-        self._release_peer()
+        if self._waiting or self._peer._waiting:
+            self.connection.release()
         events = self._events = []
         if not self.stopped:
             self.connection.problem("tls-gap", f"a {size}-byte capture gap cuts the TLS record stream: "
@@ -715,9 +736,9 @@ class TlsDirection:
         return events
 
     def eof(self, frame: int, ts_ns: int, clean: bool = True) -> list[Event]:
+        if self._waiting or self._peer._waiting:
+            self.connection.release()
         events = self._events = []
-        if self._waiting:
-            self._pump()
         if self._buffer and not self.stopped:
             self.connection.problem(
                 "tls-truncated-record", f"the stream ends inside a TLS record ({len(self._buffer)} bytes "
@@ -728,26 +749,26 @@ class TlsDirection:
 
     # -- records --
 
-    def _release_peer(self) -> None:
-        """The other direction's records waiting for what this one just may have delivered
-        (its ServerHello, keys from the capture) go first, so requests precede their answers."""
-        peer = self.connection.directions[1 - self.direction]
-        if peer._waiting and self.connection.peer_events is not None:
-            peer._events = []
-            peer._pump()
-            if peer._events:
-                self.connection.peer_events(peer.direction, peer._events)
+    @property
+    def _peer(self) -> TlsDirection:
+        return self.connection.directions[1 - self.direction]
 
-    def _pump(self) -> None:
-        if self.protection is None and self._generation == self._readiness() and self.phase != "plain":
-            return
-        waiting, self._waiting, self.waiting_bytes = self._waiting, [], 0
-        for index, record in enumerate(waiting):
-            self._record(record)
-            if self._waiting:  # still stuck: keep the rest in order behind it
-                self._waiting.extend(waiting[index + 1:])
-                self.waiting_bytes += sum(len(r.fragment) for r in waiting[index + 1:])
-                return
+    def may_proceed(self) -> bool:
+        """Something this direction's first waiting record waited for may have come."""
+        return self.protection is not None or self._generation != self._readiness()
+
+    def take_waiting(self) -> list[Event]:
+        """Process the first waiting record (the caller knows there is one); its events."""
+        record = self._waiting[0]
+        self._events = []
+        if self._process(record):
+            if self._waiting and self._waiting[0] is record:
+                self._waiting.popleft()
+                self.waiting_bytes -= len(record.fragment)
+        else:
+            self._generation = self._readiness()
+        events, self._events = self._events, []
+        return events
 
     def _readiness(self) -> tuple[int, int]:
         return self.connection.keys.generation, self.connection.revision
@@ -765,24 +786,27 @@ class TlsDirection:
     def _record(self, record: _Record) -> None:
         if self.stopped:
             return
-        if self._waiting:
+        if self._waiting or not self._process(record):
             self._wait(record)
-            return
+
+    def _process(self, record: _Record) -> bool:
+        """Read one record; False when it needs keys not known yet (it is left untouched)."""
+        if self.stopped:
+            return True
         self.connection.facts.records[self.direction] += 1
         ctype = record.ctype
         connection = self.connection
         if self.phase == "plain":
             if ctype == HANDSHAKE:
                 self._handshake_bytes(record.fragment, record)
-                return
+                return True
             if ctype == CHANGE_CIPHER_SPEC:
-                if connection.facts.version == TLS13:
-                    return  # middlebox compatibility (RFC 8446 D.4)
-                self.phase = "application"
-                self.encrypted = True
-                return
+                if connection.facts.version != TLS13:  # TLS 1.3: middlebox compatibility (RFC 8446 D.4)
+                    self.phase = "application"
+                    self.encrypted = True
+                return True
             if ctype == ALERT:
-                return
+                return True
             if ctype == APPLICATION_DATA and connection.facts.version == TLS13:
                 self.phase = "handshake"
                 self.encrypted = True
@@ -792,14 +816,14 @@ class TlsDirection:
             else:
                 connection.problem("tls-record", f"unexpected TLS record type {ctype} before encryption",
                                    record.frame, record.offset)
-                return
+                return True
         if self.protection is None:
             self.protection = self._keys()
             if self.protection is None:
                 connection.facts.records[self.direction] -= 1
-                self._wait(record)
-                return
+                return False
         self._decrypt(record)
+        return True
 
     def _keys(self) -> _Protection | None:
         connection = self.connection
@@ -884,7 +908,7 @@ class TlsDirection:
     def _stop(self) -> None:
         self.stopped = True
         self.phase = "stopped"
-        self._waiting = []
+        self._waiting = deque()
         self.waiting_bytes = 0
         self._buffer = bytearray()
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import construct as cs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -265,5 +266,150 @@ def write_pcap(path: Path, flows: Sequence[Flow], mss: int = 1448) -> Path:
     return path
 
 
+#: A pcapng Decryption Secrets Block body (pcapng spec 4.7), declaratively: the block type and
+#: lengths around it come from craft.block.
+DSB_BODY = cs.Struct(
+    "secrets_type" / cs.Const(0x544C534B, cs.Int32ul),
+    "secrets_length" / cs.Rebuild(cs.Int32ul, cs.len_(cs.this.secrets)),
+    "secrets" / cs.Bytes(cs.this.secrets_length),
+    cs.Padding(-cs.this.secrets_length % 4),
+)
+
+
+def struct_pack_dsb(secrets: bytes) -> bytes:
+    return DSB_BODY.build(dict(secrets=secrets))
+
+
 def joined(chunks: Chunks, side: int) -> bytes:
     return b"".join(data for s, data in chunks if s == side)
+
+
+# -- scenarios: a capture and its key log --------------------------------------------------------
+
+#: TLS 1.3 suites Python's ssl cannot pin itself (it has no set_ciphersuites): pinned through
+#: an OpenSSL configuration file in a child process.
+TLS13_SUITES = {"aes128": "TLS_AES_128_GCM_SHA256", "aes256": "TLS_AES_256_GCM_SHA384",
+                "chacha": "TLS_CHACHA20_POLY1305_SHA256"}
+OP_NO_ENCRYPT_THEN_MAC = 1 << 19  # OpenSSL 3's SSL_OP_NO_ENCRYPT_THEN_MAC; the ssl module has no name for it
+TLS12_SUITES = {
+    # name: (OpenSSL cipher, extra options)
+    "ecdhe-aes128-gcm": ("ECDHE-RSA-AES128-GCM-SHA256", 0),
+    "ecdhe-aes256-gcm": ("ECDHE-RSA-AES256-GCM-SHA384", 0),
+    "ecdhe-chacha": ("ECDHE-RSA-CHACHA20-POLY1305", 0),
+    "ecdhe-aes128-sha-etm": ("ECDHE-RSA-AES128-SHA", 0),
+    "ecdhe-aes256-sha-mte": ("ECDHE-RSA-AES256-SHA", OP_NO_ENCRYPT_THEN_MAC),
+    "ecdhe-aes128-sha256-mte": ("ECDHE-RSA-AES128-SHA256", OP_NO_ENCRYPT_THEN_MAC),
+    "ecdhe-aes128-sha256-etm": ("ECDHE-RSA-AES128-SHA256", 0),
+    "ecdhe-aes256-sha384-etm": ("ECDHE-RSA-AES256-SHA384", 0),
+    "ecdhe-aes256-sha384-mte": ("ECDHE-RSA-AES256-SHA384", OP_NO_ENCRYPT_THEN_MAC),
+    "rsa-aes256-gcm": ("AES256-GCM-SHA384", 0),
+    "rsa-aes128-sha256-mte": ("AES128-SHA256", OP_NO_ENCRYPT_THEN_MAC),
+}
+SOURCE = "single-fragment.pcap"  # the BITS upload the scenarios carry
+
+
+@dataclass
+class Built:
+    pcap: Path
+    keylog: Path
+    creds: Credentials
+    plain: list[Chunks]  # per connection: the plaintext turns carried
+
+
+def _run(turns: Chunks, creds: Credentials, keylog: Path, options: TlsOptions, extra_options: int = 0,
+         session: ssl.SSLSession | None = None) -> TlsPair:
+    client, server = contexts(creds, keylog, options)
+    for context in (client, server):
+        context.options |= extra_options
+    pair = TlsPair(client, server, options.sni, session)
+    pair.handshake()
+    for side, data in turns:
+        pair.send(side, data)
+    return pair
+
+
+def build(scenario: str, directory: Path, creds: Credentials | None = None) -> Built:
+    """Record `scenario` (see SCENARIOS) into directory/SCENARIO.pcap with its key log."""
+    directory.mkdir(parents=True, exist_ok=True)
+    creds = creds or make_credentials(directory)
+    keylog = directory / f"{scenario}.keys"
+    keylog.unlink(missing_ok=True)
+    turns = plain_streams(CORPUS / SOURCE)[0]
+    pcap = directory / f"{scenario}.pcap"
+    kind, _, variant = scenario.partition(":")
+    if kind == "tls13" and variant in TLS13_SUITES:
+        _child(scenario, directory, creds, variant)
+        return Built(pcap, keylog, creds, [turns])
+    pairs: list[TlsPair] = []
+    if kind == "tls13":
+        pairs.append(_run(turns, creds, keylog, TlsOptions()))
+    elif kind == "tls12":
+        cipher, extra = TLS12_SUITES[variant]
+        pairs.append(_run(turns, creds, keylog, TlsOptions(ssl.TLSVersion.TLSv1_2, cipher), extra))
+    elif kind == "resume":
+        version = ssl.TLSVersion.TLSv1_3 if variant == "psk" else ssl.TLSVersion.TLSv1_2
+        cipher = None if variant == "psk" else "AES256-GCM-SHA384" if variant.startswith("rsa") \
+            else "ECDHE-RSA-AES128-GCM-SHA256"
+        options = TlsOptions(version, cipher, no_ticket=variant.endswith("session-id"))
+        client, server = contexts(creds, keylog, options)
+        first = TlsPair(client, server, options.sni)
+        first.handshake()
+        for side, data in turns[:2]:
+            first.send(side, data)
+        second = TlsPair(client, server, options.sni, session=first.ends[0].session)
+        second.handshake()
+        for side, data in turns[2:]:
+            second.send(side, data)
+        assert second.ends[0].session_reused, "OpenSSL did not resume"
+        pairs += [first, second]
+        for pair in pairs:
+            pair.close()
+        write_pcap(pcap, [Flow(pair.wire) for pair in pairs])
+        return Built(pcap, keylog, creds, [turns[:2], turns[2:]])
+    elif kind == "hrr":
+        pairs.append(_run(turns, creds, keylog, TlsOptions(server_groups="secp384r1")))
+    else:
+        raise ValueError(scenario)
+    for pair in pairs:
+        pair.close()
+    write_pcap(pcap, [Flow(pair.wire) for pair in pairs])
+    return Built(pcap, keylog, creds, [turns])
+
+
+SCENARIOS = ([f"tls13:{name}" for name in TLS13_SUITES] + ["tls13"] + [f"tls12:{name}" for name in TLS12_SUITES]
+             + ["resume:session-id", "resume:ticket", "resume:psk", "resume:rsa-session-id", "resume:rsa-ticket", "hrr"])
+
+
+def _child(scenario: str, directory: Path, creds: Credentials, suite: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    config = directory / f"{suite}.cnf"
+    config.write_text("openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n[ssl_sect]\n"
+                      "system_default = system_default_sect\n[system_default_sect]\n"
+                      f"Ciphersuites = {TLS13_SUITES[suite]}\n")
+    env = {**os.environ, "OPENSSL_CONF": str(config)}
+    subprocess.run([sys.executable, __file__, scenario, str(directory), str(creds.cert), str(creds.key)],
+                   env=env, check=True, cwd=Path(__file__).parent)
+
+
+def _child_main(scenario: str, directory: str, cert: str, key: str) -> None:
+    pem = Path(key).read_bytes()
+    private = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(private, rsa.RSAPrivateKey)
+    creds = Credentials(Path(cert), Path(key), private)
+    out = Path(directory)
+    keylog = out / f"{scenario}.keys"
+    turns = plain_streams(CORPUS / SOURCE)[0]
+    pair = _run(turns, creds, keylog, TlsOptions())
+    assert pair.ends[0].cipher()[0] == TLS13_SUITES[scenario.partition(":")[2]], pair.ends[0].cipher()
+    pair.close()
+    write_pcap(out / f"{scenario}.pcap", [Flow(pair.wire)])
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    _child_main(*sys.argv[1:5])
