@@ -28,17 +28,17 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
-
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, hmac, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from bitstrace.analyzer.http import BodyChunk, Event, HttpParser
 from bitstrace.analyzer.problems import Problem
+
+# cryptography is imported where it is used, at the first TLS connection: a run over plain
+# captures does not pay its import time and memory (about 10 MB).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 CHANGE_CIPHER_SPEC, ALERT, HANDSHAKE, APPLICATION_DATA = 20, 21, 22, 23
 _CLIENT_HELLO, _SERVER_HELLO, _NEW_SESSION_TICKET = 1, 2, 4
@@ -101,8 +101,15 @@ def _suites() -> dict[int, CipherSuite]:
 
 CIPHER_SUITES = _suites()
 _NO_SUITE = CipherSuite("", "gcm", 0, None, "sha256")
-_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384}
+_DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48}
+
+
+def _hash(name: str) -> hashes.HashAlgorithm:
+    from cryptography.hazmat.primitives import hashes
+
+    if name == "sha1":
+        return hashes.SHA1()
+    return hashes.SHA256() if name == "sha256" else hashes.SHA384()
 
 
 # -- key derivation (RFC 8446 7.1, RFC 5246 5) ------------------------------------------------
@@ -110,13 +117,17 @@ _HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
 def hkdf_expand_label(secret: bytes, label: str, context: bytes, length: int, digest: str) -> bytes:
     full = b"tls13 " + label.encode()
     info = struct.pack(">HB", length, len(full)) + full + bytes([len(context)]) + context
-    return HKDFExpand(_HASHES[digest](), length, info).derive(secret)
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    return HKDFExpand(_hash(digest), length, info).derive(secret)
 
 
 def tls12_prf(secret: bytes, label: bytes, seed: bytes, length: int, digest: str) -> bytes:
     """P_hash of RFC 5246 section 5 on cryptography's HMAC."""
+    from cryptography.hazmat.primitives import hmac
+
     def mac(data: bytes) -> bytes:
-        h = hmac.HMAC(secret, _HASHES[digest]())
+        h = hmac.HMAC(secret, _hash(digest))
         h.update(data)
         return h.finalize()
 
@@ -178,6 +189,9 @@ class TlsKeys:
 
     def add_rsa_key(self, pem: bytes, source: str) -> None:
         """Raises ValueError when `pem` holds no RSA private key."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError(f"{source}: not an RSA private key")
@@ -206,12 +220,16 @@ class _Protection:
         self.iv = iv
         self.mac_key = mac_key
         self.encrypt_then_mac = encrypt_then_mac
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
         self.aead: AESGCM | ChaCha20Poly1305 | None = (
             AESGCM(key) if suite.cipher == "gcm" else ChaCha20Poly1305(key) if suite.cipher == "chacha" else None)
         self._iv_int = int.from_bytes(iv, "big") if suite.cipher == "chacha" or version == TLS13 else 0
 
     def decrypt(self, ctype: int, version: int, fragment: bytes | memoryview) -> tuple[int, bytes]:
         """(content type, plaintext) of one record."""
+        from cryptography.exceptions import InvalidTag
+
         seq = self.seq
         self.seq += 1
         if self.version == TLS13:
@@ -247,7 +265,7 @@ class _Protection:
 
     def _cbc(self, seq: int, ctype: int, version: int, fragment: bytes) -> bytes:
         assert self.suite.mac is not None
-        mac_length = _HASHES[self.suite.mac]().digest_size
+        mac_length = _DIGEST_SIZES[self.suite.mac]
         if self.encrypt_then_mac:
             if len(fragment) < 32 + mac_length or (len(fragment) - mac_length) % 16:
                 raise _Undecryptable("record length impossible for AES-CBC with encrypt-then-MAC")
@@ -265,6 +283,8 @@ class _Protection:
         return data
 
     def _cbc_decrypt(self, sealed: bytes) -> bytes:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         decryptor = Cipher(algorithms.AES(self.key), modes.CBC(sealed[:16])).decryptor()
         return decryptor.update(sealed[16:]) + decryptor.finalize()
 
@@ -277,7 +297,10 @@ class _Protection:
 
     def _verify(self, tag: bytes, seq: int, ctype: int, version: int, data: bytes) -> None:
         assert self.suite.mac is not None
-        h = hmac.HMAC(self.mac_key, _HASHES[self.suite.mac]())
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hmac
+
+        h = hmac.HMAC(self.mac_key, _hash(self.suite.mac))
         h.update(struct.pack(">QBHH", seq, ctype, version, len(data)) + data)
         try:
             h.verify(tag)
@@ -292,7 +315,7 @@ def _tls13_protection(suite: CipherSuite, secret: bytes) -> _Protection:
 
 
 def _next_secret(suite: CipherSuite, secret: bytes) -> bytes:
-    return hkdf_expand_label(secret, "traffic upd", b"", _HASHES[suite.prf]().digest_size, suite.prf)
+    return hkdf_expand_label(secret, "traffic upd", b"", _DIGEST_SIZES[suite.prf], suite.prf)
 
 
 # -- handshake reading ------------------------------------------------------------------------
@@ -470,7 +493,9 @@ class TlsConnection:
         if self.facts.version != TLS13 and self.session_hash is None:
             self.transcript += message
             if kind == _CLIENT_KEY_EXCHANGE and self.suite is not None:
-                digest = hashes.Hash(_HASHES[self.suite.prf]())
+                from cryptography.hazmat.primitives import hashes
+
+                digest = hashes.Hash(_hash(self.suite.prf))
                 digest.update(bytes(self.transcript))
                 self.session_hash = digest.finalize()
                 self.transcript = bytearray()
@@ -546,7 +571,7 @@ class TlsConnection:
         master = self._master_secret(suite)
         if master is None:
             return None
-        mac_length = _HASHES[suite.mac]().digest_size if suite.mac else 0
+        mac_length = _DIGEST_SIZES[suite.mac] if suite.mac else 0
         iv_length = {"gcm": 4, "chacha": 12, "cbc": 16}[suite.cipher]
         block = tls12_prf(master, b"key expansion", self.server_random + random,
                           2 * (mac_length + suite.key_length + iv_length), suite.prf)
@@ -580,8 +605,9 @@ class TlsConnection:
         return master
 
     def _rsa_master(self, suite: CipherSuite) -> bytes | None:
+        from cryptography.hazmat.primitives.asymmetric import padding
+
         assert self.encrypted_premaster is not None
-        assert self.facts.client_random is not None and self.server_random is not None
         for key in self.keys.rsa_keys:
             try:
                 premaster = key.decrypt(self.encrypted_premaster, padding.PKCS1v15())
