@@ -213,6 +213,9 @@ class ExchangeAssembler:
     def on_conflict(self, conn: Connection, direction: int, offset: int, size: int,
                     frame: int) -> None:
         state = self._state(conn)
+        if state.tls is not None:  # TCP offsets are not those of the decrypted stream
+            self._mark(conn, direction, "overlap-conflict")
+            return
         side = state.directions[direction]
         if offset >= side.parser.position:  # bytes still to come
             self._mark(conn, direction, "overlap-conflict")

@@ -479,3 +479,49 @@ def test_bits_upload_recorded_over_real_tls_sockets(built, tmp_path, monkeypatch
     assert streams == [fx.joined(turns, 0), fx.joined(turns, 1)]
     if TSHARK:
         assert {sha(streams[0]), sha(streams[1])} == tshark_tls_streams(pcap, keylog, 1)[0]
+
+
+# -- the committed HTTPS captures (captures/https/, recorded with tcpdump) ----------------------
+
+HTTPS = fx.CORPUS / "https"
+
+
+@pytest.mark.parametrize("capture,keylog", [("tls13-upload.pcap", "tls13-upload.keys"),
+                                            ("tls12-embedded-secrets.pcapng", None)])
+def test_committed_https_captures(capture, keylog, tmp_path, monkeypatch) -> None:
+    """recorded: each HTTPS capture of captures/https/ gives the plain corpus upload's session and
+    file, from its key log or from its own secrets block."""
+    monkeypatch.delenv("SSLKEYLOGFILE", raising=False)
+    keys = keys_of(HTTPS / keylog) if keylog else None
+    tls = analyze([HTTPS / capture], extract_dir=tmp_path / "tls", tls_keys=keys)
+    plain = analyze([fx.CORPUS / fx.SOURCE], extract_dir=tmp_path / "plain")
+    assert tls.complete and not tls.problems
+    (ours,), (theirs,) = tls.bits.sessions, plain.bits.sessions
+    assert (ours.verdict, ours.entity.sha256) == (theirs.verdict, theirs.entity.sha256)
+    if keylog:
+        assert not analyze([HTTPS / capture]).complete  # without the key log
+
+
+@pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
+def test_committed_https_capture_equals_tshark(monkeypatch) -> None:
+    """recorded: tshark with the key log decrypts the same bytes."""
+    pcap, keylog = HTTPS / "tls13-upload.pcap", HTTPS / "tls13-upload.keys"
+    streams, _ = our_streams(pcap, keys_of(keylog), monkeypatch)
+    assert {sha(streams[0]), sha(streams[1])} == tshark_tls_streams(pcap, keylog, 1)[0]
+
+
+def test_capture_without_the_client_hello(built, tmp_path) -> None:
+    """built: a TLS connection whose handshake records are missing from the capture is still
+    known for TLS (its records), and reported as not decryptable, with the reason."""
+    item = built["tls13:aes128"]
+    client, server = fx.contexts(item.creds, tmp_path / "k.keys", fx.TlsOptions())
+    pair = fx.TlsPair(client, server, "uploads.example.test")
+    pair.handshake()
+    handshake = len(pair.wire)
+    for side, data in item.plain[0]:
+        pair.send(side, data)
+    pcap = fx.write_pcap(tmp_path / "late.pcap", [fx.Flow(pair.wire[handshake:])])
+    result = read_exchanges([pcap], lambda e: None, tls_keys=keys_of(tmp_path / "k.keys"))
+    (facts,) = result.captures[0].tls
+    assert not facts.decrypted and facts.reason == "the capture began after the TLS handshake (no ClientHello)"
+    assert [p.kind for p in result.problems] == ["tls-undecrypted"]

@@ -93,7 +93,8 @@ def record_key_update(directory: Path, cert: Path, key: Path) -> tuple[Path, Pat
 
 
 def record_bits_upload(directory: Path, cert: Path, key: Path, turns: list[tuple[int, bytes]],
-                       keylog: Path) -> Path:
+                       keylog: Path, tls12_cipher: str | None = None,
+                       name: str = "recorded-upload.pcap") -> Path:
     """A BITS upload over real TLS sockets on 127.0.0.1 (Python's ssl module: OpenSSL), captured
     with tcpdump: the client sends each of the capture's request turns, a TLS-terminating server
     thread answers each with the recorded answer once the whole turn has arrived."""
@@ -101,7 +102,7 @@ def record_bits_upload(directory: Path, cert: Path, key: Path, turns: list[tuple
     import ssl
     import threading
 
-    pcap = directory / "recorded-upload.pcap"
+    pcap = directory / name
     keylog.unlink(missing_ok=True)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
@@ -109,6 +110,9 @@ def record_bits_upload(directory: Path, cert: Path, key: Path, turns: list[tuple
     client_context.check_hostname = False
     client_context.verify_mode = ssl.CERT_NONE
     client_context.keylog_filename = str(keylog)
+    if tls12_cipher:  # TLS 1.2 with this suite (OpenSSL name)
+        client_context.maximum_version = ssl.TLSVersion.TLSv1_2
+        client_context.set_ciphers(tls12_cipher)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
     port = listener.getsockname()[1]
