@@ -29,9 +29,9 @@ class Analysis:
 
 
 def analyze(
-    sources: Iterable[str | os.PathLike | BinaryIO],
+    sources: Iterable[str | os.PathLike[str] | BinaryIO],
     *,
-    extract_dir: str | os.PathLike | None = None,
+    extract_dir: str | os.PathLike[str] | None = None,
     progress: ProgressHook | None = None,
     stall_after_s: float | None = None,
     tls_keys: TlsKeys | None = None,
@@ -41,8 +41,8 @@ def analyze(
     several = len(sources) > 1  # messages then name frames `capture:frame`, as the reports do
     extractor = (Extractor(extract_dir, several_captures=several, capture_names=[display_name(s) for s in sources])
                  if extract_dir is not None else None)
-    options = {} if stall_after_s is None else {"stall_after_s": stall_after_s}
-    tracker = SessionTracker(extractor, several_captures=several, **options)
+    tracker = (SessionTracker(extractor, several_captures=several) if stall_after_s is None else
+               SessionTracker(extractor, several_captures=several, stall_after_s=stall_after_s))
     run = read_exchanges(sources, tracker.on_exchange,
                          on_body=extractor.on_body if extractor else None, progress=progress,
                          tls_keys=tls_keys)

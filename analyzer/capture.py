@@ -128,7 +128,7 @@ class CaptureReader:
     input is not a capture at all.
     """
 
-    def __init__(self, source: str | os.PathLike | BinaryIO, name: str | None = None,
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO, name: str | None = None,
                  on_secrets: SecretsConsumer | None = None) -> None:
         """`on_secrets` is called with each pcapng Decryption Secrets Block as it is read,
         before the packets after it are yielded."""
@@ -162,6 +162,7 @@ class CaptureReader:
     # --- reading the source ---------------------------------------------------------------
 
     def _read_raw(self) -> bytes:
+        assert self._stream is not None  # only read while open
         read = getattr(self._stream, "read1", None) or self._stream.read
         try:
             chunk = read(CHUNK_SIZE)
@@ -188,18 +189,20 @@ class CaptureReader:
 
     def _inflate(self, raw: bytes) -> bytes:
         offset = self._base + len(self._buffer)
+        inflater = self._inflater
+        assert inflater is not None  # gzip input only
         if not raw:
             self._exhausted = True
-            if not self._inflater.eof:
+            if not inflater.eof:
                 self._fail("truncated-gzip", "gzip stream ends before its end marker", offset=offset)
             return b""
         try:
-            data = self._inflater.decompress(raw)
+            data = inflater.decompress(raw)
             # Concatenated gzip members (as `cat a.gz b.gz` makes) form one stream.
-            while self._inflater.eof and self._inflater.unused_data:
-                rest = self._inflater.unused_data
-                self._inflater = zlib.decompressobj(wbits=31)
-                data += self._inflater.decompress(rest)
+            while inflater.eof and inflater.unused_data:
+                rest = inflater.unused_data
+                inflater = self._inflater = zlib.decompressobj(wbits=31)
+                data += inflater.decompress(rest)
         except zlib.error as error:
             self._exhausted = True
             self._fail("corrupt-gzip", f"gzip data is corrupt: {error}", offset=offset)
@@ -291,9 +294,10 @@ class CaptureReader:
             size = len(buf)
             while True:
                 if size - pos < 16:
-                    pos = self._fill(pos, 16)
-                    if pos is None:
+                    filled = self._fill(pos, 16)
+                    if filled is None:
                         return
+                    pos = filled
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)
@@ -303,7 +307,9 @@ class CaptureReader:
                 start = pos + 16
                 pos = start + captured
                 if pos > size:
-                    start = self._fill(start - 16, 16 + captured) + 16
+                    refilled = self._fill(start - 16, 16 + captured)
+                    assert refilled is not None  # the record's header is there already
+                    start = refilled + 16
                     pos = start + captured
                     buf = self._buffer
                     view = memoryview(buf)
@@ -328,21 +334,27 @@ class CaptureReader:
         size = len(buf)
         # The first block is a section header (sniffed), whose type reads the same in both orders.
         header = struct.Struct("<II").unpack_from
-        endian, word, epb, opb = "<", None, None, None
+        # Until the section header sets them (always the first block): little-endian.
+        endian = "<"
+        word = struct.Struct("<I").unpack_from
+        epb = struct.Struct("<IIIII").unpack_from
+        opb = struct.Struct("<HHIIII").unpack_from
         try:
             while True:
                 if size - pos < 12:
-                    pos = self._fill(pos, 12)
-                    if pos is None:
+                    filled = self._fill(pos, 12)
+                    if filled is None:
                         return
+                    pos = filled
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)
                 block_type, length = header(buf, pos)
                 if block_type == _PCAPNG_SHB:  # a new section, in its own byte order
-                    endian = _PCAPNG_BYTE_ORDER.get(buf[pos + 8:pos + 12])
-                    if endian is None:
+                    order = _PCAPNG_BYTE_ORDER.get(buf[pos + 8:pos + 12])
+                    if order is None:
                         raise _Corrupt("section header block with an unknown byte-order magic")
+                    endian = order
                     header = struct.Struct(endian + "II").unpack_from
                     word = struct.Struct(endian + "I").unpack_from
                     epb = struct.Struct(endian + "IIIII").unpack_from
@@ -352,7 +364,9 @@ class CaptureReader:
                 if length < 12 or length % 4 or length > MAX_RECORD:
                     raise _Corrupt(f"block length {length} is impossible")
                 if size - pos < length:
-                    pos = self._fill(pos, length)
+                    filled = self._fill(pos, length)
+                    assert filled is not None  # the block's header is there already
+                    pos = filled
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)

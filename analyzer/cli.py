@@ -64,12 +64,12 @@ def progress_bar(enabled: bool) -> Iterator[ProgressHook | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), transient=True,
                   console=__import__("rich.console").console.Console(stderr=True)) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def hook(name: str, done: int, total: int | None) -> None:
             if name not in tasks:
@@ -110,12 +110,12 @@ def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
 
 
 def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from bitstrace.analyzer.exchanges import exchange_to_json
+    from bitstrace.analyzer.exchanges import Exchange, exchange_to_json
 
     # Several files: each record names the file its frame numbers count in.
     names = ["<stdin>" if path == "-" else path for path in args.captures] if len(args.captures) > 1 else None
 
-    def emit(exchange) -> None:
+    def emit(exchange: Exchange) -> None:
         out.write(json.dumps(exchange_to_json(exchange, names), separators=(",", ":")) + "\n")
 
     keys = tls_keys(args, err)

@@ -39,9 +39,11 @@ from bitstrace.analyzer.decode import format_endpoint, split_frame
 from bitstrace.analyzer.http import (
     NO_HEADERS,
     BodyChunk,
+    Event,
     Headers,
     HttpParser,
     MessageEnd,
+    ParseError,
     RequestHead,
     ResponseHead,
     start_line_role,
@@ -83,7 +85,7 @@ class HttpMessage:
 
 
 #: on_body(connection, request, block, offset of the block in the body)
-BodyConsumer = Callable[[Connection, HttpMessage, "bytes | memoryview", int], None]
+BodyConsumer = Callable[[Connection, HttpMessage, "bytes | bytearray | memoryview", int], None]
 
 
 @dataclass(eq=False)
@@ -148,7 +150,7 @@ class _ConnectionState:
         new = []
         for role, old, on_body in (("request", old_response, old_request.on_body),
                                    ("response", old_request, None)):
-            parser = HttpParser(role, start_midstream=True)
+            parser = HttpParser("request" if role == "request" else "response", start_midstream=True)
             parser.gap(old.parser.position, frame, ts_ns)  # nothing to parse before here
             side = _Direction(parser, on_body)
             side.mark_next = old.mark_next
@@ -318,7 +320,7 @@ class ExchangeAssembler:
             side.mark_next.add(flag)
 
     def _handle(self, conn: Connection, state: _ConnectionState, side: _Direction,
-                events: list) -> None:
+                events: list[Event]) -> None:
         for event in events:
             if type(event) is BodyChunk:
                 self._body(conn, side, event.data)
@@ -329,6 +331,7 @@ class ExchangeAssembler:
             elif type(event) is ResponseHead:
                 self._response_head(state, side, event)
             else:
+                assert isinstance(event, ParseError)
                 self._add_problem(Problem("http-parse-error", event.message, frame=event.frame,
                                           offset=event.offset, connection=conn.id))
 
@@ -348,6 +351,7 @@ class ExchangeAssembler:
             side.digest.update(block)
         else:
             side.digest = hashlib.sha256(block)
+        assert side.on_body is not None and side.message is not None  # only bodies being streamed
         side.on_body(conn, side.message, block, side.unsent_offset)
         side.unsent_offset += len(block)
 
@@ -399,6 +403,7 @@ class ExchangeAssembler:
         if side.unsent:
             self._send_body(conn, side)
         message, pending = side.message, side.current
+        assert message is not None and pending is not None  # a MessageEnd follows its head
         message.last_capture, message.last_frame = split_frame(end.frame)
         message.last_ts_ns = end.ts_ns
         message.body_length = end.body_length
@@ -424,14 +429,16 @@ class ExchangeAssembler:
         self._on_exchange(exchange)
 
     def _add_problem(self, problem: Problem) -> None:
-        capture, frame = split_frame(problem.frame)
+        capture, frame = split_frame(problem.frame) if problem.frame is not None else (0, None)
         file = self.captures[capture] if capture < len(self.captures) else None
         self.problems.report(replace(problem, frame=frame, file=file))
 
 
 def first_message(exchange: Exchange) -> HttpMessage:
     """The message of `exchange` that began first: its request, else its first response."""
-    return exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
+    message = exchange.request or (exchange.informational[0] if exchange.informational else exchange.response)
+    assert message is not None  # an exchange holds a request or a response
+    return message
 
 
 def message_to_json(message: HttpMessage, captures: Sequence[str] | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.tcp import TcpReassembler
 from bitstrace.analyzer.tls import TlsFacts, TlsKeys, undecrypted_summary
 
-ExchangeConsumer = Callable[[Exchange], None]
+ExchangeConsumer = Callable[[Exchange], object]  # what it returns is ignored
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)
 
 
@@ -33,7 +33,7 @@ class CaptureStats:
     """What one capture file held, for the report's capture statistics."""
 
     file: str
-    format: str = ""
+    format: str | None = ""  # None: not a capture file at all
     frames: int = 0
     bytes_read: int = 0
     first_ts_ns: int | None = None
@@ -57,14 +57,14 @@ class RunResult:
         return all(c.complete and all(t.decrypted for t in c.tls) for c in self.captures)
 
 
-def display_name(source: str | os.PathLike | BinaryIO) -> str:
+def display_name(source: str | os.PathLike[str] | BinaryIO) -> str:
     """How problems and reports name a capture source."""
     if isinstance(source, (str, os.PathLike)):
         return "<stdin>" if str(source) == "-" else os.fspath(source)
     return getattr(source, "name", "<stream>")  # file objects: their name if they have one
 
 
-def _file_size(source: str | os.PathLike | BinaryIO) -> int | None:
+def _file_size(source: str | os.PathLike[str] | BinaryIO) -> int | None:
     if isinstance(source, (str, os.PathLike)) and str(source) != "-":
         try:
             return os.path.getsize(source)
@@ -77,7 +77,7 @@ PROGRESS_EVERY = 1 << 14  # frames between progress callbacks: the per-packet lo
 
 
 def read_exchanges(
-    sources: Iterable[str | os.PathLike | BinaryIO],
+    sources: Iterable[str | os.PathLike[str] | BinaryIO],
     on_exchange: ExchangeConsumer,
     on_body: BodyConsumer | None = None,
     progress: ProgressHook | None = None,
@@ -159,7 +159,7 @@ def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {key: value - before[key] for key, value in now.items()}
 
 
-def _counting(on_exchange: ExchangeConsumer, captures: list[CaptureStats]) -> ExchangeConsumer:
+def _counting(on_exchange: ExchangeConsumer, captures: list[CaptureStats]) -> Callable[[Exchange], None]:
     def counted(exchange: Exchange) -> None:
         captures[first_message(exchange).first_capture].exchanges += 1
         on_exchange(exchange)

@@ -8,7 +8,7 @@ fixed width of 120 columns when it does not go to a terminal, so it reads the sa
 
 from __future__ import annotations
 
-from typing import IO, Iterable, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 from rich import box
 from rich.cells import cell_len
@@ -53,7 +53,7 @@ class _Palette:
         return Style.parse(_STYLES[name]) if self.color else Style.null()
 
 
-def render_text(report: dict, console_or_file: Console | IO[str], *, min_severity: str = "info",
+def render_text(report: dict[str, Any], console_or_file: Console | IO[str], *, min_severity: str = "info",
                 color: bool) -> None:
     """Write the report for people. `console_or_file` is a rich Console or a text file; anomalies
     below `min_severity` ("error" > "warning" > "info") are left out (and counted as such)."""
@@ -152,7 +152,7 @@ def _one_line_rows(table: Table, columns: list[tuple[Text, ...]], width: int) ->
 
 # --- captures and summary ---------------------------------------------------------------------
 
-def _captures(report: dict, palette: _Palette, clock: Clock) -> RenderableType:
+def _captures(report: dict[str, Any], palette: _Palette, clock: Clock) -> RenderableType:
     problems = report.get("problems") or []
     lines = []
     for capture in report.get("captures") or []:
@@ -180,7 +180,7 @@ def _captures(report: dict, palette: _Palette, clock: Clock) -> RenderableType:
     return Group(*lines) if lines else Text("no capture read")
 
 
-def _summary(report: dict, palette: _Palette) -> Text:
+def _summary(report: dict[str, Any], palette: _Palette) -> Text:
     summary = report.get("summary") or {}
     counts = summary.get("anomalies") or {}
     line = Text(f"{_plural(summary.get('sessions', 0), 'BITS upload session')}: ", style=palette["heading"])
@@ -201,7 +201,7 @@ def _summary(report: dict, palette: _Palette) -> Text:
 
 #: The sessions table's columns: header, the console width from which it is shown (narrow
 #: terminals keep the essentials), column options.
-_SESSION_COLUMNS: tuple[tuple[str, int, dict], ...] = (
+_SESSION_COLUMNS: tuple[tuple[str, int, dict[str, Any]], ...] = (
     ("Session", 0, {"no_wrap": True}),
     ("Client", 100, {"overflow": "fold", "min_width": 15, "max_width": 23}),
     ("URL", 0, {"overflow": "fold", "ratio": 1, "min_width": 20}),
@@ -216,7 +216,7 @@ _SESSION_COLUMNS: tuple[tuple[str, int, dict], ...] = (
 )
 
 
-def _session_cells(session: dict, ids: dict[str, str], palette: _Palette, clock: Clock) -> dict[str, Text]:
+def _session_cells(session: dict[str, Any], ids: dict[Any, str], palette: _Palette, clock: Clock) -> dict[str, Text]:
     verdict = session.get("verdict") or "unknown"
     name = _text(ids.get(session.get("id"), "(no id)"))
     if session.get("before_capture"):
@@ -236,7 +236,7 @@ def _session_cells(session: dict, ids: dict[str, str], palette: _Palette, clock:
     }
 
 
-def _sessions(sessions: list[dict], ids: dict[str, str], palette: _Palette, clock: Clock,
+def _sessions(sessions: list[dict[str, Any]], ids: dict[Any, str], palette: _Palette, clock: Clock,
               width: int) -> RenderableType:
     if not sessions:
         return Text("No BITS upload sessions in the capture.")
@@ -257,7 +257,7 @@ def _sessions(sessions: list[dict], ids: dict[str, str], palette: _Palette, cloc
     return Group(table, Text(legend, style=palette["dim"]))
 
 
-def _severity_counts(anomalies: Iterable[dict], palette: _Palette) -> Text:
+def _severity_counts(anomalies: Iterable[dict[str, Any]], palette: _Palette) -> Text:
     counts = severity_counts(anomalies)
     text = Text()
     for index, severity in enumerate(SEVERITIES):
@@ -270,7 +270,7 @@ def _severity_counts(anomalies: Iterable[dict], palette: _Palette) -> Text:
 
 # --- anomalies ---------------------------------------------------------------------------------
 
-def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str, str],
+def _anomalies(shown: list[dict[str, Any]], hidden: int, min_severity: str, ids: dict[Any, str],
                palette: _Palette, clock: Clock, width: int, several: bool) -> RenderableType:
     note = Text(f"{_plural(hidden, 'anomaly', 'anomalies')} below {min_severity} not shown.",
                 style=palette["dim"]) if hidden else None
@@ -299,7 +299,7 @@ def _anomalies(shown: list[dict], hidden: int, min_severity: str, ids: dict[str,
     return Group(table, note) if note else table
 
 
-def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock: Clock,
+def _anomaly_cells(anomaly: dict[str, Any], ids: dict[Any, str], palette: _Palette, clock: Clock,
                    several: bool) -> tuple[Text, ...]:
     severity = anomaly.get("severity") or "?"
     session = anomaly.get("session")
@@ -316,7 +316,7 @@ def _anomaly_cells(anomaly: dict, ids: dict[str, str], palette: _Palette, clock:
 
 # --- downloads, counts, problems ---------------------------------------------------------------
 
-def _extracted(sessions: list[dict], ids: dict[str, str], palette: _Palette, width: int) -> Table:
+def _extracted(sessions: list[dict[str, Any]], ids: dict[Any, str], palette: _Palette, width: int) -> Table:
     table = _table(palette, title=f"Extracted files ({len(sessions)})")
     table.add_column("Session", no_wrap=True)
     table.add_column("File", overflow="fold", ratio=1)
@@ -333,7 +333,7 @@ def _extracted(sessions: list[dict], ids: dict[str, str], palette: _Palette, wid
     return table
 
 
-def _downloads(downloads: list[dict], palette: _Palette, clock: Clock, width: int) -> Table:
+def _downloads(downloads: list[dict[str, Any]], palette: _Palette, clock: Clock, width: int) -> Table:
     table = _table(palette, title=f"Downloads ({len(downloads)})")
     table.add_column("Client", overflow="fold", max_width=23)
     table.add_column("Method", no_wrap=True)
@@ -351,7 +351,7 @@ def _downloads(downloads: list[dict], palette: _Palette, clock: Clock, width: in
     return table
 
 
-def _counts(report: dict, palette: _Palette) -> RenderableType:
+def _counts(report: dict[str, Any], palette: _Palette) -> RenderableType:
     summary = report.get("summary") or {}
     lines = [_heading("Counts", palette),
              Text(f"HTTP exchanges {summary.get('http_exchanges', 0):,}: "
@@ -391,7 +391,7 @@ def _tls_counts(connections: list[dict[str, object]], palette: _Palette) -> Text
     return line
 
 
-def _problems(problems: list[dict], palette: _Palette) -> RenderableType:
+def _problems(problems: list[dict[str, Any]], palette: _Palette) -> RenderableType:
     table = _table(palette, title=f"Problems reading the input ({len(problems)})")
     table.add_column("Kind", no_wrap=True)
     table.add_column("Where", overflow="fold", max_width=40)
