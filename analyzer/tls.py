@@ -28,6 +28,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from bitstrace.analyzer.http import BodyChunk, Event, HttpParser
@@ -220,17 +221,18 @@ class _Protection:
         self.iv = iv
         self.mac_key = mac_key
         self.encrypt_then_mac = encrypt_then_mac
+        from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+        self._invalid_tag = InvalidTag
         self.aead: AESGCM | ChaCha20Poly1305 | None = (
             AESGCM(key) if suite.cipher == "gcm" else ChaCha20Poly1305(key) if suite.cipher == "chacha" else None)
         self._iv_int = int.from_bytes(iv, "big") if suite.cipher == "chacha" or version == TLS13 else 0
 
-    def decrypt(self, ctype: int, version: int, fragment: bytes | memoryview) -> tuple[int, bytes]:
+    def decrypt(self, ctype: int, version: int, fragment: bytes | memoryview) -> tuple[int, bytes | memoryview]:
         """(content type, plaintext) of one record."""
-        from cryptography.exceptions import InvalidTag
-
         seq = self.seq
+        InvalidTag = self._invalid_tag
         self.seq += 1
         if self.version == TLS13:
             nonce = (self._iv_int ^ seq).to_bytes(12, "big")
@@ -245,7 +247,7 @@ class _Protection:
                 end -= 1
             if not end:
                 raise _Undecryptable("decrypted record has no content type")
-            return inner[end - 1], inner[:end - 1]
+            return inner[end - 1], memoryview(inner)[:end - 1]
         if self.suite.cipher == "cbc":
             return ctype, self._cbc(seq, ctype, version, bytes(fragment))
         assert self.aead is not None
@@ -654,10 +656,14 @@ class TlsConnection:
 class _Record(NamedTuple):
     ctype: int
     version: int
-    fragment: bytes
+    fragment: bytes | memoryview
     frame: int
     ts_ns: int
     offset: int  # stream offset of the record header
+
+
+#: _Record(...) from one tuple, without the NamedTuple's Python-level __new__ (as http.py does).
+_new_record: Callable[[tuple[int, int, bytes | memoryview, int, int, int]], _Record] = partial(tuple.__new__, _Record)
 
 
 class TlsDirection:
@@ -669,6 +675,7 @@ class TlsDirection:
         self.http = http
         self._buffer = bytearray()
         self._buffer_offset = 0  # stream offset of _buffer[0]
+        self._missing = 0  # bytes the record begun in _buffer still lacks (0: not known)
         self._first_frame = 0  # the frame that carried the first byte of _buffer
         self._handshake = bytearray()
         self.encrypted = False  # this direction has sent protected records
@@ -707,6 +714,13 @@ class TlsDirection:
         return False  # every byte goes through the record layer
 
     def feed(self, data: bytes | bytearray | memoryview, frame: int, ts_ns: int) -> list[Event]:
+        size = len(data)
+        if size < self._missing:  # the bulk of a record: only kept until it is whole
+            self._buffer += data
+            self._missing -= size
+            return []
+        if self.stopped:
+            return []
         if self._waiting or self._peer._waiting:
             self.connection.release()
         events = self._events = []
@@ -720,6 +734,8 @@ class TlsDirection:
         pos, end = 0, len(view)
         header = _HEADER.unpack_from
         base = self._buffer_offset
+        # Records are views of `view`: the buffer is never resized while they live (the rest
+        # goes to a new buffer), and records kept waiting are copied (_wait).
         while end - pos >= 5:
             ctype, version, length = header(view, pos)
             if length > _MAX_RECORD or not 20 <= ctype <= 24:
@@ -730,20 +746,21 @@ class TlsDirection:
             stop = pos + 5 + length
             if stop > end:
                 break
-            self._record(_Record(ctype, version, bytes(view[pos + 5:stop]), frame, ts_ns, base + pos))
+            if ctype == APPLICATION_DATA and self.phase == "application" and self.protection is not None \
+                    and not self._waiting:  # the bulk of a connection: straight to decryption
+                self.connection.facts.records[self.direction] += 1
+                self._decrypt(ctype, version, view[pos + 5:stop], frame, ts_ns, base + pos)
+            else:
+                self._record(_new_record((ctype, version, view[pos + 5:stop], frame, ts_ns, base + pos)))
             pos = stop
         self._buffer_offset = base + pos
-        if self.stopped:
-            view.release()
+        rest = end - pos
+        if self.stopped or not rest:
             self._buffer = bytearray()
+            self._missing = 0
             return events
-        if buffer:
-            view.release()
-            del buffer[:pos]
-        else:
-            if pos < end:
-                self._buffer = bytearray(view[pos:])
-            view.release()
+        self._buffer = bytearray(view[pos:])
+        self._missing = 5 + header(view, pos)[2] - rest if rest >= 5 else 0
         if pos:
             self._first_frame = frame
         return events
@@ -801,6 +818,8 @@ class TlsDirection:
 
     def _wait(self, record: _Record) -> None:
         self._generation = self._readiness()
+        if not isinstance(record.fragment, bytes):  # a view of a buffer or capture chunk
+            record = record._replace(fragment=bytes(record.fragment))
         if self.waiting_bytes + len(record.fragment) > WAIT_LIMIT:
             self.connection.fail(f"no keys came within the first {WAIT_LIMIT >> 20} MiB of encrypted records; "
                                  + self.connection.missing_key_reason())
@@ -824,7 +843,7 @@ class TlsDirection:
         connection = self.connection
         if self.phase == "plain":
             if ctype == HANDSHAKE:
-                self._handshake_bytes(record.fragment, record)
+                self._handshake_bytes(record.fragment, record.frame, record.offset)
                 return True
             if ctype == CHANGE_CIPHER_SPEC:
                 if connection.facts.version != TLS13:  # TLS 1.3: middlebox compatibility (RFC 8446 D.4)
@@ -848,7 +867,7 @@ class TlsDirection:
             if self.protection is None:
                 connection.facts.records[self.direction] -= 1
                 return False
-        self._decrypt(record)
+        self._decrypt(*record)
         return True
 
     def _keys(self) -> _Protection | None:
@@ -865,12 +884,13 @@ class TlsDirection:
             return protection
         return connection.protection(self.direction, "application")
 
-    def _decrypt(self, record: _Record) -> None:
+    def _decrypt(self, record_type: int, version: int, fragment: bytes | memoryview, frame: int, ts_ns: int,
+                 offset: int) -> None:
         protection = self.protection
         assert protection is not None
         connection = self.connection
         try:
-            ctype, plain = protection.decrypt(record.ctype, record.version, record.fragment)
+            ctype, plain = protection.decrypt(record_type, version, fragment)
         except _Undecryptable as error:
             if self._trial and self.phase == "handshake":
                 protection.seq -= 1  # an encrypted handshake record: skipped
@@ -878,7 +898,7 @@ class TlsDirection:
             side = "client" if self.direction == 0 else "server"
             connection.problem("tls-decrypt", f"{side} TLS record does not decrypt: {error} (wrong key, "
                                "or the capture damaged it); this direction decrypts no further",
-                               record.frame, record.offset)
+                               frame, offset)
             connection.fail(f"a record did not decrypt ({error}): wrong key or damaged capture")
             self._stop()
             return
@@ -888,14 +908,14 @@ class TlsDirection:
         if ctype == APPLICATION_DATA:
             connection.facts.decrypted_bytes[self.direction] += len(plain)
             http = self.http
-            if http.feed_body(plain, record.frame, record.ts_ns):
-                self._events.append(BodyChunk(memoryview(plain), record.frame, record.ts_ns))
+            if http.feed_body(plain, frame, ts_ns):
+                self._events.append(BodyChunk(memoryview(plain), frame, ts_ns))
             else:
-                self._events.extend(http.feed(plain, record.frame, record.ts_ns))
+                self._events.extend(http.feed(plain, frame, ts_ns))
         elif ctype == HANDSHAKE:
-            self._handshake_bytes(plain, record)
+            self._handshake_bytes(plain, frame, offset)
 
-    def _handshake_bytes(self, data: bytes, record: _Record) -> None:
+    def _handshake_bytes(self, data: bytes | memoryview, frame: int, offset: int) -> None:
         self._handshake += data
         buf = self._handshake
         while len(buf) >= 4:
@@ -905,7 +925,7 @@ class TlsDirection:
             kind = buf[0]
             message = bytes(buf[:4 + length])
             del buf[:4 + length]
-            self.connection.handshake(self.direction, kind, message, record.frame, record.offset)
+            self.connection.handshake(self.direction, kind, message, frame, offset)
             self._after_message(kind, message)
 
     def _after_message(self, kind: int, message: bytes) -> None:
@@ -932,6 +952,7 @@ class TlsDirection:
             self._stop()
 
     def _stop(self) -> None:
+        self._missing = 0
         self.stopped = True
         self.phase = "stopped"
         self._waiting = deque()
