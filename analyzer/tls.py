@@ -193,7 +193,10 @@ class TlsKeys:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
 
-        key = serialization.load_pem_private_key(pem, password=None)
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as error:  # not PEM, or encrypted
+            raise ValueError(f"{source}: cannot load a private key: {error}") from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError(f"{source}: not an RSA private key")
         self.rsa_keys.append(key)

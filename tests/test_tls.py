@@ -525,3 +525,28 @@ def test_capture_without_the_client_hello(built, tmp_path) -> None:
     (facts,) = result.captures[0].tls
     assert not facts.decrypted and facts.reason == "the capture began after the TLS handshake (no ClientHello)"
     assert [p.kind for p in result.problems] == ["tls-undecrypted"]
+
+
+def test_unreadable_keys_are_a_usage_error(tmp_path, capsys) -> None:
+    """A key log that cannot be read, or a file that is no RSA private key: exit status 2 and
+    one line naming the file, before any analysis."""
+    capture = str(fx.CORPUS / fx.SOURCE)
+    assert main([capture, "--tls-keylog", str(tmp_path / "missing.keys"), "--no-progress"]) == 2
+    assert f"cannot read {tmp_path / 'missing.keys'}" in capsys.readouterr().err
+    not_a_key = tmp_path / "not-a-key.pem"
+    not_a_key.write_text("hello\n")
+    assert main([capture, "--tls-rsa-key", str(not_a_key), "--no-progress"]) == 2
+    assert f"{not_a_key}: cannot load a private key" in capsys.readouterr().err
+
+
+def test_malformed_key_log_lines_are_reported(built, tmp_path) -> None:
+    """built: lines that are not NSS key log lines are counted in one problem naming the file and
+    the first such line; the good lines still decrypt."""
+    item = built["tls13"]
+    keylog = tmp_path / "messy.keys"
+    keylog.write_text("CLIENT_RANDOM nothex\n" + item.keylog.read_text() + "garbage line\n")
+    keys = keys_of(keylog)
+    result = read_exchanges([item.pcap], lambda e: None, tls_keys=keys)
+    assert result.captures[0].tls[0].decrypted
+    (problem,) = [p for p in result.problems if p.kind == "tls-keylog-line"]
+    assert problem.file == str(keylog) and "2 line(s)" in problem.message and "line 1" in problem.message
