@@ -49,6 +49,9 @@ _EXT_SESSION_TICKET, _EXT_PRE_SHARED_KEY, _EXT_SUPPORTED_VERSIONS = 35, 41, 43
 TLS12, TLS13 = 0x0303, 0x0304
 #: SHA-256("HelloRetryRequest"): the ServerHello random of a HelloRetryRequest (RFC 8446 4.1.3).
 HELLO_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+#: TLS 1.3 records that may fail to verify under the application secret, when the handshake
+#: secret is unknown, before the first that does (the encrypted handshake is a few records).
+TRIAL_LIMIT = 16
 #: Bytes of records a direction keeps while it waits for its keys.
 WAIT_LIMIT = 8 << 20
 _MAX_RECORD = (1 << 14) + 2048  # RFC 8446 5.2: the largest TLSCiphertext fragment
@@ -651,6 +654,7 @@ class TlsConnection:
         (a connection that never got past its handshake has nothing unseen)."""
         self.facts.decrypted = all(
             not d.stopped and not d.waiting_bytes and (not d.encrypted or d.protection is not None)
+            and not (d._trial and d._trial_skips)  # nothing verified under the secret given
             for d in self.directions)
         if not self.facts.decrypted and self.facts.reason is None:
             self.facts.reason = self.missing_key_reason()
@@ -690,6 +694,7 @@ class TlsDirection:
         self._events: list[Event] = []
         self._generation: tuple[int, int] = (-1, -1)  # keys and handshake when it began to wait
         self._trial = False  # TLS 1.3 without the handshake secret: see _keys
+        self._trial_skips = 0
         self._secret: bytes | None = None  # TLS 1.3 traffic secret after a KeyUpdate
 
     # -- the HTTP parser's interface --
@@ -824,7 +829,7 @@ class TlsDirection:
         if not isinstance(record.fragment, bytes):  # a view of a buffer or capture chunk
             record = record._replace(fragment=bytes(record.fragment))
         if self.waiting_bytes + len(record.fragment) > WAIT_LIMIT:
-            self.connection.fail(f"no keys came within the first {WAIT_LIMIT >> 20} MiB of encrypted records; "
+            self.connection.fail(f"no keys came within the first {WAIT_LIMIT:,} bytes of encrypted records; "
                                  + self.connection.missing_key_reason())
             self._stop()
             return
@@ -895,8 +900,9 @@ class TlsDirection:
         try:
             ctype, plain = protection.decrypt(record_type, version, fragment)
         except _Undecryptable as error:
-            if self._trial and self.phase == "handshake":
+            if self._trial and self.phase == "handshake" and self._trial_skips < TRIAL_LIMIT:
                 protection.seq -= 1  # an encrypted handshake record: skipped
+                self._trial_skips += 1
                 return
             side = "client" if self.direction == 0 else "server"
             connection.problem("tls-decrypt", f"{side} TLS record does not decrypt: {error} (wrong key, "

@@ -550,3 +550,57 @@ def test_malformed_key_log_lines_are_reported(built, tmp_path) -> None:
     assert result.captures[0].tls[0].decrypted
     (problem,) = [p for p in result.problems if p.kind == "tls-keylog-line"]
     assert problem.file == str(keylog) and "2 line(s)" in problem.message and "line 1" in problem.message
+
+
+def test_tls13_with_only_the_traffic_secrets(built, tmp_path) -> None:
+    """built: a key log with only CLIENT/SERVER_TRAFFIC_SECRET_0 (no handshake secrets): the
+    encrypted handshake is skipped until a record verifies under the traffic secret."""
+    item = built["tls13:aes128"]
+    keylog = tmp_path / "traffic-only.keys"
+    keylog.write_text("".join(line + "\n" for line in item.keylog.read_text().splitlines()
+                              if "_TRAFFIC_SECRET_0" in line))
+    seen = []
+    result = read_exchanges([item.pcap], seen.append, tls_keys=keys_of(keylog))
+    assert result.complete and not result.problems and len(seen) == 3
+
+
+def test_wrong_traffic_secret_without_handshake_secrets(built, tmp_path) -> None:
+    """built: only traffic secrets, and wrong ones: nothing verifies, so nothing is decrypted,
+    and the report says so (the skipping of handshake records is bounded)."""
+    item = built["tls13:aes128"]
+    keylog = tmp_path / "wrong-traffic.keys"
+    lines = [line.split(" ") for line in item.keylog.read_text().splitlines() if "_TRAFFIC_SECRET_0" in line]
+    keylog.write_text("".join(f"{a} {b} {'00' * (len(c) // 2)}\n" for a, b, c in lines))
+    seen = []
+    result = read_exchanges([item.pcap], seen.append, tls_keys=keys_of(keylog))
+    assert seen == [] and not result.complete and not result.captures[0].tls[0].decrypted
+
+
+@pytest.mark.parametrize("scenario,why", [("tls12:ecdhe-aes128-sha-etm", "record MAC does not verify"),
+                                          ("tls12:ecdhe-aes256-sha-mte", "does not verify"),
+                                          ("tls12:ecdhe-chacha", "AEAD tag does not verify")])
+def test_wrong_key_other_suites(built, tmp_path, scenario, why) -> None:
+    """built: a wrong master secret on CBC (both MAC orders) and ChaCha20 suites: located
+    problems, nothing decrypted."""
+    item = built[scenario]
+    wrong = tmp_path / "wrong.keys"
+    wrong.write_text("".join(f"{a} {b} {c[:-2]}{int(c[-2:], 16) ^ 1:02x}\n" for a, b, c in
+                             (line.split(" ") for line in item.keylog.read_text().splitlines()
+                              if not line.startswith("#"))))
+    seen = []
+    result = read_exchanges([item.pcap], seen.append, tls_keys=keys_of(wrong))
+    decrypt = [p for p in result.problems if p.kind == "tls-decrypt"]
+    assert len(decrypt) == 2 and all(why in p.message and p.frame and p.offset for p in decrypt)
+    assert seen == []
+
+
+def test_waiting_for_keys_is_bounded(built, monkeypatch) -> None:
+    """built: records wait for keys only up to WAIT_LIMIT bytes a direction; past it the
+    direction gives up and says why."""
+    from bitstrace.analyzer import tls
+
+    monkeypatch.setattr(tls, "WAIT_LIMIT", 4096)
+    item = built["tls13:aes128"]
+    result = read_exchanges([item.pcap], lambda e: None, tls_keys=TlsKeys())
+    (facts,) = result.captures[0].tls
+    assert not facts.decrypted and facts.reason.startswith("no keys came within the first")
