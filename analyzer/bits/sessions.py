@@ -57,7 +57,7 @@ class Session:
     protocol: str | None = None
     user_agent: str | None = None
     state: State = State.CREATING
-    verdict: str = Verdict.UNKNOWN
+    verdict: Verdict = Verdict.UNKNOWN
     verdict_reason: str = ""
     before_capture: bool = False
     reply_url: str | None = None
