@@ -270,13 +270,13 @@ class _Spool:
             j += 1
         if cursor < end:
             segments.append((cursor, end, None))
-        for a, b, piece in segments:
+        for a, b, held in segments:
             chunk = data[a - pos:b - pos]
-            if piece is not None:
-                if piece.owner == inflight.key:
+            if held is not None:
+                if held.owner == inflight.key:
                     continue
-                self._compare(a, b, chunk, piece, inflight)
-                if piece.acknowledged:
+                self._compare(a, b, chunk, held, inflight)
+                if held.acknowledged:
                     continue
             self._write(a, chunk, inflight)
             self.assign(_Piece(a, b, inflight.place, False, inflight.key))
@@ -456,7 +456,7 @@ class _Spool:
 class Extractor:
     """Writes each session's entity into `out_dir` as its fragments pass (see module doc)."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, several_captures: bool = False,
+    def __init__(self, out_dir: str | os.PathLike[str], *, several_captures: bool = False,
                  capture_names: Sequence[str] = ()) -> None:
         os.makedirs(out_dir, exist_ok=True)
         self.several_captures = several_captures
@@ -586,7 +586,7 @@ class Extractor:
             inflight.spool.settle(inflight, inflight.first)
         self._inflight.clear()
         self._flush_all()
-        entities: dict[str, ExtractedEntity] = {}
+        entities: dict[tuple[str, int], ExtractedEntity] = {}
         for spool in self._retired + list(self._spools.values()):
             key = (session_key(spool.session_id), spool.generation)
             session_id, content_name = names.get(key, (spool.session_id, None))

@@ -92,7 +92,7 @@ class Session:
     def flag(self, code: str, message: str, packets: list[BitsPacket] | tuple[BitsPacket, ...] = (),
              timestamps: tuple[int, ...] = ()) -> None:
         frames = [f for pkt in packets for f in pkt.frames]
-        captures = [c for pkt in packets for c in pkt.captures]
+        captures: list[int | None] = [c for pkt in packets for c in pkt.captures]
         times = list(timestamps) or [t for pkt in packets for t in pkt.timestamps]
         self.anomalies.append(anomaly(
             code, message, session_id=self.id, frames=frames, captures=captures, timestamps=times,
@@ -207,9 +207,10 @@ class SessionTracker:
             self._stray.append(pkt)
             return
         key = session_key(pkt.session_id)
-        session = self._open.get(key)
-        if session is None:
-            session = self._open[key] = self._new_session(pkt.session_id, pkt)
+        found = self._open.get(key)
+        session = found if found is not None else self._new_session(pkt.session_id, pkt)
+        if found is None:
+            self._open[key] = session
         session.packets.append(pkt)
 
     def _new_session(self, session_id: str | None, pkt: BitsPacket, key: str | None = None) -> Session:
@@ -565,9 +566,9 @@ def _cross_session_checks(sessions: list[Session], downloads: list[Download],
     _link_reply_fetches(sessions, downloads)
 
 
-def _reply_path(upload_url: str, reply_url: str) -> str:
+def _reply_path(upload_url: str, reply_url: str | None) -> str:
     """The path a reply URL points at; relative ones (even with backslashes) against the upload URL."""
-    resolved = urljoin(urlsplit(upload_url).path or "/", reply_url.replace("\\", "/"))
+    resolved = urljoin(urlsplit(upload_url).path or "/", (reply_url or "").replace("\\", "/"))
     return posixpath.normpath(unquote(urlsplit(resolved).path)).lower()
 
 
