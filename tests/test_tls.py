@@ -270,6 +270,8 @@ def test_without_keys_one_clear_problem_and_exit_status_3(built, tmp_path, monke
     main([str(item.pcap), "--no-progress"])
     text = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     assert "2 not decrypted: their HTTP exchanges are not in this report" in text
+    assert ("No BITS upload sessions in the capture. 2 TLS connections could not be decrypted: sessions in "
+            "them are not shown (see Problems).") in text
 
 
 def test_wrong_key_is_a_located_problem(built, tmp_path) -> None:
@@ -604,3 +606,25 @@ def test_waiting_for_keys_is_bounded(built, monkeypatch) -> None:
     result = read_exchanges([item.pcap], lambda e: None, tls_keys=TlsKeys())
     (facts,) = result.captures[0].tls
     assert not facts.decrypted and facts.reason.startswith("no keys came within the first")
+
+
+def test_secrets_block_in_a_later_section(built, tmp_path) -> None:
+    """built: a pcapng of two sections (construct-written secrets block in the second, big-endian
+    one, between its packets): the secrets of any section serve every connection."""
+    import craft
+    from bitstrace.analyzer.capture import CaptureReader
+
+    item = built["tls12:ecdhe-aes256-gcm"]
+    frames = [bytes(f.data) for f in CaptureReader(item.pcap)]
+    secrets = item.keylog.read_bytes()
+    body = fx.DSB_BODY_BE.build(dict(secrets=secrets))
+    middle = len(frames) // 2
+    data = craft.shb() + craft.idb(1) + b"".join(craft.epb(0, 1_000_000 + i, f) for i, f in enumerate(frames[:middle]))
+    data += craft.shb(">") + craft.idb(1, ">") + craft.epb(0, 2_000_000, frames[middle], ">")
+    data += craft.block(0x0000000A, body, ">")
+    data += b"".join(craft.epb(0, 2_000_001 + i, f, ">") for i, f in enumerate(frames[middle + 1:]))
+    pcapng = tmp_path / "two-sections.pcapng"
+    pcapng.write_bytes(data)
+    seen = []
+    result = read_exchanges([pcapng], seen.append)
+    assert result.complete and len(seen) == 3 and all(e.response.status == 200 for e in seen)

@@ -276,6 +276,14 @@ DSB_BODY = cs.Struct(
 )
 
 
+DSB_BODY_BE = cs.Struct(  # the same in a big-endian section
+    "secrets_type" / cs.Const(0x544C534B, cs.Int32ub),
+    "secrets_length" / cs.Rebuild(cs.Int32ub, cs.len_(cs.this.secrets)),
+    "secrets" / cs.Bytes(cs.this.secrets_length),
+    cs.Padding(-cs.this.secrets_length % 4),
+)
+
+
 def struct_pack_dsb(secrets: bytes) -> bytes:
     return DSB_BODY.build(dict(secrets=secrets))
 

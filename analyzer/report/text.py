@@ -70,7 +70,7 @@ def render_text(report: dict[str, Any], console_or_file: Console | IO[str], *, m
     parts: list[RenderableType] = [
         _captures(report, palette, clock),
         _summary(report, palette),
-        _sessions(sessions, ids, palette, clock, console.width),
+        _sessions(sessions, ids, palette, clock, console.width, _unread_tls(report)),
         _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width,
                    several_captures(report)),
     ]
@@ -236,10 +236,18 @@ def _session_cells(session: dict[str, Any], ids: dict[Any, str], palette: _Palet
     }
 
 
+def _unread_tls(report: dict[str, Any]) -> int:
+    """TLS connections of the report's captures that could not be decrypted."""
+    return sum(1 for capture in report.get("captures") or [] for item in capture.get("tls") or []
+               if not item.get("decrypted"))
+
+
 def _sessions(sessions: list[dict[str, Any]], ids: dict[Any, str], palette: _Palette, clock: Clock,
-              width: int) -> RenderableType:
+              width: int, unread_tls: int = 0) -> RenderableType:
+    unseen = (f"{_plural(unread_tls, 'TLS connection')} could not be decrypted: sessions in "
+              f"{'it are' if unread_tls == 1 else 'them are'} not shown (see Problems)") if unread_tls else ""
     if not sessions:
-        return Text("No BITS upload sessions in the capture.")
+        return Text("No BITS upload sessions in the capture." + (f" {unseen}." if unseen else ""))
     table = _table(palette, title=f"Sessions ({len(sessions)})")
     shown = [(header, options) for header, from_width, options in _SESSION_COLUMNS if width >= from_width]
     for header, options in shown:
@@ -254,6 +262,8 @@ def _sessions(sessions: list[dict[str, Any]], ids: dict[Any, str], palette: _Pal
         legend += "; * already running when the capture began"
     if len(shown) < len(_SESSION_COLUMNS) - 1:
         legend += f"; a wider terminal ({LOG_WIDTH}+ columns) shows more columns"
+    if unseen:
+        legend += f"; {unseen}"
     return Group(table, Text(legend, style=palette["dim"]))
 
 
