@@ -628,3 +628,24 @@ def test_secrets_block_in_a_later_section(built, tmp_path) -> None:
     seen = []
     result = read_exchanges([pcapng], seen.append)
     assert result.complete and len(seen) == 3 and all(e.response.status == 200 for e in seen)
+
+
+def test_capture_gap_in_a_record_stream(built, tmp_path) -> None:
+    """built: a client segment missing from the capture (inside the fragment's records): that
+    direction stops decrypting with a located problem; what came before is analysed."""
+    import craft
+    from bitstrace.analyzer.capture import CaptureReader
+
+    item = built["tls13:aes256"]
+    frames = [(f.ts_ns, bytes(f.data)) for f in CaptureReader(item.pcap)]
+    big = [i for i, (_, data) in enumerate(frames) if len(data) > 1400]
+    dropped = big[len(big) // 2]
+    pcap = tmp_path / "gap.pcap"
+    pcap.write_bytes(craft.pcap_bytes([f for i, f in enumerate(frames) if i != dropped]))
+    seen = []
+    result = read_exchanges([pcap], seen.append, tls_keys=keys_of(item.keylog))
+    (problem,) = [p for p in result.problems if p.kind == "tls-gap"]
+    assert problem.connection == 0 and problem.offset
+    assert seen[0].request.headers.get("BITS-Packet-Type") == "Create-Session" and not seen[0].flags
+    assert not result.captures[0].tls[0].decrypted
+    assert result.captures[0].tls[0].reason == "a capture gap cut the TLS record stream"
