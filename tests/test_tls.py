@@ -649,3 +649,24 @@ def test_capture_gap_in_a_record_stream(built, tmp_path) -> None:
     assert seen[0].request.headers.get("BITS-Packet-Type") == "Create-Session" and not seen[0].flags
     assert not result.captures[0].tls[0].decrypted
     assert result.captures[0].tls[0].reason == "a capture gap cut the TLS record stream"
+
+
+def test_retransmission_with_other_bytes_in_a_tls_stream(built, tmp_path) -> None:
+    """built: a client segment retransmitted with one byte changed: the first copy is kept (and
+    decrypts), and the exchange it belongs to is flagged overlap-conflict."""
+    import craft
+    from bitstrace.analyzer.capture import CaptureReader
+
+    item = built["tls13:aes256"]
+    frames = [(f.ts_ns, bytes(f.data)) for f in CaptureReader(item.pcap)]
+    big = [i for i, (_, data) in enumerate(frames) if len(data) > 1400]
+    copied = big[len(big) // 2]
+    ts, data = frames[copied]
+    changed = data[:-1] + bytes([data[-1] ^ 0xFF])
+    frames.insert(copied + 1, (ts + 1, changed))
+    pcap = tmp_path / "conflict.pcap"
+    pcap.write_bytes(craft.pcap_bytes(frames))
+    seen = []
+    result = read_exchanges([pcap], seen.append, tls_keys=keys_of(item.keylog))
+    assert result.complete and result.captures[0].tls[0].decrypted
+    assert [sorted(e.flags) for e in seen] == [[], ["overlap-conflict"], []]
