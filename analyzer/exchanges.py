@@ -198,7 +198,9 @@ class ExchangeAssembler:
         if side.parser.feed_body(data, frame, ts_ns):  # the bulk of a body: no events needed
             self._body(conn, side, data)
         else:
-            self._handle(conn, state, side, side.parser.feed(data, frame, ts_ns))
+            events = side.parser.feed(data, frame, ts_ns)
+            if events:  # most TLS segments complete no record
+                self._handle(conn, state, side, events)
 
     def on_gap(self, conn: Connection, direction: int, size: int, frame: int, ts_ns: int) -> None:
         self._mark(conn, direction, "gap")
