@@ -13,6 +13,7 @@ from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, r
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.selection import FrameSelection
 from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
+from bitstrace.analyzer.tls import TlsKeys
 
 
 @dataclass
@@ -38,6 +39,7 @@ def analyze(
     stall_after_s: float | None = None,
     selection: FrameSelection | None = None,
     reorder_window: float | None = None,
+    tls_keys: TlsKeys | None = None,
 ) -> Analysis:
     """Read every capture and reconstruct the BITS sessions in them."""
     sources = list(sources)
@@ -54,7 +56,8 @@ def analyze(
         run = read_exchanges(sources, file_exchange,
                              on_body=extractor.on_body if extractor else None, progress=progress,
                              selection=selection,
-                             reorder_window=REORDER_WINDOW_NS / 1e9 if reorder_window is None else reorder_window)
+                             reorder_window=REORDER_WINDOW_NS / 1e9 if reorder_window is None else reorder_window,
+                             tls_keys=tls_keys)
         starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
         ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
         bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)

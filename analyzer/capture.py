@@ -22,7 +22,7 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import BinaryIO, NamedTuple
 
@@ -54,6 +54,8 @@ _PCAP_MAGIC = {
     0x4D3CB2A1: (">", 1),
 }
 _BLOCK_IDB, _BLOCK_OPB, _BLOCK_SPB, _BLOCK_EPB = 1, 2, 3, 6
+_BLOCK_DSB = 0x0000000A  # Decryption Secrets Block (pcapng draft, section 4.7)
+SECRETS_TLS_KEYLOG = 0x544C534B  # "TLSK": the secrets are NSS key log lines
 _OPTION_IF_TSRESOL, _OPTION_IF_TSOFFSET = 9, 14
 
 
@@ -68,6 +70,21 @@ def _options(int16: cs.Construct) -> cs.Construct:
 
 
 _OPTIONS = {"<": _options(cs.Int16ul), ">": _options(cs.Int16ub)}
+
+
+def _secrets_block(int32: cs.Construct) -> cs.Construct:
+    """The body of a Decryption Secrets Block (after its type and length)."""
+    return cs.Struct(
+        "secrets_type" / int32,
+        "secrets_length" / int32,
+        "secrets" / cs.Bytes(cs.this.secrets_length),
+    )
+
+
+_SECRETS = {"<": _secrets_block(cs.Int32ul), ">": _secrets_block(cs.Int32ub)}
+
+#: on_secrets(secrets type, secrets data, where: "file: offset N"), for each Decryption Secrets Block.
+SecretsConsumer = Callable[[int, bytes, str], None]
 
 
 class Frame(NamedTuple):
@@ -111,7 +128,11 @@ class CaptureReader:
     input is not a capture at all.
     """
 
-    def __init__(self, source: str | os.PathLike | BinaryIO, name: str | None = None) -> None:
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO, name: str | None = None,
+                 on_secrets: SecretsConsumer | None = None) -> None:
+        """`on_secrets` is called with each pcapng Decryption Secrets Block as it is read,
+        before the packets after it are yielded."""
+        self.on_secrets = on_secrets
         self.problems: ProblemLog = ProblemLog()
         self.complete = True
         self.bytes_read = 0
@@ -141,6 +162,7 @@ class CaptureReader:
     # --- reading the source ---------------------------------------------------------------
 
     def _read_raw(self) -> bytes:
+        assert self._stream is not None  # only read while open
         read = getattr(self._stream, "read1", None) or self._stream.read
         try:
             chunk = read(CHUNK_SIZE)
@@ -167,18 +189,20 @@ class CaptureReader:
 
     def _inflate(self, raw: bytes) -> bytes:
         offset = self._base + len(self._buffer)
+        inflater = self._inflater
+        assert inflater is not None  # gzip input only
         if not raw:
             self._exhausted = True
-            if not self._inflater.eof:
+            if not inflater.eof:
                 self._fail("truncated-gzip", "gzip stream ends before its end marker", offset=offset)
             return b""
         try:
-            data = self._inflater.decompress(raw)
+            data = inflater.decompress(raw)
             # Concatenated gzip members (as `cat a.gz b.gz` makes) form one stream.
-            while self._inflater.eof and self._inflater.unused_data:
-                rest = self._inflater.unused_data
-                self._inflater = zlib.decompressobj(wbits=31)
-                data += self._inflater.decompress(rest)
+            while inflater.eof and inflater.unused_data:
+                rest = inflater.unused_data
+                inflater = self._inflater = zlib.decompressobj(wbits=31)
+                data += inflater.decompress(rest)
         except zlib.error as error:
             self._exhausted = True
             self._fail("corrupt-gzip", f"gzip data is corrupt: {error}", offset=offset)
@@ -270,9 +294,10 @@ class CaptureReader:
             size = len(buf)
             while True:
                 if size - pos < 16:
-                    pos = self._fill(pos, 16)
-                    if pos is None:
+                    filled = self._fill(pos, 16)
+                    if filled is None:
                         return
+                    pos = filled
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)
@@ -282,7 +307,9 @@ class CaptureReader:
                 start = pos + 16
                 pos = start + captured
                 if pos > size:
-                    start = self._fill(start - 16, 16 + captured) + 16
+                    refilled = self._fill(start - 16, 16 + captured)
+                    assert refilled is not None  # the record's header is there already
+                    start = refilled + 16
                     pos = start + captured
                     buf = self._buffer
                     view = memoryview(buf)
@@ -307,21 +334,27 @@ class CaptureReader:
         size = len(buf)
         # The first block is a section header (sniffed), whose type reads the same in both orders.
         header = struct.Struct("<II").unpack_from
-        endian, word, epb, opb = "<", None, None, None
+        # Until the section header sets them (always the first block): little-endian.
+        endian = "<"
+        word = struct.Struct("<I").unpack_from
+        epb = struct.Struct("<IIIII").unpack_from
+        opb = struct.Struct("<HHIIII").unpack_from
         try:
             while True:
                 if size - pos < 12:
-                    pos = self._fill(pos, 12)
-                    if pos is None:
+                    filled = self._fill(pos, 12)
+                    if filled is None:
                         return
+                    pos = filled
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)
                 block_type, length = header(buf, pos)
                 if block_type == _PCAPNG_SHB:  # a new section, in its own byte order
-                    endian = _PCAPNG_BYTE_ORDER.get(buf[pos + 8:pos + 12])
-                    if endian is None:
+                    order = _PCAPNG_BYTE_ORDER.get(buf[pos + 8:pos + 12])
+                    if order is None:
                         raise _Corrupt("section header block with an unknown byte-order magic")
+                    endian = order
                     header = struct.Struct(endian + "II").unpack_from
                     word = struct.Struct(endian + "I").unpack_from
                     epb = struct.Struct(endian + "IIIII").unpack_from
@@ -331,7 +364,9 @@ class CaptureReader:
                 if length < 12 or length % 4 or length > MAX_RECORD:
                     raise _Corrupt(f"block length {length} is impossible")
                 if size - pos < length:
-                    pos = self._fill(pos, length)
+                    filled = self._fill(pos, length)
+                    assert filled is not None  # the block's header is there already
+                    pos = filled
                     buf = self._buffer
                     view = memoryview(buf)
                     size = len(buf)
@@ -378,6 +413,8 @@ class CaptureReader:
                     yield number, 0, interface.link_type, view[block + 12:block + 12 + captured], original
                 elif block_type == _BLOCK_IDB:
                     interfaces.append(self._interface(buf[block + 8:body_end], endian, number, self._base + block))
+                elif block_type == _BLOCK_DSB:
+                    self._secrets(buf[block + 8:body_end], endian, number, self._base + block)
         except _Truncated:
             self._fail("truncated-record", "the file ends inside a block (writer stopped mid-block?)",
                        frame=number + 1, offset=self._base)
@@ -386,6 +423,15 @@ class CaptureReader:
                        offset=self._base + pos)
         finally:
             self._close()
+
+    def _secrets(self, body: bytes, endian: str, number: int, offset: int) -> None:
+        try:
+            block = _SECRETS[endian].parse(body)
+        except cs.ConstructError:
+            self._problem("corrupt-block", "decryption secrets block too short for its secrets", number + 1, offset)
+            return
+        if self.on_secrets is not None:
+            self.on_secrets(block.secrets_type, block.secrets, f"{self.name}: decryption secrets block at offset {offset}")
 
     def _interface(self, body: bytes, endian: str, number: int, offset: int) -> _Interface:
         if len(body) < 8:

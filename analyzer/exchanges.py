@@ -62,6 +62,7 @@ from bitstrace.analyzer.http import (
 )
 from bitstrace.analyzer.problems import Problem, ProblemLog
 from bitstrace.analyzer.tcp import CLIENT, SERVER, Connection
+from bitstrace.analyzer.tls import TlsConnection, TlsDirection, TlsFacts, TlsKeys, is_client_hello, looks_like_tls
 
 #: Body bytes are handed to `on_body` in blocks of about this size (a copy of each payload, but
 #: one consumer call and one hash update per ~45 packets instead of one per packet, and no view
@@ -135,7 +136,7 @@ class _Direction:
     __slots__ = ("parser", "on_body", "current", "message", "digest", "unsent", "unsent_offset",
                  "mark_next", "extra")
 
-    def __init__(self, parser: HttpParser, on_body: BodyConsumer | None) -> None:
+    def __init__(self, parser: HttpParser | TlsDirection, on_body: BodyConsumer | None) -> None:
         self.parser = parser
         self.on_body = on_body  # None: this direction's bodies are only hashed
         self.current: _Pending | None = None  # the exchange of the message being parsed
@@ -148,7 +149,7 @@ class _Direction:
 
 
 class _ConnectionState:
-    __slots__ = ("directions", "waiting", "open", "aborted", "roles_provisional")
+    __slots__ = ("directions", "waiting", "open", "aborted", "roles_provisional", "tls")
 
     def __init__(self, midstream: bool, on_body: BodyConsumer | None) -> None:
         # Mid-stream, the first responses may answer requests sent before the capture began:
@@ -161,6 +162,7 @@ class _ConnectionState:
         self.aborted = False
         # Mid-stream, the reassembler guessed client and server; the first start line decides.
         self.roles_provisional = midstream
+        self.tls: TlsConnection | None = None
 
     def swap_roles(self, frame: int, ts_ns: int) -> None:
         """The connection's roles were swapped before any message was found: each stream's bytes
@@ -182,11 +184,13 @@ class ExchangeAssembler:
     """A StreamSink turning both directions of each connection into Exchange records."""
 
     def __init__(self, on_exchange: Callable[[Exchange], None],
-                 on_body: BodyConsumer | None = None, first_index: int = 0) -> None:
+                 on_body: BodyConsumer | None = None, first_index: int = 0,
+                 tls_keys: TlsKeys | None = None) -> None:
         """`on_body(connection, request, block, body_offset)`: each block of each request body
         (the request's length and digest are filled in at its end). `first_index`: the index of
         the first Exchange (to number on across capture files, pass the previous assembler's
-        `next_index`)."""
+        `next_index`). `tls_keys`: connections whose first bytes are TLS records go through
+        the TLS layer with these keys (without it they are parsed as HTTP)."""
         self._on_exchange = on_exchange
         self._on_body = on_body
         self._connections: dict[int, _ConnectionState] = {}
@@ -194,6 +198,10 @@ class ExchangeAssembler:
         self.problems = ProblemLog()  # the first few of each kind; all are counted
         #: Names of the capture files of the run, by index: what Problems name as their file.
         self.captures: list[str] = []
+        self.tls_keys = tls_keys
+        #: The TLS facts of every TLS connection closed so far, in closing order.
+        self.tls_connections: list[TlsFacts] = []
+        self._tls_resumption: dict[bytes, bytes] = {}  # TLS 1.2 master secrets across connections
 
     # -- StreamSink ----------------------------------------------------------------------
 
@@ -203,14 +211,18 @@ class ExchangeAssembler:
 
     def on_data(self, conn: Connection, direction: int, data: bytes | memoryview, frame: int,
                 ts_ns: int) -> None:
-        state = self._connections.get(conn.id) or self._state(conn)
+        state = self._connections.get(conn.id)
+        if state is None:
+            state, direction = self._first_data(conn, direction, data)
         if state.roles_provisional:
             direction = self._settle_roles(conn, state, direction, data, frame, ts_ns)
         side = state.directions[direction]
         if side.parser.feed_body(data, frame, ts_ns):  # the bulk of a body: no events needed
             self._body(conn, side, data)
         else:
-            self._handle(conn, state, side, side.parser.feed(data, frame, ts_ns))
+            events = side.parser.feed(data, frame, ts_ns)
+            if events:  # most TLS segments complete no record
+                self._handle(conn, state, side, events)
 
     def on_gap(self, conn: Connection, direction: int, size: int, frame: int, ts_ns: int) -> None:
         self._mark(conn, direction, "gap")
@@ -230,6 +242,9 @@ class ExchangeAssembler:
     def on_conflict(self, conn: Connection, direction: int, offset: int, size: int,
                     frame: int) -> None:
         state = self._state(conn)
+        if state.tls is not None:  # TCP offsets are not those of the decrypted stream
+            self._mark(conn, direction, "overlap-conflict")
+            return
         side = state.directions[direction]
         if offset >= side.parser.position:  # bytes still to come
             self._mark(conn, direction, "overlap-conflict")
@@ -279,6 +294,9 @@ class ExchangeAssembler:
                 pending.flags.add("no-response")
             self._emit(conn, pending)
         del self._connections[conn.id]
+        if state.tls is not None:
+            state.tls.finish()
+            self.tls_connections.append(state.tls.facts)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -288,6 +306,29 @@ class ExchangeAssembler:
             state = _ConnectionState(not conn.handshake_seen, self._on_body)
             self._connections[conn.id] = state
         return state
+
+    def _first_data(self, conn: Connection, direction: int,
+                    data: bytes | memoryview) -> tuple[_ConnectionState, int]:
+        """The state of a connection whose first event is `data`: TLS when its first bytes are
+        a TLS record (whatever the port), else HTTP. Returns it with the direction of `data`
+        (a ClientHello tells a mid-stream connection's client)."""
+        if self.tls_keys is None or not looks_like_tls(data):
+            return self._state(conn), direction
+        hello = is_client_hello(data)
+        if hello and direction == SERVER and not conn.handshake_seen:
+            conn.swap_roles()
+            direction = CLIENT
+        state = _ConnectionState(not hello, self._on_body)
+        state.roles_provisional = False
+        facts = TlsFacts(conn.id, conn.client, conn.server, conn.first_frame)
+        tls = TlsConnection(facts, self.tls_keys, self._tls_resumption, self._add_problem, hello)
+        request, response = state.directions
+        assert isinstance(request.parser, HttpParser) and isinstance(response.parser, HttpParser)
+        request.parser, response.parser = tls.attach(request.parser, response.parser)
+        tls.peer_events = lambda side, events: self._handle(conn, state, state.directions[side], events)
+        state.tls = tls
+        self._connections[conn.id] = state
+        return state, direction
 
     def _settle_roles(self, conn: Connection, state: _ConnectionState, direction: int,
                       data: bytes | memoryview, frame: int, ts_ns: int) -> int:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import BinaryIO, Callable, Iterable
 
-from bitstrace.analyzer.capture import CaptureReader, Frame
-from bitstrace.analyzer.decode import Decoder, SegmentFilter
+from bitstrace.analyzer.capture import SECRETS_TLS_KEYLOG, CaptureReader, Frame
+from bitstrace.analyzer.decode import Decoder, SegmentFilter, format_endpoint, split_frame
 from bitstrace.analyzer.exchanges import BodyConsumer, Exchange, ExchangeAssembler, first_message
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.selection import FrameSelection
 from bitstrace.analyzer.tcp import MAX_BUFFERED, REORDER_WINDOW_NS, StreamSink, TcpReassembler
+from bitstrace.analyzer.tls import TlsFacts, TlsKeys, undecrypted_summary
 
 ExchangeConsumer = Callable[[Exchange], object]  # what it returns is not used
 ProgressHook = Callable[[str, int, int | None], None]  # (file, bytes read, file size or None)
@@ -44,6 +45,7 @@ class CaptureStats:
     connections: int = 0
     exchanges: int = 0
     capture_point: str | None = None  # the directory it was found in (analyzer/sources.py)
+    tls: list[TlsFacts] = field(default_factory=list)  # TLS connections first seen in this file
 
 
 @dataclass
@@ -53,7 +55,8 @@ class RunResult:
 
     @property
     def complete(self) -> bool:
-        return all(c.complete for c in self.captures)
+        """Every capture read to its end, and every TLS connection in them decrypted."""
+        return all(c.complete and all(t.decrypted for t in c.tls) for c in self.captures)
 
 
 def display_name(source: str | os.PathLike[str] | BinaryIO) -> str:
@@ -88,11 +91,14 @@ def read_exchanges(
     before_finish: Callable[[], None] | None = None,
     reorder_window: float = REORDER_WINDOW_NS / 1e9,
     max_buffered: int = MAX_BUFFERED,
+    tls_keys: TlsKeys | None = None,
 ) -> RunResult:
     """Run the captures, in order, through one pipeline, calling `on_exchange` for each HTTP
     exchange. `selection` keeps only some frames (a filter, a time range, a count).
     `reorder_window` (seconds of capture time) and `max_buffered` (bytes) are the TCP
     reassembler's: how long a hole waits for late data, and what all connections may hold.
+    TLS connections are decrypted with `tls_keys` and the secrets the captures themselves hold
+    (pcapng Decryption Secrets Blocks).
 
     The hooks of a partitioned run (analyzer/partition.py): `keep` passes on only some
     connections' segments (Decoder), `first_capture` is the index of the first source among
@@ -100,7 +106,8 @@ def read_exchanges(
     sink the reassembler feeds (to see every connection open), `before_finish` is called when
     the last frame is read, before the connections still open are flushed."""
     result = RunResult()
-    assembler = ExchangeAssembler(_counting(on_exchange, result.captures, first_capture), on_body)
+    keys = tls_keys if tls_keys is not None else TlsKeys()
+    assembler = ExchangeAssembler(_counting(on_exchange, result.captures, first_capture), on_body, tls_keys=keys)
     assembler.captures.extend([""] * first_capture)  # other units' files: never named here
     reassembler = TcpReassembler(assembler if tap is None else tap(assembler),
                                  reorder_window=reorder_window, max_buffered=max_buffered)
@@ -111,7 +118,7 @@ def read_exchanges(
         stats = CaptureStats(file=name)
         result.captures.append(stats)
         assembler.captures.append(name)
-        reader = CaptureReader(source, name=name)
+        reader = CaptureReader(source, name=name, on_secrets=_secrets_into(keys, result.problems))
         reassembler.file = name
         decoder = Decoder(file=name, capture=first_capture + index, keep=keep)
         size = _file_size(source)
@@ -152,7 +159,30 @@ def read_exchanges(
         stats.tcp = _since(reassembler.stats, last_before)
     result.problems.extend(reassembler.problems)
     result.problems.extend(assembler.problems)
+    _tls_report(assembler.tls_connections, result)
+    result.problems.extend(keys.problems)
     return result
+
+
+def _secrets_into(keys: TlsKeys, problems: list[Problem]) -> Callable[[int, bytes, str], None]:
+    def add(kind: int, secrets: bytes, where: str) -> None:
+        if kind == SECRETS_TLS_KEYLOG:
+            keys.add_keylog(secrets, where)
+        else:
+            problems.append(Problem("unknown-secrets", f"{where}: secrets of type 0x{kind:08X} are not "
+                                    "TLS key log lines; skipped"))
+    return add
+
+
+def _tls_report(connections: list[TlsFacts], result: RunResult) -> None:
+    """Each TLS connection to the capture of its first frame; one problem per capture and
+    (server, SNI, reason) for those that could not be decrypted."""
+    for facts in sorted(connections, key=lambda f: f.connection):
+        capture = split_frame(facts.first_frame)[0]
+        result.captures[min(capture, len(result.captures) - 1)].tls.append(facts)
+    for stats in result.captures:
+        for sentence in undecrypted_summary(stats.tls, format_endpoint):
+            result.problems.append(Problem("tls-undecrypted", sentence, file=stats.file))
 
 
 def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:

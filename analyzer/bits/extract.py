@@ -687,7 +687,7 @@ class Extractor:
         self._named.add(named)
         self.problems.append(Problem(kind, message, **place))
 
-    def on_body(self, connection: Any, message: Any, chunk: bytes | memoryview, body_offset: int) -> None:
+    def on_body(self, connection: Any, message: Any, chunk: bytes | bytearray | memoryview, body_offset: int) -> None:
         """ExchangeAssembler's on_body hook: one body chunk of `message`, at `body_offset` in its body
         (bytes lost in a capture gap are never written, so they stay missing, never acknowledged)."""
         if not message.is_request:

@@ -633,9 +633,9 @@ def _cross_session_checks(sessions: list[Session], downloads: list[Download],
     _link_reply_fetches(sessions, downloads)
 
 
-def _reply_path(upload_url: str, reply_url: str) -> str:
+def _reply_path(upload_url: str, reply_url: str | None) -> str:
     """The path a reply URL points at; relative ones (even with backslashes) against the upload URL."""
-    resolved = urljoin(urlsplit(upload_url).path or "/", reply_url.replace("\\", "/"))
+    resolved = urljoin(urlsplit(upload_url).path or "/", (reply_url or "").replace("\\", "/"))
     return posixpath.normpath(unquote(urlsplit(resolved).path)).lower()
 
 

@@ -25,8 +25,10 @@ from bitstrace.analyzer.bits.packets import BitsPacket, Download
 from bitstrace.analyzer.bits.protocol import session_key
 from bitstrace.analyzer.bits.sessions import Session, Verdict
 from bitstrace.analyzer.bits.skew import ClockSkew
+from bitstrace.analyzer.decode import format_endpoint
 from bitstrace.analyzer.pipeline import CaptureStats
 from bitstrace.analyzer.problems import Problem
+from bitstrace.analyzer.tls import facts_record
 from bitstrace.analyzer.report.schema import (
     AnomalyRecord, CaptureRecord, ClockSkewRecord, DownloadRecord, ExtractedRecord, PacketRecord, ProblemRecord, Report,
     ResponseRecord, SessionRecord,
@@ -49,6 +51,8 @@ def capture_record(stats: CaptureStats, skew: ClockSkew | None = None) -> Captur
         "complete": stats.complete, "connections": stats.connections, "exchanges": stats.exchanges,
         "decoder": stats.decoder, "tcp": stats.tcp, "clock_skew": skew_record(skew),
     }
+    if stats.tls:  # only then: reports of captures without TLS stay as they were (schema.md)
+        record["tls"] = [facts_record(facts, format_endpoint) for facts in stats.tls]
     if stats.capture_point is None:
         return record
     return cast(CaptureRecord, {"capture_point": stats.capture_point, **record})  # directories only, first
@@ -63,6 +67,9 @@ def skew_record(skew: ClockSkew | None) -> ClockSkewRecord | None:
         "answers_after_next_request": skew.answers_after_next_request, "ahead_s": skew.ahead_ns / 1e9,
         "offset_s": skew.offset_ns / 1e9,
     }
+    if stats.tls:  # only then: reports of captures without TLS stay as they were (schema.md)
+        record["tls"] = [facts_record(facts, format_endpoint) for facts in stats.tls]
+    return record
 
 
 def problem_record(problem: Problem) -> ProblemRecord:

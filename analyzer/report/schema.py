@@ -15,7 +15,7 @@ whatever a report holds, including values this version does not know.
 
 from __future__ import annotations
 
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class ToolRecord(TypedDict):
@@ -56,6 +56,7 @@ class CaptureRecord(TypedDict):
     decoder: dict[str, int]  # counters of the packet decoder
     tcp: dict[str, int]  # counters of the reassembler
     clock_skew: ClockSkewRecord | None  # null: the BITS exchanges show no skew
+    tls: NotRequired[list[dict[str, Any]]]  # only when the capture holds TLS: analyzer/tls.py facts_record
 
 
 class ProblemRecord(TypedDict):

@@ -80,7 +80,7 @@ def render_text(report: Report, console_or_file: Console | IO[str], *, min_sever
     parts: list[RenderableType] = [
         _captures(report, palette, clock),
         _summary(report, palette),
-        _sessions(sessions, ids, palette, clock, console.width),
+        _sessions(sessions, ids, palette, clock, console.width, _unread_tls(report)),
         _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width,
                    several_captures(report)),
     ]
@@ -293,10 +293,17 @@ def _needs_a_look(session: SessionRecord) -> bool:
             or any(severity_rank(a.get("severity")) < severity_rank("info") for a in session.get("anomalies") or ()))
 
 
+def _unread_tls(report: Report) -> int:
+    """TLS connections of the report's captures that could not be decrypted."""
+    return sum(1 for capture in report["captures"] for item in capture.get("tls") or [] if not item.get("decrypted"))
+
+
 def _sessions(sessions: list[SessionRecord], ids: dict[str, str], palette: _Palette, clock: Clock,
-              width: int) -> RenderableType:
+              width: int, unread_tls: int = 0) -> RenderableType:
+    unseen = (f"{_plural(unread_tls, 'TLS connection')} could not be decrypted: sessions in "
+              f"{'it are' if unread_tls == 1 else 'them are'} not shown (see Problems)") if unread_tls else ""
     if not sessions:
-        return Text("No BITS upload sessions in the capture.")
+        return Text("No BITS upload sessions in the capture." + (f" {unseen}." if unseen else ""))
     table = _table(palette, title=f"Sessions ({len(sessions)})")
     columns = [(header, options) for header, from_width, options in _SESSION_COLUMNS if width >= from_width]
     for header, options in columns:
@@ -319,6 +326,8 @@ def _sessions(sessions: list[SessionRecord], ids: dict[str, str], palette: _Pale
         legend += "; * already running when the capture began"
     if len(columns) < len(_SESSION_COLUMNS) - 1:
         legend += f"; a wider terminal ({LOG_WIDTH}+ columns) shows more columns"
+    if unseen:
+        legend += f"; {unseen}"
     return Group(*parts, Text(legend, style=palette["dim"]))
 
 
@@ -448,7 +457,27 @@ def _counts(report: Report, palette: _Palette) -> RenderableType:
                                                        else f"{printable(k)} {printable(v)}"
                                                        for k, v in counters.items()))
         lines.append(line)
+        if capture.get("tls"):
+            lines.append(_tls_counts(capture["tls"], palette))
     return Group(*lines)
+
+
+def _tls_counts(connections: list[dict[str, object]], palette: _Palette) -> Text:
+    """TLS connections by version and suite, and how many could not be read (their exchanges
+    are missing from the report)."""
+    kinds: dict[str, int] = {}
+    for item in connections:
+        kind = " ".join(printable(v) for v in (item.get("version"), item.get("cipher_suite")) if v) or "unknown"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    unread = sum(1 for item in connections if not item.get("decrypted"))
+    resumed = sum(1 for item in connections if item.get("resumed"))
+    line = Text(f"  {_plural(len(connections), 'TLS connection')}: " +
+                ", ".join(f"{count:,} {kind}" for kind, count in kinds.items()) +
+                f"; {resumed:,} resumed; {len(connections) - unread:,} decrypted")
+    if unread:
+        line.append(f"; {unread:,} not decrypted: their HTTP exchanges are not in this report",
+                    palette["warning"])
+    return line
 
 
 def _problems(problems: list[ProblemRecord], palette: _Palette) -> RenderableType:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence, TextIO
 from bitstrace import __version__
 from bitstrace.analyzer.report.logs import FORMATS as LOG_FORMATS
 from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
+from bitstrace.analyzer.tls import TlsKeys
 from bitstrace.analyzer.selection import FrameSelection, SelectionError, parse_time
 from bitstrace.cli.common import (Exit, SessionChoiceError, choose_session, discard_further_output, distinct_sources,
                                   seconds, whole)
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "anomalies, problems, downloads), as Zeek writes its logs")
     out.add_argument("--logs-format", choices=LOG_FORMATS, default="zeek",
                      help="zeek: TSV with #fields/#types headers (default); csv: a header row")
+    tls = parser.add_argument_group("TLS (HTTPS) decryption; the capture's own pcapng secrets are always read")
+    tls.add_argument("--tls-keylog", metavar="FILE", action="append", default=[],
+                     help="NSS key log (SSLKEYLOGFILE format); repeatable; SSLKEYLOGFILE is read too when set")
+    tls.add_argument("--tls-rsa-key", metavar="PEM", action="append", default=[],
+                     help="the server's RSA private key, for TLS 1.2 RSA key exchange; repeatable")
     frames = parser.add_argument_group("frames read (tcpdump's selections)")
     frames.add_argument("-f", "--filter", metavar="EXPR",
                         help="a BPF filter, as tcpdump takes it (libpcap compiles it), e.g. "
@@ -134,6 +140,31 @@ def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
         print(f"bits-analyze: {problem}", file=err)
 
 
+def tls_keys(args: argparse.Namespace, err: TextIO) -> TlsKeys | None:
+    """The keys of --tls-keylog, SSLKEYLOGFILE and --tls-rsa-key; None (after saying why on
+    `err`) when one cannot be read."""
+    keys = TlsKeys()
+    files = list(args.tls_keylog)
+    from_env = os.environ.get("SSLKEYLOGFILE")
+    if from_env and from_env not in files:
+        print(f"bits-analyze: reading TLS keys from SSLKEYLOGFILE={from_env}", file=err)
+        files.append(from_env)
+    try:
+        for path in files:
+            with open(path, "rb") as keylog:
+                keys.add_keylog(keylog.read(), path)
+        for path in args.tls_rsa_key:
+            with open(path, "rb") as pem:
+                keys.add_rsa_key(pem.read(), path)
+    except OSError as error:
+        print(f"bits-analyze: cannot read {error.filename}: {error.strerror}", file=err)
+        return None
+    except ValueError as error:
+        print(f"bits-analyze: {error}", file=err)
+        return None
+    return keys
+
+
 def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from bitstrace.analyzer.exchanges import Exchange, exchange_to_json
 
@@ -143,9 +174,12 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     def emit(exchange: Exchange) -> None:
         out.write(json.dumps(exchange_to_json(exchange, names), separators=(",", ":")) + "\n")
 
+    keys = tls_keys(args, err)
+    if keys is None:
+        return Exit.USAGE
     with progress_bar(not args.no_progress) as hook:
         result = read_exchanges(args.captures, emit, progress=hook, selection=args.selection,
-                                reorder_window=args.reorder_window or REORDER_WINDOW_NS / 1e9)
+                                reorder_window=args.reorder_window or REORDER_WINDOW_NS / 1e9, tls_keys=keys)
     report_problems(result.problems, err)
     return Exit.OK if result.complete else Exit.INCOMPLETE
 
@@ -156,6 +190,9 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from bitstrace.analyzer.report.json import (build_report, sessions_with_packets, filter_report, jsonl_records,
                                       packet_source, severity_at_least, write_json, write_jsonl)
 
+    keys = tls_keys(args, err)
+    if keys is None:
+        return Exit.USAGE
     # Every output is opened before the analysis, so a bad path costs nothing but a message.
     with contextlib.ExitStack() as outputs:
         try:
@@ -182,7 +219,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             with progress_bar(not args.no_progress) as hook:
                 analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
                                    stall_after_s=args.stall_after, selection=args.selection,
-                               reorder_window=args.reorder_window)
+                               reorder_window=args.reorder_window, tls_keys=keys)
         session = None
         if args.session:
             try:
