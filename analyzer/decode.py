@@ -147,7 +147,7 @@ class Decoder:
             "fragments_dropped", "malformed", "unknown_link_type", "cut_segments"), 0)
         self.problems: ProblemLog = ProblemLog()
         self._unknown_link_types: set[int] = set()
-        self._pending: dict[tuple, _Datagram] = {}
+        self._pending: dict[tuple[object, ...], _Datagram] = {}
 
     def _problem(self, kind: str, message: str, frame: int) -> None:
         self.problems.report(Problem(kind, message, file=self.file, frame=frame))
@@ -274,7 +274,8 @@ class Decoder:
                 return None
             end = offset + total
             if end > size:
-                return self._cut_fragment(frame)
+                self._cut_fragment(frame)
+                return None
             datagram = self._reassemble(frame, (4, src, dst, protocol, ident), (fragment & 0x1FFF) * 8,
                                         data[offset + header:end], not fragment & 0x2000, protocol)
             if datagram is None:
@@ -333,7 +334,8 @@ class Decoder:
                        offset: int, end: int, src: bytes, dst: bytes) -> Segment | None:
         self.stats["ip_fragments"] += 1
         if end > len(data):
-            return self._cut_fragment(frame)
+            self._cut_fragment(frame)
+            return None
         datagram = self._reassemble(frame, (6, src, dst, ident), fragment & 0xFFF8, data[offset:end],
                                     not fragment & 1, next_header if fragment & 0xFFF8 == 0 else None)
         if datagram is None:
@@ -345,9 +347,8 @@ class Decoder:
         self.stats["fragments_dropped"] += 1
         self._problem("fragment-cut", "IP fragment cut by the snapshot length; its datagram cannot be "
                       "rebuilt", frame.number)
-        return None
 
-    def _reassemble(self, frame: Frame, key: tuple, offset: int, piece: memoryview, last: bool,
+    def _reassemble(self, frame: Frame, key: tuple[object, ...], offset: int, piece: memoryview, last: bool,
                     protocol: int | None) -> tuple[bytes, int] | None:
         """Add a fragment; return (payload, protocol) once its datagram is whole."""
         pending = self._pending
@@ -366,6 +367,8 @@ class Decoder:
             return None
         del pending[key]
         self.stats["reassembled_datagrams"] += 1
+        if datagram.protocol is None:  # the first fragment names the protocol; none came
+            return None
         return whole, datagram.protocol
 
     def _expire(self, frame: Frame) -> None:

@@ -189,7 +189,8 @@ def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {key: value - before[key] for key, value in now.items()}
 
 
-def _counting(on_exchange: ExchangeConsumer, captures: list[CaptureStats], first_capture: int) -> ExchangeConsumer:
+def _counting(on_exchange: ExchangeConsumer, captures: list[CaptureStats],
+              first_capture: int) -> Callable[[Exchange], None]:
     def counted(exchange: Exchange) -> None:
         captures[first_message(exchange).first_capture - first_capture].exchanges += 1
         on_exchange(exchange)

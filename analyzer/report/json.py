@@ -67,9 +67,6 @@ def skew_record(skew: ClockSkew | None) -> ClockSkewRecord | None:
         "answers_after_next_request": skew.answers_after_next_request, "ahead_s": skew.ahead_ns / 1e9,
         "offset_s": skew.offset_ns / 1e9,
     }
-    if stats.tls:  # only then: reports of captures without TLS stay as they were (schema.md)
-        record["tls"] = [facts_record(facts, format_endpoint) for facts in stats.tls]
-    return record
 
 
 def problem_record(problem: Problem) -> ProblemRecord:

@@ -43,7 +43,7 @@ class ClockSkewRecord(TypedDict):
 class CaptureRecord(TypedDict):
     capture_point: NotRequired[str]  # only when the input names directories: the directory read
     file: str
-    format: str  # pcap | pcapng; "" when the file was not read as a capture
+    format: str | None  # pcap | pcapng; "" or null when the file was not read as a capture
     frames: int  # how many frames the file held
     bytes: int
     first_time: str | None
@@ -158,11 +158,17 @@ class CoverageRecord(TypedDict):
     acknowledged: bool
 
 
+class HoleRecord(TypedDict):
+    first: int
+    last: int  # inclusive
+
+
 class ExtractedRecord(TypedDict):
     path: str
     complete: bool
     sha256: str | None
     coverage: list[CoverageRecord]
+    holes: list[HoleRecord]  # what of [0, final TOTAL) no acknowledged fragment covers
 
 
 class SessionRecord(TypedDict):
