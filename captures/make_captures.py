@@ -92,7 +92,7 @@ class Scenario:
     name: str
     run: Callable[[Stage], None]
     what: str  # README: what happens in the capture
-    anomalies: tuple[str, ...]  # bits-protocol.md section 9 codes the analyzer must report
+    anomalies: tuple[str, ...]  # docs/protocol.md section 9 codes the analyzer must report
     exhaustive: bool  # True: the analyzer must report these codes and no others
     server: dict = field(default_factory=dict)
     host: str = "127.0.0.1"
@@ -625,11 +625,11 @@ def render_readme(document: dict) -> str:
         "- `connections`: TCP connections (tshark's `tcp.stream` count); `exchanges`: HTTP requests",
         "  sent, including one cut mid-body; `responses`: responses on the wire (including one the",
         "  client never read because it had closed the connection).",
-        "- `anomalies`: anomaly codes (section 9 of the project's bits-protocol.md), verbatim, that the analyzer",
+        "- `anomalies`: anomaly codes (section 9 of docs/protocol.md), verbatim, that the analyzer",
         "  must report for this capture. `anomalies_exhaustive: true` means it must report no other",
         "  code; `false` means other codes are debatable there and are not checked.",
         "- `sessions`, in order of creation: `id` (this capture's session id), `url`, `file`",
-        "  (Content-Name), `final_state` (server state machine of bits-protocol.md 5.1: COMPLETE after",
+        "  (Content-Name), `final_state` (server state machine of docs/protocol.md 5.1: COMPLETE after",
         "  Close, CANCEL, WAIT_FOR_CLOSE, RECEIVE_FRAGMENTS, or EXPIRED when the server answered",
         "  BG_E_SESSION_NOT_FOUND), `delivery` (section 9 verdict), `total`, `bytes_acknowledged`",
         "  (the last BITS-Received-Content-Range), `sha256` of the whole file the client uploaded,",

@@ -1,4 +1,4 @@
-"""Conformance suite for bits-server (replay/server.py): one test per rule of bits-protocol.md.
+"""Conformance suite for bits-server (replay/server.py): one test per rule of docs/protocol.md.
 
 Requests go through http.client or raw sockets (so targets are sent exactly as written).
 """
@@ -154,7 +154,7 @@ def bits_request(target: str, packet: str, extra: str = "", body: bytes = b"",
 
 
 def assert_ack(reply: Reply, status: int, session_id: str | None = None) -> None:
-    """The rules every Ack follows (bits-protocol.md 1, 2.2)."""
+    """The rules every Ack follows (docs/protocol.md 1, 2.2)."""
     assert reply.status == status, (reply.status, reply.headers)
     assert reply.get(Header.PACKET_TYPE) == "Ack"
     assert reply.get(Header.CONTENT_LENGTH) == "0" and reply.body == b""
@@ -408,7 +408,7 @@ def test_packets_after_close_draw_session_not_found(client: Client) -> None:
     assert_error(client.fragment(session_id, b"abc", 0, 3), 500, BG_E_SESSION_NOT_FOUND.code)
 
 
-# --- the error table (bits-protocol.md 4) ----------------------------------------------------
+# --- the error table (docs/protocol.md 4) ----------------------------------------------------
 UNKNOWN_ID = "{00000000-1111-2222-3333-444444444444}"
 
 

@@ -1,4 +1,4 @@
-"""The anomaly catalogue of bits-protocol.md section 9, as data, and the Anomaly record.
+"""The anomaly catalogue of docs/protocol.md section 9, as data, and the Anomaly record.
 
 The codes are the analyzer's public identifiers (users grep for them): spelled here once and
 looked up everywhere else through `CATALOGUE` or `anomaly()`.

@@ -5,7 +5,7 @@ Modelled on h11's _state.py: every transition is a row of `TRANSITIONS`, keyed b
 the next state and the anomaly code the transition raises (None: legal). The code around it
 only classifies packets into events and walks the table.
 
-States follow bits-protocol.md 5.1 as the wire shows them: the server's INIT is CREATING,
+States follow docs/protocol.md 5.1 as the wire shows them: the server's INIT is CREATING,
 RECEIVE_FRAGMENTS is RECEIVING, NOTIFY+WAIT_FOR_CLOSE is COMPLETE (the final fragment drew
 200 with N = TOTAL), COMPLETE is CLOSED, CANCEL is CANCELLED. Three states exist only for an
 observer: JOINED (first seen mid-session, history unknown), EXPIRED (the server answered
@@ -34,7 +34,7 @@ class State(str, enum.Enum):
 
     @property
     def server_state(self) -> str | None:
-        """The matching server state of bits-protocol.md 5.1 (None: the server holds no session)."""
+        """The matching server state of docs/protocol.md 5.1 (None: the server holds no session)."""
         return _SERVER_STATES[self]
 
 

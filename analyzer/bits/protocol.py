@@ -2,7 +2,7 @@
 
 The analyzer, the reference server, the client and the reports all import these names; no
 other module spells a BITS header, packet type, GUID or HRESULT itself.
-Reference: ../shared/bits-protocol.md (sections 1-4 and 7).
+Reference: docs/protocol.md (sections 1-4 and 7).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def describe_hresult(code: int) -> HResult:
     return HResult(code, "unknown", "not a documented BITS or Win32 code")
 
 
-# --- limits (bits-protocol.md 1, 2.1, 7) ----------------------------------------------------
+# --- limits (docs/protocol.md 1, 2.1, 7) ----------------------------------------------------
 MAX_HEADER_VALUE = 4096
 MAX_CONTENT_NAME = 260
 CONTENT_NAME_FORBIDDEN = frozenset('\\/:*?"<>|')

@@ -5,7 +5,7 @@ packet it made); `sessions()` gives the sessions as filed, for a reader that onl
 (the replay planner); `finish` walks each session's packets in the order the client sent them
 through the state table (machine.py), adds the checks that need a session's history (ranges,
 offsets, timing, hosts) or several sessions (duplicate-create, session-recreated), and gives
-each session its delivery verdict (bits-protocol.md section 9):
+each session its delivery verdict (docs/protocol.md section 9):
 
 - delivered: the final fragment drew 200 with N = TOTAL and no Cancel was sent before it;
 - not-delivered: cancelled before the final fragment, closed incomplete, Create refused, the
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from bitstrace.analyzer.bits.extract import ExtractedEntity, Extractor
 
 NS = 1_000_000_000
-DEFAULT_STALL_AFTER_S = 300  # the client's response timer (bits-protocol.md 5.2.6)
+DEFAULT_STALL_AFTER_S = 300  # the client's response timer (docs/protocol.md 5.2.6)
 DEFAULT_JOINED_WINDOW_S = 300  # "the first minutes of the capture"
 DEFAULT_NO_PROGRESS_AFTER = 3  # resends or 416s in a row without the offset advancing
 

@@ -21,7 +21,7 @@ connection's thread) for every packet answered; PacketRecord.started/finished ar
 tests can see which requests were in flight together. ``log`` is a text stream for the log lines
 (default stderr; None for silence).
 
-Behaviour (bits-protocol.md 1-7; the state transitions are one table in replay.server.sessions):
+Behaviour (docs/protocol.md 1-7; the state transitions are one table in replay.server.sessions):
 - Packet types are compared case-insensitively. Create negotiates the protocol GUID (answered in
   lowercase) and issues fresh uppercase brace GUIDs like IIS.
 - A fragment must start at the next offset N: a gap draws 416 with BITS-Received-Content-Range N

@@ -1,4 +1,4 @@
-"""The BITS answer the service gives and the header fields it carries on the wire (bits-protocol.md 2.2)."""
+"""The BITS answer the service gives and the header fields it carries on the wire (docs/protocol.md 2.2)."""
 
 from __future__ import annotations
 

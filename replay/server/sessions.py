@@ -1,4 +1,4 @@
-"""bits-server's session table and per-session state machine (bits-protocol.md 5.1).
+"""bits-server's session table and per-session state machine (docs/protocol.md 5.1).
 
 Every transition the server can make is one row of TRANSITIONS; anything else is a bug in the
 caller and raises. Sessions are keyed by id, never by connection, so they survive reconnects.
