@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import NamedTuple
 
+from bitstrace.analyzer.authority import format_authority
 from bitstrace.analyzer.capture import (
     LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2,
     LINKTYPE_LOOP, LINKTYPE_NULL, LINKTYPE_RAW, Frame, FrameFields, new_frame,
@@ -92,8 +93,7 @@ def format_addr(addr: bytes) -> str:
 @lru_cache(maxsize=1 << 12)
 def format_endpoint(addr: bytes, port: int) -> str:
     """`ip:port`, with IPv6 in brackets: `[::1]:8080`."""
-    text = format_addr(addr)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+    return format_authority(format_addr(addr), port)
 
 
 class _Datagram:

@@ -17,7 +17,6 @@ Every request sent is also recorded in `BitsClient.log` (connection index, packe
 
 from __future__ import annotations
 
-import base64
 import os
 import select
 import socket
@@ -28,9 +27,10 @@ from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
+from bitstrace.analyzer.authority import DEFAULT_PORTS, format_authority
+from bitstrace.analyzer.basic_auth import AUTHORIZATION, basic_authorization
 from bitstrace.analyzer.bits.packets import SUCCESS, AckFields, parse_ack
 from bitstrace.analyzer.bits.protocol import (
-    BG_E_SESSION_NOT_FOUND,
     METHOD,
     MIN_FRAGMENT,
     PROTOCOL_GUID,
@@ -39,6 +39,7 @@ from bitstrace.analyzer.bits.protocol import (
     Header,
     PacketType,
 )
+from bitstrace.analyzer.http import Headers
 from bitstrace.replay.fragment_loop import FragmentLoop, GiveUp, Step, follows_offset
 
 #: BITS 10.x (Windows 10/11), qmgr.dll 7.8.
@@ -102,12 +103,11 @@ class Response:
     version: str
     status: int
     reason: str
-    headers: tuple[tuple[str, str], ...]
+    headers: Headers
     body: bytes = b""
 
     def header(self, name: str) -> str | None:
-        lower = name.lower()
-        return next((value for key, value in self.headers if key.lower() == lower), None)
+        return self.headers.get(name)
 
     @property
     def packet_type(self) -> PacketType | None:
@@ -148,7 +148,7 @@ class Response:
 
     @property
     def session_not_found(self) -> bool:
-        return self.error_code == BG_E_SESSION_NOT_FOUND.code
+        return self.ack.session_not_found
 
 
 @dataclass
@@ -163,8 +163,7 @@ class Transaction:
     response: Response | None = None
 
     def header(self, name: str) -> str | None:
-        lower = name.lower()
-        return next((value for key, value in self.headers if key.lower() == lower), None)
+        return Headers(self.headers).get(name)
 
     @property
     def packet_type(self) -> str | None:
@@ -227,7 +226,7 @@ class _Connection:
             while line := self._line():
                 name, _, value = line.decode("latin-1").partition(":")
                 headers.append((name.strip(), value.strip()))
-            response = Response(version, int(code), reason, tuple(headers))
+            response = Response(version, int(code), reason, Headers(headers))
             if not 100 <= response.status < 200:
                 break
         if method == "HEAD" or response.status in (204, 304):
@@ -273,21 +272,30 @@ def resolve_reply_url(upload_url: str, reply_url: str) -> str:
     return urljoin(upload_url, quote(reply_url.replace("\\", "/"), safe="/:?=&%@+,;~"))
 
 
-def _find(headers: list[tuple[str, str]], name: str) -> int | None:
-    return next((i for i, (key, _) in enumerate(headers) if key.lower() == name.lower()), None)
-
-
-def _insertion_point(headers: list[tuple[str, str]]) -> int:
-    """New headers go before Content-Length (or Connection), where Windows keeps its extras."""
-    for name in (Header.CONTENT_LENGTH, "Connection"):
-        if (at := _find(headers, name)) is not None:
-            return at
-    return len(headers)
-
-
-def _authority(host: str, port: int, default_port: int) -> str:
-    host = f"[{host}]" if ":" in host else host
-    return host if port == default_port else f"{host}:{port}"
+def _overridden(ordered: list[tuple[str, str]],
+                overrides: Mapping[str, str | None]) -> list[tuple[str, str]]:
+    """`ordered` with each override's value put in place of the header's, the header removed
+    (None), or, for a header not there, added before Content-Length (or Connection), where
+    Windows keeps its extras."""
+    present = Headers(ordered)
+    changes = {name.lower(): value for name, value in overrides.items()}
+    added = [(name, value) for name, value in overrides.items()
+             if value is not None and name not in present]
+    anchor = next((name.lower() for name in (Header.CONTENT_LENGTH, "Connection")
+                   if name in present), None)
+    out: list[tuple[str, str]] = []
+    for name, value in ordered:
+        key = name.lower()
+        if key == anchor:
+            out += added
+            added = []
+        if key in changes:
+            replacement = changes.pop(key)
+            if replacement is None:
+                continue
+            value = replacement
+        out.append((name, value))
+    return out + added
 
 
 class BitsClient:
@@ -369,7 +377,7 @@ class BitsClient:
     @property
     def authority(self) -> str:
         """What goes into Host: the origin, or the Host-Id once the server named one."""
-        return _authority(self.host_id or self.host, self.port, 80)
+        return format_authority(self.host_id or self.host, self.port, DEFAULT_PORTS["http"])
 
     # --- one request ------------------------------------------------------------------------
     def send_packet(
@@ -398,15 +406,9 @@ class BitsClient:
         Basic credentials when the client has them. Raises ConnectionLost when the connection
         breaks; the next request then opens a new one (and `send_file` Pings first).
         """
-        ordered = self._headers(packet_type, session_id, content_name, content_range, body)
-        for name, value in (headers or {}).items():
-            at = _find(ordered, name)
-            if at is None and value is not None:
-                ordered.insert(_insertion_point(ordered), (name, value))
-            elif at is not None and value is None:
-                del ordered[at]
-            elif at is not None:
-                ordered[at] = (ordered[at][0], value)
+        overrides = headers or {}
+        ordered = _overridden(
+            self._headers(packet_type, session_id, content_name, content_range, body), overrides)
         response = self._exchange(method, target or self.target, ordered, body, cut_after, abandon)
         if (
             response is not None
@@ -414,9 +416,9 @@ class BitsClient:
             and self.credentials is not None
             and self._authorization is None
         ):
-            user, password = self.credentials
-            self._authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-            ordered.insert(_find(ordered, Header.USER_AGENT) or 0, ("Authorization", self._authorization))
+            self._authorization = basic_authorization(*self.credentials)
+            ordered = _overridden(
+                self._headers(packet_type, session_id, content_name, content_range, body), overrides)
             response = self._exchange(method, target or self.target, ordered, body, cut_after, abandon)
         return response
 
@@ -435,7 +437,7 @@ class BitsClient:
         if content_range is not None:
             ordered.append((Header.CONTENT_RANGE, str(content_range)))
         if self._authorization is not None:
-            ordered.append(("Authorization", self._authorization))
+            ordered.append((AUTHORIZATION, self._authorization))
         ordered += [
             (Header.USER_AGENT, self.user_agent),
             (Header.HOST, self.authority),

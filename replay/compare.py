@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from bitstrace.analyzer.bits.packets import AckFields, parse_ack
-from bitstrace.analyzer.bits.protocol import describe_hresult, format_hresult
+from bitstrace.analyzer.bits.protocol import describe_hresult, format_hresult, is_session_not_found
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,10 @@ class AckSummary:
     reply_url: bool
     session_id: str | None = None
     host_id: str | None = None
+
+    @property
+    def session_not_found(self) -> bool:
+        return is_session_not_found(self.error_code)
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Sequence
 from bitstrace.analyzer.bits.packets import is_bits_method
 from bitstrace.analyzer.bits.protocol import ContentRange, Header, PacketType, same_id
 from bitstrace.analyzer.bits.sessions import Session, SessionTracker
+from bitstrace.analyzer.http import Headers
 from bitstrace.analyzer.pipeline import read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.replay.compare import AckSummary, summarize_ack
@@ -136,8 +137,7 @@ class PlannedRequest:
     response: AckSummary | None  # None: no answer in the capture
 
     def header(self, name: str) -> str | None:
-        lowered = name.lower()
-        return next((v for k, v in self.headers if k.lower() == lowered), None)
+        return Headers(self.headers).get(name)
 
     @property
     def label(self) -> str:

@@ -13,7 +13,6 @@ fragments on 413 (the recovery rules of replay.fragment_loop, shared with the cl
 
 from __future__ import annotations
 
-import base64
 import heapq
 import http.client
 import os
@@ -28,15 +27,17 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, Protocol
 from urllib.parse import urlsplit
 
+from bitstrace.analyzer.authority import url_authority
+from bitstrace.analyzer.basic_auth import AUTHORIZATION, auth_scheme, basic_authorization
 from bitstrace.analyzer.bits.packets import SUCCESS
 from bitstrace.analyzer.bits.protocol import (
-    BG_E_SESSION_NOT_FOUND,
     METHOD,
     PROTOCOL_GUID,
     Header,
     PacketType,
     same_id,
 )
+from bitstrace.analyzer.http import Headers
 from bitstrace.replay.compare import AckSummary, Difference, compare, summarize
 from bitstrace.replay.fragment_loop import FragmentLoop, GiveUp, Step, count_recreation
 from bitstrace.replay.plan import Body, Plan, PlannedRequest, PlannedSession
@@ -80,9 +81,7 @@ class Target:
 
     @property
     def netloc(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        return url_authority(self.scheme, self.host, self.port)
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.netloc}{self.prefix}"
@@ -377,19 +376,11 @@ class _Clock:
                 self.stopped.wait(min(delay, threading.TIMEOUT_MAX))
 
 
-def _is_session_not_found(ack: AckSummary) -> bool:
-    return ack.error_code == BG_E_SESSION_NOT_FOUND.code
-
-
-def _auth_scheme(value: str) -> str:
-    return value.strip().split(" ", 1)[0].lower()
-
-
 def auth_notes(plan: Plan, options: Options) -> list[str]:
     """What the replay cannot do about the captured credentials, said plainly."""
     notes: list[str] = []
-    schemes = {_auth_scheme(v) for s in plan.sessions for r in s.requests
-               for k, v in r.headers if k.lower() == "authorization"}
+    schemes = {auth_scheme(v) for s in plan.sessions for r in s.requests
+               for v in Headers(r.headers).get_all(AUTHORIZATION)}
     blocked = sorted(schemes & set(NON_REPLAYABLE_AUTH))
     if blocked:
         instead = ("those requests carry the --auth Basic credentials instead" if options.auth
@@ -404,6 +395,7 @@ def auth_notes(plan: Plan, options: Options) -> list[str]:
     return notes
 
 
+_AUTHORIZATION = AUTHORIZATION.lower()
 _FRAGMENT_RUN = frozenset({PacketType.FRAGMENT, PacketType.PING})
 
 
@@ -440,10 +432,10 @@ class _SessionReplay:
                 value = self.host
             elif lowered == Header.SESSION_ID.lower():
                 value = self._live_session_id(value)
-            elif lowered == "authorization":
+            elif lowered == _AUTHORIZATION:
                 if self.options.auth:
                     value = self._basic()
-                elif _auth_scheme(value) in NON_REPLAYABLE_AUTH:
+                elif auth_scheme(value) in NON_REPLAYABLE_AUTH:
                     continue
             if lowered in replace:
                 value = replace.pop(lowered)
@@ -458,8 +450,8 @@ class _SessionReplay:
         return self.live_id if self.options.mode == "adaptive" and self.live_id else captured
 
     def _basic(self) -> str:
-        user, password = self.options.auth
-        return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+        assert self.options.auth is not None
+        return basic_authorization(*self.options.auth)
 
     # -- sending
 
@@ -479,8 +471,7 @@ class _SessionReplay:
         live = self.connections.get(key)
         counter = _ByteCounter(length, lambda n: self._count(outcome, n))
         path = self.options.target.path_for(request.target, self.options.strip_prefix)
-        if "chunked" in (next((v for k, v in headers if k.lower() == "transfer-encoding"), "")
-                         .lower()):
+        if "chunked" in (Headers(headers).get("Transfer-Encoding") or "").lower():
             body = _chunked(body)  # the capture holds the de-chunked body
         with live.lock:
             try:
@@ -525,7 +516,7 @@ class _SessionReplay:
             return
         target = self.options.target
         if _resolves_to(host_id, target.host, target.port):
-            self.host = host_id if target.port in (80, 443) else f"{host_id}:{target.port}"
+            self.host = url_authority(target.scheme, host_id, target.port)
             self.result.notes.append(f"following BITS-Host-Id {host_id} (it is the target's "
                                      "own address)")
         else:
@@ -609,7 +600,7 @@ class _SessionReplay:
                                           request.ts_ns, request.label, request)
                 reauthenticated = len(self.result.outcomes) - sent_before > 1
                 self.learn(request, ack)
-                if (_is_session_not_found(ack) and request.packet_type is PacketType.CLOSE_SESSION
+                if (ack.session_not_found and request.packet_type is PacketType.CLOSE_SESSION
                         and self.offset is not None):
                     try:
                         self.recreated = count_recreation(self.recreated)
@@ -634,10 +625,10 @@ class _SessionReplay:
         ack = self.send(outcome, request, headers, body, length, ts_ns)
         if captured is not None:
             outcome.differences = compare(captured.response, ack)
-        if ack.status == HTTPStatus.UNAUTHORIZED and self.options.auth and not any(
-                k.lower() == "authorization" for k, _ in headers):
+        if (ack.status == HTTPStatus.UNAUTHORIZED and self.options.auth
+                and AUTHORIZATION not in Headers(headers)):
             outcome.note = "401: resent with --auth credentials"
-            return self._send_adaptive(request, headers + [("Authorization", self._basic())],
+            return self._send_adaptive(request, headers + [(AUTHORIZATION, self._basic())],
                                        body, length, None, label, None)
         return ack
 
@@ -702,7 +693,7 @@ class _SessionReplay:
             ack = self._send_adaptive(captured, headers, lambda p=pieces: self._pieces(p),
                                       wanted.length, ts_ns, f"Fragment {wanted}", pairs)
             try:
-                step = loop.answer(ack.status, ack.received, _is_session_not_found(ack))
+                step = loop.answer(ack.status, ack.received, ack.session_not_found)
             except GiveUp as why:
                 raise Fault(str(why)) from None
             self.recreated = loop.recreated

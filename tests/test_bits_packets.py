@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitstrace.analyzer.bits.catalogue import CATALOGUE, Severity
-from bitstrace.analyzer.bits.packets import classify, session_key
+from bitstrace.analyzer.bits.packets import classify
+from bitstrace.analyzer.bits.protocol import session_key
 from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, ContentRange, Header, PacketType
 from bits_fixtures import SID, SID2, UA, Wire, codes

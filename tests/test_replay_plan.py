@@ -324,6 +324,7 @@ def test_acks_are_read_alike_by_analyzer_replay_and_client(tmp_path: Path) -> No
     give the same fields in the analyzer's packets, the replay's captured summaries and the
     client's responses."""
     from bitstrace.analyzer.bits.packets import classify
+    from bitstrace.analyzer.http import Headers
     from bitstrace.replay.client import Response
 
     odd_acks = [
@@ -347,7 +348,7 @@ def test_acks_are_read_alike_by_analyzer_replay_and_client(tmp_path: Path) -> No
         summaries = [r.response for r in plan.sessions[0].requests]
     for head, packet, summary in zip(heads, packets, summaries, strict=True):
         pairs = tuple(tuple(part.strip() for part in line.split(":", 1)) for line in head[1:])
-        response = Response("HTTP/1.1", 500, "Internal Server Error", pairs)
+        response = Response("HTTP/1.1", 500, "Internal Server Error", Headers(pairs))
         analyzer = (packet.ack_session_id, packet.host_id, packet.received_offset,
                     packet.error_code, packet.error_context)
         assert (summary.session_id, summary.host_id, summary.received, summary.error_code,

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from bitstrace.analyzer.bits.catalogue import Anomaly, anomaly, frame_name
-from bitstrace.analyzer.bits.packets import BitsPacket, fragment_head, session_key
+from bitstrace.analyzer.bits.packets import BitsPacket, fragment_head
+from bitstrace.analyzer.bits.protocol import session_key
 from bitstrace.analyzer.problems import Problem
 
 PARTIAL_SUFFIX = ".partial"

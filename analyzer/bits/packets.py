@@ -16,6 +16,7 @@ from operator import attrgetter
 from typing import Any, Callable
 
 from bitstrace.analyzer.bits import protocol as p
+from bitstrace.analyzer.basic_auth import is_basic
 from bitstrace.analyzer.bits.catalogue import Anomaly, Severity, anomaly
 from bitstrace.analyzer.bits.protocol import ContentRange, Header, PacketType
 from bitstrace.analyzer.decode import format_addr, format_endpoint
@@ -37,26 +38,6 @@ def is_bits_method(method: str | None) -> bool:
     return (method or "").upper() == p.METHOD
 
 
-@functools.lru_cache(maxsize=_SHARED_RECORDS)  # every packet of a session asks again
-def session_key(session_id: str) -> str:
-    """The key sessions are filed under: GUID-shaped ids case-insensitively, others verbatim."""
-    sid = session_id.strip()
-    return sid.lower() if p.is_guid(sid) else sid
-
-
-@functools.lru_cache(maxsize=4096)
-def host_name(host: str | None) -> str | None:
-    """Host header without the port and IPv6 brackets, lowercased."""
-    if not host:
-        return None
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    if host.count(":") == 1:
-        return host.split(":", 1)[0]
-    return host
-
-
 @dataclass(frozen=True, slots=True)
 class AckFields:
     """The BITS headers of a response, parsed; None when absent or unparsable."""
@@ -70,6 +51,10 @@ class AckFields:
     reply_url: str | None
     host_id: str | None  # stripped; None when empty
     fallback_timeout_s: int | None
+
+    @property
+    def session_not_found(self) -> bool:
+        return p.is_session_not_found(self.error_code)
 
 
 def parse_ack(get: Callable[[str], str | None]) -> AckFields:
@@ -210,7 +195,7 @@ class BitsPacket:
 
     @property
     def session_not_found(self) -> bool:
-        return self.ack.error_code == p.BG_E_SESSION_NOT_FOUND.code
+        return self.ack.session_not_found
 
     @property
     def frames(self) -> tuple[int, ...]:
@@ -534,7 +519,7 @@ def _basic_credentials(request: Any, h: Headers) -> str | None:
     """A message when the request carries Basic credentials (plain HTTP: we could read them)."""
     for header, key in _CREDENTIALS:
         value = h.by_name.get(key)
-        if value is not None and value.strip().lower().startswith("basic"):
+        if value is not None and is_basic(value):
             return f"{header}: Basic credentials sent in clear text on {request.method} {request.target}"
     return None
 

@@ -8,6 +8,7 @@ Reference: ../shared/bits-protocol.md (sections 1-4 and 7).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -165,14 +166,24 @@ def is_guid(value: str) -> bool:
     return _GUID.fullmatch(value.strip()) is not None
 
 
+@functools.lru_cache(maxsize=8192)  # every packet of a session asks again; bounded
+def session_key(session_id: str) -> str:
+    """The key a session id is known by: GUID-shaped ids case-insensitively (folded to lower
+    case), others verbatim; surrounding whitespace is not part of the id. The one session-id
+    rule of the analyzer, the client, the replayer and the server."""
+    sid = session_id.strip()
+    return sid.lower() if is_guid(sid) else sid
+
+
 def same_id(a: str, b: str) -> bool:
-    """Session ids are opaque, but GUID-shaped ones compare case-insensitively."""
-    a, b = a.strip(), b.strip()
-    if a == b:
-        return True
-    if is_guid(a) and is_guid(b):
-        return a.lower() == b.lower()
-    return a == b
+    """Two session ids (or protocol GUIDs) naming the same thing: equal keys."""
+    return session_key(a) == session_key(b)
+
+
+def is_session_not_found(error_code: int | None) -> bool:
+    """An ack's BITS-Error-Code saying the server no longer knows the session: the client
+    creates a new one (MC-BUP 3.1.5.2.1)."""
+    return error_code == BG_E_SESSION_NOT_FOUND.code
 
 
 def split_protocols(value: str) -> list[str]:

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote, urljoin, urlsplit
 
+from bitstrace.analyzer.authority import host_name
 from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.catalogue import Anomaly, anomaly, frame_name
 from bitstrace.analyzer.bits.machine import Answer, Sent, State, answer, sent, step
-from bitstrace.analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify, host_name, session_key
-from bitstrace.analyzer.bits.protocol import PacketType
+from bitstrace.analyzer.bits.packets import AUTH_CHALLENGES, BitsPacket, Download, classify
+from bitstrace.analyzer.bits.protocol import PacketType, session_key
 
 if TYPE_CHECKING:
     from bitstrace.analyzer.bits.extract import ExtractedEntity, Extractor

@@ -21,7 +21,8 @@ from bitstrace.analyzer.analysis import Analysis
 from bitstrace.analyzer.clock import epoch, iso
 from bitstrace.analyzer.bits import protocol as p
 from bitstrace.analyzer.bits.catalogue import CATALOGUE, Anomaly, Severity
-from bitstrace.analyzer.bits.packets import BitsPacket, Download, session_key
+from bitstrace.analyzer.bits.packets import BitsPacket, Download
+from bitstrace.analyzer.bits.protocol import session_key
 from bitstrace.analyzer.bits.sessions import Session
 from bitstrace.analyzer.pipeline import CaptureStats
 from bitstrace.analyzer.problems import Problem
