@@ -385,7 +385,9 @@ def test_ipv6_loopback(tmp_path, source):
         server.stop()
 
 
-def test_connection_dropped_by_the_server_is_resumed_with_ping(serve, source):
+def test_connection_dropped_by_the_server_is_resent_on_a_fresh_one(serve, source):
+    """The server dropped the idle kept-alive connection: the next fragment finds it closed
+    before any answer, and goes again at once on a fresh connection, without a Ping first."""
     server = serve(idle_timeout=0.3)
     path = source(50_000)
     client = BitsClient(server.url + "up/payload.bin")
@@ -396,9 +398,173 @@ def test_connection_dropped_by_the_server_is_resumed_with_ping(serve, source):
     client.close()
     broken = next(i for i, t in enumerate(client.log) if t.response is None)
     assert client.log[broken].connection == 0
-    assert client.log[broken + 1].packet_type == "Ping" and client.log[broken + 1].connection == 1
-    assert client.log[broken + 2].header(Header.CONTENT_RANGE) == client.log[broken].header(Header.CONTENT_RANGE)
+    resent = client.log[broken + 1]
+    assert resent.packet_type == "Fragment" and resent.connection == 1 and resent.response.ok
+    assert resent.header(Header.CONTENT_RANGE) == client.log[broken].header(Header.CONTENT_RANGE)
+    assert "Ping" not in packets(client)
     assert sha256(stored(server)) == sha256(path)
+
+
+class OneRequestPerConnection:
+    """A proxy in front of bits-server that passes one request per connection and closes the
+    connection after its answer, without saying `Connection: close` (a small WSGI BITS server
+    behaves so). The answer's end is found by the project's own parser."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.connections = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        from bitstrace.analyzer.http import HttpParser, MessageEnd, RequestHead
+
+        upstream = socket.create_connection(self.upstream, timeout=10)
+        conn.settimeout(10)
+        requests, answers = HttpParser("request"), HttpParser("response")
+        try:
+            done = False
+            while not done:  # the request, up to its end
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for event in requests.feed(data, 0, 0):
+                    if isinstance(event, RequestHead):
+                        answers.expect_response_to(event.method)
+                    done = done or isinstance(event, MessageEnd)
+                upstream.sendall(data)
+            done = False
+            while not done:  # its answer, up to its end
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+                done = any(isinstance(e, MessageEnd) for e in answers.feed(data, 0, 0))
+        except OSError:
+            pass
+        finally:
+            upstream.close()
+            conn.close()
+
+
+def test_server_answering_one_request_per_connection(serve, source):
+    """Every request after the first on a connection finds it closed: each is resent on a
+    fresh connection, no Ping uses up the one request, and the upload lands whole."""
+    server = serve()
+    proxy = OneRequestPerConnection(server.address)
+    try:
+        path = source(70_000)
+        client = BitsClient(proxy.url + "up/payload.bin", timeout=5)
+        result = client.upload(path, FRAGMENT)
+    finally:
+        proxy.close()
+    assert result.acknowledged == 70_000 and sha256(stored(server)) == sha256(path)
+    answered = [t for t in client.log if t.response is not None]
+    assert [t.packet_type for t in answered] == ["Create-Session"] + ["Fragment"] * 5 + ["Close-Session"]
+    assert "Ping" not in packets(client)
+    assert len({t.connection for t in answered}) == len(answered) == client.connections_opened - 0
+
+
+class ScriptedServer:
+    """Answers each request it reads (head up to the empty line; these requests have no body)
+    with the next of `answers`, bytes exactly as given, on one kept-alive connection."""
+
+    def __init__(self, answers: list[bytes]) -> None:
+        self.answers = list(answers)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/up/x.bin"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
+        buffered = b""
+        with conn:
+            for answer in self.answers:
+                while b"\r\n\r\n" not in buffered:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                buffered = buffered.split(b"\r\n\r\n", 1)[1]
+                conn.sendall(answer)
+            conn.recv(1)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+SID_UPPER = "{0A1B2C3D-4E5F-4A6B-8C7D-9E0F1A2B3C4D}"
+
+
+def test_real_servers_answers_are_read_as_bits_replay_reads_them():
+    """Answers real servers send that the client's own reader once refused or mis-read:
+    a chunked ack (with a chunk extension and a trailer), an obs-folded header, a reason
+    phrase with bytes outside ASCII, a Content-Length list of equal values, no reason at all,
+    and an empty line before the next status line."""
+    answers = [
+        (b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"3;name=value\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"),
+        (b"HTTP/1.1 200 Tr\xe8s bien \x80\r\nBITS-Packet-Type: Ack\r\nBITS-Session-Id:\r\n "
+         b"" + SID_UPPER.encode() + b"\r\nBITS-Protocol: " + PROTOCOL_GUID.encode()
+         + b"\r\nContent-Length: 0, 0\r\n\r\n"),
+        (b"\r\nHTTP/1.1 500\r\nBITS-Packet-Type: Ack\r\nBITS-Error-Code: 0x8020001F\r\n"
+         b"BITS-Error-Context: 0x5\r\nContent-Length: 0\r\n\r\n"),
+    ]
+    server = ScriptedServer(answers)
+    try:
+        client = BitsClient(server.url, timeout=5)
+        ping = client.ping()
+        created = client.create_session()
+        cancelled = client.cancel()
+    finally:
+        server.close()
+    assert (ping.status, ping.packet_type, ping.body) == (200, PacketType.ACK, b"abc")
+    assert created.reason == "Tr\xe8s bien \x80" and created.session_id == SID_UPPER
+    assert client.session_id == SID_UPPER
+    assert (cancelled.status, cancelled.reason, cancelled.session_not_found) == (500, "", True)
+    assert cancelled.error_context == ErrorContext.REMOTE_FILE
+    assert client.connections_opened == 1
+
+
+@pytest.mark.parametrize("answer, what", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 12x\r\n\r\n", "invalid Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "invalid chunk size line"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "not a status line"),
+])
+def test_malformed_answers_are_transport_errors_naming_what_and_where(answer, what):
+    """No ValueError escapes: a malformed answer is a ConnectionLost (replay.transport's
+    MalformedAnswer) naming the server, the byte and what is wrong."""
+    from bitstrace.replay.transport import MalformedAnswer
+
+    server = ScriptedServer([answer])
+    try:
+        client = BitsClient(server.url, timeout=5)
+        with pytest.raises(MalformedAnswer) as failed:
+            client.ping()
+    finally:
+        server.close()
+    port = server.url.split(":")[2].split("/")[0]
+    assert str(failed.value).startswith(f"127.0.0.1:{port} sent a malformed HTTP answer: {what}")
+    assert str(failed.value).endswith(" of the answer)")
 
 
 def test_reply_receipt_hashes_exactly_the_bytes_stored_after_cuts_and_overlaps(serve, source):

@@ -15,8 +15,9 @@ import pytest
 from bitstrace import __version__
 from bitstrace.cli.common import Exit
 from bitstrace.cli.replay import main
-from bitstrace.replay.plan import build_plan
-from bitstrace.replay.send import Options, Target, dry_run, replay
+from bitstrace.replay.replayer.plan import build_plan
+from bitstrace.replay.replayer.options import Options, Target
+from bitstrace.replay.replayer.schedule import dry_run, replay
 from bitstrace.replay.server import BitsServer
 from test_replay_plan import SID_A, SID_B, Conversation, payload, upload
 
@@ -75,7 +76,7 @@ def test_unreadable_capture_is_exit_3_and_unknown_session_exit_2(capture: Path,
 
 
 class _BrokenObserver:
-    """Fails while the first session sends its body: an error replay.send does not foresee."""
+    """Fails while the first session sends its body: an error the replayer does not foresee."""
 
     def __init__(self) -> None:
         self.ended: list[str] = []

@@ -156,7 +156,8 @@ def test_server_that_answers_garbage(capture: Path) -> None:
         code, report, err = run(capture, fake.url)
     fault, packets = fault_of(report)
     assert code == Exit.INCOMPLETE and "Traceback" not in err
-    assert fault == f"127.0.0.1:{fake.port} answered something that is not HTTP: 'SSH-2.0-OpenSSH_9.2\\r\\n'"
+    assert fault == (f"127.0.0.1:{fake.port} sent a malformed HTTP answer: not a status line: "
+                     "b'SSH-2.0-OpenSSH_9.2\\r\\n' (byte 0 of the answer)")
     assert_reported_so_far(packets)
 
 
@@ -165,7 +166,7 @@ def test_text_output_names_the_fault(capture: Path) -> None:
         out, err = io.StringIO(), io.StringIO()
         code = main([str(capture), "--target", fake.url, "--speed", "0"], out=out, err=err)
     assert code == Exit.INCOMPLETE and "Traceback" not in err.getvalue()
-    assert "answered something that is not HTTP" in out.getvalue()
+    assert "sent a malformed HTTP answer: not a status line" in out.getvalue()
     assert "1 fault(s)" in out.getvalue()
 
 

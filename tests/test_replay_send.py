@@ -1,4 +1,4 @@
-"""replay.send against the reference bits-server: rewrite, id substitution, modes, overlap.
+"""the replayer (replay.replayer) against the reference bits-server: rewrite, id substitution, modes, overlap.
 
 Captures are crafted TCP conversations (see test_replay_plan.Conversation) answered the way
 the reference server answers, so these tests do not depend on the corpus.
@@ -16,8 +16,9 @@ import pytest
 
 from bitstrace.analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND, MIN_FRAGMENT
 from bitstrace.cli.replay import main
-from bitstrace.replay.plan import build_plan
-from bitstrace.replay.send import Options, Target, TargetError, dry_run, replay
+from bitstrace.replay.replayer.plan import build_plan
+from bitstrace.replay.replayer.options import Options, Target, TargetError
+from bitstrace.replay.replayer.schedule import dry_run, replay
 from bitstrace.replay.server import BitsServer
 from test_replay_plan import SID_A, SID_B, Conversation, ack, payload, request, upload
 
@@ -258,25 +259,52 @@ def test_cli_json_and_fail_on_diff(tmp_path: Path, server) -> None:
     assert "0 difference(s)" in text.getvalue()
 
 
-def test_host_id_is_followed_only_when_asked_and_only_to_the_target(tmp_path: Path) -> None:
+def test_host_id_is_followed_only_when_asked_and_only_to_the_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--follow-host-id looks no name up: a Host-Id is followed only when it is the target's
+    own address (an IP literal) or host name as given. A stub resolver fails the test when
+    asked for anything but the target's literal 127.0.0.1 (which the connection itself
+    passes to getaddrinfo, a lookup that sends no query)."""
     conv = Conversation()
     upload(conv, 0, SID_A, payload(1000, 13), 1000, start_ms=0)
     path = conv.write(tmp_path / "c.pcap")
-    # "localhost" resolves to the target's own 127.0.0.1; a farm node name does not resolve.
+    real_getaddrinfo = socket.getaddrinfo
+    asked: list[object] = []
+
+    def resolver(host: object, *args: object, **kwargs: object) -> object:
+        if host != "127.0.0.1":
+            asked.append(host)
+            raise AssertionError(f"the replay looked up {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]  # as given
+
+    not_followed = ("BITS-Host-Id {} is neither the target's host nor its address (no name is "
+                    "looked up): not followed (nothing is sent anywhere but the target)")
     for host_id, follow, note in (
-            ("localhost", True, "following BITS-Host-Id localhost (it is the target's own address)"),
-            ("bitsnode1.invalid", True, "BITS-Host-Id bitsnode1.invalid does not resolve to the "
-                                        "target's address: not followed (nothing is sent anywhere "
-                                        "but the target)"),
+            ("127.0.0.1", True, "following BITS-Host-Id 127.0.0.1 (it is the target's own address)"),
+            ("localhost", True, not_followed.format("localhost")),
+            ("bitsnode1.invalid", True, not_followed.format("bitsnode1.invalid")),
             ("localhost", False, "the server gave BITS-Host-Id localhost; not followed (use "
                                  "--follow-host-id)")):
         with BitsServer(tmp_path / "root", log=None, host_id=host_id) as srv, build_plan([path]) as plan:
-            result = replay(plan, Options(target=Target.parse(srv.url), speed=0,
-                                          follow_host_id=follow))
+            with monkeypatch.context() as patch:
+                patch.setattr(socket, "getaddrinfo", resolver)
+                result = replay(plan, Options(target=Target.parse(srv.url), speed=0,
+                                              follow_host_id=follow))
+            assert asked == []
             assert result.sessions[0].notes == [note]
             assert result.differences == 0 and result.faults == 0
             # Every packet went to the target: the server saw them all.
             assert len(srv.records) == len(result.sessions[0].outcomes)
+
+
+def test_host_id_naming_the_target_host_is_followed_without_a_lookup() -> None:
+    from bitstrace.replay.replayer.session import names_target
+
+    assert names_target("BitsNode1", "bitsnode1", None)
+    assert names_target("127.0.0.1", "localhost", "127.0.0.1")
+    assert names_target("[::1]", "::1", None) and names_target("::1", "localhost", "::1")
+    assert not names_target("bitsnode1", "bitsnode2", "127.0.0.1")
+    assert not names_target("10.0.0.1", "127.0.0.1", "127.0.0.1") and not names_target("", "x", None)
 
 
 def test_captured_ntlm_is_dropped_and_said_so_and_basic_is_replaced(tmp_path: Path) -> None:

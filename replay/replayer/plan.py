@@ -31,7 +31,7 @@ from bitstrace.analyzer.bits.sessions import Session, SessionTracker
 from bitstrace.analyzer.http import Headers
 from bitstrace.analyzer.pipeline import read_exchanges
 from bitstrace.analyzer.problems import Problem
-from bitstrace.replay.compare import AckSummary, summarize_ack
+from bitstrace.replay.replayer.compare import AckSummary, summarize_ack
 
 if TYPE_CHECKING:
     from bitstrace.analyzer.exchanges import Exchange, HttpMessage
