@@ -364,7 +364,9 @@ class BitsClient:
             response = self._exchange(method, target or self.target, ordered, body, cut_after, abandon)
         return response
 
-    def _headers(self, packet_type, session_id, content_name, content_range, body) -> list[tuple[str, str]]:
+    def _headers(self, packet_type: PacketType | str | None, session_id: str | None,
+                 content_name: str | None, content_range: ContentRange | str | None,
+                 body: Body) -> list[tuple[str, str]]:
         ordered = [("Accept", "*/*")]
         if isinstance(packet_type, PacketType):
             packet_type = packet_type.value
@@ -461,7 +463,7 @@ class BitsClient:
 
     def fragment(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         first: int,
         last: int,
         *,
@@ -488,14 +490,15 @@ class BitsClient:
             cut_after=cut_after,
             abandon=abandon,
         )
-        received = response.received_offset if response is not None else None
+        if response is None:
+            return None
+        received = response.received_offset
         # An offset past the total is not progress: send_file gives up on it (fragment_loop).
         if received is not None and received <= total and follows_offset(response.status):
             self.offset = received
             if response.reply_url:
                 self.reply_url = response.reply_url
-        if response is not None:
-            self._resume_with_ping = False
+        self._resume_with_ping = False
         return response
 
     def close(self, content_name: str | None = None) -> Response:
@@ -541,7 +544,7 @@ class BitsClient:
     # --- whole uploads ----------------------------------------------------------------------
     def send_file(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         fragment_size: int = DEFAULT_FRAGMENT_SIZE,
         *,
         until: int | None = None,
@@ -577,7 +580,7 @@ class BitsClient:
                 loop.restart()
         return self.offset
 
-    def upload(self, path: str | os.PathLike, fragment_size: int = DEFAULT_FRAGMENT_SIZE) -> UploadResult:
+    def upload(self, path: str | os.PathLike[str], fragment_size: int = DEFAULT_FRAGMENT_SIZE) -> UploadResult:
         """Create a session, send the file, fetch the reply if the server gave one, Close."""
         created = self.create_session()
         if not created.ok:

@@ -253,6 +253,7 @@ class Connection:
                         f"{self.where} closed the connection in the middle of its answer "
                         f"({len(body)} body bytes read)", answered=True)
                 break
+        assert head is not None  # the loop ends on a final answer's body or end
         answer = Answer(head.version, head.status, head.reason, head.headers, bytes(body),
                         truncated)
         if truncated or self._closed or not answer.keeps_alive:

@@ -24,7 +24,7 @@ from bitstrace.replay.replayer.options import MODES, Options, Target, TargetErro
 from bitstrace.replay.replayer.plan import build_plan
 from bitstrace.replay.replayer.progress import progress_display
 from bitstrace.replay.replayer.report import dry_run_json, render_dry_run, render_text, result_json, write_json
-from bitstrace.replay.replayer.schedule import dry_run, replay
+from bitstrace.replay.replayer.schedule import describe, replay
 from bitstrace.replay.replayer.session import auth_notes
 
 #: Longest --timeout: socket timeouts beyond the platform's time_t overflow.
@@ -123,9 +123,10 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         console = OutputConsole(file=out, width=160 if not out.isatty() else None,
                                  soft_wrap=False)
         if args.dry_run:
-            described = dry_run(plan, options)
+            described = describe(plan, options)
             if args.json:
-                write_json(dry_run_json(described, str(options.target), notes), out)
+                write_json(dry_run_json(described, len(plan.sessions), str(options.target), notes),
+                           out)
             else:
                 for note in notes:
                     console.print(f"note: {note}", highlight=False)

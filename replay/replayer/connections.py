@@ -113,8 +113,7 @@ class Connections:
         self._live: dict[int, LiveConnection] = {}
         self._remaining: dict[int, int] = {}
         for session in plan.sessions:
-            for request in session.requests:
-                key = request.connection
+            for key in session.connections:
                 self._remaining[key] = self._remaining.get(key, 0) + 1
 
     def get(self, key: int) -> LiveConnection:

@@ -18,7 +18,7 @@ method, url, headers, body_length, body_sha256, note}]}]}.
 from __future__ import annotations
 
 import json
-from typing import Any, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -31,21 +31,44 @@ SCHEMA = "bitstrace.replay"
 SCHEMA_VERSION = 1
 
 
+class Streamed(list):  # type: ignore[type-arg]  # a list to json, its items made as written
+    """A JSON array whose items are made while it is written and let go after: json.dump
+    (whose indenting encoder is pure Python and iterates lists) writes each item as the
+    iterator gives it, so a report of 100,000 requests never exists whole in memory, and the
+    text is byte for byte what the same items in a plain list give."""
+
+    def __init__(self, items: Iterable[Any], count: int) -> None:
+        super().__init__()
+        self._items = items
+        self._count = count
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+
 def write_json(document: dict[str, Any], out: TextIO) -> None:
-    # json.dump writes piece by piece: a replay of 100k requests would otherwise first build
-    # its whole JSON text (1 GB peak where the document itself takes 0.3 GB).
+    # json.dump writes piece by piece (and Streamed arrays item by item): a replay of 100k
+    # requests would otherwise first build its whole JSON text, or its whole document.
     json.dump(document, out, indent=2)
     out.write("\n")
 
 
-def dry_run_json(described: list[dict[str, Any]], target: str, notes: list[str]) -> dict[str, Any]:
+def dry_run_json(described: Iterable[dict[str, Any]], sessions: int, target: str,
+                 notes: list[str]) -> dict[str, Any]:
+    """The --dry-run --json document of `described` (schedule.describe), `sessions` long."""
     return {"schema": SCHEMA, "version": SCHEMA_VERSION, "dry_run": True,
-            "target": target, "notes": notes, "sessions": described}
+            "target": target, "notes": notes, "sessions": Streamed(described, sessions)}
 
 
 # --- JSON --------------------------------------------------------------------------------------
 
-def _request_json(request: PlannedRequest | None) -> dict | None:
+def _request_json(request: PlannedRequest | None) -> dict[str, Any] | None:
     if request is None:
         return None
     return {
@@ -60,7 +83,7 @@ def _request_json(request: PlannedRequest | None) -> dict | None:
     }
 
 
-def _outcome_json(outcome: Outcome) -> dict:
+def _outcome_json(outcome: Outcome) -> dict[str, Any]:
     return {
         "label": outcome.label,
         "captured": _request_json(outcome.captured),
@@ -75,7 +98,7 @@ def _outcome_json(outcome: Outcome) -> dict:
     }
 
 
-def result_json(result: ReplayResult, plan: Plan, notes: list[str]) -> dict:
+def result_json(result: ReplayResult, plan: Plan, notes: list[str]) -> dict[str, Any]:
     median = result.median_pacing_error_s()
     return {
         "schema": SCHEMA, "version": SCHEMA_VERSION,
@@ -91,12 +114,12 @@ def result_json(result: ReplayResult, plan: Plan, notes: list[str]) -> dict:
             "faults": result.faults,
             "median_pacing_error_s": median,
         },
-        "sessions": [{
+        "sessions": Streamed(({
             "captured_id": s.captured_id, "generation": s.generation, "live_ids": s.live_ids,
             "fault": s.fault, "notes": s.notes,
             "started_s": s.started_s, "ended_s": s.ended_s, "differences": s.differences,
             "packets": [_outcome_json(o) for o in s.outcomes],
-        } for s in result.sessions],
+        } for s in result.sessions), len(result.sessions)),
     }
 
 
@@ -153,7 +176,7 @@ def _render_session(session: SessionResult, console: Console) -> None:
         console.print(f"  stopped: {session.fault}", highlight=False)
 
 
-def render_dry_run(described: list[dict], console: Console) -> None:
+def render_dry_run(described: Iterable[dict[str, Any]], console: Console) -> None:
     for session in described:
         console.print(f"session {session['captured_id']} ({len(session['requests'])} request(s))",
                       highlight=False)

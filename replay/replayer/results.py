@@ -5,37 +5,66 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from bitstrace.replay.replayer.compare import AckSummary, Difference
-from bitstrace.replay.replayer.plan import PlannedRequest, PlannedSession
+from bitstrace.replay.replayer.plan import PlannedRequest, PlannedSession, RequestStore
 
 #: Set to 1 to get the traceback of an unexpected error in a session on stderr.
 DEBUG_ENV = "BITSTRACE_DEBUG"
 
 
-@dataclass
 class Outcome:
-    """One request of the replay: what was (or would have been) sent and what came back."""
+    """One request of the replay: what was (or would have been) sent and what came back.
 
-    label: str
-    captured: PlannedRequest | None  # the captured request it stands for; None if made up
-    sent: bool = False  # it went out (answered, or cut short by a fault after connecting)
-    live: AckSummary | None = None
-    fault: str | None = None
-    note: str | None = None
-    due_s: float | None = None  # when it should have gone, seconds after the replay started
-    sent_s: float | None = None
-    bytes_sent: int = 0
-    differences: list[Difference] = field(default_factory=list)
+    A replay keeps one per request until its report is written, so it holds the captured
+    request it stands for by its place in the plan's store (`captured` reads it back), and
+    its label is shared with every other outcome of the same label."""
+
+    __slots__ = ("label", "_captured", "_store", "sent", "live", "fault", "note", "due_s",
+                 "sent_s", "bytes_sent", "differences")
+
+    def __init__(self, label: str, captured: PlannedRequest | None = None,
+                 store: RequestStore | None = None, *, note: str | None = None) -> None:
+        self.label = sys.intern(label)
+        # The captured request, or its index in `store` (None: made up, not captured).
+        self._captured: PlannedRequest | int | None = captured
+        if captured is not None and store is not None and captured.index >= 0:
+            self._captured = captured.index
+        self._store = store
+        self.sent = False  # it went out (answered, or cut short by a fault after connecting)
+        self.live: AckSummary | None = None
+        self.fault: str | None = None
+        self.note = note
+        self.due_s: float | None = None  # when it should have gone, seconds after the start
+        self.sent_s: float | None = None
+        self.bytes_sent = 0
+        self.differences: list[Difference] = NO_DIFFERENCES
+
+    @property
+    def captured(self) -> PlannedRequest | None:
+        """The captured request it stands for; None if made up."""
+        if isinstance(self._captured, int):
+            assert self._store is not None
+            return self._store.load(self._captured)
+        return self._captured
 
     @property
     def pacing_error_s(self) -> float | None:
         if self.due_s is None or self.sent_s is None:
             return None
         return self.sent_s - self.due_s
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.label!r}, sent={self.sent}, live={self.live}, fault={self.fault!r})"
+
+
+#: The differences of an outcome with none (shared, never changed: outcomes are given a new
+#: list when they differ).
+NO_DIFFERENCES: list[Difference] = []
 
 
 @dataclass

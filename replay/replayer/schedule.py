@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 from bitstrace.analyzer.bits.protocol import PacketType
 from bitstrace.replay.replayer.connections import Connections
@@ -23,18 +23,23 @@ from bitstrace.replay.replayer.results import (
 from bitstrace.replay.replayer.session import SessionReplay
 
 
-def dry_run(plan: Plan, options: Options) -> list[dict]:
-    """What `replay` would send, request by request, without sending anything. Live session
+def dry_run(plan: Plan, options: Options) -> list[dict[str, Any]]:
+    """What `replay` would send, session by session (see `describe`), as one list."""
+    return list(describe(plan, options))
+
+
+def describe(plan: Plan, options: Options) -> Iterator[dict[str, Any]]:
+    """What `replay` would send, request by request, without sending anything: one dict per
+    session, made as it is asked for (a report can write each and let it go). Live session
     ids are shown as `<live id of CAPTURED>`; adaptive mode's reactions depend on the live
     answers, so the captured sequence is shown."""
     clock = Clock(plan, options.speed)
     unused = Connections(plan, options)  # opens nothing until asked to
-    described = []
     seen: set[int] = set()
     for session in plan.sessions:
         worker = SessionReplay(session, plan, options, clock, unused, None)
         requests = []
-        for request in session.requests:
+        for request in worker.requests:
             if request.packet_type is PacketType.CREATE_SESSION:
                 captured = ((request.response.session_id if request.response else None)
                             or session.session_id or session.key)
@@ -55,9 +60,8 @@ def dry_run(plan: Plan, options: Options) -> list[dict]:
                          if body is not None and not body.complete else None),
             })
             seen.add(request.connection)
-        described.append({"captured_id": session.session_id or session.key,
-                          "generation": session.generation, "requests": requests})
-    return described
+        yield {"captured_id": session.session_id or session.key,
+               "generation": session.generation, "requests": requests}
 
 
 def replay(plan: Plan, options: Options, observer: Observer | None = None) -> ReplayResult:

@@ -14,6 +14,7 @@ target itself (`names_target`).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from http import HTTPStatus
 from typing import Iterator
@@ -30,6 +31,7 @@ from bitstrace.replay.replayer.options import Options
 from bitstrace.replay.replayer.pacing import Clock
 from bitstrace.replay.replayer.plan import Body, Plan, PlannedRequest, PlannedSession
 from bitstrace.replay.replayer.results import (
+    NO_DIFFERENCES,
     Fault,
     Observer,
     Outcome,
@@ -45,8 +47,7 @@ NON_REPLAYABLE_AUTH = ("ntlm", "negotiate", "kerberos", "digest")
 def auth_notes(plan: Plan, options: Options) -> list[str]:
     """What the replay cannot do about the captured credentials, said plainly."""
     notes: list[str] = []
-    schemes = {auth_scheme(v) for s in plan.sessions for r in s.requests
-               for v in Headers(r.headers).get_all(AUTHORIZATION)}
+    schemes = {scheme for session in plan.sessions for scheme in session.auth_schemes}
     blocked = sorted(schemes & set(NON_REPLAYABLE_AUTH))
     if blocked:
         instead = ("those requests carry the --auth Basic credentials instead" if options.auth
@@ -71,6 +72,7 @@ class SessionReplay:
     def __init__(self, session: PlannedSession, plan: Plan, options: Options, clock: Clock,
                  connections: Connections, observer: Observer | None) -> None:
         self.session = session
+        self.requests = session.requests  # read from the plan's store once, let go after the run
         self.plan = plan
         self.options = options
         self.clock = clock
@@ -206,7 +208,7 @@ class SessionReplay:
                 self._faithful()
         except Fault as fault:
             self.result.fault = str(fault)
-            unsent = len(self.session.requests) - self._released - 1
+            unsent = len(self.requests) - self._released - 1
             if unsent > 0:
                 self.result.notes.append(f"{unsent} later captured request(s) not sent")
         except OSError as exc:  # the body spool: the temporary directory failed under us
@@ -214,19 +216,20 @@ class SessionReplay:
         except Exception as exc:  # a bug must not make the session vanish from the results
             self.result.fault = unexpected_fault(exc)
         finally:
-            self._release_through(len(self.session.requests) - 1)
+            self._release_through(len(self.requests) - 1)
+            self.session.release()
         return self.result
 
     _released = 0  # planned requests whose turn is over (their live connection may close)
 
     def _release_through(self, index: int) -> None:
-        for request in self.session.requests[self._released:index + 1]:
+        for request in self.requests[self._released:index + 1]:
             self.connections.done(request.connection)
         self._released = max(self._released, index + 1)
 
     def _faithful(self) -> None:
-        for index, request in enumerate(self.session.requests):
-            outcome = Outcome(request.label, request)
+        for index, request in enumerate(self.requests):
+            outcome = Outcome(request.label, request, self.plan.store)
             self.result.outcomes.append(outcome)
             if request.body is not None and not request.body.complete:
                 outcome.note = "body incomplete in the capture: not sent"
@@ -236,11 +239,11 @@ class SessionReplay:
                             self.body_of(request.body),
                             request.body.length if request.body else 0, request.ts_ns)
             self.learn(request, ack)
-            outcome.differences = compare(request.response, ack)
+            outcome.differences = compare(request.response, ack) or NO_DIFFERENCES
             self._release_through(index)
 
     def _adaptive(self) -> None:
-        requests = self.session.requests
+        requests = self.requests
         index = 0
         reauthenticated = False  # the last request drew 401 and was resent with --auth
         while index < len(requests):
@@ -257,12 +260,13 @@ class SessionReplay:
                 index, reauthenticated = end, False
                 continue
             previous = requests[index - 1] if index else None
-            if (reauthenticated and previous.response and previous.response.status == HTTPStatus.UNAUTHORIZED
+            if (reauthenticated and previous is not None and previous.response
+                    and previous.response.status == HTTPStatus.UNAUTHORIZED
                     and request.packet_type is previous.packet_type):
-                self.result.outcomes.append(Outcome(request.label, request, note=(
+                self.result.outcomes.append(Outcome(request.label, request, self.plan.store, note=(
                     "the captured client's resend after 401: already resent with --auth")))
             elif request.body is not None and not request.body.complete:
-                self.result.outcomes.append(Outcome(request.label, request,
+                self.result.outcomes.append(Outcome(request.label, request, self.plan.store,
                                                     note="body incomplete in the capture: not sent"))
             else:
                 sent_before = len(self.result.outcomes)
@@ -292,11 +296,11 @@ class SessionReplay:
                        body: BodySource, length: int, ts_ns: int | None,
                        label: str, captured: PlannedRequest | None) -> AckSummary:
         """Send, and resend once with --auth credentials on a 401."""
-        outcome = Outcome(label, captured)
+        outcome = Outcome(label, captured, self.plan.store)
         self.result.outcomes.append(outcome)
         ack = self.send(outcome, request, headers, body, length, ts_ns)
         if captured is not None:
-            outcome.differences = compare(captured.response, ack)
+            outcome.differences = compare(captured.response, ack) or NO_DIFFERENCES
         if (ack.status == HTTPStatus.UNAUTHORIZED and self.options.auth
                 and AUTHORIZATION not in Headers(headers)):
             outcome.note = "401: resent with --auth credentials"
@@ -305,7 +309,7 @@ class SessionReplay:
         return ack
 
     def _recreate(self, near: PlannedRequest) -> None:
-        create = next((r for r in self.session.requests
+        create = next((r for r in self.requests
                        if r.packet_type is PacketType.CREATE_SESSION), None)
         if create is not None:
             headers = self.headers_for(create)
@@ -337,32 +341,34 @@ class SessionReplay:
     def _upload(self, fragments: list[PlannedRequest], from_offset: int | None = None) -> None:
         """Upload the bytes the captured fragments carried (up to the last of them), from the
         captured bytes, following the live server's offset (replay.fragment_loop)."""
-        if not fragments:
+        ranges = [r.range for r in fragments if r.range is not None]
+        if not ranges or len(ranges) != len(fragments):
             return
-        end = max(r.range.last for r in fragments) + 1
+        end = max(r.last for r in ranges) + 1
         if from_offset is not None:
             offset = from_offset
         elif self.offset is not None:
             offset = self.offset
         else:
-            offset = fragments[0].range.first
-        loop = FragmentLoop(fragments[0].range.total, offset, stop=end, end=end,
+            offset = ranges[0].first
+        loop = FragmentLoop(ranges[0].total, offset, stop=end, end=end,
                             recreated=self.recreated)
         slot = 0
         while not loop.done:
             # The n-th fragment sent takes the n-th captured one's size, time and connection.
             captured = fragments[min(slot, len(fragments) - 1)]
+            captured_range = ranges[min(slot, len(fragments) - 1)]
             ts_ns = captured.ts_ns if slot < len(fragments) else None
             slot += 1
-            wanted = loop.next_range(captured.range.length)
-            pieces = self.session.entity_piece(wanted.first, wanted.last)
+            wanted = loop.next_range(captured_range.length)
+            pieces = self.session.entity_piece(wanted.first, wanted.last, self.requests)
             if pieces is None:
                 raise Fault(f"bytes {wanted.first}-{wanted.last} of the file were never captured "
                             "whole: cannot upload further")
             headers = self.headers_for(captured, {
                 Header.CONTENT_RANGE: str(wanted), Header.CONTENT_LENGTH: str(wanted.length)})
-            pairs = captured if captured.range == wanted else None
-            ack = self._send_adaptive(captured, headers, lambda p=pieces: self._pieces(p),
+            pairs = captured if captured_range == wanted else None
+            ack = self._send_adaptive(captured, headers, functools.partial(self._pieces, pieces),
                                       wanted.length, ts_ns, f"Fragment {wanted}", pairs)
             try:
                 step = loop.answer(ack.status, ack.received, ack.session_not_found)
