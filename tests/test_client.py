@@ -611,3 +611,100 @@ def test_an_offset_beyond_the_total_is_not_taken_as_progress(serve, source):
     assert client.send_file(path, FRAGMENT) == 20_000
     client.close()
     assert sha256(stored(server)) == sha256(path)
+
+
+class TlsFront:
+    """A TLS-terminating relay on 127.0.0.1 in front of a plain server (as load balancers sit
+    in front of IIS farms), with a self-signed certificate made by openssl for 127.0.0.1."""
+
+    def __init__(self, upstream: tuple[str, int], directory: Path) -> None:
+        import ssl
+        import subprocess
+
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                       timeout=60)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            secure = self.context.wrap_socket(conn, server_side=True)
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            conn.close()
+            return
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    try:
+                        end.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        back = threading.Thread(target=pump, args=(upstream, secure), daemon=True)
+        back.start()
+        pump(secure, upstream)
+        back.join(10)
+        secure.close()
+        upstream.close()
+
+
+def test_https_upload_writes_a_key_log(serve, source, tmp_path):
+    """Over https the client uploads byte-exact, and appends every connection's TLS secrets
+    to the key log (the NSS format bits-analyze --tls-keylog and Wireshark read)."""
+    server = serve()
+    front = TlsFront(server.address, tmp_path)
+    keylog = tmp_path / "keys.log"
+    try:
+        path = source(40_000)
+        client = BitsClient(front.url + "up/payload.bin", verify_tls=False, tls_keylog=keylog,
+                            timeout=5)
+        result = client.upload(path, FRAGMENT)
+    finally:
+        front.close()
+    assert result.acknowledged == 40_000 and sha256(stored(server)) == sha256(path)
+    assert all(t.header("Host") == front.url[len("https://"):-1] for t in client.log)
+    labels = {line.split()[0] for line in keylog.read_text().splitlines() if line.strip()}
+    assert labels & {"CLIENT_RANDOM", "CLIENT_TRAFFIC_SECRET_0"}
+
+
+def test_https_with_verification_refuses_an_unknown_certificate(serve, tmp_path):
+    """Verification is on by default: a self-signed certificate is a TLS failure, named."""
+    from bitstrace.replay.transport import TlsFailed
+
+    server = serve()
+    front = TlsFront(server.address, tmp_path)
+    try:
+        client = BitsClient(front.url + "up/x.bin", timeout=5)
+        with pytest.raises(TlsFailed, match=r"^TLS with 127\.0\.0\.1:\d+ failed: CERTIFICATE_VERIFY_FAILED"):
+            client.ping()
+    finally:
+        front.close()

@@ -471,3 +471,41 @@ def test_adaptive_upload_keeps_inside_the_first_total_when_the_client_changed_it
         ("Create-Session", 200), ("Fragment bytes 0-999/2000", 200),
         ("Fragment bytes 1000-1999/2000", 200), ("Close-Session", 200)]
     assert (server.root / "up" / "file.bin").read_bytes() == data[:2000]
+
+
+def test_https_replay_writes_its_key_log(tmp_path: Path) -> None:
+    """bits-replay to an https:// target (through a TLS front on 127.0.0.1) lands every
+    session, and --tls-keylog FILE holds the secrets of its connections."""
+    from test_client import TlsFront
+
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(3000, 21), 1000, start_ms=0)
+    upload(conv, 1, SID_B, payload(2000, 22), 1000, start_ms=5)
+    path = conv.write(tmp_path / "c.pcap")
+    keylog = tmp_path / "replay-keys.log"
+    with BitsServer(tmp_path / "root", log=None) as srv:
+        front = TlsFront(srv.address, tmp_path)
+        try:
+            out, err = io.StringIO(), io.StringIO()
+            code = main([str(path), "--target", front.url, "--speed", "0", "--json", "--insecure",
+                         "--tls-keylog", str(keylog)], out=out, err=err)
+        finally:
+            front.close()
+    report = json.loads(out.getvalue())
+    assert code == 0, err.getvalue()
+    assert report["summary"]["faults"] == 0 and report["summary"]["differences"] == 0
+    assert report["summary"]["sessions"] == 2
+    labels = [line.split()[0] for line in keylog.read_text().splitlines() if line.strip()]
+    assert {"CLIENT_RANDOM", "CLIENT_TRAFFIC_SECRET_0"} & set(labels)
+
+
+def test_unwritable_key_log_is_a_usage_error(tmp_path: Path) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(1000, 23), 1000, start_ms=0)
+    path = conv.write(tmp_path / "c.pcap")
+    err = io.StringIO()
+    code = main([str(path), "--target", "https://127.0.0.1:9/", "--tls-keylog",
+                 str(tmp_path / "missing" / "keys.log")], out=io.StringIO(), err=err)
+    assert code == 2
+    assert err.getvalue() == (f"bits-replay: --tls-keylog {tmp_path / 'missing' / 'keys.log'}: "
+                              "No such file or directory\n")

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "target's own address")
     parser.add_argument("--strip-prefix", default="", metavar="PATH",
                         help="captured path prefix to drop before adding the target's path")
+    parser.add_argument("--tls-keylog", metavar="FILE",
+                        help="https: append the TLS secrets of every connection to FILE (NSS key "
+                             "log format), so a capture of the replay can be decrypted "
+                             "(bits-analyze --tls-keylog FILE, Wireshark)")
     parser.add_argument("--insecure", action="store_true",
                         help="https: do not verify the server's certificate")
     parser.add_argument("--dry-run", action="store_true",
@@ -81,7 +85,7 @@ def _options(args: argparse.Namespace) -> Options:
     return Options(target=Target.parse(args.target), mode=args.mode, speed=args.speed,
                    concurrency=args.concurrency, timeout=args.timeout, auth=args.auth,
                    follow_host_id=args.follow_host_id, strip_prefix=args.strip_prefix,
-                   verify_tls=not args.insecure)
+                   verify_tls=not args.insecure, tls_keylog=args.tls_keylog)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
@@ -105,6 +109,12 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except TargetError as exc:
         print(f"bits-replay: {exc}", file=err)
         return Exit.USAGE
+    if args.tls_keylog is not None:
+        try:
+            open(args.tls_keylog, "a").close()  # as ssl will open it: fail now, not per session
+        except OSError as exc:
+            print(f"bits-replay: --tls-keylog {args.tls_keylog}: {exc.strerror or exc}", file=err)
+            return Exit.USAGE
     sources = [sys.stdin.buffer if c == "-" else c for c in args.captures]
     try:
         plan = build_plan(sources, args.session)
