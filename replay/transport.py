@@ -158,6 +158,12 @@ class Connection:
         except (OSError, UnicodeError) as exc:
             raise ConnectFailed(f"cannot connect to {self.where}: "
                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        # Requests go out whole (head and body in large writes): Nagle's algorithm would only
+        # hold back the tail of each, waiting for the peer's delayed ACK.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         if self.tls is not None:
             try:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
@@ -231,14 +237,20 @@ class Connection:
         body = bytearray()
         truncated = False
         while True:
-            event = self._next_event(answered=head is not None)
-            if isinstance(event, ParseError) and self._closed:
-                raise ClosedBeforeAnswer(f"{self.where} closed the connection in the middle of "
-                                         f"its answer ({event.message})", answered=True)
+            try:
+                event = self._next_event(answered=head is not None)
+            except TransportError:
+                self.close()  # what follows on it could only be read out of step
+                raise
             if isinstance(event, ParseError):
+                at = event.offset - self._answer_start
+                closed = self._closed
+                self.close()
+                if closed:
+                    raise ClosedBeforeAnswer(f"{self.where} closed the connection in the middle "
+                                             f"of its answer ({event.message})", answered=True)
                 raise MalformedAnswer(f"{self.where} sent a malformed HTTP answer: "
-                                      f"{event.message} (byte {event.offset - self._answer_start}"
-                                      " of the answer)", answered=True)
+                                      f"{event.message} (byte {at} of the answer)", answered=True)
             if isinstance(event, ResponseHead):
                 head = None if event.informational else event
             elif isinstance(event, BodyChunk):
@@ -249,6 +261,7 @@ class Connection:
                 body += event.data
             elif isinstance(event, MessageEnd) and head is not None:
                 if event.partial:
+                    self.close()
                     raise ClosedBeforeAnswer(
                         f"{self.where} closed the connection in the middle of its answer "
                         f"({len(body)} body bytes read)", answered=True)
