@@ -47,9 +47,7 @@ from bitstrace.analyzer.http import Headers
 from bitstrace.replay.fragment_loop import FragmentLoop, GiveUp, Step, follows_offset
 from bitstrace.replay.transport import (
     Answer,
-    ClosedBeforeAnswer,
     Connection,
-    Reset,
     TransportError,
     request_head,
     tls_context,
@@ -59,9 +57,6 @@ from bitstrace.replay.transport import (
 DEFAULT_USER_AGENT = USER_AGENT_PREFIX + "7.8"
 DEFAULT_FRAGMENT_SIZE = 64 * 1024
 CHUNK_SIZE = 64 * 1024
-
-#: The connection broke, or the answer could not be read (replay.transport's vocabulary).
-ConnectionLost = TransportError
 
 
 class UploadError(Exception):
@@ -285,7 +280,6 @@ class BitsClient:
         self._authorization: str | None = None
         self._connection: Connection | None = None
         self._connection_index = -1
-        self._connection_used = False  # the current connection has carried an answer
         self._resume_with_ping = False
         self._file_name: str | None = None
 
@@ -299,7 +293,6 @@ class BitsClient:
             connection = Connection(host, port, self.timeout, tls=self._tls, server_name=name)
             connection.open()
             self._connection = connection
-            self._connection_used = False
             self._connection_index = self.connections_opened
             self.connections_opened += 1
         return self._connection
@@ -345,7 +338,7 @@ class BitsClient:
         client sees it; the ack is on the wire) and returns None. A 401 is answered once with
         Basic credentials when the client has them. A kept-alive connection the server closed
         before answering is replaced by a fresh one and the request sent again, once. Raises
-        ConnectionLost (a replay.transport error) when the connection breaks otherwise; the
+        a replay.transport TransportError when the connection breaks otherwise; the
         next request then opens a new one (and `send_file` Pings first).
         """
         overrides = headers or {}
@@ -400,7 +393,6 @@ class BitsClient:
         abandon: bool,
     ) -> Response | None:
         connection = self._connect(self.host_id or self.host, self.port)
-        reused = self._connection_used
         record = Transaction(self._connection_index, method, target, tuple(headers), 0)
         self.log.append(record)
         limit = _body_length(body) if cut_after is None else cut_after
@@ -423,14 +415,13 @@ class BitsClient:
             answer = connection.read_answer(method)
         except TransportError as failure:
             self._lost()
-            if reused and not failure.answered and isinstance(failure, (Reset, ClosedBeforeAnswer)):
+            if failure.stale:
                 # The server had closed the kept-alive connection: this request never reached
                 # it. Send it again on a fresh connection (no Ping: the server may allow only
-                # one request per connection).
+                # one request per connection); a fresh one is never stale, so this is once.
                 self._resume_with_ping = False
                 return self._exchange(method, target, headers, body, cut_after, abandon)
             raise
-        self._connection_used = True
         record.response = response = Response.of(answer)
         if not connection.is_open:
             self.disconnect()
@@ -566,7 +557,7 @@ class BitsClient:
                 if self._resume_with_ping:
                     self.ping()
                 response = self.fragment(path, wanted.first, wanted.last)
-            except ConnectionLost:
+            except TransportError:
                 response = None  # the next round Pings on a new connection and resends
             try:
                 step = loop.lost() if response is None else loop.answer(

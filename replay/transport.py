@@ -34,13 +34,17 @@ RECEIVE_SIZE = 1 << 16
 
 class TransportError(Exception):
     """The exchange failed below HTTP's own answers. `reached_server` is False when nothing
-    went out (no connection); `answered` is True when some bytes of an answer had come."""
+    went out (no connection); `answered` is True when some bytes of an answer had come.
+    `stale`: the connection had carried earlier answers and broke (reset, or closed by the
+    server) before any byte of this one: a kept-alive connection the server had closed
+    meanwhile, which the request never reached, so it may go again, once, on a fresh one."""
 
     reached_server = True
 
-    def __init__(self, message: str, *, answered: bool = False) -> None:
+    def __init__(self, message: str, *, answered: bool = False, stale: bool = False) -> None:
         super().__init__(message)
         self.answered = answered
+        self.stale = stale
 
 
 class ConnectFailed(TransportError):
@@ -127,6 +131,7 @@ class Connection:
         self._received = 0  # answer bytes received on this connection
         self._answer_start = 0  # what `_received` was when the answer being read began
         self._closed = False  # the peer has closed its side
+        self._answers = 0  # answers read on this socket
 
     @property
     def is_open(self) -> bool:
@@ -188,6 +193,7 @@ class Connection:
         self._events = []
         self._received = 0
         self._closed = False
+        self._answers = 0
 
     # -- sending
 
@@ -269,6 +275,8 @@ class Connection:
         assert head is not None  # the loop ends on a final answer's body or end
         answer = Answer(head.version, head.status, head.reason, head.headers, bytes(body),
                         truncated)
+        self._answers += 1
+        self._answer_start = self._received  # bytes past it would belong to the next answer
         if truncated or self._closed or not answer.keeps_alive:
             self.close()
         return answer
@@ -278,7 +286,7 @@ class Connection:
             assert self.sock is not None
             if self._closed:
                 raise ClosedBeforeAnswer(f"{self.where} closed the connection without answering",
-                                         answered=answered)
+                                         answered=answered, stale=self._stale(answered))
             try:
                 data = self.sock.recv(RECEIVE_SIZE)
             except OSError as exc:
@@ -295,7 +303,7 @@ class Connection:
                 if not self._events:
                     raise ClosedBeforeAnswer(
                         f"{self.where} closed the connection without answering",
-                        answered=answered)
+                        answered=answered, stale=self._stale(answered))
         return self._events.pop(0)
 
     def _failure(self, exc: OSError, when: str, answered: bool = False) -> TransportError:
@@ -306,6 +314,10 @@ class Connection:
             return TlsFailed(f"TLS with {self.where} failed: {exc.reason or exc}",
                              answered=answered)
         if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-            return Reset(f"{self.where} reset the connection {when}", answered=answered)
+            return Reset(f"{self.where} reset the connection {when}", answered=answered,
+                         stale=self._stale(answered))
         return TransportError(f"talking to {self.where} failed {when}: {exc.strerror or exc}",
                               answered=answered)
+
+    def _stale(self, answered: bool) -> bool:
+        return self._answers > 0 and not answered and self._received == self._answer_start

@@ -405,21 +405,22 @@ def test_connection_dropped_by_the_server_is_resent_on_a_fresh_one(serve, source
     assert sha256(stored(server)) == sha256(path)
 
 
-class OneRequestPerConnection:
-    """A proxy in front of bits-server that passes one request per connection and closes the
-    connection after its answer, without saying `Connection: close` (a small WSGI BITS server
-    behaves so). The answer's end is found by the project's own parser."""
+class LoopbackServer:
+    """A listener on 127.0.0.1 (port picked by the kernel) serving each connection it accepts
+    with `handle` on a thread of its own, until `close`."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
+    scheme = "http"
+
+    def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.port = self.listener.getsockname()[1]
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}/"
         self.connections = 0
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.listener.close()
         self.thread.join(5)
 
@@ -430,15 +431,35 @@ class OneRequestPerConnection:
             except OSError:
                 return
             self.connections += 1
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _relay(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            self.handle(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class OneRequestPerConnection(LoopbackServer):
+    """A proxy in front of bits-server that passes one request per connection and closes the
+    connection after its answer, without saying `Connection: close` (a small WSGI BITS server
+    behaves so). The answer's end is found by the project's own parser."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
         from bitstrace.analyzer.http import HttpParser, MessageEnd, RequestHead
 
-        upstream = socket.create_connection(self.upstream, timeout=10)
-        conn.settimeout(10)
         requests, answers = HttpParser("request"), HttpParser("response")
-        try:
+        with socket.create_connection(self.upstream, timeout=10) as upstream:
             done = False
             while not done:  # the request, up to its end
                 data = conn.recv(65536)
@@ -456,11 +477,6 @@ class OneRequestPerConnection:
                     return
                 conn.sendall(data)
                 done = any(isinstance(e, MessageEnd) for e in answers.feed(data, 0, 0))
-        except OSError:
-            pass
-        finally:
-            upstream.close()
-            conn.close()
 
 
 def test_server_answering_one_request_per_connection(serve, source):
@@ -478,48 +494,40 @@ def test_server_answering_one_request_per_connection(serve, source):
     answered = [t for t in client.log if t.response is not None]
     assert [t.packet_type for t in answered] == ["Create-Session"] + ["Fragment"] * 5 + ["Close-Session"]
     assert "Ping" not in packets(client)
-    assert len({t.connection for t in answered}) == len(answered) == client.connections_opened - 0
+    assert len({t.connection for t in answered}) == len(answered) == client.connections_opened
+    assert proxy.connections == client.connections_opened
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """Answers each request it reads (head up to the empty line; these requests have no body)
     with the next of `answers`, bytes exactly as given, on one kept-alive connection."""
 
     def __init__(self, answers: list[bytes]) -> None:
         self.answers = list(answers)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/up/x.bin"
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
+        self.url += "up/x.bin"
 
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        conn.settimeout(10)
+    def handle(self, conn: socket.socket) -> None:
         buffered = b""
-        with conn:
-            for answer in self.answers:
-                while b"\r\n\r\n" not in buffered:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffered += data
-                buffered = buffered.split(b"\r\n\r\n", 1)[1]
-                conn.sendall(answer)
-            conn.recv(1)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
+        for answer in self.answers:
+            while b"\r\n\r\n" not in buffered:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffered += data
+            buffered = buffered.split(b"\r\n\r\n", 1)[1]
+            conn.sendall(answer)
+        conn.recv(1)
 
 
 SID_UPPER = "{0A1B2C3D-4E5F-4A6B-8C7D-9E0F1A2B3C4D}"
 
 
 def test_real_servers_answers_are_read_as_bits_replay_reads_them():
-    """Answers real servers send that the client's own reader once refused or mis-read:
-    a chunked ack (with a chunk extension and a trailer), an obs-folded header, a reason
-    phrase with bytes outside ASCII, a Content-Length list of equal values, no reason at all,
-    and an empty line before the next status line."""
+    """Answers real servers send are read as bits-analyze reads them in a capture: a chunked
+    ack (with a chunk extension and a trailer), an obs-folded header, a reason phrase with
+    bytes outside ASCII, a Content-Length list of equal values, no reason at all, and an
+    empty line before the next status line."""
     answers = [
         (b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nTransfer-Encoding: chunked\r\n\r\n"
          b"3;name=value\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"),
@@ -551,8 +559,8 @@ def test_real_servers_answers_are_read_as_bits_replay_reads_them():
     (b"SSH-2.0-OpenSSH_9.2\r\n", "not a status line"),
 ])
 def test_malformed_answers_are_transport_errors_naming_what_and_where(answer, what):
-    """No ValueError escapes: a malformed answer is a ConnectionLost (replay.transport's
-    MalformedAnswer) naming the server, the byte and what is wrong."""
+    """No ValueError escapes: a malformed answer is replay.transport's MalformedAnswer, naming
+    the server, what is wrong and at which byte of the answer."""
     from bitstrace.replay.transport import MalformedAnswer
 
     server = ScriptedServer([answer])
@@ -562,8 +570,7 @@ def test_malformed_answers_are_transport_errors_naming_what_and_where(answer, wh
             client.ping()
     finally:
         server.close()
-    port = server.url.split(":")[2].split("/")[0]
-    assert str(failed.value).startswith(f"127.0.0.1:{port} sent a malformed HTTP answer: {what}")
+    assert str(failed.value).startswith(f"127.0.0.1:{server.port} sent a malformed HTTP answer: {what}")
     assert str(failed.value).endswith(" of the answer)")
 
 
@@ -613,9 +620,11 @@ def test_an_offset_beyond_the_total_is_not_taken_as_progress(serve, source):
     assert sha256(stored(server)) == sha256(path)
 
 
-class TlsFront:
+class TlsFront(LoopbackServer):
     """A TLS-terminating relay on 127.0.0.1 in front of a plain server (as load balancers sit
     in front of IIS farms), with a self-signed certificate made by openssl for 127.0.0.1."""
+
+    scheme = "https"
 
     def __init__(self, upstream: tuple[str, int], directory: Path) -> None:
         import ssl
@@ -629,32 +638,11 @@ class TlsFront:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(cert, key)
         self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}/"
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.thread.join(5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
-
-    def _relay(self, conn: socket.socket) -> None:
-        try:
-            conn.settimeout(10)
-            secure = self.context.wrap_socket(conn, server_side=True)
-            upstream = socket.create_connection(self.upstream, timeout=10)
-        except OSError:
-            conn.close()
-            return
+    def handle(self, conn: socket.socket) -> None:
+        secure = self.context.wrap_socket(conn, server_side=True)
+        upstream = socket.create_connection(self.upstream, timeout=10)
 
         def pump(source: socket.socket, sink: socket.socket) -> None:
             try:

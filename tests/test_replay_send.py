@@ -20,6 +20,7 @@ from bitstrace.replay.replayer.plan import build_plan
 from bitstrace.replay.replayer.options import Options, Target, TargetError
 from bitstrace.replay.replayer.schedule import dry_run, replay
 from bitstrace.replay.server import BitsServer
+from test_client import LoopbackServer, TlsFront
 from test_replay_plan import SID_A, SID_B, Conversation, ack, payload, request, upload
 
 
@@ -275,7 +276,7 @@ def test_host_id_is_followed_only_when_asked_and_only_to_the_target(
         if host != "127.0.0.1":
             asked.append(host)
             raise AssertionError(f"the replay looked up {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]  # as given
+        return real_getaddrinfo(host, *args, **kwargs)
 
     not_followed = ("BITS-Host-Id {} is neither the target's host nor its address (no name is "
                     "looked up): not followed (nothing is sent anywhere but the target)")
@@ -476,7 +477,6 @@ def test_adaptive_upload_keeps_inside_the_first_total_when_the_client_changed_it
 def test_https_replay_writes_its_key_log(tmp_path: Path) -> None:
     """bits-replay to an https:// target (through a TLS front on 127.0.0.1) lands every
     session, and --tls-keylog FILE holds the secrets of its connections."""
-    from test_client import TlsFront
 
     conv = Conversation()
     upload(conv, 0, SID_A, payload(3000, 21), 1000, start_ms=0)
@@ -511,52 +511,35 @@ def test_unwritable_key_log_is_a_usage_error(tmp_path: Path) -> None:
                               "No such file or directory\n")
 
 
-class RecordingServer:
+class RecordingServer(LoopbackServer):
     """Records every request it reads, bytes exactly (head up to the empty line, then
     Content-Length bytes of body), and answers each with a BITS ack issuing SID_B."""
 
     def __init__(self) -> None:
         self.received: list[bytes] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        buffered = b""
         while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(10)
-                buffered = b""
-                try:
-                    while True:
-                        while b"\r\n\r\n" not in buffered:
-                            data = conn.recv(65536)
-                            if not data:
-                                raise EOFError
-                            buffered += data
-                        head, buffered = buffered.split(b"\r\n\r\n", 1)
-                        length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                                           if line.lower().startswith(b"content-length:")), b"0"))
-                        while len(buffered) < length:
-                            buffered += conn.recv(65536)
-                        self.received.append(head + b"\r\n\r\n" + buffered[:length])
-                        buffered = buffered[length:]
-                        conn.sendall(ack(session=SID_B))
-                except (OSError, EOFError):
-                    continue
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
+            while b"\r\n\r\n" not in buffered:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffered += data
+            head, buffered = buffered.split(b"\r\n\r\n", 1)
+            length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), b"0"))
+            while len(buffered) < length:
+                buffered += conn.recv(65536)
+            self.received.append(head + b"\r\n\r\n" + buffered[:length])
+            buffered = buffered[length:]
+            conn.sendall(ack(session=SID_B))
 
 
 def test_captured_requests_go_out_byte_for_byte(tmp_path: Path) -> None:
-    """A target with a space (http.client refused it, and the refusal was reported as the
-    server's malformed answer), header names in odd case and order, an HTTP/1.0 request line:
+    """A target with a space (which http.client refuses), header names in odd case and order,
+    an HTTP/1.0 request line:
     the live server reads exactly the captured bytes, but for Host and the session id (and
     the optional whitespace around a value, which is not part of it: one space after the
     colon, none after the value)."""

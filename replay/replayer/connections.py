@@ -15,14 +15,7 @@ from bitstrace.replay.replayer.compare import AckSummary, summarize
 from bitstrace.replay.replayer.options import Options
 from bitstrace.replay.replayer.plan import Plan
 from bitstrace.replay.replayer.results import Fault
-from bitstrace.replay.transport import (
-    ClosedBeforeAnswer,
-    Connection,
-    Reset,
-    TransportError,
-    request_head,
-    tls_context,
-)
+from bitstrace.replay.transport import Connection, Reset, TransportError, request_head, tls_context
 
 #: Bound on what is read of a response body (acks have none; a garbage server may send plenty).
 MAX_RESPONSE_BODY = 1 << 20
@@ -50,7 +43,6 @@ class LiveConnection:
     def __init__(self, options: Options, tls: ssl.SSLContext | None) -> None:
         target = options.target
         self.lock = threading.Lock()
-        self.used = False
         self.last_peer: str | None = None  # the address the last request went to
         self.transport = Connection(target.host, target.port, options.timeout, tls=tls)
 
@@ -70,15 +62,11 @@ class LiveConnection:
         fresh connection is a fault.
         """
         head = request_head(method, path, headers, version)
-        reused = self.used and self.transport.is_open
-        self.used = True
         try:
             return self._exchange(method, head, body(), counter)
-        except (Reset, ClosedBeforeAnswer) as failure:
-            if not reused or failure.answered:
-                raise self._fault(failure, counter) from None
         except TransportError as failure:
-            raise self._fault(failure, counter) from None
+            if not failure.stale:
+                raise self._fault(failure, counter) from None
         self.transport.close()
         counter.request_bytes = 0
         try:

@@ -31,7 +31,7 @@ SCHEMA = "bitstrace.replay"
 SCHEMA_VERSION = 1
 
 
-class Streamed(list):  # type: ignore[type-arg]  # a list to json, its items made as written
+class Streamed(list[Any]):
     """A JSON array whose items are made while it is written and let go after: json.dump
     (whose indenting encoder is pure Python and iterates lists) writes each item as the
     iterator gives it, so a report of 100,000 requests never exists whole in memory, and the
