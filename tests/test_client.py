@@ -445,6 +445,18 @@ class LoopbackServer:
     def handle(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def read_head(conn: socket.socket, buffered: bytes) -> tuple[bytes, bytes] | None:
+        """The next request head on `conn` (up to its empty line, which is left out) and the
+        bytes read past it, `buffered` first; None when the peer closes before one."""
+        while b"\r\n\r\n" not in buffered:
+            data = conn.recv(65536)
+            if not data:
+                return None
+            buffered += data
+        head, rest = buffered.split(b"\r\n\r\n", 1)
+        return head, rest
+
 
 class OneRequestPerConnection(LoopbackServer):
     """A proxy in front of bits-server that passes one request per connection and closes the
@@ -510,12 +522,10 @@ class ScriptedServer(LoopbackServer):
     def handle(self, conn: socket.socket) -> None:
         buffered = b""
         for answer in self.answers:
-            while b"\r\n\r\n" not in buffered:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buffered += data
-            buffered = buffered.split(b"\r\n\r\n", 1)[1]
+            read = self.read_head(conn, buffered)
+            if read is None:
+                return
+            buffered = read[1]
             conn.sendall(answer)
         conn.recv(1)
 

@@ -521,13 +521,8 @@ class RecordingServer(LoopbackServer):
 
     def handle(self, conn: socket.socket) -> None:
         buffered = b""
-        while True:
-            while b"\r\n\r\n" not in buffered:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buffered += data
-            head, buffered = buffered.split(b"\r\n\r\n", 1)
+        while (read := self.read_head(conn, buffered)) is not None:
+            head, buffered = read
             length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), b"0"))
             while len(buffered) < length:
