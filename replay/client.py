@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
+from operator import attrgetter
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
@@ -128,29 +129,13 @@ class Response:
         """The BITS ack headers, read as the analyzer reads them."""
         return parse_ack(self.header)
 
-    @property
-    def session_id(self) -> str | None:
-        return self.ack.session_id
-
-    @property
-    def received_offset(self) -> int | None:
-        return self.ack.received_offset
-
-    @property
-    def error_code(self) -> int | None:
-        return self.ack.error_code
-
-    @property
-    def error_context(self) -> int | None:
-        return self.ack.error_context
-
-    @property
-    def reply_url(self) -> str | None:
-        return self.ack.reply_url
-
-    @property
-    def host_id(self) -> str | None:
-        return self.ack.host_id
+    # the ack's fields, read as the response's own
+    session_id = property(attrgetter("ack.session_id"))
+    received_offset = property(attrgetter("ack.received_offset"))
+    error_code = property(attrgetter("ack.error_code"))
+    error_context = property(attrgetter("ack.error_context"))
+    reply_url = property(attrgetter("ack.reply_url"))
+    host_id = property(attrgetter("ack.host_id"))
 
     @property
     def ok(self) -> bool:

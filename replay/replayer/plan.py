@@ -187,7 +187,7 @@ class RequestStore:
         return _request_of(marshal.loads(self.spool.read_at(self._offsets[index], self._sizes[index])))
 
 
-def _fields_of(r: PlannedRequest) -> tuple[object, ...]:
+def _fields_of(r: PlannedRequest) -> tuple[Any, ...]:
     rng, body, ack = r.range, r.body, r.response
     return (
         r.exchange, r.file, r.connection, r.frame, r.ts_ns, r.done_ts_ns, r.method, r.target,
