@@ -23,7 +23,7 @@ GNU_TIME = "/usr/bin/time"
 
 
 def measured(command: list[str], out_path: Path) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of `command`, its stdout to `out_path`."""
+    """(peak RSS in MiB, seconds) of `command`, its stdout to `out_path`."""
     with open(out_path, "wb") as out, tempfile.NamedTemporaryFile("r") as report:
         started = time.monotonic()
         subprocess.run([GNU_TIME, "-f", "%M", "-o", report.name, *command], stdout=out,
@@ -42,7 +42,7 @@ def main() -> int:
         output = Path(scratch) / "out.json"
         rss, seconds = measured([str(BIN / "bits-replay"), str(capture), "--dry-run", "--json",
                                  "--target", "http://127.0.0.1:9/"], output)
-        print(f"bits-replay --dry-run --json {capture.name}: peak {rss:.0f} MB, {seconds:.1f} s")
+        print(f"bits-replay --dry-run --json {capture.name}: peak {rss:.0f} MiB, {seconds:.1f} s")
         server = subprocess.Popen([str(BIN / "bits-server"), "--root", str(Path(scratch) / "root"),
                                    "--host", "127.0.0.1", "--port", "0", "--quiet"],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -59,7 +59,7 @@ def main() -> int:
             server.wait(timeout=10)
         summary = json.loads(output.read_text())["summary"]
         print(f"bits-replay --speed 0 --json {capture.name} to bits-server on 127.0.0.1: "
-              f"peak {rss:.0f} MB, {seconds:.1f} s; {summary['sessions']} sessions, "
+              f"peak {rss:.0f} MiB, {seconds:.1f} s; {summary['sessions']} sessions, "
               f"{summary['packets_sent']} requests sent, {summary['faults']} faults, "
               f"{summary['differences']} differences")
     return 0
