@@ -132,6 +132,7 @@ class Connection:
         self._answer_start = 0  # what `_received` was when the answer being read began
         self._closed = False  # the peer has closed its side
         self._answers = 0  # answers read on this socket
+        self._send_failure: Reset | None = None  # the reset that cut the last request short
 
     @property
     def is_open(self) -> bool:
@@ -208,17 +209,27 @@ class Connection:
     def send_request(self, head: bytes, body: Iterable[bytes] = (),
                      sent: Callable[[int], None] | None = None) -> None:
         """Send a request head and its body chunks (the head goes out with the first chunk);
-        `sent` is told the size of each chunk once it is out."""
+        `sent` is told the size of each chunk once it is out.
+
+        A server may answer before the body has ended (413 for a fragment over its limit) and
+        close, and the body it leaves unread makes its kernel reset the connection under our
+        sends. The answer is then in our receive buffer, readable still: so a reset while
+        sending stops the sending without raising, and `read_answer` reads that answer, or
+        raises the reset when none had come."""
+        self._send_failure = None
         pending: bytes | None = head
-        for chunk in body:
-            if not chunk:
-                continue
-            self.send(pending + chunk if pending is not None else chunk)
-            pending = None
-            if sent is not None:
-                sent(len(chunk))
-        if pending is not None:
-            self.send(pending)
+        try:
+            for chunk in body:
+                if not chunk:
+                    continue
+                self.send(pending + chunk if pending is not None else chunk)
+                pending = None
+                if sent is not None:
+                    sent(len(chunk))
+            if pending is not None:
+                self.send(pending)
+        except Reset as failure:
+            self._send_failure = failure
 
     def wait_readable(self) -> None:
         """Until the peer's answer (or its close) has begun to arrive."""
@@ -235,8 +246,10 @@ class Connection:
         """The final answer to the request with `method` just sent (1xx answers are skipped).
         Keeps at most `max_body` body bytes; past them the connection is closed (the rest is
         not read into the next answer) and the answer is `truncated`."""
+        cut_short, self._send_failure = self._send_failure, None
         if self.sock is None:
-            raise ClosedBeforeAnswer(f"{self.where} closed the connection without answering")
+            raise cut_short or ClosedBeforeAnswer(
+                f"{self.where} closed the connection without answering")
         self._parser.expect_response_to(method)
         self._answer_start = self._received
         head: ResponseHead | None = None
@@ -245,9 +258,9 @@ class Connection:
         while True:
             try:
                 event = self._next_event(answered=head is not None)
-            except TransportError:
+            except TransportError as failure:
                 self.close()  # what follows on it could only be read out of step
-                raise
+                raise (cut_short or failure) from None
             if isinstance(event, ParseError):
                 at = event.offset - self._answer_start
                 closed = self._closed
@@ -277,7 +290,7 @@ class Connection:
                         truncated)
         self._answers += 1
         self._answer_start = self._received  # bytes past it would belong to the next answer
-        if truncated or self._closed or not answer.keeps_alive:
+        if truncated or self._closed or cut_short or not answer.keeps_alive:
             self.close()
         return answer
 

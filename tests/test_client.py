@@ -706,3 +706,21 @@ def test_https_with_verification_refuses_an_unknown_certificate(serve, tmp_path)
             client.ping()
     finally:
         front.close()
+
+
+def test_an_answer_sent_before_the_body_ended_is_read(serve, source):
+    """bits-server answers a fragment far over its limit with 413 before reading the body and
+    closes (the unread body makes the kernel reset the connection under the client's sends):
+    the 413 that came is read, not lost in the reset, and the fragments shrink until they fit."""
+    server = serve(max_fragment_size=400_000)
+    size = 24 << 20  # more than the loopback socket buffers hold: the reset cuts the sending
+    path = source(size)
+    client = BitsClient(server.url + "up/payload.bin", timeout=10)
+    client.upload(path, fragment_size=size)
+    fragments = [t for t in client.log if t.packet_type == "Fragment"]
+    assert fragments[0].response is not None and fragments[0].body_sent < size
+    refused = [t for t in fragments if t.response is not None and t.response.status == 413]
+    assert [t.body_sent for t in refused][-1] == 768 * 1024  # the largest the server drains
+    assert fragments[len(refused)].body_sent == 384 * 1024
+    assert all(t.response is not None for t in fragments)
+    assert sha256(stored(server)) == sha256(path)

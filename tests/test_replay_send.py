@@ -212,6 +212,27 @@ def test_adaptive_shrinks_fragments_on_413(tmp_path: Path) -> None:
         assert (small.root / "up" / "file.bin").read_bytes() == data
 
 
+def test_adaptive_reads_a_413_the_server_sent_before_the_body_ended(tmp_path: Path) -> None:
+    """A captured 12 MiB fragment to a server whose limit is 400,000 bytes: bits-server answers
+    413 at once and closes, and the unread body makes the connection reset under the replay's
+    sends. The 413 that came is read (not a fault), and the fragments shrink until they fit."""
+    size = 12 << 20  # more than the loopback socket buffers hold
+    data = payload(size, 12)
+    conv = Conversation()
+    upload(conv, 0, SID_A, data, size, start_ms=0)
+    with BitsServer(tmp_path / "root", log=None, max_fragment_size=400_000) as small, \
+            build_plan([conv.write(tmp_path / "huge.pcap")]) as plan:
+        result = replay(plan, options_for(small, mode="adaptive"))
+        session = result.sessions[0]
+        assert session.fault is None, session.fault
+        fragments = [o for o in session.outcomes if o.label.startswith("Fragment")]
+        assert fragments[0].live is not None and fragments[0].live.status == 413
+        assert fragments[0].bytes_sent < size
+        statuses = [o.live.status for o in fragments if o.live is not None]
+        assert statuses[:5] == [413] * 5 and set(statuses[5:]) == {200}
+        assert (small.root / "up" / "file.bin").read_bytes() == data
+
+
 def test_overlapping_sessions_are_in_flight_together(tmp_path: Path) -> None:
     conv = Conversation()
     upload(conv, 0, SID_A, payload(4000, 1), 1000, start_ms=0, step_ms=60)
