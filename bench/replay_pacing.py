@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitstrace.replay.plan import build_plan  # noqa: E402
-from bitstrace.replay.send import Options, Target, replay  # noqa: E402
+from bitstrace.replay.replayer.plan import build_plan  # noqa: E402
+from bitstrace.replay.replayer.options import Options, Target  # noqa: E402
+from bitstrace.replay.replayer.schedule import replay  # noqa: E402
 from bitstrace.replay.server import BitsServer  # noqa: E402
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"

@@ -1,8 +1,10 @@
 """A BITS upload client that looks like a Windows client on the wire (bits-protocol.md 5.2, 8).
 
-Built on raw sockets over persistent HTTP/1.1 connections so that callers control connection
-boundaries: the corpus and the tests need "cut the connection mid-fragment" and "two sessions on
-two connections". File bodies are streamed from disk in chunks, never held whole in memory.
+Built on replay.transport (one socket per connection, plain or TLS, answers framed by the
+project's own HTTP parser) over persistent HTTP/1.1 connections, so that callers control
+connection boundaries: the corpus and the tests need "cut the connection mid-fragment" and
+"two sessions on two connections". File bodies are streamed from disk in chunks, never held
+whole in memory.
 
 Layers, low to high:
 - `send_packet` sends one request exactly as told (any packet type, headers overridden or
@@ -12,18 +14,20 @@ Layers, low to high:
 - `send_file` runs the fragment loop with Windows' recovery rules (replay.fragment_loop: follow
   the server's offset on 200/416, shrink after 413, new session after BG_E_SESSION_NOT_FOUND;
   Ping and resend after a broken connection), and `upload` does a whole upload.
+A request that finds its kept-alive connection closed by the server before any byte of an
+answer is sent again at once on a fresh connection, as HTTP clients do (servers that answer
+one request per connection and close without `Connection: close` need it); only when that
+fails too does `send_file` Ping before resending.
 Every request sent is also recorded in `BitsClient.log` (connection index, packet, response).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import select
-import socket
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
+from operator import attrgetter
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
@@ -42,17 +46,18 @@ from bitstrace.analyzer.bits.protocol import (
 )
 from bitstrace.analyzer.http import Headers
 from bitstrace.replay.fragment_loop import FragmentLoop, GiveUp, Step, follows_offset
+from bitstrace.replay.transport import (
+    Answer,
+    Connection,
+    TransportError,
+    request_head,
+    tls_context,
+)
 
 #: BITS 10.x (Windows 10/11), qmgr.dll 7.8.
 DEFAULT_USER_AGENT = USER_AGENT_PREFIX + "7.8"
 DEFAULT_FRAGMENT_SIZE = 64 * 1024
 CHUNK_SIZE = 64 * 1024
-_MAX_HEAD = 64 * 1024
-_STATUS_START = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}")
-
-
-class ConnectionLost(Exception):
-    """The connection broke before a complete response arrived."""
 
 
 class UploadError(Exception):
@@ -108,6 +113,10 @@ class Response:
     headers: Headers
     body: bytes = b""
 
+    @classmethod
+    def of(cls, answer: Answer) -> "Response":
+        return cls(answer.version, answer.status, answer.reason, answer.headers, answer.body)
+
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
 
@@ -120,29 +129,13 @@ class Response:
         """The BITS ack headers, read as the analyzer reads them."""
         return parse_ack(self.header)
 
-    @property
-    def session_id(self) -> str | None:
-        return self.ack.session_id
-
-    @property
-    def received_offset(self) -> int | None:
-        return self.ack.received_offset
-
-    @property
-    def error_code(self) -> int | None:
-        return self.ack.error_code
-
-    @property
-    def error_context(self) -> int | None:
-        return self.ack.error_context
-
-    @property
-    def reply_url(self) -> str | None:
-        return self.ack.reply_url
-
-    @property
-    def host_id(self) -> str | None:
-        return self.ack.host_id
+    # the ack's fields, read as the response's own
+    session_id = property(attrgetter("ack.session_id"))
+    received_offset = property(attrgetter("ack.received_offset"))
+    error_code = property(attrgetter("ack.error_code"))
+    error_context = property(attrgetter("ack.error_context"))
+    reply_url = property(attrgetter("ack.reply_url"))
+    host_id = property(attrgetter("ack.host_id"))
 
     @property
     def ok(self) -> bool:
@@ -185,104 +178,6 @@ class UploadResult:
         return self.session_ids[-1]
 
 
-class _Connection:
-    """One TCP connection with a buffered reader for responses."""
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.endpoint = (host, port)
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.reader = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise ConnectionLost(f"send failed: {exc}") from exc
-
-    def _line(self) -> bytes:
-        try:
-            line = self.reader.readline(_MAX_HEAD)
-        except OSError as exc:
-            raise ConnectionLost(f"receive failed: {exc}") from exc
-        if not line.endswith(b"\n"):
-            raise ConnectionLost("connection closed before a complete response head")
-        return line.rstrip(b"\r\n")
-
-    def _exactly(self, size: int) -> bytes:
-        try:
-            data = self.reader.read(size)
-        except OSError as exc:
-            raise ConnectionLost(f"receive failed: {exc}") from exc
-        if len(data) != size:
-            raise ConnectionLost(f"connection closed after {len(data)} of {size} body bytes")
-        return data
-
-    def _status_line(self) -> bytes:
-        """The next status line. Bytes before it that a server wrote past its previous response's
-        framing (a body after `Content-Length: 0`) are skipped, up to _MAX_HEAD, as the analyzer
-        skips them."""
-        junk = 0
-        while True:
-            line = self._line()
-            found = _STATUS_START.search(line)
-            if found is not None:
-                return line[found.start():]
-            junk += len(line) + 1
-            if junk > _MAX_HEAD:
-                raise ConnectionLost(f"not an HTTP response: {line[:80]!r}")
-
-    def read_response(self, method: str) -> Response:
-        while True:
-            status_line = self._status_line()
-            version, _, rest = status_line.decode("latin-1").partition(" ")
-            code, _, reason = rest.partition(" ")
-            if not version.startswith("HTTP/") or not code.isdigit():
-                raise ConnectionLost(f"not an HTTP response: {status_line[:80]!r}")
-            headers = []
-            while line := self._line():
-                name, _, value = line.decode("latin-1").partition(":")
-                headers.append((name.strip(), value.strip()))
-            response = Response(version, int(code), reason, Headers(headers))
-            if not 100 <= response.status < 200:
-                break
-        if method == "HEAD" or response.status in (204, 304):
-            return response
-        if (response.header("Transfer-Encoding") or "").lower() == "chunked":
-            body = self._chunked()
-        elif (length := response.header("Content-Length")) is not None:
-            body = self._exactly(int(length))
-        else:
-            try:
-                body = self.reader.read()
-            except OSError as exc:
-                raise ConnectionLost(f"receive failed: {exc}") from exc
-        return Response(response.version, response.status, response.reason, response.headers, body)
-
-    def _chunked(self) -> bytes:
-        parts = []
-        while size := int(self._line().split(b";")[0], 16):
-            parts.append(self._exactly(size))
-            self._line()
-        while self._line():
-            pass
-        return b"".join(parts)
-
-    def wait_readable(self) -> None:
-        """Until the peer's answer (or its close) has arrived."""
-        if not select.select([self.sock], [], [], self.sock.gettimeout())[0]:
-            raise ConnectionLost("no answer arrived")
-
-    def keeps_alive(self, response: Response) -> bool:
-        connection = (response.header("Connection") or "").lower()
-        if response.version == "HTTP/1.0":
-            return connection == "keep-alive"
-        return connection != "close"
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-
 def resolve_reply_url(upload_url: str, reply_url: str) -> str:
     """IIS hands out relative reply URLs with backslashes; resolve them like the client does."""
     return urljoin(upload_url, quote(reply_url.replace("\\", "/"), safe="/:?=&%@+,;~"))
@@ -315,14 +210,16 @@ def _overridden(ordered: list[tuple[str, str]],
 
 
 class BitsClient:
-    """One BITS upload job's client side, talking to `url` (an http:// URL).
+    """One BITS upload job's client side, talking to `url` (an http:// or https:// URL).
 
     `credentials` (user, password) answer a Basic challenge: the challenged request is resent
     with Authorization, and later requests carry it from the start. `content_name` is what
     Fragment and Close packets carry in Content-Name (default: the uploaded file's name).
     `resolve` maps host names to the addresses to connect to (like curl's --resolve), for a
     BITS-Host-Id naming a farm node that is not in DNS. `log` lets several clients share one
-    request log, so that their requests appear in the order they were sent.
+    request log, so that their requests appear in the order they were sent. Over https,
+    `verify_tls` False accepts any certificate, and `tls_keylog` names a file the TLS secrets
+    are appended to (the NSS key log format, for bits-analyze --tls-keylog).
     """
 
     def __init__(
@@ -337,13 +234,18 @@ class BitsClient:
         timeout: float = 10.0,
         resolve: Mapping[str, str] | None = None,
         log: list[Transaction] | None = None,
+        verify_tls: bool = True,
+        tls_keylog: str | os.PathLike[str] | None = None,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"only http:// URLs are supported: {url!r}")
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+            raise ValueError(f"only http:// and https:// URLs are supported: {url!r}")
         self.url = url
+        self.scheme = parts.scheme
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or DEFAULT_PORTS[parts.scheme]
+        self._tls = (tls_context(verify_tls, os.fspath(tls_keylog) if tls_keylog else None)
+                     if parts.scheme == "https" else None)
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.user_agent = user_agent
         self.credentials = credentials
@@ -361,21 +263,21 @@ class BitsClient:
         self.log: list[Transaction] = [] if log is None else log
         self.connections_opened = 0
         self._authorization: str | None = None
-        self._connection: _Connection | None = None
+        self._connection: Connection | None = None
         self._connection_index = -1
         self._resume_with_ping = False
         self._file_name: str | None = None
 
     # --- connections ----------------------------------------------------------------------
-    def _connect(self, host: str, port: int) -> _Connection:
-        host = self.resolve.get(host, host)
-        if self._connection is not None and self._connection.endpoint != (host, port):
+    def _connect(self, name: str, port: int) -> Connection:
+        host = self.resolve.get(name, name)
+        current = self._connection
+        if current is not None and (not current.is_open or (current.host, current.port) != (host, port)):
             self.disconnect()
         if self._connection is None:
-            try:
-                self._connection = _Connection(host, port, self.timeout)
-            except OSError as exc:
-                raise ConnectionLost(f"cannot connect to {host} port {port}: {exc}") from exc
+            connection = Connection(host, port, self.timeout, tls=self._tls, server_name=name)
+            connection.open()
+            self._connection = connection
             self._connection_index = self.connections_opened
             self.connections_opened += 1
         return self._connection
@@ -393,7 +295,7 @@ class BitsClient:
     @property
     def authority(self) -> str:
         """What goes into Host: the origin, or the Host-Id once the server named one."""
-        return format_authority(self.host_id or self.host, self.port, DEFAULT_PORTS["http"])
+        return format_authority(self.host_id or self.host, self.port, DEFAULT_PORTS[self.scheme])
 
     # --- one request ------------------------------------------------------------------------
     def send_packet(
@@ -419,8 +321,10 @@ class BitsClient:
         read and None is returned. `abandon` sends the whole request, waits until the answer
         arrives and closes the connection without reading it (an ack lost on the way, as the
         client sees it; the ack is on the wire) and returns None. A 401 is answered once with
-        Basic credentials when the client has them. Raises ConnectionLost when the connection
-        breaks; the next request then opens a new one (and `send_file` Pings first).
+        Basic credentials when the client has them. A kept-alive connection the server closed
+        before answering is replaced by a fresh one and the request sent again, once. Raises
+        a replay.transport TransportError when the connection breaks otherwise; the
+        next request then opens a new one (and `send_file` Pings first).
         """
         overrides = headers or {}
         ordered = _overridden(
@@ -438,7 +342,9 @@ class BitsClient:
             response = self._exchange(method, target or self.target, ordered, body, cut_after, abandon)
         return response
 
-    def _headers(self, packet_type, session_id, content_name, content_range, body) -> list[tuple[str, str]]:
+    def _headers(self, packet_type: PacketType | str | None, session_id: str | None,
+                 content_name: str | None, content_range: ContentRange | str | None,
+                 body: Body) -> list[tuple[str, str]]:
         ordered = [("Accept", "*/*")]
         if isinstance(packet_type, PacketType):
             packet_type = packet_type.value
@@ -472,32 +378,37 @@ class BitsClient:
         abandon: bool,
     ) -> Response | None:
         connection = self._connect(self.host_id or self.host, self.port)
-        head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
         record = Transaction(self._connection_index, method, target, tuple(headers), 0)
         self.log.append(record)
-        pending = head.encode("latin-1")
         limit = _body_length(body) if cut_after is None else cut_after
-        try:
+
+        def chunks() -> Iterator[bytes]:
             for chunk in _body_chunks(body):
                 chunk = chunk[: limit - record.body_sent]
                 if not chunk:
-                    break
-                connection.send(pending + chunk)
-                pending = b""
+                    return
                 record.body_sent += len(chunk)
-            if pending:
-                connection.send(pending)
+                yield chunk
+
+        try:
+            connection.send_request(request_head(method, target, headers), chunks())
             if abandon:
                 connection.wait_readable()
             if cut_after is not None or abandon:
                 self._lost()
                 return None
-            response = connection.read_response(method)
-        except ConnectionLost:
+            answer = connection.read_answer(method)
+        except TransportError as failure:
             self._lost()
+            if failure.stale:
+                # The server had closed the kept-alive connection: this request never reached
+                # it. Send it again on a fresh connection (no Ping: the server may allow only
+                # one request per connection); a fresh one is never stale, so this is once.
+                self._resume_with_ping = False
+                return self._exchange(method, target, headers, body, cut_after, abandon)
             raise
-        record.response = response
-        if not connection.keeps_alive(response):
+        record.response = response = Response.of(answer)
+        if not connection.is_open:
             self.disconnect()
         return response
 
@@ -528,7 +439,7 @@ class BitsClient:
 
     def fragment(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         first: int,
         last: int,
         *,
@@ -555,14 +466,15 @@ class BitsClient:
             cut_after=cut_after,
             abandon=abandon,
         )
-        received = response.received_offset if response is not None else None
+        if response is None:
+            return None
+        received = response.received_offset
         # An offset past the total is not progress: send_file gives up on it (fragment_loop).
         if received is not None and received <= total and follows_offset(response.status):
             self.offset = received
             if response.reply_url:
                 self.reply_url = response.reply_url
-        if response is not None:
-            self._resume_with_ping = False
+        self._resume_with_ping = False
         return response
 
     def close(self, content_name: str | None = None) -> Response:
@@ -589,7 +501,8 @@ class BitsClient:
         if self.reply_url is None:
             raise RuntimeError("the server gave no BITS-Reply-URL")
         url = urlsplit(resolve_reply_url(self.url, self.reply_url))
-        if url.hostname not in (self.host, self.host_id) or (url.port or 80) != self.port:
+        if (url.hostname not in (self.host, self.host_id)
+                or (url.port or DEFAULT_PORTS.get(url.scheme)) != self.port):
             raise UploadError(f"reply URL points to another server: {self.reply_url!r}")
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         plain: dict[str, str | None] = {Header.CONTENT_LENGTH: None}
@@ -607,7 +520,7 @@ class BitsClient:
     # --- whole uploads ----------------------------------------------------------------------
     def send_file(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         fragment_size: int = DEFAULT_FRAGMENT_SIZE,
         *,
         until: int | None = None,
@@ -629,7 +542,7 @@ class BitsClient:
                 if self._resume_with_ping:
                     self.ping()
                 response = self.fragment(path, wanted.first, wanted.last)
-            except ConnectionLost:
+            except TransportError:
                 response = None  # the next round Pings on a new connection and resends
             try:
                 step = loop.lost() if response is None else loop.answer(
@@ -643,7 +556,7 @@ class BitsClient:
                 loop.restart()
         return self.offset
 
-    def upload(self, path: str | os.PathLike, fragment_size: int = DEFAULT_FRAGMENT_SIZE) -> UploadResult:
+    def upload(self, path: str | os.PathLike[str], fragment_size: int = DEFAULT_FRAGMENT_SIZE) -> UploadResult:
         """Create a session, send the file, fetch the reply if the server gave one, Close."""
         created = self.create_session()
         if not created.ok:

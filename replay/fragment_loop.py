@@ -6,7 +6,7 @@ server last acknowledged; an ack of 200 or 416 gives the next one (BITS-Received
 a new session and a fresh start from offset 0; any other answer ends the upload.
 
 Sans-I/O: `FragmentLoop` says which bytes to send next and, told the answer, what comes next;
-the caller sends (replay.client from a file, replay.send from the captured bytes) and turns
+the caller sends (replay.client from a file, replay.replayer.session from the captured bytes) and turns
 `GiveUp` into its own error.
 """
 

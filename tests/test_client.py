@@ -385,7 +385,9 @@ def test_ipv6_loopback(tmp_path, source):
         server.stop()
 
 
-def test_connection_dropped_by_the_server_is_resumed_with_ping(serve, source):
+def test_connection_dropped_by_the_server_is_resent_on_a_fresh_one(serve, source):
+    """The server dropped the idle kept-alive connection: the next fragment finds it closed
+    before any answer, and goes again at once on a fresh connection, without a Ping first."""
     server = serve(idle_timeout=0.3)
     path = source(50_000)
     client = BitsClient(server.url + "up/payload.bin")
@@ -396,9 +398,190 @@ def test_connection_dropped_by_the_server_is_resumed_with_ping(serve, source):
     client.close()
     broken = next(i for i, t in enumerate(client.log) if t.response is None)
     assert client.log[broken].connection == 0
-    assert client.log[broken + 1].packet_type == "Ping" and client.log[broken + 1].connection == 1
-    assert client.log[broken + 2].header(Header.CONTENT_RANGE) == client.log[broken].header(Header.CONTENT_RANGE)
+    resent = client.log[broken + 1]
+    assert resent.packet_type == "Fragment" and resent.connection == 1 and resent.response.ok
+    assert resent.header(Header.CONTENT_RANGE) == client.log[broken].header(Header.CONTENT_RANGE)
+    assert "Ping" not in packets(client)
     assert sha256(stored(server)) == sha256(path)
+
+
+class LoopbackServer:
+    """A listener on 127.0.0.1 (port picked by the kernel) serving each connection it accepts
+    with `handle` on a thread of its own, until `close`."""
+
+    scheme = "http"
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}/"
+        self.connections = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.listener.close()
+        self.thread.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            self.handle(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def read_head(conn: socket.socket, buffered: bytes) -> tuple[bytes, bytes] | None:
+        """The next request head on `conn` (up to its empty line, which is left out) and the
+        bytes read past it, `buffered` first; None when the peer closes before one."""
+        while b"\r\n\r\n" not in buffered:
+            data = conn.recv(65536)
+            if not data:
+                return None
+            buffered += data
+        head, rest = buffered.split(b"\r\n\r\n", 1)
+        return head, rest
+
+
+class OneRequestPerConnection(LoopbackServer):
+    """A proxy in front of bits-server that passes one request per connection and closes the
+    connection after its answer, without saying `Connection: close` (a small WSGI BITS server
+    behaves so). The answer's end is found by the project's own parser."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        from bitstrace.analyzer.http import HttpParser, MessageEnd, RequestHead
+
+        requests, answers = HttpParser("request"), HttpParser("response")
+        with socket.create_connection(self.upstream, timeout=10) as upstream:
+            done = False
+            while not done:  # the request, up to its end
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for event in requests.feed(data, 0, 0):
+                    if isinstance(event, RequestHead):
+                        answers.expect_response_to(event.method)
+                    done = done or isinstance(event, MessageEnd)
+                upstream.sendall(data)
+            done = False
+            while not done:  # its answer, up to its end
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+                done = any(isinstance(e, MessageEnd) for e in answers.feed(data, 0, 0))
+
+
+def test_server_answering_one_request_per_connection(serve, source):
+    """Every request after the first on a connection finds it closed: each is resent on a
+    fresh connection, no Ping uses up the one request, and the upload lands whole."""
+    server = serve()
+    proxy = OneRequestPerConnection(server.address)
+    try:
+        path = source(70_000)
+        client = BitsClient(proxy.url + "up/payload.bin", timeout=5)
+        result = client.upload(path, FRAGMENT)
+    finally:
+        proxy.close()
+    assert result.acknowledged == 70_000 and sha256(stored(server)) == sha256(path)
+    answered = [t for t in client.log if t.response is not None]
+    assert [t.packet_type for t in answered] == ["Create-Session"] + ["Fragment"] * 5 + ["Close-Session"]
+    assert "Ping" not in packets(client)
+    assert len({t.connection for t in answered}) == len(answered) == client.connections_opened
+    assert proxy.connections == client.connections_opened
+
+
+class ScriptedServer(LoopbackServer):
+    """Answers each request it reads (head up to the empty line; these requests have no body)
+    with the next of `answers`, bytes exactly as given, on one kept-alive connection."""
+
+    def __init__(self, answers: list[bytes]) -> None:
+        self.answers = list(answers)
+        super().__init__()
+        self.url += "up/x.bin"
+
+    def handle(self, conn: socket.socket) -> None:
+        buffered = b""
+        for answer in self.answers:
+            read = self.read_head(conn, buffered)
+            if read is None:
+                return
+            buffered = read[1]
+            conn.sendall(answer)
+        conn.recv(1)
+
+
+SID_UPPER = "{0A1B2C3D-4E5F-4A6B-8C7D-9E0F1A2B3C4D}"
+
+
+def test_real_servers_answers_are_read_as_bits_replay_reads_them():
+    """Answers real servers send are read as bits-analyze reads them in a capture: a chunked
+    ack (with a chunk extension and a trailer), an obs-folded header, a reason phrase with
+    bytes outside ASCII, a Content-Length list of equal values, no reason at all, and an
+    empty line before the next status line."""
+    answers = [
+        (b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"3;name=value\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"),
+        (b"HTTP/1.1 200 Tr\xe8s bien \x80\r\nBITS-Packet-Type: Ack\r\nBITS-Session-Id:\r\n "
+         b"" + SID_UPPER.encode() + b"\r\nBITS-Protocol: " + PROTOCOL_GUID.encode()
+         + b"\r\nContent-Length: 0, 0\r\n\r\n"),
+        (b"\r\nHTTP/1.1 500\r\nBITS-Packet-Type: Ack\r\nBITS-Error-Code: 0x8020001F\r\n"
+         b"BITS-Error-Context: 0x5\r\nContent-Length: 0\r\n\r\n"),
+    ]
+    server = ScriptedServer(answers)
+    try:
+        client = BitsClient(server.url, timeout=5)
+        ping = client.ping()
+        created = client.create_session()
+        cancelled = client.cancel()
+    finally:
+        server.close()
+    assert (ping.status, ping.packet_type, ping.body) == (200, PacketType.ACK, b"abc")
+    assert created.reason == "Tr\xe8s bien \x80" and created.session_id == SID_UPPER
+    assert client.session_id == SID_UPPER
+    assert (cancelled.status, cancelled.reason, cancelled.session_not_found) == (500, "", True)
+    assert cancelled.error_context == ErrorContext.REMOTE_FILE
+    assert client.connections_opened == 1
+
+
+@pytest.mark.parametrize("answer, what", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 12x\r\n\r\n", "invalid Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "invalid chunk size line"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "not a status line"),
+])
+def test_malformed_answers_are_transport_errors_naming_what_and_where(answer, what):
+    """No ValueError escapes: a malformed answer is replay.transport's MalformedAnswer, naming
+    the server, what is wrong and at which byte of the answer."""
+    from bitstrace.replay.transport import MalformedAnswer
+
+    server = ScriptedServer([answer])
+    try:
+        client = BitsClient(server.url, timeout=5)
+        with pytest.raises(MalformedAnswer) as failed:
+            client.ping()
+    finally:
+        server.close()
+    assert str(failed.value).startswith(f"127.0.0.1:{server.port} sent a malformed HTTP answer: {what}")
+    assert str(failed.value).endswith(" of the answer)")
 
 
 def test_reply_receipt_hashes_exactly_the_bytes_stored_after_cuts_and_overlaps(serve, source):
@@ -444,4 +627,100 @@ def test_an_offset_beyond_the_total_is_not_taken_as_progress(serve, source):
     server.service.handle = handle
     assert client.send_file(path, FRAGMENT) == 20_000
     client.close()
+    assert sha256(stored(server)) == sha256(path)
+
+
+class TlsFront(LoopbackServer):
+    """A TLS-terminating relay on 127.0.0.1 in front of a plain server (as load balancers sit
+    in front of IIS farms), with a self-signed certificate made by openssl for 127.0.0.1."""
+
+    scheme = "https"
+
+    def __init__(self, upstream: tuple[str, int], directory: Path) -> None:
+        import ssl
+        import subprocess
+
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                       timeout=60)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.upstream = upstream
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        secure = self.context.wrap_socket(conn, server_side=True)
+        upstream = socket.create_connection(self.upstream, timeout=10)
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    try:
+                        end.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        back = threading.Thread(target=pump, args=(upstream, secure), daemon=True)
+        back.start()
+        pump(secure, upstream)
+        back.join(10)
+        secure.close()
+        upstream.close()
+
+
+def test_https_upload_writes_a_key_log(serve, source, tmp_path):
+    """Over https the client uploads byte-exact, and appends every connection's TLS secrets
+    to the key log (the NSS format bits-analyze --tls-keylog and Wireshark read)."""
+    server = serve()
+    front = TlsFront(server.address, tmp_path)
+    keylog = tmp_path / "keys.log"
+    try:
+        path = source(40_000)
+        client = BitsClient(front.url + "up/payload.bin", verify_tls=False, tls_keylog=keylog,
+                            timeout=5)
+        result = client.upload(path, FRAGMENT)
+    finally:
+        front.close()
+    assert result.acknowledged == 40_000 and sha256(stored(server)) == sha256(path)
+    assert all(t.header("Host") == front.url[len("https://"):-1] for t in client.log)
+    labels = {line.split()[0] for line in keylog.read_text().splitlines() if line.strip()}
+    assert labels & {"CLIENT_RANDOM", "CLIENT_TRAFFIC_SECRET_0"}
+
+
+def test_https_with_verification_refuses_an_unknown_certificate(serve, tmp_path):
+    """Verification is on by default: a self-signed certificate is a TLS failure, named."""
+    from bitstrace.replay.transport import TlsFailed
+
+    server = serve()
+    front = TlsFront(server.address, tmp_path)
+    try:
+        client = BitsClient(front.url + "up/x.bin", timeout=5)
+        with pytest.raises(TlsFailed, match=r"^TLS with 127\.0\.0\.1:\d+ failed: CERTIFICATE_VERIFY_FAILED"):
+            client.ping()
+    finally:
+        front.close()
+
+
+def test_an_answer_sent_before_the_body_ended_is_read(serve, source):
+    """bits-server answers a fragment far over its limit with 413 before reading the body and
+    closes (the unread body makes the kernel reset the connection under the client's sends):
+    the 413 that came is read, not lost in the reset, and the fragments shrink until they fit."""
+    server = serve(max_fragment_size=400_000)
+    size = 24 << 20  # more than the loopback socket buffers hold: the reset cuts the sending
+    path = source(size)
+    client = BitsClient(server.url + "up/payload.bin", timeout=10)
+    client.upload(path, fragment_size=size)
+    fragments = [t for t in client.log if t.packet_type == "Fragment"]
+    assert fragments[0].response is not None and fragments[0].body_sent < size
+    refused = [t for t in fragments if t.response is not None and t.response.status == 413]
+    assert [t.body_sent for t in refused][-1] == 768 * 1024  # the largest the server drains
+    assert fragments[len(refused)].body_sent == 384 * 1024
+    assert all(t.response is not None for t in fragments)
     assert sha256(stored(server)) == sha256(path)

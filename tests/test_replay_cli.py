@@ -15,8 +15,9 @@ import pytest
 from bitstrace import __version__
 from bitstrace.cli.common import Exit
 from bitstrace.cli.replay import main
-from bitstrace.replay.plan import build_plan
-from bitstrace.replay.send import Options, Target, dry_run, replay
+from bitstrace.replay.replayer.plan import build_plan
+from bitstrace.replay.replayer.options import Options, Target
+from bitstrace.replay.replayer.schedule import dry_run, replay
 from bitstrace.replay.server import BitsServer
 from test_replay_plan import SID_A, SID_B, Conversation, payload, upload
 
@@ -75,7 +76,7 @@ def test_unreadable_capture_is_exit_3_and_unknown_session_exit_2(capture: Path,
 
 
 class _BrokenObserver:
-    """Fails while the first session sends its body: an error replay.send does not foresee."""
+    """Fails while the first session sends its body: an error the replayer does not foresee."""
 
     def __init__(self) -> None:
         self.ended: list[str] = []
@@ -158,3 +159,43 @@ def test_output_interrupted_or_cut_short(capture: Path, error: type[BaseExceptio
     assert main(arguments + (["--json"] if json_output else []), out=_FailingOutput(error),
                 err=err) == code
     assert err.getvalue() == ("bits-replay: interrupted\n" if code == 130 else "")
+
+
+def test_reports_are_streamed_a_session_at_a_time_and_read_as_plain_json(tmp_path: Path) -> None:
+    """--json and --dry-run --json write their sessions one by one as they are made
+    (report.Streamed); the text is byte for byte what json.dump writes for the same document
+    held whole, and each session's dict is made only when the writer reaches it."""
+    from bitstrace.replay.replayer.report import Streamed, dry_run_json, result_json, write_json
+    from bitstrace.replay.replayer.schedule import describe
+
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(3000, 41), 1000, start_ms=0)
+    upload(conv, 1, SID_B, payload(2000, 42), 1000, start_ms=5)
+    path = conv.write(tmp_path / "two.pcap")
+    made: list[str] = []
+
+    def noted(sessions):
+        for session in sessions:
+            made.append(session["captured_id"])
+            yield session
+
+    with BitsServer(tmp_path / "root", log=None) as srv, build_plan([path]) as plan:
+        options = Options(target=Target.parse(srv.url), speed=0)
+        streamed, whole = io.StringIO(), io.StringIO()
+        document = dry_run_json(noted(describe(plan, options)), len(plan.sessions), "t", [])
+        assert made == []  # nothing made before it is written
+        write_json(document, streamed)
+        assert made == [SID_A, SID_B]
+        json.dump(dry_run_json(dry_run(plan, options), 2, "t", []) | {
+            "sessions": dry_run(plan, options)}, whole, indent=2)
+        assert streamed.getvalue() == whole.getvalue() + "\n"
+        result = replay(plan, options)
+        streamed, whole = io.StringIO(), io.StringIO()
+        write_json(result_json(result, plan, []), streamed)
+        document = result_json(result, plan, [])
+        json.dump(document | {"sessions": list(document["sessions"])}, whole, indent=2)
+    assert streamed.getvalue() == whole.getvalue() + "\n"
+    assert json.loads(streamed.getvalue())["summary"]["faults"] == 0
+    empty = io.StringIO()
+    write_json({"sessions": Streamed(iter(()), 0)}, empty)
+    assert empty.getvalue() == '{\n  "sessions": []\n}\n'

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from bitstrace.analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND
-from bitstrace.replay.plan import build_plan
-from bitstrace.replay.send import Options, Target, replay
+from bitstrace.replay.replayer.plan import build_plan
+from bitstrace.replay.replayer.options import Options, Target
+from bitstrace.replay.replayer.schedule import replay
 from bitstrace.replay.server import BitsServer
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"

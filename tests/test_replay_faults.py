@@ -16,65 +16,35 @@ import pytest
 
 from bitstrace.cli.common import Exit
 from bitstrace.cli.replay import main
+from test_client import LoopbackServer
 from test_replay_plan import SID_A, Conversation, payload, upload
 
 FRAGMENT = 1 << 20  # larger than what a loopback socket buffers, so a reset hits mid-send
 
 
-class FakeServer:
+class FakeServer(LoopbackServer):
     """Answers Ping and Create like a BITS server; `on_fragment(conn, body_bytes_read)` decides
     the rest."""
 
     def __init__(self, on_fragment: Callable[[socket.socket, int], None]) -> None:
         self.on_fragment = on_fragment
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.stopping = threading.Event()
-        self.connections: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        super().__init__()
 
     def __enter__(self) -> "FakeServer":
-        self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        self.listener.close()
-        for conn in self.connections:
-            conn.close()
-        self.thread.join(5)
+        self.close()
 
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         buffered = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buffered:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffered += data
-                head, buffered = buffered.split(b"\r\n\r\n", 1)
-                if b"BITS-Packet-Type: Fragment" in head:
-                    self.on_fragment(conn, len(buffered))
-                    return
-                conn.sendall(b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nBITS-Session-Id: "
-                             b"{99999999-9999-9999-9999-999999999999}\r\nContent-Length: 0\r\n\r\n")
-        except OSError:
-            return
+        while (read := self.read_head(conn, buffered)) is not None:
+            head, buffered = read
+            if b"BITS-Packet-Type: Fragment" in head:
+                self.on_fragment(conn, len(buffered))
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nBITS-Packet-Type: Ack\r\nBITS-Session-Id: "
+                         b"{99999999-9999-9999-9999-999999999999}\r\nContent-Length: 0\r\n\r\n")
 
 
 def close_mid_body(conn: socket.socket, read: int) -> None:
@@ -156,7 +126,11 @@ def test_server_that_answers_garbage(capture: Path) -> None:
         code, report, err = run(capture, fake.url)
     fault, packets = fault_of(report)
     assert code == Exit.INCOMPLETE and "Traceback" not in err
-    assert fault == f"127.0.0.1:{fake.port} answered something that is not HTTP: 'SSH-2.0-OpenSSH_9.2\\r\\n'"
+    # The connection carried Ping and Create answers first: what follows a complete answer and
+    # begins no status line is skipped as extra bytes (analyzer/http.py), and named when no
+    # answer comes after them.
+    assert fault == (f"127.0.0.1:{fake.port} sent a malformed HTTP answer: 34 bytes that begin no "
+                     "status line (byte 0 of the answer), then closed the connection")
     assert_reported_so_far(packets)
 
 
@@ -165,7 +139,7 @@ def test_text_output_names_the_fault(capture: Path) -> None:
         out, err = io.StringIO(), io.StringIO()
         code = main([str(capture), "--target", fake.url, "--speed", "0"], out=out, err=err)
     assert code == Exit.INCOMPLETE and "Traceback" not in err.getvalue()
-    assert "answered something that is not HTTP" in out.getvalue()
+    assert "sent a malformed HTTP answer: 34 bytes that begin no status line" in out.getvalue()
     assert "1 fault(s)" in out.getvalue()
 
 

@@ -1,4 +1,4 @@
-"""replay.plan: captured exchanges → sessions of ordered requests with bodies in the spool.
+"""replay.replayer.plan: captured exchanges → sessions of ordered requests with bodies in the spool.
 
 The captures here are crafted TCP conversations (real IPv4/TCP packets through the whole
 analyzer pipeline), so these tests do not depend on the corpus in captures/. `Conversation` is
@@ -19,7 +19,7 @@ import craft
 from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, PacketType
 from bitstrace.analyzer.bits.sessions import Session, SessionTracker
 from bitstrace.analyzer.pipeline import read_exchanges
-from bitstrace.replay.plan import SPOOL_BATCH, Body, BodySpool, build_plan
+from bitstrace.replay.replayer.plan import SPOOL_BATCH, Body, BodySpool, build_plan
 
 SERVER_PORT = 8080
 MSS = 1400

@@ -1,4 +1,4 @@
-"""replay.send against the reference bits-server: rewrite, id substitution, modes, overlap.
+"""the replayer (replay.replayer) against the reference bits-server: rewrite, id substitution, modes, overlap.
 
 Captures are crafted TCP conversations (see test_replay_plan.Conversation) answered the way
 the reference server answers, so these tests do not depend on the corpus.
@@ -16,9 +16,11 @@ import pytest
 
 from bitstrace.analyzer.bits.protocol import BG_E_SESSION_NOT_FOUND, MIN_FRAGMENT
 from bitstrace.cli.replay import main
-from bitstrace.replay.plan import build_plan
-from bitstrace.replay.send import Options, Target, TargetError, dry_run, replay
+from bitstrace.replay.replayer.plan import build_plan
+from bitstrace.replay.replayer.options import Options, Target, TargetError
+from bitstrace.replay.replayer.schedule import dry_run, replay
 from bitstrace.replay.server import BitsServer
+from test_client import LoopbackServer, TlsFront
 from test_replay_plan import SID_A, SID_B, Conversation, ack, payload, request, upload
 
 
@@ -210,6 +212,27 @@ def test_adaptive_shrinks_fragments_on_413(tmp_path: Path) -> None:
         assert (small.root / "up" / "file.bin").read_bytes() == data
 
 
+def test_adaptive_reads_a_413_the_server_sent_before_the_body_ended(tmp_path: Path) -> None:
+    """A captured 12 MiB fragment to a server whose limit is 400,000 bytes: bits-server answers
+    413 at once and closes, and the unread body makes the connection reset under the replay's
+    sends. The 413 that came is read (not a fault), and the fragments shrink until they fit."""
+    size = 12 << 20  # more than the loopback socket buffers hold
+    data = payload(size, 12)
+    conv = Conversation()
+    upload(conv, 0, SID_A, data, size, start_ms=0)
+    with BitsServer(tmp_path / "root", log=None, max_fragment_size=400_000) as small, \
+            build_plan([conv.write(tmp_path / "huge.pcap")]) as plan:
+        result = replay(plan, options_for(small, mode="adaptive"))
+        session = result.sessions[0]
+        assert session.fault is None, session.fault
+        fragments = [o for o in session.outcomes if o.label.startswith("Fragment")]
+        assert fragments[0].live is not None and fragments[0].live.status == 413
+        assert fragments[0].bytes_sent < size
+        statuses = [o.live.status for o in fragments if o.live is not None]
+        assert statuses[:5] == [413] * 5 and set(statuses[5:]) == {200}
+        assert (small.root / "up" / "file.bin").read_bytes() == data
+
+
 def test_overlapping_sessions_are_in_flight_together(tmp_path: Path) -> None:
     conv = Conversation()
     upload(conv, 0, SID_A, payload(4000, 1), 1000, start_ms=0, step_ms=60)
@@ -258,25 +281,52 @@ def test_cli_json_and_fail_on_diff(tmp_path: Path, server) -> None:
     assert "0 difference(s)" in text.getvalue()
 
 
-def test_host_id_is_followed_only_when_asked_and_only_to_the_target(tmp_path: Path) -> None:
+def test_host_id_is_followed_only_when_asked_and_only_to_the_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--follow-host-id looks no name up: a Host-Id is followed only when it is the target's
+    own address (an IP literal) or host name as given. A stub resolver fails the test when
+    asked for anything but the target's literal 127.0.0.1 (which the connection itself
+    passes to getaddrinfo, a lookup that sends no query)."""
     conv = Conversation()
     upload(conv, 0, SID_A, payload(1000, 13), 1000, start_ms=0)
     path = conv.write(tmp_path / "c.pcap")
-    # "localhost" resolves to the target's own 127.0.0.1; a farm node name does not resolve.
+    real_getaddrinfo = socket.getaddrinfo
+    asked: list[object] = []
+
+    def resolver(host: object, *args: object, **kwargs: object) -> object:
+        if host != "127.0.0.1":
+            asked.append(host)
+            raise AssertionError(f"the replay looked up {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    not_followed = ("BITS-Host-Id {} is neither the target's host nor its address (no name is "
+                    "looked up): not followed (nothing is sent anywhere but the target)")
     for host_id, follow, note in (
-            ("localhost", True, "following BITS-Host-Id localhost (it is the target's own address)"),
-            ("bitsnode1.invalid", True, "BITS-Host-Id bitsnode1.invalid does not resolve to the "
-                                        "target's address: not followed (nothing is sent anywhere "
-                                        "but the target)"),
+            ("127.0.0.1", True, "following BITS-Host-Id 127.0.0.1 (it is the target's own address)"),
+            ("localhost", True, not_followed.format("localhost")),
+            ("bitsnode1.invalid", True, not_followed.format("bitsnode1.invalid")),
             ("localhost", False, "the server gave BITS-Host-Id localhost; not followed (use "
                                  "--follow-host-id)")):
         with BitsServer(tmp_path / "root", log=None, host_id=host_id) as srv, build_plan([path]) as plan:
-            result = replay(plan, Options(target=Target.parse(srv.url), speed=0,
-                                          follow_host_id=follow))
+            with monkeypatch.context() as patch:
+                patch.setattr(socket, "getaddrinfo", resolver)
+                result = replay(plan, Options(target=Target.parse(srv.url), speed=0,
+                                              follow_host_id=follow))
+            assert asked == []
             assert result.sessions[0].notes == [note]
             assert result.differences == 0 and result.faults == 0
             # Every packet went to the target: the server saw them all.
             assert len(srv.records) == len(result.sessions[0].outcomes)
+
+
+def test_host_id_naming_the_target_host_is_followed_without_a_lookup() -> None:
+    from bitstrace.replay.replayer.session import names_target
+
+    assert names_target("BitsNode1", "bitsnode1", None)
+    assert names_target("127.0.0.1", "localhost", "127.0.0.1")
+    assert names_target("[::1]", "::1", None) and names_target("::1", "localhost", "::1")
+    assert not names_target("bitsnode1", "bitsnode2", "127.0.0.1")
+    assert not names_target("10.0.0.1", "127.0.0.1", "127.0.0.1") and not names_target("", "x", None)
 
 
 def test_captured_ntlm_is_dropped_and_said_so_and_basic_is_replaced(tmp_path: Path) -> None:
@@ -443,3 +493,93 @@ def test_adaptive_upload_keeps_inside_the_first_total_when_the_client_changed_it
         ("Create-Session", 200), ("Fragment bytes 0-999/2000", 200),
         ("Fragment bytes 1000-1999/2000", 200), ("Close-Session", 200)]
     assert (server.root / "up" / "file.bin").read_bytes() == data[:2000]
+
+
+def test_https_replay_writes_its_key_log(tmp_path: Path) -> None:
+    """bits-replay to an https:// target (through a TLS front on 127.0.0.1) lands every
+    session, and --tls-keylog FILE holds the secrets of its connections."""
+
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(3000, 21), 1000, start_ms=0)
+    upload(conv, 1, SID_B, payload(2000, 22), 1000, start_ms=5)
+    path = conv.write(tmp_path / "c.pcap")
+    keylog = tmp_path / "replay-keys.log"
+    with BitsServer(tmp_path / "root", log=None) as srv:
+        front = TlsFront(srv.address, tmp_path)
+        try:
+            out, err = io.StringIO(), io.StringIO()
+            code = main([str(path), "--target", front.url, "--speed", "0", "--json", "--insecure",
+                         "--tls-keylog", str(keylog)], out=out, err=err)
+        finally:
+            front.close()
+    report = json.loads(out.getvalue())
+    assert code == 0, err.getvalue()
+    assert report["summary"]["faults"] == 0 and report["summary"]["differences"] == 0
+    assert report["summary"]["sessions"] == 2
+    labels = [line.split()[0] for line in keylog.read_text().splitlines() if line.strip()]
+    assert {"CLIENT_RANDOM", "CLIENT_TRAFFIC_SECRET_0"} & set(labels)
+
+
+def test_unwritable_key_log_is_a_usage_error(tmp_path: Path) -> None:
+    conv = Conversation()
+    upload(conv, 0, SID_A, payload(1000, 23), 1000, start_ms=0)
+    path = conv.write(tmp_path / "c.pcap")
+    err = io.StringIO()
+    code = main([str(path), "--target", "https://127.0.0.1:9/", "--tls-keylog",
+                 str(tmp_path / "missing" / "keys.log")], out=io.StringIO(), err=err)
+    assert code == 2
+    assert err.getvalue() == (f"bits-replay: --tls-keylog {tmp_path / 'missing' / 'keys.log'}: "
+                              "No such file or directory\n")
+
+
+class RecordingServer(LoopbackServer):
+    """Records every request it reads, bytes exactly (head up to the empty line, then
+    Content-Length bytes of body), and answers each with a BITS ack issuing SID_B."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        buffered = b""
+        while (read := self.read_head(conn, buffered)) is not None:
+            head, buffered = read
+            length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), b"0"))
+            while len(buffered) < length:
+                buffered += conn.recv(65536)
+            self.received.append(head + b"\r\n\r\n" + buffered[:length])
+            buffered = buffered[length:]
+            conn.sendall(ack(session=SID_B))
+
+
+def test_captured_requests_go_out_byte_for_byte(tmp_path: Path) -> None:
+    """A target with a space (which http.client refuses), header names in odd case and order,
+    an HTTP/1.0 request line:
+    the live server reads exactly the captured bytes, but for Host and the session id (and
+    the optional whitespace around a value, which is not part of it: one space after the
+    colon, none after the value)."""
+    odd = (b"BITS_POST /up/my file.bin HTTP/1.1\r\nuser-agent: Microsoft BITS/7.8\r\n"
+           b"HOST: origin.example:8080\r\nbits-packet-type: Ping\r\nX-Odd: two  spaces\r\n"
+           b"Content-Length: 0\r\n\r\n")
+    create = request("Create-Session", "/up/my file.bin").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    body = payload(1500, 31)
+    fragment = request("Fragment", "/up/my file.bin", SID_A, body, "bytes 0-1499/1500")
+    conv = Conversation()
+    conv.send(0, 0, odd, 0)
+    conv.send(0, 1, ack(), 1)
+    conv.send(0, 0, create, 10)
+    conv.send(0, 1, ack(session=SID_A), 11)
+    conv.send(0, 0, fragment, 20)
+    conv.send(0, 1, ack(session=SID_A, received=1500), 21)
+    path = conv.write(tmp_path / "odd.pcap")
+    server = RecordingServer()
+    try:
+        with build_plan([path]) as plan:
+            result = replay(plan, Options(target=Target.parse(server.url), speed=0))
+    finally:
+        server.close()
+    assert result.faults == 0, [s.fault for s in result.sessions]
+    live_host = server.url[len("http://"):-1].encode()
+    as_live = [odd, create, fragment.replace(SID_A.encode(), SID_B.encode())]
+    assert server.received == [raw.replace(b"origin.example:8080", live_host) for raw in as_live]

@@ -7,53 +7,28 @@ session early (the results so far are still reported); 130 = interrupted (Ctrl-C
 so far reported. Output cut short by the reader (`bits-replay --dry-run x.pcap | head`) is not
 an error: exit 0.
 
-`--json` writes one object, schema "bitstrace.replay" version 1 (fields only ever added):
-target, mode, speed, notes (what cannot be replayed), problems (capture reading), summary
-{sessions, packets_sent, bytes_sent, differences, faults, median_pacing_error_s}, and
-sessions [{captured_id, generation, live_ids, fault, notes, started_s, ended_s, differences,
-packets}] (generation: how many earlier sessions had the id, for servers that issue an id
-again), each packet {label, captured (type, file, connection, frame, ts, range, body_length,
-response), sent, bytes_sent, live, differences [{field, captured, live}], fault, note, due_s,
-sent_s, pacing_error_s}; a response is {status, packet_type, error_code ("0x8020001F"),
-error_name, error_context, received, reply_url (present or not), session_id, host_id}.
-Connections are numbered across the captures, which are read as one (rotated files). Times in
-seconds after the replay started. `--dry-run --json` writes {dry_run: true, target, notes,
-sessions [{captured_id, generation, requests [{label, at_s, file, connection, new_connection,
-method, url, headers, body_length, body_sha256, note}]}]}.
+`--json` writes one object, schema "bitstrace.replay" version 1: see
+bitstrace.replay.replayer.report, which renders the results (text and JSON); this module only
+parses the command line and runs the replay.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-from typing import Iterator, Sequence, TextIO
-
-from rich.console import Console
-from rich.table import Table
+from typing import Sequence, TextIO
 
 from bitstrace import __version__
-from bitstrace.analyzer.bits.protocol import format_hresult
 from bitstrace.cli.common import Exit, OutputConsole, credentials, discard_further_output, finite, seconds, whole
-from bitstrace.replay.plan import Plan, PlannedRequest, PlannedSession, build_plan
-from bitstrace.replay.send import (
-    MODES,
-    Options,
-    Outcome,
-    ReplayResult,
-    SessionResult,
-    Target,
-    TargetError,
-    auth_notes,
-    dry_run,
-    replay,
-)
+from bitstrace.replay.replayer.options import MODES, Options, Target, TargetError
+from bitstrace.replay.replayer.plan import build_plan
+from bitstrace.replay.replayer.progress import progress_display
+from bitstrace.replay.replayer.report import dry_run_json, render_dry_run, render_text, result_json, write_json
+from bitstrace.replay.replayer.schedule import describe, replay
+from bitstrace.replay.replayer.session import auth_notes
 
 #: Longest --timeout: socket timeouts beyond the platform's time_t overflow.
 MAX_TIMEOUT = 86400.0
-SCHEMA = "bitstrace.replay"
-SCHEMA_VERSION = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "target's own address")
     parser.add_argument("--strip-prefix", default="", metavar="PATH",
                         help="captured path prefix to drop before adding the target's path")
+    parser.add_argument("--tls-keylog", metavar="FILE",
+                        help="https: append the TLS secrets of every connection to FILE (NSS key "
+                             "log format), so a capture of the replay can be decrypted "
+                             "(bits-analyze --tls-keylog FILE, Wireshark)")
     parser.add_argument("--insecure", action="store_true",
                         help="https: do not verify the server's certificate")
     parser.add_argument("--dry-run", action="store_true",
@@ -100,190 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- JSON --------------------------------------------------------------------------------------
-
-def _request_json(request: PlannedRequest | None) -> dict | None:
-    if request is None:
-        return None
-    return {
-        "type": request.packet_type.value if request.packet_type else None,
-        "type_raw": request.packet_type_raw,
-        "file": request.file, "connection": request.connection, "frame": request.frame,
-        "ts": request.ts_ns / 1e9,
-        "range": ({"first": request.range.first, "last": request.range.last,
-                   "total": request.range.total} if request.range else None),
-        "body_length": request.body.length if request.body else 0,
-        "response": request.response.to_json() if request.response else None,
-    }
-
-
-def _outcome_json(outcome: Outcome) -> dict:
-    return {
-        "label": outcome.label,
-        "captured": _request_json(outcome.captured),
-        "sent": outcome.sent,
-        "bytes_sent": outcome.bytes_sent,
-        "live": outcome.live.to_json() if outcome.live else None,
-        "differences": [d.to_json() for d in outcome.differences],
-        "fault": outcome.fault,
-        "note": outcome.note,
-        "due_s": outcome.due_s, "sent_s": outcome.sent_s,
-        "pacing_error_s": outcome.pacing_error_s,
-    }
-
-
-def result_json(result: ReplayResult, plan: Plan, notes: list[str]) -> dict:
-    median = result.median_pacing_error_s()
-    return {
-        "schema": SCHEMA, "version": SCHEMA_VERSION,
-        "target": result.target, "mode": result.mode, "speed": result.speed,
-        "interrupted": result.interrupted,
-        "notes": notes,
-        "problems": [str(p) for p in plan.problems],
-        "summary": {
-            "sessions": len(result.sessions),
-            "packets_sent": sum(o.sent for s in result.sessions for o in s.outcomes),
-            "bytes_sent": sum(o.bytes_sent for s in result.sessions for o in s.outcomes),
-            "differences": result.differences,
-            "faults": result.faults,
-            "median_pacing_error_s": median,
-        },
-        "sessions": [{
-            "captured_id": s.captured_id, "generation": s.generation, "live_ids": s.live_ids,
-            "fault": s.fault, "notes": s.notes,
-            "started_s": s.started_s, "ended_s": s.ended_s, "differences": s.differences,
-            "packets": [_outcome_json(o) for o in s.outcomes],
-        } for s in result.sessions],
-    }
-
-
-# --- text --------------------------------------------------------------------------------------
-
-def _show(field: str, value: object) -> str:
-    if value is None:
-        return "—"
-    if field == "error_code" and isinstance(value, int):
-        return format_hresult(value)
-    if field == "error_context" and isinstance(value, int):
-        return f"0x{value:X}"
-    return str(value)
-
-
-def render_text(result: ReplayResult, notes: list[str], console: Console) -> None:
-    for note in notes:
-        console.print(f"note: {note}", highlight=False)
-    table = Table(title="Differences: captured vs live", title_justify="left")
-    for column in ("session", "#", "packet", "field", "captured", "live"):
-        table.add_column(column, overflow="fold")
-    for session in result.sessions:
-        for number, outcome in enumerate(session.outcomes, 1):
-            for diff in outcome.differences:
-                table.add_row(session.key, str(number), outcome.label, diff.field,
-                              _show(diff.field, diff.captured), _show(diff.field, diff.live))
-    if table.row_count:
-        console.print(table)
-    for session in result.sessions:
-        _render_session(session, console)
-    sent = sum(o.sent for s in result.sessions for o in s.outcomes)
-    median = result.median_pacing_error_s()
-    pacing = f"; median pacing error {median * 1000:.1f} ms" if median is not None else ""
-    console.print(f"{len(result.sessions)} session(s), {sent} request(s) sent to "
-                  f"{result.target} ({result.mode}), {result.differences} difference(s), "
-                  f"{result.faults} fault(s){pacing}", highlight=False)
-
-
-def _render_session(session: SessionResult, console: Console) -> None:
-    """A line for a session with something to say (thousands of quiet ones say nothing)."""
-    if not (session.differences or session.fault or session.notes
-            or any(o.note or o.fault for o in session.outcomes)):
-        return
-    live = ", ".join(session.live_ids) or "none"
-    sent = sum(o.sent for o in session.outcomes)
-    console.print(f"session {session.key}: {sent} request(s) sent, live id {live}, "
-                  f"{session.differences} difference(s)", highlight=False)
-    for outcome in session.outcomes:
-        if outcome.fault:
-            console.print(f"  fault at {outcome.label}: {outcome.fault}", highlight=False)
-        elif outcome.note:
-            console.print(f"  {outcome.label}: {outcome.note}", highlight=False)
-    for note in session.notes:
-        console.print(f"  note: {note}", highlight=False)
-    if session.fault and not any(o.fault for o in session.outcomes):
-        console.print(f"  stopped: {session.fault}", highlight=False)
-
-
-def render_dry_run(described: list[dict], console: Console) -> None:
-    for session in described:
-        console.print(f"session {session['captured_id']} ({len(session['requests'])} request(s))",
-                      highlight=False)
-        for request in session["requests"]:
-            when = f"+{request['at_s']:.3f}s" if request["at_s"] is not None else "at once"
-            new = " (new connection)" if request["new_connection"] else ""
-            console.print(f"  {when} connection {request['connection']}{new}: "
-                          f"{request['method']} {request['url']}", highlight=False)
-            for name, value in request["headers"]:
-                console.print(f"      {name}: {value}", highlight=False, markup=False)
-            if request["note"]:
-                console.print(f"      ({request['note']})", highlight=False)
-            elif request["body_length"]:
-                console.print(f"      body: {request['body_length']} bytes, sha256 "
-                              f"{request['body_sha256']}", highlight=False)
-
-
-# --- progress ----------------------------------------------------------------------------------
-
-class _ProgressObserver:
-    """Sessions done and bytes sent, on a rich progress display."""
-
-    def __init__(self, progress, plan: Plan) -> None:
-        self.progress = progress
-        self.in_flight = 0
-        self.sessions = progress.add_task("sessions done", total=len(plan.sessions))
-        self.bytes = progress.add_task("body bytes sent",
-                                       total=sum(s.body_bytes for s in plan.sessions))
-
-    def on_session_start(self, session: PlannedSession) -> None:
-        self.in_flight += 1
-        self._describe()
-
-    def on_bytes(self, session: PlannedSession, count: int) -> None:
-        self.progress.advance(self.bytes, count)
-
-    def on_session_end(self, session: PlannedSession, result: SessionResult) -> None:
-        self.in_flight -= 1
-        self.progress.advance(self.sessions)
-        self._describe()
-
-    def _describe(self) -> None:
-        self.progress.update(self.sessions, description=f"sessions done ({self.in_flight} in flight)")
-
-
-@contextlib.contextmanager
-def progress_display(enabled: bool, plan: Plan, err: TextIO) -> Iterator[_ProgressObserver | None]:
-    if not enabled or not err.isatty():
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=Console(file=err), transient=True) as progress:
-        yield _ProgressObserver(progress, plan)
-
-
 # --- main --------------------------------------------------------------------------------------
 
 def _options(args: argparse.Namespace) -> Options:
     return Options(target=Target.parse(args.target), mode=args.mode, speed=args.speed,
                    concurrency=args.concurrency, timeout=args.timeout, auth=args.auth,
                    follow_host_id=args.follow_host_id, strip_prefix=args.strip_prefix,
-                   verify_tls=not args.insecure)
-
-
-def _write_json(document: dict, out: TextIO) -> None:
-    # json.dump writes piece by piece: a replay of 100k requests would otherwise first build
-    # its whole JSON text (1 GB peak where the document itself takes 0.3 GB).
-    json.dump(document, out, indent=2)
-    out.write("\n")
+                   verify_tls=not args.insecure, tls_keylog=args.tls_keylog)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
@@ -307,6 +109,12 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except TargetError as exc:
         print(f"bits-replay: {exc}", file=err)
         return Exit.USAGE
+    if args.tls_keylog is not None:
+        try:
+            open(args.tls_keylog, "a").close()  # as ssl will open it: fail now, not per session
+        except OSError as exc:
+            print(f"bits-replay: --tls-keylog {args.tls_keylog}: {exc.strerror or exc}", file=err)
+            return Exit.USAGE
     sources = [sys.stdin.buffer if c == "-" else c for c in args.captures]
     try:
         plan = build_plan(sources, args.session)
@@ -325,10 +133,10 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         console = OutputConsole(file=out, width=160 if not out.isatty() else None,
                                  soft_wrap=False)
         if args.dry_run:
-            described = dry_run(plan, options)
+            described = describe(plan, options)
             if args.json:
-                _write_json({"schema": SCHEMA, "version": SCHEMA_VERSION, "dry_run": True,
-                             "target": str(options.target), "notes": notes, "sessions": described}, out)
+                write_json(dry_run_json(described, len(plan.sessions), str(options.target), notes),
+                           out)
             else:
                 for note in notes:
                     console.print(f"note: {note}", highlight=False)
@@ -339,7 +147,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if result.interrupted:
             print("bits-replay: interrupted; the results so far follow", file=err)
         if args.json:
-            _write_json(result_json(result, plan, notes), out)
+            write_json(result_json(result, plan, notes), out)
         else:
             render_text(result, notes, console)
     if result.interrupted:

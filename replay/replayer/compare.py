@@ -31,7 +31,7 @@ class AckSummary:
     def session_not_found(self) -> bool:
         return is_session_not_found(self.error_code)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["error_code"] = format_hresult(self.error_code) if self.error_code is not None else None
         data["error_name"] = describe_hresult(self.error_code).name if self.error_code is not None else None
@@ -78,7 +78,7 @@ class Difference:
     captured: object
     live: object
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"field": self.field, "captured": _jsonable(self.field, self.captured),
                 "live": _jsonable(self.field, self.live)}
 
@@ -89,10 +89,10 @@ def _jsonable(field: str, value: object) -> object:
     return value
 
 
-def _same_packet_type(captured: str | None, live: str | None) -> bool:
-    if captured is None or live is None:
-        return captured is live
-    return captured.lower() == live.lower()
+def _same_packet_type(captured: object, live: object) -> bool:
+    if isinstance(captured, str) and isinstance(live, str):
+        return captured.lower() == live.lower()
+    return captured is None and live is None
 
 
 #: The compared fields and how two values are judged equal.

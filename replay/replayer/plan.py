@@ -15,23 +15,31 @@ unanswered); a faithful replay must still send them, on the connection and at th
 client did, so each joins the session of the next request on its TCP connection that has one
 (a Ping opens a connection for the session that follows), or failing that the previous one; a
 connection with none at all forms its own group, named `connection-N`.
+
+The planned requests themselves go to the same temporary file (marshalled, as they are made):
+in memory the plan keeps, per request, only where it lies there and what ordering and
+grouping need, so a capture of 100,000 requests plans in a few MB beyond what the analyzer's
+own session tracker takes while reading. `PlannedSession.requests` reads a session's requests
+back on each call (the replay reads them once per session and lets them go when it is done).
 """
 
 from __future__ import annotations
 
+import marshal
 import os
-import sys
 import tempfile
+from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Sequence
 
+from bitstrace.analyzer.basic_auth import AUTHORIZATION, auth_scheme
 from bitstrace.analyzer.bits.packets import is_bits_method
 from bitstrace.analyzer.bits.protocol import ContentRange, Header, PacketType, same_id
 from bitstrace.analyzer.bits.sessions import Session, SessionTracker
 from bitstrace.analyzer.http import Headers
 from bitstrace.analyzer.pipeline import read_exchanges
 from bitstrace.analyzer.problems import Problem
-from bitstrace.replay.compare import AckSummary, summarize_ack
+from bitstrace.replay.replayer.compare import AckSummary, summarize_ack
 
 if TYPE_CHECKING:
     from bitstrace.analyzer.exchanges import Exchange, HttpMessage
@@ -76,6 +84,15 @@ class BodySpool:
             while done < len(view):
                 done += os.pwrite(self._file.fileno(), view[done:], self._written + done)
         self._written += done
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` (pread: safe from several threads)."""
+        if self._pending:
+            self.flush()
+        data = os.pread(self._file.fileno(), length, offset)
+        if len(data) != length:
+            raise OSError(f"spool ends before {offset + length}")
+        return data
 
     def read(self, body: "Body", skip: int = 0, take: int | None = None,
              chunk: int = SPOOL_CHUNK) -> Iterator[bytes]:
@@ -135,6 +152,7 @@ class PlannedRequest:
     range: ContentRange | None
     body: Body | None
     response: AckSummary | None  # None: no answer in the capture
+    index: int = -1  # its place in the plan's RequestStore; -1 for a request made up live
 
     def header(self, name: str) -> str | None:
         return Headers(self.headers).get(name)
@@ -145,48 +163,107 @@ class PlannedRequest:
         return f"{kind} {self.range}" if self.range else kind
 
 
+class RequestStore:
+    """Planned requests kept in the spool, each read back by its index. A request is stored
+    as a marshal-encoded tuple of its plain fields (marshal writes and reads such tuples
+    several times faster than pickle writes and reads the objects)."""
+
+    def __init__(self, spool: BodySpool) -> None:
+        self.spool = spool
+        self._offsets = array("q")
+        self._sizes = array("q")
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def add(self, request: PlannedRequest) -> int:
+        request.index = len(self._offsets)
+        data = marshal.dumps(_fields_of(request))
+        self._offsets.append(self.spool.append(data))
+        self._sizes.append(len(data))
+        return request.index
+
+    def load(self, index: int) -> PlannedRequest:
+        return _request_of(marshal.loads(self.spool.read_at(self._offsets[index], self._sizes[index])))
+
+
+def _fields_of(r: PlannedRequest) -> tuple[Any, ...]:
+    rng, body, ack = r.range, r.body, r.response
+    return (
+        r.exchange, r.file, r.connection, r.frame, r.ts_ns, r.done_ts_ns, r.method, r.target,
+        r.version, tuple(r.headers), r.packet_type.value if r.packet_type else None,
+        r.packet_type_raw, r.session_id,
+        (rng.first, rng.last, rng.total) if rng else None,
+        (body.extents, body.length, body.complete, body.sha256) if body else None,
+        (ack.status, ack.packet_type, ack.error_code, ack.error_context, ack.received,
+         ack.reply_url, ack.session_id, ack.host_id) if ack else None,
+        r.index,
+    )
+
+
+def _request_of(fields: Any) -> PlannedRequest:
+    (exchange, file, connection, frame, ts_ns, done_ts_ns, method, target, version, headers,
+     packet_type, packet_type_raw, session_id, rng, body, ack, index) = fields
+    return PlannedRequest(
+        exchange, file, connection, frame, ts_ns, done_ts_ns, method, target, version, headers,
+        PacketType(packet_type) if packet_type is not None else None, packet_type_raw,
+        session_id, ContentRange(*rng) if rng is not None else None,
+        Body(*body) if body is not None else None,
+        AckSummary(*ack) if ack is not None else None, index)
+
+
 @dataclass
 class PlannedSession:
-    """One of the analyzer's sessions (or a connection that had none), in capture order."""
+    """One of the analyzer's sessions (or a connection that had none), in capture order.
+    Its requests live in the plan's RequestStore: `requests` reads them (all, in order)."""
 
     # The captured session id, `ID (generation N)` when the server had issued it before, the
     # analyzer's `refused-create@FRAME` (`@CAPTURE:FRAME` with several captures) for a Create
     # that drew no session, or `connection-N`.
     key: str
-    requests: list[PlannedRequest] = field(default_factory=list)
     session_id: str | None = None  # as the analyzer names the session; None when it has no id
     generation: int = 0  # how many earlier sessions had this id
+    store: RequestStore | None = field(default=None, repr=False, compare=False)
+    indices: "array[int]" = field(default_factory=lambda: array("q"), repr=False)  # in the store
+    connections: "array[int]" = field(default_factory=lambda: array("q"), repr=False)  # per request
+    first_ts_ns: int = 0
+    done_ts_ns: int = 0
+    body_bytes: int = 0  # body bytes of its requests, as captured
+    auth_schemes: frozenset[str] = frozenset()  # of the Authorization headers its requests carry
     # Fragments captured whole, in capture order, and the first of them at each start offset.
     _whole: list[PlannedRequest] | None = field(default=None, repr=False, compare=False)
     _by_start: dict[int, PlannedRequest] = field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def first_ts_ns(self) -> int:
-        return self.requests[0].ts_ns
+    def requests(self) -> list[PlannedRequest]:
+        """Its requests, in capture order, read back from the store (a fresh list each call)."""
+        assert self.store is not None
+        return [self.store.load(index) for index in self.indices]
 
-    @property
-    def done_ts_ns(self) -> int:
-        return max(r.done_ts_ns for r in self.requests)
+    def release(self) -> None:
+        """Let go of what `entity_piece` keeps (the session's replay is over)."""
+        self._whole = None
+        self._by_start = {}
 
-    @property
-    def body_bytes(self) -> int:
-        return sum(r.body.length for r in self.requests if r.body)
-
-    def entity_piece(self, first: int, last: int) -> list[tuple[Body, int, int]] | None:
+    def entity_piece(self, first: int, last: int,
+                     requests: Sequence[PlannedRequest] | None = None) -> list[tuple[Body, int, int]] | None:
         """Where the captured fragments hold bytes first..last of the file: (body, skip, take)
         pieces in order, or None if some byte was never captured whole. Where fragments
-        overlap, one that starts at the wanted byte is taken, else the first captured."""
+        overlap, one that starts at the wanted byte is taken, else the first captured.
+        `requests`: the session's requests when the caller has read them already."""
         if self._whole is None:
-            self._whole = [r for r in self.requests if r.range and r.body and r.body.complete
+            self._whole = [r for r in (requests if requests is not None else self.requests)
+                           if r.range and r.body and r.body.complete
                            and r.body.length == r.range.length]
             for request in self._whole:
+                assert request.range is not None
                 self._by_start.setdefault(request.range.first, request)
         pieces: list[tuple[Body, int, int]] = []
         position = first
         while position <= last:
             source = self._by_start.get(position) or next(
-                (r for r in self._whole if r.range.first <= position <= r.range.last), None)
-            if source is None:
+                (r for r in self._whole if r.range and r.range.first <= position <= r.range.last), None)
+            if source is None or source.range is None or source.body is None:
                 return None
             take = min(last, source.range.last) - position + 1
             pieces.append((source.body, position - source.range.first, take))
@@ -197,9 +274,10 @@ class PlannedSession:
 @dataclass
 class Plan:
     sessions: list[PlannedSession]
-    spool: BodySpool
+    spool: BodySpool  # the request bodies and the planned requests themselves (`store`)
     problems: list[Problem]
     complete: bool  # every capture was read to its end
+    store: RequestStore | None = None
 
     @property
     def first_ts_ns(self) -> int:
@@ -226,12 +304,18 @@ class _Planner:
 
     def __init__(self, spool: BodySpool, several_captures: bool) -> None:
         self.spool = spool
+        self.store = RequestStore(spool)
         # The analyzer's sessions, which the plan follows; with several captures their keys
         # name frames `capture:frame`, as bits-analyze does.
-        self.tracker = SessionTracker(several_captures=several_captures)
+        self.tracker: SessionTracker | None = SessionTracker(several_captures=several_captures)
         self.bodies: dict[tuple[int, int], _SpoolingBody] = {}  # by (connection, stream offset)
-        self.requests: list[PlannedRequest] = []
-        self.strings: dict[tuple[str, str], tuple[str, str]] = {}
+        # What ordering and grouping need of each stored request, by its index in the store.
+        self.ts_ns = array("q")
+        self.exchange = array("q")
+        self.connection = array("q")
+        self.done_ts_ns = array("q")
+        self.body_length = array("q")
+        self.auth_schemes: dict[int, frozenset[str]] = {}  # of the few requests with credentials
 
     def on_body(self, connection: Connection, head: HttpMessage, chunk: bytes | memoryview,
                 body_offset: int) -> None:
@@ -255,17 +339,14 @@ class _Planner:
     def on_exchange(self, exchange: Exchange) -> None:
         # The tracker makes a packet of every BITS_POST: the plan reads the fields it parsed
         # (type, range, ack) from it rather than parsing them again.
+        assert self.tracker is not None, "the plan is made"
         packet = self.tracker.on_exchange(exchange)
         request = exchange.request
         if packet is None or request is None or not is_bits_method(request.method):
             return
-        shared = self.strings.setdefault
-        # Names and most values repeat request after request: keep one copy of each (and of
-        # the raw session id), in a tuple (smaller than a list).
-        headers = tuple([shared((name, value), (name, value)) for name, value in request.headers])
         session_id = request.headers.get(Header.SESSION_ID)
         response = exchange.response
-        self.requests.append(PlannedRequest(
+        planned = PlannedRequest(
             exchange=packet.exchange,
             file=packet.request_capture,
             connection=packet.connection,
@@ -275,15 +356,24 @@ class _Planner:
             method=packet.method,
             target=packet.target,
             version=request.version,
-            headers=headers,
+            headers=tuple(request.headers),
             packet_type=packet.packet_type,
             packet_type_raw=packet.type_raw,
-            session_id=sys.intern(session_id) if session_id is not None else None,  # unstripped, as sent
+            session_id=session_id,  # unstripped, as sent
             range=packet.content_range,
             body=self._body(packet.connection, request),
             response=(summarize_ack(packet.status, packet.ack, packet.received_offset)
                       if packet.status is not None else None),
-        ))
+        )
+        index = self.store.add(planned)
+        self.ts_ns.append(planned.ts_ns)
+        self.exchange.append(planned.exchange)
+        self.connection.append(planned.connection)
+        self.done_ts_ns.append(planned.done_ts_ns)
+        self.body_length.append(planned.body.length if planned.body else 0)
+        credentials = request.headers.get_all(AUTHORIZATION)
+        if credentials:
+            self.auth_schemes[index] = frozenset(map(auth_scheme, credentials))
 
     def _body(self, connection: int, request: HttpMessage) -> Body | None:
         entry = self.bodies.pop((connection, request.stream_offset), None)
@@ -293,7 +383,7 @@ class _Planner:
             return None
         # The assembler hashed the very bytes it streamed here (request.body_sha256).
         complete = not request.partial and entry.length == request.body_length
-        return Body(tuple(map(tuple, entry.extents)), entry.length, complete,
+        return Body(tuple((offset, length) for offset, length in entry.extents), entry.length, complete,
                     request.body_sha256 if complete else None)
 
 
@@ -304,41 +394,68 @@ def _planned(session: Session) -> PlannedSession:
     return PlannedSession(key, session_id=session.id, generation=session.generation)
 
 
-def group_sessions(requests: list[PlannedRequest], sessions: list[Session]) -> list[PlannedSession]:
-    """Requests (in capture order) → the analyzer's `sessions`, whose packets name the requests
-    by exchange index, and groups for the requests it set aside (see the module docstring).
-    Sessions are ordered by their first request; a session none of `requests` belongs to
-    (one filed from packets the plan does not hold) is left out."""
-    owner: dict[int, PlannedSession] = {}
-    for session in sessions:
-        planned = _planned(session)
+def _group(planner: _Planner) -> list[PlannedSession]:
+    """The stored requests (taken in capture order) → the analyzer's sessions (the planner's
+    tracker's, whose packets name the requests by exchange index), and groups for the requests
+    it set aside (see the module docstring). Sessions are ordered by their first request; a
+    session none of the requests belongs to (one filed from packets the plan does not hold)
+    is left out. The tracker is let go of as soon as its sessions are read: it holds every
+    packet, the bulk of what planning takes."""
+    ts_ns, exchange, connection = planner.ts_ns, planner.exchange, planner.connection
+    # Grouping needs the sessions as filed, not the analysis `finish` would make of them.
+    assert planner.tracker is not None, "grouped once"
+    sessions = planner.tracker.sessions()
+    planner.tracker = None
+    owners = [_planned(session) for session in sessions]
+    owner = array("q", [-1]) * (max(exchange, default=-1) + 1)  # exchange -> index in owners
+    for number, session in enumerate(sessions):
         for packet in session.packets:
-            owner[packet.exchange] = planned
-    chosen: list[PlannedSession | None] = [owner.get(r.exchange) for r in requests]
+            if packet.exchange < len(owner):
+                owner[packet.exchange] = number
+    del sessions
+    # Capture order: by time, ties by exchange (two stable sorts keep the keys plain ints).
+    order = sorted(range(len(ts_ns)), key=exchange.__getitem__)
+    order.sort(key=ts_ns.__getitem__)
+    chosen: list[PlannedSession | None] = [
+        owners[owner[exchange[i]]] if owner[exchange[i]] >= 0 else None for i in order]
     by_connection: dict[int, list[int]] = {}
-    for i, request in enumerate(requests):
-        by_connection.setdefault(request.connection, []).append(i)
-    for connection, indices in by_connection.items():
+    for position, i in enumerate(order):
+        by_connection.setdefault(connection[i], []).append(position)
+    for conn, positions in by_connection.items():
         following: PlannedSession | None = None
-        for i in reversed(indices):
-            if chosen[i] is None:
-                chosen[i] = following
+        for position in reversed(positions):
+            if chosen[position] is None:
+                chosen[position] = following
             else:
-                following = chosen[i]
+                following = chosen[position]
         previous: PlannedSession | None = None
-        for i in indices:
-            if chosen[i] is None:
-                chosen[i] = previous or PlannedSession(f"connection-{connection}")
-            previous = chosen[i]
+        for position in positions:
+            if chosen[position] is None:
+                chosen[position] = previous or PlannedSession(f"connection-{conn}")
+            previous = chosen[position]
     grouped: dict[int, PlannedSession] = {}
-    for planned, request in zip(chosen, requests):
-        planned.requests.append(request)
-        grouped.setdefault(id(planned), planned)
-    return sorted(grouped.values(), key=lambda s: (s.first_ts_ns, s.requests[0].exchange))
+    schemes: dict[int, set[str]] = {}
+    for planned_or_none, i in zip(chosen, order):
+        assert planned_or_none is not None
+        planned = planned_or_none
+        if not planned.indices:
+            planned.store = planner.store
+            planned.first_ts_ns = ts_ns[i]
+            planned.done_ts_ns = planner.done_ts_ns[i]
+            grouped[id(planned)] = planned
+        planned.indices.append(i)
+        planned.connections.append(connection[i])
+        planned.done_ts_ns = max(planned.done_ts_ns, planner.done_ts_ns[i])
+        planned.body_bytes += planner.body_length[i]
+        if i in planner.auth_schemes:
+            schemes.setdefault(id(planned), set()).update(planner.auth_schemes[i])
+    for key, found in schemes.items():
+        grouped[key].auth_schemes = frozenset(found)
+    return sorted(grouped.values(), key=lambda s: (s.first_ts_ns, exchange[s.indices[0]]))
 
 
 def build_plan(
-    sources: Iterable[str | os.PathLike | BinaryIO],
+    sources: Iterable[str | os.PathLike[str] | BinaryIO],
     sessions: Iterable[str] | None = None,
 ) -> Plan:
     """Read the captures and plan the replay of the selected sessions (all when None).
@@ -355,9 +472,7 @@ def build_plan(
         raise
     spool.flush()
     problems = list(result.problems)
-    planner.requests.sort(key=lambda r: (r.ts_ns, r.exchange))
-    # Grouping needs the sessions as filed, not the analysis `finish` would make of them.
-    grouped = group_sessions(planner.requests, planner.tracker.sessions())
+    grouped = _group(planner)
     if sessions is not None:
         wanted = list(sessions)
 
@@ -370,4 +485,4 @@ def build_plan(
                 problems.append(Problem("unknown-session-selected",
                                         f"no session {w} in the capture"))
         grouped = chosen
-    return Plan(grouped, spool, problems, result.complete)
+    return Plan(grouped, spool, problems, result.complete, planner.store)
