@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 DEMO    ?= captures/clean-multi-fragment.pcap
 
-.PHONY: setup system-tools demo test captures bench clean
+.PHONY: setup system-tools demo test typecheck captures bench clean
 
 setup: system-tools $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/bits-analyze $(DEMO)
 
+# mypy first (pyproject's [tool.mypy]: strict for the per-packet core, TLS, BITS, reports and
+# replay rooms), then the suite.
 test: setup
+	bash .ci/typecheck
 	$(PY) -m pytest -q
+
+typecheck: setup
+	bash .ci/typecheck
 
 captures: setup
 	$(PY) captures/make_captures.py

@@ -61,7 +61,7 @@ class BodySpool:
         self._written = 0  # bytes in the file
         self._pending = bytearray()  # appended after those, not yet written
 
-    def append(self, data: bytes | memoryview) -> int:
+    def append(self, data: bytes | bytearray | memoryview) -> int:
         """Add `data` at the end; returns its offset in the spool."""
         offset = self._written + len(self._pending)
         if len(data) >= SPOOL_CHUNK:
@@ -317,7 +317,7 @@ class _Planner:
         self.body_length = array("q")
         self.auth_schemes: dict[int, frozenset[str]] = {}  # of the few requests with credentials
 
-    def on_body(self, connection: Connection, head: HttpMessage, chunk: bytes | memoryview,
+    def on_body(self, connection: Connection, head: HttpMessage, chunk: bytes | bytearray | memoryview,
                 body_offset: int) -> None:
         """Spools the bytes as seen: a body with bytes lost in a gap is partial, so never
         replayed as complete, and `body_offset` is not needed to place them."""
