@@ -214,8 +214,8 @@ class CaptureReader:
             self._stream.close()
         self._exhausted = True
 
-    def _fill(self, pos: int, need: int) -> int | None:
-        """Make self._buffer hold `need` bytes from `pos`; return the new position of `pos`.
+    def _fill(self, pos: int, need: int) -> bytes | None:
+        """Make self._buffer begin at `pos` and hold at least `need` bytes; returns it.
 
         Returns None when the data ends exactly at `pos` (a clean end between records) and
         raises _Truncated when it ends after `pos` but before `need` bytes.
@@ -232,8 +232,8 @@ class CaptureReader:
                 return None
             pieces.append(chunk)
             have += len(chunk)
-        self._buffer = b"".join(pieces)
-        return 0
+        self._buffer = buffer = b"".join(pieces)
+        return buffer
 
     def _fail(self, kind: str, message: str, frame: int | None = None, offset: int | None = None) -> None:
         self.complete = False
@@ -281,9 +281,8 @@ class CaptureReader:
         number = 0
         pos = 0
         try:
-            if self._fill(0, 24) is None:
+            if (buf := self._fill(0, 24)) is None:
                 raise _Truncated
-            buf = self._buffer
             endian, ns_per_unit = _PCAP_MAGIC[int.from_bytes(buf[:4], "little")]
             snaplen, network = struct.unpack_from(endian + "II", buf, 16)
             link_type = network & 0x03FFFFFF  # the upper bits carry FCS information
@@ -294,13 +293,9 @@ class CaptureReader:
             size = len(buf)
             while True:
                 if size - pos < 16:
-                    filled = self._fill(pos, 16)
-                    if filled is None:
+                    if (filled := self._fill(pos, 16)) is None:
                         return
-                    pos = filled
-                    buf = self._buffer
-                    view = memoryview(buf)
-                    size = len(buf)
+                    buf, pos, view, size = filled, 0, memoryview(filled), len(filled)
                 seconds, fraction, captured, original = record(buf, pos)
                 if captured > max_record:
                     raise _Corrupt(f"record length {captured} exceeds {max_record}")
@@ -309,11 +304,8 @@ class CaptureReader:
                 if pos > size:
                     refilled = self._fill(start - 16, 16 + captured)
                     assert refilled is not None  # the record's header is there already
-                    start = refilled + 16
+                    buf, start, view, size = refilled, 16, memoryview(refilled), len(refilled)
                     pos = start + captured
-                    buf = self._buffer
-                    view = memoryview(buf)
-                    size = len(buf)
                 number += 1
                 yield number, seconds * 1_000_000_000 + fraction * ns_per_unit, link_type, view[start:pos], original
         except _Truncated:
@@ -342,13 +334,9 @@ class CaptureReader:
         try:
             while True:
                 if size - pos < 12:
-                    filled = self._fill(pos, 12)
-                    if filled is None:
+                    if (filled := self._fill(pos, 12)) is None:
                         return
-                    pos = filled
-                    buf = self._buffer
-                    view = memoryview(buf)
-                    size = len(buf)
+                    buf, pos, view, size = filled, 0, memoryview(filled), len(filled)
                 block_type, length = header(buf, pos)
                 if block_type == _PCAPNG_SHB:  # a new section, in its own byte order
                     order = _PCAPNG_BYTE_ORDER.get(buf[pos + 8:pos + 12])
@@ -366,10 +354,7 @@ class CaptureReader:
                 if size - pos < length:
                     filled = self._fill(pos, length)
                     assert filled is not None  # the block's header is there already
-                    pos = filled
-                    buf = self._buffer
-                    view = memoryview(buf)
-                    size = len(buf)
+                    buf, pos, view, size = filled, 0, memoryview(filled), len(filled)
                 block = pos
                 pos += length
                 trailer = word(buf, pos - 4)[0]

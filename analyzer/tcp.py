@@ -666,22 +666,32 @@ class TcpReassembler:
             if since is not None:
                 self._queue(half, since + self._window)
 
-    def _expire(self, now: int) -> None:
-        """Declare lost every hole whose bytes have not come within the window."""
+    def _next_due(self) -> tuple[int, _Half, int] | None:
+        """The first queued direction that still has a hole: (when it was queued for, it, when
+        its oldest hole's window ends); None when the queue is empty."""
         deadlines, window = self._deadlines, self._window
-        while deadlines and deadlines[0][0] < now:
-            half = heappop(deadlines)[2]
+        while deadlines:
+            when, _, half = heappop(deadlines)
             half.queued = False
-            conn = half.conn
-            if conn.closed:
+            if half.conn.closed:
                 continue
             since = self._hole_since(half)
-            if since is None:
+            if since is not None:
+                return when, half, since + window
+        return None
+
+    def _expire(self, now: int) -> None:
+        """Declare lost every hole whose bytes have not come within the window."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] < now:
+            due = self._next_due()
+            if due is None:
+                break
+            _, half, ends = due
+            if ends >= now:
+                self._queue(half, ends)
                 continue
-            if since + window >= now:
-                self._queue(half, since + window)
-                continue
-            self._give_way(half, conn.last_frame, conn.last_ts_ns)
+            self._give_way(half, half.conn.last_frame, half.conn.last_ts_ns)
 
     def _give_way(self, half: _Half, frame: int, ts_ns: int) -> None:
         """Declare `half`'s first hole lost and deliver what follows it (for a stream whose
@@ -717,19 +727,12 @@ class TcpReassembler:
                 if self._room >= budget // 4:
                     break
                 self._drop_history(half)
-        deadlines, window = self._deadlines, self._window
         waiting = []
-        while self._room < 0 and deadlines:
-            when, _, half = heappop(deadlines)
-            half.queued = False
+        while self._room < 0 and (due := self._next_due()) is not None:
+            when, half, ends = due
             conn = half.conn
-            if conn.closed:
-                continue
-            since = self._hole_since(half)
-            if since is None:
-                continue
-            if since + window != when:  # queued early: its true place comes later
-                self._queue(half, since + window)
+            if ends != when:  # queued early: its true place comes later
+                self._queue(half, ends)
                 continue
             if not half.buffered and half.anchored:  # a hole with nothing behind it holds no memory
                 waiting.append(half)

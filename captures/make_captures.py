@@ -355,7 +355,8 @@ def framing_overrun(stage: Stage) -> None:
 
 @scenario("A server that hangs up (captures/misbehaving_server.py): four times it reads fragment "
           "16384-32767 at the acknowledged offset and closes the connection without answering; each "
-          "time the client Pings on a new connection and sends the same fragment again. The fifth "
+          "time the client sends the same fragment again on a new connection, Pinging first after a "
+          "resend that also went unanswered. The fifth "
           "time it answers, and the upload of the 50,000-byte file completes.",
           anomalies=("no-progress", "no-response"), server_class=MisbehavingServer,
           server={"silent": 4, "silent_at": 16 * 1024})
