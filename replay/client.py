@@ -88,14 +88,14 @@ class FileSlice:
                 yield data
 
 
-Body = bytes | FileSlice
+PacketBody = bytes | FileSlice
 
 
-def _body_length(body: Body) -> int:
+def _body_length(body: PacketBody) -> int:
     return len(body) if isinstance(body, bytes) else body.length
 
 
-def _body_chunks(body: Body) -> Iterator[bytes]:
+def _body_chunks(body: PacketBody) -> Iterator[bytes]:
     if isinstance(body, bytes):
         for start in range(0, len(body), CHUNK_SIZE):
             yield body[start:start + CHUNK_SIZE]
@@ -305,7 +305,7 @@ class BitsClient:
         session_id: str | None = None,
         content_name: str | None = None,
         content_range: ContentRange | str | None = None,
-        body: Body = b"",
+        body: PacketBody = b"",
         headers: Mapping[str, str | None] | None = None,
         cut_after: int | None = None,
         abandon: bool = False,
@@ -344,7 +344,7 @@ class BitsClient:
 
     def _headers(self, packet_type: PacketType | str | None, session_id: str | None,
                  content_name: str | None, content_range: ContentRange | str | None,
-                 body: Body) -> list[tuple[str, str]]:
+                 body: PacketBody) -> list[tuple[str, str]]:
         ordered = [("Accept", "*/*")]
         if isinstance(packet_type, PacketType):
             packet_type = packet_type.value
@@ -373,7 +373,7 @@ class BitsClient:
         method: str,
         target: str,
         headers: list[tuple[str, str]],
-        body: Body,
+        body: PacketBody,
         cut_after: int | None,
         abandon: bool,
     ) -> Response | None:
@@ -455,7 +455,7 @@ class BitsClient:
         path = Path(path)
         self._file_name = path.name
         total = path.stat().st_size if total is None else total
-        payload: Body = FileSlice(path, first, last - first + 1) if body is None else body
+        payload: PacketBody = FileSlice(path, first, last - first + 1) if body is None else body
         response = self.send_packet(
             PacketType.FRAGMENT,
             session_id=session_id or self._session(),

@@ -19,7 +19,7 @@ import craft
 from bitstrace.analyzer.bits.protocol import PROTOCOL_GUID, PacketType
 from bitstrace.analyzer.bits.sessions import Session, SessionTracker
 from bitstrace.analyzer.pipeline import read_exchanges
-from bitstrace.replay.replayer.plan import SPOOL_BATCH, Body, BodySpool, build_plan
+from bitstrace.replay.replayer.plan import SPOOL_BATCH, SpooledBody, BodySpool, build_plan
 
 SERVER_PORT = 8080
 MSS = 1400
@@ -382,8 +382,8 @@ def test_spool_reads_what_it_holds_back_and_what_it_wrote() -> None:
     written with a batch, or written alone all read back whole, in any order."""
     spool = BodySpool()
 
-    def add(data: bytes) -> Body:
-        return Body(((spool.append(data), len(data)),), len(data), True, None)
+    def add(data: bytes) -> SpooledBody:
+        return SpooledBody(((spool.append(data), len(data)),), len(data), True, None)
 
     try:
         first = os.urandom(1000)

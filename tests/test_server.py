@@ -42,7 +42,7 @@ from bitstrace import __version__
 from bitstrace.analyzer.bits.protocol import MAX_FRAGMENT
 from bitstrace.cli.server import main
 from bitstrace.replay.server import BitsServer, ServerOptions
-from bitstrace.replay.server.sessions import TRANSITIONS, Event, IllegalTransition, Session, State
+from bitstrace.replay.server.sessions import TRANSITIONS, UploadEvent, IllegalTransition, UploadSession, UploadState
 
 OTHER_GUID = "{11111111-2222-3333-4444-555555555555}"
 
@@ -749,7 +749,7 @@ def test_failed_reply_notification_is_context_7_and_retried_by_a_resend(tiny_fil
         assert failed.get(Header.ERROR_CODE) == format_hresult(ERROR_DISK_FULL.code)
         assert failed.get(Header.ERROR_CONTEXT) == "0x7"
         assert not failed.has(Header.REPLY_URL)
-        assert server.sessions()[0].state is State.RECEIVE_FRAGMENTS
+        assert server.sessions()[0].state is UploadState.RECEIVE_FRAGMENTS
         filler.unlink()
         retried = client.fragment(session_id, data, 0, len(data))
         assert_ack(retried, 200, session_id)
@@ -871,15 +871,15 @@ def test_log_lines_go_to_the_given_stream(root: Path) -> None:
 
 # --- the state table ------------------------------------------------------------------------------
 def test_state_table_refuses_undefined_transitions(tmp_path: Path) -> None:
-    session = Session("{X}", tmp_path / "d", "/d", tmp_path, tmp_path, PROTOCOL_GUID, last_activity=0.0)
+    session = UploadSession("{X}", tmp_path / "d", "/d", tmp_path, tmp_path, PROTOCOL_GUID, last_activity=0.0)
     with pytest.raises(IllegalTransition):
-        session.fire(Event.FRAGMENT)
-    session.fire(Event.CREATE)
-    session.fire(Event.LAST_BYTE)
+        session.fire(UploadEvent.FRAGMENT)
+    session.fire(UploadEvent.CREATE)
+    session.fire(UploadEvent.LAST_BYTE)
     with pytest.raises(IllegalTransition):
-        session.fire(Event.CLOSE)  # Close is answered only after the notification settled
-    assert session.fire(Event.NOTIFIED) is State.WAIT_FOR_CLOSE
-    assert all(source not in (State.COMPLETE, State.CANCELLED, State.EXPIRED) for source, _ in TRANSITIONS)
+        session.fire(UploadEvent.CLOSE)  # Close is answered only after the notification settled
+    assert session.fire(UploadEvent.NOTIFIED) is UploadState.WAIT_FOR_CLOSE
+    assert all(source not in (UploadState.COMPLETE, UploadState.CANCELLED, UploadState.EXPIRED) for source, _ in TRANSITIONS)
 
 
 def test_options_are_validated() -> None:
@@ -1226,7 +1226,7 @@ def test_cancel_does_not_wait_for_a_fragment_streaming_on_another_connection(mak
         assert time.monotonic() - started < 3
         assert read_all(stalled, 5) == b""  # the cut fragment gets no answer
     assert wait_for(lambda: not session.data_dir.exists())
-    assert session.state is State.CANCELLED
+    assert session.state is UploadState.CANCELLED
     assert_error(client.fragment(session_id, b"abc", 0, 3), 500, BG_E_SESSION_NOT_FOUND.code)
 
 

@@ -315,8 +315,8 @@ class _SessionWalk:
     """One pass over a session's packets in send order."""
 
     def __init__(self, tracker: SessionTracker, session: Session, capture_start: int, capture_end: int) -> None:
-        self.t = tracker
-        self.s = session
+        self.tracker = tracker
+        self.session = session
         self.capture_start = capture_start
         self.capture_end = capture_end
         self.packets = sorted(session.packets, key=lambda pkt: (pkt.sent_ns, pkt.request_capture, pkt.request_frame))
@@ -347,7 +347,7 @@ class _SessionWalk:
         self.too_large_size = 0
 
     def run(self) -> None:
-        s = self.s
+        s = self.session
         if not self.packets:
             return
         first = self.packets[0]
@@ -386,12 +386,12 @@ class _SessionWalk:
             if event_answer is Answer.COMPLETED and s.completed_ns is None:
                 s.completed_ns = self.ack_ns(pkt)
                 self.final_range = pkt.content_range
-                self.complete_frame = self.t.response_frame_name(pkt)
+                self.complete_frame = self.tracker.response_frame_name(pkt)
             if event_answer is Answer.NOT_FOUND and s.not_found_ns is None:
                 s.not_found_ns = self.ack_ns(pkt)
             if transition.next is not state and transition.next in (State.CLOSED, State.CANCELLED, State.EXPIRED, State.REFUSED):
                 s.ended_ns = self.ack_ns(pkt) or pkt.sent_ns
-                self.end_frame = self.t.response_frame_name(pkt)
+                self.end_frame = self.tracker.response_frame_name(pkt)
             state = transition.next
         s.state = state
         self._concurrency()
@@ -406,8 +406,8 @@ class _SessionWalk:
         self._verdict()
 
     def _joined(self, first: BitsPacket) -> None:
-        s = self.s
-        if first.packet_type is PacketType.FRAGMENT and first.sent_ns - self.capture_start <= self.t.joined_window_ns:
+        s = self.session
+        if first.packet_type is PacketType.FRAGMENT and first.sent_ns - self.capture_start <= self.tracker.joined_window_ns:
             s.before_capture = True
             s.flag("session-before-capture", f"session {s.id} first appears with {first.label} "
                    f"{(first.sent_ns - self.capture_start) / NS:.1f} s into the capture, no Create-Session seen", [first])
@@ -417,7 +417,7 @@ class _SessionWalk:
             s.flag("nonstandard-id", f"session id {s.id[:120]!r} not in {{8-4-4-4-12}} form", [first])
 
     def _fragment(self, pkt: BitsPacket, event_sent: Sent, event_answer: Answer) -> None:
-        s = self.s
+        s = self.session
         rng = pkt.content_range
         s.bytes_sent += pkt.body_length
         if rng is None:
@@ -427,7 +427,7 @@ class _SessionWalk:
             s.total = rng.total
         elif rng.total != s.total:
             s.flag("total-changed", f"{pkt.label} gives TOTAL {rng.total}; the session's TOTAL is {s.total}", [pkt])
-        if self.t.extractor is None:  # with an extractor, bytes are compared one by one
+        if self.tracker.extractor is None:  # with an extractor, bytes are compared one by one
             self._same_range_resend(pkt, rng)
         self._sent(pkt, rng)
         resend = False
@@ -458,7 +458,7 @@ class _SessionWalk:
         if event_sent is Sent.FRAGMENT and (resend or unanswered_again or event_answer is Answer.RESYNC):
             self.stuck += 1
             self.stuck_unanswered += unanswered_again
-            if self.stuck >= self.t.no_progress_after and not self.stuck_flagged:
+            if self.stuck >= self.tracker.no_progress_after and not self.stuck_flagged:
                 self.stuck_flagged = True
                 what = "resends or 416s"
                 if self.stuck_unanswered:
@@ -487,7 +487,7 @@ class _SessionWalk:
         if self.too_large is not None:
             verb = "shrank" if rng.length < self.too_large_size else "did not shrink"
             self.too_large.message += (f"; the client {verb} its next fragment to {rng.length} bytes "
-                                       f"(frame {self.t.request_frame_name(pkt)})")
+                                       f"(frame {self.tracker.request_frame_name(pkt)})")
             places = sorted({*self.too_large.places, (pkt.request_capture, pkt.request_frame)})
             self.too_large.captures = tuple(capture for capture, _ in places)
             self.too_large.frames = tuple(frame for _, frame in places)
@@ -505,18 +505,18 @@ class _SessionWalk:
         if earlier is None:
             self.seen_bodies[key] = (pkt.body_digest, pkt)
         elif earlier[0] != pkt.body_digest:
-            self.s.flag("resend-conflict", f"resent {rng} differs from the copy first sent in frame {self.t.request_frame_name(earlier[1])}",
+            self.session.flag("resend-conflict", f"resent {rng} differs from the copy first sent in frame {self.tracker.request_frame_name(earlier[1])}",
                         [earlier[1], pkt])
 
     def _concurrency(self) -> None:
         for before, after in zip(self.packets, self.packets[1:]):
             acked = self.ack_ns(before)
             if acked is not None and after.sent_ns < acked:
-                self.s.flag("concurrent-requests", f"{after.label} (connection {after.connection}) sent before "
+                self.session.flag("concurrent-requests", f"{after.label} (connection {after.connection}) sent before "
                             f"{before.label} (connection {before.connection}) was acknowledged", [before, after])
 
     def _identity(self) -> None:
-        s = self.s
+        s = self.session
         odd_agents = sorted({pkt.user_agent or "(none)" for pkt in self.packets
                              if not (pkt.user_agent or "").startswith(p.USER_AGENT_PREFIX)})
         if odd_agents:
@@ -531,7 +531,7 @@ class _SessionWalk:
                    f"(sizes {', '.join(map(str, sizes[:5]))})", [odd_sizes[0]])
 
     def _hosts(self) -> None:
-        s = self.s
+        s = self.session
         if not s.created or s.host_id is None:
             return
         create = self.packets[0]
@@ -557,7 +557,7 @@ class _SessionWalk:
                            f"BITS-Host-Id {s.host_id} ({limit})", [pkt])
 
     def _reply_url(self) -> None:
-        s = self.s
+        s = self.session
         finals = [pkt for pkt in self.packets if pkt.is_final_ack]
         s.reply_url = next((pkt.reply_url for pkt in finals if pkt.reply_url), None)
         if s.reply_url is None:
@@ -567,7 +567,7 @@ class _SessionWalk:
                 s.flag("reply-url-misplaced", f"final ack to {pkt.label} lacks the BITS-Reply-URL an earlier final ack gave", [pkt])
 
     def _stalls(self) -> None:
-        s = self.s
+        s = self.session
         if s.state in (State.REFUSED, State.CREATING) or not self.progress_ns:
             return
         # Quiet time runs from one advance's ack to the start of the request that made the next
@@ -577,12 +577,12 @@ class _SessionWalk:
         _, done, offset = self.progress_ns[-1]
         quiet.append((done, stop, offset))
         for a, b, offset in quiet:
-            if b - a > self.t.stall_after_ns:
+            if b - a > self.tracker.stall_after_ns:
                 s.flag("stalled", f"no progress for {(b - a) / NS:.0f} s at offset {offset} "
-                       f"(threshold {self.t.stall_after_ns / NS:.0f} s)", timestamps=(a, b))
+                       f"(threshold {self.tracker.stall_after_ns / NS:.0f} s)", timestamps=(a, b))
 
     def _verdict(self) -> None:
-        s = self.s
+        s = self.session
         last = self.packets[-1]
         if s.completed_ns is not None and not self.cancelled_first:
             s.verdict, s.verdict_reason = Verdict.DELIVERED, f"final fragment acknowledged (frame {self.complete_frame})"

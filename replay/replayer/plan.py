@@ -94,7 +94,7 @@ class BodySpool:
             raise OSError(f"spool ends before {offset + length}")
         return data
 
-    def read(self, body: "Body", skip: int = 0, take: int | None = None,
+    def read(self, body: "SpooledBody", skip: int = 0, take: int | None = None,
              chunk: int = SPOOL_CHUNK) -> Iterator[bytes]:
         """Bytes skip..skip+take of a body, in chunks (pread: safe from several threads)."""
         if self._pending:
@@ -121,7 +121,7 @@ class BodySpool:
 
 
 @dataclass(frozen=True, slots=True)
-class Body:
+class SpooledBody:
     """A request body in the spool: its (offset, length) extents there, in order (bodies of
     connections that overlap in time interleave in the spool). `complete` is False when the
     capture lost some of it."""
@@ -150,7 +150,7 @@ class PlannedRequest:
     packet_type_raw: str | None
     session_id: str | None  # the BITS-Session-Id it carried
     range: ContentRange | None
-    body: Body | None
+    body: SpooledBody | None
     response: AckSummary | None  # None: no answer in the capture
     index: int = -1  # its place in the plan's RequestStore; -1 for a request made up live
 
@@ -208,7 +208,7 @@ def _request_of(fields: Any) -> PlannedRequest:
         exchange, file, connection, frame, ts_ns, done_ts_ns, method, target, version, headers,
         PacketType(packet_type) if packet_type is not None else None, packet_type_raw,
         session_id, ContentRange(*rng) if rng is not None else None,
-        Body(*body) if body is not None else None,
+        SpooledBody(*body) if body is not None else None,
         AckSummary(*ack) if ack is not None else None, index)
 
 
@@ -246,7 +246,7 @@ class PlannedSession:
         self._by_start = {}
 
     def entity_piece(self, first: int, last: int,
-                     requests: Sequence[PlannedRequest] | None = None) -> list[tuple[Body, int, int]] | None:
+                     requests: Sequence[PlannedRequest] | None = None) -> list[tuple[SpooledBody, int, int]] | None:
         """Where the captured fragments hold bytes first..last of the file: (body, skip, take)
         pieces in order, or None if some byte was never captured whole. Where fragments
         overlap, one that starts at the wanted byte is taken, else the first captured.
@@ -258,7 +258,7 @@ class PlannedSession:
             for request in self._whole:
                 assert request.range is not None
                 self._by_start.setdefault(request.range.first, request)
-        pieces: list[tuple[Body, int, int]] = []
+        pieces: list[tuple[SpooledBody, int, int]] = []
         position = first
         while position <= last:
             source = self._by_start.get(position) or next(
@@ -375,15 +375,15 @@ class _Planner:
         if credentials:
             self.auth_schemes[index] = frozenset(map(auth_scheme, credentials))
 
-    def _body(self, connection: int, request: HttpMessage) -> Body | None:
+    def _body(self, connection: int, request: HttpMessage) -> SpooledBody | None:
         entry = self.bodies.pop((connection, request.stream_offset), None)
         if entry is None:
             if request.body_length or request.partial:
-                return Body((), 0, False, None)
+                return SpooledBody((), 0, False, None)
             return None
         # The assembler hashed the very bytes it streamed here (request.body_sha256).
         complete = not request.partial and entry.length == request.body_length
-        return Body(tuple((offset, length) for offset, length in entry.extents), entry.length, complete,
+        return SpooledBody(tuple((offset, length) for offset, length in entry.extents), entry.length, complete,
                     request.body_sha256 if complete else None)
 
 

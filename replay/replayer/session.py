@@ -29,7 +29,7 @@ from bitstrace.replay.replayer.compare import AckSummary, compare
 from bitstrace.replay.replayer.connections import BodySource, ByteCounter, Connections, chunked
 from bitstrace.replay.replayer.options import Options
 from bitstrace.replay.replayer.pacing import Clock
-from bitstrace.replay.replayer.plan import Body, Plan, PlannedRequest, PlannedSession
+from bitstrace.replay.replayer.plan import SpooledBody, Plan, PlannedRequest, PlannedSession
 from bitstrace.replay.replayer.results import (
     NO_DIFFERENCES,
     Fault,
@@ -163,7 +163,7 @@ class SessionReplay:
         if self.observer is not None:
             self.observer.on_bytes(self.session, count)
 
-    def body_of(self, body: Body | None) -> BodySource:
+    def body_of(self, body: SpooledBody | None) -> BodySource:
         return lambda: iter(()) if body is None else self.plan.spool.read(body)
 
     def learn(self, request: PlannedRequest, ack: AckSummary) -> None:
@@ -380,7 +380,7 @@ class SessionReplay:
                 loop.restart()
             self.offset = loop.offset
 
-    def _pieces(self, pieces: list[tuple[Body, int, int]]) -> Iterator[bytes]:
+    def _pieces(self, pieces: list[tuple[SpooledBody, int, int]]) -> Iterator[bytes]:
         for body, skip, take in pieces:
             yield from self.plan.spool.read(body, skip, take)
 

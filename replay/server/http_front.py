@@ -4,7 +4,7 @@ Requests are framed by bitstrace.analyzer.http in its strict mode (RFC 9112 5.1,
 malformed field line, obsolete line folding, a start line that is not a request line or a head
 over the parser's limits is answered 400 (in BITS form: E_INVALIDARG) and the connection closes,
 so no byte after it is ever read as a request. Bodies are never held whole: the service pulls
-them piece by piece (RequestBody) and writes each piece to disk before asking for the next.
+them piece by piece (BodyReader) and writes each piece to disk before asking for the next.
 
 Deadlines, per connection and enforced by its own socket timeouts: `idle_timeout` for any wait
 for bytes (between requests too), and `request_timeout` from a request's first byte to its answer,
@@ -211,7 +211,7 @@ class Connection:
         elif head.method in ("GET", "HEAD"):
             self._serve_reply(head)
         else:
-            body = Body(self, _declared_length(headers))
+            body = BodyReader(self, _declared_length(headers))
             self._send_plain(501, b"", f"method {head.method} not implemented", body)
 
     def _bits_post(self, head: RequestHead, override: bool) -> None:
@@ -220,7 +220,7 @@ class Connection:
         packet = PacketType.parse(raw_type)
         packet_name = packet.value if packet else raw_type
         ack, length = self._check_request(headers)
-        body = Body(self, length)
+        body = BodyReader(self, length)
         if ack is None:
             if packet is None or packet is PacketType.ACK:
                 ack = error_ack(400, E_INVALIDARG, f"unknown packet type {raw_type!r}")
@@ -270,7 +270,7 @@ class Connection:
                    note="credentials required" if not offered else "bad credentials")
 
     # --- answers out ---------------------------------------------------------------------------
-    def _drain(self, body: "Body | None", packet: str | None, session_id: str | None) -> bool:
+    def _drain(self, body: "BodyReader | None", packet: str | None, session_id: str | None) -> bool:
         """Read what the handler left of the body, when that is cheap enough to keep the
         connection; False when the client went away meanwhile (recorded as not answered)."""
         if body is None or not body.remaining:
@@ -287,7 +287,7 @@ class Connection:
             return False
         return True
 
-    def _send_ack(self, ack: Ack, packet: str | None, body: "Body | None" = None) -> None:
+    def _send_ack(self, ack: Ack, packet: str | None, body: "BodyReader | None" = None) -> None:
         if not self._drain(body, packet, ack.session_id):
             return
         fields = ack.fields(ERROR_HEADERS[self.options.error_header])
@@ -299,7 +299,7 @@ class Connection:
                      ack.received, ack.note)
         self._send(response_head(ack.status, fields))
 
-    def _send_plain(self, status: int, payload: bytes, note: str, body: "Body | None" = None,
+    def _send_plain(self, status: int, payload: bytes, note: str, body: "BodyReader | None" = None,
                     extra: Iterable[tuple[str, str]] = (), send_body: bool = True) -> None:
         if not self._drain(body, None, None):
             return
@@ -318,7 +318,7 @@ class Connection:
 
     def _serve_reply(self, head: RequestHead) -> None:
         """GET/HEAD of an upload reply (reply mode), with one byte range at most."""
-        body = Body(self, _declared_length(head.headers))
+        body = BodyReader(self, _declared_length(head.headers))
         denied = self._auth_challenge(head.headers)
         if denied is not None:
             self._send_ack(denied, None, body)
@@ -360,7 +360,7 @@ def _declared_length(headers: Headers) -> int:
     return length or 0
 
 
-class Body:
+class BodyReader:
     """The body of the request a connection is handling, pulled from its parser's events."""
 
     def __init__(self, connection: Connection, length: int) -> None:

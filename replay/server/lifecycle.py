@@ -34,7 +34,7 @@ from bitstrace.replay.server.options import ServerOptions
 from bitstrace.replay.server.service import UploadService
 from bitstrace.replay.server.tls import server_context
 from bitstrace.replay.server.paths import STATE_DIR
-from bitstrace.replay.server.sessions import Session
+from bitstrace.replay.server.sessions import UploadSession
 
 #: Connections at most by default, and descriptors kept back from the limit for session files,
 #: the log and the listening socket (each connection holds its socket and, streaming, one file).
@@ -191,7 +191,7 @@ class BitsServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def sessions(self) -> list[Session]:
+    def sessions(self) -> list[UploadSession]:
         return self.service.table.sessions()
 
     # --- connections ----------------------------------------------------------------------

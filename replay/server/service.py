@@ -43,7 +43,7 @@ from bitstrace.replay.server.paths import (
     upload_path,
     url_directory,
 )
-from bitstrace.replay.server.sessions import ENDED, Event, Session, SessionTable, State
+from bitstrace.replay.server.sessions import ENDED, UploadEvent, UploadSession, SessionTable, UploadState
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: A Create over a session cap: 503 is a transient error to a BITS client, which retries the job
@@ -103,7 +103,7 @@ class UploadService:
         }[packet]
         return handler(request)
 
-    def _session_for(self, request: Request) -> tuple[Session, str] | Ack:
+    def _session_for(self, request: Request) -> tuple[UploadSession, str] | Ack:
         """The request's session, its lock taken; or the answer when there is none to take."""
         session_id = request.headers.get(Header.SESSION_ID)
         if not session_id:
@@ -177,19 +177,19 @@ class UploadService:
             return ack
         finally:
             if session.cancel_requested and session.state not in ENDED:
-                self.table.end(session, Event.CANCEL)
+                self.table.end(session, UploadEvent.CANCEL)
             self.table.touch(session)
             session.lock.release()
 
-    def _fragment_locked(self, session: Session, session_id: str, content_range: ContentRange,
+    def _fragment_locked(self, session: UploadSession, session_id: str, content_range: ContentRange,
                          body: RequestBody) -> Ack:
         if session.total is not None and content_range.total != session.total:
             return error_ack(400, E_INVALIDARG, f"total changed from {session.total}", session_id)
         if content_range.total > self.options.max_upload_size:
             return error_ack(500, BG_E_TOO_LARGE, f"{content_range.total} bytes is over the limit", session_id)
         session.total = content_range.total
-        if session.state is State.WAIT_FOR_CLOSE:
-            session.fire(Event.FRAGMENT)
+        if session.state is UploadState.WAIT_FOR_CLOSE:
+            session.fire(UploadEvent.FRAGMENT)
             return self._final_ack(session, session_id, "resent after completion")
         if session.received == session.total:
             # every byte is in but the notification failed: this resend retries it
@@ -200,7 +200,7 @@ class UploadService:
         if first < session.received and self.options.overlap == "reject":
             return self._resync(session, session_id, "overlap")
         if last < session.received:
-            session.fire(Event.FRAGMENT)
+            session.fire(UploadEvent.FRAGMENT)
             return Ack(200, session_id=session_id, received=session.received, note="already received")
         body.skip(session.received - first)
         try:
@@ -209,14 +209,14 @@ class UploadService:
             return self._os_error_ack(exc, session_id)
         if session.received == session.total:
             return self._complete(session, session_id)
-        session.fire(Event.FRAGMENT)
+        session.fire(UploadEvent.FRAGMENT)
         return Ack(200, session_id=session_id, received=session.received)
 
-    def _resync(self, session: Session, session_id: str, why: str) -> Ack:
+    def _resync(self, session: UploadSession, session_id: str, why: str) -> Ack:
         return Ack(416, session_id=session_id, received=session.received, error=S_OK,
                    context=ErrorContext.REMOTE_FILE, note=why)
 
-    def _append(self, session: Session, body: RequestBody) -> None:
+    def _append(self, session: UploadSession, body: RequestBody) -> None:
         """Stream the body onto the request file; on any failure roll back to the last ack."""
         digest = session.digest.copy() if session.digest is not None else None
         written = session.received
@@ -244,21 +244,21 @@ class UploadService:
         if not session.cancel_requested:
             session.digest, session.received = digest, written
 
-    def _complete(self, session: Session, session_id: str) -> Ack:
-        session.fire(Event.LAST_BYTE)
+    def _complete(self, session: UploadSession, session_id: str) -> Ack:
+        session.fire(UploadEvent.LAST_BYTE)
         if self.options.reply:
             try:
                 self._write_receipt(session)
             except OSError as exc:
-                session.fire(Event.NOTIFY_FAILED)
+                session.fire(UploadEvent.NOTIFY_FAILED)
                 ack = self._os_error_ack(exc, session_id)
                 ack.context = ErrorContext.REMOTE_APPLICATION
                 return ack
             session.reply_url = reply_url(session.id)
-        session.fire(Event.NOTIFIED)
+        session.fire(UploadEvent.NOTIFIED)
         return self._final_ack(session, session_id, "complete")
 
-    def _write_receipt(self, session: Session) -> None:
+    def _write_receipt(self, session: UploadSession) -> None:
         assert session.digest is not None, "reply mode keeps every session's digest"
         receipt = {"session_id": session.id, "path": session.url_path, "size": session.received,
                    "sha256": session.digest.hexdigest()}
@@ -267,7 +267,7 @@ class UploadService:
         partial.write_text(json.dumps(receipt, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(partial, session.reply_file)
 
-    def _final_ack(self, session: Session, session_id: str | None, note: str) -> Ack:
+    def _final_ack(self, session: UploadSession, session_id: str | None, note: str) -> Ack:
         headers = [(Header.REPLY_URL, session.reply_url)] if session.reply_url else []
         return Ack(200, session_id=session_id, received=session.total, headers=headers, note=note)
 
@@ -277,11 +277,11 @@ class UploadService:
             return found
         session, session_id = found
         try:
-            if session.state is State.RECEIVE_FRAGMENTS:
-                self.table.end(session, Event.CLOSE)
+            if session.state is UploadState.RECEIVE_FRAGMENTS:
+                self.table.end(session, UploadEvent.CLOSE)
                 return Ack(200, session_id=session_id, note="closed before the last byte: discarded")
             if not session.data_file.is_file():
-                self.table.end(session, Event.CLOSE)
+                self.table.end(session, UploadEvent.CLOSE)
                 return Ack(404, session_id=session_id, note="the uploaded entity is gone")
             refused = self._refuse_existing(session.destination, session_id)
             if refused is not None:
@@ -295,7 +295,7 @@ class UploadService:
                 return error_ack(403, E_ACCESSDENIED, f"destination unsafe: {exc}", session_id)
             except OSError as exc:
                 return self._os_error_ack(exc, session_id)
-            self.table.end(session, Event.CLOSE)
+            self.table.end(session, UploadEvent.CLOSE)
             return Ack(200, session_id=session_id, note=f"published {session.url_path}")
         finally:
             session.lock.release()
@@ -318,7 +318,7 @@ class UploadService:
             return found
         session, session_id = found
         try:
-            self.table.end(session, Event.CANCEL)
+            self.table.end(session, UploadEvent.CANCEL)
             return Ack(200, session_id=session_id, note="cancelled")
         finally:
             session.lock.release()

@@ -24,7 +24,7 @@ from bitstrace.analyzer.bits.protocol import session_key
 from bitstrace.replay.server.paths import REPLIES_DIR, REPLY_FILE, REQUEST_FILE, REQUESTS_DIR, STATE_DIR, state_paths
 
 
-class State(enum.Enum):
+class UploadState(enum.Enum):
     INIT = "INIT"
     RECEIVE_FRAGMENTS = "RECEIVE_FRAGMENTS"
     NOTIFY = "NOTIFY"
@@ -34,7 +34,7 @@ class State(enum.Enum):
     EXPIRED = "EXPIRED"
 
 
-class Event(enum.Enum):
+class UploadEvent(enum.Enum):
     CREATE = "create"
     FRAGMENT = "fragment"  # bytes appended (or an already-acknowledged range resent)
     LAST_BYTE = "last-byte"  # the entity is complete: notify the application
@@ -45,25 +45,25 @@ class Event(enum.Enum):
     TIMEOUT = "timeout"
 
 
-TRANSITIONS: dict[tuple[State, Event], State] = {
-    (State.INIT, Event.CREATE): State.RECEIVE_FRAGMENTS,
-    (State.RECEIVE_FRAGMENTS, Event.FRAGMENT): State.RECEIVE_FRAGMENTS,
-    (State.RECEIVE_FRAGMENTS, Event.LAST_BYTE): State.NOTIFY,
-    (State.NOTIFY, Event.NOTIFIED): State.WAIT_FOR_CLOSE,
+TRANSITIONS: dict[tuple[UploadState, UploadEvent], UploadState] = {
+    (UploadState.INIT, UploadEvent.CREATE): UploadState.RECEIVE_FRAGMENTS,
+    (UploadState.RECEIVE_FRAGMENTS, UploadEvent.FRAGMENT): UploadState.RECEIVE_FRAGMENTS,
+    (UploadState.RECEIVE_FRAGMENTS, UploadEvent.LAST_BYTE): UploadState.NOTIFY,
+    (UploadState.NOTIFY, UploadEvent.NOTIFIED): UploadState.WAIT_FOR_CLOSE,
     # a failed notification leaves the session open: a resent final fragment retries it
-    (State.NOTIFY, Event.NOTIFY_FAILED): State.RECEIVE_FRAGMENTS,
+    (UploadState.NOTIFY, UploadEvent.NOTIFY_FAILED): UploadState.RECEIVE_FRAGMENTS,
     # a resent fragment after the last ack was lost: re-acked, never re-notified
-    (State.WAIT_FOR_CLOSE, Event.FRAGMENT): State.WAIT_FOR_CLOSE,
-    (State.WAIT_FOR_CLOSE, Event.CLOSE): State.COMPLETE,
+    (UploadState.WAIT_FOR_CLOSE, UploadEvent.FRAGMENT): UploadState.WAIT_FOR_CLOSE,
+    (UploadState.WAIT_FOR_CLOSE, UploadEvent.CLOSE): UploadState.COMPLETE,
     # Close before the last byte: the partial upload is discarded, never published (Win32)
-    (State.RECEIVE_FRAGMENTS, Event.CLOSE): State.COMPLETE,
-    (State.RECEIVE_FRAGMENTS, Event.CANCEL): State.CANCELLED,
-    (State.WAIT_FOR_CLOSE, Event.CANCEL): State.CANCELLED,
-    (State.RECEIVE_FRAGMENTS, Event.TIMEOUT): State.EXPIRED,
-    (State.WAIT_FOR_CLOSE, Event.TIMEOUT): State.EXPIRED,
+    (UploadState.RECEIVE_FRAGMENTS, UploadEvent.CLOSE): UploadState.COMPLETE,
+    (UploadState.RECEIVE_FRAGMENTS, UploadEvent.CANCEL): UploadState.CANCELLED,
+    (UploadState.WAIT_FOR_CLOSE, UploadEvent.CANCEL): UploadState.CANCELLED,
+    (UploadState.RECEIVE_FRAGMENTS, UploadEvent.TIMEOUT): UploadState.EXPIRED,
+    (UploadState.WAIT_FOR_CLOSE, UploadEvent.TIMEOUT): UploadState.EXPIRED,
 }
 
-ENDED = frozenset({State.COMPLETE, State.CANCELLED, State.EXPIRED})
+ENDED = frozenset({UploadState.COMPLETE, UploadState.CANCELLED, UploadState.EXPIRED})
 
 
 class IllegalTransition(RuntimeError):
@@ -83,7 +83,7 @@ class Abortable(Protocol):
 
 
 @dataclass(eq=False)
-class Session:
+class UploadSession:
     id: str
     destination: Path
     url_path: str  # decoded URL path the session was created on
@@ -91,7 +91,7 @@ class Session:
     reply_dir: Path
     protocol: str
     last_activity: float
-    state: State = State.INIT
+    state: UploadState = UploadState.INIT
     total: int | None = None
     received: int = 0  # next byte wanted: the contiguous high-water mark
     # sha256 of bytes 0..received, kept only when a receipt will carry it (upload-reply mode):
@@ -115,7 +115,7 @@ class Session:
     def reply_file(self) -> Path:
         return self.reply_dir / REPLY_FILE
 
-    def fire(self, event: Event) -> State:
+    def fire(self, event: UploadEvent) -> UploadState:
         try:
             self.state = TRANSITIONS[(self.state, event)]
         except KeyError:
@@ -130,7 +130,7 @@ class SessionTable:
         self.root = root
         self.timeout = timeout
         self.clock = clock
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, UploadSession] = {}
         self._per_client: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -142,12 +142,12 @@ class SessionTable:
         return self._per_client[client]
 
     def create(self, destination: Path, url_path: str, protocol: str, hashed: bool = False,
-               client: str = "") -> Session:
+               client: str = "") -> UploadSession:
         """A new session with an empty request file (OSError if it cannot be made); `hashed`:
         keep the sha256 of the bytes received."""
         session_id = new_session_id()
         data_dir, reply_dir = state_paths(self.root, session_id)
-        session = Session(session_id, destination, url_path, data_dir, reply_dir, protocol,
+        session = UploadSession(session_id, destination, url_path, data_dir, reply_dir, protocol,
                           last_activity=self.clock(), digest=hashlib.sha256() if hashed else None,
                           client=client)
         data_dir.mkdir(parents=True)
@@ -156,20 +156,20 @@ class SessionTable:
         except OSError:
             shutil.rmtree(data_dir, ignore_errors=True)
             raise
-        session.fire(Event.CREATE)
+        session.fire(UploadEvent.CREATE)
         with self._lock:
             self._sessions[session_key(session_id)] = session
             self._per_client[client] += 1
         return session
 
-    def get(self, session_id: str) -> Session | None:
+    def get(self, session_id: str) -> UploadSession | None:
         with self._lock:
             return self._sessions.get(session_key(session_id))
 
-    def touch(self, session: Session) -> None:
+    def touch(self, session: UploadSession) -> None:
         session.last_activity = self.clock()
 
-    def forget(self, session: Session) -> None:
+    def forget(self, session: UploadSession) -> None:
         """Take the session out of the table (later packets for it find no session); its data
         stays until `end`."""
         with self._lock:
@@ -178,7 +178,7 @@ class SessionTable:
                 if not self._per_client[session.client]:
                     del self._per_client[session.client]
 
-    def end(self, session: Session, event: Event) -> None:
+    def end(self, session: UploadSession, event: UploadEvent) -> None:
         """Apply a terminal event: drop the session and delete its temporary data and reply."""
         session.fire(event)
         self.forget(session)
@@ -206,7 +206,7 @@ class SessionTable:
                     removed.add(entry.name)
         return sorted(removed)
 
-    def expire_idle(self) -> list[Session]:
+    def expire_idle(self) -> list[UploadSession]:
         """Purge sessions idle longer than the timeout (busy sessions are left for the next sweep)."""
         limit = self.clock() - self.timeout
         with self._lock:
@@ -217,12 +217,12 @@ class SessionTable:
                 continue
             try:
                 if session.state not in ENDED and session.last_activity < limit:
-                    self.end(session, Event.TIMEOUT)
+                    self.end(session, UploadEvent.TIMEOUT)
                     expired.append(session)
             finally:
                 session.lock.release()
         return expired
 
-    def sessions(self) -> list[Session]:
+    def sessions(self) -> list[UploadSession]:
         with self._lock:
             return list(self._sessions.values())
