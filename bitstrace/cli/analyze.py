@@ -218,7 +218,9 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not (args.json or args.jsonl or args.html or args.logs or args.quiet or nothing_read):
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
-        _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
+        stories = packet_source(analysis, report)
+        _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color, packets=stories),
+               out)
     if not text_on_terminal:  # on a terminal the report's own problems table says it
         report_problems(analysis.problems, err)
     if args.fail_on:
