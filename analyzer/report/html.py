@@ -407,7 +407,7 @@ def _sessions_table(sessions: list[SessionRecord], plan: _Plan, ids: dict[str, s
             f"<td class=\"num\" data-v=\"{session.get('acknowledged') or 0}\">{escaped(_sizes(session))}"
             f"<br><span class=\"pct\">{escaped(percent(session.get('acknowledged') or 0, session.get('total')))}"
             "</span></td>"
-            f"<td class=\"num\">{escaped(_number(session.get('fragments')))}</td>"
+            f"<td class=\"num\" data-v=\"{_sortable(session.get('fragments'))}\">{escaped(_number(session.get('fragments')))}</td>"
             f"<td class=\"num\" data-v=\"{_sortable(session.get('first_ts'))}\">{escaped(clock.time(session.get('first_ts')))}</td>"
             f"<td class=\"num\" data-v=\"{_sortable(session.get('duration_s'))}\">{escaped(human_duration(session.get('duration_s')))}</td>"
             f"<td class=\"num\" data-v=\"{_sortable(session.get('throughput_bps'))}\">{escaped(human_rate(session.get('throughput_bps')))}</td>"
@@ -419,9 +419,11 @@ def _sessions_table(sessions: list[SessionRecord], plan: _Plan, ids: dict[str, s
 _VERDICT_ORDER = {"not-delivered": 0, "unknown": 1, "delivered": 2}
 
 
-def _sortable(value: float | None) -> str:
-    """A number for the script's sort key (an empty one sorts last)."""
-    return "" if value is None else f"{value:.6f}".rstrip("0").rstrip(".")
+def _sortable(value: object) -> str:
+    """A number for the script's sort key (anything else is empty, and sorts last)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.6f}".rstrip("0").rstrip(".")
 
 
 def _tools(table: str, rows: int, what: str, kinds: str = "") -> str:
