@@ -63,7 +63,7 @@ th{background:#eef1f4;font-weight:600;font-size:12.5px;position:sticky;top:0}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.wrap{overflow-wrap:anywhere;min-width:11em}
 a code,table.anomalies code{white-space:nowrap}.pct{font-size:11.5px;color:var(--muted)}
-table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 6px}
+table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 5px}
 table.sessions td:first-child,td.nowrap{white-space:nowrap}
 tr:hover td{background:#f8fafc}
 .badge{display:inline-block;padding:1px 7px;border-radius:10px;font-size:12px;font-weight:600;white-space:nowrap}
@@ -106,7 +106,7 @@ nav.jump{margin:4px 0 0;font-size:13px}
 .tools{margin:0 0 8px;display:flex;gap:12px;align-items:center;flex-wrap:wrap}
 .tools input{font:inherit;padding:3px 6px;min-width:22em}.tools select{font:inherit}
 th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
-table.paged th{cursor:pointer;user-select:none}table.sessions td.v{min-width:15em}
+table.paged th{cursor:pointer;user-select:none}table.sessions td.v{min-width:13em}
 dl.codes{margin:8px 0;font-size:12.5px}dl.codes div{display:flex;gap:8px}dl.codes dt{min-width:14em}dl.codes dd{margin:0;color:var(--muted)}
 footer{margin-top:40px;color:var(--muted);font-size:12.5px}
 details summary{cursor:pointer}
@@ -381,7 +381,7 @@ def _sessions_table(sessions: list[SessionRecord], plan: _Plan, ids: dict[str, s
              f"<option value=\"ok\">healthy ({count(len(sessions) - len(flagged))})</option></select> ")
     out.append(_tools("all-sessions", len(sessions), "id, client, URL, verdict, reason…", kinds) +
                "<table class=\"sessions paged\" id=\"all-sessions\"><thead><tr><th>Session</th><th>Client</th><th>URL</th>"
-               "<th>Verdict and why</th><th class=\"num\">Acknowledged / total</th>"
+               "<th>Verdict and why</th><th class=\"num\">Acknowledged</th>"
                "<th class=\"num\">Frags</th><th class=\"num\">Start (UTC)</th><th class=\"num\">Duration</th>"
                "<th class=\"num\">Throughput</th><th class=\"num\">Anomalies</th></tr></thead><tbody>")
     for position, index in enumerate(plan.table_order):
@@ -404,8 +404,9 @@ def _sessions_table(sessions: list[SessionRecord], plan: _Plan, ids: dict[str, s
             f"<td class=\"wrap\">{url}</td>"
             f"<td class=\"v\" data-v=\"{_VERDICT_ORDER.get(verdict or '', 0)} {escaped(verdict)}\">{_verdict(verdict)} "
             f"<span class=\"why\">{why}</span></td>"
-            f"<td class=\"num\" data-v=\"{session.get('acknowledged') or 0}\">{escaped(_sizes(session))}"
-            f"<br><span class=\"pct\">{escaped(percent(session.get('acknowledged') or 0, session.get('total')))}"
+            f"<td class=\"num\" data-v=\"{session.get('acknowledged') or 0}\">"
+            f"{escaped(human_size(session.get('acknowledged') or 0))}<br><span class=\"pct\">of "
+            f"{escaped(human_size(session.get('total')))} {escaped(percent(session.get('acknowledged') or 0, session.get('total')))}"
             "</span></td>"
             f"<td class=\"num\" data-v=\"{_sortable(session.get('fragments'))}\">{escaped(_number(session.get('fragments')))}</td>"
             f"<td class=\"num\" data-v=\"{_sortable(session.get('first_ts'))}\">{escaped(clock.time(session.get('first_ts')))}</td>"
@@ -440,10 +441,6 @@ def _tools(table: str, rows: int, what: str, kinds: str = "") -> str:
 def _hidden(position: int) -> str:
     """The attribute that keeps a row past PAGE_ROWS out of the first layout."""
     return " hidden" if position >= PAGE_ROWS else ""
-
-
-def _sizes(session: SessionRecord) -> str:
-    return f"{human_size(session.get('acknowledged') or 0)} / {human_size(session.get('total'))}"
 
 
 def _anomaly_title(anomaly: AnomalyRecord) -> str:
