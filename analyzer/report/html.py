@@ -171,14 +171,16 @@ class _Plan:
     """Which sessions get a section with their timeline, and each session's story."""
 
     def __init__(self, sessions: list[SessionRecord]) -> None:
-        flagged = sorted((n for n, s in enumerate(sessions) if needs_a_look(s)), key=lambda n: look_order(sessions[n]))
-        self.flagged = flagged
-        self.look = flagged[:MAX_TIMELINES]
-        self.others = ([n for n in range(len(sessions)) if n not in set(flagged)]
-                       if len(sessions) <= ALL_TIMELINES_UP_TO else [])
+        #: The sessions that need a look, worst first; the first MAX_TIMELINES of them are drawn.
+        self.flagged = sorted((n for n, s in enumerate(sessions) if needs_a_look(s)),
+                              key=lambda n: look_order(sessions[n]))
+        self.look = self.flagged[:MAX_TIMELINES]
+        flagged = set(self.flagged)
+        healthy = [n for n in range(len(sessions)) if n not in flagged]
+        #: The healthy sessions drawn too (in a small report), in capture order.
+        self.others = healthy if len(sessions) <= ALL_TIMELINES_UP_TO else []
         self.drawn = set(self.look) | set(self.others)
-        flagged_set = set(flagged)
-        self.table_order = flagged + [n for n in range(len(sessions)) if n not in flagged_set]
+        self.table_order = self.flagged + healthy
 
 
 def write_html(report: Report, out: IO[str], sessions_with_packets: Iterable[SessionRecord] | None = None) -> None:
