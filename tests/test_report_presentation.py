@@ -25,7 +25,7 @@ def test_shares_never_round_to_done_or_nothing():
     assert percent(1, 10_000) == "<1%"
     assert percent(0, 10_000) == "0%"
     assert percent(5, None) == ""
-    assert compact_progress({"acknowledged": 512 * 1024, "total": 1024 * 1024}) == "512K/1.00M 50%"
+    assert compact_progress({"acknowledged": 512 * 1024, "total": 1024 * 1024}) == "512KiB/1.00MiB 50%"
 
 
 def test_sizes_durations_frames():

@@ -35,7 +35,7 @@ def test_every_session_and_anomaly_appears():
     render_text(report, wide, color=False)
     wide_text = wide.export_text()
     for session in report["sessions"]:
-        assert session["url"] in wide_text  # at 120 columns a long URL folds
+        assert session["url"] in wide_text
         assert session["verdict"] in text
     # Two ids share their first 8 hex digits: both are lengthened until they differ.
     assert "A0FF5911-4…" in text and "A0FF5911-7…" in text
@@ -92,18 +92,25 @@ def test_anomalies_worst_first_then_by_time():
     assert codes.index("fragment-after-cancel") < codes.index("range-gap")  # 0.6 s before 1.0 s
 
 
-def test_no_escape_codes_without_colour_and_fixed_width():
+def test_no_escape_codes_without_colour_and_the_width_of_a_log(monkeypatch):
     report = fx.hostile_report()
     report["sessions"][0]["url"] += "\x1b[31m"
+    monkeypatch.delenv("COLUMNS", raising=False)
     plain = text_of(report)
     assert not ANSI.search(plain) and "\x1b" not in plain
-    assert max(len(line) for line in plain.splitlines()) <= 120
+    # Not a terminal, no COLUMNS: nothing folds, each row is one line however long.
+    rows = [line for line in plain.splitlines() if line.startswith("<script>…")]
+    assert len(rows) == 1 and "/up/<script>alert('url')</script>?a=1&b=\"2\"\\x1b[31m" in rows[0]
+    assert "[link=http://evil.example]x[/link]" in next(line for line in plain.splitlines()
+                                                         if line.startswith("info ") and "client-fingerprint" in line)
     # The control character is shown, escaped, and rich markup in capture strings stays text.
     assert "\\x1b[31m" in plain
     assert "[link=http://evil.example]x[/link]" in plain
     coloured = text_of(report, color=True)
     assert ANSI.search(coloured)
     assert "\\x1b[31m" in coloured  # the capture's own escape stays escaped with colour on
+    monkeypatch.setenv("COLUMNS", "120")
+    assert max(len(line) for line in text_of(report).splitlines()) <= 120
 
 
 def test_colour_marks_verdicts():
@@ -133,7 +140,8 @@ def test_given_console_is_used_and_wide_ones_show_start_times():
     assert "11:10:40.510" in text  # the cancelled session's start
 
 
-def test_empty_and_many():
+def test_empty_and_many(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
     assert "No BITS upload sessions in the capture." in text_of(fx.empty_report())
     assert "No anomalies." in text_of(fx.empty_report())
     many = fx.many_sessions(50)

@@ -2,20 +2,32 @@
 (schema.md): summary, sessions, anomalies, problems, downloads, and a section per session with
 its timeline (timeline.py, inline SVG).
 
+It is read first for what went wrong, so it opens with the sessions that need a look (not
+delivered, unknown, or with a warning or an error), worst first, each with its verdict and the
+reason for it, its story in words (presentation.session_story: the same sentences as the text
+report) and its timeline; then every session in one compact table; then the anomalies. A page
+of 2,000 sessions stays a few megabytes that a browser shows at once: at most MAX_TIMELINES
+timelines are drawn, and every timeline of a small report.
+
 Captures are hostile input, so every string that came from one is made printable and
-HTML-escaped, and the page forbids itself any script and any network access (Content Security
-Policy). Nothing needs JavaScript: the severity filter is CSS, tooltips are SVG <title>s.
+HTML-escaped, and the page forbids itself any network access and any script but its own
+(Content Security Policy: the one inline script is allowed by its hash). The script only sorts
+and filters the sessions table; without it everything is still there (the severity filter is
+CSS, tooltips are SVG <title>s).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import io
 from typing import IO, Iterable
 
 from bitstrace.analyzer.report.presentation import (
-    SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, escaped, human_duration,
-    human_rate, human_size, or_dash, percent, printable, several_captures, severity_counts, short_ids,
+    SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, count, escaped, has_story,
+    human_duration, human_rate, human_size, look_order, needs_a_look, or_dash, percent, printable, recreations,
+    session_story, several_captures, severity_counts, severity_rank, short_ids,
 )
 from bitstrace.analyzer.report.schema import (
     AnomalyRecord, DownloadRecord, ProblemRecord, Report, SessionRecord,
@@ -50,8 +62,8 @@ th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;vertic
 th{background:#eef1f4;font-weight:600;font-size:12.5px;position:sticky;top:0}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.wrap{overflow-wrap:anywhere;min-width:11em}
-a code,table.anomalies code{white-space:nowrap}.pct{font-size:11.5px;color:var(--muted);display:flex;gap:6px;align-items:center}
-table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 6px}
+a code,table.anomalies code{white-space:nowrap}.pct{font-size:11.5px;color:var(--muted)}
+table.sessions{font-size:13px}table.sessions td,table.sessions th{padding:5px 5px}
 table.sessions td:first-child,td.nowrap{white-space:nowrap}
 tr:hover td{background:#f8fafc}
 .badge{display:inline-block;padding:1px 7px;border-radius:10px;font-size:12px;font-weight:600;white-space:nowrap}
@@ -59,8 +71,6 @@ tr:hover td{background:#f8fafc}
 .v-unknown{background:#fdf0d0;color:#6b4700}
 .s-error{background:#fbe0d0;color:#8a3300}.s-warning{background:#fdf0d0;color:#6b4700}
 .s-info{background:#d6e8f5;color:#003f66}
-.bar{flex:1;height:6px;background:#e6e9ed;border-radius:3px;min-width:60px}
-.bar i{display:block;height:6px;border-radius:3px;background:var(--ok)}
 .counts .badge{margin-right:2px}
 .filter{margin:0 0 8px}.filter label{margin-right:14px;cursor:pointer}
 #f-warning:checked~table .a-info,#f-error:checked~table .a-info,#f-error:checked~table .a-warning{display:none}
@@ -88,14 +98,66 @@ svg text{font:11px system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;fi
 svg.legend{display:block;margin:6px 0 10px;max-width:100%}
 .legend-wrap{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:6px 12px}
 ul.anoms{margin:8px 0 0;padding-left:18px}ul.anoms li{margin:2px 0}
+ul.story{margin:6px 0;padding-left:18px;font-size:13.5px}ul.story li{margin:2px 0}
+.why{color:var(--ink);font-size:12.5px}.story{color:#3d4551;font-size:12px}p.url{margin:4px 0 0;color:var(--muted)}
+.session header .why{font-size:13.5px}
+nav.jump{margin:4px 0 0;font-size:13px}
+.allgood{background:#d4f0e6;border:1px solid var(--ok);border-radius:8px;padding:10px 14px;font-weight:600}
+.tools{margin:0 0 8px;display:flex;gap:12px;align-items:center;flex-wrap:wrap}
+.tools input{font:inherit;padding:3px 6px;min-width:22em}.tools select{font:inherit}
+th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
+table.paged th{cursor:pointer;user-select:none}table.sessions td.v{min-width:13em}
+dl.codes{margin:8px 0;font-size:12.5px}dl.codes div{display:flex;gap:8px}dl.codes dt{min-width:14em}dl.codes dd{margin:0;color:var(--muted)}
 footer{margin-top:40px;color:var(--muted);font-size:12.5px}
 details summary{cursor:pointer}
 @media print{body{background:#fff}main{max-width:none;padding:0}th{position:static}
-.filterbox input,.filterbox label{display:none}
+.filterbox input,.filterbox label,.tools{display:none}
 section.session{content-visibility:visible;break-inside:avoid}a{color:inherit;text-decoration:none}}
 """
 
-_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+#: The page's one script: the long tables (sessions, anomalies) sort by any column, filter by
+#: text (and the sessions by kind) and show PAGE_ROWS rows until asked for all; a browser lays out
+#: a few hundred rows at once, not thousands. Inline, so the page stays one self-contained file
+#: that works offline; allowed by its hash in the Content-Security-Policy, so nothing else can run
+#: (no other inline script, no source from anywhere). Without script the page is whole: a
+#: <noscript> style shows every row, and the controls stay hidden.
+SCRIPT = """(function(){
+var PAGE=200;
+function num(n){return n.toLocaleString('en-US');}
+[].forEach.call(document.querySelectorAll('table.paged'),function(t){
+var b=t.tBodies[0],heads=[].slice.call(t.tHead.rows[0].cells),tools=document.querySelector('[data-for="'+t.id+'"]');
+var q=tools.querySelector('input'),k=tools.querySelector('select'),shown=tools.querySelector('.shown'),
+matching=tools.querySelector('.matching'),more=tools.querySelector('button'),limit=PAGE;
+function words(r){if(r.words===undefined)r.words=r.textContent.toLowerCase();return r.words;}
+function apply(){var w=q.value.trim().toLowerCase(),c=k?k.value:'all',m=0,s=0;
+[].forEach.call(b.rows,function(r){var ok=(!w||words(r).indexOf(w)>=0)&&(c==='all'||r.getAttribute('data-kind')===c);
+if(ok)m++;var show=ok&&(limit===0||m<=limit);r.hidden=!show;if(show)s++;});
+shown.textContent=num(s);matching.textContent=num(m);more.hidden=limit===0||m<=limit;}
+q.addEventListener('input',apply);if(k)k.addEventListener('change',apply);
+more.addEventListener('click',function(){limit=0;apply();});
+heads.forEach(function(th,col){th.tabIndex=0;th.title='sort by this column';
+function sort(){var up=th.getAttribute('aria-sort')!=='ascending',isnum=th.classList.contains('num');
+heads.forEach(function(o){o.removeAttribute('aria-sort');});th.setAttribute('aria-sort',up?'ascending':'descending');
+var keyed=[].map.call(b.rows,function(r,i){var c=r.cells[col],v=c.hasAttribute('data-v')?c.getAttribute('data-v'):c.textContent;
+return [isnum?parseFloat(v):v.toLowerCase(),i,r];});
+keyed.sort(function(x,y){var a=x[0],z=y[0];
+if(isnum&&(isNaN(a)||isNaN(z)))return isNaN(a)===isNaN(z)?x[1]-y[1]:isNaN(a)?1:-1;
+var d=a<z?-1:a>z?1:0;return d?(up?d:-d):x[1]-y[1];});
+var f=document.createDocumentFragment();keyed.forEach(function(e){f.appendChild(e[2]);});b.appendChild(f);apply();}
+th.addEventListener('click',sort);
+th.addEventListener('keydown',function(e){if(e.key==='Enter'||e.key===' '){e.preventDefault();sort();}});});
+tools.hidden=false;});
+})();"""
+SCRIPT_HASH = "sha256-" + base64.b64encode(hashlib.sha256(SCRIPT.encode("utf-8")).digest()).decode("ascii")
+_CSP = (f"default-src 'none'; style-src 'unsafe-inline'; script-src '{SCRIPT_HASH}'; base-uri 'none'; "
+        "form-action 'none'")
+
+#: Full timelines at most per page: those of the sessions that need a look, worst first. A
+#: report of at most ALL_TIMELINES_UP_TO sessions draws every session's timeline.
+MAX_TIMELINES = 100
+ALL_TIMELINES_UP_TO = 20
+#: Rows of a long table shown before "show all" (the script's PAGE).
+PAGE_ROWS = 200
 
 
 def render_html(report: Report) -> str:
@@ -105,40 +167,126 @@ def render_html(report: Report) -> str:
     return page.getvalue()
 
 
+class _Plan:
+    """Which sessions get a section with their timeline, and each session's story."""
+
+    def __init__(self, sessions: list[SessionRecord]) -> None:
+        #: The sessions that need a look, worst first; the first MAX_TIMELINES of them are drawn.
+        self.flagged = sorted((n for n, s in enumerate(sessions) if needs_a_look(s)),
+                              key=lambda n: look_order(sessions[n]))
+        self.look = self.flagged[:MAX_TIMELINES]
+        flagged = set(self.flagged)
+        healthy = [n for n in range(len(sessions)) if n not in flagged]
+        #: The healthy sessions drawn too (in a small report), in capture order.
+        self.others = healthy if len(sessions) <= ALL_TIMELINES_UP_TO else []
+        self.drawn = set(self.look) | set(self.others)
+        self.table_order = self.flagged + healthy
+
+
 def write_html(report: Report, out: IO[str], sessions_with_packets: Iterable[SessionRecord] | None = None) -> None:
-    """Write the page to `out` part by part. The timelines draw `sessions_with_packets` when
-    given (the report's sessions with their packets, in the same order, made one at a time for a
-    report whose own session records leave the packets out), else the report's own."""
-    sessions_table = report.get("sessions") or []
+    """Write the page to `out`. The stories and timelines read `sessions_with_packets` when given
+    (the report's sessions with their packets, in the same order, made one at a time for a
+    report whose own session records leave the packets out), else the report's own. The page
+    shows the sessions that need a look first, each with its story and timeline (at most
+    MAX_TIMELINES), then every session in one sortable, filterable table."""
+    sessions = report.get("sessions") or []
     anomalies = all_anomalies(report)
-    ids = short_ids([s.get("id") for s in sessions_table] + [a.get("session") for a in anomalies])
-    anchors = {sid: f"s-{n}" for n, s in enumerate(sessions_table) if (sid := s.get("id")) is not None}
+    ids = short_ids([s.get("id") for s in sessions] + [a.get("session") for a in anomalies])
     clock = Clock(report)
+    several = several_captures(report)
+    plan = _Plan(sessions)
+    anchors = {sid: f"s-{n}" for n, s in enumerate(sessions) if n in plan.drawn and (sid := s.get("id")) is not None}
+    links = recreations(sessions, several)
+    fetches = _reply_fetches(sessions, report.get("downloads") or [])
+    # One pass over the sessions with their packets: each drawn section and each story is made
+    # while that session's packets are at hand, then the page is written in its own order.
+    sections: dict[int, str] = {}
+    stories: dict[int, list[str]] = {}
+    for index, session in enumerate(sessions if sessions_with_packets is None else sessions_with_packets):
+        if has_story(sessions[index]) or index in plan.drawn:
+            stories[index] = session_story(session, index, links, sessions, ids, several)
+        if index in plan.drawn:
+            sections[index] = _session_section(index, session, fetches.get(index, []), ids, clock, several,
+                                               stories[index])
     files = ", ".join(printable(c.get("file")) for c in report.get("captures") or [])
     tool = report.get("tool") or {}
-    several = several_captures(report)
     out.write("".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">",
         "<meta name=\"referrer\" content=\"no-referrer\">",
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">",
         f"<title>BITS upload report: {html.escape(files or 'no capture')}</title>",
-        f"<style>{_CSS}</style></head><body><main>",
+        f"<style>{_CSS}</style><noscript><style>table.paged tr[hidden]{{display:table-row}}</style></noscript>"
+        "</head><body><main>",
         "<h1>BITS upload report</h1>",
         f"<p class=\"sub\">{escaped(tool.get('name') or 'bits-analyze')} {escaped(tool.get('version') or '')}"
-        f" · report schema {escaped(report.get('version'))} · {len(report.get('captures') or [])} capture(s)</p>",
+        f" · report schema {escaped(report.get('version'))} · {_plural(len(report.get('captures') or []), 'capture')}</p>",
     ]))
-    for part in (_summary(report), _captures(report, clock), _sessions_table(sessions_table, ids, anchors, clock),
+    out.write("".join(_nav(report, plan, anomalies)))
+    out.write("".join(_summary(report)))
+    out.write("".join(_look(plan, sessions, sections)))
+    for part in (_sessions_table(sessions, plan, ids, anchors, clock, stories),
                  _anomalies(anomalies, ids, anchors, clock, several), _problems(report.get("problems") or []),
-                 _downloads(report.get("downloads") or [], clock)):
+                 _downloads(report.get("downloads") or [], clock), _captures(report, clock)):
         out.write("".join(part))
-    if sessions_table:
-        out.write("".join(_timelines_heading()))
-        fetches = _reply_fetches(sessions_table, report.get("downloads") or [])
-        for index, session in enumerate(sessions_table if sessions_with_packets is None else sessions_with_packets):
-            out.write(_session_section(index, session, fetches.get(index, []), ids, clock, several))
+    if plan.others:
+        out.write("<h2 id=\"timelines\">Timelines of the other sessions</h2>")
+        if not plan.look:
+            out.write("".join(_legend()))
+        for index in plan.others:
+            out.write(sections[index])
     out.write("".join(_counters(report)))
-    out.write("</main></body></html>\n")
+    out.write(f"<script>{SCRIPT}</script></main></body></html>\n" if sessions else "</main></body></html>\n")
+
+
+def _plural(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number:,} {singular if number == 1 else plural or singular + 's'}"
+
+
+def _nav(report: Report, plan: _Plan, anomalies: list[AnomalyRecord]) -> list[str]:
+    places = []
+    if plan.flagged:
+        places.append(("look", f"{count(len(plan.flagged))} need a look"))
+    if report.get("sessions"):
+        places.append(("sessions", f"all {count(len(report.get('sessions') or []))} sessions"))
+    places.append(("anomalies", f"{count(len(anomalies))} anomalies"))
+    places.append(("problems", f"{count(len(report.get('problems') or []))} input problems"))
+    if report.get("downloads"):
+        places.append(("downloads", f"{count(len(report.get('downloads') or []))} downloads"))
+    places.append(("captures", "captures"))
+    if plan.others:
+        places.append(("timelines", "other timelines"))
+    return ["<nav class=\"jump\">" + " · ".join(f"<a href=\"#{anchor}\">{label}</a>" for anchor, label in places)
+            + "</nav>"]
+
+
+def _legend() -> list[str]:
+    return ["<div class=\"legend-wrap\"><p class=\"note\">Timelines: time runs left to right from the session's "
+            "first packet; height is the byte offset in the file (0 at the bottom, the file size at the top). "
+            "Each fragment is a box from its request to its response, covering its byte range. "
+            "Hover any mark for details.</p>", LEGEND_SVG, "</div>"]
+
+
+def _look(plan: _Plan, sessions: list[SessionRecord], sections: dict[int, str]) -> list[str]:
+    if not sessions:
+        return []
+    if not plan.flagged:
+        return [f"<p class=\"allgood\" id=\"look\">✓ {_all_delivered(len(sessions))} delivered, "
+                "with no warning or error.</p>"]
+    out = [f"<h2 id=\"look\">Sessions that need a look ({count(len(plan.flagged))}), worst first</h2>",
+           "<p class=\"note\">Not delivered, unknown, or with a warning or an error: not delivered first, then "
+           "unknown, then by the worst anomaly and by time.</p>", *_legend()]
+    out += [sections[index] for index in plan.look]
+    if len(plan.flagged) > len(plan.look):
+        out.append(f"<p class=\"banner\">{count(len(plan.flagged) - len(plan.look))} more sessions need a look; "
+                   f"their timelines are left out to keep the page light (the first {count(len(plan.look))} are "
+                   "drawn). They lead the <a href=\"#sessions\">sessions table</a>; "
+                   "<code>bits-analyze --session ID --html FILE</code> draws any one of them.</p>")
+    return out
+
+
+def _all_delivered(number: int) -> str:
+    return "The session was" if number == 1 else f"All {count(number)} sessions were"
 
 
 # --- summary, captures ------------------------------------------------------------------------
@@ -153,25 +301,31 @@ def _summary(report: Report) -> list[str]:
              *((severity, anomalies.get(severity, 0), f"{_SEVERITY_MARK[severity]} {severity}")
                for severity in SEVERITIES),
              ("exchanges", summary.get("http_exchanges", 0),
-              f"HTTP exchanges ({summary.get('bits_exchanges', 0)} BITS, {summary.get('other_http', 0)} other)")]
+              f"HTTP exchanges ({count(summary.get('bits_exchanges', 0))} BITS, "
+              f"{count(summary.get('other_http', 0))} other)")]
     out = ["<div class=\"cards\">"]
     for kind, number, label in cards:
         zero = " zero" if number == 0 else ""
-        out.append(f"<div class=\"card {kind}{zero}\"><b>{escaped(number)}</b><span>{escaped(label)}</span></div>")
+        out.append(f"<div class=\"card {kind}{zero}\"><b>{escaped(_number(number))}</b><span>{escaped(label)}</span></div>")
     out.append("</div>")
     incomplete = [c for c in report.get("captures") or [] if not c.get("complete", True)]
     problems = report.get("problems") or []
     if incomplete or problems:
-        what = (f"{len(incomplete)} capture(s) could not be read to the end; " if incomplete else "")
-        out.append(f"<div class=\"banner\"><b>⚠ Input problems.</b> {what}{len(problems)} problem(s) "
+        what = (f"{_plural(len(incomplete), 'capture')} could not be read to the end; " if incomplete else "")
+        out.append(f"<div class=\"banner\"><b>⚠ Input problems.</b> {what}{_plural(len(problems), 'problem')} "
                    "met while reading: what could be read was analysed. "
                    "<a href=\"#problems\">See the problems</a>.</div>")
     return out
 
 
+def _number(value: object) -> object:
+    """A count with thousands separators; anything else (a report may hold anything) as it is."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _captures(report: Report, clock: Clock) -> list[str]:
     out = ["<h2 id=\"captures\">Captures</h2><table><thead><tr><th>File</th><th>Format</th>"
-           "<th class=\"num\">Frames</th><th class=\"num\">Bytes</th><th>First packet</th>"
+           "<th class=\"num\">Frames</th><th class=\"num\">Size</th><th>First packet</th>"
            "<th>Last packet</th><th class=\"num\">Duration</th><th class=\"num\">TCP connections</th>"
            "<th class=\"num\">HTTP exchanges</th><th>Read</th></tr></thead><tbody>"]
     for capture in report.get("captures") or []:
@@ -181,11 +335,12 @@ def _captures(report: Report, clock: Clock) -> list[str]:
                  else "<span class=\"badge v-not-delivered\">✗ incomplete</span>")
         out.append(
             f"<tr><td class=\"wrap mono\">{escaped(capture.get('file'))}</td><td>{escaped(capture.get('format'))}</td>"
-            f"<td class=\"num\">{capture.get('frames') or 0:,}</td>"
+            f"<td class=\"num\">{escaped(_number(capture.get('frames') or 0))}</td>"
             f"<td class=\"num\">{escaped(human_size(capture.get('bytes')))}</td>"
             f"<td>{escaped(clock.datetime(first))}</td><td>{escaped(clock.datetime(last))}</td>"
             f"<td class=\"num\">{escaped(human_duration(last - first) if first is not None and last is not None else '—')}</td>"
-            f"<td class=\"num\">{escaped(capture.get('connections'))}</td><td class=\"num\">{escaped(capture.get('exchanges'))}</td>"
+            f"<td class=\"num\">{escaped(_number(capture.get('connections')))}</td>"
+            f"<td class=\"num\">{escaped(_number(capture.get('exchanges')))}</td>"
             f"<td>{state}</td></tr>")
     out.append("</tbody></table>")
     legend = capture_legend(report)
@@ -203,7 +358,7 @@ def _verdict(verdict: str | None) -> str:
 
 def _severity_badges(anomalies: Iterable[AnomalyRecord]) -> str:
     counts = severity_counts(anomalies)
-    return "".join(f"<span class=\"badge s-{sev}\" title=\"{counts[sev]} {sev}\">{_SEVERITY_MARK[sev]} {counts[sev]}</span>"
+    return "".join(f"<span class=\"badge s-{sev}\" title=\"{counts[sev]:,} {sev}\">{_SEVERITY_MARK[sev]} {counts[sev]:,}</span>"
                    for sev in SEVERITIES if counts[sev]) or "<span class=\"note\">none</span>"
 
 
@@ -215,77 +370,130 @@ def _session_link(session_id: str | None, ids: dict[str, str], anchors: dict[str
     return f"<a href=\"#{anchor}\">{label}</a>" if anchor else label
 
 
-def _sessions_table(sessions: list[SessionRecord], ids: dict[str, str], anchors: dict[str, str],
-                    clock: Clock) -> list[str]:
-    out = [f"<h2 id=\"sessions\">Sessions ({len(sessions)})</h2>"]
+def _sessions_table(sessions: list[SessionRecord], plan: _Plan, ids: dict[str, str], anchors: dict[str, str],
+                    clock: Clock, stories: dict[int, list[str]]) -> list[str]:
+    """Every session, one compact row each: those that need a look first (worst first), then the
+    others in capture order; the page's script sorts by any column and filters the rows."""
+    out = [f"<h2 id=\"sessions\">Sessions ({count(len(sessions))})</h2>"]
     if not sessions:
         return out + ["<p>No BITS upload sessions in the capture.</p>"]
-    out.append("<table class=\"sessions\"><thead><tr><th>Session</th><th>Client</th><th>URL</th><th>State</th>"
-               "<th>Verdict</th><th class=\"num\">Acknowledged / total</th><th class=\"num\">Fragments</th>"
-               "<th>Start (UTC)</th><th class=\"num\">Duration</th><th class=\"num\">Throughput</th>"
-               "<th>Anomalies</th></tr></thead><tbody>")
-    for session in sessions:
-        share = _share(session)
+    flagged = set(plan.flagged)
+    kinds = ("<select aria-label=\"which sessions\"><option value=\"all\">all sessions</option>"
+             f"<option value=\"look\">need a look ({count(len(flagged))})</option>"
+             f"<option value=\"ok\">healthy ({count(len(sessions) - len(flagged))})</option></select> ")
+    out.append(_tools("all-sessions", len(sessions), "id, client, URL, verdict, reason…", kinds) +
+               "<table class=\"sessions paged\" id=\"all-sessions\"><thead><tr><th>Session</th><th>Client</th><th>URL</th>"
+               "<th>Verdict and why</th><th class=\"num\">Acknowledged</th>"
+               "<th class=\"num\">Frags</th><th class=\"num\">Start (UTC)</th><th class=\"num\">Duration</th>"
+               "<th class=\"num\">Throughput</th><th class=\"num\">Anomalies</th></tr></thead><tbody>")
+    for position, index in enumerate(plan.table_order):
+        session = sessions[index]
         name = _session_link(session.get("id"), ids, anchors)
         if session.get("before_capture"):
-            name += "<br><span class=\"note\" title=\"already running when the capture began\">before capture</span>"
+            name += "<br><span class=\"note\">before capture</span>"
         content = session.get("content_name")
         url = escaped(session.get("url")) + (f"<br><span class=\"note\">{escaped(content)}</span>" if content else "")
+        # A drawn session tells its story in its section, which the id links to.
+        story = "" if index in plan.drawn else " ".join(stories.get(index) or ())
+        why = (escaped(session.get("verdict_reason")) + f" <span class=\"note\">(state {escaped(session.get('state'))})</span>"
+               + (f"<br><span class=\"story\">{escaped(story)}</span>" if story else ""))
+        verdict = session.get("verdict")
+        counts = severity_counts(session.get("anomalies") or [])
+        weight = counts["error"] * 1_000_000 + counts["warning"] * 1_000 + counts["info"]
         out.append(
-            f"<tr><td>{name}</td><td class=\"mono nowrap\">{escaped(session.get('client'))}</td>"
-            f"<td class=\"wrap\">{url}</td><td>{escaped(session.get('state'))}</td>"
-            f"<td>{_verdict(session.get('verdict'))}</td>"
-            f"<td class=\"num\">{escaped(_sizes(session))}<div class=\"pct\"><div class=\"bar\">"
-            f"<i style=\"width:{share:.1f}%\"></i></div>{escaped(percent(session.get('acknowledged') or 0, session.get('total')))}"
-            "</div></td>"
-            f"<td class=\"num\">{escaped(session.get('fragments'))}</td><td>{escaped(clock.time(session.get('first_ts')))}</td>"
-            f"<td class=\"num\">{escaped(human_duration(session.get('duration_s')))}</td>"
-            f"<td class=\"num\">{escaped(human_rate(session.get('throughput_bps')))}</td>"
-            f"<td class=\"counts\">{_severity_badges(session.get('anomalies') or [])}</td></tr>")
+            f"<tr data-kind=\"{'look' if index in flagged else 'ok'}\"{_hidden(position)}><td>{name}</td>"
+            f"<td class=\"mono nowrap\">{escaped(session.get('client'))}</td>"
+            f"<td class=\"wrap\">{url}</td>"
+            f"<td class=\"v\" data-v=\"{_VERDICT_ORDER.get(verdict or '', 0)} {escaped(verdict)}\">{_verdict(verdict)} "
+            f"<span class=\"why\">{why}</span></td>"
+            f"<td class=\"num\" data-v=\"{session.get('acknowledged') or 0}\">"
+            f"{escaped(human_size(session.get('acknowledged') or 0))}<br><span class=\"pct\">of "
+            f"{escaped(human_size(session.get('total')))} {escaped(percent(session.get('acknowledged') or 0, session.get('total')))}"
+            "</span></td>"
+            f"<td class=\"num\" data-v=\"{_sortable(session.get('fragments'))}\">{escaped(_number(session.get('fragments')))}</td>"
+            f"<td class=\"num\" data-v=\"{_sortable(session.get('first_ts'))}\">{escaped(clock.time(session.get('first_ts')))}</td>"
+            f"<td class=\"num\" data-v=\"{_sortable(session.get('duration_s'))}\">{escaped(human_duration(session.get('duration_s')))}</td>"
+            f"<td class=\"num\" data-v=\"{_sortable(session.get('throughput_bps'))}\">{escaped(human_rate(session.get('throughput_bps')))}</td>"
+            f"<td class=\"num counts\" data-v=\"{weight}\">{_severity_badges(session.get('anomalies') or [])}</td></tr>")
     out.append("</tbody></table>")
     return out
 
 
-def _sizes(session: SessionRecord) -> str:
-    return f"{human_size(session.get('acknowledged') or 0)} / {human_size(session.get('total'))}"
+_VERDICT_ORDER = {"not-delivered": 0, "unknown": 1, "delivered": 2}
 
 
-def _share(session: SessionRecord) -> float:
-    total, acknowledged = session.get("total"), session.get("acknowledged") or 0
-    return min(100.0, 100.0 * acknowledged / total) if total else 0.0
+def _sortable(value: object) -> str:
+    """A number for the script's sort key (anything else is empty, and sorts last)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.6f}".rstrip("0").rstrip(".")
 
 
-# --- anomalies, problems, downloads -----------------------------------------------------------
+def _tools(table: str, rows: int, what: str, kinds: str = "") -> str:
+    """The controls of a paged table (shown by the script): a text filter, `kinds` (a <select>),
+    how many rows show, and the button that shows them all."""
+    shown = min(rows, PAGE_ROWS)
+    return (f"<div class=\"tools\" data-for=\"{table}\" hidden><label>Filter <input type=\"search\" "
+            f"placeholder=\"{what}\" autocomplete=\"off\"></label> {kinds}"
+            f"<span class=\"note\"><span class=\"shown\">{count(shown)}</span> shown of "
+            f"<span class=\"matching\">{count(rows)}</span> · click a column heading to sort</span> "
+            f"<button type=\"button\"{'' if rows > PAGE_ROWS else ' hidden'}>show all</button></div>")
+
+
+def _hidden(position: int) -> str:
+    """The attribute that keeps a row past PAGE_ROWS out of the first layout."""
+    return " hidden" if position >= PAGE_ROWS else ""
+
 
 def _anomaly_title(anomaly: AnomalyRecord) -> str:
     spec = f" ({anomaly['spec']})" if (anomaly.get("spec") or "-") != "-" else ""
     return escaped(f"{anomaly.get('meaning') or ''}{spec}")
 
 
+#: Rows of the anomalies table at most (worst first); --json has them all.
+MAX_ANOMALY_ROWS = 5_000
+
+
 def _anomalies(anomalies: list[AnomalyRecord], ids: dict[str, str], anchors: dict[str, str], clock: Clock,
                several: bool) -> list[str]:
-    out = [f"<h2 id=\"anomalies\">Anomalies ({len(anomalies)})</h2>"]
+    out = [f"<h2 id=\"anomalies\">Anomalies ({count(len(anomalies))})</h2>"]
     if not anomalies:
         return out + ["<p>No anomalies.</p>"]
+    ordered = sorted(anomalies, key=anomaly_order)
+    listed = ordered[:MAX_ANOMALY_ROWS]
     out.append("<div class=\"filterbox\"><p class=\"note\">Worst first: errors, warnings, then information; "
-               "by time within each. Hover a code for the rule it comes from.</p>"
+               "by time within each. What each code means is listed under the table.</p>"
                "<input type=\"radio\" name=\"sev\" id=\"f-info\" checked><label for=\"f-info\"> all</label> "
                "<input type=\"radio\" name=\"sev\" id=\"f-warning\"><label for=\"f-warning\"> warnings and errors</label> "
                "<input type=\"radio\" name=\"sev\" id=\"f-error\"><label for=\"f-error\"> errors only</label>"
-               "<table class=\"anomalies\"><thead><tr><th>Severity</th><th>Code</th><th>Session</th>"
-               "<th>Frames</th><th>Time (UTC)</th><th>Message</th></tr></thead><tbody>")
-    for anomaly in sorted(anomalies, key=anomaly_order):
+               + _tools("all-anomalies", len(listed), "code, session, message…") +
+               "<table class=\"anomalies paged\" id=\"all-anomalies\"><thead><tr><th>Severity</th><th>Code</th>"
+               "<th>Session</th><th>Frames</th><th class=\"num\">Time (UTC)</th><th>Message</th></tr></thead><tbody>")
+    for position, anomaly in enumerate(listed):
         severity = anomaly.get("severity")
         css = severity if severity in SEVERITIES else "error"
         where = _session_link(anomaly.get("session"), ids, anchors)
         if anomaly.get("session") is None and anomaly.get("connection") is not None:
             where = f"<span class=\"note\">stream {escaped(anomaly['connection'])}</span>"
         out.append(
-            f"<tr class=\"a-{css}\"><td><span class=\"badge s-{css}\">{_SEVERITY_MARK[css]} {escaped(severity)}</span></td>"
-            f"<td><code title=\"{_anomaly_title(anomaly)}\">{escaped(anomaly.get('code'))}</code></td>"
+            f"<tr class=\"a-{css}\"{_hidden(position)}><td data-v=\"{severity_rank(severity)}\"><span class=\"badge s-{css}\">"
+            f"{_SEVERITY_MARK[css]} {escaped(severity)}</span></td>"
+            f"<td><code>{escaped(anomaly.get('code'))}</code></td>"
             f"<td>{where}</td><td class=\"mono\">{escaped(anomaly_frames(anomaly, several))}</td>"
-            f"<td>{escaped(clock.time(anomaly.get('ts')))}</td><td class=\"wrap\">{escaped(anomaly.get('message'))}</td></tr>")
+            f"<td class=\"num\" data-v=\"{_sortable(anomaly.get('ts'))}\">{escaped(clock.time(anomaly.get('ts')))}</td>"
+            f"<td class=\"wrap\">{escaped(anomaly.get('message'))}</td></tr>")
     out.append("</tbody></table></div>")
+    if len(ordered) > len(listed):
+        left = severity_counts(ordered[len(listed):])
+        detail = ", ".join(f"{number:,} {severity}" for severity, number in left.items() if number)
+        out.append(f"<p class=\"banner\">{count(len(ordered) - len(listed))} more anomalies ({escaped(detail)}) "
+                   "are not listed here; <code>bits-analyze --json</code> has every one.</p>")
+    rules: dict[str, AnomalyRecord] = {}
+    for anomaly in ordered:
+        rules.setdefault(printable(anomaly.get("code")), anomaly)
+    out.append("<dl class=\"codes\">" + "".join(
+        f"<div><dt><code>{escaped(code)}</code></dt><dd>{_anomaly_title(anomaly)}</dd></div>"
+        for code, anomaly in sorted(rules.items())) + "</dl>")
     return out
 
 
@@ -339,14 +547,6 @@ def _row(*cells: tuple[str, str]) -> str:
 
 # --- session sections -------------------------------------------------------------------------
 
-def _timelines_heading() -> list[str]:
-    return ["<h2 id=\"timelines\">Session timelines</h2>",
-            "<div class=\"legend-wrap\"><p class=\"note\">Time runs left to right from the session's first "
-            "packet; height is the byte offset in the file (0 at the bottom, the file size at the top). "
-            "Each fragment is a box from its request to its response, covering its byte range. "
-            "Hover any mark for details.</p>", LEGEND_SVG, "</div>"]
-
-
 def _facts(session: SessionRecord, clock: Clock) -> str:
     rows = [
         ("Session id", session.get("id")), ("Client", session.get("client")), ("Server", session.get("server")),
@@ -355,12 +555,12 @@ def _facts(session: SessionRecord, clock: Clock) -> str:
         ("State", session.get("state")), ("Reply URL", session.get("reply_url")),
         ("Acknowledged", _acknowledged(session)),
         ("Bytes sent", f"{session.get('bytes_sent') or 0:,} (resends included)"),
-        ("Fragments", session.get("fragments")),
+        ("Fragments", _number(session.get("fragments"))),
         ("First packet", clock.datetime(session.get("first_ts"))),
         ("Last packet", clock.datetime(session.get("last_ts"))),
         ("Duration", human_duration(session.get("duration_s"))),
         ("Throughput", human_rate(session.get("throughput_bps"))),
-        ("TCP streams", ", ".join(str(c) for c in session.get("connections") or []) or "—"),
+        ("TCP connections", ", ".join(str(c) for c in session.get("connections") or []) or "—"),
     ]
     extracted = session.get("extracted")
     if extracted:
@@ -396,7 +596,7 @@ def _reply_fetches(sessions: list[SessionRecord], downloads: list[DownloadRecord
 
 
 def _session_section(index: int, session: SessionRecord, fetches: list[DownloadRecord], ids: dict[str, str], clock: Clock,
-                     several: bool) -> str:
+                     several: bool, story: list[str]) -> str:
     sid = session.get("id")
     before = " <span class=\"note\">already running when the capture began</span>" if session.get("before_capture") else ""
     svg, notes = timeline_svg(session, fetches, clock, several)
@@ -406,10 +606,13 @@ def _session_section(index: int, session: SessionRecord, fetches: list[DownloadR
         f"{escaped(a.get('severity'))}</span> <code title=\"{_anomaly_title(a)}\">{escaped(a.get('code'))}</code> "
         f"<span class=\"note\">frames {escaped(anomaly_frames(a, several))}</span> {escaped(a.get('message'))}</li>"
         for a in anomalies)
+    told = "".join(f"<li>{escaped(sentence)}</li>" for sentence in story)
     return (f"<section class=\"session\" id=\"s-{index}\"><header><h3>Session <code title=\"{escaped(sid)}\">"
             f"{escaped(ids.get(sid, sid) if sid is not None else '(no id)')}</code></h3>{_verdict(session.get('verdict'))}"
-            f"<span class=\"note\">{escaped(session.get('url'))}</span>{before}</header>"
-            f"{_facts(session, clock)}{svg}"
+            f"<span class=\"why\">{escaped(session.get('verdict_reason'))}</span>{before}</header>"
+            f"<p class=\"url\">{escaped(session.get('url'))}</p>"
+            + (f"<ul class=\"story\">{told}</ul>" if told else "")
+            + f"{_facts(session, clock)}{svg}"
             + "".join(f"<p class=\"note\">{escaped(n)}</p>" for n in notes)
             + (f"<ul class=\"anoms\">{listed}</ul>" if listed else "")
             + "</section>")

@@ -1,5 +1,13 @@
 """What the human-facing renderings (text, HTML and its timelines) share: severity order,
-display-safe strings, human sizes and durations, short session ids, the worst-first anomaly order.
+display-safe strings, counts, human sizes and durations, short session ids, the worst-first
+anomaly order, which sessions need a look, and the story of a session told in words.
+
+One unit system everywhere a person reads a size: binary multiples with their IEC names (KiB,
+MiB, GiB: 1 KiB = 1,024 bytes), in the text, the HTML and the progress bar alike. Binary
+because fragment sizes, server limits and the protocol's own figures are powers of two; the
+names say it, so `5.84 MiB` is never read as millions of bytes. Counts carry thousands
+separators (`2,000`); byte positions inside a range (`bytes 32768-65535`) stay as the
+Content-Range header writes them, so they can be searched for in the capture.
 
 Everything here reads the report of schema version 1 (schema.md, schema.py) and nothing else.
 """
@@ -10,9 +18,13 @@ import datetime as dt
 import html
 import math
 import unicodedata
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
-from bitstrace.analyzer.report.schema import AnomalyRecord, ClockSkewRecord, Report, SessionRecord
+from bitstrace.analyzer.report.schema import AnomalyRecord, ClockSkewRecord, PacketRecord, Report, SessionRecord
+
+#: A session's packet records by its index in the report (json.PacketSource): the renderers that
+#: tell a session's story ask for the packets of the sessions that have one, and only those.
+Packets = Callable[[int], list[PacketRecord]]
 
 SEVERITIES = ("error", "warning", "info")
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
@@ -88,11 +100,15 @@ def human_size(size: int | float | None) -> str:
 
 
 def compact_size(size: int | float | None) -> str:
-    """`512B`, `4.78K`, `128K`, `1.00M`: human_size for narrow table columns (binary units)."""
+    """`512B`, `4.78KiB`, `128KiB`, `1.00MiB`: human_size without the space, for narrow columns."""
     if size is None:
         return "?"
-    number, unit = human_size(size).split(" ")
-    return number + unit[0]
+    return human_size(size).replace(" ", "")
+
+
+def count(number: int | None) -> str:
+    """`2,000`: a count as people read it (`—` when unknown)."""
+    return "—" if number is None else f"{number:,}"
 
 
 def human_rate(bytes_per_second: float | None, *, compact: bool = False) -> str:
@@ -145,7 +161,7 @@ def percent(part: int | None, whole: int | None) -> str:
 
 
 def compact_progress(session: SessionRecord) -> str:
-    """`512K/1.00M 50%`: the acknowledged share of the file, for a narrow column."""
+    """`512KiB/1.00MiB 50%`: the acknowledged share of the file, for a narrow column."""
     acknowledged, total = session.get("acknowledged") or 0, session.get("total")
     share = percent(acknowledged, total)
     shown = f"{compact_size(acknowledged)}/{compact_size(total)}"
@@ -279,3 +295,183 @@ class Clock:
             return "—"
         moment = self._utc(ts)
         return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} UTC"
+
+
+# --- which sessions need a look, and their story --------------------------------------------
+
+def needs_a_look(session: SessionRecord) -> bool:
+    """Not delivered, or with an anomaly worse than info: what a reader must see first."""
+    return (session.get("verdict") != "delivered"
+            or any(severity_rank(a.get("severity")) < severity_rank("info") for a in session.get("anomalies") or ()))
+
+
+_VERDICT_RANK = {"not-delivered": 0, "unknown": 1, "delivered": 2}
+
+
+def look_order(session: SessionRecord) -> tuple[int, int, bool, float]:
+    """Worst first: not delivered, unknown, delivered; within each the worst anomaly (error,
+    warning, info, none), then by start time (untimed last)."""
+    worst = min((severity_rank(a.get("severity")) for a in session.get("anomalies") or ()), default=len(SEVERITIES))
+    ts = session.get("first_ts")
+    return (_VERDICT_RANK.get(session.get("verdict") or "", 0), worst, ts is None, ts or 0.0)
+
+
+#: Record-level signs that a session has a story worth telling (checked without its packets).
+_STORY_CODES = frozenset({"session-recreated", "host-redirect", "no-response", "session-before-capture"})
+
+
+def has_story(session: SessionRecord) -> bool:
+    """Whether `session_story` may find something to tell: several connections, a recreation,
+    a redirect, a lost answer, a start before the capture, or the server forgetting it. Decided
+    from the record alone, so the packets are built only for the sessions that need them."""
+    return (len(session.get("connections") or ()) > 1 or bool(session.get("before_capture"))
+            or session.get("state") == "expired"
+            or any(a.get("code") in _STORY_CODES for a in session.get("anomalies") or ()))
+
+
+class Recreation(NamedTuple):
+    """A session the server forgot (BG_E_SESSION_NOT_FOUND) and the one created for it."""
+
+    gone: int  # index of the forgotten session in the report
+    successor: int  # index of the session created after it
+    frame: str  # the successor's Create-Session, as frame_name writes it
+
+
+def recreations(sessions: list[SessionRecord], several: bool) -> list[Recreation]:
+    """The pairs the `session-recreated` anomalies name. The anomaly sits on the new session and
+    names the forgotten one in its message; that one is looked for among the earlier sessions
+    for the same URL from the same client address (the analyzer's own grouping)."""
+    found = []
+    for index, session in enumerate(sessions):
+        for anomaly in session.get("anomalies") or ():
+            if anomaly.get("code") != "session-recreated":
+                continue
+            message = anomaly.get("message") or ""
+            earlier = [n for n, other in enumerate(sessions)
+                       if n != index and other.get("url") == session.get("url")
+                       and _address(other.get("client")) == _address(session.get("client"))
+                       and (other.get("first_ts") or 0.0) <= (session.get("first_ts") or 0.0)]
+            named = [n for n in earlier if (sessions[n].get("id") or "\0") in message]
+            gone = named[-1] if named else next((n for n in reversed(earlier) if sessions[n].get("state") == "expired"), None)
+            if gone is not None:
+                frames = anomaly.get("frames") or []
+                captures = anomaly.get("captures") or []
+                found.append(Recreation(gone, index, frame_name(frames[0] if frames else None,
+                                                                captures[0] if captures else None, several)))
+    return found
+
+
+def _address(endpoint: str | None) -> str:
+    """The address of `ip:port` or `[ip6]:port` (a client's port changes with its connection)."""
+    text = endpoint or ""
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 or text.startswith("[") else text
+
+
+def _span(packet: PacketRecord) -> str:
+    rng = packet["request"].get("range")
+    return f"bytes {rng.get('first')}-{rng.get('last')}" if rng else printable(packet.get("type") or "packet")
+
+
+def _sent(packet: PacketRecord) -> str:
+    """`10,000 of 32,768 body bytes sent` for a cut request, "" for a whole one."""
+    request = packet["request"]
+    rng = request.get("range")
+    expected = request.get("content_length")
+    if expected is None and rng:
+        expected = (rng.get("last") or 0) - (rng.get("first") or 0) + 1
+    sent = request.get("body_length")
+    if expected is None or sent is None or sent >= expected:
+        return ""
+    return f"{sent:,} of {expected:,} body bytes sent"
+
+
+def _connection_change(before: PacketRecord, after: PacketRecord, host_id: str | None, several: bool) -> str:
+    """One sentence: why the session left connection `before` for connection `after`."""
+    old, new = before.get("connection"), after.get("connection")
+    response, request = before.get("response"), before["request"]
+    if "host-redirect" in (after.get("anomalies") or ()) and host_id:
+        opening = (f"The server's ack named BITS-Host-Id {printable(host_id)}: the upload moved to that host "
+                   f"on connection {new}")
+    else:
+        if response is None:
+            cut = _sent(before)
+            if cut:
+                opening = f"Connection {old} closed mid-fragment ({_span(before)}: {cut}, no ack)"
+            else:
+                opening = f"Connection {old} ended before the answer to {_span(before)} (frame {frame_name(request.get('frame'), request.get('capture'), several)})"
+        else:
+            after_range, before_range = after["request"].get("range"), request.get("range")
+            frame = frame_name(response.get("frame"), response.get("capture"), several)
+            if (after_range and before_range and response.get("status") in (200, 201)
+                    and (after_range.get("first") or 0) <= (before_range.get("first") or 0)):
+                # The same bytes again on the new connection: the client never took the ack in.
+                opening = (f"Connection {old} ended after the server acknowledged {_span(before)} (frame {frame}), "
+                           "an ack the client evidently did not read")
+            else:
+                opening = f"Connection {old} ended after the answer to {_span(before)} (frame {frame})"
+        opening += f"; resumed on connection {new}"
+    after_range = after["request"].get("range")
+    if after_range:
+        opening += f" from byte {after_range.get('first')}"
+        answer = after.get("response")
+        if answer is not None and answer.get("status") == 416 and answer.get("received") is not None:
+            opening += (f": the server answered 416 (it had {answer['received']:,} bytes already) "
+                        "and the client went on from there")
+    else:
+        opening += f" with {printable(after.get('type') or 'a packet')}"
+    return opening + "."
+
+
+def session_story(session: SessionRecord, index: int, links: list[Recreation], sessions: list[SessionRecord],
+                  ids: dict[str, str], several: bool) -> list[str]:
+    """What happened to the session, in sentences, where it is more than "created, uploaded,
+    closed": a start before the capture, each move to another TCP connection (a cut one, an
+    answer lost, a Host-Id redirect) and where the upload took up again, the server forgetting
+    the session and the session created in its place. Derived from the session's packets (which
+    connection each went on, cut bodies, missing answers, 416 offsets) and from the anomalies
+    session-recreated and host-redirect; `links` is `recreations(sessions, several)`."""
+    packets = session.get("packets") or []
+    story: list[str] = []
+    if session.get("before_capture"):
+        first = next((p["request"]["range"] for p in packets if p["request"].get("range")), None)
+        story.append("Already under way when the capture began" +
+                     (f": the first fragment seen starts at byte {first.get('first')}." if first else "."))
+    for link in links:
+        if link.successor == index:
+            gone = sessions[link.gone]
+            start = next((p["request"]["range"] for p in packets if p["request"].get("range")), None)
+            story.append(f"Created (frame {link.frame}) after the server no longer knew session "
+                         f"{_short(gone.get('id'), ids)} (BG_E_SESSION_NOT_FOUND): a new session for the same URL"
+                         + (f", starting over from byte {start.get('first')}." if start else "."))
+    host_id: str | None = None
+    for before, after in zip(packets, packets[1:]):
+        answer = before.get("response")
+        if answer is not None and answer.get("host_id"):
+            host_id = answer.get("host_id")
+        if before.get("connection") != after.get("connection"):
+            story.append(_connection_change(before, after, host_id, several))
+    if packets and packets[-1].get("response") is None and packets[-1]["request"].get("range"):
+        last = packets[-1]
+        cut = _sent(last)
+        story.append(f"The capture holds no answer to the last fragment ({_span(last)}"
+                     + (f", {cut}" if cut else "") + f") on connection {last.get('connection')}.")
+    forgotten = next((response for p in packets if (response := p.get("response")) is not None
+                      and response.get("error_name") == "BG_E_SESSION_NOT_FOUND"), None)
+    if forgotten is not None and session.get("state") == "expired":
+        frame = frame_name(forgotten.get("frame"), forgotten.get("capture"), several)
+        acknowledged, total = session.get("acknowledged") or 0, session.get("total")
+        sentence = (f"The server no longer knew the session (BG_E_SESSION_NOT_FOUND at frame {frame}) with "
+                    f"{acknowledged:,} of {count(total)} bytes acknowledged")
+        successors = [link for link in links if link.gone == index]
+        if successors:
+            successor = sessions[successors[0].successor]
+            sentence += (f"; the client created session {_short(successor.get('id'), ids)} (frame "
+                         f"{successors[0].frame}) for the same URL")
+        else:
+            sentence += "; no new session for it follows in the capture"
+        story.append(sentence + ".")
+    return story
+
+
+def _short(session_id: str | None, ids: dict[str, str]) -> str:
+    return "(no id)" if session_id is None else ids.get(session_id, printable(session_id))

@@ -2,8 +2,18 @@
 
 Read by network and support engineers and by auditors, in a terminal or in a log file: a header
 line per capture, the sessions table, the anomalies worst first, downloads and counts, problems.
-Colour only when asked for; without it the output holds no escape codes at all and keeps a
-fixed width of 120 columns when it does not go to a terminal, so it reads the same in a log.
+Colour only when asked for; without it the output holds no escape codes at all.
+
+Width: a terminal's own (rich measures it, and honours COLUMNS). Anywhere else (a pipe, a file,
+a CI log) COLUMNS when it is set, else no limit at all: every table row is one line as long as
+its content, nothing folds or wraps. A log is read with grep, less -S, an editor or a CI log
+viewer, each of which shows long lines its own way; a row folded at some fixed width would
+split one record over several lines, and grep would find half a row. Whoever wants a width
+says so: `COLUMNS=100 bits-analyze x.pcap | less`.
+
+Sessions that need a look, and those with a story worth telling (a cut connection, a resume, a
+recreation after BG_E_SESSION_NOT_FOUND, a Host-Id redirect), get a few words under the table:
+the verdict's reason and presentation.session_story's sentences, the same as the HTML page's.
 
 A table holds at most TABLE_ROWS rows, so a capture of thousands of sessions still gives a page
 a person reads (and renders in a moment): the sessions that need a look (not delivered, or with
@@ -13,6 +23,7 @@ how many of each were left out. The JSON and HTML reports hold every row.
 
 from __future__ import annotations
 
+import os
 from typing import IO, Callable, Iterable, Sequence, TypedDict, TypeVar
 
 from rich import box
@@ -24,15 +35,16 @@ from rich.table import Table
 from rich.text import Text
 
 from bitstrace.analyzer.report.presentation import (
-    SEVERITIES, Clock, all_anomalies, anomaly_frames, anomaly_order, capture_legend, check_min_severity,
-    compact_progress, clip, human_duration, human_rate, human_size, printable, severity_counts, severity_rank,
-    several_captures, short_ids, skew_sentence,
+    SEVERITIES, Clock, Packets, all_anomalies, anomaly_frames, anomaly_order, capture_legend, check_min_severity,
+    compact_progress, clip, count, has_story, human_duration, human_rate, human_size, look_order, needs_a_look,
+    printable, recreations, session_story, severity_counts, severity_rank, several_captures, short_ids, skew_sentence,
 )
 from bitstrace.analyzer.report.schema import (
     AnomalyRecord, DownloadRecord, ExtractedRecord, ProblemRecord, Report, SessionRecord,
 )
 
-LOG_WIDTH = 120
+LOG_WIDTH = 120  # the width from which the sessions table shows all but the start column
+UNBOUNDED = 1 << 20  # "no limit": wider than any row the report writes
 WIDE = 140  # room for the sessions' start times
 NARROW = 100  # below this the anomalies are a list, not a table
 URL_LIMIT = 200  # longer URLs are cut in the table; --json has them whole
@@ -63,10 +75,12 @@ class _Palette:
 
 
 def render_text(report: Report, console_or_file: Console | IO[str], *, min_severity: str = "info",
-                color: bool) -> None:
+                color: bool, packets: Packets | None = None) -> None:
     """Write the report for people. `console_or_file` is a rich Console or a text file; anomalies
     below `min_severity` ("error" > "warning" > "info") are left out (and counted as such), and
-    each table keeps to TABLE_ROWS rows (and says what it left out)."""
+    each table keeps to TABLE_ROWS rows (and says what it left out). The stories read the
+    sessions' packets from `packets` when given (a report built without them), else from the
+    records, and only for the sessions that have a story to tell."""
     threshold = check_min_severity(min_severity)
     console = _console(console_or_file, color)
     palette = _Palette(color)
@@ -81,6 +95,7 @@ def render_text(report: Report, console_or_file: Console | IO[str], *, min_sever
         _captures(report, palette, clock),
         _summary(report, palette),
         _sessions(sessions, ids, palette, clock, console.width, _unread_tls(report)),
+        *_what_happened(sessions, ids, palette, packets, several_captures(report)),
         _anomalies(shown, len(anomalies) - len(shown), min_severity, ids, palette, clock, console.width,
                    several_captures(report)),
     ]
@@ -109,9 +124,15 @@ def _console(target: Console | IO[str], color: bool) -> Console:
     if isinstance(target, Console):
         return target
     tty = bool(getattr(target, "isatty", lambda: False)())
-    return _CallerDecidesConsole(file=target, width=None if tty else LOG_WIDTH, force_terminal=color,
+    return _CallerDecidesConsole(file=target, width=None if tty else _log_width(), force_terminal=color,
                    color_system=("auto" if tty else "standard") if color else None, no_color=not color,
                    highlight=False, markup=False, emoji=False, soft_wrap=False, legacy_windows=False)
+
+
+def _log_width() -> int:
+    """COLUMNS when it is set (to a number), else no limit (the module docstring says why)."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    return int(columns) if columns.isdigit() and int(columns) > 0 else UNBOUNDED
 
 
 def _text(value: object, style: Style | str = "") -> Text:
@@ -222,12 +243,12 @@ def _summary(report: Report, palette: _Palette) -> Text:
     for number, label, style in ((summary.get("delivered", 0), "delivered", "ok"),
                                  (summary.get("not_delivered", 0), "not delivered", "bad"),
                                  (summary.get("unknown", 0), "unknown", "unknown")):
-        line.append(f"{number} {label}", palette[style] if number else Style.null())
+        line.append(f"{number:,} {label}", palette[style] if number else Style.null())
         line.append(", " if label != "unknown" else "   anomalies: ")
     by_severity = {"error": counts.get("error", 0), "warning": counts.get("warning", 0), "info": counts.get("info", 0)}
     for severity in SEVERITIES:
         number = by_severity[severity]
-        line.append(_plural(number, severity) if severity != "info" else f"{number} info",
+        line.append(_plural(number, severity) if severity != "info" else f"{number:,} info",
                     palette[severity] if number else Style.null())
         line.append(", " if severity != "info" else "")
     return line
@@ -275,7 +296,7 @@ def _session_cells(session: SessionRecord, ids: dict[str, str], palette: _Palett
         "State": _text(session.get("state")),
         "Verdict": _text(verdict, palette[_VERDICT_STYLE.get(verdict, "unknown")]),
         "Acked/total": Text(compact_progress(session)),
-        "Frags": Text(str(session.get("fragments", 0))),
+        "Frags": Text(count(session.get("fragments", 0))),
         "Start": Text(clock.time(session.get("first_ts"))),
         "Time": Text(human_duration(session.get("duration_s"), compact=True)),
         "Rate": Text(human_rate(session.get("throughput_bps"), compact=True)),
@@ -285,12 +306,6 @@ def _session_cells(session: SessionRecord, ids: dict[str, str], palette: _Palett
 
 def _short_id(session_id: str | None, ids: dict[str, str]) -> str:
     return "(no id)" if session_id is None else ids.get(session_id, "(no id)")
-
-
-def _needs_a_look(session: SessionRecord) -> bool:
-    """Not delivered, or with an anomaly worse than info."""
-    return (session.get("verdict") != "delivered"
-            or any(severity_rank(a.get("severity")) < severity_rank("info") for a in session.get("anomalies") or ()))
 
 
 def _unread_tls(report: Report) -> int:
@@ -304,11 +319,11 @@ def _sessions(sessions: list[SessionRecord], ids: dict[str, str], palette: _Pale
               f"{'it are' if unread_tls == 1 else 'them are'} not shown (see Problems)") if unread_tls else ""
     if not sessions:
         return Text("No BITS upload sessions in the capture." + (f" {unseen}." if unseen else ""))
-    table = _table(palette, title=f"Sessions ({len(sessions)})")
+    table = _table(palette, title=f"Sessions ({len(sessions):,})")
     columns = [(header, options) for header, from_width, options in _SESSION_COLUMNS if width >= from_width]
     for header, options in columns:
         table.add_column(header, **options)
-    listed, flagged_left, healthy_left = _first_rows(sessions, _needs_a_look)
+    listed, flagged_left, healthy_left = _first_rows(sessions, needs_a_look)
     rows = []
     for session in listed:
         cells = _session_cells(session, ids, palette, clock)
@@ -331,6 +346,32 @@ def _sessions(sessions: list[SessionRecord], ids: dict[str, str], palette: _Pale
     return Group(*parts, Text(legend, style=palette["dim"]))
 
 
+def _what_happened(sessions: list[SessionRecord], ids: dict[str, str], palette: _Palette, packets: Packets | None,
+                   several: bool) -> list[RenderableType]:
+    """Under the sessions table: for each session that needs a look (worst first) and each with a
+    story, its verdict's reason and its story; at most TABLE_ROWS sessions, the rest counted."""
+    told = sorted((n for n, s in enumerate(sessions) if needs_a_look(s) or has_story(s)),
+                  key=lambda n: (not needs_a_look(sessions[n]), look_order(sessions[n])))
+    if not told:
+        return []
+    links = recreations(sessions, several)
+    lines: list[RenderableType] = [_heading("What happened", palette)]
+    for index in told[:TABLE_ROWS]:
+        session = sessions[index]
+        if packets is not None and not session.get("packets") and has_story(session):
+            session = {**session, "packets": packets(index)}
+        verdict = session.get("verdict") or "unknown"
+        line = Text.assemble(_text(_short_id(session.get("id"), ids)), " ",
+                             _text(verdict, palette[_VERDICT_STYLE.get(verdict, "unknown")]), ": ",
+                             _text(session.get("verdict_reason") or "no reason given"), ".")
+        lines.append(line)
+        for sentence in session_story(session, index, links, sessions, ids, several):
+            lines.append(Text.assemble("  ", _text(sentence)))  # Padding would pad to the width
+    if len(told) > TABLE_ROWS:
+        lines.append(_left_out(len(told) - TABLE_ROWS, "session", "sessions", palette, " that need a look or have a story"))
+    return [Group(*lines)]
+
+
 def _severity_cell(anomalies: Iterable[AnomalyRecord], palette: _Palette) -> Text:
     """`2/0/1`: the anomalies by severity, error/warning/info."""
     counts = severity_counts(anomalies)
@@ -339,7 +380,7 @@ def _severity_cell(anomalies: Iterable[AnomalyRecord], palette: _Palette) -> Tex
         if index:
             text.append("/", palette["dim"])
         number = counts[severity]
-        text.append(str(number), palette[severity] if number else palette["dim"])
+        text.append(f"{number:,}", palette[severity] if number else palette["dim"])
     return text
 
 
@@ -353,7 +394,7 @@ def _anomalies(shown: list[AnomalyRecord], hidden: int, min_severity: str, ids: 
                           style=palette["dim"]))
     if not shown:
         return Group(Text("No anomalies at this severity."), *notes) if notes else Text("No anomalies.")
-    title = f"Anomalies ({len(shown)}), worst first"
+    title = f"Anomalies ({len(shown):,}), worst first"
     ordered = sorted(shown, key=anomaly_order)
     listed, left = ordered[:TABLE_ROWS], ordered[TABLE_ROWS:]
     if left:
@@ -401,7 +442,7 @@ def _anomaly_cells(anomaly: AnomalyRecord, ids: dict[str, str], palette: _Palett
 def _extracted(files: list[tuple[SessionRecord, ExtractedRecord]], ids: dict[str, str], palette: _Palette,
                width: int) -> RenderableType:
     """The extracted files (each with its session), the incomplete ones first."""
-    table = _table(palette, title=f"Extracted files ({len(files)})")
+    table = _table(palette, title=f"Extracted files ({len(files):,})")
     table.add_column("Session", no_wrap=True)
     table.add_column("File", overflow="fold", ratio=1)
     table.add_column("Complete", no_wrap=True)
@@ -420,7 +461,7 @@ def _extracted(files: list[tuple[SessionRecord, ExtractedRecord]], ids: dict[str
 
 
 def _downloads(downloads: list[DownloadRecord], palette: _Palette, clock: Clock, width: int) -> RenderableType:
-    table = _table(palette, title=f"Downloads ({len(downloads)})")
+    table = _table(palette, title=f"Downloads ({len(downloads):,})")
     table.add_column("Client", overflow="fold", max_width=23)
     table.add_column("Method", no_wrap=True)
     table.add_column("URL", overflow="fold", ratio=1)
@@ -481,14 +522,14 @@ def _tls_counts(connections: list[dict[str, object]], palette: _Palette) -> Text
 
 
 def _problems(problems: list[ProblemRecord], palette: _Palette) -> RenderableType:
-    table = _table(palette, title=f"Problems reading the input ({len(problems)})")
+    table = _table(palette, title=f"Problems reading the input ({len(problems):,})")
     table.add_column("Kind", no_wrap=True)
     table.add_column("Where", overflow="fold", max_width=40)
     table.add_column("Message", overflow="fold", ratio=1)
     for problem in problems:
         place = ", ".join(part for part in (
             printable(problem.get("file")) or None,
-            f"frame {problem['frame']}" if problem.get("frame") is not None else None,
+            f"frame {problem['frame']}" if problem.get("frame") is not None else None,  # a frame number: no separator
             f"stream {problem['connection']}" if problem.get("connection") is not None else None,
             f"offset {problem['offset']:,}" if problem.get("offset") is not None else None,
         ) if part)

@@ -15,7 +15,7 @@ import signal
 import sys
 from importlib import resources
 from types import FrameType
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TextIO
 
 from bitstrace import __version__
 from bitstrace.analyzer.report.logs import FORMATS as LOG_FORMATS
@@ -27,6 +27,9 @@ from bitstrace.cli.common import (Exit, SessionChoiceError, choose_session, disc
 from bitstrace.analyzer.pipeline import ProgressHook, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.report.json import SEVERITY_ORDER as SEVERITIES
+
+if TYPE_CHECKING:
+    from rich.progress import ProgressColumn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,14 +120,12 @@ def progress_bar(enabled: bool) -> Iterator[ProgressHook | None]:
         yield None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TaskProgressColumn, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     # Percentage and time left only mean something when the size is known (not on a pipe):
     # rich leaves both columns empty for a task without a total.
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
-                  console=Console(stderr=True)) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *size_columns(),
+                  TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
         tasks: dict[str, TaskID] = {}
 
         def hook(name: str, done: int, total: int | None) -> None:
@@ -133,6 +134,27 @@ def progress_bar(enabled: bool) -> Iterator[ProgressHook | None]:
             bar.update(tasks[name], completed=done)
 
         yield hook
+
+
+def size_columns() -> list["ProgressColumn"]:
+    """Bytes read (of the total when known) and the rate, in the reports' units (binary, IEC
+    names: presentation.human_size); rich's own columns would write decimal MB."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    from bitstrace.analyzer.report.presentation import human_rate, human_size
+
+    class Read(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            done = human_size(task.completed)
+            return Text(done if task.total is None else f"{done} of {human_size(task.total)}", style="progress.download")
+
+    class Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else human_rate(speed), style="progress.data.speed")
+
+    return [Read(), Rate()]
 
 
 def report_problems(problems: Sequence[Problem], err: TextIO) -> None:
@@ -267,8 +289,10 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not (args.json or args.jsonl or args.html or args.logs or args.quiet or nothing_read):
         text_on_terminal = out.isatty()
         color = text_on_terminal if args.color == "auto" else args.color == "always"
+        stories = packet_source(analysis, report)
         try:
-            _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color), out)
+            _write("-", lambda: render_text(report, out, min_severity=args.min_severity, color=color,
+                                            packets=stories), out)
         except OutputFailed:
             report_problems(analysis.problems, err)
             raise

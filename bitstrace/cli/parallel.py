@@ -53,9 +53,11 @@ def unit_progress(enabled: bool, total_bytes: int) -> Iterator[UnitProgress | No
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    from bitstrace.cli.analyze import size_columns
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *size_columns(),
                   TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("units", total=total_bytes)
 
