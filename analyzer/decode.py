@@ -165,7 +165,7 @@ class Decoder:
         Ethernet, IPv4 without options, not a fragment, TCP with a sane header, all captured;
         it makes neither a Frame nor a Segment. Anything else (or anything odd) goes to
         `decode`, which decides and reports exactly, and gives the same for what the fast path
-        takes (tests/test_hot_paths.py holds them to it).
+        takes (tests/analyzer/test_hot_paths.py holds them to it).
         """
         frame_base = self._frame_base
         decode = self.decode

@@ -3,7 +3,7 @@ interface descriptions and enhanced packet blocks, with comments.
 
 The blocks are declared with construct, as the reader declares the options it parses. Every
 frame of a capture goes through `packet`, so the enhanced packet block's fixed header is packed
-with struct in the same layout as its declaration (tests/test_pcapng_writer.py checks that both
+with struct in the same layout as its declaration (tests/analyzer/report/test_annotate.py checks that both
 give the same bytes); the blocks that carry options (a comment) are built from the declaration.
 Little-endian, as Wireshark and tcpdump write.
 """

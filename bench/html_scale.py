@@ -28,9 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from headless_chromium import CHROMIUM, Browser  # noqa: E402
+from tests.support.headless_chromium import CHROMIUM, Browser  # noqa: E402
 
 from bitstrace.analyzer.report.presentation import human_size  # noqa: E402
 

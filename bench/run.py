@@ -20,7 +20,7 @@ Tools:
             defaults, stated on the command line). tshark 4.0 does not take BITS_POST for an
             HTTP method, so on the capture as recorded it would skip every request and its body;
             COPY is the capture with `BITS_POST /` rewritten to the same-length `PROPPATCH /`
-            (as tests/test_oracle.py does), so tshark parses every request and reassembles every
+            (as tests/analyzer/test_oracle.py does), so tshark parses every request and reassembles every
             body, the same work bits-analyze does. The copy is made once, outside the timing.
 
 Then `bits-replay --speed 0` sends the sessions of small.pcap to a `bits-server` on 127.0.0.1

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data"
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 MSS = 1448
 SUITES = {"aes128": "TLS_AES_128_GCM_SHA256", "aes256": "TLS_AES_256_GCM_SHA384"}
@@ -127,7 +127,7 @@ def make(source: Path, suite: str) -> tuple[Path, Path, Path]:
         os.unlink(config.name)
         return plain, tls, keylog
 
-    import tls_fixtures as fx
+    from tests.support import tls_fixtures as fx
     from bitstrace.analyzer.capture import CaptureReader
     from bitstrace.analyzer.decode import Decoder
     from bitstrace.analyzer.tcp import TcpReassembler

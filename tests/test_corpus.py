@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from bitstrace.analyzer.bits.protocol import is_guid
+from tests.support import REPO
 
-CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+CAPTURES = REPO / "captures"
 GENERATOR = CAPTURES / "make_captures.py"
 COMMITTED = json.loads((CAPTURES / "expected.json").read_text())["captures"]
 STABLE_SESSION_FIELDS = ("index", "url", "file", "final_state", "delivery", "total", "bytes_acknowledged",

@@ -14,8 +14,9 @@ import pytest
 
 from bitstrace.analyzer.analysis import analyze
 from bitstrace.analyzer.report.json import build_report
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 EXPECTED = json.loads((ROOT / "captures" / "expected.json").read_text())["captures"]
 
 

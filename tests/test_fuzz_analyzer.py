@@ -7,13 +7,14 @@ import hashlib
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+
+ROOT = REPO
 sys.path.insert(0, str(ROOT / "fuzz"))
 
 import fuzz_analyzer as target  # noqa: E402

@@ -2,7 +2,7 @@
 
 Files named directly with the default `--jobs 1` take the one-process path (analysis.analyze)
 unchanged; a directory, `--jobs N` other than 1 or `--dask` take the partitioned path, whose
-report is the same byte for byte (tests/test_scale.py).
+report is the same byte for byte (tests/analyzer/test_scale.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Needs root, tcpdump and editcap. The corpus's single-fragment upload (captures/single-fragment.pcap,
 its client's bytes and the server's recorded answers) is sent over real TLS sockets on
-127.0.0.1 (Python's ssl module, OpenSSL), recorded with tcpdump on lo (tests/tls_recorded.py),
+127.0.0.1 (Python's ssl module, OpenSSL), recorded with tcpdump on lo (tests/support/tls_recorded.py),
 with the client's NSS key log written beside it.
 """
 
