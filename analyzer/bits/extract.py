@@ -457,8 +457,12 @@ class Extractor:
     """Writes each session's entity into `out_dir` as its fragments pass (see module doc)."""
 
     def __init__(self, out_dir: str | os.PathLike, *, several_captures: bool = False,
-                 capture_names: Sequence[str] = ()) -> None:
+                 capture_names: Sequence[str] = (), temp_tag: str | None = None) -> None:
         os.makedirs(out_dir, exist_ok=True)
+        # temp file names are unique among the writers of out_dir by this tag: the process id,
+        # unless the caller knows more writers (a partitioned run: hosts sharing out_dir, and
+        # several units in one process)
+        self.temp_tag = str(os.getpid()) if temp_tag is None else temp_tag
         self.several_captures = several_captures
         self.capture_names = capture_names  # by capture index: problems name the file of their frame
         self.out_dir = os.fspath(out_dir)
@@ -551,7 +555,7 @@ class Extractor:
         spool = self._spools.get(key)
         if spool is None:
             try:
-                spool = _Spool(self._dir_fd, f".bitstrace-{os.getpid()}-{self._temp_files}.tmp", session_id,
+                spool = _Spool(self._dir_fd, f".bitstrace-{self.temp_tag}-{self._temp_files}.tmp", session_id,
                                self._generation.get(key, 0), self.several_captures, self._behind, self._open_files)
                 self._temp_files += 1
             except OSError as error:
