@@ -12,7 +12,7 @@ walk, which therefore sees every packet of it, as one process does.
 
 Two rounds. A unit first reads its files, classifies the exchanges of its connections and
 files them into its own session tracker, and answers a small `UnitSummary` (its connections
-with their first frames, its session keys, its files' statistics and problems), keeping the
+with the moment each opened, its session keys, its files' statistics and problems), keeping the
 rest in its worker's memory (`UnitState`). The client then makes each unit's `Plan`: the run's
 connection ids for the unit's connections, the keys of sessions filed in more than one unit
 (a resume on a connection of another unit, a Host-Id redirect, a session seen at two capture
@@ -29,9 +29,11 @@ the packets the cross-session checks read (the first and the first Close-Session
 fragment count; so the client never unpickles the bulk of the packets.
 
 Identical output. In one process the session tracker files exchanges in the order they
-complete; each exchange gets the key of that moment: (capture point, 0, frame being read) while
-frames are read, (capture point, 1, first frame of its connection) when the connections still
-open are flushed at the end (they flush in the order they opened). Frames of one connection
+complete; each exchange gets the key of that moment: (capture point, 0, TCP segments read so
+far) while frames are read (every unit of a capture point reads the same segments in the same
+order, its files merged by time as pipeline.py merges them), (capture point, 1, segments read
+when its connection opened) when the connections still open are flushed at the end (they flush
+in the order they opened). Segments of one connection
 are in one unit, so keys of different units never tie, and within a unit the order is kept;
 a session's order key is that of its first packet. A session key filed in one unit only has
 there all its packets and every earlier session of that key (its generation), so walking it
@@ -134,7 +136,7 @@ class UnitSummary:
     connections and session keys) and what the merge takes as it is. Small: no packet."""
 
     unit: Unit
-    opened: list[tuple[int, int]]  # (local connection id, first frame) of every connection
+    opened: list[tuple[int, int]]  # (local connection id, segments read when it opened) of every connection
     keys: list[str]  # of the sessions filed in the unit, in filing order
     captures: list[CaptureStats]
     file_problems: list[Problem]  # reader, decoder, filter: the same in every unit of a capture point
@@ -216,9 +218,11 @@ def units_of(points: Sequence[CapturePoint], partitions: int, options: Options) 
 class _Opened:
     """The stream sink between TCP and HTTP, noting each connection as it opens."""
 
-    def __init__(self, sink: StreamSink, opened: list[tuple[int, int]]) -> None:
+    def __init__(self, sink: StreamSink, opened: list[tuple[int, int]], clock: list[int], began: dict[int, int]) -> None:
         self.sink = sink
         self.opened = opened
+        self.clock = clock
+        self.began = began
         self.on_data = sink.on_data  # the per-packet call goes straight through
         self.on_gap = sink.on_gap
         self.on_conflict = sink.on_conflict
@@ -227,7 +231,8 @@ class _Opened:
         self.on_close = sink.on_close
 
     def on_open(self, conn: Connection) -> None:
-        self.opened.append((conn.id, conn.first_frame))
+        self.opened.append((conn.id, self.clock[1]))
+        self.began[conn.id] = self.clock[1]
         self.sink.on_open(conn)
 
 
@@ -254,9 +259,10 @@ def read_unit(unit: Unit) -> UnitState:
     file them into the unit's own session tracker."""
     options = unit.options
     point, partition, partitions = unit.point, unit.partition, unit.partitions
-    clock = [0, 0]  # [phase, frame being read]
+    clock = [0, 0]  # [phase, segments read]: every unit of a capture point reads the same segments in one order
     exchanges: list[tuple[OrderKey, Classified, list[int | None]]] = []
     opened: list[tuple[int, int]] = []
+    began: dict[int, int] = {}  # local connection id → segments read when it opened
     sinks: list[_Opened] = []
     extractor = None
     if options.extract_dir is not None:
@@ -266,26 +272,24 @@ def read_unit(unit: Unit) -> UnitState:
 
     if partitions == 1:
         def keep(frame: int, src: bytes, sport: int, dst: bytes, dport: int) -> bool:
-            clock[1] = frame
+            clock[1] += 1
             return True
     else:
         def keep(frame: int, src: bytes, sport: int, dst: bytes, dport: int) -> bool:
+            clock[1] += 1
             # partition_of, inline: this runs for every frame
-            if ((((int.from_bytes(src, "big") ^ int.from_bytes(dst, "big") ^ sport ^ dport) * _MIX) & _MASK) >> 32) \
-                    % partitions != partition:
-                return False
-            clock[1] = frame
-            return True
+            return ((((int.from_bytes(src, "big") ^ int.from_bytes(dst, "big") ^ sport ^ dport) * _MIX) & _MASK) >> 32) \
+                % partitions == partition
 
     def on_exchange(exchange: Exchange) -> None:
         found = classify(exchange)
         times = exchange_times(exchange)
         tracker.file_classified(found, times)  # (the extractor learns the acks and the re-issued ids)
-        key = (point, 1, exchange.connection.first_frame) if clock[0] else (point, 0, clock[1])
+        key = (point, 1, began[exchange.connection.id]) if clock[0] else (point, 0, clock[1])
         exchanges.append((key, found, times))
 
     def tap(sink: StreamSink) -> StreamSink:
-        sinks.append(_Opened(sink, opened))
+        sinks.append(_Opened(sink, opened, clock, began))
         return sinks[-1]
 
     def ending() -> None:
