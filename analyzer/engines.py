@@ -13,9 +13,9 @@ description (paths, partition, options) and its plan one way, its summary and it
 sessions (without packets, for a report without packet records) the other: the bulk of a
 unit, its packets, stays in its worker's memory between the two rounds (partition.py).
 
-Local processes are forked from a forkserver started early (`start_workers`) with the
-analysis and the main module imported once there; each unit has its process, which holds it
-between the rounds (idle then, not counted against --jobs).
+Local processes (`--jobs N`: N of them) are forked from a forkserver started early
+(`start_workers`) with the analysis and the main module imported once there; each holds the
+states of the units it read until their plans come.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable, Sequence
 
-from bitstrace.analyzer.partition import (Failure, Plan, Planner, Unit, UnitResult, UnitSummary, finish_unit,
-                                          read_unit, run_unit, unit_summary)
+from bitstrace.analyzer.partition import (Failure, Plan, Planner, Unit, UnitResult, UnitState, UnitSummary,
+                                          finish_unit, read_unit, run_unit, unit_summary)
 
 #: progress(units done, units in all, bytes read by the units done)
 UnitProgress = Callable[[int, int, int], None]
@@ -47,38 +47,24 @@ def _describe(error: BaseException) -> str:
 
 def run_local(units: Sequence[Unit], jobs: int, planner: Planner,
               progress: UnitProgress | None = None) -> tuple[list[UnitResult], list[Failure]]:
-    """The units in local processes, at most `jobs` of them working at a time. Each unit's
-    process answers its summary, holds the unit while the others read (idle, it does not count
-    against `jobs`), is sent its plan and answers the rest."""
+    """The units in `jobs` local worker processes. A worker is given one unit to read at a
+    time and holds the states of the units it read; once every unit is read the client plans
+    and each worker finishes its own. A worker that dies takes its units' states with it:
+    they are read again by another (or a new) worker, their second attempt."""
     start_workers()
     context = multiprocessing.get_context("forkserver")
     collector = gc.get_threshold()  # the workers collect as this process does (bits-analyze sets it)
     attempts = dict.fromkeys(range(len(units)), 0)
-    queue = list(range(len(units)))
+    queue = list(range(len(units)))  # units to read
     summaries: dict[int, UnitSummary] = {}
     results: dict[int, UnitResult] = {}
     failures: list[Failure] = []
-    plans: dict[int, Plan] | None = None
-    workers: dict[int, tuple[BaseProcess, Connection]] = {}
-    held: list[int] = []  # read, waiting for the plan
-    busy: set[int] = set()  # reading or finishing
+    plans: dict[int, Plan] = {}
+    workers: list[_Worker] = []
     done_bytes = 0
 
-    def start(index: int) -> None:
-        mine, theirs = context.Pipe()
-        process = context.Process(target=serve_unit, args=(units[index], theirs, collector), daemon=True)
-        process.start()
-        theirs.close()
-        workers[index] = (process, mine)
-        busy.add(index)
-
-    def end(index: int, error: str | None) -> None:
-        process, connection = workers.pop(index)
-        connection.close()
-        process.join(5)
-        busy.discard(index)
-        if error is None:
-            return
+    def failed(index: int, error: str) -> None:
+        summaries.pop(index, None)
         attempts[index] += 1
         if attempts[index] < ATTEMPTS:
             queue.append(index)
@@ -86,68 +72,114 @@ def run_local(units: Sequence[Unit], jobs: int, planner: Planner,
             failures.append(Failure(units[index], error))
 
     try:
-        while queue or workers:
-            while queue and len(busy) < jobs:
-                start(queue.pop(0))
-            if plans is None and not queue and not busy:  # every unit read (or failed): plan
-                read = sorted(summaries)
-                plans = dict(zip(read, planner([summaries[i] for i in read])))
-            if plans is not None:
-                while held and len(busy) < jobs:  # a unit read again (a retry) keeps its first plan
-                    index = held.pop(0)
-                    workers[index][1].send(plans[index])
-                    busy.add(index)
-            if not busy:
-                continue
-            owners = {id(workers[i][1]): i for i in busy}
-            for ready in wait([workers[i][1] for i in busy]):
-                index = owners[id(ready)]
-                try:
-                    kind, answer = workers[index][1].recv()
-                except (EOFError, OSError):
-                    process = workers[index][0]
-                    process.join(5)
-                    end(index, f"the worker process died (exit code {process.exitcode})")
+        while True:
+            while len(workers) < min(jobs, max(1, len(queue))) and (queue or not workers):
+                workers.append(_Worker(context, collector))
+            for worker in workers:  # give out work to the idle
+                if worker.asked is not None:
                     continue
+                if queue:
+                    worker.ask("read", queue.pop(0), units)
+                elif not plans and len(summaries) + len(failures) == len(units) and summaries:
+                    read = sorted(summaries)
+                    plans.update(zip(read, planner([summaries[i] for i in read])))
+                if plans and worker.asked is None:
+                    mine = [i for i in worker.held if i not in results and i in plans]
+                    if mine:
+                        worker.ask("finish", mine[0], plans)
+            if all(w.asked is None for w in workers) and not queue:
+                if len(results) + len(failures) == len(units):
+                    break
+                if not plans and not summaries:  # every unit failed: nothing to plan
+                    break
+            for ready in wait([w.connection for w in workers if w.asked is not None]):
+                worker = next(w for w in workers if w.connection is ready)
+                index = worker.asked
+                assert index is not None
+                try:
+                    kind, answer = worker.connection.recv()
+                except (EOFError, OSError):
+                    worker.close()
+                    workers.remove(worker)
+                    why = f"the worker process died (exit code {worker.process.exitcode})"
+                    for lost in sorted({index, *worker.held} - set(results)):
+                        failed(lost, why)
+                    plans.clear()  # the units read again are planned again with the others
+                    continue
+                worker.asked = None
                 if kind == "error":
-                    end(index, answer)
+                    worker.held.discard(index)
+                    failed(index, answer)
                 elif kind == "summary":
-                    busy.discard(index)
-                    if index not in summaries:
-                        summaries[index] = answer
-                        done_bytes += units[index].size
-                        if progress is not None:
-                            progress(len(summaries), len(units), done_bytes)
-                    held.append(index)
-                    held.sort()
+                    worker.held.add(index)
+                    summaries[index] = answer
+                    done_bytes += units[index].size
+                    if progress is not None:
+                        progress(len(summaries), len(units), done_bytes)
                 else:
+                    worker.held.discard(index)
                     results[index] = UnitResult(summaries[index], answer)
-                    end(index, None)
     except BaseException:
-        for process, _ in workers.values():
-            if process.is_alive():
-                process.terminate()
-        for process, _ in workers.values():
-            process.join(5)
+        for worker in workers:
+            worker.process.terminate()
         raise
+    finally:
+        for worker in workers:
+            worker.close()
     failures.sort(key=lambda failure: (failure.unit.point, failure.unit.partition))
     return [results[i] for i in sorted(results)], failures
 
 
-def serve_unit(unit: Unit, connection: Connection, collector: tuple[int, int, int] | None = None) -> None:
-    """A local worker process: read the unit, answer its summary, take the plan, answer the rest.
-    `collector`: the garbage collector's thresholds (gc.set_threshold) of the client."""
+class _Worker:
+    """A local worker process and what the client knows of it."""
+
+    def __init__(self, context: Any, collector: tuple[int, int, int]) -> None:
+        self.connection, theirs = context.Pipe()
+        self.process: BaseProcess = context.Process(target=serve_units, args=(theirs, collector), daemon=True)
+        self.process.start()
+        theirs.close()
+        self.asked: int | None = None  # the unit it is reading or finishing
+        self.held: set[int] = set()  # units read, not finished
+
+    def ask(self, what: str, index: int, given: Any) -> None:
+        self.connection.send((what, index, given[index]))
+        self.asked = index
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.connection.send(("stop", -1, None))
+            except OSError:
+                pass
+        self.connection.close()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+
+
+def serve_units(connection: Connection, collector: tuple[int, int, int] | None = None) -> None:
+    """A local worker process: read the units it is given, holding each one's state; finish
+    each when given its plan; stop when told. `collector`: the client's gc thresholds."""
     if collector is not None:
         gc.set_threshold(*collector)
-    try:
-        state = read_unit(unit)
-        connection.send(("summary", state.summary))
-        plan = connection.recv()
-        connection.send(("finish", finish_unit(state, plan)))
-    except Exception as error:  # noqa: BLE001  # any fault of a unit is reported, the others go on
-        connection.send(("error", _describe(error)))
-    finally:
-        connection.close()
+    states: dict[int, UnitState] = {}
+    while True:
+        try:
+            what, index, given = connection.recv()
+        except (EOFError, OSError):
+            return
+        if what == "stop":
+            return
+        try:
+            if what == "read":
+                states[index] = read_unit(given)
+                connection.send(("summary", states[index].summary))
+            else:
+                connection.send(("finish", finish_unit(states.pop(index), given)))
+        except Exception as error:  # noqa: BLE001  # any fault of a unit is reported, the others go on
+            states.pop(index, None)
+            connection.send(("error", _describe(error)))
 
 
 def start_workers() -> None:

@@ -240,6 +240,54 @@ def test_failing_unit_is_retried_then_reported_and_the_rest_stands(tmp_path: Pat
     assert good.complete
 
 
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, depth below `pid`) of every live descendant, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier, depth = [], [pid], 0
+    while frontier:
+        depth += 1
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += [(child, depth) for child in frontier]
+    return found
+
+
+def test_local_worker_killed_mid_run_its_units_read_again_same_report(tmp_path: Path) -> None:
+    """SIGKILL one --jobs worker (a child of the forkserver) while the units are read: the
+    units it held are read again by a new worker, and the report is one process's."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        point = big / f"p{i:02d}"
+        point.mkdir()
+        for capture in CORPUS[:6]:
+            shutil.copy(capture, point)
+    expected = cli("-q", "--json", str(tmp_path / "one.json"), str(big))
+    assert expected.returncode == 0, expected.stderr
+    run = subprocess.Popen([*ANALYZE, "--no-progress", "-q", "--json", str(tmp_path / "two.json"), "--jobs", "2",
+                            str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    victim = None
+    while victim is None and time.monotonic() < deadline and run.poll() is None:
+        workers = [pid for pid, depth in descendants(run.pid) if depth == 2]  # the forkserver's children
+        if workers:
+            victim = workers[0]
+        else:
+            time.sleep(0.02)
+    assert victim is not None, "no worker seen"
+    time.sleep(0.2)
+    os.kill(victim, signal.SIGKILL)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+
+
 # -- a real Dask cluster on 127.0.0.1 --------------------------------------------------------
 
 distributed = pytest.importorskip("distributed")
