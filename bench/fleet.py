@@ -33,14 +33,32 @@ ANALYZE = str(ROOT / ".venv" / "bin" / "bits-analyze")
 DASK = str(ROOT / ".venv" / "bin" / "dask")
 
 
-def measured(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in MB of any process of the run), measured in a fresh child."""
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-             "subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
-    wall, rss = out.stdout.split()
-    return float(wall), int(rss) // 1024
+_PROBE = """
+import ctypes, os, resource, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: the run's orphans (the forkserver) are ours to wait for
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+t = time.perf_counter()
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
+wall = time.perf_counter() - t
+own = cpu()
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, own, cpu() - own)
+"""
+
+
+def measured(command: list[str]) -> tuple[float, int, float, float]:
+    """(wall seconds, peak RSS in MB of any process of the run, CPU seconds (user + sys) of the
+    command's own process, of every other process of the run), measured in a fresh child that
+    adopts and waits for the run's orphans (the forkserver and, through it, the workers)."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, *command], capture_output=True, text=True, check=True)
+    wall, rss, own, others = out.stdout.split()
+    return float(wall), int(rss) // 1024, float(own), float(others)
 
 
 def start_cluster(directory: Path) -> tuple[str, list[subprocess.Popen]]:
@@ -94,23 +112,36 @@ def main() -> int:
         try:
             times: dict[str, list[float]] = {name: [] for name in commands}
             peaks: dict[str, list[int]] = {name: [] for name in commands}
+            cpus: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
             loads = []
             for _ in range(args.runs):
                 for name, command in commands.items():
-                    wall, peak = measured(command)
+                    wall, peak, own, others = measured(command)
                     times[name].append(wall)
                     peaks[name].append(peak)
+                    cpus[name].append((own, others))
                 loads.append(os.getloadavg()[0])
         finally:
             stop_cluster(cluster)
     base = statistics.median(times["--jobs 1"])
     print(f"inputs: {' '.join(args.inputs)}; {args.runs} alternating rounds; {os.cpu_count()} cores; "
           f"1-min load average after each round: {', '.join(f'{x:.1f}' for x in loads)}")
-    print(f"{'run':22} {'median s':>9} {'runs':>22} {'speed-up':>9} {'peak RSS MB':>12}")
+    print(f"{'run':22} {'median s':>9} {'runs':>14} {'speed-up':>9} {'peak RSS MB':>12} "
+          f"{'CPU s: own':>11} {'others':>7} {'quiet est. s':>13}")
+    quiet = {}
     for name in commands:
+        own = statistics.median(c[0] for c in cpus[name])
+        others = statistics.median(c[1] for c in cpus[name])
+        # On an idle machine with a core per worker: the command's own CPU (start-up, merge,
+        # report) plus the workers' share, as if they were evenly loaded (a lower bound).
+        workers = 2 if name.startswith(("--jobs 2", "--dask")) else 1
+        quiet[name] = own + others / workers
         median = statistics.median(times[name])
         runs = "–".join(f"{x:.2f}" for x in (min(times[name]), max(times[name])))
-        print(f"{name:22} {median:9.2f} {runs:>22} {base / median:8.2f}x {max(peaks[name]):12,}")
+        print(f"{name:22} {median:9.2f} {runs:>14} {base / median:8.2f}x {max(peaks[name]):12,} "
+              f"{own:11.2f} {others:7.2f} {quiet[name]:13.2f}")
+    print(f"quiet-machine estimate, --jobs 2 against --jobs 1: {quiet['--jobs 1'] / quiet['--jobs 2']:.2f}x "
+          "(Dask workers run in processes this script did not start: their CPU is not counted)")
     return 0
 
 

@@ -531,8 +531,12 @@ class Extractor:
     """Writes each session's entity into `out_dir` as its fragments pass (see module doc)."""
 
     def __init__(self, out_dir: str | os.PathLike[str], *, several_captures: bool = False,
-                 capture_names: Sequence[str] = ()) -> None:
+                 capture_names: Sequence[str] = (), temp_tag: str | None = None) -> None:
         os.makedirs(out_dir, exist_ok=True)
+        # temp file names are unique among the writers of out_dir by this tag: the process id,
+        # unless the caller knows more writers (a partitioned run: hosts sharing out_dir, and
+        # several units in one process)
+        self.temp_tag = str(os.getpid()) if temp_tag is None else temp_tag
         self.several_captures = several_captures
         self.capture_names = capture_names  # by capture index: problems name the file of their frame
         self.out_dir = os.fspath(out_dir)
@@ -751,7 +755,7 @@ class Extractor:
         spool = self._spools.get(key)
         if spool is None:
             for _ in range(100):  # names a live run of another PID namespace may hold are skipped
-                name = f"{TEMP_PREFIX}{self._pid}-{self._temp_files}.tmp"
+                name = f"{TEMP_PREFIX}{self.temp_tag}-{self._temp_files}.tmp"
                 self._temp_files += 1
                 self._temp_names[name] = None  # before it exists: an interrupt in between still removes it
                 try:

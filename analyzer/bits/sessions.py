@@ -96,6 +96,12 @@ class Session:
         return [pkt for pkt in self.packets if pkt.packet_type is PacketType.FRAGMENT]
 
     @property
+    def fragment_count(self) -> int:
+        """How many Fragment packets: a session walked in a partitioned run's unit keeps only
+        the packets the cross-session checks read, and the count (analyzer/partition.py)."""
+        return len(self.fragments)
+
+    @property
     def url_key(self) -> tuple[str, str | None, str]:
         return (self.client_ip, host_name(self.host), self.url)
 
@@ -249,29 +255,39 @@ class SessionTracker:
         self._sessions.append(session)
         return session
 
-    def finish(self, capture_start_ns: int | None = None, capture_end_ns: int | None = None) -> BitsSummary:
-        """Analyse every session. Capture bounds default to the earliest/latest time seen."""
+    def walk(self, sessions: list[Session], capture_start_ns: int, capture_end_ns: int) -> None:
+        """Walk each of `sessions` (filed here) through the state table, with the checks of one
+        session's history: `finish` walks them all; a partitioned run's unit walks its own."""
+        for session in sessions:
+            _SessionWalk(self, session, capture_start_ns, capture_end_ns).run()
+
+    def finish(self, capture_start_ns: int | None = None, capture_end_ns: int | None = None, *,
+               joined: Callable[[list[Session]], list[Session]] | None = None) -> BitsSummary:
+        """Analyse every session. Capture bounds default to the earliest/latest time seen.
+        `joined` (a partitioned run's merge) takes the sessions walked here and returns them
+        with the sessions walked elsewhere, in the order they began: the checks across sessions,
+        the extracted files and the report then see them all."""
         start = capture_start_ns if capture_start_ns is not None else (self._first_ns or 0)
         end = capture_end_ns if capture_end_ns is not None else (self._last_ns or 0)
-        for session in self._sessions:
-            _SessionWalk(self, session, start, end).run()
-        _cross_session_checks(self._sessions, self._downloads, self.request_frame_name)
+        self.walk(self._sessions, start, end)
+        sessions = self._sessions if joined is None else joined(self._sessions)
+        _cross_session_checks(sessions, self._downloads, self.request_frame_name)
         if self.extractor is not None:
-            self._attach_entities()
-        for session in self._sessions:
+            self._attach_entities(sessions)
+        for session in sessions:
             session.anomalies = _dedup(session.anomalies)
         stray_anomalies = [a for pkt in self._stray for a in pkt.anomalies] + _stray_fingerprints(self._stray)
         return BitsSummary(
-            sessions=self._sessions, downloads=self._downloads,
+            sessions=sessions, downloads=self._downloads,
             anomalies=_dedup(self._loose + stray_anomalies),
             counts=dict(self._counts), clock_skew=self.clock_skew,
         )
 
-    def _attach_entities(self) -> None:
+    def _attach_entities(self, sessions: list[Session]) -> None:
         assert self.extractor is not None
-        names = {(s.key, s.generation): (s.id or s.key, s.content_name) for s in self._sessions if s.id is not None}
+        names = {(s.key, s.generation): (s.id or s.key, s.content_name) for s in sessions if s.id is not None}
         entities = self.extractor.finish(names)
-        for session in self._sessions:
+        for session in sessions:
             entity = entities.get((session.key, session.generation))
             if entity is not None:
                 session.entity = entity

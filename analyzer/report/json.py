@@ -169,7 +169,7 @@ def session_record(session: Session, with_packets: bool = True) -> SessionRecord
         "user_agent": session.user_agent, "state": session.state.value, "verdict": Verdict(session.verdict).value,
         "verdict_reason": session.verdict_reason, "before_capture": session.before_capture,
         "reply_url": session.reply_url, "total": session.total, "acknowledged": session.acknowledged,
-        "bytes_sent": session.bytes_sent, "fragments": len(session.fragments),
+        "bytes_sent": session.bytes_sent, "fragments": session.fragment_count,
         "first_time": iso(session.first_ns or None), "first_ts": epoch(session.first_ns or None),
         "last_time": iso(session.last_ns or None), "last_ts": epoch(session.last_ns or None),
         "duration_s": duration,

@@ -15,7 +15,7 @@ from typing import Iterator, TextIO
 
 from bitstrace.analyzer.analysis import Analysis
 from bitstrace.analyzer.engines import (UnitProgress, check_dask_workers, dask_client, dask_threads,
-                                        run_dask, run_local)
+                                        run_dask, run_local, start_workers)
 from bitstrace.analyzer.partition import analyze_units, partition_options, run_in_process
 from bitstrace.analyzer.pipeline import ProgressHook
 from bitstrace.analyzer.selection import parse_time
@@ -44,6 +44,8 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error("standard input cannot be read by several workers: --jobs, --dask and directories take files")
     if args.jobs != 1 and args.dask is not None:
         parser.error("--jobs and --dask are two engines: choose one")
+    if args.jobs != 1:
+        start_workers()  # the forkserver imports the analysis while this process imports the rest
 
 
 @contextlib.contextmanager
@@ -74,7 +76,9 @@ def run_analysis(args: argparse.Namespace, err: TextIO, progress: ProgressHook |
     if args.selection is not None:
         selection = (args.filter, parse_time(args.start) if args.start else None,
                      parse_time(args.end) if args.end else None, args.count)
-    options = partition_options(inputs.files, args.extract, selection)
+    # the text report (or none) shows no packet records: the units' walked sessions come back without packets
+    with_packets = bool(args.json or args.jsonl or args.html or args.logs or args.annotate)
+    options = partition_options(inputs.files, args.extract, selection, args.stall_after, with_packets)
     units_bytes = sum(os.path.getsize(f) for f in inputs.files if os.path.isfile(f))
     if args.dask is not None:
         client = dask_client(args.dask)
@@ -82,12 +86,12 @@ def run_analysis(args: argparse.Namespace, err: TextIO, progress: ProgressHook |
             check_dask_workers(client, inputs.files, args.extract)
             partitions = dask_threads(client)
             with unit_progress(not args.no_progress, units_bytes * partitions) as hook:
-                return analyze_units(inputs.points, partitions, options, lambda units: run_dask(client, units, hook),
-                                     inputs.notes, args.stall_after)
+                return analyze_units(inputs.points, partitions, options,
+                                     lambda units, planner: run_dask(client, units, planner, hook), inputs.notes)
         finally:
             client.close()
     if args.jobs == 1:
-        return analyze_units(inputs.points, 1, options, run_in_process, inputs.notes, args.stall_after)
+        return analyze_units(inputs.points, 1, options, run_in_process, inputs.notes)
     with unit_progress(not args.no_progress, units_bytes * args.jobs) as hook:
-        return analyze_units(inputs.points, args.jobs, options, lambda units: run_local(units, args.jobs, hook),
-                             inputs.notes, args.stall_after)
+        return analyze_units(inputs.points, args.jobs, options,
+                             lambda units, planner: run_local(units, args.jobs, planner, hook), inputs.notes)

@@ -19,6 +19,7 @@ import sys
 from typing import Sequence, TextIO
 
 from bitstrace import __version__
+from bitstrace.analyzer.sources import expand
 from bitstrace.cli.common import Exit, OutputConsole, credentials, discard_further_output, finite, seconds, whole
 from bitstrace.replay.replayer.options import MODES, Options, Target, TargetError
 from bitstrace.replay.replayer.plan import build_plan
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                "3 a capture could not be read or a fault stopped a session, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("captures", nargs="+", metavar="CAPTURE",
-                        help="pcap or pcapng file (gzip or not); '-' reads standard input")
+                        help="pcap or pcapng file (gzip or not), or a directory of them (read as one run in "
+                             "time order); '-' reads standard input")
     parser.add_argument("--target", required=True, metavar="URL",
                         help="where to send, e.g. http://127.0.0.1:8080/uploads; nothing is "
                              "ever sent anywhere else")
@@ -103,6 +105,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return Exit.INTERRUPTED
 
 
+def _capture_files(named: list[str], err: TextIO) -> list[str] | None:
+    """The files to read, as one run: a directory named is its capture files in the order of
+    their first packets, as bits-analyze reads a capture point (analyzer/sources.py); what is
+    no capture is skipped with a note. None (a usage error, said) for several capture points."""
+    inputs = expand(named)
+    for note in inputs.notes:
+        print(f"bits-replay: {note}", file=err)
+    if len(inputs.points) > 1:
+        where = ", ".join(point.name or "the files named" for point in inputs.points)
+        print(f"bits-replay: one capture point at a time: {where} are {len(inputs.points)}", file=err)
+        return None
+    return inputs.files
+
+
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         options = _options(args)
@@ -115,7 +131,10 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except OSError as exc:
             print(f"bits-replay: --tls-keylog {args.tls_keylog}: {exc.strerror or exc}", file=err)
             return Exit.USAGE
-    sources = [sys.stdin.buffer if c == "-" else c for c in args.captures]
+    captures = _capture_files(args.captures, err)
+    if captures is None:
+        return Exit.USAGE
+    sources = [sys.stdin.buffer if c == "-" else c for c in captures]
     try:
         plan = build_plan(sources, args.session)
     except KeyboardInterrupt:

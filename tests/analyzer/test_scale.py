@@ -19,7 +19,9 @@ import pytest
 
 from bitstrace.analyzer.analysis import analyze
 from bitstrace.analyzer.engines import run_local
-from bitstrace.analyzer.partition import Options, analyze_units, merge, partition_options, run_in_process, units_of
+from bitstrace.analyzer.partition import (Options, ShippedSession, analyze_units, merge, partition_of, partition_options,
+                                          plan, read_unit, run_in_process, units_of)
+from bitstrace.analyzer.report import render_text
 from bitstrace.analyzer.report.json import build_report, filter_report, packet_source, write_json
 from bitstrace.analyzer.sources import expand
 from tests.support import REPO
@@ -114,8 +116,75 @@ def test_any_partition_count_gives_the_sessions_of_one(partitions: int) -> None:
     options = partition_options(inputs.files, None, None)
     got = analyze_units(inputs.points, partitions, options, run_in_process)
     assert report_text(got) == expected
-    spread = [len(run_in_process([unit])[0][0].opened) for unit in units_of(inputs.points, partitions, options)]
+    spread = [len(read_unit(unit).summary.opened) for unit in units_of(inputs.points, partitions, options)]
     assert sum(1 for n in spread if n) > 1
+
+
+def text_report(analysis) -> str:
+    out = io.StringIO()
+    render_text(build_report(analysis, with_packets=False), out, min_severity="info", color=False)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("capture", ["connection-cut-resume.pcap", "host-id-redirect.pcapng"])
+def test_session_on_connections_of_two_units_is_stitched_in_the_client(capture: str) -> None:
+    """The resumed (or redirected) session's connections fall in two units: its key is shipped,
+    its packets walked in the client, and the report is one process's, with packets or without."""
+    path = str(CAPTURES / capture)
+    whole = analyze([path])
+    inputs = expand([path])
+    options = partition_options(inputs.files, None, None)
+    summaries = [read_unit(unit).summary for unit in units_of(inputs.points, 2, options)]
+    assert [len(s.keys) for s in summaries] == [1, 1]
+    assert plan(summaries)[0].shipped == {whole.bits.sessions[0].key}
+    assert report_text(analyze_units(inputs.points, 2, options, run_in_process)) == report_text(whole)
+    light = partition_options(inputs.files, None, None, with_packets=False)
+    assert text_report(analyze_units(inputs.points, 2, light, run_in_process)) == text_report(whole)
+
+
+def relabelled_copy(source: Path, target: Path, client_port: int, new_port: int, old: bytes, new: bytes,
+                    shift_s: int) -> None:
+    """A copy of an Ethernet/IPv4 pcap by raw record copying, as another client made it: the
+    client port and a session id replaced (same length), every timestamp `shift_s` later."""
+    data = bytearray(source.read_bytes())
+    pos = 24
+    while pos < len(data):
+        struct.pack_into("<I", data, pos, struct.unpack_from("<I", data, pos)[0] + shift_s)
+        incl = struct.unpack_from("<I", data, pos + 8)[0]
+        frame = pos + 16
+        tcp = frame + 14 + (data[frame + 14] & 0x0F) * 4
+        for field_at in (tcp, tcp + 2):
+            if struct.unpack_from(">H", data, field_at)[0] == client_port:
+                struct.pack_into(">H", data, field_at, new_port)
+        data[frame:frame + incl] = bytes(data[frame:frame + incl]).replace(old, new)
+        pos = frame + incl
+    target.write_bytes(bytes(data))
+
+
+def test_cross_session_check_between_sessions_walked_in_two_units(tmp_path: Path) -> None:
+    """A second client's Create for the same URL while the first session is open, on a
+    connection of another unit: each unit walks its own session, the client sees both and
+    flags duplicate-create, as one process does; the text report's sessions carry no packets."""
+    first = CAPTURES / "never-finished.pcap"  # its session is never closed: still open for any later Create
+    client_port, server_port = 33790, 44295
+    loopback = bytes([127, 0, 0, 1])
+    new_port = next(port for port in range(40000, 40100)
+                    if partition_of(loopback, port, loopback, server_port, 2)
+                    != partition_of(loopback, client_port, loopback, server_port, 2))
+    second = tmp_path / "second-client.pcap"
+    relabelled_copy(first, second, client_port, new_port, b"7D984FD1", b"7D984FD2", shift_s=1)
+    files = [str(first), str(second)]
+    whole = analyze(files)
+    assert [a.code for a in whole.bits.sessions[1].anomalies if a.code == "duplicate-create"] == ["duplicate-create"]
+    inputs = expand(files)
+    light = partition_options(inputs.files, None, None, with_packets=False)
+    summaries = [read_unit(unit).summary for unit in units_of(inputs.points, 2, light)]
+    assert [len(s.keys) for s in summaries] == [1, 1] and not plan(summaries)[0].shipped
+    got = analyze_units(inputs.points, 2, light, run_in_process)
+    assert all(isinstance(s, ShippedSession) for s in got.bits.sessions)
+    assert text_report(got) == text_report(whole)
+    full = analyze_units(inputs.points, 2, partition_options(inputs.files, None, None), run_in_process)
+    assert report_text(full) == report_text(whole)
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -163,13 +232,61 @@ def test_failing_unit_is_retried_then_reported_and_the_rest_stands(tmp_path: Pat
     inputs = expand([CORPUS[0], CORPUS[1]])
     good = analyze_units(inputs.points, 2, partition_options(inputs.files, None, None), run_in_process)
     units = units_of(inputs.points, 2, Options(several_captures=True, extract_dir=str(blocker / "sub")))
-    results, failures = run_local(units, 2)
+    results, failures = run_local(units, 2, plan)
     assert not results and len(failures) == 1
     analysis = merge(units, results, inputs.points, failures)
     failed = [p for p in analysis.problems if p.kind == "unit-failed"]
     assert failed and "partition 1 of 1" in failed[0].message and "failed twice" in failed[0].message
     assert not analysis.complete
     assert good.complete
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, depth below `pid`) of every live descendant, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier, depth = [], [pid], 0
+    while frontier:
+        depth += 1
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += [(child, depth) for child in frontier]
+    return found
+
+
+def test_local_worker_killed_mid_run_its_units_read_again_same_report(tmp_path: Path) -> None:
+    """SIGKILL one --jobs worker (a child of the forkserver) while the units are read: the
+    units it held are read again by a new worker, and the report is one process's."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        point = big / f"p{i:02d}"
+        point.mkdir()
+        for capture in CORPUS[:6]:
+            shutil.copy(capture, point)
+    expected = cli("-q", "--json", str(tmp_path / "one.json"), str(big))
+    assert expected.returncode == 0, expected.stderr
+    run = subprocess.Popen([*ANALYZE, "--no-progress", "-q", "--json", str(tmp_path / "two.json"), "--jobs", "2",
+                            str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    victim = None
+    while victim is None and time.monotonic() < deadline and run.poll() is None:
+        workers = [pid for pid, depth in descendants(run.pid) if depth == 2]  # the forkserver's children
+        if workers:
+            victim = workers[0]
+        else:
+            time.sleep(0.02)
+    assert victim is not None, "no worker seen"
+    time.sleep(0.2)
+    os.kill(victim, signal.SIGKILL)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
 
 
 # -- a real Dask cluster on 127.0.0.1 --------------------------------------------------------

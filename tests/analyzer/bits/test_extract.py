@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitstrace.analyzer.bits import extract
-from bitstrace.analyzer.bits.extract import PARTIAL_SUFFIX, entity_name, sanitise
+from bitstrace.analyzer.bits.extract import PARTIAL_SUFFIX, Extractor, entity_name, sanitise
+from bitstrace.analyzer.bits.sessions import SessionTracker
 from bitstrace.analyzer.bits.protocol import Header, PacketType, parse_content_range
 from tests.support import REPO
 from tests.support.bits_fixtures import SID, SID2, Wire, codes, payload
@@ -640,3 +641,31 @@ def test_a_failed_write_names_the_capture_file_of_its_fragment(tmp_path: Path, m
     problem, = [p for p in w.extractor.problems if p.frame is not None]
     assert (problem.file, problem.frame) == ("second.pcap", second.request.first_frame)
     assert str(problem).startswith("second.pcap")
+
+
+@pytest.mark.parametrize("tags", [(None, None), ("host-a-41", "host-b-41")], ids=["process-id", "host-tagged"])
+def test_writers_sharing_a_directory_are_kept_apart_by_their_temp_tag(tmp_path: Path, tags: tuple) -> None:
+    """Two writers into one directory at once, in one process as two Dask workers on two hosts
+    with the same process id would be: by the default tag (the process id) the second one's
+    temp file collides with the first's; tags naming the host keep both."""
+    wires = []
+    for tag in tags:
+        w = Wire()
+        w.extractor = Extractor(tmp_path, temp_tag=tag)
+        w.tracker = SessionTracker(w.extractor)
+        wires.append(w)
+    for n, w in enumerate(wires):  # both temp files exist at once
+        w.create(sid(n))
+        w.fragment(sid(n), *FRAGS[0], T, seed=n)
+    for n, w in enumerate(wires):
+        for first, last in FRAGS[1:]:
+            w.fragment(sid(n), first, last, T, seed=n)
+        w.finish()
+    if tags[0] is None:
+        assert [p.kind for p in wires[1].extractor.problems][:1] == ["extract-write-failed"]
+        assert "File exists" in wires[1].extractor.problems[0].message
+    else:
+        assert not wires[0].extractor.problems and not wires[1].extractor.problems
+        assert {p.name for p in tmp_path.iterdir()} == {f"{sid(n).strip('{}')}_report.bin" for n in (0, 1)}
+        for n in (0, 1):
+            assert (tmp_path / f"{sid(n).strip('{}')}_report.bin").read_bytes() == payload(T, n)
