@@ -943,22 +943,27 @@ def _compare(sink: StreamSink, half: _Half, offset: int, kept: memoryview,
 
 
 def _first_difference(a: memoryview, b: bytes | memoryview) -> int:
-    low, high = 0, len(a)  # a[:low] == b[:low]; a difference lies in [low, high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[low:middle] == b[low:middle]:
-            low = middle
-        else:
-            high = middle
-    return low
+    """The first index where `a` and `b` (of one length, known to differ) differ."""
+    return _bisect_difference(a, b, from_end=False)
 
 
 def _last_difference(a: memoryview, b: bytes | memoryview) -> int:
-    low, high = 0, len(a)  # a[high:] == b[high:]; a difference lies in [low, high)
+    """The last index where `a` and `b` (of one length, known to differ) differ."""
+    return _bisect_difference(a, b, from_end=True)
+
+
+def _bisect_difference(a: memoryview, b: bytes | memoryview, from_end: bool) -> int:
+    # Slices compare in C: halving the part known to hold the difference takes log2(n) of them.
+    low, high = 0, len(a)  # the difference sought lies in [low, high); the rest on its side agrees
     while high - low > 1:
         middle = (low + high) // 2
-        if a[middle:high] == b[middle:high]:
-            high = middle
-        else:
+        if from_end:
+            if a[middle:high] == b[middle:high]:
+                high = middle
+            else:
+                low = middle
+        elif a[low:middle] == b[low:middle]:
             low = middle
+        else:
+            high = middle
     return low
