@@ -12,7 +12,7 @@ from bitstrace.analyzer.exchanges import Exchange
 from bitstrace.analyzer.pipeline import ProgressHook, RunResult, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.selection import FrameSelection
-from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
+from bitstrace.analyzer.tcp import MAX_BUFFERED, REORDER_WINDOW_NS
 from bitstrace.analyzer.tls import TlsKeys
 
 
@@ -40,6 +40,7 @@ def analyze(
     selection: FrameSelection | None = None,
     reorder_window: float | None = None,
     tls_keys: TlsKeys | None = None,
+    max_buffered: int | None = None,
 ) -> Analysis:
     """Read every capture and reconstruct the BITS sessions in them."""
     sources = list(sources)
@@ -57,7 +58,7 @@ def analyze(
                              on_body=extractor.on_body if extractor else None, progress=progress,
                              selection=selection,
                              reorder_window=REORDER_WINDOW_NS / 1e9 if reorder_window is None else reorder_window,
-                             tls_keys=tls_keys)
+                             tls_keys=tls_keys, max_buffered=MAX_BUFFERED if max_buffered is None else max_buffered)
         starts = [c.first_ts_ns for c in run.captures if c.first_ts_ns is not None]
         ends = [c.last_ts_ns for c in run.captures if c.last_ts_ns is not None]
         bits = tracker.finish(min(starts) if starts else None, max(ends) if ends else None)

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TextIO
 
 from bitstrace import __version__
 from bitstrace.analyzer.report.logs import FORMATS as LOG_FORMATS
-from bitstrace.analyzer.tcp import REORDER_WINDOW_NS
+from bitstrace.analyzer.tcp import MAX_BUFFERED, REORDER_WINDOW_NS
 from bitstrace.analyzer.tls import TlsKeys
 from bitstrace.analyzer.selection import FrameSelection, SelectionError, parse_time
 from bitstrace.cli.common import (Exit, SessionChoiceError, choose_session, discard_further_output, distinct_sources,
-                                  seconds, whole)
+                                  seconds, size, whole)
 from bitstrace.analyzer.pipeline import ProgressHook, display_name, read_exchanges
 from bitstrace.analyzer.problems import Problem
 from bitstrace.analyzer.report.json import SEVERITY_ORDER as SEVERITIES
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave out anomalies below this severity (default: info, i.e. all)")
     sel.add_argument("--fail-on", choices=("error", "warning"),
                      help="exit with status 1 when an anomaly of this severity or worse is found")
+    sel.add_argument("--max-memory", type=size(1 << 16), metavar="SIZE", default=None,
+                     help="what TCP reassembly may hold over all connections (out-of-order data and "
+                          "retransmission history; default 512M); past it the oldest holes give way, "
+                          "each a located problem")
     sel.add_argument("--reorder-window", type=seconds(), metavar="SECONDS", default=None,
                      help="how long, in capture time, a TCP hole waits for late or reordered data "
                           "before its bytes count as lost (default 2)")
@@ -201,7 +205,8 @@ def run_http(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return Exit.USAGE
     with progress_bar(not args.no_progress) as hook:
         result = read_exchanges(args.captures, emit, progress=hook, selection=args.selection,
-                                reorder_window=args.reorder_window or REORDER_WINDOW_NS / 1e9, tls_keys=keys)
+                                reorder_window=args.reorder_window or REORDER_WINDOW_NS / 1e9, tls_keys=keys,
+                                max_buffered=args.max_memory or MAX_BUFFERED)
     report_problems(result.problems, err)
     return Exit.OK if result.complete else Exit.INCOMPLETE
 
@@ -241,7 +246,7 @@ def run_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             with progress_bar(not args.no_progress) as hook:
                 analysis = analyze(args.captures, extract_dir=args.extract, progress=hook,
                                    stall_after_s=args.stall_after, selection=args.selection,
-                               reorder_window=args.reorder_window, tls_keys=keys)
+                               reorder_window=args.reorder_window, tls_keys=keys, max_buffered=args.max_memory)
         session = None
         if args.session:
             try:

@@ -100,6 +100,22 @@ def finite(low: float) -> Callable[[str], float]:
     return parse
 
 
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def size(low: int) -> Callable[[str], int]:
+    """A size in bytes, `low` or more: a whole number with an optional binary unit (`64M`,
+    `2G`, `512KiB`; K, M, G, T are 1024-based)."""
+    def parse(text: str) -> int:
+        number = text.strip().lower().removesuffix("ib").removesuffix("b")
+        unit = number[-1:] if number[-1:] in _SIZE_UNITS and number[-1:].isalpha() else ""
+        value = int(_number(number[:len(number) - len(unit)] or "x", int, "size (e.g. 512M)")) * _SIZE_UNITS[unit]
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low} bytes")
+        return value
+    return parse
+
+
 def credentials(text: str) -> tuple[str, str]:
     """USER:PASSWORD for HTTP Basic; the password may hold colons, the user may not."""
     user, colon, password = text.partition(":")

@@ -305,3 +305,24 @@ def test_ctrl_c_is_said() -> None:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
     assert b"interrupted" in err and b"Traceback" not in err
+
+
+def test_max_memory_bounds_reassembly_with_located_problems(tmp_path: Path) -> None:
+    """A capture whose frames arrive shuffled holds out-of-order data while holes wait: under a
+    64 KiB --max-memory the oldest holes give way, each a located problem, and nothing crashes;
+    with the default budget the same capture loses nothing."""
+    from tests.support.disorder import read_packets, shuffle, write_pcap
+
+    shuffled = tmp_path / "shuffled.pcap"
+    write_pcap(shuffled, shuffle(read_packets(CLEAN), 96, per_direction=True))
+    roomy = json.loads(bits_analyze("--json", "-", shuffled).stdout)
+    assert roomy["captures"][0]["tcp"]["gap_bytes"] == 0
+    tight = bits_analyze("--json", "-", "--max-memory", "64K", shuffled)
+    assert tight.returncode in (0, 3) and b"Traceback" not in tight.stderr
+    problems = [p for p in json.loads(tight.stdout)["problems"] if p["kind"] == "reassembly-budget"]
+    located = [p for p in problems if "only counted" not in p["message"]]  # the ProblemLog's tally line
+    assert located and all(p["file"] == str(shuffled) and p["frame"] and p["connection"] is not None
+                           for p in located)
+    assert "past the budget of 65536" in problems[0]["message"]
+    bad = bits_analyze("--max-memory", "lots", CLEAN)
+    assert bad.returncode == 2 and b"size (e.g. 512M)" in bad.stderr
