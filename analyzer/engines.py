@@ -142,7 +142,10 @@ class _Worker:
         self.held: set[int] = set()  # units read, not finished
 
     def ask(self, what: str, index: int, given: Any) -> None:
-        self.connection.send((what, index, given[index]))
+        try:
+            self.connection.send((what, index, given[index]))
+        except OSError:  # it died: waiting on it then finds its end of the pipe closed
+            pass
         self.asked = index
 
     def close(self) -> None:

@@ -5,7 +5,8 @@ directly on the command line form one capture point, read in the order given, as
 (rotated captures: connections and sessions cross the file boundaries). A directory holding
 capture files is a capture point of its own; its files are one run ordered by the timestamp of
 their first packet (not by name: `tcpdump -C` numbers `cap`, `cap1`, `cap10`, `cap2`...), and
-each of its sub-directories is another capture point. A file is a capture when its content
+each of its sub-directories is another capture point. Files of a run that overlap in time are
+read merged by timestamp (analyzer/pipeline.py), as mergecap would merge them. A file is a capture when its content
 says so, as CaptureReader sniffs it (pcap, pcapng, either gzip-compressed); anything else in a
 directory is skipped with a note (a Problem of kind "not-a-capture"), never fatal.
 """

@@ -260,11 +260,11 @@ def descendants(pid: int) -> list[tuple[int, int]]:
 
 
 def test_local_worker_killed_mid_run_its_units_read_again_same_report(tmp_path: Path) -> None:
-    """SIGKILL one --jobs worker (a child of the forkserver) while the units are read: the
-    units it held are read again by a new worker, and the report is one process's."""
+    """SIGKILL one --jobs worker (a child of the forkserver) as soon as it is seen: the unit it
+    was given (and any it held) is read again by a new worker, and the report is one process's."""
     big = tmp_path / "big"
     big.mkdir()
-    for i in range(12):
+    for i in range(24):
         point = big / f"p{i:02d}"
         point.mkdir()
         for capture in CORPUS[:6]:
@@ -274,16 +274,18 @@ def test_local_worker_killed_mid_run_its_units_read_again_same_report(tmp_path: 
     run = subprocess.Popen([*ANALYZE, "--no-progress", "-q", "--json", str(tmp_path / "two.json"), "--jobs", "2",
                             str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    victim = None
-    while victim is None and time.monotonic() < deadline and run.poll() is None:
-        workers = [pid for pid, depth in descendants(run.pid) if depth == 2]  # the forkserver's children
-        if workers:
-            victim = workers[0]
+    killed = None
+    while killed is None and time.monotonic() < deadline and run.poll() is None:
+        for pid in [pid for pid, depth in descendants(run.pid) if depth == 2]:  # the forkserver's children
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # gone meanwhile
+                continue
+            killed = pid
+            break
         else:
-            time.sleep(0.02)
-    assert victim is not None, "no worker seen"
-    time.sleep(0.2)
-    os.kill(victim, signal.SIGKILL)
+            time.sleep(0.01)
+    assert killed is not None, "no worker seen alive"
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
