@@ -81,24 +81,29 @@ class PcapngWriter:
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.interfaces = 0
+        self._units_ns: list[int] = []  # by interface of the section: ns per timestamp unit
+
+    @property
+    def interfaces(self) -> int:
+        return len(self._units_ns)
 
     def section(self, comments: Sequence[str] = ()) -> None:
         """A new section: the interfaces described before it are forgotten (the format's rule)."""
         self.stream.write(SectionHeader.build({"body": {"options": _options(comments)}}))
-        self.interfaces = 0
+        self._units_ns = []
 
-    def interface(self, link_type: int, snaplen: int = 0) -> int:
-        """Describes an interface with nanosecond timestamps; returns its index in the section."""
-        tsresol = {"code": OPTION_IF_TSRESOL, "value": bytes([TSRESOL_NS])}
+    def interface(self, link_type: int, snaplen: int = 0, tsresol: int = TSRESOL_NS) -> int:
+        """Describes an interface whose timestamps count 10**-tsresol seconds (nanoseconds
+        unless told); returns its index in the section."""
+        option = {"code": OPTION_IF_TSRESOL, "value": bytes([tsresol])}
         self.stream.write(InterfaceDescription.build(
-            {"body": {"link_type": link_type, "snaplen": snaplen, "options": _options((), [tsresol])}}))
-        self.interfaces += 1
-        return self.interfaces - 1
+            {"body": {"link_type": link_type, "snaplen": snaplen, "options": _options((), [option])}}))
+        self._units_ns.append(10 ** (9 - tsresol))
+        return len(self._units_ns) - 1
 
     def packet(self, interface: int, ts_ns: int, data: bytes | memoryview, original: int,
                comments: Sequence[str] = ()) -> None:
-        high, low = divmod(max(ts_ns, 0), 1 << 32)
+        high, low = divmod(max(ts_ns, 0) // self._units_ns[interface], 1 << 32)
         if comments:
             self.stream.write(EnhancedPacket.build({"body": {
                 "interface": interface, "ts_high": high, "ts_low": low, "original": original,

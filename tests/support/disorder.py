@@ -18,10 +18,9 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from construct import Bytes, Const, Int16ul, Int32ul, Int64sl, Padding, Struct, this
-
 from bitstrace.analyzer.capture import CaptureReader
 from bitstrace.analyzer.decode import Decoder
+from bitstrace.analyzer.pcapng_writer import PcapngWriter
 
 TO_SERVER, TO_CLIENT = 0, 1
 SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
@@ -151,15 +150,6 @@ def write_pcap(path: str | os.PathLike[str], packets: Sequence[Packet]) -> None:
             out.write(p.data)
 
 
-_OPTION = Struct("code" / Int16ul, "length" / Int16ul, "value" / Bytes(this.length),
-                 Padding(lambda ctx: -ctx.length % 4))
-_SHB = Struct("type" / Const(0x0A0D0D0A, Int32ul), "length" / Const(28, Int32ul),
-              "magic" / Const(0x1A2B3C4D, Int32ul), "major" / Const(1, Int16ul), "minor" / Const(0, Int16ul),
-              "section_length" / Const(-1, Int64sl), "length2" / Const(28, Int32ul))
-_EPB_HEAD = Struct("type" / Const(6, Int32ul), "length" / Int32ul, "interface" / Int32ul,
-                   "ts_high" / Int32ul, "ts_low" / Int32ul, "captured" / Int32ul, "original" / Int32ul)
-
-
 @dataclass(frozen=True)
 class Tap:
     """One tap of a two-tap capture: its VLAN (None: untagged), its timestamp resolution
@@ -168,14 +158,6 @@ class Tap:
     vlan: int | None = None
     tsresol: int = 6
     clock_offset_ns: int = 0
-
-
-def _idb(link_type: int, tsresol: int) -> bytes:
-    options = _OPTION.build(dict(code=9, length=1, value=bytes([tsresol]))) + _OPTION.build(
-        dict(code=0, length=0, value=b""))
-    length = 16 + len(options) + 4
-    return (Int32ul.build(1) + Int32ul.build(length) + Int16ul.build(link_type) + Int16ul.build(0)
-            + Int32ul.build(262144) + options + Int32ul.build(length))
 
 
 def _tagged(frame: bytes, vlan: int | None) -> bytes:
@@ -196,16 +178,13 @@ def write_two_taps(path: str | os.PathLike[str], packets: Sequence[Packet],
         assert p.link_type == 1, "VLAN tags are Ethernet's"
         interface = TO_CLIENT if p.direction == TO_CLIENT else TO_SERVER
         tap = taps[interface]
-        ticks = (p.ts_ns + tap.clock_offset_ns) // 10 ** (9 - tap.tsresol)
-        stamped.append((ticks * 10 ** (9 - tap.tsresol), interface, ticks, _tagged(p.data, tap.vlan)))
+        unit = 10 ** (9 - tap.tsresol)
+        stamped.append(((p.ts_ns + tap.clock_offset_ns) // unit * unit, interface, _tagged(p.data, tap.vlan)))
     stamped.sort(key=lambda item: item[0])
     with open(path, "wb") as out:
-        out.write(_SHB.build({}))
+        writer = PcapngWriter(out)
+        writer.section()
         for tap in taps:
-            out.write(_idb(1, tap.tsresol))
-        for _, interface, ticks, frame in stamped:
-            padded = frame + bytes(-len(frame) % 4)
-            length = 32 + len(padded)
-            out.write(_EPB_HEAD.build(dict(length=length, interface=interface, ts_high=ticks >> 32,
-                                           ts_low=ticks & _MASK, captured=len(frame), original=len(frame))))
-            out.write(padded + Int32ul.build(length))
+            writer.interface(1, 262144, tap.tsresol)
+        for ts_ns, interface, frame in stamped:
+            writer.packet(interface, ts_ns, frame, len(frame))

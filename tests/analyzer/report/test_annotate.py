@@ -100,10 +100,27 @@ def test_annotate_keeps_the_selection_and_refuses_standard_input(tmp_path: Path)
 def test_plain_packets_are_packed_as_declared() -> None:
     """The struct fast path and the construct declaration give the same block."""
     for data in (b"", b"a", b"abcd", bytes(range(256)) * 6):
-        fast = io.BytesIO()
-        PcapngWriter(fast).packet(3, 1795607823959647123, data, len(data) + 7)
+        stream = io.BytesIO()
+        writer = PcapngWriter(stream)
+        for _ in range(4):  # the packet names interface 3, nanosecond resolution
+            writer.interface(1)
+        start = stream.tell()
+        writer.packet(3, 1795607823959647123, data, len(data) + 7)
+        fast = io.BytesIO(stream.getvalue()[start:])
         high, low = divmod(1795607823959647123, 1 << 32)
         declared = EnhancedPacket.build({"body": {"interface": 3, "ts_high": high, "ts_low": low,
                                                   "original": len(data) + 7, "data": data, "options": []}})
         assert fast.getvalue() == declared
         assert fast.getvalue()[:EPB_HEADER.size] == declared[:EPB_HEADER.size]
+
+
+def test_an_interface_at_microseconds_stamps_its_packets_in_microseconds(tmp_path: Path) -> None:
+    """Timestamps are written in the units of the packet's interface, and read back the same."""
+    out = tmp_path / "two.pcapng"
+    with open(out, "wb") as stream:
+        writer = PcapngWriter(stream)
+        writer.section()
+        micro, nano = writer.interface(1, tsresol=6), writer.interface(1)
+        writer.packet(micro, 1_795_607_823_959_647_000, b"\x00" * 60, 60)
+        writer.packet(nano, 1_795_607_823_959_647_123, b"\x00" * 60, 60)
+    assert [ts for ts, _, _, _ in frames(out)] == [1_795_607_823_959_647_000, 1_795_607_823_959_647_123]
